@@ -1,0 +1,11 @@
+"""fusedce: a fused, memory-lean cross-entropy loss for language-model training.
+
+``fusedce.cross_entropy`` is a drop-in for ``torch.nn.functional.cross_entropy``: Triton
+kernels on CUDA tensors, a chunked PyTorch implementation on the CPU.
+"""
+
+from .functional import cross_entropy
+from .modules import CrossEntropyLoss
+
+__version__ = "0.1.0"
+__all__ = ["cross_entropy", "CrossEntropyLoss"]

@@ -1,0 +1,23 @@
+from setuptools import setup
+
+setup(
+    name="fusedce",
+    version="0.1.0",
+    description="Fused, memory-lean cross-entropy for language-model training (Triton + PyTorch)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.9",
+    # The kernels live in kernels/ in the repository but install as fusedce.kernels: a
+    # top-level module named "kernels" would shadow the PyPI package of that name.
+    packages=["fusedce", "fusedce.kernels"],
+    package_dir={"fusedce": "fusedce", "fusedce.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0; platform_system == 'Linux'",
+        "tiktoken>=0.7",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "ruff>=0.5"],
+    },
+)

@@ -1,0 +1,22 @@
+"""Test set-up: without a GPU the Triton kernels run under Triton's interpreter.
+
+TRITON_INTERPRET must be set before triton is imported; fusedce imports triton lazily, so
+setting it here, at collection, is early enough.
+"""
+
+import os
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    assert "triton" not in sys.modules, "triton was imported before TRITON_INTERPRET was set"
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def device():
+    return DEVICE
