@@ -41,11 +41,14 @@ def _from_file(path):
         raise TokenizerUnavailable(f"GPT-2 tokenizer file {str(path)!r} does not exist")
     ranks = tiktoken.load.load_tiktoken_bpe(str(path))
     if len(ranks) != EOT_ID:
-        raise TokenizerUnavailable(f"{str(path)!r} holds {len(ranks)} merge ranks, GPT-2 has "
-                                   f"{EOT_ID}: not GPT-2's gpt2.tiktoken")
+        raise TokenizerUnavailable(
+            f"{str(path)!r} holds {len(ranks)} merge ranks, GPT-2 has "
+            f"{EOT_ID}: not GPT-2's gpt2.tiktoken"
+        )
     # The split pattern and special token of tiktoken's own "gpt2" encoding.
-    return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                             special_tokens={EOT: EOT_ID})
+    return tiktoken.Encoding(
+        name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks, special_tokens={EOT: EOT_ID}
+    )
 
 
 def gpt2_encoding(bpe_file=None):
