@@ -1,0 +1,355 @@
+"""Fused linear + cross-entropy: the loss of ``hidden @ W.T (+ b)`` without the full logits.
+
+``fusedce.linear_cross_entropy`` is a drop-in for ``torch.nn.functional.linear_cross_entropy``.
+The tokens are processed in chunks of ``R`` rows; for each chunk::
+
+    logits  = x_c @ W.T (+ b)                      (R, V), written into one reused buffer
+    loss_c, dlogits = fused CE over the buffer     the gradient overwrites the logits
+    dx_c    = dlogits @ W                          (R, H)
+    dW     += dlogits.T @ x_c                      (V, H), accumulated in fp32
+    db     += sum_rows(dlogits)                    (V,),   accumulated in fp32
+
+so the largest temporary is one chunk's logits, ``R x V``, instead of ``N x V`` (and its
+gradient). The fused CE is ``ce_fwd(..., inplace_scale=1/denominator)`` of the Triton
+launchers (CUDA tensors) or of :mod:`fusedce._torch_impl` (CPU tensors): it computes the loss
+and the logit gradient in one pass. The reduction's denominator (the weighted count of rows
+not ignored) is computed from the targets before the first chunk, on the device.
+
+Scalar reductions ('mean', 'sum') compute the gradients during the forward; the backward only
+multiplies them by the upstream scalar. ``reduction='none'`` cannot do that (a per-token
+upstream gradient does not factor out of ``dlogits.T @ x``): its forward keeps the per-row
+log-sum-exp, and its backward recomputes each chunk's logits and runs the CE backward on them.
+"""
+
+import math
+
+import torch
+from torch import nn
+
+from ._function import denominator, resolve_backend
+
+_REDUCTIONS = ("none", "mean", "sum")
+
+# Chunk size heuristic (rows per chunk), see ``chunk_rows``.
+MIN_CHUNK_ROWS = 128  # fewer rows make the three matrix products inefficient
+MAX_CHUNK_BYTES = 1 << 28  # 256 MiB: beyond this a larger chunk buys no speed, only memory
+
+
+def chunk_rows(n_rows, in_features, n_classes, itemsize):
+    """Rows per chunk for ``n_rows`` tokens, ``in_features`` hidden size, ``n_classes`` vocab.
+
+    The chunk's logits are sized like the input (``R x V ~ N x H``: the peak grows by at most
+    the size of what the caller already holds), rounded up to a power of two, at least
+    ``MIN_CHUNK_ROWS`` rows so the matrix products stay efficient, at most ``MAX_CHUNK_BYTES``
+    of logits, and never more than the number of tokens.
+    """
+    if n_rows <= 0:
+        return 1
+    ratio = max(1, math.ceil(n_classes / max(in_features, 1)))
+    rows = 1 << max(0, math.ceil(n_rows / ratio) - 1).bit_length()
+    rows = max(rows, MIN_CHUNK_ROWS)
+    rows = min(rows, max(1, MAX_CHUNK_BYTES // max(1, n_classes * itemsize)))
+    return max(1, min(rows, n_rows))
+
+
+# --- chunk building blocks (also the pieces a vocab-parallel loss reuses) -------------------
+
+
+def logits_into(out, x_c, linear_weight, linear_bias=None):
+    """``out = x_c @ linear_weight.T (+ linear_bias)``; ``out`` is a (rows, V) buffer view."""
+    if linear_bias is None:
+        return torch.mm(x_c, linear_weight.t(), out=out)
+    return torch.addmm(linear_bias, x_c, linear_weight.t(), out=out)
+
+
+class GradAccumulator:
+    """Turns each chunk's logit gradient into the input, weight and bias gradients.
+
+    ``grad_input`` (N, H) in the input's dtype is written chunk by chunk; ``grad_weight``
+    (V, H) and ``grad_bias`` (V,) are fp32 sums over the chunks. On the GPU a low-precision
+    chunk product goes through one (V, H) scratch in the input dtype (cuBLAS accumulates
+    within the chunk in fp32); on the CPU the chunk is upcast, so the product runs in fp32
+    (CPU bf16 matrix products are emulated and slow).
+    """
+
+    def __init__(self, x, linear_weight, need_input, need_weight, need_bias):
+        n_classes, in_features = linear_weight.shape
+        self.linear_weight = linear_weight
+        self.grad_input = torch.empty_like(x, memory_format=torch.contiguous_format) \
+            if need_input else None
+        self.grad_weight = torch.zeros(n_classes, in_features, dtype=torch.float32,
+                                       device=x.device) if need_weight else None
+        self.grad_bias = torch.zeros(n_classes, dtype=torch.float32, device=x.device) \
+            if need_bias else None
+        self._scratch = None
+        self._low_precision = x.dtype != torch.float32
+
+    def add(self, dlogits, x_c, start, end):
+        if self.grad_input is not None:
+            torch.mm(dlogits, self.linear_weight, out=self.grad_input[start:end])
+        if self.grad_weight is not None:
+            if not self._low_precision:
+                self.grad_weight.addmm_(dlogits.t(), x_c)
+            elif dlogits.device.type == "cpu":
+                self.grad_weight.addmm_(dlogits.t().float(), x_c.float())
+            else:
+                if self._scratch is None:
+                    self._scratch = torch.empty_like(self.linear_weight,
+                                                     memory_format=torch.contiguous_format)
+                torch.mm(dlogits.t(), x_c, out=self._scratch)
+                self.grad_weight.add_(self._scratch)
+        if self.grad_bias is not None:
+            self.grad_bias.add_(dlogits.sum(0, dtype=torch.float32))
+
+
+def _chunks(n_rows, rows):
+    for start in range(0, n_rows, rows):
+        yield start, min(start + rows, n_rows)
+
+
+def _logits_buffer(x, n_classes, rows):
+    return torch.empty(min(rows, x.shape[0]), n_classes, dtype=x.dtype, device=x.device)
+
+
+def _loss_only(x, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing,
+               impl, rows):
+    """Per-row losses and log-sum-exps (fp32), one chunk of logits at a time."""
+    n_rows = x.shape[0]
+    loss = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    lse = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    buf = _logits_buffer(x, linear_weight.shape[0], rows)
+    for s, e in _chunks(n_rows, rows):
+        logits = logits_into(buf[:e - s], x[s:e], linear_weight, linear_bias)
+        loss[s:e], lse[s:e] = impl.ce_fwd(logits, target[s:e], weight=weight,
+                                          ignore_index=ignore_index,
+                                          label_smoothing=label_smoothing)
+    return loss, lse
+
+
+def _reduce(loss, denom, reduction, dtype):
+    if reduction == "none":
+        return loss.to(dtype)
+    total = loss.sum()
+    if reduction == "mean":
+        total = total / denom[0]
+    return total.to(dtype)
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """Cross-entropy of ``x @ W.T (+ b)`` (x: (N, H), W: (V, H)) against ``target`` (N,).
+
+    'mean' / 'sum': the forward computes the gradients (scaled by 1 / denominator) and keeps
+    them; the backward multiplies them in place by the upstream scalar, so a second backward
+    through the same graph is an error (as with PyTorch's chunked path). 'none': the forward
+    keeps the log-sum-exps; the backward recomputes the logits chunk by chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, x, linear_weight, linear_bias, target, weight, ignore_index,
+                label_smoothing, reduction, impl, rows):
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_b = need_b and linear_bias is not None
+        n_classes = linear_weight.shape[0]
+        denom = denominator(target, weight, ignore_index, n_classes, reduction)
+        ctx.options = (ignore_index, label_smoothing, reduction, impl, rows)
+        ctx.needs = (need_x, need_w, need_b)
+        ctx.dtypes = (x.dtype, linear_weight.dtype,
+                      None if linear_bias is None else linear_bias.dtype)
+        if reduction == "none":
+            loss, lse = _loss_only(x, linear_weight, linear_bias, target, weight, ignore_index,
+                                   label_smoothing, impl, rows)
+            ctx.save_for_backward(x, linear_weight, linear_bias, target, weight, lse)
+            return loss.to(x.dtype)
+        # 'mean' / 'sum': gradients of loss.sum() / denom, computed now
+        scale = 1.0 / denom
+        acc = GradAccumulator(x, linear_weight, need_x, need_w, need_b)
+        n_rows = x.shape[0]
+        loss = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+        buf = _logits_buffer(x, n_classes, rows)
+        for s, e in _chunks(n_rows, rows):
+            x_c = x[s:e]
+            logits = logits_into(buf[:e - s], x_c, linear_weight, linear_bias)
+            loss[s:e], _ = impl.ce_fwd(logits, target[s:e], weight=weight,
+                                       ignore_index=ignore_index,
+                                       label_smoothing=label_smoothing, inplace_scale=scale)
+            acc.add(logits, x_c, s, e)  # ``logits`` now holds the logit gradient
+        del buf
+        ctx.grads = (acc.grad_input, acc.grad_weight, acc.grad_bias)
+        return _reduce(loss, denom, reduction, x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        ignore_index, label_smoothing, reduction, impl, rows = ctx.options
+        need_x, need_w, need_b = ctx.needs
+        if reduction == "none":
+            grads = _backward_none(ctx, grad_out)
+        else:
+            if getattr(ctx, "grads", None) is None:
+                raise RuntimeError(
+                    "fusedce.linear_cross_entropy: the gradients of a 'mean'/'sum' loss are "
+                    "computed in the forward and consumed by the first backward; a second "
+                    "backward through the same graph (retain_graph=True) is not supported")
+            grads, ctx.grads = ctx.grads, None  # give up our references: autograd may steal
+            g = grad_out.reshape(())
+            skip = g.device.type == "cpu" and bool(g == 1)  # a CPU read is no device sync
+            if not skip:
+                grads = tuple(t.mul_(g.to(t.dtype)) if t is not None else None
+                              for t in grads)
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        gx, gw, gb = grads
+        gx = gx if need_x else None
+        gw = gw.to(w_dtype) if need_w else None
+        gb = gb.to(b_dtype) if need_b else None
+        return gx, gw, gb, None, None, None, None, None, None, None
+
+
+def _backward_none(ctx, grad_out):
+    """reduction='none': recompute each chunk's logits, then the CE backward over them."""
+    x, linear_weight, linear_bias, target, weight, lse = ctx.saved_tensors
+    ignore_index, label_smoothing, _, impl, rows = ctx.options
+    need_x, need_w, need_b = ctx.needs
+    acc = GradAccumulator(x, linear_weight, need_x, need_w, need_b)
+    dloss = grad_out.float()  # may be an expanded scalar (stride 0): slicing keeps that
+    buf = _logits_buffer(x, linear_weight.shape[0], rows)
+    for s, e in _chunks(x.shape[0], rows):
+        x_c = x[s:e]
+        logits = logits_into(buf[:e - s], x_c, linear_weight, linear_bias)
+        impl.ce_bwd(logits, target[s:e], lse[s:e], dloss[s:e], weight=weight,
+                    ignore_index=ignore_index, label_smoothing=label_smoothing, dx=logits)
+        acc.add(logits, x_c, s, e)
+    return acc.grad_input, acc.grad_weight, acc.grad_bias
+
+
+def _autocast_dtype(device_type):
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weight=None,
+                         reduction="mean", ignore_index=None, label_smoothing=0.0, options=None,
+                         backend="auto", chunk_size=None):
+    """Cross-entropy of ``F.linear(input, linear_weight, linear_bias)`` against ``target``,
+    without materialising the (N, C) logits.
+
+    The arguments, their defaults and meaning are those of
+    :func:`torch.nn.functional.linear_cross_entropy` (``ignore_index=None`` means -100):
+    ``input`` (N, H) or (H,), ``linear_weight`` (C, H), ``linear_bias`` (C,), ``target``
+    (N,) or () class indices (int64 or uint8), class ``weight`` (C,). ``options`` (a
+    :class:`torch.nn.LinearCrossEntropyOptions`) is accepted so that calls switch unchanged;
+    only its ``batch_chunk_size`` is used (as ``chunk_size``): fusedce always chunks.
+
+    Keyword-only extras:
+
+    backend: ``"auto"`` (Triton CE kernels for CUDA tensors, PyTorch for CPU tensors),
+        ``"triton"`` or ``"torch"``, as for :func:`fusedce.cross_entropy`.
+    chunk_size: tokens per chunk; by default :func:`chunk_rows` picks it from the shapes.
+
+    Differences from PyTorch: class-probability targets and K-dimensional ``linear_weight``
+    are not supported (NotImplementedError); a target outside ``[0, C)`` that is not
+    ``ignore_index`` gives a NaN loss instead of an error (no host synchronisation); for
+    'mean'/'sum' the gradients are computed in the forward, so a second backward through the
+    same graph raises RuntimeError.
+    """
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"{reduction} is not a valid value for reduction")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+    if input.dim() < 1 or input.dim() > 2:
+        raise RuntimeError(f"expected input with dimensionality 1 or 2, got {input.dim()}")
+    if linear_weight.dim() < 2:
+        raise RuntimeError("expected linear_weight with dimensionality at least 2, got "
+                           f"{linear_weight.dim()}")
+    if linear_weight.dim() > 2:
+        raise NotImplementedError("fusedce.linear_cross_entropy: K-dimensional linear_weight "
+                                  "is not supported")
+    in_features = input.shape[-1]
+    if in_features != linear_weight.shape[-1]:
+        raise RuntimeError("expected equal input and linear_weight last dimensions "
+                           f"(in_features), got {input.shape[-1]} and "
+                           f"{linear_weight.shape[-1]}, respectively")
+    n_classes = linear_weight.shape[0]
+    if linear_bias is not None and tuple(linear_bias.shape) != (n_classes,):
+        raise RuntimeError(f"expected linear_bias shape {(n_classes,)}, got "
+                           f"{tuple(linear_bias.shape)}")
+    if target.is_floating_point() or target.shape == (*input.shape[:-1], n_classes):
+        raise NotImplementedError("fusedce.linear_cross_entropy: class-probability targets "
+                                  "are not supported")
+    if target.dtype not in (torch.int64, torch.uint8):
+        raise RuntimeError(f"expected target dtype to be Long or Byte, but got "
+                           f"{str(target.dtype).replace('torch.', '').capitalize()}")
+    if target.shape != input.shape[:-1]:
+        raise ValueError(f"Expected target of shape {tuple(input.shape[:-1])} for input of "
+                         f"shape {tuple(input.shape)}, got {tuple(target.shape)}")
+    if weight is not None and (weight.dim() != 1 or weight.numel() != n_classes):
+        raise RuntimeError(f"weight tensor should be defined either for all {n_classes} "
+                           f"classes or no classes but got weight tensor of shape: "
+                           f"{list(weight.shape)}")
+    if input.dim() == 1:
+        loss = linear_cross_entropy(input.unsqueeze(0), linear_weight, target.unsqueeze(0),
+                                    linear_bias=linear_bias, weight=weight, reduction=reduction,
+                                    ignore_index=ignore_index, label_smoothing=label_smoothing,
+                                    options=options, backend=backend, chunk_size=chunk_size)
+        return loss.squeeze(0) if reduction == "none" else loss
+
+    ignore_index = -100 if ignore_index is None else int(ignore_index)
+    if chunk_size is None and options is not None:
+        chunk_size = getattr(options, "batch_chunk_size", None)
+    autocast_dtype = _autocast_dtype(input.device.type)
+    if autocast_dtype is not None:
+        # what F.linear does under autocast; the loss then comes out in fp32 like F.cross_entropy
+        with torch.autocast(input.device.type, enabled=False):
+            loss = linear_cross_entropy(
+                input.to(autocast_dtype), linear_weight.to(autocast_dtype), target,
+                linear_bias=None if linear_bias is None else linear_bias.to(autocast_dtype),
+                weight=weight, reduction=reduction, ignore_index=ignore_index,
+                label_smoothing=label_smoothing, backend=backend, chunk_size=chunk_size)
+        return loss.float()
+
+    impl = resolve_backend(backend, input)
+    n_rows = input.shape[0]
+    if chunk_size is None:
+        rows = chunk_rows(n_rows, in_features, n_classes, input.element_size())
+    else:
+        rows = int(chunk_size)
+        if rows <= 0:
+            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    label_smoothing = float(label_smoothing)
+    differentiable = (input, linear_weight) + ((linear_bias,) if linear_bias is not None else ())
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in differentiable)):
+        # no_grad / eval: the loss only, no gradient work and no autograd state
+        loss, _ = _loss_only(input, linear_weight, linear_bias, target, weight, ignore_index,
+                             label_smoothing, impl, rows)
+        denom = denominator(target, weight, ignore_index, n_classes, reduction)
+        return _reduce(loss, denom, reduction, input.dtype)
+    return LinearCrossEntropyFunction.apply(input, linear_weight, linear_bias, target, weight,
+                                            ignore_index, label_smoothing, reduction, impl,
+                                            rows)
+
+
+class LinearCrossEntropyLoss(nn.Module):
+    """The loss module of :func:`linear_cross_entropy`; it owns no parameters.
+
+    ``forward(input, linear_weight, target, linear_bias=None)`` takes the head's weight, so a
+    head tied to the token embedding (GPT-2) passes ``model.wte.weight``. Unlike
+    :class:`torch.nn.LinearCrossEntropyLoss`, which owns its ``Linear``, this module has the
+    constructor arguments of the loss only; the class ``weight`` is a buffer as in
+    :class:`torch.nn.CrossEntropyLoss`.
+    """
+
+    def __init__(self, weight=None, reduction="mean", ignore_index=None, label_smoothing=0.0,
+                 *, backend="auto", chunk_size=None):
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.reduction = reduction
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+        self.backend = backend
+        self.chunk_size = chunk_size
+
+    def forward(self, input, linear_weight, target, linear_bias=None):
+        return linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias,
+                                    weight=self.weight, reduction=self.reduction,
+                                    ignore_index=self.ignore_index,
+                                    label_smoothing=self.label_smoothing, backend=self.backend,
+                                    chunk_size=self.chunk_size)
