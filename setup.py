@@ -18,6 +18,12 @@ setup(
         "tiktoken>=0.7",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "ruff>=0.5"],
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "ruff>=0.5",
+                "matplotlib>=3.5", "tqdm>=4", "transformers>=4.40"],
+        # `fusedce train`: progress bar and loss-curve plot (`fusedce demo` needs neither)
+        "demo": ["matplotlib>=3.5", "tqdm>=4"],
+        # Hugging Face models, patched with fusedce.patched() (tests/test_hf.py)
+        "hf": ["transformers>=4.40"],
     },
+    entry_points={"console_scripts": ["fusedce=fusedce.cli:main"]},
 )

@@ -1,0 +1,291 @@
+"""``fusedce train``: train a small GPT-2-style model and write its loss curve.
+
+The text is English found on every machine without a download, the docstrings of a fixed
+list of Python standard-library modules (or a UTF-8 file named with ``--text-file``),
+tokenized with GPT-2's encoding. Each step takes a batch of random windows of the token
+stream and minimises the next-token cross-entropy, computed by ``fusedce.cross_entropy``
+(``--loss fusedce``, optionally ``--inplace``) or ``torch.nn.functional.cross_entropy``
+(``--loss torch``); ``--loss both`` trains twice from the same seed and plots both curves.
+Writes ``loss.csv`` and ``loss.png`` (matplotlib) into ``--out``.
+
+This is the usual way in: the model returns logits (batch, tokens, vocab) and the loop calls
+
+    loss = fusedce.cross_entropy(logits.view(-1, vocab), targets.view(-1))
+
+where it would have called ``F.cross_entropy``.
+"""
+
+import csv
+import importlib
+import inspect
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import fusedce
+
+from .model import SIZES, build_model
+from .tokenizer import gpt2_encoding
+
+# Standard-library modules whose docstrings make the default corpus: long, plain English
+# prose (about 400k GPT-2 tokens on CPython 3.11), in the same order on every machine.
+CORPUS_MODULES = (
+    "argparse",
+    "collections",
+    "contextlib",
+    "csv",
+    "dataclasses",
+    "datetime",
+    "decimal",
+    "difflib",
+    "email.message",
+    "enum",
+    "fractions",
+    "functools",
+    "heapq",
+    "http.client",
+    "inspect",
+    "itertools",
+    "json",
+    "logging",
+    "os",
+    "pathlib",
+    "pickle",
+    "random",
+    "re",
+    "shutil",
+    "socket",
+    "statistics",
+    "string",
+    "subprocess",
+    "tarfile",
+    "textwrap",
+    "threading",
+    "typing",
+    "unittest",
+    "urllib.parse",
+    "zipfile",
+)
+LOSSES = ("fusedce", "torch", "both")
+
+
+def stdlib_text(modules=CORPUS_MODULES):
+    """The docstrings of ``modules`` and of their public classes, functions and methods."""
+    parts = []
+    for name in modules:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:  # e.g. a Python built without a module
+            continue
+        parts.append(inspect.getdoc(module) or "")
+        for attr, obj in sorted(vars(module).items()):
+            if attr.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
+                continue
+            parts.append(inspect.getdoc(obj) or "")
+            if inspect.isclass(obj):
+                for meth, fn in sorted(vars(obj).items()):
+                    if not meth.startswith("_") and callable(fn):
+                        parts.append(inspect.getdoc(fn) or "")
+    text = "\n\n".join(p for p in parts if p)
+    if len(text) < 10_000:
+        raise RuntimeError(
+            "the standard library has no docstrings here (python -OO?); "
+            "name a text file with --text-file"
+        )
+    return text
+
+
+def load_tokens(text_file=None, tokenizer_file=None, max_tokens=None):
+    """The corpus as a 1-D tensor of GPT-2 token ids (the first ``max_tokens`` of them)."""
+    text = Path(text_file).read_text(encoding="utf-8") if text_file else stdlib_text()
+    if max_tokens:  # tokenize no more than needed: ~4 characters a token, with margin
+        text = text[: 8 * max_tokens]
+    ids = gpt2_encoding(tokenizer_file).encode_ordinary(text)
+    return torch.tensor(ids[:max_tokens] if max_tokens else ids, dtype=torch.long)
+
+
+def make_loss_fn(loss="fusedce", inplace=False, backend="auto"):
+    """``loss_fn(logits (B, T, V), targets (B, T)) -> scalar`` mean next-token cross-entropy."""
+    if loss == "torch":
+        if inplace:
+            raise ValueError("--inplace is a fusedce option; use it with --loss fusedce")
+        return lambda logits, y: F.cross_entropy(logits.view(-1, logits.shape[-1]), y.view(-1))
+    if loss != "fusedce":
+        raise ValueError(f"loss must be 'fusedce' or 'torch', got {loss!r}")
+    # inplace_backward writes the gradient over the logits: safe here, as nothing reads
+    # them after the loss (the head's backward needs its input and weight, not its output).
+    return lambda logits, y: fusedce.cross_entropy(
+        logits.view(-1, logits.shape[-1]), y.view(-1), backend=backend, inplace_backward=inplace
+    )
+
+
+def train(
+    tokens,
+    steps=200,
+    batch_size=8,
+    seq_len=64,
+    size="tiny",
+    loss="fusedce",
+    inplace=False,
+    backend="auto",
+    lr=3e-3,
+    seed=0,
+    device="cpu",
+    progress=False,
+    model_overrides=None,
+):
+    """Train from ``seed``; returns ``{"loss": [per-step losses], "seconds": [...], "model"}``.
+
+    The batches and the initial weights depend on ``seed`` only, so two runs that differ
+    in the loss function see the same data and start from the same model.
+    """
+    if tokens.numel() < seq_len + 2:
+        raise ValueError(f"{tokens.numel()} tokens, too few for windows of {seq_len + 1}")
+    loss_fn = make_loss_fn(loss, inplace, backend)
+    model = build_model(
+        size, seed=seed, device=device, **{"n_ctx": max(seq_len, 16), **(model_overrides or {})}
+    )
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    window = torch.arange(seq_len + 1)
+    losses, seconds = [], []
+    bar = range(steps)
+    if progress:
+        from tqdm import tqdm  # the "demo" extra
+
+        bar = tqdm(bar, desc=f"train ({loss}{', inplace' if inplace else ''})", unit="step")
+    for step in bar:
+        starts = torch.randint(0, tokens.numel() - seq_len - 1, (batch_size, 1), generator=gen)
+        chunk = tokens[starts + window].to(device, non_blocking=True)
+        x, y = chunk[:, :-1], chunk[:, 1:]
+        t0 = time.perf_counter()
+        step_loss = loss_fn(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        step_loss.backward()
+        opt.step()
+        losses.append(step_loss.detach())
+        if progress and (step % 10 == 0 or step == steps - 1):
+            bar.set_postfix(loss=f"{float(step_loss):.3f}")  # a host sync, every 10 steps
+        seconds.append(time.perf_counter() - t0)  # without a sync: indicative on CUDA
+    return {"loss": torch.stack(losses).tolist(), "seconds": seconds, "model": model}
+
+
+def write_curves(curves, out_dir, title=""):
+    """``curves``: {label: [loss per step]} -> ``loss.csv`` and ``loss.png`` in ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    labels = list(curves)
+    with open(out_dir / "loss.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["step", *(f"loss_{k}" for k in labels)])
+        for step, row in enumerate(zip(*(curves[k] for k in labels))):
+            w.writerow([step, *(f"{v:.6f}" for v in row)])
+    import matplotlib  # the "demo" extra
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
+    for k, style in zip(labels, ("-", "--", ":")):
+        ax.plot(curves[k], style, lw=1.4, label=k)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "loss.png")
+    plt.close(fig)
+    return out_dir / "loss.csv", out_dir / "loss.png"
+
+
+def add_arguments(parser):
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument(
+        "--size", default="tiny", choices=sorted(SIZES), help="model size (default: tiny)"
+    )
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--loss",
+        default="fusedce",
+        choices=LOSSES,
+        help="the loss function; both: train twice, same seed, and compare",
+    )
+    parser.add_argument(
+        "--inplace",
+        action="store_true",
+        help="fusedce's inplace_backward (gradient written over the logits)",
+    )
+    parser.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"])
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument(
+        "--text-file",
+        default=None,
+        metavar="PATH",
+        help="a UTF-8 text to train on (default: standard-library docstrings)",
+    )
+    parser.add_argument(
+        "--tokenizer-file",
+        default=None,
+        metavar="PATH",
+        help="GPT-2's gpt2.tiktoken, to tokenize offline "
+        "(default: $FUSEDCE_GPT2_BPE, else tiktoken's download)",
+    )
+    parser.add_argument(
+        "--out",
+        default="fusedce-train",
+        metavar="DIR",
+        help="where loss.csv and loss.png go (default: ./fusedce-train)",
+    )
+
+
+def main(args):
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tokens = load_tokens(args.text_file, args.tokenizer_file)
+    source = args.text_file or "standard-library docstrings"
+    print(
+        f"{tokens.numel():,} GPT-2 tokens from {source}; model {args.size!r}, "
+        f"batch {args.batch_size} x {args.seq_len} tokens, {args.steps} steps on {device}"
+    )
+    kinds = ("fusedce", "torch") if args.loss == "both" else (args.loss,)
+    curves = {}
+    for kind in kinds:
+        inplace = args.inplace and kind == "fusedce"
+        run = train(
+            tokens,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            seq_len=args.seq_len,
+            size=args.size,
+            loss=kind,
+            inplace=inplace,
+            backend=args.backend,
+            lr=args.lr,
+            seed=args.seed,
+            device=device,
+            progress=True,
+        )
+        label = f"{kind} (inplace)" if inplace else kind
+        curves[label] = run["loss"]
+        ms = 1e3 * sorted(run["seconds"])[len(run["seconds"]) // 2]
+        print(
+            f"{label}: loss {run['loss'][0]:.4f} -> {run['loss'][-1]:.4f}, median step {ms:.1f} ms"
+        )
+    if len(curves) == 2:
+        a, b = curves.values()
+        print(
+            f"largest |difference| between the two curves over {args.steps} steps: "
+            f"{max(abs(u - v) for u, v in zip(a, b)):.3e}"
+        )
+    title = (
+        f"GPT-2-style '{args.size}' model on {source}, batch {args.batch_size}x"
+        f"{args.seq_len}, {device}"
+    )
+    csv_path, png_path = write_curves(curves, args.out, title)
+    print(f"wrote {csv_path} and {png_path}")
