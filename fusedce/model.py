@@ -60,7 +60,7 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """``GPT(config)(ids)`` -> logits ``(batch, tokens, vocab)`` for token ids ``(batch, tokens)``."""
+    """``GPT(config)(ids)``: logits ``(batch, tokens, vocab)`` of ids ``(batch, tokens)``."""
 
     def __init__(self, config=None):
         super().__init__()
