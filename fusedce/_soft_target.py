@@ -1,0 +1,150 @@
+"""PyTorch implementation over the class dimension of ``(N, C, L)`` logits of any strides.
+
+It serves what the row-wise ``_torch_impl`` does not: class-probability (soft) targets, and
+class-index targets whose classes are not contiguous in memory (the ``(N, C, d1, ..., dK)``
+layout of segmentation and sequence models), and float64 logits (computed in float64, as
+PyTorch does). Same entry points and math as ``fusedce.kernels.ce_strided_fwd`` /
+``ce_strided_bwd`` (see ``kernels/soft_target.py`` for the formulas), worked through in
+chunks so that no ``(N, C, L)`` temporary exists besides the gradient.
+
+Shapes: ``x`` (N, C, L); a class-index ``target`` (N, L) integer; a class-probability
+``target`` (N, C, L) float. Per-row outputs are (N * L,) with row ``r = n * L + l``.
+"""
+
+import torch
+
+# Elements per chunk: 2**18 values (1 MiB in fp32) stay in L2 while a chunk is worked on.
+CHUNK_ELEMENTS = 1 << 18
+
+
+def acc_dtype(*dtypes):
+    """float64 if any operand is float64, else float32: the precision PyTorch would use."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def _chunks(n, c, l_len):
+    """``(n0, n1, l0, l1)`` blocks of about CHUNK_ELEMENTS logits each."""
+    if c * l_len <= CHUNK_ELEMENTS:
+        step_n, step_l = max(1, CHUNK_ELEMENTS // max(c * l_len, 1)), l_len
+    else:
+        step_n, step_l = 1, max(1, CHUNK_ELEMENTS // max(c, 1))
+    for n0 in range(0, n, step_n):
+        for l0 in range(0, l_len, step_l):
+            yield n0, min(n0 + step_n, n), l0, min(l0 + step_l, l_len)
+
+
+def _hard_rows(t, weight, ignore_index, n_cols, acc):
+    """``(t_safe, ignored, valid, w_t)`` for class indices ``t`` (any shape)."""
+    t = t.long()
+    ignored = t == ignore_index
+    valid = (t >= 0) & (t < n_cols) & ~ignored
+    t_safe = torch.where(valid, t, 0)
+    if weight is None:
+        w_t = valid.to(acc)
+    else:
+        w_t = torch.where(valid, weight.to(acc)[t_safe], 0.0)
+    return t_safe, ignored, valid, w_t
+
+
+def _soft_weights(yc, weight, eps, n_cols, acc):
+    """``w_c * y'_c`` for a (n, C, l) chunk, ``y' = (1 - eps) * y + eps / C``."""
+    y = yc.to(acc)
+    if eps > 0:
+        y = y * (1.0 - eps) + eps / n_cols
+    if weight is not None:
+        y = y * weight.to(acc)[None, :, None]
+    return y
+
+
+def ce_strided_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0):
+    """Per-row ``(loss, lse, s)``, each (N * L,) in the accumulation dtype.
+
+    ``s`` is ``sum_c w_c y'_c`` for probability targets (the backward needs it) and an
+    empty tensor for class indices. A class index outside ``[0, C)`` that is not
+    ``ignore_index`` gives a NaN loss (the caller decides whether to raise first).
+    """
+    n, n_cols, l_len = x.shape
+    soft = target.is_floating_point()
+    eps = float(label_smoothing)
+    acc = acc_dtype(x.dtype, target.dtype if soft else x.dtype,
+                    weight.dtype if weight is not None else x.dtype)
+    loss = torch.empty(n, l_len, dtype=acc, device=x.device)
+    lse = torch.empty(n, l_len, dtype=acc, device=x.device)
+    s = torch.empty(n, l_len, dtype=acc, device=x.device) if soft else lse.new_empty(0)
+    if soft:
+        for n0, n1, l0, l1 in _chunks(n, n_cols, l_len):
+            xc = x[n0:n1, :, l0:l1].to(acc)
+            lse_c = torch.logsumexp(xc, dim=1)
+            wy = _soft_weights(target[n0:n1, :, l0:l1], weight, eps, n_cols, acc)
+            # -(log_softmax * w * y').sum over classes, in PyTorch's order of operations
+            loss[n0:n1, l0:l1] = -((xc - lse_c[:, None]) * wy).sum(1)
+            lse[n0:n1, l0:l1] = lse_c
+            s[n0:n1, l0:l1] = wy.sum(1)
+        return loss.reshape(-1), lse.reshape(-1), s.reshape(-1)
+    t_safe, ignored, valid, w_t = _hard_rows(target, weight, ignore_index, n_cols, acc)
+    w_sum = (weight.to(acc).sum() if weight is not None else float(n_cols)) if eps > 0 else 0
+    for n0, n1, l0, l1 in _chunks(n, n_cols, l_len):
+        xc = x[n0:n1, :, l0:l1].to(acc)
+        lse_c = torch.logsumexp(xc, dim=1)
+        x_t = xc.gather(1, t_safe[n0:n1, None, l0:l1]).squeeze(1)
+        part = (1.0 - eps) * w_t[n0:n1, l0:l1] * (lse_c - x_t)
+        if eps > 0:
+            wx = xc.sum(1) if weight is None else (xc * weight.to(acc)[None, :, None]).sum(1)
+            part = part + eps / n_cols * (w_sum * lse_c - wx)
+        loss[n0:n1, l0:l1] = part
+        lse[n0:n1, l0:l1] = lse_c
+    loss = torch.where(ignored, 0.0, torch.where(valid, loss, float("nan")))
+    return loss.reshape(-1), lse.reshape(-1), s
+
+
+def ce_strided_bwd(x, target, lse, s, dloss, weight=None, ignore_index=-100,
+                   label_smoothing=0.0, dx=None, need_dx=True, need_dtarget=False):
+    """Gradients of ``sum(loss * dloss)``: ``(dx, dtarget)`` (``None`` where not asked).
+
+    ``dloss`` is (N, L), any strides (an expanded scalar has strides 0). ``dx`` may be given
+    (it may be ``x`` itself: each chunk is read before it is written). The target gradient
+    exists for probability targets only: ``dy_c = g * (1 - eps) * w_c * (lse - x_c)``.
+    """
+    n, n_cols, l_len = x.shape
+    soft = target.is_floating_point()
+    eps = float(label_smoothing)
+    acc = lse.dtype
+    lse = lse.reshape(n, l_len)
+    if need_dx and dx is None:
+        dx = torch.empty_like(x)
+    dy = torch.empty_like(target) if (soft and need_dtarget) else None
+    if soft:
+        s = s.reshape(n, l_len)
+    else:
+        t_safe, ignored, valid, w_t = _hard_rows(target, weight, ignore_index, n_cols, acc)
+        B = (1.0 - eps) * w_t
+        A = B
+        if eps > 0:
+            w_sum = weight.to(acc).sum() if weight is not None else float(n_cols)
+            A = B + eps * w_sum / n_cols
+        g_all = torch.where(ignored, 0.0, torch.where(valid, dloss.to(acc), float("nan")))
+    for n0, n1, l0, l1 in _chunks(n, n_cols, l_len):
+        xc = x[n0:n1, :, l0:l1].to(acc)
+        lse_c = lse[n0:n1, l0:l1, None].transpose(1, 2)  # (n, 1, l)
+        if soft:
+            g = dloss[n0:n1, l0:l1].to(acc)[:, None, :]
+            wy = _soft_weights(target[n0:n1, :, l0:l1], weight, eps, n_cols, acc)
+            if dy is not None:
+                wd = g * (1.0 - eps)
+                if weight is not None:
+                    wd = wd * weight.to(acc)[None, :, None]
+                dy[n0:n1, :, l0:l1] = wd * (lse_c - xc)
+            if need_dx:
+                grad = (torch.exp(xc - lse_c) * s[n0:n1, None, l0:l1] - wy) * g
+                dx[n0:n1, :, l0:l1] = grad
+            continue
+        g = g_all[n0:n1, l0:l1]
+        grad = torch.exp(xc - lse_c) * A[n0:n1, None, l0:l1]
+        grad.scatter_add_(1, t_safe[n0:n1, None, l0:l1], -B[n0:n1, None, l0:l1])
+        if eps > 0:
+            if weight is None:
+                grad.sub_(eps / n_cols)
+            else:
+                grad.sub_(weight.to(acc)[None, :, None], alpha=eps / n_cols)
+        dx[n0:n1, :, l0:l1] = grad * g[:, None, :]
+    return dx, dy

@@ -1,0 +1,331 @@
+"""Cross-entropy kernels over the class dimension of ``(N, C, L)`` logits of any strides.
+
+They serve what the row-wise kernels of ``cross_entropy.py`` do not: class-probability (soft)
+targets, and class-index targets whose classes are not contiguous in memory, the layout of
+``(N, C, d1, ..., dK)`` inputs (``L = d1 * ... * dK``): there the L positions are contiguous
+and the classes are ``L`` apart, so a program takes a tile of ``BLOCK_R`` rows (positions)
+by ``BLOCK_C`` classes and its loads stay coalesced along the rows. No copy of the logits is
+made to bring the classes together.
+
+Notation, per row ``r = n * L + l`` (``C`` classes), class weights ``w`` (ones when
+absent), ``W = sum_c w_c``, label smoothing ``eps``, ``lse = log(sum_c exp(x_c))``:
+
+  class probabilities ``y``:  ``y'_c = (1 - eps) * y_c + eps / C``,  ``S = sum_c w_c y'_c``
+      loss   = -sum_c w_c y'_c (x_c - lse) = S * lse - sum_c w_c y'_c x_c
+      dx_c   = (p_c * S - w_c y'_c) * g                    p_c = exp(x_c - lse)
+      dy_c   = (1 - eps) * w_c * (lse - x_c) * g
+  class index ``t`` (as in ``cross_entropy.py``):
+      loss   = (1 - eps) * w_t * (lse - x_t) + eps / C * (W * lse - sum_c w_c x_c)
+      dx_c   = (p_c * A - B * [c == t] - eps / C * w_c) * g,  B = (1 - eps) w_t,  A = B + eps W / C
+
+``g`` is the row's upstream gradient with the reduction's denominator folded in. The sums
+against ``x`` are kept relative to the running maximum ``m`` (``sum w y (x - m)``, rescaled
+by ``S`` when ``m`` grows) so that logits shifted by a large constant lose no precision to
+cancellation. Float64 logits or targets are computed in float64 (as PyTorch does); all else
+in float32, read directly from bf16/fp16 without an upcast copy.
+
+Memory traffic: the forward reads each logit (and each target probability) once; the
+backward reads them once more and writes each gradient element once.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634  # exp(x) == exp2(x * LOG2E); exp2 is the native instruction
+MAX_TILE = 4096  # logits per tile (BLOCK_R * BLOCK_C)
+NUM_WARPS = 4
+
+
+@triton.jit
+def _exp(v, IS_FP64: tl.constexpr):
+    if IS_FP64:
+        return tl.exp(v)
+    else:
+        return tl.exp2(v * LOG2E)
+
+
+@triton.jit
+def _rows(pid, n_rows, n_l, BLOCK_R: tl.constexpr):
+    """Row indices of this program's tile, their mask, and their (n, l) coordinates (int64:
+    n * stride passes 2**31 for large batches)."""
+    rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    row_mask = rows < n_rows
+    return rows, row_mask, rows // n_l, rows % n_l
+
+
+@triton.jit
+def _targets(target_ptr, t_offs, row_mask, weight_ptr, n_cols, ignore_index,
+             HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr):
+    """Class index ``t``, ignored / valid masks and ``w_t`` (0 unless valid) per row."""
+    t = tl.load(target_ptr + t_offs, mask=row_mask, other=0).to(tl.int64)
+    ignored = t == ignore_index
+    valid = (t >= 0) & (t < n_cols) & (~ignored)
+    if HAS_WEIGHT:
+        w_t = tl.load(weight_ptr + t, mask=valid & row_mask, other=0.0).to(ACC)
+    else:
+        w_t = tl.where(valid, 1.0, 0.0).to(ACC)
+    return t, ignored, valid, w_t
+
+
+@triton.jit
+def _ce_strided_fwd_kernel(
+    x_ptr, x_stride_n, x_stride_c, x_stride_l,
+    target_ptr, target_stride_n, target_stride_c, target_stride_l,
+    weight_ptr,
+    loss_ptr, lse_ptr, s_ptr,
+    n_rows, n_l, n_cols, ignore_index, label_smoothing,
+    SOFT: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    IS_FP64: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Per-row loss, log-sum-exp and (soft targets) ``S``; one program per BLOCK_R rows.
+
+    x_ptr:      (N, C, L) fp32/bf16/fp16/fp64 logits, any strides
+    target_ptr: (N, L) int64/int32/uint8 class indices (SOFT=False; target_stride_c unused)
+                or (N, C, L) float class probabilities (SOFT=True), any strides
+    weight_ptr: (C,) class weights, read only if HAS_WEIGHT
+    loss_ptr, lse_ptr, s_ptr: (N * L,) out, fp32 (fp64 if IS_FP64); s only if SOFT
+    """
+    ACC: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
+    rows, row_mask, n, l_idx = _rows(tl.program_id(0), n_rows, n_l, BLOCK_R)
+    x_offs = n * x_stride_n + l_idx * x_stride_l
+    t_offs = n * target_stride_n + l_idx * target_stride_l
+    if not SOFT:
+        t, ignored, valid, w_t = _targets(target_ptr, t_offs, row_mask, weight_ptr, n_cols,
+                                          ignore_index, HAS_WEIGHT, ACC)
+    m = tl.full((BLOCK_R,), float("-inf"), ACC)  # running max
+    ref = tl.zeros((BLOCK_R,), ACC)  # m, or 0 while m is -inf: never (-inf) - (-inf)
+    d = tl.zeros((BLOCK_R,), ACC)  # sum exp(x - ref)
+    s = tl.zeros((BLOCK_R,), ACC)  # soft: sum w y'; hard: sum w (scalar per row)
+    q = tl.zeros((BLOCK_R,), ACC)  # soft: sum w y' (x - ref); hard: sum w (x - ref)
+    x_t = tl.zeros((BLOCK_R,), ACC)
+    for start in range(0, n_cols, BLOCK_C):
+        cols = start + tl.arange(0, BLOCK_C)
+        col_mask = cols < n_cols
+        mask = row_mask[:, None] & col_mask[None, :]
+        # -inf in masked lanes: exp of it adds nothing to d
+        x = tl.load(x_ptr + x_offs[:, None] + cols[None, :].to(tl.int64) * x_stride_c,
+                    mask=mask, other=float("-inf")).to(ACC)
+        m_new = tl.maximum(m, tl.max(x, axis=1))
+        ref_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+        d = d * _exp(ref - ref_new, IS_FP64) + tl.sum(_exp(x - ref_new[:, None], IS_FP64), 1)
+        if SOFT or HAS_SMOOTHING:
+            if HAS_WEIGHT:
+                w = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
+            else:
+                w = tl.where(col_mask, 1.0, 0.0).to(ACC)[None, :]
+            if SOFT:
+                y = tl.load(target_ptr + t_offs[:, None]
+                            + cols[None, :].to(tl.int64) * target_stride_c,
+                            mask=mask, other=0.0).to(ACC)
+                if HAS_SMOOTHING:
+                    y = y * (1.0 - label_smoothing) + label_smoothing / n_cols
+                w = w * y
+            # re-reference the running sum to the new maximum, then add this block
+            q = q - (ref_new - ref) * s
+            s += tl.sum(tl.where(mask, w, 0.0), axis=1)
+            q += tl.sum(tl.where(mask, w * (x - ref_new[:, None]), 0.0), axis=1)
+        if not SOFT:
+            x_t += tl.sum(tl.where(cols[None, :] == t[:, None], x, 0.0), axis=1)
+        m = m_new
+        ref = ref_new
+    log_d = tl.log(d)
+    lse = ref + log_d
+    if SOFT:
+        loss = s * log_d - q  # = S * lse - sum w y' x
+        tl.store(s_ptr + rows, s, mask=row_mask)
+    else:
+        loss = (1.0 - label_smoothing) * w_t * (lse - x_t)
+        if HAS_SMOOTHING:
+            loss += label_smoothing / n_cols * (s * log_d - q)  # = W * lse - sum w x
+        loss = tl.where(ignored, 0.0, tl.where(valid, loss, float("nan")))
+    tl.store(loss_ptr + rows, loss, mask=row_mask)
+    tl.store(lse_ptr + rows, lse, mask=row_mask)
+
+
+@triton.jit
+def _ce_strided_bwd_kernel(
+    x_ptr, x_stride_n, x_stride_c, x_stride_l,
+    target_ptr, target_stride_n, target_stride_c, target_stride_l,
+    weight_ptr, wsum_ptr,
+    lse_ptr, s_ptr,
+    dloss_ptr, dloss_stride_n, dloss_stride_l,
+    dx_ptr, dx_stride_n, dx_stride_c, dx_stride_l,
+    dy_ptr, dy_stride_n, dy_stride_c, dy_stride_l,
+    n_rows, n_l, n_cols, ignore_index, label_smoothing,
+    SOFT: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    NEED_DX: tl.constexpr,
+    NEED_DY: tl.constexpr,
+    IS_FP64: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Gradients of the per-row losses; one program per BLOCK_R rows.
+
+    x_ptr, target_ptr, weight_ptr: as in the forward; wsum_ptr: (1,) W (hard targets with
+    smoothing and weights); lse_ptr, s_ptr: (N * L,) from the forward
+    dloss_ptr:  (N, L) fp32/fp64 upstream gradient of each row's loss, the reduction's
+                denominator folded in; strides 0 for a broadcast scalar
+    dx_ptr:     (N, C, L) out, x's dtype, any strides (may alias x: each tile is read
+                before it is written); written if NEED_DX
+    dy_ptr:     (N, C, L) out, the target's dtype; written if NEED_DY (soft only)
+    """
+    ACC: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
+    rows, row_mask, n, l_idx = _rows(tl.program_id(0), n_rows, n_l, BLOCK_R)
+    x_offs = n * x_stride_n + l_idx * x_stride_l
+    t_offs = n * target_stride_n + l_idx * target_stride_l
+    dx_offs = n * dx_stride_n + l_idx * dx_stride_l
+    dy_offs = n * dy_stride_n + l_idx * dy_stride_l
+    g = tl.load(dloss_ptr + n * dloss_stride_n + l_idx * dloss_stride_l, mask=row_mask,
+                other=0.0).to(ACC)
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0).to(ACC)
+    if SOFT:
+        s = tl.load(s_ptr + rows, mask=row_mask, other=0.0).to(ACC)
+    else:
+        t, ignored, valid, w_t = _targets(target_ptr, t_offs, row_mask, weight_ptr, n_cols,
+                                          ignore_index, HAS_WEIGHT, ACC)
+        g = tl.where(ignored, 0.0, tl.where(valid, g, float("nan")))
+        B = (1.0 - label_smoothing) * w_t
+        A = B
+        if HAS_SMOOTHING:
+            if HAS_WEIGHT:
+                W = tl.load(wsum_ptr).to(ACC)
+            else:
+                W = tl.zeros((), ACC) + n_cols  # (no .to(): n_cols == 1 is a constexpr)
+            A = B + label_smoothing * W / n_cols
+    for start in range(0, n_cols, BLOCK_C):
+        cols = start + tl.arange(0, BLOCK_C)
+        col_mask = cols < n_cols
+        mask = row_mask[:, None] & col_mask[None, :]
+        c_offs = cols[None, :].to(tl.int64)
+        x = tl.load(x_ptr + x_offs[:, None] + c_offs * x_stride_c, mask=mask,
+                    other=0.0).to(ACC)
+        if HAS_WEIGHT:
+            w = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
+        else:
+            w = tl.full((1, BLOCK_C), 1.0, ACC)
+        if SOFT:
+            if NEED_DY:
+                dy = (1.0 - label_smoothing) * w * (lse[:, None] - x) * g[:, None]
+                tl.store(dy_ptr + dy_offs[:, None] + c_offs * dy_stride_c,
+                         dy.to(dy_ptr.dtype.element_ty), mask=mask)
+            if NEED_DX:
+                y = tl.load(target_ptr + t_offs[:, None] + c_offs * target_stride_c,
+                            mask=mask, other=0.0).to(ACC)
+                if HAS_SMOOTHING:
+                    y = y * (1.0 - label_smoothing) + label_smoothing / n_cols
+                p = _exp(x - lse[:, None], IS_FP64)
+                dx = (p * s[:, None] - w * y) * g[:, None]
+                tl.store(dx_ptr + dx_offs[:, None] + c_offs * dx_stride_c,
+                         dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        else:
+            p = _exp(x - lse[:, None], IS_FP64)
+            # p * A - B stays exact when A == B and p is near 1 (confident predictions)
+            dx = p * A[:, None] - tl.where(cols[None, :] == t[:, None], B[:, None], 0.0)
+            if HAS_SMOOTHING:
+                dx -= label_smoothing / n_cols * w
+            dx = dx * g[:, None]
+            tl.store(dx_ptr + dx_offs[:, None] + c_offs * dx_stride_c,
+                     dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def _blocks(x, n_rows):
+    """Tile shape: along the classes when they are contiguous, else along the rows."""
+    n_cols = x.shape[1]
+    block_c_full = triton.next_power_of_2(max(n_cols, 1))
+    if x.stride(1) == 1 or n_cols == 1:
+        block_c = min(block_c_full, MAX_TILE)
+        block_r = min(max(1, MAX_TILE // block_c), triton.next_power_of_2(max(n_rows, 1)), 16)
+    else:
+        block_r = min(triton.next_power_of_2(max(n_rows, 1)), 64)
+        block_c = min(block_c_full, max(1, MAX_TILE // block_r))
+    return block_r, block_c
+
+
+def _target_strides(target, soft):
+    if soft:
+        return target.stride(0), target.stride(1), target.stride(2)
+    return target.stride(0), 0, target.stride(1)
+
+
+def ce_strided_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0):
+    """Per-row ``(loss, lse, s)`` of ``x`` (N, C, L): each (N * L,), fp32 (fp64 if the
+    logits or probabilities are fp64); ``s`` is empty for class-index targets.
+
+    ``target`` is (N, L) integer class indices or (N, C, L) float probabilities.
+    """
+    n, n_cols, l_len = x.shape
+    soft = target.is_floating_point()
+    is_fp64 = torch.float64 in (x.dtype, target.dtype if soft else x.dtype,
+                                weight.dtype if weight is not None else x.dtype)
+    acc = torch.float64 if is_fp64 else torch.float32
+    n_rows = n * l_len
+    loss = torch.empty(n_rows, dtype=acc, device=x.device)
+    lse = torch.empty(n_rows, dtype=acc, device=x.device)
+    s = torch.empty(n_rows if soft else 0, dtype=acc, device=x.device)
+    if n_rows == 0:
+        return loss, lse, s
+    block_r, block_c = _blocks(x, n_rows)
+    _ce_strided_fwd_kernel[(triton.cdiv(n_rows, block_r),)](
+        x_ptr=x, x_stride_n=x.stride(0), x_stride_c=x.stride(1), x_stride_l=x.stride(2),
+        target_ptr=target, **dict(zip(("target_stride_n", "target_stride_c",
+                                       "target_stride_l"), _target_strides(target, soft))),
+        weight_ptr=weight if weight is not None else loss,
+        loss_ptr=loss, lse_ptr=lse, s_ptr=s if soft else loss,
+        n_rows=n_rows, n_l=l_len, n_cols=n_cols, ignore_index=int(ignore_index),
+        label_smoothing=float(label_smoothing),
+        SOFT=soft, HAS_WEIGHT=weight is not None, HAS_SMOOTHING=label_smoothing > 0,
+        IS_FP64=is_fp64, BLOCK_R=block_r, BLOCK_C=block_c,
+        num_warps=NUM_WARPS,
+    )
+    return loss, lse, s
+
+
+def ce_strided_bwd(x, target, lse, s, dloss, weight=None, ignore_index=-100,
+                   label_smoothing=0.0, dx=None, need_dx=True, need_dtarget=False):
+    """Gradients of ``sum(loss * dloss)``: ``(dx, dtarget)``, ``None`` where not asked.
+
+    ``dloss`` is (N, L) with any strides (0 for a broadcast scalar). ``dx`` may be given,
+    and may be ``x`` itself. ``dtarget`` exists for probability targets only.
+    """
+    n, n_cols, l_len = x.shape
+    soft = target.is_floating_point()
+    is_fp64 = lse.dtype == torch.float64
+    n_rows = n * l_len
+    if need_dx and dx is None:
+        dx = torch.empty_like(x)  # keeps x's strides when x is dense
+    dy = torch.empty_like(target) if (soft and need_dtarget) else None
+    if n_rows == 0 or not (need_dx or dy is not None):
+        return dx, dy
+    has_weight = weight is not None
+    wsum = lse
+    if has_weight and label_smoothing > 0 and not soft:
+        wsum = weight.sum(dtype=lse.dtype).reshape(1)
+    dx_arg = dx if dx is not None else x
+    dy_arg = dy if dy is not None else x
+    block_r, block_c = _blocks(x, n_rows)
+    _ce_strided_bwd_kernel[(triton.cdiv(n_rows, block_r),)](
+        x_ptr=x, x_stride_n=x.stride(0), x_stride_c=x.stride(1), x_stride_l=x.stride(2),
+        target_ptr=target, **dict(zip(("target_stride_n", "target_stride_c",
+                                       "target_stride_l"), _target_strides(target, soft))),
+        weight_ptr=weight if has_weight else lse, wsum_ptr=wsum,
+        lse_ptr=lse, s_ptr=s if soft else lse,
+        dloss_ptr=dloss, dloss_stride_n=dloss.stride(0), dloss_stride_l=dloss.stride(1),
+        dx_ptr=dx_arg, dx_stride_n=dx_arg.stride(0), dx_stride_c=dx_arg.stride(1),
+        dx_stride_l=dx_arg.stride(2),
+        dy_ptr=dy_arg, dy_stride_n=dy_arg.stride(0), dy_stride_c=dy_arg.stride(1),
+        dy_stride_l=dy_arg.stride(2),
+        n_rows=n_rows, n_l=l_len, n_cols=n_cols, ignore_index=int(ignore_index),
+        label_smoothing=float(label_smoothing),
+        SOFT=soft, HAS_WEIGHT=has_weight, HAS_SMOOTHING=label_smoothing > 0,
+        NEED_DX=need_dx, NEED_DY=dy is not None, IS_FP64=is_fp64,
+        BLOCK_R=block_r, BLOCK_C=block_c,
+        num_warps=NUM_WARPS,
+    )
+    return dx, dy
