@@ -1,13 +1,24 @@
-"""The autograd Function over (rows, C) logits, and the choice of implementation.
+"""The autograd layer over the implementations, and the choice of implementation.
 
-Both implementations (the Triton launchers in ``fusedce.kernels`` and the PyTorch one in
-``fusedce._torch_impl``) compute per-row losses and the gradient of a weighted sum of them;
-this layer adds the reduction, whose denominator stays a device tensor (no host sync).
+Two families of implementations compute per-row losses and the gradient of a weighted sum
+of them:
+
+- row-wise, for class-index targets whose classes are contiguous in memory (the language
+  model case): the Triton launchers ``fusedce.kernels.ce_fwd``/``ce_bwd`` and
+  ``fusedce._torch_impl``;
+- strided, over the class dimension of ``(N, C, L)`` logits of any strides, for
+  class-probability targets, for class-index targets whose classes are not contiguous and for
+  float64: ``fusedce.kernels.ce_strided_fwd``/``ce_strided_bwd`` and ``fusedce._soft_target``.
+
+This module adds the reduction, whose denominator stays a device tensor (no host sync), and
+picks the implementation from the tensors' layout. ``forward`` / ``backward`` here are what the
+``torch.library`` custom op (``fusedce._ops``) runs; ``CrossEntropyFunction`` is the
+autograd Function of the in-place mode.
 """
 
 import torch
 
-from . import _torch_impl
+from . import _soft_target, _torch_impl
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -20,7 +31,7 @@ def _kernels():
 
 
 def resolve_backend(backend, x):
-    """The implementation module for ``backend`` and the device of ``x``."""
+    """The row-wise implementation module for ``backend`` and the device of ``x``."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -28,24 +39,135 @@ def resolve_backend(backend, x):
     return _kernels() if backend == "triton" else _torch_impl
 
 
-def denominator(target, weight, ignore_index, n_cols, reduction):
-    """The divisor of the summed loss, as an fp32 device tensor of shape (1,).
+def _strided_impl(backend, x):
+    """The strided implementation for ``backend`` and the device of ``x``."""
+    return _soft_target if resolve_backend(backend, x) is _torch_impl else _kernels()
+
+
+def acc_dtype(x, target, weight):
+    """The dtype the loss is computed in: float64 if any operand is float64, else float32."""
+    soft = target.is_floating_point()
+    return _soft_target.acc_dtype(x.dtype, target.dtype if soft else x.dtype,
+                                  weight.dtype if weight is not None else x.dtype)
+
+
+def denominator(target, weight, ignore_index, n_cols, reduction, dtype=torch.float32):
+    """The divisor of the summed loss, as a device tensor of shape (1,).
 
     'mean' divides by the summed class weights of the rows not ignored (PyTorch's weighted
     mean; with no weights, their count), so all rows ignored gives 0 / 0 = NaN as in PyTorch.
+    For class-probability targets PyTorch divides by the number of rows, weights or not.
     """
+    device = target.device
     if reduction != "mean":
-        return torch.ones(1, dtype=torch.float32, device=target.device)
+        return torch.ones(1, dtype=dtype, device=device)
+    if target.is_floating_point():  # (N, C, L) probabilities: N * L rows
+        return torch.full((1,), float(target.numel() // max(n_cols, 1)) if n_cols else 0.0,
+                          dtype=dtype, device=device)
+    target = target.reshape(-1)
     kept = target != ignore_index
     if weight is None:
-        return kept.sum(dtype=torch.float32).reshape(1)
+        return kept.sum(dtype=dtype).reshape(1)
     in_range = kept & (target >= 0) & (target < n_cols)
-    w_t = weight.float()[torch.where(in_range, target, 0).long()]
+    w_t = weight.to(dtype)[torch.where(in_range, target, 0).long()]
     return torch.where(in_range, w_t, 0.0).sum().reshape(1)
 
 
+def rows_view(x):
+    """``x`` (N, C, L) as a (N * L, C) view with unit class stride, or None if impossible."""
+    n, n_cols, l_len = x.shape
+    if x.stride(1) != 1:
+        return None
+    if l_len == 1:
+        return x[:, :, 0]
+    if n == 1:
+        return x[0].t()
+    if x.stride(0) == l_len * x.stride(2):
+        return x.transpose(1, 2).reshape(n * l_len, n_cols)
+    return None
+
+
+def use_rows(x, target):
+    """Whether the row-wise implementation serves ``x`` (N, C, L): class indices, classes
+    contiguous, rows one stride apart, and not float64 (computed in float64 by the strided
+    implementation, as PyTorch would)."""
+    return (not target.is_floating_point() and x.dtype != torch.float64
+            and rows_view(x) is not None)
+
+
+def check_targets(target, n_cols, ignore_index):
+    """Raise PyTorch's IndexError for a class index outside ``[0, C)`` (host sync)."""
+    t = target.reshape(-1)
+    bad = (t != ignore_index) & ((t < 0) | (t >= n_cols))
+    if bool(bad.any()):
+        raise IndexError(f"Target {int(t[bad][0])} is out of bounds.")
+
+
+def forward(x, target, weight, ignore_index, label_smoothing, reduction, backend, validate):
+    """Reduced loss of ``x`` (N, C, L) against ``target`` ((N, L) indices or (N, C, L)
+    probabilities). Returns ``(loss, lse, s, denom)``: loss (N, L) for 'none' else a scalar,
+    in the accumulation dtype; lse and s (O(rows) state for the backward); denom (1,)."""
+    n, n_cols, l_len = x.shape
+    soft = target.is_floating_point()
+    acc = acc_dtype(x, target, weight)
+    if validate and not soft:
+        check_targets(target, n_cols, ignore_index)
+    if use_rows(x, target):
+        impl = resolve_backend(backend, x)
+        loss, lse = impl.ce_fwd(rows_view(x), target.reshape(-1).contiguous(), weight=weight,
+                                ignore_index=ignore_index, label_smoothing=label_smoothing)
+        s = lse.new_empty(0)
+    else:
+        impl = _strided_impl(backend, x)
+        loss, lse, s = impl.ce_strided_fwd(x, target, weight=weight, ignore_index=ignore_index,
+                                           label_smoothing=label_smoothing)
+    denom = denominator(target, weight, ignore_index, n_cols, reduction, dtype=acc)
+    if reduction == "none":
+        loss = loss.view(n, l_len)
+    else:
+        loss = loss.sum()
+        if reduction == "mean":
+            loss = loss / denom[0]
+    return loss, lse, s, denom
+
+
+def backward(grad, x, target, weight, lse, s, denom, ignore_index, label_smoothing, reduction,
+             backend, need_dx, need_dtarget):
+    """Gradients ``(dx, dtarget)`` of the loss from ``forward``, given its upstream gradient
+    ``grad`` ((N, L) for 'none', else a scalar). ``dx`` is laid out like ``torch.empty_like(x)``;
+    an entry not asked for is an empty tensor."""
+    n, n_cols, l_len = x.shape
+    acc = lse.dtype
+    if reduction == "none":
+        dloss = grad.to(acc)
+    else:
+        # one scalar for all rows, broadcast with stride 0 (no (N, L) tensor is made)
+        dloss = grad.to(acc).reshape(1)
+        if reduction == "mean":
+            dloss = dloss / denom
+        dloss = dloss.reshape(1, 1).expand(n, l_len)
+    dx = torch.empty_like(x) if need_dx else x.new_empty(0)
+    dy = target.new_empty(0)
+    dx_rows = rows_view(dx) if need_dx and use_rows(x, target) else None
+    if dx_rows is not None:
+        impl = resolve_backend(backend, x)
+        impl.ce_bwd(rows_view(x), target.reshape(-1).contiguous(), lse, dloss.reshape(-1), weight=weight,
+                    ignore_index=ignore_index, label_smoothing=label_smoothing, dx=dx_rows)
+        return dx, dy
+    if need_dx or need_dtarget:
+        impl = _strided_impl(backend, x)
+        dx_out, dy_out = impl.ce_strided_bwd(
+            x, target, lse, s, dloss, weight=weight, ignore_index=ignore_index,
+            label_smoothing=label_smoothing, dx=dx if need_dx else None, need_dx=need_dx,
+            need_dtarget=need_dtarget and target.is_floating_point())
+        if dy_out is not None:
+            dy = dy_out
+    return dx, dy
+
+
 class CrossEntropyFunction(torch.autograd.Function):
-    """Reduced cross-entropy of ``x`` (rows, C) against class indices ``target`` (rows,).
+    """Reduced cross-entropy of ``x`` (rows, C) against class indices ``target`` (rows,),
+    used for ``inplace_backward`` (row-wise implementations only).
 
     Saves only O(rows) state (the log-sum-exp) besides the inputs. With ``inplace_backward``
     the gradient is computed during the forward and written over ``x``; the backward then
@@ -65,11 +187,11 @@ class CrossEntropyFunction(torch.autograd.Function):
         ctx.options = (ignore_index, label_smoothing, reduction, inplace_scale is not None)
         ctx.save_for_backward(x, target, weight, lse, denom)
         if reduction == "none":
-            return loss.to(x.dtype)
+            return loss
         total = loss.sum()
         if reduction == "mean":
             total = total / denom[0]
-        return total.to(x.dtype)
+        return total
 
     @staticmethod
     def backward(ctx, grad_out):

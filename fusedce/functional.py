@@ -1,20 +1,142 @@
 """The public functional API: ``fusedce.cross_entropy``, a drop-in for
-``torch.nn.functional.cross_entropy``."""
+``torch.nn.functional.cross_entropy``.
+
+This layer checks the arguments (raising what PyTorch raises), brings every input form to
+logits of shape (N, C, L) with the class dimension at 1 (a view, no copy, except for
+``(N, C, d1, ..., dK)`` inputs whose trailing dimensions cannot be merged by a view), and calls
+the ``torch.library`` op ``fusedce::cross_entropy`` (``_ops.py``), which ``torch.compile``
+keeps whole.
+"""
 
 import torch
+from torch.nn import _reduction
 
-from ._function import CrossEntropyFunction, resolve_backend
+from . import _ops  # noqa: F401  (registers torch.ops.fusedce.*)
+from ._function import (
+    BACKENDS,
+    CrossEntropyFunction,
+    _torch_impl,
+    check_targets,
+    resolve_backend,
+    rows_view,
+    use_rows,
+)
 
-_REDUCTIONS = ("none", "mean", "sum")
+_REDUCTIONS = ("none", "mean", "sum")  # indexed by torch.nn._reduction.get_enum
+_LOW_PRECISION = (torch.float16, torch.bfloat16, torch.float32)
+_INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def _is_autocast(device_type):
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 takes no device type
+        return device_type == "cuda" and torch.is_autocast_enabled()
+
+
+def _result_dtype(input, target, weight, soft):
+    """The dtype of PyTorch's result: under autocast the loss is a float32 op (fp16/bf16
+    operands promoted), else the input's dtype (promoted with the probabilities' and the
+    weight's for probability targets)."""
+    autocast = _is_autocast(input.device.type)
+
+    def effective(dtype):
+        return torch.float32 if autocast and dtype in _LOW_PRECISION else dtype
+
+    dtype = effective(input.dtype)
+    if soft:
+        dtype = torch.promote_types(dtype, effective(target.dtype))
+        if weight is not None:
+            dtype = torch.promote_types(dtype, effective(weight.dtype))
+    return dtype, effective
+
+
+def _check_args(input, target, weight, ignore_index, backend):
+    for name, value in (("input", input), ("target", target)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"cross_entropy(): argument '{name}' must be Tensor, "
+                            f"not {type(value).__name__}")
+    if weight is not None and not isinstance(weight, torch.Tensor):
+        raise TypeError(f"cross_entropy(): argument 'weight' must be Tensor, "
+                        f"not {type(weight).__name__}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"cross_entropy(): argument 'ignore_index' must be int, "
+                        f"not {type(ignore_index).__name__}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if input.dim() == 0:
+        raise IndexError("cross_entropy: input must have 1 or more dimensions (C,), (N, C) "
+                         "or (N, C, d1, ..., dK); got a 0-dimensional tensor")
+    if not input.is_floating_point():
+        raise NotImplementedError(f"cross_entropy: input must be a floating-point tensor of "
+                                  f"logits, got dtype {input.dtype}")
+    for name, value in (("target", target), ("weight", weight)):
+        if value is not None and value.device != input.device:
+            raise RuntimeError(f"Expected all tensors to be on the same device, but found "
+                               f"input on {input.device} and {name} on {value.device}")
+
+
+def _as_ncl(input, target, soft):
+    """``(x, t, loss_shape)``: logits as (N, C, L), targets as (N, L) or (N, C, L), and the
+    shape of the unreduced loss. Raises PyTorch's errors for mismatched shapes."""
+    if soft:
+        if input.dim() == 1:
+            return input.view(1, -1, 1), target.view(1, -1, 1), ()
+        return _ncl(input), _ncl(target), (input.shape[0],) + input.shape[2:]
+    if target.dtype not in _INDEX_DTYPES:
+        raise RuntimeError(f"expected target dtype to be Long or Byte (class indices; fusedce "
+                           f"also takes int32), but got {target.dtype}; class-probability "
+                           f"targets must have the input's shape {tuple(input.shape)}")
+    if input.dim() == 1:
+        if target.dim() > 1:
+            raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
+        if target.dim() == 1 and target.shape[0] != 1:
+            raise ValueError(f"For 1D input, 1D target must have size 1, but got target size: "
+                             f"{target.shape[0]}")
+        return input.view(1, -1, 1), target.view(1, 1), ()
+    batch = target.shape[0] if target.dim() > 0 else 0
+    if batch != input.shape[0] or target.dim() == 0:
+        raise ValueError(f"Expected input batch_size ({input.shape[0]}) to match target "
+                         f"batch_size ({batch}).")
+    if input.dim() == 2 and target.dim() != 1:
+        raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
+    expected = (input.shape[0],) + input.shape[2:]
+    if target.shape != expected:
+        raise RuntimeError(f"Expected target size {list(expected)}, got {list(target.shape)}")
+    return _ncl(input), target.flatten(1) if target.dim() > 1 else target.unsqueeze(-1), expected
+
+
+def _ncl(x):
+    """(N, C, d1, ..., dK) as (N, C, L): a view unless d1..dK cannot be merged by one."""
+    return x.flatten(2) if x.dim() > 2 else x.unsqueeze(-1)
+
+
+def _check_weight(weight, input, n_classes, soft, effective):
+    if weight.dim() != 1 or weight.numel() != n_classes:
+        raise RuntimeError(f"weight tensor should be defined either for all {n_classes} "
+                           f"classes or no classes but got weight tensor of shape: "
+                           f"{list(weight.shape)}")
+    if not weight.is_floating_point():
+        raise RuntimeError(f"expected a floating-point weight, but found {weight.dtype}")
+    if not soft and effective(weight.dtype) != effective(input.dtype):
+        raise RuntimeError(f"expected weight of scalar type {effective(input.dtype)} (the "
+                           f"input's), but found {weight.dtype}")
+    if weight.requires_grad:
+        raise RuntimeError("fusedce.cross_entropy is not differentiable with respect to "
+                           "'weight'; pass weight.detach()")
 
 
 def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100,
                   reduce=None, reduction="mean", label_smoothing=0.0, *, backend="auto",
-                  inplace_backward=False):
-    """Cross-entropy between logits ``input`` and class indices ``target``.
+                  inplace_backward=False, validate=None):
+    """Cross-entropy between logits ``input`` and class indices or class probabilities
+    ``target``.
 
     The arguments, their order, defaults and meaning are those of
-    :func:`torch.nn.functional.cross_entropy`. Keyword-only extras:
+    :func:`torch.nn.functional.cross_entropy`: ``input`` (C,), (N, C) or (N, C, d1, ..., dK);
+    ``target`` class indices of shape (), (N,) or (N, d1, ..., dK) (int64 or uint8 as in
+    PyTorch, and int32), or class probabilities of the input's shape; ``weight`` (C,); the
+    legacy ``size_average``/``reduce``. Keyword-only extras:
 
     backend: ``"auto"`` (Triton kernels for CUDA tensors, PyTorch for CPU tensors),
         ``"triton"`` (the kernels; on CPU tensors this needs ``TRITON_INTERPRET=1``) or
@@ -22,37 +144,44 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     inplace_backward: compute the gradient during the forward and write it over ``input``.
         This **destroys the logits**: use it only when nothing else reads them after the
         loss (the usual language-model head). Saves a logits-sized allocation and a pass.
+        It applies to class-index targets with the classes contiguous in memory, in eager
+        mode; elsewhere (and under ``torch.compile``) it is accepted and has no effect.
+    validate: raise PyTorch's ``IndexError`` for a class index outside ``[0, C)``. ``None``
+        (default) checks on the PyTorch path (CPU) only: the check reads the targets on the
+        host, a synchronisation the GPU path avoids; there such a row's loss and gradient
+        are NaN instead.
     """
     if size_average is not None or reduce is not None:
-        raise NotImplementedError("fusedce.cross_entropy: the legacy size_average/reduce "
-                                  "arguments are not supported yet; use reduction=")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"{reduction} is not a valid value for reduction")
+        reduction = _reduction.legacy_get_string(size_average, reduce)  # warns, as PyTorch
+    reduction = _REDUCTIONS[_reduction.get_enum(reduction)]  # ValueError, as PyTorch
+    _check_args(input, target, weight, ignore_index, backend)
+    label_smoothing = float(label_smoothing)
     if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
-    if target.is_floating_point():
-        raise NotImplementedError("fusedce.cross_entropy: class-probability (float) targets "
-                                  "are not supported yet")
-    if input.dim() == 1:
-        loss = cross_entropy(input.unsqueeze(0), target.unsqueeze(0), weight,
-                             ignore_index=ignore_index, reduction=reduction,
-                             label_smoothing=label_smoothing, backend=backend,
-                             inplace_backward=inplace_backward)
-        return loss.squeeze(0) if reduction == "none" else loss
-    if input.dim() != 2:
-        raise NotImplementedError("fusedce.cross_entropy: inputs of shape (N, C, d1, ...) "
-                                  "are not supported yet")
-    if target.shape != input.shape[:1]:
-        raise ValueError(f"Expected target of shape ({input.shape[0]},) for input of shape "
-                         f"{tuple(input.shape)}, got {tuple(target.shape)}")
-    n_classes = input.shape[1]
-    if weight is not None and (weight.dim() != 1 or weight.numel() != n_classes):
-        raise RuntimeError(f"weight tensor should be defined either for all {n_classes} "
-                           f"classes or no classes but got weight tensor of shape: "
-                           f"{list(weight.shape)}")
-    impl = resolve_backend(backend, input)
-    if input.stride(1) != 1:
-        input = input.contiguous()  # the kernels need unit stride along the classes
-    return CrossEntropyFunction.apply(input, target, weight, int(ignore_index),
-                                      float(label_smoothing), reduction, impl,
-                                      bool(inplace_backward))
+        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: "
+                           f"{label_smoothing}")
+    soft = input.shape == target.shape  # PyTorch's rule for class-probability targets
+    if soft and not target.is_floating_point():
+        raise RuntimeError(f"Expected floating point type for target with class "
+                           f"probabilities, got {target.dtype}")
+    if soft and ignore_index >= 0:
+        raise RuntimeError("ignore_index is not supported for floating point target")
+    x, t, loss_shape = _as_ncl(input, target, soft)
+    out_dtype, effective = _result_dtype(input, target, weight, soft)
+    if weight is not None:
+        _check_weight(weight, input, x.shape[1], soft, effective)
+        weight = weight.contiguous()
+    if validate is None:
+        validate = resolve_backend(backend, input) is _torch_impl
+    validate = bool(validate)
+    if inplace_backward and use_rows(x, t) and not torch.compiler.is_compiling():
+        if validate:
+            check_targets(t, x.shape[1], ignore_index)
+        loss = CrossEntropyFunction.apply(rows_view(x), t.reshape(-1).contiguous(), weight,
+                                          ignore_index, label_smoothing, reduction,
+                                          resolve_backend(backend, input), True)
+    else:
+        loss = torch.ops.fusedce.cross_entropy(x, t, weight, ignore_index, label_smoothing,
+                                               reduction, backend, validate)[0]
+    if reduction == "none":
+        loss = loss.reshape(loss_shape)
+    return loss.to(out_dtype)
