@@ -1,0 +1,642 @@
+"""Vocab-parallel cross-entropy over ``torch.distributed`` (tensor parallelism of the LM head).
+
+Each rank of a process group holds a contiguous slice of the vocabulary: columns
+``[s_r, s_r + C_r)`` of every token's logits (Megatron-LM's and torchtitan's split of the
+language-model head). The loss is computed without gathering the logits anywhere.
+
+Notation as in ``kernels/cross_entropy.py`` (``C`` classes in all, class weights ``w``, all
+ones when absent, ``W = sum_c w_c``, label smoothing ``eps``). Rank ``r`` computes over its
+slice, per row, with the row's global target ``t``:
+
+    lse_r = log(sum_{c in r} exp(x_c))               (-inf for an empty slice)
+    xt_r  = x_t if s_r <= t < s_r + C_r else 0
+    swx_r = sum_{c in r} w_c x_c                      (only with label smoothing)
+
+ONE collective per forward (an all-gather of these 2 or 3 fp32 values per row, plus the slice
+width) gives every rank every rank's values; each merges them locally, identically:
+
+    lse  = logsumexp_r lse_r      x_t = sum_r xt_r      sum_wx = sum_r swx_r      C = sum_r C_r
+    loss = (1 - eps) * w_t * (lse - x_t) + eps / C * (W * lse - sum_wx)
+
+Megatron-LM uses three all-reduces here (max, sum of exp, target logit). The backward needs no
+collective: on its own slice each rank writes
+
+    dx_c = p_c * a - b * [c == t] - k * w_c,   p_c = exp(x_c - lse)
+    a = ((1 - eps) * w_t + eps * W / C) * g,   b = (1 - eps) * w_t * g,   k = eps / C * g
+
+with ``g`` the row's upstream gradient over the reduction's denominator. Communication is
+O(rows), independent of the vocabulary. The mean's denominator comes from the global targets
+and the full class weights, which every rank has: no collective.
+
+``vocab_parallel_linear_cross_entropy`` is the same loss straight from the hidden states when
+each rank holds a slice of the head's weight: the shard's logits exist one chunk of rows at a
+time. Its input gradient is a sum over ranks: one all-reduce in the backward, the one every
+column-parallel linear layer has (``reduce_input_grad=False`` leaves it to the caller).
+"""
+
+import torch
+import torch.distributed as dist
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # no Triton (e.g. macOS): the PyTorch path still works
+    triton = None
+
+__all__ = [
+    "vocab_parallel_cross_entropy",
+    "vocab_parallel_linear_cross_entropy",
+    "vocab_shard_range",
+    "even_vocab_shard",
+]
+
+_REDUCTIONS = ("none", "mean", "sum")
+_BACKENDS = ("auto", "triton", "torch")
+# Elements per chunk on the PyTorch path: 2**18 fp32 values (1 MiB) stay in L2.
+CHUNK_ELEMENTS = 1 << 18
+# Logit elements per chunk of the linear form: 2**22 fp32 values (16 MiB).
+LINEAR_CHUNK_ELEMENTS = 1 << 22
+MAX_BLOCK_SIZE = 8192
+NUM_WARPS = 8
+
+
+# --------------------------------------------------------------------------- kernels
+
+if triton is not None:
+    # exp(x) == exp2(x * LOG2E); a constexpr because the GPU compiler refuses plain globals
+    LOG2E = tl.constexpr(1.4426950408889634)
+
+    @triton.jit
+    def _vp_partials_kernel(
+        x_ptr, x_row_stride,
+        t_ptr,
+        weight_ptr,
+        part_ptr,
+        n_rows, n_cols,
+        HAS_WEIGHT: tl.constexpr,
+        HAS_SMOOTHING: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr,
+    ):
+        """One pass over a row of the shard: its log-sum-exp, target logit and ``sum w x``.
+
+        x_ptr:      (rows, n_cols) fp32/bf16/fp16 shard logits, unit column stride
+        t_ptr:      (rows,) int64 target in shard-local ids, -1 when not in this shard
+        weight_ptr: (n_cols,) the shard's class weights (read only if HAS_WEIGHT)
+        part_ptr:   (>= 3 * rows,) fp32 out: [lse_r | xt_r | swx_r], each (rows,); the
+                    third is written only if HAS_SMOOTHING
+        Online softmax (Milakov & Gimelshein 2018): running max ``m``, rescaled sum ``d``.
+        """
+        row = tl.program_id(0).to(tl.int64)  # int64: row * stride passes 2**31
+        x_row_ptr = x_ptr + row * x_row_stride
+        t = tl.load(t_ptr + row).to(tl.int64)
+        m = tl.full((), float("-inf"), tl.float32)
+        d = tl.zeros((), tl.float32)
+        x_t = tl.zeros((), tl.float32)
+        sum_wx = tl.zeros((), tl.float32)
+        for start in range(0, n_cols, BLOCK_SIZE):
+            cols = start + tl.arange(0, BLOCK_SIZE)
+            mask = cols < n_cols
+            # -inf in the masked lanes: exp of it is 0
+            x = tl.load(x_row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(x, axis=0))
+            # a block of -inf only must not give (-inf) - (-inf) = NaN
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            d = d * tl.exp2((m - m_ref) * LOG2E) + tl.sum(tl.exp2((x - m_ref) * LOG2E), axis=0)
+            m = m_new
+            x_t += tl.sum(tl.where(cols == t, x, 0.0), axis=0)
+            if HAS_SMOOTHING:
+                if HAS_WEIGHT:
+                    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+                    sum_wx += tl.sum(tl.where(mask, w * x, 0.0), axis=0)
+                else:
+                    sum_wx += tl.sum(tl.where(mask, x, 0.0), axis=0)
+        # d == 0 (empty shard or all -inf): log(0) = -inf, a neutral term of the merge
+        lse = tl.where(m == float("-inf"), 0.0, m) + tl.log(d)
+        tl.store(part_ptr + row, lse)
+        tl.store(part_ptr + n_rows + row, x_t)
+        if HAS_SMOOTHING:
+            tl.store(part_ptr + 2 * n_rows + row, sum_wx)
+
+    @triton.jit
+    def _vp_grad_kernel(
+        x_ptr, x_row_stride,
+        dx_ptr, dx_row_stride,
+        t_ptr,
+        lse_ptr,
+        coef_ptr,
+        weight_ptr,
+        n_rows, n_cols,
+        HAS_WEIGHT: tl.constexpr,
+        HAS_SMOOTHING: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr,
+    ):
+        """``dx = p * a - b * onehot(t) - k * w`` over a row of the shard.
+
+        x_ptr:    (rows, n_cols) fp32/bf16/fp16 shard logits, unit column stride
+        dx_ptr:   (rows, n_cols) out, dtype of x, unit column stride (may be x itself)
+        t_ptr:    (rows,) int64 shard-local target, -1 when not in this shard
+        lse_ptr:  (rows,) fp32 global log-sum-exp
+        coef_ptr: (3 * rows,) fp32 [a | b | k] per row, upstream gradient folded in
+        weight_ptr: (n_cols,) the shard's class weights (read only if HAS_WEIGHT)
+        """
+        row = tl.program_id(0).to(tl.int64)
+        t = tl.load(t_ptr + row).to(tl.int64)
+        lse = tl.load(lse_ptr + row)
+        a = tl.load(coef_ptr + row)
+        b = tl.load(coef_ptr + n_rows + row)
+        k = 0.0
+        if HAS_SMOOTHING:
+            k = tl.load(coef_ptr + 2 * n_rows + row)
+        x_row_ptr = x_ptr + row * x_row_stride
+        dx_row_ptr = dx_ptr + row * dx_row_stride
+        for start in range(0, n_cols, BLOCK_SIZE):
+            cols = start + tl.arange(0, BLOCK_SIZE)
+            mask = cols < n_cols
+            x = tl.load(x_row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            p = tl.exp2((x - lse) * LOG2E)
+            dx = p * a - tl.where(cols == t, b, 0.0)
+            if HAS_SMOOTHING:
+                if HAS_WEIGHT:
+                    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+                    dx -= k * w
+                else:
+                    dx -= k
+            tl.store(dx_row_ptr + cols, dx.to(dx_row_ptr.dtype.element_ty), mask=mask)
+
+
+def _block_size(n_cols):
+    return min(MAX_BLOCK_SIZE, triton.next_power_of_2(max(n_cols, 16)))
+
+
+# ------------------------------------------------------- shard-local launchers (two paths)
+
+
+def _row_chunks(n_rows, n_cols, elements=CHUNK_ELEMENTS):
+    step = max(1, elements // max(n_cols, 1))
+    for start in range(0, n_rows, step):
+        yield start, min(start + step, n_rows)
+
+
+def _partials_torch(x, t_local, w_shard, smoothing, part):
+    """PyTorch path of ``_vp_partials_kernel``: fills ``part`` (>= 3 * rows fp32) the same way."""
+    n_rows, n_cols = x.shape
+    lse, x_t = part[:n_rows], part[n_rows:2 * n_rows]
+    swx = part[2 * n_rows:3 * n_rows]
+    for s, e in _row_chunks(n_rows, n_cols):
+        xc = x[s:e].float()
+        torch.logsumexp(xc, dim=1, out=lse[s:e])  # -inf for an empty shard
+        if smoothing:
+            swx[s:e] = xc.sum(1) if w_shard is None else xc @ w_shard.float()
+    if n_cols == 0:
+        x_t.zero_()
+        return part
+    picked = x.gather(1, t_local.clamp_min(0)[:, None]).squeeze(1).float()
+    x_t.copy_(torch.where(t_local >= 0, picked, 0.0))
+    return part
+
+
+def _grad_torch(x, t_local, lse, coef, w_shard, smoothing, dx):
+    """PyTorch path of ``_vp_grad_kernel``: writes the shard's gradient into ``dx``."""
+    n_rows, n_cols = x.shape
+    if n_rows == 0 or n_cols == 0:
+        return dx
+    a, b, k = coef[:n_rows], coef[n_rows:2 * n_rows], coef[2 * n_rows:3 * n_rows]
+    in_shard = t_local >= 0
+    t_safe = t_local.clamp_min(0)
+    b = torch.where(in_shard, b, 0.0)  # rows whose target lives elsewhere: no one-hot term
+    for s, e in _row_chunks(n_rows, n_cols):
+        out = dx[s:e] if dx.dtype == torch.float32 else None
+        out = torch.sub(x[s:e].float(), lse[s:e, None], out=out)
+        out.exp_()
+        out.mul_(a[s:e, None])
+        out.scatter_add_(1, t_safe[s:e, None], -b[s:e, None])
+        if smoothing:
+            if w_shard is None:
+                out.sub_(k[s:e, None])
+            else:
+                out.addcmul_(k[s:e, None], w_shard.float()[None, :], value=-1.0)
+        if dx.dtype != torch.float32:
+            dx[s:e] = out
+    return dx
+
+
+def _shard_partials(x, t_local, w_shard, smoothing, part, use_triton):
+    if not use_triton:
+        return _partials_torch(x, t_local, w_shard, smoothing, part)
+    n_rows, n_cols = x.shape
+    if n_rows > 0:
+        _vp_partials_kernel[(n_rows,)](
+            x_ptr=x, x_row_stride=x.stride(0),
+            t_ptr=t_local,
+            weight_ptr=w_shard if w_shard is not None else part,
+            part_ptr=part,
+            n_rows=n_rows, n_cols=n_cols,
+            HAS_WEIGHT=w_shard is not None,
+            HAS_SMOOTHING=bool(smoothing),
+            BLOCK_SIZE=_block_size(n_cols),
+            num_warps=NUM_WARPS,
+        )
+    return part
+
+
+def _shard_grad(x, t_local, lse, coef, w_shard, smoothing, dx, use_triton):
+    if not use_triton:
+        return _grad_torch(x, t_local, lse, coef, w_shard, smoothing, dx)
+    n_rows, n_cols = x.shape
+    if n_rows > 0 and n_cols > 0:
+        _vp_grad_kernel[(n_rows,)](
+            x_ptr=x, x_row_stride=x.stride(0),
+            dx_ptr=dx, dx_row_stride=dx.stride(0),
+            t_ptr=t_local,
+            lse_ptr=lse,
+            coef_ptr=coef,
+            weight_ptr=w_shard if w_shard is not None else lse,
+            n_rows=n_rows, n_cols=n_cols,
+            HAS_WEIGHT=w_shard is not None,
+            HAS_SMOOTHING=bool(smoothing),
+            BLOCK_SIZE=_block_size(n_cols),
+            num_warps=NUM_WARPS,
+        )
+    return dx
+
+
+# ------------------------------------------------------------------ the collectives
+
+
+def _all_gather(out, inp, group):
+    """``out`` (world * n,) <- every rank's ``inp`` (n,), in rank order.
+
+    Looked up on ``torch.distributed`` at each call (tests count the calls by patching it).
+    ``all_gather_single`` is the newer name of ``all_gather_into_tensor``.
+    """
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    fn(out, inp, group=group)
+    return out
+
+
+def _check_group(group):
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("fusedce.distributed needs an initialised torch.distributed process "
+                           "group (torch.distributed.init_process_group, or torchrun)")
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+def _gathered_starts(n_local, group, device):
+    """Every rank's slice width (int64 (world,)) by one all-gather, and this rank's start as
+    a 0-dim int64 device tensor (no host synchronisation)."""
+    world, rank = _check_group(group)
+    mine = torch.full((1,), n_local, dtype=torch.int64, device=device)
+    sizes = _all_gather(torch.empty(world, dtype=torch.int64, device=device), mine, group)
+    starts = torch.cumsum(sizes, 0) - sizes
+    return sizes, starts[rank]
+
+
+def vocab_shard_range(n_local, group=None, device=None):
+    """``(vocab_start, vocab_size)`` of this rank's slice, as Python ints.
+
+    One all-gather of the slice widths (and a host read of its result): call it once when
+    the model is built and pass ``vocab_start`` to every loss call. ``device`` is where the
+    collective runs (``cuda`` for NCCL; default: the current CUDA device under NCCL, else CPU).
+    """
+    if device is None:
+        backend = dist.get_backend(group) if dist.is_initialized() else "gloo"
+        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else "cpu"
+    sizes, start = _gathered_starts(int(n_local), group, device)
+    return int(start), int(sizes.sum())
+
+
+def even_vocab_shard(vocab_size, rank, world_size):
+    """``(vocab_start, n_local)`` of ``rank`` when ``vocab_size`` classes are split the way
+    ``torch.chunk`` and DTensor's ``Shard(dim)`` split them: slices of ``ceil(V / world)``,
+    the last ones shorter (or empty). 50,257 over 4 ranks: 12,565 x 3 and 12,562."""
+    step = -(-vocab_size // world_size)
+    start = min(rank * step, vocab_size)
+    return start, min(step, vocab_size - start)
+
+
+# ---------------------------------------------------------------- the merged loss
+
+
+def _check_options(reduction, label_smoothing, backend):
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"{reduction} is not a valid value for reduction")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+
+
+def _use_triton(backend, x):
+    if backend == "auto":
+        backend = "triton" if x.is_cuda else "torch"
+    if backend == "triton" and triton is None:
+        raise RuntimeError("backend='triton' needs Triton, which is not installed")
+    return backend == "triton"
+
+
+class _Shard:
+    """What the forward and backward need about this rank's slice and the row targets."""
+
+    def __init__(self, target, n_local, vocab_start, weight, ignore_index, group):
+        self.group = group
+        self.n_local = n_local
+        t = target.long()
+        self.ignored = t == ignore_index
+        if vocab_start is None:
+            # the price of not passing vocab_start: a second collective, every call
+            _, vocab_start = _gathered_starts(n_local, group, target.device)
+        self.vocab_start = vocab_start
+        t_local = t - vocab_start
+        in_shard = (t_local >= 0) & (t_local < n_local) & ~self.ignored
+        self.t_local = torch.where(in_shard, t_local, -1)  # -1: the target is elsewhere
+        self.t = t
+        if weight is None:
+            self.w_shard = None
+        elif isinstance(vocab_start, int):
+            self.w_shard = weight[vocab_start:vocab_start + n_local].contiguous()
+        else:  # a device tensor: index on the device rather than read it back
+            idx = vocab_start + torch.arange(n_local, device=weight.device)
+            self.w_shard = weight.index_select(0, idx)
+
+
+def _merge(gathered, n_rows, n_parts):
+    """Every rank's (lse_r, xt_r[, swx_r]) and slice width -> global (lse, x_t, swx, C)."""
+    world = gathered.numel() // (n_parts * n_rows + 1)
+    g = gathered.view(world, n_parts * n_rows + 1)
+    parts = g[:, :n_parts * n_rows].view(world, n_parts, n_rows)
+    n_classes = g[:, -1].sum()  # fp32, exact while C < 2**24
+    lse = torch.logsumexp(parts[:, 0], dim=0)  # stable: max-shifted; -inf slices drop out
+    x_t = parts[:, 1].sum(0)
+    swx = parts[:, 2].sum(0) if n_parts > 2 else None
+    return lse, x_t, swx, n_classes
+
+
+def _loss_and_rows(shard, lse, x_t, swx, n_classes, weight, eps):
+    """Per-row loss from the merged values, and the per-row state the backward needs."""
+    t, ignored = shard.t, shard.ignored
+    valid = (t >= 0) & (t < n_classes) & ~ignored
+    if weight is None:
+        w_t = valid.float()
+        w_sum = n_classes
+    else:
+        t_safe = torch.where(valid, t, 0)
+        w_t = torch.where(valid, weight.float()[t_safe], 0.0)
+        w_sum = weight.float().sum()
+    loss = (1.0 - eps) * w_t * (lse - x_t)
+    if eps > 0:
+        loss = loss + eps / n_classes * (w_sum * lse - swx)
+    loss = torch.where(ignored, 0.0, torch.where(valid, loss, float("nan")))
+    return loss, valid, w_t, w_sum
+
+
+def _denominator(shard, valid, w_t, reduction):
+    """The reduction's divisor as a (1,) fp32 device tensor, from the global targets: the
+    count of rows not ignored, or their summed class weights (PyTorch's weighted mean)."""
+    if reduction != "mean":
+        return torch.ones(1, dtype=torch.float32, device=w_t.device)
+    if shard.w_shard is None:
+        return (~shard.ignored).sum(dtype=torch.float32).reshape(1)
+    return w_t.sum().reshape(1)
+
+
+def _reduce(loss, denom, reduction):
+    if reduction == "none":
+        return loss
+    total = loss.sum()
+    return total / denom[0] if reduction == "mean" else total
+
+
+def _row_coefficients(grad_out, n_rows, reduction, denom, ignored, valid, w_t, w_sum,
+                      n_classes, eps):
+    """``[a | b | k]`` (3 * rows fp32) of the gradient formula, upstream gradient folded in;
+    ignored rows get 0, rows with an out-of-range target NaN (as in fusedce.cross_entropy)."""
+    if reduction == "none":
+        g = grad_out.float()
+    else:
+        g = grad_out.float().reshape(1)
+        if reduction == "mean":
+            g = g / denom
+        g = g.expand(n_rows)
+    g = torch.where(ignored, 0.0, torch.where(valid, g, float("nan")))
+    coef = torch.empty(3 * n_rows, dtype=torch.float32, device=g.device)
+    base = (1.0 - eps) * w_t
+    torch.mul(base + eps * w_sum / n_classes, g, out=coef[:n_rows])
+    torch.mul(base, g, out=coef[n_rows:2 * n_rows])
+    torch.mul(g, eps / n_classes, out=coef[2 * n_rows:])
+    return coef
+
+
+def _forward_partials(x_chunks, shard, eps, use_triton, n_rows, device):
+    """Runs the shard-local pass over ``x_chunks`` (an iterable of (row_start, logits chunk)),
+    then the one all-gather; returns the merged (lse, x_t, swx, C)."""
+    n_parts = 3 if eps > 0 else 2
+    send = torch.empty(n_parts * n_rows + 1, dtype=torch.float32, device=device)
+    view = send[:n_parts * n_rows].view(n_parts, n_rows)
+    for s, xc in x_chunks:
+        e = s + xc.shape[0]
+        if s == 0 and e == n_rows:
+            # one chunk: the [lse_r | xt_r | swx_r] layout is the send buffer's, write it there
+            _shard_partials(xc, shard.t_local, shard.w_shard, eps > 0, send, use_triton)
+            continue
+        part = torch.empty(3 * (e - s), dtype=torch.float32, device=device)
+        _shard_partials(xc, shard.t_local[s:e], shard.w_shard, eps > 0, part, use_triton)
+        view[:, s:e] = part.view(3, e - s)[:n_parts]
+    send[-1:].fill_(float(shard.n_local))
+    world, _ = _check_group(shard.group)
+    recv = torch.empty(world * send.numel(), dtype=torch.float32, device=device)
+    _all_gather(recv, send, shard.group)
+    return _merge(recv, n_rows, n_parts)
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Reduced cross-entropy of this rank's logit slice ``x`` (rows, C_r); see the module
+    docstring. One all-gather in the forward, nothing in the backward; saves O(rows)."""
+
+    @staticmethod
+    def forward(ctx, x, target, weight, vocab_start, group, ignore_index, eps, reduction,
+                use_triton):
+        n_rows, n_local = x.shape
+        shard = _Shard(target, n_local, vocab_start, weight, ignore_index, group)
+        lse, x_t, swx, n_classes = _forward_partials([(0, x)], shard, eps, use_triton, n_rows,
+                                                     x.device)
+        if weight is not None and weight.device.type == "cpu" and weight.numel() != n_classes:
+            raise ValueError(f"weight has {weight.numel()} entries for {int(n_classes)} "
+                             "classes: pass the full class-weight vector on every rank")
+        loss, valid, w_t, w_sum = _loss_and_rows(shard, lse, x_t, swx, n_classes, weight, eps)
+        denom = _denominator(shard, valid, w_t, reduction)
+        ctx.options = (eps, reduction, use_triton)
+        ctx.shard = shard
+        ctx.save_for_backward(x, lse, valid, w_t, torch.as_tensor(w_sum), n_classes, denom)
+        return _reduce(loss, denom, reduction).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, lse, valid, w_t, w_sum, n_classes, denom = ctx.saved_tensors
+        eps, reduction, use_triton = ctx.options
+        shard = ctx.shard
+        coef = _row_coefficients(grad_out, x.shape[0], reduction, denom, shard.ignored, valid,
+                                 w_t, w_sum, n_classes, eps)
+        dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+        _shard_grad(x, shard.t_local, lse, coef, shard.w_shard, eps > 0, dx, use_triton)
+        return (dx,) + (None,) * 8
+
+
+def _check_call(target, n_rows, weight, reduction, label_smoothing, backend):
+    _check_options(reduction, label_smoothing, backend)
+    if target.is_floating_point():
+        raise NotImplementedError("class-probability (float) targets are not supported")
+    if target.shape != (n_rows,):
+        raise ValueError(f"Expected target of shape ({n_rows},), got {tuple(target.shape)}")
+    if weight is not None and weight.dim() != 1:
+        raise ValueError("weight must be the full (C,) class-weight vector")
+
+
+def vocab_parallel_cross_entropy(logits_shard, target, *, group=None, vocab_start=None,
+                                 ignore_index=-100, reduction="mean", label_smoothing=0.0,
+                                 weight=None, backend="auto"):
+    """Cross-entropy of logits split along the vocabulary over the ranks of ``group``.
+
+    logits_shard: (N, C_r) or (C_r,), this rank's contiguous slice ``[vocab_start,
+        vocab_start + C_r)`` of the logits; slices may differ in width (even be empty) and
+        must tile ``[0, C)`` in rank order.
+    target: (N,) or () class indices in the **global** vocabulary, the same on every rank.
+    vocab_start: where this rank's slice begins (an int). ``None`` derives it by an
+        all-gather of the slice widths: a second collective on every call. Compute it once
+        with :func:`vocab_shard_range` (or :func:`even_vocab_shard` for DTensor's split).
+    weight: the **full** (C,) class-weight vector, the same on every rank (each rank needs
+        ``w_t`` of targets in other slices, and ``W = sum w``, without a collective).
+    ignore_index, reduction, label_smoothing: as in :func:`torch.nn.functional.cross_entropy`.
+    backend: ``"auto"`` (Triton kernels for CUDA tensors, PyTorch for CPU tensors),
+        ``"triton"`` or ``"torch"``.
+
+    Every rank returns the same loss, the loss of ``fusedce.cross_entropy`` on the full
+    logits; the backward gives each rank the gradient of its own slice. Collectives: one
+    all-gather of ``2 * N + 1`` fp32 (``3 * N + 1`` with label smoothing) per forward, none
+    in the backward (plus one small all-gather per forward when ``vocab_start`` is None).
+    All ranks must call it together (it is a collective).
+    """
+    if logits_shard.dim() == 1:
+        loss = vocab_parallel_cross_entropy(
+            logits_shard.unsqueeze(0), target.reshape(1), group=group, vocab_start=vocab_start,
+            ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+            weight=weight, backend=backend)
+        return loss.squeeze(0) if reduction == "none" else loss
+    if logits_shard.dim() != 2:
+        raise NotImplementedError("logits_shard must be (N, C_r) or (C_r,); flatten the "
+                                  "batch and sequence dimensions first")
+    _check_call(target, logits_shard.shape[0], weight, reduction, label_smoothing, backend)
+    use_triton = _use_triton(backend, logits_shard)
+    if logits_shard.stride(1) != 1:
+        logits_shard = logits_shard.contiguous()
+    if vocab_start is not None:
+        vocab_start = int(vocab_start)
+    return _VocabParallelCrossEntropy.apply(logits_shard, target, weight, vocab_start, group,
+                                            int(ignore_index), float(label_smoothing),
+                                            reduction, use_triton)
+
+
+# ----------------------------------------------------- the linear form (slice of the head)
+
+
+def _head_chunks(h, w_head, b_head, chunk):
+    """This rank's logits, ``chunk`` rows at a time: the full slice of logits never exists."""
+    for s in range(0, h.shape[0], chunk):
+        yield s, torch.nn.functional.linear(h[s:s + chunk], w_head, b_head)
+
+
+class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
+    """Cross-entropy of ``h @ w_head.T + b_head`` where ``w_head`` (C_r, H) is this rank's
+    slice of the head. Forward: one pass of chunks for the partials, one all-gather. Backward:
+    the chunks' logits are recomputed (the global lse is only known after the all-gather),
+    then ``dW_r``, ``db_r`` stay local and ``dh`` is summed over ranks by one all-reduce."""
+
+    @staticmethod
+    def forward(ctx, h, w_head, b_head, target, weight, vocab_start, group, ignore_index, eps,
+                reduction, use_triton, chunk, reduce_input_grad):
+        n_rows = h.shape[0]
+        shard = _Shard(target, w_head.shape[0], vocab_start, weight, ignore_index, group)
+        lse, x_t, swx, n_classes = _forward_partials(
+            _head_chunks(h, w_head, b_head, chunk), shard, eps, use_triton, n_rows, h.device)
+        loss, valid, w_t, w_sum = _loss_and_rows(shard, lse, x_t, swx, n_classes, weight, eps)
+        denom = _denominator(shard, valid, w_t, reduction)
+        ctx.options = (eps, reduction, use_triton, chunk, reduce_input_grad)
+        ctx.shard = shard
+        ctx.save_for_backward(h, w_head, b_head, lse, valid, w_t, torch.as_tensor(w_sum),
+                              n_classes, denom)
+        return _reduce(loss, denom, reduction).to(h.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h, w_head, b_head, lse, valid, w_t, w_sum, n_classes, denom = ctx.saved_tensors
+        eps, reduction, use_triton, chunk, reduce_input_grad = ctx.options
+        shard = ctx.shard
+        n_rows = h.shape[0]
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        coef = _row_coefficients(grad_out, n_rows, reduction, denom, shard.ignored, valid,
+                                 w_t, w_sum, n_classes, eps).view(3, n_rows)
+        dh = torch.empty_like(h) if need_h else None
+        # the slice's weight and bias gradients accumulate over chunks in fp32
+        dw = torch.zeros(w_head.shape, dtype=torch.float32, device=h.device) if need_w else None
+        db = torch.zeros(w_head.shape[0], dtype=torch.float32, device=h.device) \
+            if need_b and b_head is not None else None
+        for s, logits in _head_chunks(h, w_head, b_head, chunk):
+            e = s + logits.shape[0]
+            coef_c = coef[:, s:e].reshape(-1)
+            # the chunk's logit gradient overwrites its logits (recomputed, read by nobody else)
+            dlogits = _shard_grad(logits, shard.t_local[s:e], lse[s:e], coef_c, shard.w_shard,
+                                  eps > 0, logits, use_triton)
+            if dh is not None:
+                torch.mm(dlogits, w_head, out=dh[s:e])
+            if dw is not None:
+                if dlogits.dtype == torch.float32:
+                    dw.addmm_(dlogits.t(), h[s:e])
+                else:
+                    dw += (dlogits.t() @ h[s:e]).float()
+            if db is not None:
+                db += dlogits.sum(0, dtype=torch.float32)
+        if dh is not None and reduce_input_grad:
+            # h feeds every rank's slice: its gradient is the sum of the ranks' contributions
+            dist.all_reduce(dh, group=shard.group)
+        dw = dw.to(w_head.dtype) if dw is not None else None
+        db = db.to(b_head.dtype) if db is not None else None
+        return (dh, dw, db) + (None,) * 10
+
+
+def vocab_parallel_linear_cross_entropy(input, linear_weight, target, *, linear_bias=None,
+                                        group=None, vocab_start=None, weight=None,
+                                        reduction="mean", ignore_index=-100,
+                                        label_smoothing=0.0, chunk_size=None,
+                                        reduce_input_grad=True, backend="auto"):
+    """Cross-entropy of ``input @ W.T + b`` with the head split along the vocabulary.
+
+    input: (N, H) hidden states, the same on every rank.
+    linear_weight: (C_r, H), this rank's rows ``[vocab_start, vocab_start + C_r)`` of the
+        head's weight; linear_bias: (C_r,) the matching slice of its bias, or None.
+    target, vocab_start, weight, ignore_index, reduction, label_smoothing, backend: as in
+        :func:`vocab_parallel_cross_entropy` (``weight`` is the full (C,) class weights).
+    chunk_size: rows of logits computed at a time (default: about 2**22 logits per chunk).
+    reduce_input_grad: all-reduce the input's gradient over ``group`` (default). Pass False
+        when the caller's framework does it already (Megatron's
+        ``copy_to_tensor_model_parallel_region``, DTensor's Replicate input): each rank then
+        gets only its own slice's contribution.
+
+    Every rank returns the same loss; gradients: ``linear_weight`` and ``linear_bias`` of
+    this rank's slice, and ``input`` (summed over ranks). Collectives: one all-gather per
+    forward (as in :func:`vocab_parallel_cross_entropy`), one all-reduce of the (N, H) input
+    gradient per backward. The peak extra memory is one chunk of (chunk_size, C_r) logits;
+    the price is a second logits matrix product in the backward.
+    """
+    if input.dim() != 2 or linear_weight.dim() != 2 or input.shape[1] != linear_weight.shape[1]:
+        raise ValueError(f"expected input (N, H) and linear_weight (C_r, H), got "
+                         f"{tuple(input.shape)} and {tuple(linear_weight.shape)}")
+    _check_call(target, input.shape[0], weight, reduction, label_smoothing, backend)
+    use_triton = _use_triton(backend, input)
+    if chunk_size is None:
+        chunk_size = LINEAR_CHUNK_ELEMENTS // max(linear_weight.shape[0], 1)
+    chunk_size = max(1, int(chunk_size))
+    if vocab_start is not None:
+        vocab_start = int(vocab_start)
+    return _VocabParallelLinearCrossEntropy.apply(
+        input, linear_weight, linear_bias, target, weight, vocab_start, group,
+        int(ignore_index), float(label_smoothing), reduction, use_triton, chunk_size,
+        bool(reduce_input_grad))

@@ -1,0 +1,483 @@
+"""fusedce.distributed against the single-process loss on the full logits.
+
+One group of 2 and one of 4 CPU processes (gloo, rendezvous through a file in a tmp dir) run
+every case listed below in one go (each spawn imports torch: seconds), and write their
+results to files; the parametrised tests then check them case by case. Each case builds
+the same full logits on every rank from a seed, takes the rank's slice, and compares the
+vocab-parallel loss and the gradient of the slice with ``F.cross_entropy`` in float64 (and
+with ``fusedce.cross_entropy`` in the same dtype), through ``torch.autograd.grad`` with a
+random upstream gradient. Fresh ``torch.empty`` buffers are NaN-filled in the workers, so a
+missed write shows up.
+"""
+
+import dataclasses
+import datetime
+import os
+import tempfile
+import time
+import traceback
+import zlib
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # the workers inherit the environment; Triton must see this before it is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+GPT2_VOCAB = 50_257
+SPAWN_TIMEOUT_S = 150  # a whole group, start to finish; a hung collective fails the test
+COLLECTIVE_TIMEOUT_S = 45
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    id: str
+    sizes: tuple  # the ranks' slice widths, in rank order (sum: the vocabulary)
+    rows: int = 6
+    reduction: str = "mean"
+    ignore_index: int = -100
+    ignored_every: int = 0  # every k-th row's target is ignore_index (0: none)
+    label_smoothing: float = 0.0
+    weight: bool = False
+    dtype: str = "float32"
+    backend: str = "torch"
+    pass_vocab_start: bool = True
+    targets: str = "random"  # "random" | "boundaries" (first and last class of each slice)
+    shift: float = 0.0  # added to every logit (translation invariance)
+    one_d: bool = False  # (C_r,) logits and a 0-dim target
+    kind: str = "ce"  # "ce" | "linear" | "dtensor"
+    hidden: int = 0  # for "linear" / "dtensor"
+    bias: bool = False
+    chunk_size: int = 0
+    tol: float = 0.0  # overrides the dtype's loss and grad tolerances (with the reason)
+
+    @property
+    def vocab(self):
+        return sum(self.sizes)
+
+
+def _ids(cases):
+    return [c.id for c in cases]
+
+
+# Two ranks: every option on a small odd vocabulary split unevenly, the kernel path.
+CASES_2 = [
+    Case("mean", (4, 7)),
+    Case("sum", (4, 7), reduction="sum"),
+    Case("none", (4, 7), reduction="none"),
+    Case("ignore-mean", (4, 7), ignored_every=3),
+    Case("ignore-index-is-a-class", (6, 5), ignore_index=5, ignored_every=2,
+         reduction="none"),  # class 5 is in rank 1's slice but means "ignore"
+    Case("all-ignored-mean-is-nan", (4, 7), ignored_every=1),
+    Case("smoothing", (4, 7), label_smoothing=0.1),
+    Case("weight-mean", (4, 7), weight=True, ignored_every=4),
+    Case("weight-smoothing-none", (4, 7), weight=True, label_smoothing=0.3,
+         reduction="none", ignored_every=3),
+    Case("boundary-targets", (5, 6), targets="boundaries", rows=8, label_smoothing=0.2,
+         weight=True),
+    # logits near 1000, where one fp32 ulp is 6e-5: x - lse, hence p = exp(x - lse), is
+    # exact only to ~1e-4 relative (in fusedce.cross_entropy as well)
+    Case("shift-1000", (4, 7), shift=1000.0, label_smoothing=0.1, tol=2e-4),
+    Case("derive-vocab-start", (3, 8), pass_vocab_start=False, weight=True,
+         label_smoothing=0.1),
+    Case("one-d", (4, 7), one_d=True, rows=1, reduction="sum"),
+    Case("empty-batch", (4, 7), rows=0),
+    Case("bf16", (40, 57), dtype="bfloat16", label_smoothing=0.1, rows=8),
+    Case("gpt2-vocab-2-ranks", (25_129, 25_128), rows=4, ignored_every=4),
+    # the Triton kernels, under the interpreter on a CPU machine
+    Case("triton-plain", (16, 21), backend="triton"),
+    Case("triton-weight-smoothing-none", (16, 21), backend="triton", weight=True,
+         label_smoothing=0.2, reduction="none", ignored_every=3, targets="boundaries"),
+    Case("triton-bf16", (16, 21), backend="triton", dtype="bfloat16", label_smoothing=0.1),
+    # the linear form: hidden 13 (odd), chunks of 4 rows over 10 (a short last chunk)
+    Case("linear-mean", (9, 14), kind="linear", hidden=13, rows=10, chunk_size=4,
+         ignored_every=4),
+    Case("linear-bias-weight-smoothing-none", (9, 14), kind="linear", hidden=13, rows=10,
+         chunk_size=4, bias=True, weight=True, label_smoothing=0.1, reduction="none"),
+    Case("linear-triton", (9, 14), kind="linear", hidden=13, rows=10, chunk_size=4,
+         bias=True, backend="triton", label_smoothing=0.1),
+]
+
+# Four ranks: the GPT-2 vocabulary split as DTensor/torch.chunk does (12,565 x 3 and
+# 12,562), a split with an empty slice, DTensor's ColwiseParallel head.
+CASES_4 = [
+    Case("gpt2-vocab-mean", (12_565, 12_565, 12_565, 12_562), ignored_every=3,
+         targets="boundaries", rows=8),
+    Case("gpt2-vocab-weight-smoothing-none", (12_565, 12_565, 12_565, 12_562),
+         weight=True, label_smoothing=0.1, reduction="none"),
+    Case("gpt2-vocab-sum-derive-start", (12_565, 12_565, 12_565, 12_562), reduction="sum",
+         pass_vocab_start=False),
+    Case("empty-slice", (3, 0, 5, 2), targets="boundaries", label_smoothing=0.1, rows=8),
+    Case("triton-4-ranks", (7, 9, 1, 6), backend="triton", weight=True, label_smoothing=0.1,
+         ignored_every=4, targets="boundaries", rows=8),
+    Case("linear-gpt2-vocab", (12_565, 12_565, 12_565, 12_562), kind="linear", hidden=16,
+         rows=6, chunk_size=4, weight=True, label_smoothing=0.1),
+    Case("dtensor-colwise-lm-head", (6, 6, 6, 5), kind="dtensor", hidden=12, rows=6,
+         ignored_every=3),
+]
+
+# (dtype, loss rtol, grad atol relative to the largest reference gradient)
+TOLERANCES = {"float32": (2e-5, 2e-5), "bfloat16": (2e-2, 2e-2)}
+
+
+# ------------------------------------------------------------------------ in the workers
+
+
+def _nan_filled_empty():
+    """Fresh floating-point buffers start as NaN in the workers."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def nan_empty(*args, **kwargs):
+        out = empty(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    def nan_empty_like(*args, **kwargs):
+        out = empty_like(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    torch.empty, torch.empty_like = nan_empty, nan_empty_like
+
+
+_COLLECTIVES = ("all_gather_single", "all_gather_into_tensor", "all_gather", "all_reduce",
+                "reduce_scatter", "reduce_scatter_tensor", "broadcast", "reduce", "gather",
+                "scatter", "all_to_all", "all_to_all_single", "barrier", "send", "recv",
+                "isend", "irecv", "all_gather_object", "broadcast_object_list")
+
+
+class CollectiveCounter:
+    """Counts the torch.distributed collectives called (outermost calls only: one
+    collective implemented through another counts once)."""
+
+    def __init__(self):
+        self.calls = []
+        self._depth = 0
+
+    def install(self):
+        import torch.distributed as dist
+
+        for name in _COLLECTIVES:
+            fn = getattr(dist, name, None)
+            if fn is not None:
+                setattr(dist, name, self._wrap(name, fn))
+
+    def _wrap(self, name, fn):
+        def counted(*args, **kwargs):
+            if self._depth == 0:
+                self.calls.append(name)
+            self._depth += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._depth -= 1
+
+        return counted
+
+    def take(self):
+        calls, self.calls = self.calls, []
+        return calls
+
+
+def _targets(case, gen):
+    if case.targets == "boundaries":
+        starts = [sum(case.sizes[:r]) for r in range(len(case.sizes))]
+        edges = []
+        for start, size in zip(starts, case.sizes):
+            if size:
+                edges += [start, start + size - 1]
+        t = torch.tensor([edges[i % len(edges)] for i in range(case.rows)], dtype=torch.long)
+    else:
+        t = torch.randint(0, case.vocab, (case.rows,), generator=gen)
+    if case.ignored_every:
+        t[::case.ignored_every] = case.ignore_index
+    return t
+
+
+def _seed(case):
+    # not hash(): string hashes differ between processes, the ranks must agree
+    return zlib.crc32(case.id.encode())
+
+
+def _rel_err(a, b):
+    """max |a - b| over max |b| (1 when b is all zero), NaNs in the same places."""
+    a, b = a.double(), b.double()
+    if not torch.equal(torch.isnan(a), torch.isnan(b)):
+        return float("inf")
+    keep = ~torch.isnan(b)
+    if keep.sum() == 0:
+        return 0.0
+    scale = b[keep].abs().max().clamp_min(1e-30) if b[keep].abs().max() > 0 else 1.0
+    return float((a[keep] - b[keep]).abs().max() / scale)
+
+
+def _run_ce(case, rank, counter):
+    import torch.nn.functional as F
+
+    import fusedce
+    from fusedce.distributed import vocab_parallel_cross_entropy
+
+    gen = torch.Generator().manual_seed(_seed(case))
+    dtype = getattr(torch, case.dtype)
+    logits = (torch.randn(case.rows, case.vocab, generator=gen) * 3 + case.shift).to(dtype)
+    target = _targets(case, gen)
+    weight = torch.rand(case.vocab, generator=gen) + 0.5 if case.weight else None
+    grad_shape = (case.rows,) if case.reduction == "none" else ()
+    upstream = torch.randn(grad_shape, generator=gen)
+    opts = dict(ignore_index=case.ignore_index, reduction=case.reduction,
+                label_smoothing=case.label_smoothing)
+
+    full = logits.double().requires_grad_()
+    ref = F.cross_entropy(full, target, weight=None if weight is None else weight.double(),
+                          **opts)
+    (ref_grad,) = torch.autograd.grad(ref, full, upstream.double())
+    full_same = logits.clone().requires_grad_()
+    fused = fusedce.cross_entropy(full_same, target, weight=weight, **opts)
+    (fused_grad,) = torch.autograd.grad(fused, full_same, upstream.to(dtype))
+
+    start = sum(case.sizes[:rank])
+    cols = slice(start, start + case.sizes[rank])
+    shard = logits[:, cols].clone().requires_grad_()
+    x, t = shard, target
+    if case.one_d:
+        x, t = shard[0], target[0]
+    counter.take()
+    loss = vocab_parallel_cross_entropy(
+        x, t, vocab_start=start if case.pass_vocab_start else None, weight=weight,
+        backend=case.backend, **opts)
+    fwd_calls = counter.take()
+    (grad,) = torch.autograd.grad(loss, shard, upstream.to(dtype).reshape(loss.shape))
+    bwd_calls = counter.take()
+    ref_loss = ref.detach().reshape(loss.shape)
+    return {
+        "loss": loss.detach().double(),
+        "loss_err": _rel_err(loss.detach(), ref_loss),
+        "loss_err_vs_fused": _rel_err(loss.detach(), fused.detach().reshape(loss.shape)),
+        "grad_err": _rel_err(grad, ref_grad[:, cols]),
+        "grad_err_vs_fused": _rel_err(grad, fused_grad[:, cols]),
+        "fwd_calls": fwd_calls,
+        "bwd_calls": bwd_calls,
+    }
+
+
+def _run_linear(case, rank, counter):
+    import torch.nn.functional as F
+
+    from fusedce.distributed import vocab_parallel_linear_cross_entropy
+
+    gen = torch.Generator().manual_seed(_seed(case))
+    hidden = torch.randn(case.rows, case.hidden, generator=gen)
+    head = torch.randn(case.vocab, case.hidden, generator=gen) / case.hidden**0.5
+    bias = torch.randn(case.vocab, generator=gen) if case.bias else None
+    target = _targets(case, gen)
+    weight = torch.rand(case.vocab, generator=gen) + 0.5 if case.weight else None
+    upstream = torch.randn((case.rows,) if case.reduction == "none" else (), generator=gen)
+    opts = dict(ignore_index=case.ignore_index, reduction=case.reduction,
+                label_smoothing=case.label_smoothing)
+
+    leaves = [hidden.double().requires_grad_(), head.double().requires_grad_()]
+    if bias is not None:
+        leaves.append(bias.double().requires_grad_())
+    logits = F.linear(leaves[0], leaves[1], leaves[2] if bias is not None else None)
+    ref = F.cross_entropy(logits, target, weight=None if weight is None else weight.double(),
+                          **opts)
+    ref_grads = torch.autograd.grad(ref, leaves, upstream.double())
+
+    start = sum(case.sizes[:rank])
+    cols = slice(start, start + case.sizes[rank])
+    mine = [hidden.clone().requires_grad_(), head[cols].clone().requires_grad_()]
+    if bias is not None:
+        mine.append(bias[cols].clone().requires_grad_())
+    counter.take()
+    loss = vocab_parallel_linear_cross_entropy(
+        mine[0], mine[1], target, linear_bias=mine[2] if bias is not None else None,
+        vocab_start=start, weight=weight, chunk_size=case.chunk_size, backend=case.backend,
+        **opts)
+    fwd_calls = counter.take()
+    grads = torch.autograd.grad(loss, mine, upstream)
+    bwd_calls = counter.take()
+    out = {
+        "loss": loss.detach().double(),
+        "loss_err": _rel_err(loss.detach(), ref.detach()),
+        "grad_err": _rel_err(grads[0], ref_grads[0]),  # the input: summed over ranks
+        "weight_grad_err": _rel_err(grads[1], ref_grads[1][cols]),
+        "fwd_calls": fwd_calls,
+        "bwd_calls": bwd_calls,
+    }
+    if bias is not None:
+        out["bias_grad_err"] = _rel_err(grads[2], ref_grads[2][cols])
+    return out
+
+
+def _run_dtensor(case, rank, counter):
+    """The README's recipe: a ColwiseParallel lm_head whose output stays a Shard(-1)
+    DTensor, its local slice into the loss, vocab_start from DTensor's split rule."""
+    import torch.nn.functional as F
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    from fusedce.distributed import even_vocab_shard, vocab_parallel_cross_entropy
+
+    gen = torch.Generator().manual_seed(_seed(case))
+    hidden = torch.randn(case.rows, case.hidden, generator=gen)
+    head_w = torch.randn(case.vocab, case.hidden, generator=gen)
+    target = _targets(case, gen)
+    upstream = torch.randn((), generator=gen)
+
+    full_w = head_w.double().requires_grad_()
+    ref = F.cross_entropy(hidden.double() @ full_w.T, target, ignore_index=case.ignore_index)
+    (ref_grad,) = torch.autograd.grad(ref, full_w, upstream.double())
+
+    mesh = init_device_mesh("cpu", (len(case.sizes),))
+    lm_head = torch.nn.Linear(case.hidden, case.vocab, bias=False)
+    with torch.no_grad():
+        lm_head.weight.copy_(head_w)
+    parallelize_module(lm_head, mesh, ColwiseParallel(output_layouts=Shard(-1),
+                                                      use_local_output=False))
+    logits = lm_head(hidden)  # a DTensor, Shard(-1)
+    vocab_start, n_local = even_vocab_shard(case.vocab, mesh.get_local_rank(), mesh.size())
+    local = logits.to_local()
+    loss = vocab_parallel_cross_entropy(local, target, vocab_start=vocab_start,
+                                        ignore_index=case.ignore_index)
+    loss.backward(upstream)
+    w_grad = lm_head.weight.grad.to_local()
+    cols = slice(vocab_start, vocab_start + n_local)
+    counter.take()
+    return {
+        "loss": loss.detach().double(),
+        "loss_err": _rel_err(loss.detach(), ref.detach()),
+        "grad_err": _rel_err(w_grad, ref_grad[cols]),
+        "local_shape_ok": tuple(local.shape) == (case.rows, n_local)
+                          and n_local == case.sizes[rank],
+    }
+
+
+def _worker(rank, world, cases, init_file, out_dir):
+    began = time.perf_counter()
+    import torch.distributed as dist
+
+    import fusedce.distributed  # noqa: F401  (imports Triton: TRITON_INTERPRET is set)
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world,
+                            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    _nan_filled_empty()
+    counter = CollectiveCounter()
+    counter.install()
+    runners = {"ce": _run_ce, "linear": _run_linear, "dtensor": _run_dtensor}
+    results = {"_startup_seconds": time.perf_counter() - began}
+    for case in cases:
+        began = time.perf_counter()
+        try:
+            results[case.id] = runners[case.kind](case, rank, counter)
+        except Exception:
+            results[case.id] = {"error": traceback.format_exc()}
+        results[case.id]["seconds"] = time.perf_counter() - began
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------ in pytest
+
+
+def _run_group(world, cases):
+    """Spawns ``world`` workers over ``cases``; returns one results dict per rank."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "rendezvous")
+        ctx = mp.start_processes(_worker, args=(world, cases, init_file, tmp), nprocs=world,
+                                 join=False, start_method="spawn")
+        deadline = time.monotonic() + SPAWN_TIMEOUT_S
+        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                for proc in ctx.processes:
+                    if proc.is_alive():
+                        proc.kill()
+                pytest.fail(f"{world}-process group did not finish in {SPAWN_TIMEOUT_S} s")
+        return [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def results_2():
+    return _run_group(2, CASES_2)
+
+
+@pytest.fixture(scope="module")
+def results_4():
+    return _run_group(4, CASES_4)
+
+
+def _check(case, per_rank):
+    for rank, res in enumerate(per_rank):
+        assert "error" not in res, f"rank {rank}:\n{res['error']}"
+    loss_rtol, grad_atol = TOLERANCES[case.dtype]
+    if case.tol:
+        loss_rtol = grad_atol = case.tol
+    losses = [res["loss"] for res in per_rank]
+    for rank, loss in enumerate(losses[1:], 1):
+        # the ranks merge the same gathered values the same way: bitwise equal
+        assert torch.equal(torch.isnan(loss), torch.isnan(losses[0])), rank
+        assert torch.equal(loss.nan_to_num(), losses[0].nan_to_num()), rank
+    for rank, res in enumerate(per_rank):
+        assert res["loss_err"] <= loss_rtol, (rank, res["loss_err"])
+        assert res["grad_err"] <= grad_atol, (rank, res["grad_err"])
+        for key in ("loss_err_vs_fused", "grad_err_vs_fused", "weight_grad_err",
+                    "bias_grad_err"):
+            if key in res:
+                assert res[key] <= max(loss_rtol, grad_atol), (rank, key, res[key])
+
+
+@pytest.mark.parametrize("case", CASES_2, ids=_ids(CASES_2))
+def test_two_ranks(case, results_2):
+    _check(case, [res[case.id] for res in results_2])
+
+
+@pytest.mark.parametrize("case", CASES_4, ids=_ids(CASES_4))
+def test_four_ranks(case, results_4):
+    per_rank = [res[case.id] for res in results_4]
+    _check(case, per_rank)
+    if case.kind == "dtensor":
+        assert all(res["local_shape_ok"] for res in per_rank)
+
+
+def _calls(results, case_id):
+    return [(res[case_id]["fwd_calls"], res[case_id]["bwd_calls"]) for res in results]
+
+
+def test_collectives_per_step(results_2, results_4):
+    """One all-gather per forward and nothing in the backward; a second all-gather when
+    vocab_start must be derived; the linear form adds one all-reduce in the backward."""
+    gather = ["all_gather_single" if hasattr(torch.distributed, "all_gather_single")
+              else "all_gather_into_tensor"]
+    for results, case_id in [(results_2, "mean"), (results_2, "weight-smoothing-none"),
+                             (results_2, "triton-plain"), (results_4, "gpt2-vocab-mean")]:
+        assert _calls(results, case_id) == [(gather, [])] * len(results), case_id
+    for results, case_id in [(results_2, "derive-vocab-start"),
+                             (results_4, "gpt2-vocab-sum-derive-start")]:
+        assert _calls(results, case_id) == [(gather * 2, [])] * len(results), case_id
+    for results, case_id in [(results_2, "linear-mean"), (results_4, "linear-gpt2-vocab")]:
+        assert _calls(results, case_id) == [(gather, ["all_reduce"])] * len(results), case_id
+
+
+def test_even_vocab_shard_matches_torch_chunk():
+    from fusedce.distributed import even_vocab_shard
+
+    for vocab, world in [(GPT2_VOCAB, 4), (GPT2_VOCAB, 8), (5, 4), (3, 4), (12, 4)]:
+        chunks = torch.arange(vocab).chunk(world)
+        for rank in range(world):
+            start, n = even_vocab_shard(vocab, rank, world)
+            expect = chunks[rank] if rank < len(chunks) else torch.arange(0)
+            assert n == expect.numel(), (vocab, world, rank)
+            if n:
+                assert start == int(expect[0]), (vocab, world, rank)
+
+
+def test_needs_a_process_group():
+    from fusedce.distributed import vocab_parallel_cross_entropy
+
+    if torch.distributed.is_initialized():
+        pytest.skip("a default process group exists in this process")
+    with pytest.raises(RuntimeError, match="process group"):
+        vocab_parallel_cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]), vocab_start=0)
