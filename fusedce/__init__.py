@@ -7,6 +7,8 @@ kernels on CUDA tensors, a chunked PyTorch implementation on the CPU.
 from .functional import cross_entropy
 from .linear import LinearCrossEntropyLoss, linear_cross_entropy
 from .modules import CrossEntropyLoss
+from .patching import patch, patched, unpatch
 
 __version__ = "0.1.0"
 __all__ = ["cross_entropy", "CrossEntropyLoss", "linear_cross_entropy", "LinearCrossEntropyLoss"]
+__all__ += ["patch", "unpatch", "patched"]

@@ -151,8 +151,9 @@ def backward(grad, x, target, weight, lse, s, denom, ignore_index, label_smoothi
     dx_rows = rows_view(dx) if need_dx and use_rows(x, target) else None
     if dx_rows is not None:
         impl = resolve_backend(backend, x)
-        impl.ce_bwd(rows_view(x), target.reshape(-1).contiguous(), lse, dloss.reshape(-1), weight=weight,
-                    ignore_index=ignore_index, label_smoothing=label_smoothing, dx=dx_rows)
+        impl.ce_bwd(rows_view(x), target.reshape(-1).contiguous(), lse, dloss.reshape(-1),
+                    weight=weight, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                    dx=dx_rows)
         return dx, dy
     if need_dx or need_dtarget:
         impl = _strided_impl(backend, x)

@@ -48,7 +48,7 @@ def _result_dtype(input, target, weight, soft):
         dtype = torch.promote_types(dtype, effective(target.dtype))
         if weight is not None:
             dtype = torch.promote_types(dtype, effective(weight.dtype))
-    return dtype, effective
+    return dtype
 
 
 def _check_args(input, target, weight, ignore_index, backend):
@@ -64,9 +64,6 @@ def _check_args(input, target, weight, ignore_index, backend):
                         f"not {type(ignore_index).__name__}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if input.dim() == 0:
-        raise IndexError("cross_entropy: input must have 1 or more dimensions (C,), (N, C) "
-                         "or (N, C, d1, ..., dK); got a 0-dimensional tensor")
     if not input.is_floating_point():
         raise NotImplementedError(f"cross_entropy: input must be a floating-point tensor of "
                                   f"logits, got dtype {input.dtype}")
@@ -111,16 +108,16 @@ def _ncl(x):
     return x.flatten(2) if x.dim() > 2 else x.unsqueeze(-1)
 
 
-def _check_weight(weight, input, n_classes, soft, effective):
+def _check_weight(weight, n_classes):
     if weight.dim() != 1 or weight.numel() != n_classes:
         raise RuntimeError(f"weight tensor should be defined either for all {n_classes} "
                            f"classes or no classes but got weight tensor of shape: "
                            f"{list(weight.shape)}")
     if not weight.is_floating_point():
         raise RuntimeError(f"expected a floating-point weight, but found {weight.dtype}")
-    if not soft and effective(weight.dtype) != effective(input.dtype):
-        raise RuntimeError(f"expected weight of scalar type {effective(input.dtype)} (the "
-                           f"input's), but found {weight.dtype}")
+    # PyTorch also insists on the input's dtype for class-index targets; fusedce reads any
+    # floating weight in the computation's precision, so a float32 weight with bf16 logits
+    # is accepted.
     if weight.requires_grad:
         raise RuntimeError("fusedce.cross_entropy is not differentiable with respect to "
                            "'weight'; pass weight.detach()")
@@ -165,10 +162,13 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
                            f"probabilities, got {target.dtype}")
     if soft and ignore_index >= 0:
         raise RuntimeError("ignore_index is not supported for floating point target")
+    if input.dim() == 0:
+        raise IndexError("cross_entropy: input must have 1 or more dimensions (C,), (N, C) "
+                         "or (N, C, d1, ..., dK); got a 0-dimensional tensor")
     x, t, loss_shape = _as_ncl(input, target, soft)
-    out_dtype, effective = _result_dtype(input, target, weight, soft)
+    out_dtype = _result_dtype(input, target, weight, soft)
     if weight is not None:
-        _check_weight(weight, input, x.shape[1], soft, effective)
+        _check_weight(weight, x.shape[1])
         weight = weight.contiguous()
     if validate is None:
         validate = resolve_backend(backend, input) is _torch_impl

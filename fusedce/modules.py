@@ -9,19 +9,22 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
     """:class:`torch.nn.CrossEntropyLoss` computed by :func:`fusedce.cross_entropy`.
 
     Takes the same arguments (it is a subclass, so ``isinstance`` checks, ``state_dict`` and
-    the ``weight`` buffer behave the same), plus fusedce's keyword-only ``backend`` and
-    ``inplace_backward``.
+    the ``weight`` buffer behave the same; the legacy ``size_average``/``reduce`` set
+    ``reduction`` with PyTorch's warning), plus fusedce's keyword-only ``backend``,
+    ``inplace_backward`` and ``validate``.
     """
 
     def __init__(self, weight=None, size_average=None, ignore_index=-100, reduce=None,
                  reduction="mean", label_smoothing=0.0, *, backend="auto",
-                 inplace_backward=False):
+                 inplace_backward=False, validate=None):
         super().__init__(weight, size_average, ignore_index, reduce, reduction,
                          label_smoothing)
         self.backend = backend
         self.inplace_backward = inplace_backward
+        self.validate = validate
 
     def forward(self, input, target):
         return cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
                              reduction=self.reduction, label_smoothing=self.label_smoothing,
-                             backend=self.backend, inplace_backward=self.inplace_backward)
+                             backend=self.backend, inplace_backward=self.inplace_backward,
+                             validate=self.validate)

@@ -1,0 +1,135 @@
+"""Make existing code use fusedce: ``fusedce.patch()`` / ``fusedce.unpatch()`` and the
+context manager ``with fusedce.patched(): ...``.
+
+Patching replaces
+
+- ``torch.nn.functional.cross_entropy`` (what code calling ``F.cross_entropy`` /
+  ``nn.functional.cross_entropy`` through the module attribute finds, Hugging Face's loss
+  code included), and
+- ``torch.nn.CrossEntropyLoss.forward`` (modules built before or after patching), and
+- by default, module-level names in already-imported modules outside ``torch`` that are the
+  original function, as left by ``from torch.nn.functional import cross_entropy`` (a name
+  imported after patching is the patched function anyway).
+
+``unpatch()`` (or leaving the ``with`` block, also by an exception) puts back exactly what
+was replaced. Calls with tensor subclasses that override ``__torch_function__`` (DTensor and
+the like) go to PyTorch's own implementation.
+"""
+
+import contextlib
+import functools
+import sys
+import threading
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .functional import cross_entropy
+
+_lock = threading.RLock()
+_state = {"depth": 0, "saved": None, "options": {}}
+_ORIGINAL_CE = F.cross_entropy
+_ORIGINAL_FORWARD = nn.CrossEntropyLoss.forward
+
+
+def _subclass_args(*tensors):
+    return torch.overrides.has_torch_function(tuple(t for t in tensors if t is not None))
+
+
+@functools.wraps(_ORIGINAL_CE)
+def _patched_cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100,
+                           reduce=None, reduction="mean", label_smoothing=0.0):
+    if not (isinstance(input, torch.Tensor) and isinstance(target, torch.Tensor)) or \
+            _subclass_args(input, target, weight):
+        return _ORIGINAL_CE(input, target, weight, size_average, ignore_index, reduce,
+                            reduction, label_smoothing)
+    return cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction,
+                         label_smoothing, **_state["options"])
+
+
+def _patched_forward(self, input, target):
+    return _patched_cross_entropy(input, target, weight=self.weight,
+                                  ignore_index=self.ignore_index, reduction=self.reduction,
+                                  label_smoothing=self.label_smoothing)
+
+
+_patched_cross_entropy.__fusedce_patch__ = True
+_patched_forward.__fusedce_patch__ = True
+
+
+def _module_aliases():
+    """``(module, name)`` of module-level names bound to the original function, in modules
+    outside torch and fusedce (names imported with ``from ... import cross_entropy``)."""
+    found = []
+    for mod_name, mod in list(sys.modules.items()):
+        if mod is None or mod_name.split(".")[0] in ("torch", "fusedce"):
+            continue
+        try:
+            namespace = vars(mod)
+        except TypeError:
+            continue
+        for name, value in list(namespace.items()):
+            if value is _ORIGINAL_CE:
+                found.append((mod, name))
+    return found
+
+
+def is_patched():
+    """Whether ``torch.nn.functional.cross_entropy`` is fusedce's at the moment."""
+    return getattr(F.cross_entropy, "__fusedce_patch__", False)
+
+
+def patch(*, scan_modules=True, backend="auto", inplace_backward=False, validate=None):
+    """Route ``torch.nn.functional.cross_entropy`` and ``torch.nn.CrossEntropyLoss`` to fusedce.
+
+    scan_modules: also rebind module-level aliases of the original function in imported
+        modules outside torch (``from torch.nn.functional import cross_entropy``).
+    backend, inplace_backward, validate: passed to every patched call (see
+        :func:`fusedce.cross_entropy`). ``inplace_backward=True`` destroys the logits of
+        code that did not ask for it: use it only for code known to discard them.
+
+    Calls nest: each ``patch()`` needs one ``unpatch()``; the outermost options apply.
+    """
+    with _lock:
+        _state["depth"] += 1
+        if _state["depth"] > 1:
+            return
+        aliases = _module_aliases() if scan_modules else []
+        _state["saved"] = (F.cross_entropy, nn.CrossEntropyLoss.__dict__.get("forward"),
+                           aliases)
+        _state["options"] = {"backend": backend, "inplace_backward": inplace_backward,
+                             "validate": validate}
+        F.cross_entropy = _patched_cross_entropy
+        nn.CrossEntropyLoss.forward = _patched_forward
+        for mod, name in aliases:
+            setattr(mod, name, _patched_cross_entropy)
+
+
+def unpatch():
+    """Undo :func:`patch` (the innermost of nested calls does nothing until the outermost)."""
+    with _lock:
+        if _state["depth"] == 0:
+            return
+        _state["depth"] -= 1
+        if _state["depth"] > 0:
+            return
+        functional_ce, forward, aliases = _state["saved"]
+        F.cross_entropy = functional_ce
+        nn.CrossEntropyLoss.forward = forward
+        for mod, name in aliases:
+            if vars(mod).get(name) is _patched_cross_entropy:
+                setattr(mod, name, functional_ce)
+        _state["saved"] = None
+        _state["options"] = {}
+
+
+@contextlib.contextmanager
+def patched(**options):
+    """``with fusedce.patched(): ...`` runs the block with :func:`patch` in force and
+    restores everything on exit, also when the block raises."""
+    patch(**options)
+    try:
+        yield
+    finally:
+        unpatch()
