@@ -24,40 +24,106 @@ import triton.language as tl
 # exp(x) == exp2(x * LOG2E); exp2 is the native instruction. A constexpr: the GPU compiler
 # refuses plain globals inside @triton.jit (the interpreter does not notice).
 LOG2E = tl.constexpr(1.4426950408889634)
-MAX_BLOCK_SIZE = 8192  # columns per loop step; a 50,257 row takes 7 steps
-NUM_WARPS = 8
+
+
+# Row layout. A row of 50,257 bf16 logits is 100,514 bytes, so consecutive rows start at
+# every possible 16-byte phase and a load that starts at the row start can never be proven
+# aligned: the compiler emits one 2-byte load per element. Each pass therefore splits the
+# row ``[lo, hi)`` (element offsets from the tensor's base pointer, which Triton specialises
+# as 16-byte aligned when it is) at the 16-byte boundaries inside it:
+#
+#     base    a_lo = ceil(lo / VEC) * VEC          a_hi = floor(hi / VEC) * VEC
+#      |  lo  |                                    |  hi
+#      |--[ head ][ body: VEC-aligned blocks of BLOCK_SIZE, mask k < L ][ tail ]--|
+#
+# ``VEC`` elements make 16 bytes. The body starts at an address the compiler can prove is a
+# multiple of 16 bytes, and its mask ``k < L`` changes only at multiples of VEC, so every
+# body load and store is one 16-byte instruction (LDG.E.128 / STG.E.128). The head and the
+# tail (fewer than VEC elements each) go together through one small masked "edge" block of
+# 2 * VEC lanes. Nothing outside the row is read or written. VEC = 1 gives the plain
+# unaligned loop (head and tail empty), kept for the launch-parameter sweep.
 
 
 @triton.jit
-def _row_lse(x_row_ptr, n_cols, BLOCK_SIZE: tl.constexpr, t, weight_ptr,
-             HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr):
-    """One pass over a row: online softmax (Milakov & Gimelshein 2018).
+def _row_layout(row_start, n_cols, VEC: tl.constexpr):
+    """For the row at element offset ``row_start`` (int64) from an aligned base: the
+    offset of its first VEC-aligned element ``a_lo``, the head length ``head = a_lo - lo``
+    (in [0, VEC)) and the aligned body length ``L`` (a multiple of VEC, negative when the
+    row holds no aligned VEC-group: then the body loop runs zero times)."""
+    a_lo = (row_start + (VEC - 1)) // VEC * VEC
+    a_hi = (row_start + n_cols) // VEC * VEC
+    head = (a_lo - row_start).to(tl.int32)
+    body_len = (a_hi - a_lo).to(tl.int32)
+    return a_lo, head, body_len
 
-    Keeps a running max ``m`` and the sum ``d`` of ``exp(x - m)`` rescaled whenever ``m``
-    grows, picks up ``x[t]`` on the way and, for label smoothing, ``sum_c w_c x_c``.
-    Returns ``(lse, x_t, sum_wx)`` in fp32.
+
+@triton.jit
+def _edge_cols(head, body_len, n_cols, VEC: tl.constexpr):
+    """Columns of the edge block (2 * VEC lanes): lanes [0, VEC) are the head columns
+    [0, head), lanes [VEC, 2 VEC) the tail columns [head + L, n_cols); and which lanes
+    hold a column of the row."""
+    j = tl.arange(0, 2 * VEC)
+    is_head = j < VEC
+    cols = tl.where(is_head, j, head + body_len - VEC + j)
+    valid = (cols < n_cols) & tl.where(is_head, cols < head, cols >= head)
+    return cols, valid
+
+
+@triton.jit
+def _lse_step(x, w_ptrs, mask, m, d, sum_wx, HAS_WEIGHT: tl.constexpr,
+              HAS_SMOOTHING: tl.constexpr):
+    """Folds one block of a row (``x`` fp32 with -inf in masked lanes; ``w_ptrs`` the
+    addresses of its columns' class weights) into the online-softmax state ``(m, d)`` and
+    ``sum_c w_c x_c``.
+
+    Online softmax (Milakov & Gimelshein 2018): ``m`` is the running max and ``d`` the sum
+    of ``exp(x - m)``, rescaled by ``exp(m_old - m_new)`` whenever ``m`` grows.
     """
+    m_new = tl.maximum(m, tl.max(x, axis=0))
+    # a block of -inf only (masked vocab) must not make (-inf) - (-inf) = NaN
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    d = d * tl.exp2((m - m_ref) * LOG2E) + tl.sum(tl.exp2((x - m_ref) * LOG2E), axis=0)
+    if HAS_SMOOTHING:
+        if HAS_WEIGHT:
+            w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
+            sum_wx += tl.sum(tl.where(mask, w * x, 0.0), axis=0)
+        else:
+            sum_wx += tl.sum(tl.where(mask, x, 0.0), axis=0)
+    return m_new, d, sum_wx
+
+
+@triton.jit
+def _row_lse(x_ptr, row_start, n_cols, t_col, weight_ptr, BLOCK_SIZE: tl.constexpr,
+             VEC: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr):
+    """One pass over the row at ``x_ptr + row_start``: returns ``(lse, x_t, sum_wx)``, fp32.
+
+    Reads each logit of the row exactly once (edge block, then the aligned body). ``x[t]``
+    (``t_col``: int32, -1 when there is none) is picked up on the way, by a reduction only
+    in the block that holds it: a branch taken alike by all the program's threads.
+    """
+    a_lo, head, body_len = _row_layout(row_start, n_cols, VEC)
     m = tl.full((), float("-inf"), tl.float32)
     d = tl.zeros((), tl.float32)
-    x_t = tl.zeros((), tl.float32)
     sum_wx = tl.zeros((), tl.float32)
-    for start in range(0, n_cols, BLOCK_SIZE):
-        cols = start + tl.arange(0, BLOCK_SIZE)
-        mask = cols < n_cols
-        # -inf in the masked lanes: exp of it is 0, so they add nothing to d
-        x = tl.load(x_row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        # a block of -inf only (masked vocab) must not make (-inf) - (-inf) = NaN
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        d = d * tl.exp2((m - m_ref) * LOG2E) + tl.sum(tl.exp2((x - m_ref) * LOG2E), axis=0)
-        m = m_new
-        x_t += tl.sum(tl.where(cols == t, x, 0.0), axis=0)
-        if HAS_SMOOTHING:
-            if HAS_WEIGHT:
-                w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-                sum_wx += tl.sum(tl.where(mask, w * x, 0.0), axis=0)
-            else:
-                sum_wx += tl.sum(tl.where(mask, x, 0.0), axis=0)
+    # head and tail: -inf in the masked lanes, exp of it is 0, so they add nothing to d
+    e_cols, e_valid = _edge_cols(head, body_len, n_cols, VEC)
+    e_x = tl.load(x_ptr + row_start + e_cols, mask=e_valid, other=float("-inf"))
+    e_x = e_x.to(tl.float32)
+    x_t = tl.sum(tl.where(e_valid & (e_cols == t_col), e_x, 0.0), axis=0)
+    m, d, sum_wx = _lse_step(e_x, weight_ptr + e_cols, e_valid, m, d, sum_wx, HAS_WEIGHT,
+                             HAS_SMOOTHING)
+    body_ptr = x_ptr + a_lo  # 16-byte aligned whenever x_ptr is
+    lanes = tl.arange(0, BLOCK_SIZE)
+    t_body = t_col - head  # the target's index in the body, if it lies there
+    t_in_body = (t_body >= 0) & (t_body < body_len)
+    for start in range(0, body_len, BLOCK_SIZE):
+        k = start + lanes
+        mask = k < body_len
+        x = tl.load(body_ptr + k, mask=mask, other=float("-inf")).to(tl.float32)
+        if t_in_body & (t_body >= start) & (t_body < start + BLOCK_SIZE):
+            x_t += tl.sum(tl.where(lanes == t_body - start, x, 0.0), axis=0)
+        m, d, sum_wx = _lse_step(x, weight_ptr + head + k, mask, m, d, sum_wx, HAS_WEIGHT,
+                                 HAS_SMOOTHING)
     lse = tl.where(m == float("-inf"), 0.0, m) + tl.log(d)
     return lse, x_t, sum_wx
 
@@ -77,28 +143,73 @@ def _row_target(target_ptr, row, weight_ptr, n_cols, ignore_index, HAS_WEIGHT: t
 
 
 @triton.jit
-def _row_grad(x_row_ptr, dx_row_ptr, n_cols, BLOCK_SIZE: tl.constexpr, t, lse, g, w_t,
-              weight_ptr, W, label_smoothing, HAS_WEIGHT: tl.constexpr,
-              HAS_SMOOTHING: tl.constexpr):
-    """One pass over a row writing ``dx = (p * A - B * onehot(t) - eps / C * w) * g``."""
+def _target_col(t, n_cols):
+    """The target as an int32 column (n_cols < 2**31), -1 when out of range: a 64-bit
+    compare per element would cost several integer instructions in the loops."""
+    return tl.where((t >= 0) & (t < n_cols), t, -1).to(tl.int32)
+
+
+@triton.jit
+def _grad_block(x, hit, w_ptrs, mask, lse, g, A, B, n_cols, label_smoothing,
+                HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr):
+    """``dx = (p * A - B * onehot(t) - eps / C * w) * g`` for one block, fp32.
+
+    ``hit`` is the block's one-hot of the target; ``w_ptrs`` the class weights' addresses
+    (read only with smoothing and weights).
+    """
+    p = tl.exp2((x - lse) * LOG2E)
+    # p * A - B stays exact when A == B and p is near 1 (confident bf16 predictions)
+    dx = p * A - tl.where(hit, B, 0.0)
+    if HAS_SMOOTHING:
+        if HAS_WEIGHT:
+            w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
+            dx -= label_smoothing / n_cols * w
+        else:
+            dx -= label_smoothing / n_cols
+    return dx * g
+
+
+@triton.jit
+def _row_grad(x_ptr, x_row_start, dx_ptr, dx_row_start, n_cols, t, lse, g, w_t, weight_ptr,
+              W, label_smoothing, BLOCK_SIZE: tl.constexpr, VEC: tl.constexpr,
+              HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+              SAME_LAYOUT: tl.constexpr):
+    """One pass over a row: reads each logit once and writes each gradient element once.
+
+    The loop is aligned to ``x``'s row. With SAME_LAYOUT (``dx`` rows start where ``x``
+    rows do: same row stride, e.g. ``dx`` made by ``empty_like(x)`` or ``x`` itself) the
+    offsets are reused for ``dx`` and the stores are 16 bytes wide too; otherwise the
+    stores use ``dx``'s own row start and stay correct, only narrower.
+    """
     B = (1.0 - label_smoothing) * w_t
     A = B
     if HAS_SMOOTHING:
         A = B + label_smoothing * W / n_cols
-    for start in range(0, n_cols, BLOCK_SIZE):
-        cols = start + tl.arange(0, BLOCK_SIZE)
-        mask = cols < n_cols
-        x = tl.load(x_row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        p = tl.exp2((x - lse) * LOG2E)
-        # p * A - B stays exact when A == B and p is near 1 (confident bf16 predictions)
-        dx = p * A - tl.where(cols == t, B, 0.0)
-        if HAS_SMOOTHING:
-            if HAS_WEIGHT:
-                w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-                dx -= label_smoothing / n_cols * w
-            else:
-                dx -= label_smoothing / n_cols
-        tl.store(dx_row_ptr + cols, (dx * g).to(dx_row_ptr.dtype.element_ty), mask=mask)
+    a_lo, head, body_len = _row_layout(x_row_start, n_cols, VEC)
+    t_col = _target_col(t, n_cols)  # an ignored row has B == 0 whatever t is
+    out_ty = dx_ptr.dtype.element_ty
+    if SAME_LAYOUT:
+        dx_row_start = x_row_start
+        dx_body_ptr = dx_ptr + a_lo
+    else:
+        dx_body_ptr = dx_ptr + dx_row_start + head
+    e_cols, e_valid = _edge_cols(head, body_len, n_cols, VEC)
+    e_x = tl.load(x_ptr + x_row_start + e_cols, mask=e_valid, other=0.0).to(tl.float32)
+    e_dx = _grad_block(e_x, e_cols == t_col, weight_ptr + e_cols, e_valid, lse, g, A, B,
+                       n_cols, label_smoothing, HAS_WEIGHT, HAS_SMOOTHING)
+    tl.store(dx_ptr + dx_row_start + e_cols, e_dx.to(out_ty), mask=e_valid)
+    x_body_ptr = x_ptr + a_lo
+    w_body_ptr = weight_ptr + head
+    lanes = tl.arange(0, BLOCK_SIZE)
+    t_body = t_col - head  # the target's index in the body (may be negative: not there)
+    for start in range(0, body_len, BLOCK_SIZE):
+        k = start + lanes
+        mask = k < body_len
+        x = tl.load(x_body_ptr + k, mask=mask, other=0.0).to(tl.float32)
+        # lanes == t_body - start: one 32-bit compare against a loop-invariant register
+        dx = _grad_block(x, lanes == t_body - start, w_body_ptr + k, mask, lse, g, A, B,
+                         n_cols, label_smoothing, HAS_WEIGHT, HAS_SMOOTHING)
+        tl.store(dx_body_ptr + k, dx.to(out_ty), mask=mask)
 
 
 @triton.jit
@@ -113,6 +224,7 @@ def _ce_fwd_kernel(
     HAS_SMOOTHING: tl.constexpr,
     INPLACE_GRAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     """Per-row loss and log-sum-exp; one program per row.
 
@@ -123,13 +235,16 @@ def _ce_fwd_kernel(
     lse_ptr:    (rows,) fp32 out, log-sum-exp of the row
     gscale_ptr: (1,) fp32, read only if INPLACE_GRAD: the gradient's scale (1 / denominator),
                 with which the row's gradient is written over the row of ``x``
+    VEC:        elements per 16 bytes of x (8 for 16-bit, 4 for fp32); 1 turns off the
+                aligned body (see "Row layout" above)
     """
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride passes 2**31 near 42,700 rows
-    x_row_ptr = x_ptr + row * x_row_stride
+    row_start = row * x_row_stride
     t, ignored, valid, w_t = _row_target(target_ptr, row, weight_ptr, n_cols, ignore_index,
                                          HAS_WEIGHT)
-    lse, x_t, sum_wx = _row_lse(x_row_ptr, n_cols, BLOCK_SIZE, t, weight_ptr, HAS_WEIGHT,
-                                HAS_SMOOTHING)
+    t_col = _target_col(t, n_cols)
+    lse, x_t, sum_wx = _row_lse(x_ptr, row_start, n_cols, t_col, weight_ptr, BLOCK_SIZE, VEC,
+                                HAS_WEIGHT, HAS_SMOOTHING)
     loss = (1.0 - label_smoothing) * w_t * (lse - x_t)
     W = 0.0
     if HAS_SMOOTHING:
@@ -146,8 +261,8 @@ def _ce_fwd_kernel(
         g = tl.load(gscale_ptr).to(tl.float32)
         g = tl.where(ignored, 0.0, tl.where(valid, g, nan))
         # the row was just streamed through: on a GPU this second read comes from L2
-        _row_grad(x_row_ptr, x_row_ptr, n_cols, BLOCK_SIZE, t, lse, g, w_t, weight_ptr, W,
-                  label_smoothing, HAS_WEIGHT, HAS_SMOOTHING)
+        _row_grad(x_ptr, row_start, x_ptr, row_start, n_cols, t, lse, g, w_t, weight_ptr, W,
+                  label_smoothing, BLOCK_SIZE, VEC, HAS_WEIGHT, HAS_SMOOTHING, True)
 
 
 @triton.jit
@@ -161,12 +276,15 @@ def _ce_bwd_kernel(
     n_cols, ignore_index, label_smoothing,
     HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
+    SAME_LAYOUT: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     """Gradient of the per-row losses; one program per row.
 
     x_ptr:      (rows, n_cols) fp32/bf16/fp16 logits, unit column stride
-    dx_ptr:     (rows, n_cols) out, same dtype as x, unit column stride
+    dx_ptr:     (rows, n_cols) out, same dtype as x, unit column stride; SAME_LAYOUT when
+                ``dx_row_stride == x_row_stride`` (then 16-byte stores, see ``_row_grad``)
     target_ptr: (rows,) int64/int32; weight_ptr: (n_cols,); wsum_ptr: (1,) fp32
     lse_ptr:    (rows,) fp32 from the forward
     dloss_ptr:  (rows,) fp32 upstream gradient of each row's loss, the reduction's
@@ -184,13 +302,14 @@ def _ce_bwd_kernel(
             W = tl.load(wsum_ptr).to(tl.float32)
         else:
             W = n_cols.to(tl.float32)
-    _row_grad(x_ptr + row * x_row_stride, dx_ptr + row * dx_row_stride, n_cols, BLOCK_SIZE,
-              t, lse, g, w_t, weight_ptr, W, label_smoothing, HAS_WEIGHT, HAS_SMOOTHING)
+    _row_grad(x_ptr, row * x_row_stride, dx_ptr, row * dx_row_stride, n_cols, t, lse, g, w_t,
+              weight_ptr, W, label_smoothing, BLOCK_SIZE, VEC, HAS_WEIGHT, HAS_SMOOTHING,
+              SAME_LAYOUT)
 
 
 @triton.jit
 def _ce_scale_kernel(dx_ptr, dx_row_stride, dloss_ptr, dloss_stride, n_cols,
-                     BLOCK_SIZE: tl.constexpr):
+                     BLOCK_SIZE: tl.constexpr, VEC: tl.constexpr):
     """``dx[row] *= dloss[row]`` in place, skipping rows whose factor is exactly 1.
 
     The in-place mode's backward: the forward already wrote the gradient for an upstream
@@ -201,16 +320,33 @@ def _ce_scale_kernel(dx_ptr, dx_row_stride, dloss_ptr, dloss_stride, n_cols,
     row = tl.program_id(0).to(tl.int64)
     g = tl.load(dloss_ptr + row * dloss_stride).to(tl.float32)
     if g != 1.0:
-        dx_row_ptr = dx_ptr + row * dx_row_stride
-        for start in range(0, n_cols, BLOCK_SIZE):
-            cols = start + tl.arange(0, BLOCK_SIZE)
-            mask = cols < n_cols
-            dx = tl.load(dx_row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-            tl.store(dx_row_ptr + cols, (dx * g).to(dx_row_ptr.dtype.element_ty), mask=mask)
+        row_start = row * dx_row_stride
+        a_lo, head, body_len = _row_layout(row_start, n_cols, VEC)
+        e_cols, e_valid = _edge_cols(head, body_len, n_cols, VEC)
+        e_ptr = dx_ptr + row_start + e_cols
+        e_dx = tl.load(e_ptr, mask=e_valid, other=0.0).to(tl.float32)
+        tl.store(e_ptr, (e_dx * g).to(dx_ptr.dtype.element_ty), mask=e_valid)
+        body_ptr = dx_ptr + a_lo
+        for start in range(0, body_len, BLOCK_SIZE):
+            k = start + tl.arange(0, BLOCK_SIZE)
+            mask = k < body_len
+            dx = tl.load(body_ptr + k, mask=mask, other=0.0).to(tl.float32)
+            tl.store(body_ptr + k, (dx * g).to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-def _block_size(n_cols):
-    return min(MAX_BLOCK_SIZE, triton.next_power_of_2(max(n_cols, 16)))
+def launch_config(dtype, n_cols):
+    """``(BLOCK_SIZE, num_warps, VEC)`` for rows of ``n_cols`` elements of ``dtype``.
+
+    BLOCK_SIZE elements per loop step over 32 * num_warps threads: 32 per thread, four
+    16-byte loads in flight per thread for 16-bit logits and eight for fp32. Compiled for
+    sm_90 and sm_80, these stay below 128 registers with no spills (see
+    ``tests/test_gpu_compile.py`` and ``docs/gpu-inspection.md``). VEC is the elements per
+    16 bytes. ``bench/gpu_check.py --sweep`` replaces this function to try other choices.
+    """
+    vec = 16 // torch.empty((), dtype=dtype).element_size()
+    block = min(8192, triton.next_power_of_2(max(n_cols, 2 * vec * 32)))
+    num_warps = 8 if block >= 8192 else max(1, min(8, block // (32 * 32)))
+    return block, num_warps, vec
 
 
 def _weight_args(weight, label_smoothing, like):
@@ -236,6 +372,7 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, inpla
     if n_rows == 0:
         return loss, lse
     has_weight, weight_arg, wsum = _weight_args(weight, label_smoothing, loss)
+    block, num_warps, vec = launch_config(x.dtype, n_cols)
     _ce_fwd_kernel[(n_rows,)](
         x_ptr=x, x_row_stride=x.stride(0),
         target_ptr=target,
@@ -246,8 +383,8 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, inpla
         HAS_WEIGHT=has_weight,
         HAS_SMOOTHING=label_smoothing > 0,
         INPLACE_GRAD=inplace_scale is not None,
-        BLOCK_SIZE=_block_size(n_cols),
-        num_warps=NUM_WARPS,
+        BLOCK_SIZE=block, VEC=vec,
+        num_warps=num_warps,
     )
     return loss, lse
 
@@ -266,6 +403,7 @@ def ce_bwd(x, target, lse, dloss, weight=None, ignore_index=-100, label_smoothin
     if n_rows == 0:
         return dx
     has_weight, weight_arg, wsum = _weight_args(weight, label_smoothing, lse)
+    block, num_warps, vec = launch_config(x.dtype, n_cols)
     _ce_bwd_kernel[(n_rows,)](
         x_ptr=x, x_row_stride=x.stride(0),
         dx_ptr=dx, dx_row_stride=dx.stride(0),
@@ -276,8 +414,9 @@ def ce_bwd(x, target, lse, dloss, weight=None, ignore_index=-100, label_smoothin
         n_cols=n_cols, ignore_index=ignore_index, label_smoothing=float(label_smoothing),
         HAS_WEIGHT=has_weight,
         HAS_SMOOTHING=label_smoothing > 0,
-        BLOCK_SIZE=_block_size(n_cols),
-        num_warps=NUM_WARPS,
+        SAME_LAYOUT=dx.stride(0) == x.stride(0),
+        BLOCK_SIZE=block, VEC=vec,
+        num_warps=num_warps,
     )
     return dx
 
@@ -287,11 +426,12 @@ def ce_scale_(dx, dloss):
     n_rows, n_cols = dx.shape
     if n_rows == 0:
         return dx
+    block, num_warps, vec = launch_config(dx.dtype, n_cols)
     _ce_scale_kernel[(n_rows,)](
         dx_ptr=dx, dx_row_stride=dx.stride(0),
         dloss_ptr=dloss, dloss_stride=dloss.stride(0),
         n_cols=n_cols,
-        BLOCK_SIZE=_block_size(n_cols),
-        num_warps=NUM_WARPS,
+        BLOCK_SIZE=block, VEC=vec,
+        num_warps=num_warps,
     )
     return dx
