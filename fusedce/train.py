@@ -30,7 +30,7 @@ from .model import SIZES, build_model
 from .tokenizer import gpt2_encoding
 
 # Standard-library modules whose docstrings make the default corpus: long, plain English
-# prose (about 400k GPT-2 tokens on CPython 3.11), in the same order on every machine.
+# prose (about 100k GPT-2 tokens on CPython 3.11), in the same order on every machine.
 CORPUS_MODULES = (
     "argparse",
     "collections",
@@ -81,7 +81,9 @@ def stdlib_text(modules=CORPUS_MODULES):
             continue
         parts.append(inspect.getdoc(module) or "")
         for attr, obj in sorted(vars(module).items()):
-            if attr.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
+            if attr.startswith("_") or inspect.ismodule(obj):
+                continue
+            if getattr(obj, "__module__", None) != module.__name__:
                 continue
             parts.append(inspect.getdoc(obj) or "")
             if inspect.isclass(obj):
@@ -111,14 +113,22 @@ def make_loss_fn(loss="fusedce", inplace=False, backend="auto"):
     if loss == "torch":
         if inplace:
             raise ValueError("--inplace is a fusedce option; use it with --loss fusedce")
-        return lambda logits, y: F.cross_entropy(logits.view(-1, logits.shape[-1]), y.view(-1))
+        return lambda logits, y: F.cross_entropy(logits.view(-1, logits.shape[-1]), y.reshape(-1))
     if loss != "fusedce":
         raise ValueError(f"loss must be 'fusedce' or 'torch', got {loss!r}")
     # inplace_backward writes the gradient over the logits: safe here, as nothing reads
     # them after the loss (the head's backward needs its input and weight, not its output).
     return lambda logits, y: fusedce.cross_entropy(
-        logits.view(-1, logits.shape[-1]), y.view(-1), backend=backend, inplace_backward=inplace
+        logits.view(-1, logits.shape[-1]), y.reshape(-1), backend=backend, inplace_backward=inplace
     )
+
+
+def sample_batch(tokens, batch_size, seq_len, gen):
+    """``(x, y)`` of shape (batch_size, seq_len): random windows of the token stream and the
+    same windows one token later (each position's next token is its target)."""
+    starts = torch.randint(0, tokens.numel() - seq_len, (batch_size, 1), generator=gen)
+    chunk = tokens[starts + torch.arange(seq_len + 1)]
+    return chunk[:, :-1], chunk[:, 1:]
 
 
 def train(
@@ -150,7 +160,6 @@ def train(
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
-    window = torch.arange(seq_len + 1)
     losses, seconds = [], []
     bar = range(steps)
     if progress:
@@ -158,9 +167,8 @@ def train(
 
         bar = tqdm(bar, desc=f"train ({loss}{', inplace' if inplace else ''})", unit="step")
     for step in bar:
-        starts = torch.randint(0, tokens.numel() - seq_len - 1, (batch_size, 1), generator=gen)
-        chunk = tokens[starts + window].to(device, non_blocking=True)
-        x, y = chunk[:, :-1], chunk[:, 1:]
+        x, y = sample_batch(tokens, batch_size, seq_len, gen)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         t0 = time.perf_counter()
         step_loss = loss_fn(model(x), y)
         opt.zero_grad(set_to_none=True)
@@ -168,7 +176,7 @@ def train(
         opt.step()
         losses.append(step_loss.detach())
         if progress and (step % 10 == 0 or step == steps - 1):
-            bar.set_postfix(loss=f"{float(step_loss):.3f}")  # a host sync, every 10 steps
+            bar.set_postfix(loss=f"{step_loss.item():.3f}")  # a host sync, every 10 steps
         seconds.append(time.perf_counter() - t0)  # without a sync: indicative on CUDA
     return {"loss": torch.stack(losses).tolist(), "seconds": seconds, "model": model}
 
