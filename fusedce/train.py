@@ -19,6 +19,7 @@ import csv
 import importlib
 import inspect
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -73,6 +74,19 @@ LOSSES = ("fusedce", "torch", "both")
 
 def stdlib_text(modules=CORPUS_MODULES):
     """The docstrings of ``modules`` and of their public classes, functions and methods."""
+    with warnings.catch_warnings():  # reading e.g. typing.io's docstring warns
+        warnings.simplefilter("ignore", DeprecationWarning)
+        parts = _docstrings(modules)
+    text = "\n\n".join(p for p in parts if p)
+    if len(text) < 10_000:
+        raise RuntimeError(
+            "the standard library has no docstrings here (python -OO?); "
+            "name a text file with --text-file"
+        )
+    return text
+
+
+def _docstrings(modules):
     parts = []
     for name in modules:
         try:
@@ -90,13 +104,7 @@ def stdlib_text(modules=CORPUS_MODULES):
                 for meth, fn in sorted(vars(obj).items()):
                     if not meth.startswith("_") and callable(fn):
                         parts.append(inspect.getdoc(fn) or "")
-    text = "\n\n".join(p for p in parts if p)
-    if len(text) < 10_000:
-        raise RuntimeError(
-            "the standard library has no docstrings here (python -OO?); "
-            "name a text file with --text-file"
-        )
-    return text
+    return parts
 
 
 def load_tokens(text_file=None, tokenizer_file=None, max_tokens=None):
