@@ -90,8 +90,24 @@ def test_cli_writes_csv_and_png(tokens, tmp_path, capsys):
     text = tmp_path / "text.txt"
     text.write_text(stdlib_text()[:20_000], encoding="utf-8")
     out = tmp_path / "out"
-    rc = cli.main(["train", "--steps", "3", "--batch-size", "2", "--seq-len", "8",
-                   "--loss", "both", "--inplace", "--text-file", str(text), "--out", str(out)])
+    rc = cli.main(
+        [
+            "train",
+            "--steps",
+            "3",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "8",
+            "--loss",
+            "both",
+            "--inplace",
+            "--text-file",
+            str(text),
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     with open(out / "loss.csv", newline="") as f:
         rows = list(csv.reader(f))
@@ -108,8 +124,12 @@ def test_write_curves_roundtrip(tmp_path):
     csv_path, png_path = write_curves(curves, tmp_path)
     with open(csv_path, newline="") as f:
         rows = list(csv.reader(f))
-    assert rows == [["step", "loss_a", "loss_b"], ["0", "3.000000", "3.000000"],
-                    ["1", "2.500000", "2.400000"], ["2", "2.000000", "2.100000"]]
+    assert rows == [
+        ["step", "loss_a", "loss_b"],
+        ["0", "3.000000", "3.000000"],
+        ["1", "2.500000", "2.400000"],
+        ["2", "2.000000", "2.100000"],
+    ]
     assert png_path.stat().st_size > 1_000
 
 
