@@ -310,7 +310,8 @@ def _run_linear(case, rank, counter):
 
 def _run_dtensor(case, rank, counter):
     """The README's recipe: a ColwiseParallel lm_head whose output stays a Shard(-1)
-    DTensor, its local slice into the loss, vocab_start from DTensor's split rule."""
+    DTensor, its local slice into the loss, vocab_start from DTensor's split rule. The
+    hidden states' gradient is summed over the ranks by DTensor itself."""
     import torch.nn.functional as F
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard
@@ -319,14 +320,15 @@ def _run_dtensor(case, rank, counter):
     from fusedce.distributed import even_vocab_shard, vocab_parallel_cross_entropy
 
     gen = torch.Generator().manual_seed(_seed(case))
-    hidden = torch.randn(case.rows, case.hidden, generator=gen)
+    hidden = torch.randn(2, case.rows // 2, case.hidden, generator=gen)  # (batch, time, H)
     head_w = torch.randn(case.vocab, case.hidden, generator=gen)
-    target = _targets(case, gen)
+    target = _targets(case, gen).view(2, case.rows // 2)
     upstream = torch.randn((), generator=gen)
 
-    full_w = head_w.double().requires_grad_()
-    ref = F.cross_entropy(hidden.double() @ full_w.T, target, ignore_index=case.ignore_index)
-    (ref_grad,) = torch.autograd.grad(ref, full_w, upstream.double())
+    ref_h, ref_w = hidden.double().requires_grad_(), head_w.double().requires_grad_()
+    ref = F.cross_entropy((ref_h @ ref_w.T).flatten(0, 1), target.flatten(),
+                          ignore_index=case.ignore_index)
+    ref_dh, ref_dw = torch.autograd.grad(ref, (ref_h, ref_w), upstream.double())
 
     mesh = init_device_mesh("cpu", (len(case.sizes),))
     lm_head = torch.nn.Linear(case.hidden, case.vocab, bias=False)
@@ -334,10 +336,12 @@ def _run_dtensor(case, rank, counter):
         lm_head.weight.copy_(head_w)
     parallelize_module(lm_head, mesh, ColwiseParallel(output_layouts=Shard(-1),
                                                       use_local_output=False))
-    logits = lm_head(hidden)  # a DTensor, Shard(-1)
+    h = hidden.clone().requires_grad_()
+    logits = lm_head(h)  # a DTensor, Shard(-1): (batch, time, C_r) on each rank
     vocab_start, n_local = even_vocab_shard(case.vocab, mesh.get_local_rank(), mesh.size())
     local = logits.to_local()
-    loss = vocab_parallel_cross_entropy(local, target, vocab_start=vocab_start,
+    loss = vocab_parallel_cross_entropy(local.flatten(0, 1), target.flatten(),
+                                        vocab_start=vocab_start,
                                         ignore_index=case.ignore_index)
     loss.backward(upstream)
     w_grad = lm_head.weight.grad.to_local()
@@ -346,8 +350,9 @@ def _run_dtensor(case, rank, counter):
     return {
         "loss": loss.detach().double(),
         "loss_err": _rel_err(loss.detach(), ref.detach()),
-        "grad_err": _rel_err(w_grad, ref_grad[cols]),
-        "local_shape_ok": tuple(local.shape) == (case.rows, n_local)
+        "grad_err": _rel_err(w_grad, ref_dw[cols]),
+        "input_grad_err": _rel_err(h.grad, ref_dh),
+        "local_shape_ok": tuple(local.shape) == (2, case.rows // 2, n_local)
                           and n_local == case.sizes[rank],
     }
 
@@ -424,7 +429,7 @@ def _check(case, per_rank):
         assert res["loss_err"] <= loss_rtol, (rank, res["loss_err"])
         assert res["grad_err"] <= grad_atol, (rank, res["grad_err"])
         for key in ("loss_err_vs_fused", "grad_err_vs_fused", "weight_grad_err",
-                    "bias_grad_err"):
+                    "bias_grad_err", "input_grad_err"):
             if key in res:
                 assert res[key] <= max(loss_rtol, grad_atol), (rank, key, res[key])
 
