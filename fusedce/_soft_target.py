@@ -24,6 +24,8 @@ def acc_dtype(*dtypes):
 
 def _chunks(n, c, l_len):
     """``(n0, n1, l0, l1)`` blocks of about CHUNK_ELEMENTS logits each."""
+    if l_len == 0:
+        return
     if c * l_len <= CHUNK_ELEMENTS:
         step_n, step_l = max(1, CHUNK_ELEMENTS // max(c * l_len, 1)), l_len
     else:

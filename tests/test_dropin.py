@@ -1,0 +1,441 @@
+"""fusedce.cross_entropy as a drop-in for F.cross_entropy beyond (N, C) logits: (N, C, d1..dK)
+inputs, class-probability targets, legacy arguments, autocast, and PyTorch's errors.
+
+Values are compared with F.cross_entropy on float64 copies, gradients through
+``torch.autograd.grad`` with a random upstream gradient; both the Triton kernels (under
+TRITON_INTERPRET=1 without a GPU) and the PyTorch implementation run every value case.
+"""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusedce
+from fusedce import _function
+
+BACKENDS = ["triton", "torch"]
+
+# (dtype, atol, rtol) against a float64 reference; bf16/fp16 results are computed in fp32
+# and rounded once (Triton's interpreter truncates fp32 -> bf16, hence 2**-7).
+DTYPES = [
+    pytest.param(torch.float32, 2e-5, 2e-5, id="fp32"),
+    pytest.param(torch.bfloat16, 2e-3, 1e-2, id="bf16"),
+    pytest.param(torch.float64, 1e-10, 1e-10, id="fp64"),  # computed in fp64, as PyTorch
+]
+
+
+@pytest.fixture(autouse=True)
+def nan_filled_outputs(monkeypatch):
+    """Fresh floating-point buffers start as NaN, so an element nobody wrote shows."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def nan_empty(*args, **kwargs):
+        out = empty(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    def nan_empty_like(*args, **kwargs):
+        out = empty_like(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    monkeypatch.setattr(torch, "empty_like", nan_empty_like)
+
+
+def run_both(x, target, upstream=None, atol=2e-5, rtol=2e-5, check_target_grad=False,
+             **kwargs):
+    """Loss and gradients of fusedce and of F.cross_entropy (float64) on the same values;
+    asserts they agree and returns fusedce's loss."""
+    soft = target.is_floating_point()
+    fkw = {k: v for k, v in kwargs.items() if k not in ("backend", "inplace_backward")}
+    if fkw.get("weight") is not None:
+        fkw["weight"] = fkw["weight"].double()
+    x64 = x.detach().double().requires_grad_()
+    t64 = target.detach().double().requires_grad_(check_target_grad) if soft else target
+    ref = F.cross_entropy(x64, t64, **fkw)
+    if upstream is None:
+        gen = torch.Generator().manual_seed(1234)
+        upstream = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    inputs64 = [x64] + ([t64] if check_target_grad else [])
+    ref_grads = torch.autograd.grad(ref, inputs64, upstream)
+
+    xf = x.detach().requires_grad_()  # keeps x's strides
+    tf = target.detach().requires_grad_(check_target_grad) if soft else target
+    loss = fusedce.cross_entropy(xf, tf, **kwargs)
+    assert loss.shape == ref.shape
+    inputs = [xf] + ([tf] if check_target_grad else [])
+    grads = torch.autograd.grad(loss, inputs, upstream.to(loss.dtype))
+    torch.testing.assert_close(loss.double(), ref, atol=atol, rtol=rtol, equal_nan=True)
+    for g, r in zip(grads, ref_grads):
+        assert g.shape == r.shape
+        torch.testing.assert_close(g.double(), r, atol=atol, rtol=rtol, equal_nan=True)
+    return loss
+
+
+def logits(shape, dtype=torch.float32, seed=0, scale=3.0):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=gen) * scale).to(dtype)
+
+
+def indices(shape, n_classes, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, n_classes, shape, generator=gen)
+
+
+def probabilities(shape, dtype=torch.float32, seed=2):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.softmax(torch.randn(shape, generator=gen) * 2, dim=1).to(dtype)
+
+
+# ---------------------------------------------------------------------------- K-dim inputs
+
+KDIM_SHAPES = [
+    pytest.param((2, 5, 7), id="N2-C5-L7"),  # sequence layout (N, C, L), odd sizes
+    pytest.param((3, 4, 3, 2), id="N3-C4-3x2"),  # segmentation layout (N, C, H, W)
+    pytest.param((1, 17, 2, 2, 3), id="N1-C17-K3"),  # K = 3, single batch element
+    pytest.param((2, 50_257, 3), id="N2-gpt2-L3"),  # the real vocabulary, strided classes
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", KDIM_SHAPES)
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_kdim_class_indices(shape, reduction, backend):
+    x = logits(shape)
+    target = indices((shape[0],) + shape[2:], shape[1])
+    target.view(-1)[0] = -100  # one ignored position
+    weight = torch.rand(shape[1], generator=torch.Generator().manual_seed(3))
+    run_both(x, target, reduction=reduction, weight=weight, label_smoothing=0.1,
+             backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+def test_kdim_dtypes(dtype, atol, rtol, backend):
+    x = logits((2, 6, 5), dtype)
+    run_both(x, indices((2, 5), 6), atol=atol, rtol=rtol, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced", "transposed"])
+def test_kdim_layouts_reach_the_op_without_a_copy(layout, backend, monkeypatch):
+    """The (N, C, L) tensor the op gets is a view of the caller's logits (same storage), for
+    the usual layouts; the gradient comes back in the caller's strides."""
+    n, c, h, w = 2, 6, 3, 4
+    if layout == "contiguous":
+        x = logits((n, c, h, w))
+    elif layout == "channels_last":  # classes contiguous: the row-wise kernels apply
+        x = logits((n, c, h, w)).contiguous(memory_format=torch.channels_last)
+    elif layout == "sliced":  # every other position of a larger map
+        x = logits((n, c, h, 2 * w))[..., ::2]
+    else:  # (N, L, C) storage seen as (N, C, L)
+        x = logits((n, h * w, c)).transpose(1, 2).reshape(n, c, h, w)
+    seen = []
+    forward = _function.forward
+
+    def spy(x3, *args):
+        seen.append(x3)
+        return forward(x3, *args)
+
+    monkeypatch.setattr(_function, "forward", spy)
+    target = indices((n, h, w), c)
+    if layout == "sliced":  # d1, d2 cannot be merged into one stride: a copy is made
+        run_both(x, target, reduction="sum", backend=backend)
+        return
+    run_both(x, target, reduction="sum", backend=backend)
+    assert seen[0].untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+    xf = x.detach().requires_grad_()
+    fusedce.cross_entropy(xf, target, backend=backend).backward()
+    assert xf.grad.stride() == x.stride()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_noncontiguous_2d_and_1d(backend):
+    """Rows and classes with strides (a slice of a wider tensor, a transposed matrix)."""
+    wide = logits((5, 40))
+    run_both(wide[:, 3:30], indices((5,), 27), backend=backend)
+    run_both(logits((9, 4)).t(), indices((4,), 9), reduction="none", backend=backend)
+    run_both(wide[2, ::3], torch.tensor(4), backend=backend)  # (C,) with stride 3
+
+
+# ----------------------------------------------------------------- class-probability targets
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [
+    pytest.param((7,), id="C7"),
+    pytest.param((4, 9), id="N4-C9"),
+    pytest.param((2, 5, 3, 2), id="N2-C5-3x2"),
+    pytest.param((2, 50_257), id="N2-gpt2"),
+])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("options", [
+    pytest.param({}, id="plain"),
+    pytest.param({"weight": True, "label_smoothing": 0.2}, id="weight-smoothing"),
+])
+def test_probability_targets(shape, reduction, options, backend):
+    """Includes the target's own gradient; 'mean' divides by N, not by the weights."""
+    n_classes = shape[0] if len(shape) == 1 else shape[1]
+    kw = dict(options)
+    if kw.pop("weight", False):
+        kw["weight"] = torch.rand(n_classes, generator=torch.Generator().manual_seed(5)) + 0.5
+    x = logits(shape)
+    target = probabilities(shape if len(shape) > 1 else (1,) + shape)
+    target = target.reshape(shape)
+    run_both(x, target, reduction=reduction, check_target_grad=True, backend=backend, **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_probability_targets_mixed_dtypes(backend):
+    """bf16 logits with fp32 probabilities give an fp32 loss (type promotion, as PyTorch);
+    the gradients keep each input's dtype."""
+    x = logits((3, 11), torch.bfloat16).requires_grad_()
+    y = probabilities((3, 11)).requires_grad_()
+    loss = fusedce.cross_entropy(x, y, backend=backend)
+    ref = F.cross_entropy(x, y)
+    assert loss.dtype == ref.dtype == torch.float32
+    gx, gy = torch.autograd.grad(loss, [x, y])
+    assert gx.dtype == torch.bfloat16 and gy.dtype == torch.float32
+    run_both(x.detach(), y.detach(), atol=2e-3, rtol=1e-2, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_probability_targets_shifted_logits(backend):
+    """Logits shifted by +1000: the sums are kept relative to the running max, so there
+    is no cancellation (translation invariance)."""
+    x = logits((3, 300))
+    y = probabilities((3, 300))
+    base = fusedce.cross_entropy(x, y, reduction="none", backend=backend)
+    shifted = fusedce.cross_entropy(x + 1000, y, reduction="none", backend=backend)
+    torch.testing.assert_close(shifted, base, atol=2e-3, rtol=0)  # lse's own ulp at 1000
+
+
+# -------------------------------------------------------------------------- legacy arguments
+
+@pytest.mark.parametrize("size_average, reduce", [
+    (None, False), (True, None), (False, None), (False, True), (True, False), (None, True),
+])
+def test_legacy_size_average_reduce(size_average, reduce):
+    x, target = logits((4, 6)), indices((4,), 6)
+    with pytest.warns(UserWarning, match="size_average and reduce args will be deprecated"):
+        ref = F.cross_entropy(x, target, size_average=size_average, reduce=reduce)
+    with pytest.warns(UserWarning, match="size_average and reduce args will be deprecated"):
+        loss = fusedce.cross_entropy(x, target, size_average=size_average, reduce=reduce)
+    torch.testing.assert_close(loss, ref)
+    with pytest.warns(UserWarning, match="size_average and reduce args will be deprecated"):
+        module = fusedce.CrossEntropyLoss(size_average=size_average, reduce=reduce)
+    torch.testing.assert_close(module(x, target), ref)
+
+
+def test_elementwise_mean_is_mean_with_a_warning():
+    x, target = logits((4, 6)), indices((4,), 6)
+    with pytest.warns(UserWarning, match="elementwise_mean"):
+        loss = fusedce.cross_entropy(x, target, reduction="elementwise_mean")
+    torch.testing.assert_close(loss, F.cross_entropy(x, target))
+
+
+# ---------------------------------------------------------------------------------- autocast
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("soft", [False, True], ids=["indices", "probabilities"])
+def test_autocast_dtypes(dtype, soft, backend):
+    """Under torch.autocast the loss is fp32 as PyTorch's (cross_entropy is an fp32 op),
+    the gradient keeps the logits' dtype, and the values agree."""
+    x = logits((4, 10, 3), dtype)
+    target = probabilities((4, 10, 3), dtype) if soft else indices((4, 3), 10)
+    w = torch.rand(10, generator=torch.Generator().manual_seed(4)).to(dtype)
+    results = []
+    for fn in (F.cross_entropy, lambda *a, **k: fusedce.cross_entropy(*a, backend=backend, **k)):
+        xr = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = fn(xr, target, weight=w, reduction="none")
+        (grad,) = torch.autograd.grad(loss, xr, torch.ones_like(loss))
+        results.append((loss, grad))
+    (ref, ref_grad), (loss, grad) = results
+    assert loss.dtype == ref.dtype == torch.float32
+    assert grad.dtype == ref_grad.dtype == dtype
+    tol = 2e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(loss, ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(grad.float(), ref_grad.float(), atol=tol, rtol=tol)
+
+
+# ------------------------------------------------------------------------ special values
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_inf_propagate_kdim_and_soft(backend):
+    """NaN / +inf logits give NaN rows exactly where PyTorch's are NaN; -inf logits at
+    non-target classes are harmless, as in PyTorch."""
+    x = logits((2, 4, 3))
+    x[0, 1, 0] = float("nan")
+    x[1, 2, 1] = float("inf")
+    x[1, 0, 2] = float("-inf")
+    target = torch.tensor([[0, 1, 2], [3, 2, 1]])
+    ref = F.cross_entropy(x.double(), target, reduction="none")
+    loss = fusedce.cross_entropy(x, target, reduction="none", backend=backend)
+    assert torch.equal(torch.isnan(loss), torch.isnan(ref))
+    torch.testing.assert_close(loss.double(), ref, equal_nan=True, atol=2e-5, rtol=2e-5)
+    y = probabilities((2, 4, 3))
+    ref = F.cross_entropy(x.double(), y.double(), reduction="none")
+    loss = fusedce.cross_entropy(x, y, reduction="none", backend=backend)
+    assert torch.equal(torch.isnan(loss), torch.isnan(ref))
+    torch.testing.assert_close(loss.double(), ref, equal_nan=True, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("soft", [False, True], ids=["indices", "probabilities"])
+def test_empty_inputs(soft, backend):
+    """No rows: 'mean' is NaN (0 / 0), 'sum' is 0, 'none' is empty, as PyTorch."""
+    for shape in [(0, 5), (0, 5, 3), (2, 5, 0)]:
+        x = torch.randn(shape, requires_grad=True)
+        target = torch.rand(shape) if soft else torch.zeros((shape[0],) + shape[2:],
+                                                            dtype=torch.long)
+        for reduction in ["none", "mean", "sum"]:
+            ref = F.cross_entropy(x, target, reduction=reduction)
+            loss = fusedce.cross_entropy(x, target, reduction=reduction, backend=backend)
+            assert loss.shape == ref.shape
+            torch.testing.assert_close(loss, ref, equal_nan=True)
+            (grad,) = torch.autograd.grad(loss.sum(), x)
+            assert grad.shape == x.shape
+
+
+# ---------------------------------------------------------------------- out-of-range targets
+
+def test_out_of_range_target_cpu_raises_like_pytorch():
+    x = logits((2, 5, 3))
+    target = torch.tensor([[0, 1, 7], [0, -3, 0]])
+    with pytest.raises(IndexError) as ref:
+        F.cross_entropy(x, target)
+    with pytest.raises(IndexError) as ours:
+        fusedce.cross_entropy(x, target)
+    assert str(ours.value) == str(ref.value) == "Target 7 is out of bounds."
+
+
+@pytest.mark.parametrize("soft_smoothing", [0.0, 0.1])
+def test_out_of_range_target_kernel_path_is_nan_or_raises(soft_smoothing):
+    """The kernel path (no host sync) gives NaN loss and gradient rows, the others exact;
+    validate=True raises PyTorch's error there too; validate=False gives NaN on the CPU."""
+    x = logits((4, 6))
+    target = torch.tensor([1, 6, 2, -1])  # rows 1 and 3 out of range
+    weight = torch.rand(6)
+    for backend, validate in [("triton", None), ("torch", False)]:
+        xr = x.clone().requires_grad_()
+        loss = fusedce.cross_entropy(xr, target, weight=weight, reduction="none",
+                                     label_smoothing=soft_smoothing, backend=backend,
+                                     validate=validate)
+        (grad,) = torch.autograd.grad(loss, xr, torch.ones_like(loss))
+        assert torch.isnan(loss[[1, 3]]).all() and torch.isnan(grad[[1, 3]]).all()
+        ok = torch.tensor([0, 2])
+        ref = F.cross_entropy(x[ok], target[ok], weight=weight, reduction="none",
+                              label_smoothing=soft_smoothing)
+        torch.testing.assert_close(loss[ok], ref)
+        assert torch.isfinite(grad[ok]).all()
+        mean = fusedce.cross_entropy(x, target, backend=backend, validate=validate)
+        assert torch.isnan(mean)  # no silent finite value
+    with pytest.raises(IndexError, match="Target 6 is out of bounds."):
+        fusedce.cross_entropy(x, target, backend="triton", validate=True)
+
+
+# ------------------------------------------------------------------------------ bad input
+
+def _error(fn):
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fn()
+    except Exception as exc:  # noqa: BLE001 - the type is what is compared
+        return exc
+    return None
+
+
+X, T = logits((4, 5)), torch.tensor([0, 1, 2, 3])
+BAD_INPUT = [
+    pytest.param(lambda f: f(X, T.bool()), id="bool-target"),
+    pytest.param(lambda f: f(X, T.float()), id="float-target-index-shape"),
+    pytest.param(lambda f: f(X, torch.tensor([0, 1, 2])), id="target-batch-mismatch"),
+    pytest.param(lambda f: f(X, torch.zeros(4, 1).long()), id="target-2d-for-2d-input"),
+    pytest.param(lambda f: f(X, torch.tensor(1)), id="target-0d-for-2d-input"),
+    pytest.param(lambda f: f(logits((2, 5, 3)), torch.zeros(2, 4).long()), id="kdim-target"),
+    pytest.param(lambda f: f(logits((2, 5, 3)), torch.zeros(2).long()), id="kdim-target-dim"),
+    pytest.param(lambda f: f(logits((2, 5, 3)), torch.zeros(3, 3).long()), id="kdim-batch"),
+    pytest.param(lambda f: f(logits((5,)), torch.tensor([2, 1])), id="1d-input-2-targets"),
+    pytest.param(lambda f: f(logits((5,)), torch.zeros(1, 1).long()), id="1d-input-2d-target"),
+    pytest.param(lambda f: f(torch.tensor(1.0), torch.tensor(0)), id="0d-input"),
+    pytest.param(lambda f: f(torch.tensor(1.0), torch.tensor([0])), id="0d-input-1d-target"),
+    pytest.param(lambda f: f(X.long(), T), id="integer-logits"),
+    pytest.param(lambda f: f(X, T, weight=torch.ones(4)), id="weight-size"),
+    pytest.param(lambda f: f(X, T, weight=torch.ones(1, 5)), id="weight-2d"),
+    pytest.param(lambda f: f(X, T, weight=torch.ones(5).long()), id="weight-integer"),
+    pytest.param(lambda f: f(X, T, weight=torch.ones(5, requires_grad=True)),
+                 id="weight-requires-grad"),
+    pytest.param(lambda f: f(X, T, weight=[1.0] * 5), id="weight-list"),
+    pytest.param(lambda f: f(X, T, reduction="avg"), id="reduction-unknown"),
+    pytest.param(lambda f: f(X, T, reduction=None), id="reduction-none-object"),
+    pytest.param(lambda f: f(X, T, label_smoothing=1.1), id="smoothing-above-1"),
+    pytest.param(lambda f: f(X, torch.zeros(4, 5).long()), id="probabilities-integer"),
+    pytest.param(lambda f: f(X, torch.rand(4, 5), ignore_index=1), id="probabilities-ignore"),
+    pytest.param(lambda f: f(X, torch.rand(4, 6)), id="probabilities-shape"),
+    pytest.param(lambda f: f(X, torch.rand(4, 5), weight=torch.ones(4)),
+                 id="probabilities-weight-size"),
+    pytest.param(lambda f: f(X, torch.rand(4, 5), label_smoothing=1.5),
+                 id="probabilities-smoothing"),
+    pytest.param(lambda f: f(X, [0, 1, 2, 3]), id="target-list"),
+    pytest.param(lambda f: f(X, T, ignore_index=1.5), id="ignore-index-float"),
+    pytest.param(lambda f: f(X, T, ignore_index=True), id="ignore-index-bool"),
+    pytest.param(lambda f: f(X, T.to("meta")), id="target-other-device"),
+    pytest.param(lambda f: f(X, torch.tensor([0, 1, 2, 5])), id="target-out-of-range"),
+    pytest.param(lambda f: f(logits((3, 0)), torch.zeros(3).long()), id="no-classes"),
+]
+
+
+@pytest.mark.parametrize("call", BAD_INPUT)
+def test_bad_input_raises_what_pytorch_raises(call):
+    ref = _error(lambda: call(F.cross_entropy))
+    ours = _error(lambda: call(fusedce.cross_entropy))
+    assert ref is not None, "PyTorch accepts this input: not a bad-input case"
+    assert isinstance(ours, type(ref)), f"PyTorch: {ref!r}; fusedce: {ours!r}"
+    assert str(ours)  # a message
+
+
+def test_documented_differences_from_pytorch():
+    """Where fusedce deliberately differs (README, Drop-in): int32 class indices and a
+    weight of another float dtype are accepted; a negative label_smoothing (PyTorch
+    silently treats it as 0) raises."""
+    torch.testing.assert_close(fusedce.cross_entropy(X, T.int()), F.cross_entropy(X, T))
+    torch.testing.assert_close(
+        fusedce.cross_entropy(X.bfloat16(), T, weight=torch.ones(5)).float(),
+        F.cross_entropy(X.bfloat16(), T).float())
+    with pytest.raises(RuntimeError, match="label_smoothing must be between 0.0 and 1.0"):
+        fusedce.cross_entropy(X, T, label_smoothing=-0.1)
+
+
+# ---------------------------------------------------------------------------- the module
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_module_kdim_soft_and_weight_buffer(backend):
+    weight = torch.rand(5) + 0.1
+    module = fusedce.CrossEntropyLoss(weight=weight, label_smoothing=0.05, backend=backend)
+    reference = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=0.05)
+    x = logits((2, 5, 4))
+    for target in (indices((2, 4), 5), probabilities((2, 5, 4))):
+        torch.testing.assert_close(module(x, target), reference(x, target))
+    assert "weight" in module.state_dict()
+
+
+# ---------------------------------------------------------------------- inplace_backward
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_backward_kdim_and_probabilities_still_correct(backend):
+    """inplace_backward has no effect where it does not apply (strided classes,
+    probabilities), and the results are unchanged; on (N, C) it overwrites the logits."""
+    run_both(logits((2, 5, 3)), indices((2, 3), 5), inplace_backward=True, backend=backend)
+    run_both(logits((3, 5)), probabilities((3, 5)), inplace_backward=True, backend=backend)
+    x = logits((3, 7))
+    xr = x.clone().requires_grad_()
+    xv = xr * 1.0  # a non-leaf the loss may destroy
+    loss = fusedce.cross_entropy(xv, indices((3,), 7), inplace_backward=True, backend=backend)
+    loss.backward()
+    assert not torch.equal(xv.detach(), x)  # the logits were overwritten by the gradient
+    ref = x.clone().requires_grad_()
+    F.cross_entropy(ref, indices((3,), 7)).backward()
+    torch.testing.assert_close(xr.grad, ref.grad)
