@@ -8,8 +8,9 @@ the ``torch.library`` op ``fusedce::cross_entropy`` (``_ops.py``), which ``torch
 keeps whole.
 """
 
+import warnings
+
 import torch
-from torch.nn import _reduction
 
 from . import _ops  # noqa: F401  (registers torch.ops.fusedce.*)
 from ._function import (
@@ -22,9 +23,34 @@ from ._function import (
     use_rows,
 )
 
-_REDUCTIONS = ("none", "mean", "sum")  # indexed by torch.nn._reduction.get_enum
+_REDUCTIONS = ("none", "mean", "sum")
 _LOW_PRECISION = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def _legacy_reduction(size_average, reduce):
+    """torch.nn._reduction.legacy_get_string (same result, same warning), written out so
+    that torch.compile traces it without a graph break."""
+    size_average = True if size_average is None else size_average
+    reduce = True if reduce is None else reduce
+    reduction = ("mean" if size_average else "sum") if reduce else "none"
+    if not torch.compiler.is_compiling():  # warnings.warn would break the graph
+        warnings.warn(f"size_average and reduce args will be deprecated, please use "
+                      f"reduction='{reduction}' instead.", stacklevel=3)
+    return reduction
+
+
+def _check_reduction(reduction):
+    """torch.nn._reduction.get_enum's checks: ValueError for an unknown name, a warning for
+    the deprecated 'elementwise_mean'."""
+    if reduction == "elementwise_mean":
+        if not torch.compiler.is_compiling():
+            warnings.warn("reduction='elementwise_mean' is deprecated. Please use "
+                          "reduction='mean' instead.", stacklevel=3)
+        return "mean"
+    if not isinstance(reduction, str) or reduction not in _REDUCTIONS:
+        raise ValueError(f"{reduction} is not a valid value for reduction")
+    return reduction
 
 
 def _is_autocast(device_type):
@@ -149,8 +175,8 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         are NaN instead.
     """
     if size_average is not None or reduce is not None:
-        reduction = _reduction.legacy_get_string(size_average, reduce)  # warns, as PyTorch
-    reduction = _REDUCTIONS[_reduction.get_enum(reduction)]  # ValueError, as PyTorch
+        reduction = _legacy_reduction(size_average, reduce)
+    reduction = _check_reduction(reduction)
     _check_args(input, target, weight, ignore_index, backend)
     label_smoothing = float(label_smoothing)
     if not 0.0 <= label_smoothing <= 1.0:

@@ -1,0 +1,154 @@
+"""fusedce under torch.compile: the loss is the torch.library op ``fusedce::cross_entropy``, so
+``torch.compile(..., fullgraph=True)`` (which raises on any graph break) compiles a training
+step, and the loss and gradients equal eager mode's. CPU path (the registration is the same
+for CUDA). ``torch.library.opcheck`` checks the registration itself: schema, fake (meta)
+implementation against the real one, autograd formula.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusedce
+from fusedce import _ops  # noqa: F401  (the ops are registered on import)
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+class TinyLM(torch.nn.Module):
+    """Embedding -> MLP -> vocabulary head, the shape of a language model's loss."""
+
+    def __init__(self, vocab=37, dim=16):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.emb = torch.nn.Parameter(torch.randn(vocab, dim, generator=gen) * 0.5)
+        self.head = torch.nn.Parameter(torch.randn(vocab, dim, generator=gen) * 0.5)
+        self.vocab = vocab
+
+    def forward(self, idx, target, **loss_kwargs):
+        h = torch.tanh(self.emb[idx])
+        logits = h @ self.head.t()
+        return fusedce.cross_entropy(logits.view(-1, self.vocab), target.view(-1),
+                                     **loss_kwargs)
+
+
+def eager_and_compiled(model, args, kwargs, backend):
+    results = []
+    for fn in (model, torch.compile(model, fullgraph=True, backend=backend)):
+        model.zero_grad()
+        loss = fn(*args, **kwargs)
+        upstream = torch.randn(loss.shape, generator=torch.Generator().manual_seed(7))
+        loss.backward(upstream)
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    return results
+
+
+def test_training_step_inductor_fullgraph():
+    """The real compiler (inductor, C++ on the CPU), a full graph, same loss and grads."""
+    model = TinyLM()
+    gen = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, 37, (3, 8), generator=gen)
+    target = torch.randint(0, 37, (3, 8), generator=gen)
+    target[0, :2] = -100
+    (loss_e, grads_e), (loss_c, grads_c) = eager_and_compiled(
+        model, (idx, target), {"label_smoothing": 0.1}, "inductor")
+    torch.testing.assert_close(loss_c, loss_e)
+    for gc, ge in zip(grads_c, grads_e):
+        torch.testing.assert_close(gc, ge)
+
+
+@pytest.mark.parametrize("kwargs", [
+    pytest.param({"reduction": "none"}, id="none"),
+    pytest.param({"reduction": "sum", "weight": torch.rand(37) + 0.1}, id="sum-weight"),
+    pytest.param({"inplace_backward": True}, id="inplace-is-functional-under-compile"),
+    pytest.param({"size_average": False}, id="legacy-size-average"),
+])
+def test_training_step_options(kwargs):
+    """aot_eager traces forward and backward through the fake implementations."""
+    model = TinyLM()
+    gen = torch.Generator().manual_seed(2)
+    idx = torch.randint(0, 37, (2, 5), generator=gen)
+    target = torch.randint(0, 37, (2, 5), generator=gen)
+    with pytest.warns(UserWarning) if "size_average" in kwargs else _no_warning():
+        (loss_e, grads_e), (loss_c, grads_c) = eager_and_compiled(model, (idx, target), kwargs,
+                                                                  "aot_eager")
+    torch.testing.assert_close(loss_c, loss_e)
+    for gc, ge in zip(grads_c, grads_e):
+        torch.testing.assert_close(gc, ge)
+
+
+class _no_warning:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["indices", "probabilities"])
+def test_kdim_and_probability_targets_compile(soft):
+    """(N, C, H, W) logits, class indices or probabilities (whose gradient is also taken)."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 3, 4, generator=gen)
+    target = (torch.softmax(torch.randn(2, 5, 3, 4, generator=gen), 1) if soft
+              else torch.randint(0, 5, (2, 3, 4), generator=gen))
+
+    def step(x, target):
+        return fusedce.cross_entropy(x * 2.0, target, label_smoothing=0.05)
+
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):
+        xr = x.clone().requires_grad_()
+        tr = target.clone().requires_grad_() if soft else target
+        loss = fn(xr, tr)
+        grads = torch.autograd.grad(loss, [xr, tr] if soft else [xr])
+        results.append((loss, grads))
+    (loss_e, grads_e), (loss_c, grads_c) = results
+    torch.testing.assert_close(loss_c, loss_e)
+    torch.testing.assert_close(loss_e, F.cross_entropy(x * 2.0, target, label_smoothing=0.05))
+    for gc, ge in zip(grads_c, grads_e):
+        torch.testing.assert_close(gc, ge)
+
+
+def test_autocast_under_compile():
+    """The loss dtype under autocast is fp32 in the compiled graph too."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(4, 9, generator=gen).bfloat16()
+    target = torch.randint(0, 9, (4,), generator=gen)
+
+    def step(x, target):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return fusedce.cross_entropy(x, target)
+
+    eager = step(x, target)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(x, target)
+    assert eager.dtype == compiled.dtype == torch.float32
+    torch.testing.assert_close(compiled, eager)
+
+
+def _op_samples():
+    gen = torch.Generator().manual_seed(5)
+    x2 = torch.randn(4, 7, generator=gen, requires_grad=True)
+    t2 = torch.randint(0, 7, (4, 1), generator=gen)
+    x3 = torch.randn(2, 6, 5, generator=gen, requires_grad=True)
+    t3 = torch.randint(0, 6, (2, 5), generator=gen)
+    y3 = torch.softmax(torch.randn(2, 6, 5, generator=gen), 1).requires_grad_()
+    w = torch.rand(6, generator=gen)
+    return [
+        pytest.param((x2.unsqueeze(-1), t2, None, -100, 0.0, "mean", "torch", True),
+                     id="rows-mean"),
+        pytest.param((x3, t3, w, -100, 0.1, "none", "torch", True), id="strided-none-weight"),
+        pytest.param((x3, y3, w, -100, 0.2, "sum", "torch", False), id="probabilities-sum"),
+        pytest.param((x3.double(), t3, None, 0, 0.0, "mean", "torch", True), id="fp64"),
+    ]
+
+
+@pytest.mark.parametrize("args", _op_samples())
+def test_opcheck(args):
+    """Schema, fake tensors vs the real op, autograd registration, AOT dispatch."""
+    torch.library.opcheck(torch.ops.fusedce.cross_entropy.default, args)
