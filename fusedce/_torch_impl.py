@@ -1,21 +1,187 @@
 """The pure-PyTorch implementation: what runs on the CPU, and the oracle for the kernels.
 
 It has the same three entry points, arguments and math as the Triton launchers in
-``fusedce.kernels`` (see the docstring of ``kernels/cross_entropy.py`` for the formulas),
-and works through the rows in chunks small enough to stay in cache, so that no
-(rows x C) temporary exists besides the gradient itself.
+``fusedce.kernels`` (see the docstring of ``kernels/cross_entropy.py`` for the formulas):
+
+    lse = m + log(sum_c exp(x_c - m)),  m = max_c x_c
+    loss = (1 - eps) w_t (lse - x_t) + eps / C (W lse - sum_c w_c x_c),  W = sum_c w_c
+    dx_c = g (A p_c - B [c = t] - eps / C w_c),  p = exp(x - lse),
+           A = (1 - eps) w_t + eps W / C,  B = (1 - eps) w_t
+
+How it is made fast on a CPU (each choice was measured; see ``bench/``):
+
+- **Row chunks that stay in cache.** The rows are worked through in chunks of about
+  ``CHUNK_ELEMENTS`` values, so only the first pass over a chunk reads main memory and the
+  following ones (subtract, exp, sum, scale) hit L2. No (rows x C) temporary exists besides
+  the gradient itself; fp32 logits are read in place, other dtypes through a small fp32
+  scratch chunk.
+- **Few passes per chunk.** The upstream gradient and A fold into the exponent of the
+  backward, ``g A p = exp(x - (lse - log(g A)))``, so the backward is one subtract into the
+  gradient and one in-cache exp; the target's entry, where ``A p_t - B`` may cancel, is
+  written afterwards from a per-row fp32 formula (one rounding, as in the kernels).
+- **Chunk-level parallelism.** The rows are split across a small pool of worker threads,
+  each running single-threaded PyTorch ops on its own chunks (the ops release the GIL).
+  Intra-op threading of many cache-sized ops pays a barrier per op, which collapses when
+  the cores are shared with other processes; independent workers degrade gracefully.
+  ``torch.get_num_threads()`` sets the number of workers; small inputs run inline.
+- **Huge pages for the fresh gradient.** First-touch page faults of a new logits-sized
+  buffer cost more than an exp pass over it; on Linux the gradient ``ce_bwd`` allocates is
+  marked ``MADV_HUGEPAGE`` before it is written (a no-op where unavailable).
 """
+
+import ctypes
+import ctypes.util
+import os
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-# Elements per chunk: 2**18 fp32 values (1 MiB) stay in L2 while a chunk is worked on.
+# Elements per chunk: 2**18 fp32 values (1 MiB, 5 rows of 50,257) stay in L2 together with
+# their gradient or scratch chunk while the chunk is worked on.
 CHUNK_ELEMENTS = 1 << 18
+# Below this many logits the work runs inline in the calling thread (torch's own intra-op
+# threads): a round trip through the worker pool costs tens of microseconds.
+PARALLEL_MIN_ELEMENTS = 1 << 20
+# Fresh buffers at least this large are offered to transparent huge pages.
+HUGEPAGE_MIN_BYTES = 8 << 20
 
 
-def _chunks(n_rows, n_cols):
+def _chunks(n_rows, n_cols, start=0):
     step = max(1, CHUNK_ELEMENTS // max(n_cols, 1))
-    for start in range(0, n_rows, step):
-        yield start, min(start + step, n_rows)
+    for s in range(start, n_rows, step):
+        yield s, min(s + step, n_rows)
+
+
+# ------------------------------------------------------------------------------------------
+# Worker threads
+
+
+class _Pool:
+    """A lazily started pool of threads whose PyTorch ops run single-threaded."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.executor = None
+        self.size = 0
+
+    def get(self, n):
+        with self.lock:
+            if self.executor is None or self.size < n:
+                if self.executor is not None:
+                    self.executor.shutdown(wait=False)
+                self.executor = self._start(n)
+                self.size = n
+            return self.executor
+
+    @staticmethod
+    def _start(n):
+        # torch.set_num_threads(1) in a worker limits that thread's OpenMP team (a per-thread
+        # setting) but also stores 1 as the process-wide default that new threads start
+        # from: restore it once every worker has been set up (the barrier makes sure each of
+        # the n threads ran the initialiser exactly once).
+        n_threads = torch.get_num_threads()
+        barrier = threading.Barrier(n + 1)
+
+        def single_threaded():
+            torch.get_num_threads()  # this thread's lazy init, which would undo the next line
+            torch.set_num_threads(1)
+            barrier.wait()
+
+        executor = ThreadPoolExecutor(n, thread_name_prefix="fusedce")
+        for _ in range(n):
+            executor.submit(single_threaded)
+        barrier.wait()
+        torch.set_num_threads(n_threads)
+        return executor
+
+
+_POOL = _Pool()
+
+
+def _reset_pool_in_child():
+    # a forked child inherits the pool object but not its threads
+    global _POOL
+    _POOL = _Pool()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_pool_in_child)
+
+
+def _parallel_rows(n_rows, n_cols, work):
+    """Runs ``work(start, end)`` over row ranges covering ``[0, n_rows)``: inline for small
+    inputs, else one contiguous range per worker thread. ``work`` runs under no_grad."""
+    n_workers = min(torch.get_num_threads(), -(-n_rows * n_cols // PARALLEL_MIN_ELEMENTS),
+                    n_rows)
+    if n_workers <= 1:
+        with torch.no_grad():
+            work(0, n_rows)
+        return
+
+    def task(s, e):
+        with torch.no_grad():  # grad mode is thread-local: a fresh thread has it on
+            work(s, e)
+
+    # whole chunks per worker keep the chunks the same wherever the boundary falls
+    step = max(1, CHUNK_ELEMENTS // max(n_cols, 1))
+    per_worker = -(-(-(-n_rows // step)) // n_workers) * step
+    executor = _POOL.get(n_workers)
+    futures = [executor.submit(task, s, min(s + per_worker, n_rows))
+               for s in range(0, n_rows, per_worker)]
+    for f in futures:
+        f.result()
+
+
+# ------------------------------------------------------------------------------------------
+# Transparent huge pages
+
+_MADV_HUGEPAGE = 14
+_HUGEPAGE = 2 << 20
+_madvise = None
+
+
+def _load_madvise():
+    global _madvise
+    if _madvise is None:
+        _madvise = False
+        if sys.platform.startswith("linux"):
+            try:
+                with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+                    if "[never]" in f.read():
+                        return False
+                libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+                fn = libc.madvise
+                fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+                fn.restype = ctypes.c_int
+                _madvise = fn
+            except (OSError, AttributeError):
+                _madvise = False
+    return _madvise
+
+
+def _advise_hugepages(t):
+    """Asks Linux to back the not yet touched storage of ``t`` with 2 MiB pages.
+
+    Only whole 2 MiB-aligned pages inside ``t``'s own storage are advised, so memory the
+    allocator shares with anything else is never touched; failures are ignored (the advice
+    only changes how pages are faulted in, never the data)."""
+    nbytes = t.untyped_storage().nbytes()
+    if t.device.type != "cpu" or nbytes < HUGEPAGE_MIN_BYTES:
+        return
+    madvise = _load_madvise()
+    if not madvise:
+        return
+    start = t.untyped_storage().data_ptr()
+    first = -(-start // _HUGEPAGE) * _HUGEPAGE
+    last = (start + nbytes) // _HUGEPAGE * _HUGEPAGE
+    if last > first:
+        madvise(first, last - first, _MADV_HUGEPAGE)
+
+
+# ------------------------------------------------------------------------------------------
+# Per-row quantities
 
 
 def _row_targets(target, weight, ignore_index, n_cols):
@@ -42,21 +208,6 @@ def _smoothing_sum(weight, n_cols):
     return weight.float().sum() if weight is not None else float(n_cols)
 
 
-def _grad_chunk(xc, lse_c, t_c, A_c, B_c, g_c, weight, eps, n_cols, out):
-    """``out = (p * A - B * onehot(t) - eps / C * w) * g`` for one chunk, in fp32 ``out``."""
-    torch.sub(xc, lse_c[:, None], out=out)
-    out.exp_()
-    out.mul_(A_c[:, None])
-    out.scatter_add_(1, t_c[:, None], -B_c[:, None])
-    if eps > 0:
-        if weight is None:
-            out.sub_(eps / n_cols)
-        else:
-            out.sub_(weight.float()[None, :], alpha=eps / n_cols)
-    out.mul_(g_c[:, None])
-    return out
-
-
 def _grad_coefficients(w_t, weight, eps, n_cols):
     B = (1.0 - eps) * w_t
     if eps > 0:
@@ -64,34 +215,100 @@ def _grad_coefficients(w_t, weight, eps, n_cols):
     return B, B
 
 
+def _target_grad(x_t, lse, gA, gB, g, w, eps, n_cols, t_safe):
+    """The gradient at each row's target, ``gA p_t - gB - g eps / C w_t``, in fp32."""
+    d = torch.exp(x_t - lse) * gA - gB
+    if eps > 0:
+        w_tt = 1.0 if w is None else w[t_safe]
+        d = d - g * (eps / n_cols) * w_tt
+    return d
+
+
+def _smoothing_term(out, c, w):
+    """``out -= c[:, None] * w[None, :]`` (``w`` None: all ones), in place."""
+    if w is None:
+        out.sub_(c[:, None])
+    else:
+        out.addcmul_(c[:, None], w[None, :], value=-1.0)
+
+
+def _write_target_grad(dx, t_safe, d):
+    dx[torch.arange(dx.shape[0], device=dx.device), t_safe] = d.to(dx.dtype)
+
+
+# ------------------------------------------------------------------------------------------
+# The three entry points
+
+
 def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, inplace_scale=None):
     """Per-row ``(loss, lse)`` in fp32; with ``inplace_scale`` also writes the gradient of
     ``loss * inplace_scale`` over ``x``. Same contract as ``fusedce.kernels.ce_fwd``."""
     n_rows, n_cols = x.shape
     eps = float(label_smoothing)
-    t_safe, ignored, valid, w_t = _row_targets(target, weight, ignore_index, n_cols)
-    lse = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-    x_t = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-    sum_wx = torch.zeros(n_rows, dtype=torch.float32, device=x.device)
-    if inplace_scale is not None:
-        A, B = _grad_coefficients(w_t, weight, eps, n_cols)
-        g = _row_scale(inplace_scale.float().expand(n_rows), ignored, valid)
-    for s, e in _chunks(n_rows, n_cols):
-        xc = x[s:e].float()
-        torch.logsumexp(xc, dim=1, out=lse[s:e])
-        x_t[s:e] = xc.gather(1, t_safe[s:e, None]).squeeze(1)
+    dev = x.device
+    with torch.no_grad():
+        t_safe, ignored, valid, w_t = _row_targets(target, weight, ignore_index, n_cols)
+        w = weight.float() if weight is not None else None
+        x_t = x.gather(1, t_safe[:, None]).squeeze(1).float()  # before x is overwritten
+        row_max = torch.empty(n_rows, dtype=torch.float32, device=dev)
+        row_sum = torch.empty(n_rows, dtype=torch.float32, device=dev)
+        sum_wx = torch.empty(n_rows, dtype=torch.float32, device=dev) if eps > 0 else None
+        inplace = inplace_scale is not None
+        if inplace:
+            A, B = _grad_coefficients(w_t, weight, eps, n_cols)
+            g = _row_scale(inplace_scale.float().expand(n_rows), ignored, valid)
+            gA = (g * A).contiguous()
+            smooth = (g * (eps / n_cols)).contiguous() if eps > 0 else None
+    direct = x.dtype == torch.float32  # else: through an fp32 scratch chunk
+    step = max(1, CHUNK_ELEMENTS // max(n_cols, 1))
+
+    def work(start, end):
+        scratch = None
+        if not (inplace and direct):
+            scratch = torch.empty(min(step, end - start), n_cols, dtype=torch.float32,
+                                  device=dev)
+        for s, e in _chunks(end, n_cols, start):
+            xc = x[s:e]
+            m = row_max[s:e]
+            torch.amax(xc, 1, out=m) if direct else m.copy_(xc.amax(1))
+            if eps > 0:
+                if w is None:
+                    torch.sum(xc, 1, dtype=torch.float32, out=sum_wx[s:e])
+                else:
+                    torch.mv(xc if direct else xc.float(), w, out=sum_wx[s:e])
+            if inplace and direct:
+                buf = xc.sub_(m[:, None])  # the gradient is built in x's own storage
+            else:
+                buf = scratch[: e - s]
+                torch.sub(xc, m[:, None], out=buf)
+            buf.exp_()
+            torch.sum(buf, 1, out=row_sum[s:e])
+            if inplace:
+                coef = gA[s:e] / row_sum[s:e]
+                if eps > 0:
+                    buf.mul_(coef[:, None])
+                    _smoothing_term(buf, smooth[s:e], w)
+                    if not direct:
+                        xc.copy_(buf)
+                elif direct:
+                    buf.mul_(coef[:, None])
+                else:
+                    torch.mul(buf, coef[:, None], out=xc)  # fp32 math, one rounding
+
+    if n_rows > 0 and n_cols > 0:
+        _parallel_rows(n_rows, n_cols, work)
+    with torch.no_grad():
+        if n_cols > 0:
+            lse = row_max + row_sum.log()
+        else:
+            lse = torch.full((n_rows,), float("-inf"), device=dev)
+        loss = (1.0 - eps) * w_t * (lse - x_t)
         if eps > 0:
-            sum_wx[s:e] = xc.sum(1) if weight is None else xc @ weight.float()
-        if inplace_scale is not None:
-            # xc is x's own rows (fp32) or an fp32 copy of them: overwrite it, copy back if needed
-            _grad_chunk(xc, lse[s:e], t_safe[s:e], A[s:e], B[s:e], g[s:e], weight, eps,
-                        n_cols, out=xc)
-            if x.dtype != torch.float32:
-                x[s:e] = xc
-    loss = (1.0 - eps) * w_t * (lse - x_t)
-    if eps > 0:
-        loss = loss + eps / n_cols * (_smoothing_sum(weight, n_cols) * lse - sum_wx)
-    loss = torch.where(ignored, 0.0, torch.where(valid, loss, float("nan")))
+            loss = loss + eps / n_cols * (_smoothing_sum(weight, n_cols) * lse - sum_wx)
+        loss = torch.where(ignored, 0.0, torch.where(valid, loss, float("nan")))
+        if inplace and n_rows > 0 and n_cols > 0:
+            d = _target_grad(x_t, lse, gA, g * B, g, w, eps, n_cols, t_safe)
+            _write_target_grad(x, t_safe, d)
     return loss, lse
 
 
@@ -100,39 +317,70 @@ def ce_bwd(x, target, lse, dloss, weight=None, ignore_index=-100, label_smoothin
     """Gradient of ``sum(loss * dloss)`` w.r.t. ``x``; same contract as the kernel launcher."""
     n_rows, n_cols = x.shape
     eps = float(label_smoothing)
+    dev = x.device
     if dx is None:
         dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-    t_safe, ignored, valid, w_t = _row_targets(target, weight, ignore_index, n_cols)
-    A, B = _grad_coefficients(w_t, weight, eps, n_cols)
-    g = _row_scale(dloss.float(), ignored, valid)
-    scratch = None
-    for s, e in _chunks(n_rows, n_cols):
-        if dx.dtype == torch.float32:
-            out = dx[s:e]
-        else:
-            if scratch is None or scratch.shape[0] != e - s:
-                scratch = torch.empty(e - s, n_cols, dtype=torch.float32, device=x.device)
-            out = scratch
-        _grad_chunk(x[s:e].float(), lse[s:e], t_safe[s:e], A[s:e], B[s:e], g[s:e], weight,
-                    eps, n_cols, out)
-        if dx.dtype != torch.float32:
-            dx[s:e] = out
+        _advise_hugepages(dx)
+    if n_rows == 0 or n_cols == 0:
+        return dx
+    with torch.no_grad():
+        t_safe, ignored, valid, w_t = _row_targets(target, weight, ignore_index, n_cols)
+        w = weight.float() if weight is not None else None
+        A, B = _grad_coefficients(w_t, weight, eps, n_cols)
+        g = _row_scale(dloss.float().expand(n_rows), ignored, valid)
+        gA = g * A
+        lse = lse.float()
+        # g A p = sign(g A) exp(x - (lse - log|g A|)); g A = 0 gives exp(-inf) = 0
+        shift = (lse - gA.abs().log()).contiguous()
+        sign = torch.where(gA < 0, -1.0, 1.0).contiguous() if bool((gA < 0).any()) else None
+        smooth = (g * (eps / n_cols)).contiguous() if eps > 0 else None
+        x_t = x.gather(1, t_safe[:, None]).squeeze(1).float()
+    direct = dx.dtype == torch.float32
+    step = max(1, CHUNK_ELEMENTS // max(n_cols, 1))
+    plain = sign is None and smooth is None
+
+    def work(start, end):
+        scratch = None
+        if not direct:
+            scratch = torch.empty(min(step, end - start), n_cols, dtype=torch.float32,
+                                  device=dev)
+        for s, e in _chunks(end, n_cols, start):
+            xc, dxc = x[s:e], dx[s:e]
+            buf = dxc if direct else scratch[: e - s]
+            if plain and not direct:
+                torch.sub(xc, shift[s:e, None], out=buf)
+                torch.exp(buf, out=dxc)  # fp32 math, one rounding into dx
+                continue
+            torch.sub(xc, shift[s:e, None], out=buf)
+            buf.exp_()
+            if sign is not None:
+                buf.mul_(sign[s:e, None])
+            if smooth is not None:
+                _smoothing_term(buf, smooth[s:e], w)
+            if not direct:
+                dxc.copy_(buf)
+
+    _parallel_rows(n_rows, n_cols, work)
+    with torch.no_grad():
+        d = _target_grad(x_t, lse, gA, g * B, g, w, eps, n_cols, t_safe)
+        _write_target_grad(dx, t_safe, d)
     return dx
 
 
 def ce_scale_(dx, dloss):
-    """``dx *= dloss[:, None]`` in place, rows whose factor is exactly 1 left untouched."""
+    """``dx *= dloss[:, None]`` in place; nothing is done when every factor is exactly 1."""
     if dx.shape[0] == 0:
         return dx
     g = dloss.float()
-    if dx.device.type == "cpu":
-        # reading a CPU tensor is no device sync: skip the pass when there is nothing to do
-        if dloss.stride(0) == 0:
-            if g[0].item() != 1.0:
-                dx.mul_(g[0])
-            return dx
-        if bool((g == 1.0).all()):
-            return dx
-    for s, e in _chunks(*dx.shape):
-        dx[s:e] = (dx[s:e].float() * g[s:e, None]).to(dx.dtype)
+    with torch.no_grad():
+        if dx.device.type == "cpu":
+            # reading a CPU tensor is no device sync: skip the pass when there is nothing to do
+            if dloss.stride(0) == 0:
+                if g[0].item() != 1.0:
+                    dx.mul_(g[0])
+                return dx
+            if bool((g == 1.0).all()):
+                return dx
+        # an fp32 factor: the product is computed in fp32 and rounded once into dx
+        dx.mul_(g[:, None])
     return dx
