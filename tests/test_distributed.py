@@ -46,7 +46,7 @@ class Case:
     targets: str = "random"  # "random" | "boundaries" (first and last class of each slice)
     shift: float = 0.0  # added to every logit (translation invariance)
     one_d: bool = False  # (C_r,) logits and a 0-dim target
-    kind: str = "ce"  # "ce" | "linear" | "dtensor"
+    kind: str = "ce"  # "ce" | "linear" | "dtensor" | "subgroups"
     hidden: int = 0  # for "linear" / "dtensor"
     bias: bool = False
     chunk_size: int = 0
@@ -115,6 +115,11 @@ CASES_4 = [
          rows=6, chunk_size=4, weight=True, label_smoothing=0.1),
     Case("dtensor-colwise-lm-head", (6, 6, 6, 5), kind="dtensor", hidden=12, rows=6,
          ignored_every=3),
+    # tensor parallel inside data parallel: two independent groups of 2 ranks ({0, 1} and
+    # {2, 3}, different data), each splitting 11 classes as (5, 6); the rank in the group,
+    # not the global rank, places the slice (vocab_start derived, so it matters)
+    Case("two-tp-groups-of-2", (5, 6), kind="subgroups", pass_vocab_start=False,
+         label_smoothing=0.1, weight=True, reduction="sum"),
 ]
 
 # (dtype, loss rtol, grad atol relative to the largest reference gradient)
@@ -210,7 +215,7 @@ def _rel_err(a, b):
     return float((a[keep] - b[keep]).abs().max() / scale)
 
 
-def _run_ce(case, rank, counter):
+def _run_ce(case, rank, counter, group=None):
     import torch.nn.functional as F
 
     import fusedce
@@ -243,7 +248,7 @@ def _run_ce(case, rank, counter):
     counter.take()
     loss = vocab_parallel_cross_entropy(
         x, t, vocab_start=start if case.pass_vocab_start else None, weight=weight,
-        backend=case.backend, **opts)
+        backend=case.backend, group=group, **opts)
     fwd_calls = counter.take()
     (grad,) = torch.autograd.grad(loss, shard, upstream.to(dtype).reshape(loss.shape))
     bwd_calls = counter.take()
@@ -357,6 +362,22 @@ def _run_dtensor(case, rank, counter):
     }
 
 
+def _run_subgroups(case, rank, counter):
+    """``case`` on the tensor-parallel group of ``rank``: ranks split in consecutive groups
+    of ``len(case.sizes)``; each group gets its own data (its own seed)."""
+    import torch.distributed as dist
+
+    tp = len(case.sizes)
+    groups = [dist.new_group(list(range(first, first + tp)))
+              for first in range(0, dist.get_world_size(), tp)]  # every rank creates all
+    index = rank // tp
+    counter.take()
+    own = dataclasses.replace(case, id=f"{case.id}/{index}", kind="ce")
+    out = _run_ce(own, dist.get_rank(groups[index]), counter, group=groups[index])
+    out["group"] = index
+    return out
+
+
 def _worker(rank, world, cases, init_file, out_dir):
     began = time.perf_counter()
     import torch.distributed as dist
@@ -370,7 +391,8 @@ def _worker(rank, world, cases, init_file, out_dir):
     _nan_filled_empty()
     counter = CollectiveCounter()
     counter.install()
-    runners = {"ce": _run_ce, "linear": _run_linear, "dtensor": _run_dtensor}
+    runners = {"ce": _run_ce, "linear": _run_linear, "dtensor": _run_dtensor,
+               "subgroups": _run_subgroups}
     results = {"_startup_seconds": time.perf_counter() - began}
     for case in cases:
         began = time.perf_counter()
@@ -420,11 +442,12 @@ def _check(case, per_rank):
     loss_rtol, grad_atol = TOLERANCES[case.dtype]
     if case.tol:
         loss_rtol = grad_atol = case.tol
-    losses = [res["loss"] for res in per_rank]
-    for rank, loss in enumerate(losses[1:], 1):
-        # the ranks merge the same gathered values the same way: bitwise equal
-        assert torch.equal(torch.isnan(loss), torch.isnan(losses[0])), rank
-        assert torch.equal(loss.nan_to_num(), losses[0].nan_to_num()), rank
+    first = {}
+    for rank, res in enumerate(per_rank):
+        # the ranks of a group merge the same gathered values the same way: bitwise equal
+        loss, lead = res["loss"], first.setdefault(res.get("group", 0), res["loss"])
+        assert torch.equal(torch.isnan(loss), torch.isnan(lead)), rank
+        assert torch.equal(loss.nan_to_num(), lead.nan_to_num()), rank
     for rank, res in enumerate(per_rank):
         assert res["loss_err"] <= loss_rtol, (rank, res["loss_err"])
         assert res["grad_err"] <= grad_atol, (rank, res["grad_err"])
