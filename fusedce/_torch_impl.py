@@ -48,6 +48,10 @@ PARALLEL_MIN_ELEMENTS = 1 << 20
 HUGEPAGE_MIN_BYTES = 8 << 20
 
 
+def _cdiv(a, b):
+    return -(-a // b)
+
+
 def _chunks(n_rows, n_cols, start=0):
     step = max(1, CHUNK_ELEMENTS // max(n_cols, 1))
     for s in range(start, n_rows, step):
@@ -113,7 +117,7 @@ if hasattr(os, "register_at_fork"):
 def _parallel_rows(n_rows, n_cols, work):
     """Runs ``work(start, end)`` over row ranges covering ``[0, n_rows)``: inline for small
     inputs, else one contiguous range per worker thread. ``work`` runs under no_grad."""
-    n_workers = min(torch.get_num_threads(), -(-n_rows * n_cols // PARALLEL_MIN_ELEMENTS),
+    n_workers = min(torch.get_num_threads(), _cdiv(n_rows * n_cols, PARALLEL_MIN_ELEMENTS),
                     n_rows)
     if n_workers <= 1:
         with torch.no_grad():
@@ -126,7 +130,7 @@ def _parallel_rows(n_rows, n_cols, work):
 
     # whole chunks per worker keep the chunks the same wherever the boundary falls
     step = max(1, CHUNK_ELEMENTS // max(n_cols, 1))
-    per_worker = -(-(-(-n_rows // step)) // n_workers) * step
+    per_worker = _cdiv(_cdiv(n_rows, step), n_workers) * step
     executor = _POOL.get(n_workers)
     futures = [executor.submit(task, s, min(s + per_worker, n_rows))
                for s in range(0, n_rows, per_worker)]
