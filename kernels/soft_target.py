@@ -32,7 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634  # exp(x) == exp2(x * LOG2E); exp2 is the native instruction
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) == exp2(x * LOG2E); a constexpr: the GPU
+# compiler rejects plain globals in @triton.jit (the interpreter does not)
 MAX_TILE = 4096  # logits per tile (BLOCK_R * BLOCK_C)
 NUM_WARPS = 4
 
