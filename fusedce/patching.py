@@ -7,13 +7,15 @@ Patching replaces
   ``nn.functional.cross_entropy`` through the module attribute finds, Hugging Face's loss
   code included), and
 - ``torch.nn.CrossEntropyLoss.forward`` (modules built before or after patching), and
-- by default, module-level names in already-imported modules outside ``torch`` that are the
-  original function, as left by ``from torch.nn.functional import cross_entropy`` (a name
-  imported after patching is the patched function anyway).
+- by default, the global ``cross_entropy`` of already-imported modules outside ``torch``
+  when it is the original function, as left by ``from torch.nn.functional import
+  cross_entropy`` (a name imported after patching is the patched function anyway; other
+  names for the original, e.g. ``import ... as ce``, are not touched).
 
 ``unpatch()`` (or leaving the ``with`` block, also by an exception) puts back exactly what
-was replaced. Calls with tensor subclasses that override ``__torch_function__`` (DTensor and
-the like) go to PyTorch's own implementation.
+was replaced. Calls with tensor subclasses (anything but ``torch.Tensor`` and
+``nn.Parameter``: DTensor, tensors with ``__torch_function__``) go to PyTorch's own
+implementation.
 """
 
 import contextlib
@@ -24,6 +26,7 @@ import threading
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn import _reduction
 
 from .functional import cross_entropy
 
@@ -33,17 +36,31 @@ _ORIGINAL_CE = F.cross_entropy
 _ORIGINAL_FORWARD = nn.CrossEntropyLoss.forward
 
 
-def _subclass_args(*tensors):
-    return torch.overrides.has_torch_function(tuple(t for t in tensors if t is not None))
+def _plain_tensors(*tensors):
+    return all(type(t) in (torch.Tensor, nn.Parameter) for t in tensors if t is not None)
+
+
+def _pytorch_cross_entropy(input, target, weight, size_average, ignore_index, reduce,
+                           reduction, label_smoothing):
+    """PyTorch's own F.cross_entropy, minus its Python-level __torch_function__ dispatch
+    (which would look up the patched module attribute and land here again); the C++ entry
+    point still offers the call to a subclass's __torch_function__."""
+    if size_average is not None or reduce is not None:
+        reduction = _reduction.legacy_get_string(size_average, reduce)
+    return torch._C._nn.cross_entropy_loss(input, target, weight,
+                                           _reduction.get_enum(reduction), ignore_index,
+                                           label_smoothing)
 
 
 @functools.wraps(_ORIGINAL_CE)
 def _patched_cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100,
                            reduce=None, reduction="mean", label_smoothing=0.0):
-    if not (isinstance(input, torch.Tensor) and isinstance(target, torch.Tensor)) or \
-            _subclass_args(input, target, weight):
+    if not (isinstance(input, torch.Tensor) and isinstance(target, torch.Tensor)):
         return _ORIGINAL_CE(input, target, weight, size_average, ignore_index, reduce,
-                            reduction, label_smoothing)
+                            reduction, label_smoothing)  # PyTorch's TypeError
+    if not _plain_tensors(input, target, weight):
+        return _pytorch_cross_entropy(input, target, weight, size_average, ignore_index,
+                                      reduce, reduction, label_smoothing)
     return cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction,
                          label_smoothing, **_state["options"])
 
@@ -59,8 +76,10 @@ _patched_forward.__fusedce_patch__ = True
 
 
 def _module_aliases():
-    """``(module, name)`` of module-level names bound to the original function, in modules
-    outside torch and fusedce (names imported with ``from ... import cross_entropy``)."""
+    """``(module, "cross_entropy")`` for the modules outside torch and fusedce whose global
+    ``cross_entropy`` is the original function (``from torch.nn.functional import
+    cross_entropy``). Other names bound to it are left alone: code that keeps the original
+    under a name of its own (to wrap or compare it) keeps it."""
     found = []
     for mod_name, mod in list(sys.modules.items()):
         if mod is None or mod_name.split(".")[0] in ("torch", "fusedce"):
@@ -69,9 +88,8 @@ def _module_aliases():
             namespace = vars(mod)
         except TypeError:
             continue
-        for name, value in list(namespace.items()):
-            if value is _ORIGINAL_CE:
-                found.append((mod, name))
+        if namespace.get("cross_entropy") is _ORIGINAL_CE:
+            found.append((mod, "cross_entropy"))
     return found
 
 
@@ -83,8 +101,8 @@ def is_patched():
 def patch(*, scan_modules=True, backend="auto", inplace_backward=False, validate=None):
     """Route ``torch.nn.functional.cross_entropy`` and ``torch.nn.CrossEntropyLoss`` to fusedce.
 
-    scan_modules: also rebind module-level aliases of the original function in imported
-        modules outside torch (``from torch.nn.functional import cross_entropy``).
+    scan_modules: also rebind ``cross_entropy`` in imported modules outside torch where it
+        is the original function (``from torch.nn.functional import cross_entropy``).
     backend, inplace_backward, validate: passed to every patched call (see
         :func:`fusedce.cross_entropy`). ``inplace_backward=True`` destroys the logits of
         code that did not ask for it: use it only for code known to discard them.
