@@ -1,0 +1,429 @@
+"""fusedce.linear_cross_entropy against the unfused F.cross_entropy(F.linear(...)) in float64.
+
+Losses and the gradients of ``input``, ``linear_weight`` and ``linear_bias`` (through
+``torch.autograd.grad`` with a random upstream gradient) are compared with the reference on
+float64 copies of the same (already rounded) inputs. The PyTorch implementation runs the
+random shapes; the Triton kernels (under TRITON_INTERPRET=1 without a GPU) run a few small
+cases and one with GPT-2's 50,257 classes. PyTorch's own ``F.linear_cross_entropy`` is a
+second reference, and a dispatch-mode hook checks that no (tokens x vocab) tensor is ever
+allocated.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fusedce
+from fusedce.linear import MAX_CHUNK_BYTES, chunk_rows
+
+# (dtype, atol, rtol) against float64 on the same rounded inputs. fp32: accumulation order
+# only (the hidden dimension is summed in a different order by the chunked products). bf16:
+# the logits are rounded to bf16 (8 bits) before the loss, and so is the logit gradient
+# before the two products, so about 2**-8 relative on each, times a few for the sums.
+DTYPES = [
+    pytest.param(torch.float32, 2e-5, 2e-5, id="fp32"),
+    pytest.param(torch.bfloat16, 2e-2, 3e-2, id="bf16"),
+]
+
+# (tokens, hidden, vocab, chunk): each shape on purpose
+SHAPES = [
+    pytest.param(1, 1, 2, None, id="tiny-1x1x2"),
+    pytest.param(37, 19, 53, 8, id="odd-37x19x53-ragged-last-chunk"),
+    pytest.param(64, 32, 128, 16, id="pow2-64x32x128-even-chunks"),
+    pytest.param(50, 13, 301, None, id="default-chunk-vocab-gt-hidden"),
+    pytest.param(9, 40, 11, 1, id="one-row-chunks-hidden-gt-vocab"),
+]
+
+OPTIONS = [
+    pytest.param({}, id="plain"),
+    pytest.param({"bias": True}, id="bias"),
+    pytest.param({"weight": True}, id="weight"),
+    pytest.param({"label_smoothing": 0.2}, id="smoothing"),
+    pytest.param({"ignore_index": 3}, id="ignore"),
+    pytest.param({"bias": True, "weight": True, "label_smoothing": 0.1, "ignore_index": 1},
+                 id="all"),
+]
+
+
+@pytest.fixture(autouse=True)
+def nan_filled_outputs(monkeypatch):
+    """Fresh floating-point buffers start as NaN, so an element nobody wrote fails loudly."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def nan_empty(*args, **kwargs):
+        out = empty(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    def nan_empty_like(*args, **kwargs):
+        out = empty_like(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    monkeypatch.setattr(torch, "empty_like", nan_empty_like)
+
+
+def make_problem(n, h, v, dtype, seed=0, bias=False, weight=False, ignore_index=None,
+                 label_smoothing=0.0):
+    """Inputs rounded to ``dtype`` and the keyword arguments of the call.
+
+    Scales give logits of standard deviation ~3 (a peaked softmax, like a trained head).
+    With ``ignore_index``, that class is the target of about a quarter of the rows.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, h, generator=gen) * 1.7).to(dtype)
+    w = (torch.randn(v, h, generator=gen) * (1.7 / math.sqrt(h))).to(dtype)
+    target = torch.randint(0, v, (n,), generator=gen)
+    kwargs = {"label_smoothing": label_smoothing}
+    if bias:
+        kwargs["linear_bias"] = torch.randn(v, generator=gen).to(dtype)
+    if weight:
+        kwargs["weight"] = (torch.rand(v, generator=gen) + 0.5).to(dtype)
+    if ignore_index is not None:
+        kwargs["ignore_index"] = ignore_index
+        target = torch.where(torch.rand(n, generator=gen) < 0.25, ignore_index, target)
+    return x, w, target, kwargs, gen
+
+
+def run(fn, x, w, target, kwargs, reduction, upstream):
+    """Loss and gradients (input, linear_weight[, linear_bias]) of ``fn``."""
+    x = x.detach().clone().requires_grad_()
+    w = w.detach().clone().requires_grad_()
+    kw = dict(kwargs)
+    leaves = [x, w]
+    if kw.get("linear_bias") is not None:
+        kw["linear_bias"] = kw["linear_bias"].detach().clone().requires_grad_()
+        leaves.append(kw["linear_bias"])
+    loss = fn(x, w, target, reduction=reduction, **kw)
+    grads = torch.autograd.grad(loss, leaves, upstream.to(loss.dtype))
+    return loss, grads
+
+
+def reference(x, w, target, kwargs, reduction, upstream):
+    """The unfused loss F.cross_entropy(F.linear(...)) on float64 copies."""
+    kw = {k: (v.double() if torch.is_tensor(v) else v) for k, v in kwargs.items()}
+
+    def unfused(x, w, target, reduction, linear_bias=None, **ce_kwargs):
+        return F.cross_entropy(F.linear(x, w, linear_bias), target, reduction=reduction,
+                               **ce_kwargs)
+
+    return run(unfused, x.double(), w.double(), target, kw, reduction, upstream.double())
+
+
+def random_upstream(n, reduction, gen):
+    """A random upstream gradient: a scalar away from 1, or one value per token."""
+    if reduction == "none":
+        return torch.randn(n, generator=gen)
+    return torch.rand((), generator=gen) + 0.5
+
+
+def assert_close(actual, expected, atol, rtol, what):
+    """``atol`` is relative to the largest magnitude in ``expected`` (when above 1): the
+    'sum' reduction's gradients grow with the tokens, and so do their rounding errors."""
+    magnitude = expected.detach().double().abs().nan_to_num(0.0)
+    scale = max(1.0, magnitude.max().item()) if expected.numel() else 1.0
+    # NaN only where the reference has NaN (a 'mean' over rows that are all ignored)
+    torch.testing.assert_close(actual.double(), expected.double(), atol=atol * scale,
+                               rtol=rtol, equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+def check(n, h, v, dtype, atol, rtol, reduction, options, backend="torch", chunk=None,
+          seed=0):
+    x, w, target, kwargs, gen = make_problem(n, h, v, dtype, seed=seed, **options)
+    upstream = random_upstream(n, reduction, gen)
+    ref_loss, ref_grads = reference(x, w, target, kwargs, reduction, upstream)
+
+    def fused(*args, **kw):
+        return fusedce.linear_cross_entropy(*args, backend=backend, chunk_size=chunk, **kw)
+
+    loss, grads = run(fused, x, w, target, kwargs, reduction, upstream)
+    assert loss.dtype == dtype and loss.shape == ref_loss.shape
+    assert_close(loss, ref_loss, atol, rtol, "loss")
+    for name, g, ref_g in zip(["input", "linear_weight", "linear_bias"], grads, ref_grads):
+        assert g.dtype == dtype, name
+        assert_close(g, ref_g, atol, rtol, f"grad {name}")
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
+@pytest.mark.parametrize("n,h,v,chunk", SHAPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("options", OPTIONS)
+def test_matches_unfused_float64(dtype, atol, rtol, n, h, v, chunk, reduction, options):
+    check(n, h, v, dtype, atol, rtol, reduction, options, chunk=chunk)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_shapes(seed):
+    """Shapes drawn at random (seeded): odd hidden sizes and vocabularies, any chunk."""
+    gen = torch.Generator().manual_seed(1000 + seed)
+    n, h, v = (int(torch.randint(lo, hi, (), generator=gen)) for lo, hi in
+               [(1, 80), (1, 70), (2, 400)])
+    chunk = int(torch.randint(1, n + 1, (), generator=gen))
+    reduction = ["mean", "sum", "none"][seed % 3]
+    options = {"bias": seed % 2 == 0, "weight": seed % 3 == 1,
+               "label_smoothing": [0.0, 0.05, 0.3][seed % 3],
+               "ignore_index": [None, 0, -100][seed % 3]}
+    check(n, h, v, torch.float32, 2e-5, 2e-5, reduction, options, chunk=chunk, seed=seed)
+
+
+# Under the interpreter every program is run in Python: few rows, small vocabularies.
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("options", [
+    pytest.param({}, id="plain"),
+    pytest.param({"bias": True, "weight": True, "label_smoothing": 0.1, "ignore_index": 1},
+                 id="all"),
+])
+def test_triton_backend(reduction, options):
+    check(10, 12, 37, torch.float32, 2e-5, 2e-5, reduction, options, backend="triton",
+          chunk=4)
+
+
+def test_triton_backend_bf16():
+    check(6, 16, 33, torch.bfloat16, 2e-2, 3e-2, "mean", {"bias": True}, backend="triton",
+          chunk=4)
+
+
+def test_triton_backend_gpt2_vocab():
+    """The real 50,257 classes (7 kernel blocks per row), few tokens, two chunks."""
+    check(3, 8, 50_257, torch.float32, 2e-5, 2e-5, "mean",
+          {"ignore_index": 5, "label_smoothing": 0.1}, backend="triton", chunk=2)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("chunked", [False, True], ids=["torch-reference", "torch-chunked"])
+def test_matches_torch_linear_cross_entropy(reduction, chunked):
+    """PyTorch's own F.linear_cross_entropy (default ignore_index=None) as a second reference,
+    both its reference path and its chunked path (options=...)."""
+    x, w, target, kwargs, gen = make_problem(45, 24, 97, torch.float32, bias=True,
+                                             weight=True, ignore_index=-100)
+    del kwargs["ignore_index"], kwargs["label_smoothing"]  # both left at their defaults
+    upstream = random_upstream(45, reduction, gen)
+    options = torch.nn.LinearCrossEntropyOptions(batch_chunk_size=16) if chunked else None
+
+    def torch_lce(*args, **kw):
+        return F.linear_cross_entropy(*args, options=options, **kw)
+
+    ref_loss, ref_grads = run(torch_lce, x, w, target, kwargs, reduction, upstream)
+    loss, grads = run(fusedce.linear_cross_entropy, x, w, target, kwargs, reduction, upstream)
+    assert_close(loss, ref_loss, 2e-5, 2e-5, "loss")
+    for g, ref_g in zip(grads, ref_grads):
+        assert_close(g, ref_g, 2e-5, 2e-5, "grad")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_tied_embedding(reduction):
+    """GPT-2 ties the head to the token embedding: the weight gradient is the sum of the
+    embedding's and the head's, and the module takes the head weight at call time."""
+    n, h, v = 29, 17, 61
+    gen = torch.Generator().manual_seed(7)
+    table = torch.randn(v, h, generator=gen, dtype=torch.float64) * 0.5
+    ids = torch.randint(0, v, (n,), generator=gen)
+    target = torch.randint(0, v, (n,), generator=gen)
+    upstream = random_upstream(n, reduction, gen)
+
+    def model(table, loss_fn):
+        hidden = torch.tanh(F.embedding(ids, table) * 1.3)
+        return loss_fn(hidden, table, target)
+
+    ref_table = table.clone().requires_grad_()
+    ref = model(ref_table, lambda hid, w, t: F.cross_entropy(hid @ w.t(), t,
+                                                             reduction=reduction))
+    (ref_grad,) = torch.autograd.grad(ref, [ref_table], upstream.double())
+
+    table32 = table.float().requires_grad_()
+    loss_fn = fusedce.LinearCrossEntropyLoss(reduction=reduction, chunk_size=8)
+    assert list(loss_fn.parameters()) == []
+    loss = model(table32, loss_fn)
+    (grad,) = torch.autograd.grad(loss, [table32], upstream)
+    assert_close(loss, ref, 2e-5, 2e-5, "loss")
+    assert_close(grad, ref_grad, 2e-5, 2e-5, "grad")
+
+
+def test_module_matches_functional():
+    x, w, target, kwargs, _ = make_problem(20, 9, 31, torch.float32, bias=True, weight=True,
+                                           ignore_index=2, label_smoothing=0.1)
+    bias = kwargs.pop("linear_bias")
+    loss_fn = fusedce.LinearCrossEntropyLoss(**kwargs)
+    assert set(loss_fn.state_dict()) == {"weight"}  # a buffer, as in nn.CrossEntropyLoss
+    expected = fusedce.linear_cross_entropy(x, w, target, linear_bias=bias, **kwargs)
+    torch.testing.assert_close(loss_fn(x, w, target, bias), expected, rtol=0, atol=0)
+
+
+class LargestAllocation(TorchDispatchMode):
+    """Records the largest new storage (in bytes) any aten op returns, backward included.
+
+    Outputs that share storage with an argument (views such as ``W.t()``, ``out=`` results)
+    are not new allocations and are not counted.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        flat_args = torch.utils._pytree.tree_leaves((args, kwargs))
+        seen = {t.untyped_storage().data_ptr() for t in flat_args if isinstance(t, torch.Tensor)}
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+                self.largest = max(self.largest, t.untyped_storage().nbytes())
+        return out
+
+
+def test_memory_detector_sees_unfused_logits():
+    """The detector itself: the unfused path allocates the full logits and is caught."""
+    n, h, v = 256, 16, 1024
+    x = torch.randn(n, h, requires_grad=True)
+    w = torch.randn(v, h, requires_grad=True)
+    target = torch.randint(0, v, (n,))
+    with LargestAllocation() as mode:
+        F.cross_entropy(F.linear(x, w), target).backward()
+    assert mode.largest >= n * v * 4
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_never_allocates_full_logits(reduction, bias):
+    """Forward and backward allocate nothing as large as (tokens x vocab) logits, with the
+    default chunk size (which must split this shape)."""
+    n, h, v = 256, 16, 1024  # vocab >> hidden: the default picks 16-row chunks
+    x = torch.randn(n, h, requires_grad=True)
+    w = torch.randn(v, h, requires_grad=True) * 0.3
+    b = torch.randn(v, requires_grad=True) if bias else None
+    target = torch.randint(0, v, (n,))
+    with LargestAllocation() as mode:
+        loss = fusedce.linear_cross_entropy(x, w, target, linear_bias=b, reduction=reduction)
+        loss.backward(torch.ones_like(loss))
+    assert mode.largest < n * v * 4, mode.largest
+    assert mode.largest <= chunk_rows(n, h, v, 4) * v * 4 + 4096
+
+
+def test_no_grad_computes_only_the_loss():
+    """Under no_grad neither the logit gradient nor the (V, H) fp32 accumulator exists."""
+    n, h, v = 64, 48, 512
+    x = torch.randn(n, h, requires_grad=True)
+    w = torch.randn(v, h, requires_grad=True)
+    target = torch.randint(0, v, (n,))
+    with torch.no_grad(), LargestAllocation() as mode:
+        loss = fusedce.linear_cross_entropy(x, w, target, chunk_size=8)
+    assert not loss.requires_grad
+    assert mode.largest < v * h * 4  # the weight-gradient accumulator would be this size
+    torch.testing.assert_close(loss, F.cross_entropy(x @ w.t(), target).detach())
+
+
+def test_chunk_rows_heuristic():
+    # GPT-2 small, 8,192 tokens: logits chunk about the size of the input, a power of two
+    rows = chunk_rows(8192, 768, 50_257, 4)
+    assert rows & (rows - 1) == 0 and 8192 // rows >= 8
+    assert rows * 50_257 * 4 <= MAX_CHUNK_BYTES
+    assert chunk_rows(5, 768, 50_257, 4) == 5  # never more rows than tokens
+    assert chunk_rows(10**6, 16, 10**6, 4) >= 1  # one row bigger than the byte cap
+    assert chunk_rows(0, 8, 8, 4) == 1
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_deterministic(reduction):
+    x, w, target, kwargs, gen = make_problem(40, 20, 70, torch.float32, bias=True)
+    upstream = random_upstream(40, reduction, gen)
+
+    def fused(*args, **kw):
+        return fusedce.linear_cross_entropy(*args, chunk_size=7, **kw)
+
+    first = run(fused, x, w, target, kwargs, reduction, upstream)
+    second = run(fused, x, w, target, kwargs, reduction, upstream)
+    for a, b in zip([first[0], *first[1]], [second[0], *second[1]]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("need", ["input", "linear_weight"])
+def test_gradient_of_one_input_only(need):
+    x, w, target, _, _ = make_problem(30, 11, 41, torch.float64)
+    x32, w32 = x.float(), w.float()
+    leaf = (x32 if need == "input" else w32).requires_grad_()
+    (grad,) = torch.autograd.grad(fusedce.linear_cross_entropy(x32, w32, target, chunk_size=8),
+                                  [leaf])
+    ref_leaf = (x if need == "input" else w).requires_grad_()
+    (ref,) = torch.autograd.grad(F.cross_entropy(F.linear(x, w), target), [ref_leaf])
+    assert_close(grad, ref, 2e-5, 2e-5, need)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_every_row_ignored_and_empty_batch(reduction):
+    for n in (5, 0):
+        x, w, target, kwargs, _ = make_problem(n, 6, 9, torch.float32)
+        target = torch.full_like(target, -100)
+        upstream = torch.ones(n) if reduction == "none" else torch.tensor(1.0)
+        ref_loss, ref_grads = reference(x, w, target, kwargs, reduction, upstream)
+        loss, grads = run(fusedce.linear_cross_entropy, x, w, target, kwargs, reduction,
+                          upstream)
+        torch.testing.assert_close(loss.double(), ref_loss, equal_nan=True)
+        for g, ref_g in zip(grads, ref_grads):
+            torch.testing.assert_close(g.double(), ref_g, equal_nan=True)
+
+
+def test_unbatched_input():
+    x, w, target, kwargs, _ = make_problem(1, 7, 13, torch.float32, bias=True)
+    for reduction in ["mean", "none"]:
+        upstream = torch.tensor(0.7)
+        ref_loss, ref_grads = reference(x[0], w, target[0], kwargs, reduction, upstream)
+        loss, grads = run(fusedce.linear_cross_entropy, x[0], w, target[0], kwargs,
+                          reduction, upstream)
+        assert loss.shape == ()
+        assert_close(loss, ref_loss, 2e-5, 2e-5, "loss")
+        for g, ref_g in zip(grads, ref_grads):
+            assert_close(g, ref_g, 2e-5, 2e-5, "grad")
+
+
+def test_second_backward_of_scalar_loss_raises():
+    """The 'mean'/'sum' gradients are consumed by the first backward (as in PyTorch's
+    chunked path); 'none' recomputes, so retain_graph works there."""
+    x, w, target, _, _ = make_problem(8, 5, 7, torch.float32)
+    x.requires_grad_()
+    loss = fusedce.linear_cross_entropy(x, w, target)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()
+    loss = fusedce.linear_cross_entropy(x, w, target, reduction="none")
+    (g1,) = torch.autograd.grad(loss.sum(), [x], retain_graph=True)
+    (g2,) = torch.autograd.grad(loss.sum(), [x])
+    assert torch.equal(g1, g2)
+
+
+def test_autocast_matches_pytorch():
+    """Under CPU autocast F.linear runs in bf16 and the loss comes out in fp32."""
+    x, w, target, _, _ = make_problem(16, 32, 50, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = F.linear_cross_entropy(x, w, target)
+        loss = fusedce.linear_cross_entropy(x, w, target)
+    assert loss.dtype == ref.dtype == torch.float32
+    torch.testing.assert_close(loss, ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("args,error", [
+    (dict(x=(2, 3, 4)), "dimensionality 1 or 2"),
+    (dict(w=(3,)), "at least 2"),
+    (dict(w=(5, 4)), "in_features"),
+    (dict(b=(4,)), "linear_bias shape"),
+    (dict(t_dtype=torch.int32), "Long or Byte"),
+])
+def test_errors_match_pytorch(args, error):
+    """The same exception type and message as F.linear_cross_entropy."""
+    x = torch.randn(*args.get("x", (2, 3)))
+    w = torch.randn(*args.get("w", (5, 3)))
+    b = torch.randn(*args["b"]) if "b" in args else None
+    t = torch.zeros(x.shape[:-1], dtype=args.get("t_dtype", torch.int64))
+    with pytest.raises(RuntimeError, match=error):
+        F.linear_cross_entropy(x, w, t, linear_bias=b)
+    with pytest.raises(RuntimeError, match=error):
+        fusedce.linear_cross_entropy(x, w, t, linear_bias=b)
+
+
+def test_unsupported_targets_raise():
+    x, w = torch.randn(4, 3), torch.randn(5, 3)
+    with pytest.raises(NotImplementedError, match="probability"):
+        fusedce.linear_cross_entropy(x, w, torch.rand(4, 5))
+    with pytest.raises(ValueError, match="reduction"):
+        fusedce.linear_cross_entropy(x, w, torch.zeros(4, dtype=torch.long), reduction="avg")
