@@ -1,0 +1,400 @@
+"""The kernels compiled for the GPUs they are written for, without a GPU.
+
+Every launcher in ``kernels/`` is called on CPU tensors with its ``@triton.jit`` kernels
+swapped for recorders, so the exact arguments, constexprs and ``num_warps`` of each launch
+are captured. Each launch is then specialised the way Triton specialises a real launch
+(16-byte aligned pointers, integers divisible by 16 or equal to 1) and compiled for sm_80
+and sm_90 with ``triton.compile``; the PTX goes through the ``ptxas`` shipped in Triton's
+wheel (``-v``: registers, spills) and the cubin through ``cuobjdump -sass``.
+
+Checks:
+- every kernel the package launches compiles for fp32, bf16 and fp16 logits on both
+  architectures with no register spills (spilled registers go to local memory: slow);
+- for rows of 50,257 (odd: rows start at every 16-byte phase), every global load in the
+  loops of the row kernels is 16 bytes wide (``LDG.E.128``), and every store in the
+  gradient loops too (``STG.E.128``): the bulk of each row moves at full vector width.
+
+The compiles run in a subprocess without ``TRITON_INTERPRET`` (the test session runs the
+kernels under the interpreter); both architectures in parallel. Run this file as a script
+for a table: ``python tests/test_gpu_compile.py [--sass DIR]``.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+ARCHS = (80, 90)
+DTYPES = ("float32", "bfloat16", "float16")
+V = 50_257  # the GPT-2 vocabulary: 100,514 bytes per bf16 row, rows at every alignment
+WIDTHS = {"U8": 1, "S8": 1, "U16": 2, "S16": 2, "64": 8, "128": 16}  # suffix -> bytes; none: 4
+# launches of the row kernels over rows of V logits, whose loops must be all 16-byte wide
+ROW_KERNELS = ("_ce_fwd_kernel", "_ce_bwd_kernel", "_ce_scale_kernel")
+
+
+# ----------------------------------------------------------------------------------------
+# The worker: runs in a subprocess, without TRITON_INTERPRET.
+
+
+def _nvidia_bin(name):
+    import triton
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    return path if os.path.exists(path) else None
+
+
+def _ptxas():
+    # the plain ptxas in Triton 3.9's wheel is older than the PTX version it emits
+    return _nvidia_bin("ptxas-blackwell") or _nvidia_bin("ptxas")
+
+
+def _launch_cases(dtype_name):
+    """``(case, thunk)`` pairs calling every launcher of the package on CPU tensors."""
+    import torch
+    from fusedce.kernels import cross_entropy as ce
+    from fusedce.kernels import soft_target as st
+
+    dtype = getattr(torch, dtype_name)
+    gen = torch.Generator().manual_seed(0)
+    n = 4
+    x = torch.randn(n, V, generator=gen).to(dtype)
+    t = torch.randint(0, V, (n,), generator=gen)
+    w = torch.rand(V, generator=gen)
+    lse = torch.zeros(n)
+    dloss = torch.ones(1).expand(n)
+    one = torch.ones(1)
+    # (N, C, L) logits for the strided kernels: classes L apart, and probability targets
+    x3 = torch.randn(2, 1000, 3, generator=gen).to(dtype)
+    t3 = torch.randint(0, 1000, (2, 3), generator=gen)
+    p3 = torch.softmax(torch.randn(2, 1000, 3, generator=gen), dim=1).to(dtype)
+    lse3 = torch.zeros(6)
+    dloss3 = torch.ones(1, 1).expand(2, 3)
+    return [
+        ("ce_fwd", lambda: ce.ce_fwd(x, t)),
+        ("ce_fwd-inplace", lambda: ce.ce_fwd(x, t, inplace_scale=one)),
+        ("ce_fwd-inplace-weight-smoothing",
+         lambda: ce.ce_fwd(x, t, w, label_smoothing=0.1, inplace_scale=one)),
+        ("ce_fwd-small-vocab", lambda: ce.ce_fwd(x[:, :1000], t % 1000)),
+        ("ce_bwd", lambda: ce.ce_bwd(x, t, lse, dloss)),
+        ("ce_bwd-weight-smoothing", lambda: ce.ce_bwd(x, t, lse, dloss, w, label_smoothing=0.1)),
+        ("ce_scale_", lambda: ce.ce_scale_(x, dloss)),
+        ("ce_strided_fwd", lambda: st.ce_strided_fwd(x3, t3)),
+        ("ce_strided_fwd-soft", lambda: st.ce_strided_fwd(x3, p3, label_smoothing=0.1)),
+        ("ce_strided_bwd", lambda: st.ce_strided_bwd(x3, t3, lse3, lse3, dloss3)),
+        ("ce_strided_bwd-soft", lambda: st.ce_strided_bwd(
+            x3, p3, lse3, lse3, dloss3, label_smoothing=0.1, need_dtarget=True)),
+    ]
+
+
+def _kernel_modules():
+    import importlib
+    import pkgutil
+
+    import fusedce.kernels
+
+    return [importlib.import_module(f"fusedce.kernels.{m.name}")
+            for m in pkgutil.iter_modules(fusedce.kernels.__path__)]
+
+
+def _record_launches(dtype_name):
+    """Calls every case with each module's ``*_kernel`` JIT functions replaced by recorders.
+
+    Returns the launches ``[(case, kernel, args, kwargs)]`` and the names of the kernels
+    that no case launched.
+    """
+    from triton.runtime.jit import JITFunction
+
+    launches = []
+    current = {"case": None}
+
+    class Recorder:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((current["case"], self.fn, args, kwargs))
+
+            return launch
+
+    saved = []
+    for module in _kernel_modules():
+        for name, obj in vars(module).items():
+            if isinstance(obj, JITFunction) and name.endswith("_kernel"):
+                saved.append((module, name, obj))
+                setattr(module, name, Recorder(obj))
+    try:
+        for case, thunk in _launch_cases(dtype_name):
+            current["case"] = case
+            thunk()
+    finally:
+        for module, name, obj in saved:
+            setattr(module, name, obj)
+    launched = {fn.__name__ for _, fn, _, _ in launches}
+    never = sorted(f"{m.__name__}.{name}" for m, name, _ in saved if name not in launched)
+    return launches, never
+
+
+def _compile(fn, args, kwargs, arch):
+    """``triton.compile`` of one launch, specialised as Triton's own launch path does."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    kwargs = dict(kwargs)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound,
+                                                          specialization, options)
+    src = ASTSource(fn, signature, constexprs, attrs)
+    return triton.compile(src, target=target, options=options.__dict__)
+
+
+def parse_sass(sass):
+    """Global loads and stores of a SASS listing as ``(address, opcode, in_loop)``.
+
+    A loop is the address range of a backward branch (``BRA`` to a lower address; the
+    final ``BRA`` to itself that pads a kernel is not one).
+    """
+    insts = []
+    for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);",
+                         sass):
+        insts.append((int(m.group(1), 16), m.group(2), m.group(3)))
+    loops = []
+    for addr, op, operands in insts:
+        if op.startswith("BRA"):
+            hit = re.search(r"0x([0-9a-f]+)", operands)
+            if hit and int(hit.group(1), 16) < addr:
+                loops.append((int(hit.group(1), 16), addr))
+    mem = []
+    for addr, op, _ in insts:
+        if op.startswith(("LDG", "STG")):
+            in_loop = any(lo <= addr <= hi for lo, hi in loops)
+            mem.append((addr, op, in_loop))
+    return mem, len(loops)
+
+
+def width(opcode):
+    """Bytes per thread of a LDG/STG opcode (``LDG.E.128`` -> 16, ``LDG.E`` -> 4)."""
+    for part in opcode.split(".")[1:]:
+        if part in WIDTHS:
+            return WIDTHS[part]
+    return 4
+
+
+def _inspect(compiled, workdir, stem, keep_sass):
+    ptx = compiled.asm["ptx"]
+    arch = re.search(r"^\.target\s+(sm_\w+)", ptx, re.M).group(1)
+    ptx_path = os.path.join(workdir, stem + ".ptx")
+    cubin_path = os.path.join(workdir, stem + ".cubin")
+    with open(ptx_path, "w") as f:
+        f.write(ptx)
+    run = subprocess.run([_ptxas(), f"-arch={arch}", "-v", ptx_path, "-o", cubin_path],
+                         capture_output=True, text=True)
+    log = run.stdout + run.stderr
+    if run.returncode != 0:
+        raise RuntimeError(f"ptxas failed for {stem}:\n{log}")
+
+    def num(pattern):
+        hit = re.search(pattern, log)
+        return int(hit.group(1)) if hit else None
+
+    out = {
+        "registers": num(r"Used (\d+) registers"),
+        "spill_stores": num(r"(\d+) bytes spill stores"),
+        "spill_loads": num(r"(\d+) bytes spill loads"),
+        "stack": num(r"(\d+) bytes stack frame"),
+        "ptxas_log": log,
+    }
+    cuobjdump = _nvidia_bin("cuobjdump")
+    if cuobjdump:
+        sass = subprocess.run([cuobjdump, "-sass", cubin_path], capture_output=True,
+                              text=True, check=True).stdout
+        mem, n_loops = parse_sass(sass)
+        out["loops"] = n_loops
+        out["mem"] = [(op, in_loop) for _, op, in_loop in mem]
+        if keep_sass:
+            with open(os.path.join(keep_sass, stem + ".sass"), "w") as f:
+                f.write(sass)
+    return out
+
+
+def _describe(error):
+    """The innermost cause first (Triton wraps the real error in CompilationErrors that
+    point at each call site), then the outermost message."""
+    chain = [error]
+    while chain[-1].__cause__ is not None and len(chain) < 20:
+        chain.append(chain[-1].__cause__)
+    root, outer = chain[-1], chain[0]
+    text = f"{type(root).__name__}: {str(root)[:1500]}"
+    if outer is not root:
+        text += f"\n  raised at: {type(outer).__name__}: {str(outer)[:1500]}"
+    return text
+
+
+def worker(arch, keep_sass=None):
+    """Compiles every recorded launch for ``arch``; a JSON list of results on stdout."""
+    import tempfile
+
+    assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "unset TRITON_INTERPRET"
+    results, never = [], set()
+    with tempfile.TemporaryDirectory() as workdir:
+        for dtype_name in DTYPES:
+            launches, missed = _record_launches(dtype_name)
+            never.update(missed)
+            for case, fn, args, kwargs in launches:
+                res = {"arch": arch, "dtype": dtype_name, "case": case, "kernel": fn.__name__,
+                       "num_warps": kwargs.get("num_warps"),
+                       "block": {k: v for k, v in kwargs.items()
+                                 if k.startswith("BLOCK") or k == "VEC"}}
+                stem = f"{fn.__name__}-{case}-{dtype_name}-sm{arch}"
+                start = time.process_time()
+                try:
+                    res.update(_inspect(_compile(fn, args, kwargs, arch), workdir, stem,
+                                        keep_sass))
+                except Exception as e:  # reported per launch by the test
+                    res["error"] = _describe(e)
+                res["cpu_s"] = round(time.process_time() - start, 2)  # ptxas not included
+                results.append(res)
+    print(json.dumps({"results": results, "never_launched": sorted(never)}))
+
+
+def compile_all(keep_sass=None):
+    """Runs the worker for every architecture in parallel subprocesses."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, without its warning
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker"]
+    procs = [subprocess.Popen(cmd + [str(arch)] + (["--sass", keep_sass] if keep_sass else []),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for arch in ARCHS]
+    results, never = [], set()
+    for proc in procs:
+        out, err = proc.communicate(timeout=600)
+        if proc.returncode != 0:
+            raise RuntimeError(f"compile worker failed:\n{err[-5000:]}")
+        data = json.loads(out.strip().splitlines()[-1])
+        results += data["results"]
+        never.update(data["never_launched"])
+    return results, sorted(never)
+
+
+# ----------------------------------------------------------------------------------------
+# The tests
+
+
+def _tools_or_skip():
+    pytest.importorskip("triton")
+    if _ptxas() is None:
+        pytest.skip("no ptxas in triton/backends/nvidia/bin (Triton wheel without CUDA tools)")
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    _tools_or_skip()
+    return compile_all()
+
+
+def _label(r):
+    return f"{r['kernel']} [{r['case']}, {r['dtype']}, sm_{r['arch']}]"
+
+
+def test_every_kernel_has_a_launch_case(compiled):
+    _, never = compiled
+    assert not never, f"kernels no case of _launch_cases launches (add one): {never}"
+
+
+def test_every_launch_compiles_for_sm80_and_sm90(compiled):
+    results, _ = compiled
+    assert {(r["arch"], r["dtype"]) for r in results} == {(a, d) for a in ARCHS for d in DTYPES}
+    errors = [f"{_label(r)}: {r['error']}" for r in results if "error" in r]
+    assert not errors, "\n\n".join(errors)
+
+
+def test_no_register_spills(compiled):
+    results, _ = compiled
+    ok = [r for r in results if "error" not in r]
+    assert ok, "nothing compiled"
+    assert all(r["registers"] is not None for r in ok), "ptxas -v printed no register count"
+    spills = [f"{_label(r)}: {r['registers']} registers, {r['spill_stores']} B spill stores, "
+              f"{r['spill_loads']} B spill loads" for r in ok
+              if r["spill_stores"] or r["spill_loads"]]
+    assert not spills, "\n".join(spills)
+    # 255 is the hardware limit; more than that can only spill
+    assert max(r["registers"] for r in ok) <= 255
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kernel", ROW_KERNELS)
+def test_row_loops_move_16_bytes_per_instruction(compiled, kernel, dtype):
+    """Rows of 50,257: in the loops, every global load of the row kernels is LDG.E.128
+    and every store STG.E.128; the narrow accesses (the < 16-byte head and tail of each
+    row, the per-row scalars) are outside the loops, run once per row."""
+    if _nvidia_bin("cuobjdump") is None:
+        pytest.skip("no cuobjdump in triton/backends/nvidia/bin")
+    results, _ = compiled
+    # Not the weighted label-smoothing cases: their loops also read the (C,) class weights,
+    # which cannot share the 16-byte phase of every row of logits (4-byte loads of a vector
+    # that stays in L2 for all rows). Not the 1,000-class case either (other block size).
+    rows = [r for r in results if r["kernel"] == kernel and r["dtype"] == dtype
+            and "weight" not in r["case"] and "small-vocab" not in r["case"]
+            and "error" not in r]
+    assert len(rows) >= len(ARCHS), f"no compiled launch of {kernel} for {dtype}"
+    for r in rows:
+        assert r["loops"] >= 1, f"{_label(r)}: no loop found in the SASS"
+        loads = [op for op, in_loop in r["mem"] if in_loop and op.startswith("LDG")]
+        stores = [op for op, in_loop in r["mem"] if in_loop and op.startswith("STG")]
+        assert loads, f"{_label(r)}: no global load in the loop"
+        assert all(width(op) == 16 for op in loads), f"{_label(r)}: loop loads {loads}"
+        assert all(width(op) == 16 for op in stores), f"{_label(r)}: loop stores {stores}"
+        if kernel != "_ce_fwd_kernel" or "inplace" in r["case"]:
+            assert stores, f"{_label(r)}: the gradient loop stores nothing"
+        # outside the loops: a handful per row (edge block, target, lse, upstream gradient)
+        outside = [op for op, in_loop in r["mem"] if not in_loop]
+        assert len(outside) <= 12, f"{_label(r)}: {len(outside)} accesses outside the loops"
+
+
+def _table(results):
+    lines = [f"{'kernel':<24} {'case':<32} {'dtype':<9} {'sm':>3} {'warps':>5} {'regs':>4} "
+             f"{'spill':>5}  loop loads / loop stores / other loads+stores"]
+    for r in sorted(results, key=lambda r: (r["kernel"], r["case"], r["dtype"], r["arch"])):
+        if "error" in r:
+            lines.append(f"{r['kernel']:<24} {r['case']:<32} {r['dtype']:<9} {r['arch']:>3} "
+                         f"ERROR {r['error'].splitlines()[0][:100]}")
+            continue
+
+        def counts(sel, r=r):
+            c = {}
+            for op, in_loop in r.get("mem", []):
+                if sel(op, in_loop):
+                    key = f"{op.split('.')[0]}x{width(op)}B"
+                    c[key] = c.get(key, 0) + 1
+            return " ".join(f"{k}:{v}" for k, v in sorted(c.items())) or "-"
+
+        lines.append(
+            f"{r['kernel']:<24} {r['case']:<32} {r['dtype']:<9} {r['arch']:>3} "
+            f"{r['num_warps']:>5} {r['registers']:>4} {r['spill_stores'] or 0:>5}  "
+            f"{counts(lambda op, i: i and op.startswith('LDG'))} / "
+            f"{counts(lambda op, i: i and op.startswith('STG'))} / "
+            f"{counts(lambda op, i: not i)}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    argv = sys.argv[1:]
+    keep = argv[argv.index("--sass") + 1] if "--sass" in argv else None
+    if keep:
+        os.makedirs(keep, exist_ok=True)
+    if argv and argv[0] == "--worker":
+        worker(int(argv[1]), keep)
+    else:
+        results, never = compile_all(keep)
+        print(_table(results))
+        if never:
+            print("never launched:", never)
