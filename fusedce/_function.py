@@ -87,11 +87,11 @@ def rows_view(x):
     return None
 
 
-def use_rows(x, target):
+def use_rows(x, target, weight):
     """Whether the row-wise implementation serves ``x`` (N, C, L): class indices, classes
-    contiguous, rows one stride apart, and not float64 (computed in float64 by the strided
-    implementation, as PyTorch would)."""
-    return (not target.is_floating_point() and x.dtype != torch.float64
+    contiguous, rows one stride apart, and no float64 operand (float64 is computed in
+    float64 by the strided implementation, as PyTorch would)."""
+    return (not target.is_floating_point() and acc_dtype(x, target, weight) == torch.float32
             and rows_view(x) is not None)
 
 
@@ -112,7 +112,7 @@ def forward(x, target, weight, ignore_index, label_smoothing, reduction, backend
     acc = acc_dtype(x, target, weight)
     if validate and not soft:
         check_targets(target, n_cols, ignore_index)
-    if use_rows(x, target):
+    if use_rows(x, target, weight):
         impl = resolve_backend(backend, x)
         loss, lse = impl.ce_fwd(rows_view(x), target.reshape(-1).contiguous(), weight=weight,
                                 ignore_index=ignore_index, label_smoothing=label_smoothing)
@@ -148,7 +148,7 @@ def backward(grad, x, target, weight, lse, s, denom, ignore_index, label_smoothi
         dloss = dloss.reshape(1, 1).expand(n, l_len)
     dx = torch.empty_like(x) if need_dx else x.new_empty(0)
     dy = target.new_empty(0)
-    dx_rows = rows_view(dx) if need_dx and use_rows(x, target) else None
+    dx_rows = rows_view(dx) if need_dx and use_rows(x, target, weight) else None
     if dx_rows is not None:
         impl = resolve_backend(backend, x)
         impl.ce_bwd(rows_view(x), target.reshape(-1).contiguous(), lse, dloss.reshape(-1),

@@ -199,7 +199,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     if validate is None:
         validate = resolve_backend(backend, input) is _torch_impl
     validate = bool(validate)
-    if inplace_backward and use_rows(x, t) and not torch.compiler.is_compiling():
+    if inplace_backward and use_rows(x, t, weight) and not torch.compiler.is_compiling():
         if validate:
             check_targets(t, x.shape[1], ignore_index)
         loss = CrossEntropyFunction.apply(rows_view(x), t.reshape(-1).contiguous(), weight,

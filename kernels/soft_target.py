@@ -75,7 +75,8 @@ def _ce_strided_fwd_kernel(
     target_ptr, target_stride_n, target_stride_c, target_stride_l,
     weight_ptr,
     loss_ptr, lse_ptr, s_ptr,
-    n_rows, n_l, n_cols, ignore_index, label_smoothing,
+    eps_ptr,
+    n_rows, n_l, n_cols, ignore_index,
     SOFT: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
@@ -90,8 +91,11 @@ def _ce_strided_fwd_kernel(
                 or (N, C, L) float class probabilities (SOFT=True), any strides
     weight_ptr: (C,) class weights, read only if HAS_WEIGHT
     loss_ptr, lse_ptr, s_ptr: (N * L,) out, fp32 (fp64 if IS_FP64); s only if SOFT
+    eps_ptr:    (1,) label smoothing, fp32 (fp64 if IS_FP64)
     """
     ACC: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
+    # read from memory: a float kernel argument would be fp32, too coarse for fp64
+    label_smoothing = tl.load(eps_ptr).to(ACC)
     rows, row_mask, n, l_idx = _rows(tl.program_id(0), n_rows, n_l, BLOCK_R)
     x_offs = n * x_stride_n + l_idx * x_stride_l
     t_offs = n * target_stride_n + l_idx * target_stride_l
@@ -157,7 +161,8 @@ def _ce_strided_bwd_kernel(
     dloss_ptr, dloss_stride_n, dloss_stride_l,
     dx_ptr, dx_stride_n, dx_stride_c, dx_stride_l,
     dy_ptr, dy_stride_n, dy_stride_c, dy_stride_l,
-    n_rows, n_l, n_cols, ignore_index, label_smoothing,
+    eps_ptr,
+    n_rows, n_l, n_cols, ignore_index,
     SOFT: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
@@ -176,8 +181,11 @@ def _ce_strided_bwd_kernel(
     dx_ptr:     (N, C, L) out, x's dtype, any strides (may alias x: each tile is read
                 before it is written); written if NEED_DX
     dy_ptr:     (N, C, L) out, the target's dtype; written if NEED_DY (soft only)
+    eps_ptr:    (1,) label smoothing, fp32 (fp64 if IS_FP64)
     """
     ACC: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
+    # read from memory: a float kernel argument would be fp32, too coarse for fp64
+    label_smoothing = tl.load(eps_ptr).to(ACC)
     rows, row_mask, n, l_idx = _rows(tl.program_id(0), n_rows, n_l, BLOCK_R)
     x_offs = n * x_stride_n + l_idx * x_stride_l
     t_offs = n * target_stride_n + l_idx * target_stride_l
@@ -279,8 +287,8 @@ def ce_strided_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.
                                        "target_stride_l"), _target_strides(target, soft))),
         weight_ptr=weight if weight is not None else loss,
         loss_ptr=loss, lse_ptr=lse, s_ptr=s if soft else loss,
+        eps_ptr=torch.full((1,), float(label_smoothing), dtype=acc, device=x.device),
         n_rows=n_rows, n_l=l_len, n_cols=n_cols, ignore_index=int(ignore_index),
-        label_smoothing=float(label_smoothing),
         SOFT=soft, HAS_WEIGHT=weight is not None, HAS_SMOOTHING=label_smoothing > 0,
         IS_FP64=is_fp64, BLOCK_R=block_r, BLOCK_C=block_c,
         num_warps=NUM_WARPS,
@@ -322,8 +330,8 @@ def ce_strided_bwd(x, target, lse, s, dloss, weight=None, ignore_index=-100,
         dx_stride_l=dx_arg.stride(2),
         dy_ptr=dy_arg, dy_stride_n=dy_arg.stride(0), dy_stride_c=dy_arg.stride(1),
         dy_stride_l=dy_arg.stride(2),
+        eps_ptr=torch.full((1,), float(label_smoothing), dtype=lse.dtype, device=x.device),
         n_rows=n_rows, n_l=l_len, n_cols=n_cols, ignore_index=int(ignore_index),
-        label_smoothing=float(label_smoothing),
         SOFT=soft, HAS_WEIGHT=has_weight, HAS_SMOOTHING=label_smoothing > 0,
         NEED_DX=need_dx, NEED_DY=dy is not None, IS_FP64=is_fp64,
         BLOCK_R=block_r, BLOCK_C=block_c,
