@@ -34,6 +34,10 @@ time. Its input gradient is a sum over ranks: one all-reduce in the backward, th
 column-parallel linear layer has (``reduce_input_grad=False`` leaves it to the caller).
 """
 
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 import torch.distributed as dist
 
@@ -171,25 +175,106 @@ def _block_size(n_cols):
 # ------------------------------------------------------- shard-local launchers (two paths)
 
 
-def _row_chunks(n_rows, n_cols, elements=CHUNK_ELEMENTS):
-    step = max(1, elements // max(n_cols, 1))
-    for start in range(0, n_rows, step):
-        yield start, min(start + step, n_rows)
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def _row_chunks(n_rows, n_cols, start=0):
+    """Row ranges of about CHUNK_ELEMENTS logits, from ``start``."""
+    step = max(1, CHUNK_ELEMENTS // max(n_cols, 1))
+    for s in range(start, n_rows, step):
+        yield s, min(s + step, n_rows)
+
+
+class _Workers:
+    """Threads whose PyTorch ops run single-threaded, for the CPU path's row chunks.
+
+    The reason is fusedce's CPU path's (``fusedce/_torch_impl.py``): intra-op threading of
+    many cache-sized ops pays a barrier per op, which collapses when the cores are shared
+    with other processes (measured here: 35x slower than independent workers on 2 busy
+    cores). ``torch.set_num_threads(1)`` in a new thread also becomes the default that later
+    threads start from, so the caller's setting is restored once every worker has set its
+    own (the barrier). A forked child starts a pool of its own.
+    """
+
+    PARALLEL_MIN_ELEMENTS = 1 << 20  # below this the round trip costs more than it saves
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.executor, self.size, self.pid = None, 0, None
+
+    def _get(self, n):
+        with self.lock:
+            if self.executor is None or self.size < n or self.pid != os.getpid():
+                restore = torch.get_num_threads()
+                ready = threading.Barrier(n + 1)
+
+                def single_threaded():
+                    torch.get_num_threads()  # the thread's lazy init, which would undo the next
+                    torch.set_num_threads(1)
+                    ready.wait()
+
+                executor = ThreadPoolExecutor(n, thread_name_prefix="fusedce-vp")
+                for _ in range(n):
+                    executor.submit(single_threaded)
+                ready.wait()
+                torch.set_num_threads(restore)
+                if self.executor is not None and self.pid == os.getpid():
+                    self.executor.shutdown(wait=False)
+                self.executor, self.size, self.pid = executor, n, os.getpid()
+            return self.executor
+
+    @staticmethod
+    def _task(work, start, end):
+        with torch.no_grad():  # grad mode is per thread
+            work(start, end)
+
+    def run(self, n_rows, n_cols, work):
+        """``work(start, end)`` over row ranges covering ``[0, n_rows)``, one per worker
+        (whole chunks each), or inline for small inputs."""
+        n = min(torch.get_num_threads(), n_rows,
+                _cdiv(n_rows * n_cols, self.PARALLEL_MIN_ELEMENTS))
+        if n <= 1:
+            self._task(work, 0, n_rows)
+            return
+        step = max(1, CHUNK_ELEMENTS // max(n_cols, 1))
+        per_worker = _cdiv(_cdiv(n_rows, step), n) * step
+        executor = self._get(n)
+        futures = [executor.submit(self._task, work, s, min(s + per_worker, n_rows))
+                   for s in range(0, n_rows, per_worker)]
+        for future in futures:
+            future.result()
+
+
+_WORKERS = _Workers()
 
 
 def _partials_torch(x, t_local, w_shard, smoothing, part):
-    """PyTorch path of ``_vp_partials_kernel``: fills ``part`` (>= 3 * rows fp32) the same way."""
+    """PyTorch path of ``_vp_partials_kernel``: fills ``part`` (>= 3 * rows fp32) the same way.
+
+    Cache-sized row chunks, spread over single-threaded worker threads (``_Workers``)."""
     n_rows, n_cols = x.shape
     lse, x_t = part[:n_rows], part[n_rows:2 * n_rows]
     swx = part[2 * n_rows:3 * n_rows]
-    for s, e in _row_chunks(n_rows, n_cols):
-        xc = x[s:e].float()
-        torch.logsumexp(xc, dim=1, out=lse[s:e])  # -inf for an empty shard
-        if smoothing:
-            swx[s:e] = xc.sum(1) if w_shard is None else xc @ w_shard.float()
     if n_cols == 0:
+        lse.fill_(float("-inf"))
         x_t.zero_()
+        swx.zero_()
         return part
+    w = w_shard.float() if (smoothing and w_shard is not None) else None
+
+    def work(start, end):
+        for s, e in _row_chunks(end, n_cols, start=start):
+            xc = x[s:e].float()
+            torch.logsumexp(xc, dim=1, out=lse[s:e])
+            if smoothing:
+                if w is None:
+                    torch.sum(xc, 1, out=swx[s:e])
+                else:
+                    torch.mv(xc, w, out=swx[s:e])
+
+    if n_rows > 0:
+        _WORKERS.run(n_rows, n_cols, work)
     picked = x.gather(1, t_local.clamp_min(0)[:, None]).squeeze(1).float()
     x_t.copy_(torch.where(t_local >= 0, picked, 0.0))
     return part
@@ -204,19 +289,24 @@ def _grad_torch(x, t_local, lse, coef, w_shard, smoothing, dx):
     in_shard = t_local >= 0
     t_safe = t_local.clamp_min(0)
     b = torch.where(in_shard, b, 0.0)  # rows whose target lives elsewhere: no one-hot term
-    for s, e in _row_chunks(n_rows, n_cols):
-        out = dx[s:e] if dx.dtype == torch.float32 else None
-        out = torch.sub(x[s:e].float(), lse[s:e, None], out=out)
-        out.exp_()
-        out.mul_(a[s:e, None])
-        out.scatter_add_(1, t_safe[s:e, None], -b[s:e, None])
-        if smoothing:
-            if w_shard is None:
-                out.sub_(k[s:e, None])
-            else:
-                out.addcmul_(k[s:e, None], w_shard.float()[None, :], value=-1.0)
-        if dx.dtype != torch.float32:
-            dx[s:e] = out
+    w = w_shard.float() if (smoothing and w_shard is not None) else None
+    direct = dx.dtype == torch.float32
+
+    def work(start, end):
+        for s, e in _row_chunks(end, n_cols, start=start):
+            out = torch.sub(x[s:e].float(), lse[s:e, None], out=dx[s:e] if direct else None)
+            out.exp_()
+            out.mul_(a[s:e, None])
+            out.scatter_add_(1, t_safe[s:e, None], -b[s:e, None])
+            if smoothing:
+                if w is None:
+                    out.sub_(k[s:e, None])
+                else:
+                    out.addcmul_(k[s:e, None], w[None, :], value=-1.0)
+            if not direct:
+                dx[s:e] = out  # fp32 math, one rounding into dx
+
+    _WORKERS.run(n_rows, n_cols, work)
     return dx
 
 

@@ -14,6 +14,7 @@ import dataclasses
 import datetime
 import os
 import tempfile
+import threading
 import time
 import traceback
 import zlib
@@ -50,6 +51,7 @@ class Case:
     hidden: int = 0  # for "linear" / "dtensor"
     bias: bool = False
     chunk_size: int = 0
+    threads: int = 1  # torch threads for the call (> 1: the CPU path's worker threads)
     tol: float = 0.0  # overrides the dtype's loss and grad tolerances (with the reason)
 
     @property
@@ -85,6 +87,9 @@ CASES_2 = [
     Case("empty-batch", (4, 7), rows=0),
     Case("bf16", (40, 57), dtype="bfloat16", label_smoothing=0.1, rows=8),
     Case("gpt2-vocab-2-ranks", (25_129, 25_128), rows=4, ignored_every=4),
+    # 96 x 25,129 logits per rank: enough for the CPU path to split rows over 2 workers
+    Case("gpt2-vocab-2-workers", (25_129, 25_128), rows=96, threads=2, weight=True,
+         label_smoothing=0.1, reduction="none"),
     # the Triton kernels, under the interpreter on a CPU machine
     Case("triton-plain", (16, 21), backend="triton"),
     Case("triton-weight-smoothing-none", (16, 21), backend="triton", weight=True,
@@ -246,14 +251,21 @@ def _run_ce(case, rank, counter, group=None):
     if case.one_d:
         x, t = shard[0], target[0]
     counter.take()
-    loss = vocab_parallel_cross_entropy(
-        x, t, vocab_start=start if case.pass_vocab_start else None, weight=weight,
-        backend=case.backend, group=group, **opts)
-    fwd_calls = counter.take()
-    (grad,) = torch.autograd.grad(loss, shard, upstream.to(dtype).reshape(loss.shape))
-    bwd_calls = counter.take()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(case.threads)
+    try:
+        loss = vocab_parallel_cross_entropy(
+            x, t, vocab_start=start if case.pass_vocab_start else None, weight=weight,
+            backend=case.backend, group=group, **opts)
+        fwd_calls = counter.take()
+        (grad,) = torch.autograd.grad(loss, shard, upstream.to(dtype).reshape(loss.shape))
+        bwd_calls = counter.take()
+    finally:
+        torch.set_num_threads(threads)
     ref_loss = ref.detach().reshape(loss.shape)
+    workers = [th for th in threading.enumerate() if th.name.startswith("fusedce-vp")]
     return {
+        "worker_threads": len(workers),
         "loss": loss.detach().double(),
         "loss_err": _rel_err(loss.detach(), ref_loss),
         "loss_err_vs_fused": _rel_err(loss.detach(), fused.detach().reshape(loss.shape)),
@@ -459,7 +471,10 @@ def _check(case, per_rank):
 
 @pytest.mark.parametrize("case", CASES_2, ids=_ids(CASES_2))
 def test_two_ranks(case, results_2):
-    _check(case, [res[case.id] for res in results_2])
+    per_rank = [res[case.id] for res in results_2]
+    _check(case, per_rank)
+    if case.threads > 1:  # the rows really went through the worker threads
+        assert all(res["worker_threads"] == case.threads for res in per_rank)
 
 
 @pytest.mark.parametrize("case", CASES_4, ids=_ids(CASES_4))
