@@ -21,8 +21,6 @@ upstream gradient does not factor out of ``dlogits.T @ x``): its forward keeps t
 log-sum-exp, and its backward recomputes each chunk's logits and runs the CE backward on them.
 """
 
-import math
-
 import torch
 from torch import nn
 
@@ -32,23 +30,28 @@ _REDUCTIONS = ("none", "mean", "sum")
 
 # Chunk size heuristic (rows per chunk), see ``chunk_rows``.
 MIN_CHUNK_ROWS = 128  # fewer rows make the three matrix products inefficient
-MAX_CHUNK_BYTES = 1 << 28  # 256 MiB: beyond this a larger chunk buys no speed, only memory
+# Most bytes of logits per chunk. The CPU pays per operation (the PyTorch CE is a dozen
+# ops per chunk) and per pass over the (V, H) weight gradient (one per chunk), so it wants
+# few, large chunks; a GPU runs a 256-row product at full speed and keeps memory for the model.
+MAX_CHUNK_BYTES = {"cpu": 1 << 28, "cuda": 1 << 26}  # 256 MiB, 64 MiB
+SHARE = 8  # a chunk holds at most 1/SHARE of the tokens (above MIN_CHUNK_ROWS)
 
 
-def chunk_rows(n_rows, in_features, n_classes, itemsize):
+def chunk_rows(n_rows, in_features, n_classes, itemsize, device_type="cpu"):
     """Rows per chunk for ``n_rows`` tokens, ``in_features`` hidden size, ``n_classes`` vocab.
 
-    The chunk's logits are sized like the input (``R x V ~ N x H``: the peak grows by at most
-    the size of what the caller already holds), rounded up to a power of two, at least
-    ``MIN_CHUNK_ROWS`` rows so the matrix products stay efficient, at most ``MAX_CHUNK_BYTES``
-    of logits, and never more than the number of tokens.
+    A power of two, at most ``n_rows / SHARE`` (so the chunk's logits are at most 1/SHARE of
+    the full logits) but at least ``MIN_CHUNK_ROWS``, with at most ``MAX_CHUNK_BYTES`` of
+    logits, and never more rows than tokens. ``in_features`` does not enter (the products'
+    efficiency depends on the rows), it is kept for callers that tune on it.
     """
+    del in_features
     if n_rows <= 0:
         return 1
-    ratio = max(1, math.ceil(n_classes / max(in_features, 1)))
-    rows = 1 << max(0, math.ceil(n_rows / ratio) - 1).bit_length()
-    rows = max(rows, MIN_CHUNK_ROWS)
-    rows = min(rows, max(1, MAX_CHUNK_BYTES // max(1, n_classes * itemsize)))
+    cap = MAX_CHUNK_BYTES.get(device_type, MAX_CHUNK_BYTES["cuda"])
+    rows = max(MIN_CHUNK_ROWS, n_rows // SHARE)
+    rows = min(rows, max(1, cap // max(1, n_classes * itemsize)))
+    rows = 1 << (rows.bit_length() - 1)  # round down to a power of two
     return max(1, min(rows, n_rows))
 
 
@@ -309,7 +312,8 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     impl = resolve_backend(backend, input)
     n_rows = input.shape[0]
     if chunk_size is None:
-        rows = chunk_rows(n_rows, in_features, n_classes, input.element_size())
+        rows = chunk_rows(n_rows, in_features, n_classes, input.element_size(),
+                          input.device.type)
     else:
         rows = int(chunk_size)
         if rows <= 0:

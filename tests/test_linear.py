@@ -289,7 +289,7 @@ def test_memory_detector_sees_unfused_logits():
 def test_never_allocates_full_logits(reduction, bias):
     """Forward and backward allocate nothing as large as (tokens x vocab) logits, with the
     default chunk size (which must split this shape)."""
-    n, h, v = 256, 16, 1024  # vocab >> hidden: the default picks 16-row chunks
+    n, h, v = 512, 16, 1024  # the default picks 128-row chunks: 1/4 of the logits
     x = torch.randn(n, h, requires_grad=True)
     w = torch.randn(v, h, requires_grad=True) * 0.3
     b = torch.randn(v, requires_grad=True) if bias else None
@@ -314,14 +314,18 @@ def test_no_grad_computes_only_the_loss():
     torch.testing.assert_close(loss, F.cross_entropy(x @ w.t(), target).detach())
 
 
-def test_chunk_rows_heuristic():
-    # GPT-2 small, 8,192 tokens: logits chunk about the size of the input, a power of two
-    rows = chunk_rows(8192, 768, 50_257, 4)
-    assert rows & (rows - 1) == 0 and 8192 // rows >= 8
-    assert rows * 50_257 * 4 <= MAX_CHUNK_BYTES
-    assert chunk_rows(5, 768, 50_257, 4) == 5  # never more rows than tokens
-    assert chunk_rows(10**6, 16, 10**6, 4) >= 1  # one row bigger than the byte cap
-    assert chunk_rows(0, 8, 8, 4) == 1
+@pytest.mark.parametrize("device_type", ["cpu", "cuda"])
+def test_chunk_rows_heuristic(device_type):
+    # GPT-2 small, 8,192 tokens: a power of two, at most 1/8 of the tokens, under the cap
+    for itemsize in (4, 2):
+        rows = chunk_rows(8192, 768, 50_257, itemsize, device_type)
+        assert rows & (rows - 1) == 0 and 8192 // rows >= 8
+        assert rows * 50_257 * itemsize <= MAX_CHUNK_BYTES[device_type]
+    assert chunk_rows(65536, 768, 50_257, 4, device_type) * 50_257 * 4 \
+        <= MAX_CHUNK_BYTES[device_type]  # many tokens: the byte cap decides
+    assert chunk_rows(5, 768, 50_257, 4, device_type) == 5  # never more rows than tokens
+    assert chunk_rows(10**6, 16, 10**8, 4, device_type) == 1  # a row above the byte cap
+    assert chunk_rows(0, 8, 8, 4, device_type) == 1
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
