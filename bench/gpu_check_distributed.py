@@ -224,10 +224,57 @@ def _timings(rank, world, device, rows, dtype, repeats):
         "vp_fwd_ms": _median_ms(vp_forward, device, repeats),
         "megatron3_fwd_ms": _median_ms(megatron_forward, device, repeats),
     }
+    # the same slice through the single-device loss, as if it were the whole vocabulary:
+    # what being distributed costs on top (merge, all-gather)
+    alone = shard.detach().clone().requires_grad_()
+    t_alone = target % n_local
+    out["fused_same_slice_fwd_bwd_ms"] = _median_ms(
+        lambda: fusedce.cross_entropy(alone, t_alone).backward(), device, repeats)
     full = (torch.randn(rows, GPT2_VOCAB, generator=gen, device=device) * 3).to(dtype)
     full.requires_grad_()
     out["single_device_full_fwd_bwd_ms"] = _median_ms(
         lambda: fusedce.cross_entropy(full, target).backward(), device, repeats)
+    out.update(_linear_timings(rank, world, device, rows, dtype, repeats, target))
+    return out
+
+
+def _linear_timings(rank, world, device, rows, dtype, repeats, target, hidden=768):
+    """The linear form against F.linear + vocab_parallel_cross_entropy (+ the all-reduce of
+    the hidden states' gradient), time and, on a GPU, peak memory above the inputs."""
+    from fusedce.distributed import (
+        even_vocab_shard,
+        vocab_parallel_cross_entropy,
+        vocab_parallel_linear_cross_entropy,
+    )
+
+    gen = torch.Generator(device=device).manual_seed(8)
+    start, n_local = even_vocab_shard(GPT2_VOCAB, rank, world)
+    h = torch.randn(rows, hidden, generator=gen, device=device).to(dtype).requires_grad_()
+    w = (torch.randn(n_local, hidden, generator=gen, device=device) / hidden**0.5).to(dtype)
+    w.requires_grad_()
+
+    def fused():
+        h.grad = w.grad = None
+        vocab_parallel_linear_cross_entropy(h, w, target, vocab_start=start).backward()
+
+    def unfused():
+        h.grad = w.grad = None
+        loss = vocab_parallel_cross_entropy(F.linear(h, w), target, vocab_start=start)
+        loss.backward()
+        dist.all_reduce(h.grad)
+
+    out = {"vp_linear_fwd_bwd_ms": _median_ms(fused, device, repeats),
+           "vp_unfused_linear_fwd_bwd_ms": _median_ms(unfused, device, repeats)}
+    if device.type == "cuda":
+        for name, step in (("vp_linear", fused), ("vp_unfused_linear", unfused)):
+            h.grad = w.grad = None
+            torch.cuda.synchronize(device)
+            base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            step()
+            torch.cuda.synchronize(device)
+            out[f"{name}_peak_extra_mib"] = (torch.cuda.max_memory_allocated(device)
+                                             - base) / 2**20
     return out
 
 
@@ -292,6 +339,11 @@ def _report(gathered, world, backend, device, args):
           f"{times['vp_fwd_ms'] / times['megatron3_fwd_ms']:.2f}x the time")
     print(f"    fwd+bwd of a 1/{world} slice vs the full logits on one device: "
           f"{times['vp_fwd_bwd_ms'] / times['single_device_full_fwd_bwd_ms']:.2f}x the time")
+    print(f"    fwd+bwd of a slice vs fusedce.cross_entropy on the same slice alone: "
+          f"{times['vp_fwd_bwd_ms'] / times['fused_same_slice_fwd_bwd_ms']:.2f}x the time")
+    print(f"    linear form vs F.linear + vocab_parallel_cross_entropy: "
+          f"{times['vp_linear_fwd_bwd_ms'] / times['vp_unfused_linear_fwd_bwd_ms']:.2f}x "
+          f"the time")
     rows.append({"kind": "timing", "name": f"{world}x{name} {backend} {dtype} "
                  f"rows={args.time_rows}", **times})
     if args.csv:
