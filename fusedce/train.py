@@ -198,20 +198,36 @@ def write_curves(curves, out_dir, title=""):
         w = csv.writer(f)
         w.writerow(["step", *(f"loss_{k}" for k in labels)])
         for step, row in enumerate(zip(*(curves[k] for k in labels))):
-            w.writerow([step, *(f"{v:.6f}" for v in row)])
+            w.writerow([step, *(f"{v:.9g}" for v in row)])
     import matplotlib  # the "demo" extra
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
+    two = len(labels) == 2
+    fig, axes = plt.subplots(
+        2 if two else 1,
+        1,
+        figsize=(6.4, 4.8 if two else 3.6),
+        dpi=100,
+        sharex=True,
+        squeeze=False,
+        gridspec_kw={"height_ratios": [3, 1.3] if two else [1]},
+    )
+    ax = axes[0, 0]
     for k, style in zip(labels, ("-", "--", ":")):
         ax.plot(curves[k], style, lw=1.4, label=k)
-    ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
+    if two:  # how far apart the two curves are, step by step
+        a, b = (curves[k] for k in labels)
+        gap = [max(abs(u - v), 1e-8) for u, v in zip(a, b)]  # 0 drawn at 1e-8
+        axes[1, 0].semilogy(gap, lw=1.0, color="k")
+        axes[1, 0].set_ylabel("|difference|")
+        axes[1, 0].grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("step")
     fig.tight_layout()
     fig.savefig(out_dir / "loss.png")
     plt.close(fig)
