@@ -337,15 +337,18 @@ def _ce_scale_kernel(dx_ptr, dx_row_stride, dloss_ptr, dloss_stride, n_cols,
 def launch_config(dtype, n_cols):
     """``(BLOCK_SIZE, num_warps, VEC)`` for rows of ``n_cols`` elements of ``dtype``.
 
-    BLOCK_SIZE elements per loop step over 32 * num_warps threads: 32 per thread, four
-    16-byte loads in flight per thread for 16-bit logits and eight for fp32. Compiled for
-    sm_90 and sm_80, these stay below 128 registers with no spills (see
-    ``tests/test_gpu_compile.py`` and ``docs/gpu-inspection.md``). VEC is the elements per
-    16 bytes. ``bench/gpu_check.py --sweep`` replaces this function to try other choices.
+    VEC is the elements per 16 bytes. BLOCK_SIZE (at most 8,192: a 50,257 row takes 7
+    steps) is split so that each thread moves 64 bytes per loop step, four 16-byte loads in
+    flight: 8 warps for 16-bit logits, 16 for fp32. Compiled for sm_90 at V = 50,257 this
+    takes (forward / in-place forward / backward) 80 / 102 / 63 registers for bf16 and
+    40 / 53 / 56 for fp32, no spills: at least two 256- or 512-thread programs per SM. Eight
+    warps for fp32 would take 117 registers in the forward (see ``docs/gpu-inspection.md``).
+    ``bench/gpu_check.py --sweep`` replaces this function to time other choices on a GPU.
     """
-    vec = 16 // torch.empty((), dtype=dtype).element_size()
-    block = min(8192, triton.next_power_of_2(max(n_cols, 2 * vec * 32)))
-    num_warps = 8 if block >= 8192 else max(1, min(8, block // (32 * 32)))
+    elem = torch.empty((), dtype=dtype).element_size()
+    vec = 16 // elem
+    block = min(8192, triton.next_power_of_2(max(n_cols, 2 * vec)))
+    num_warps = max(1, min(16, block * elem // (32 * 64)))
     return block, num_warps, vec
 
 
