@@ -389,8 +389,10 @@ def vocab_shard_range(n_local, group=None, device=None):
     collective runs (``cuda`` for NCCL; default: the current CUDA device under NCCL, else CPU).
     """
     if device is None:
-        backend = dist.get_backend(group) if dist.is_initialized() else "gloo"
-        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else "cpu"
+        backend = str(dist.get_backend(group)) if dist.is_initialized() else "gloo"
+        # "nccl", or a device map such as "cpu:gloo,cuda:nccl": a CUDA device suits both
+        on_cuda = "nccl" in backend and torch.cuda.is_available()
+        device = torch.device("cuda", torch.cuda.current_device()) if on_cuda else "cpu"
     sizes, start = _gathered_starts(int(n_local), group, device)
     return int(start), int(sizes.sum())
 

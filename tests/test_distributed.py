@@ -262,9 +262,16 @@ def _run_ce(case, rank, counter, group=None):
         bwd_calls = counter.take()
     finally:
         torch.set_num_threads(threads)
+    shard_range = None
+    if not case.pass_vocab_start:  # the set-up helper finds the same slice
+        from fusedce.distributed import vocab_shard_range
+
+        shard_range = vocab_shard_range(case.sizes[rank], group)
+        counter.take()
     ref_loss = ref.detach().reshape(loss.shape)
     workers = [th for th in threading.enumerate() if th.name.startswith("fusedce-vp")]
     return {
+        "shard_range": shard_range,
         "worker_threads": len(workers),
         "loss": loss.detach().double(),
         "loss_err": _rel_err(loss.detach(), ref_loss),
@@ -487,6 +494,16 @@ def test_four_ranks(case, results_4):
 
 def _calls(results, case_id):
     return [(res[case_id]["fwd_calls"], res[case_id]["bwd_calls"]) for res in results]
+
+
+def test_vocab_shard_range(results_2, results_4):
+    """vocab_shard_range(C_r, group) -> (vocab_start, C) on every rank, uneven slices."""
+    for results, case in [(results_2, CASES_2), (results_4, CASES_4)]:
+        checked = [c for c in case if not c.pass_vocab_start and c.kind == "ce"]
+        assert checked
+        for c in checked:
+            expect = [(sum(c.sizes[:r]), c.vocab) for r in range(len(c.sizes))]
+            assert [res[c.id]["shard_range"] for res in results] == expect, c.id
 
 
 def test_collectives_per_step(results_2, results_4):
