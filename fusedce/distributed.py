@@ -18,8 +18,10 @@ width) gives every rank every rank's values; each merges them locally, identical
     lse  = logsumexp_r lse_r      x_t = sum_r xt_r      sum_wx = sum_r swx_r      C = sum_r C_r
     loss = (1 - eps) * w_t * (lse - x_t) + eps / C * (W * lse - sum_wx)
 
-Megatron-LM uses three all-reduces here (max, sum of exp, target logit). The backward needs no
-collective: on its own slice each rank writes
+Megatron-LM's ``vocab_parallel_cross_entropy`` uses three all-reduces here (max, sum of exp,
+target logit; two in its fused variant), the max first because its sum of exp is taken
+relative to the global max; a per-rank log-sum-exp needs no global max. The backward needs
+no collective: on its own slice each rank writes
 
     dx_c = p_c * a - b * [c == t] - k * w_c,   p_c = exp(x_c - lse)
     a = ((1 - eps) * w_t + eps * W / C) * g,   b = (1 - eps) * w_t * g,   k = eps / C * g
