@@ -78,3 +78,28 @@ def _backward(ctx, grad_loss, *_):
 
 
 cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class EagerCrossEntropy(torch.autograd.Function):
+    """The same forward, backward and saved state as the op, without the op's dispatch
+    (about 0.1 ms per step on the CPU): what eager mode runs. Under torch.compile the op
+    runs instead (see ``fusedce.functional``), so both modes compute identically."""
+
+    @staticmethod
+    def forward(ctx, x, target, weight, ignore_index, label_smoothing, reduction, backend,
+                validate):
+        loss, lse, s, denom = _function.forward(x, target, weight, ignore_index,
+                                                label_smoothing, reduction, backend, validate)
+        ctx.save_for_backward(x, target, weight, lse, s, denom)
+        ctx.options = (ignore_index, label_smoothing, reduction, backend)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        x, target, weight, lse, s, denom = ctx.saved_tensors
+        ignore_index, label_smoothing, reduction, backend = ctx.options
+        need_dx = ctx.needs_input_grad[0]
+        need_dtarget = ctx.needs_input_grad[1] and target.is_floating_point()
+        dx, dy = _function.backward(grad_loss, x, target, weight, lse, s, denom, ignore_index,
+                                    label_smoothing, reduction, backend, need_dx, need_dtarget)
+        return (dx if need_dx else None, dy if need_dtarget else None) + (None,) * 6

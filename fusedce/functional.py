@@ -4,15 +4,16 @@
 This layer checks the arguments (raising what PyTorch raises), brings every input form to
 logits of shape (N, C, L) with the class dimension at 1 (a view, no copy, except for
 ``(N, C, d1, ..., dK)`` inputs whose trailing dimensions cannot be merged by a view), and calls
-the ``torch.library`` op ``fusedce::cross_entropy`` (``_ops.py``), which ``torch.compile``
-keeps whole.
+the ``torch.library`` op ``fusedce::cross_entropy`` (``_ops.py``) under ``torch.compile``,
+which keeps it whole; in eager mode, an autograd Function running the same forward and
+backward without the op's dispatch cost.
 """
 
 import warnings
 
 import torch
 
-from . import _ops  # noqa: F401  (registers torch.ops.fusedce.*)
+from . import _ops  # registers torch.ops.fusedce.*
 from ._function import (
     BACKENDS,
     CrossEntropyFunction,
@@ -205,9 +206,12 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         loss = CrossEntropyFunction.apply(rows_view(x), t.reshape(-1).contiguous(), weight,
                                           ignore_index, label_smoothing, reduction,
                                           resolve_backend(backend, input), True)
-    else:
+    elif torch.compiler.is_compiling():
         loss = torch.ops.fusedce.cross_entropy(x, t, weight, ignore_index, label_smoothing,
                                                reduction, backend, validate)[0]
+    else:
+        loss = _ops.EagerCrossEntropy.apply(x, t, weight, ignore_index, label_smoothing,
+                                            reduction, backend, validate)
     if reduction == "none":
         loss = loss.reshape(loss_shape)
     return loss.to(out_dtype)
