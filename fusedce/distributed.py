@@ -601,7 +601,8 @@ def vocab_parallel_cross_entropy(logits_shard, target, *, group=None, vocab_star
         ``w_t`` of targets in other slices, and ``W = sum w``, without a collective).
     ignore_index, reduction, label_smoothing: as in :func:`torch.nn.functional.cross_entropy`.
     backend: ``"auto"`` (Triton kernels for CUDA tensors, PyTorch for CPU tensors),
-        ``"triton"`` or ``"torch"``.
+        ``"triton"`` or ``"torch"``. This module imports Triton when it is imported: for the
+        kernels on CPU tensors, set ``TRITON_INTERPRET=1`` before importing it.
 
     Every rank returns the same loss, the loss of ``fusedce.cross_entropy`` on the full
     logits; the backward gives each rank the gradient of its own slice. Collectives: one
