@@ -444,3 +444,58 @@ def test_inplace_backward_kdim_and_probabilities_still_correct(backend):
     ref = x.clone().requires_grad_()
     F.cross_entropy(ref, indices((3,), 7)).backward()
     torch.testing.assert_close(xr.grad, ref.grad)
+
+
+# ------------------------------------------------------------- GPU compilation, without GPU
+
+_COMPILE_FOR_CUDA = r'''
+import inspect
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import fusedce.kernels.soft_target as K
+
+POINTERS = {"x_ptr": "*bf16", "weight_ptr": "*fp32", "dx_ptr": "*bf16", "dy_ptr": "*fp32"}
+for kernel in (K._ce_strided_fwd_kernel, K._ce_strided_bwd_kernel):
+    names = list(inspect.signature(kernel.fn).parameters)
+    for soft, fp64 in ((True, False), (False, True)):
+        acc = "*fp64" if fp64 else "*fp32"
+        flags = {"SOFT": soft, "HAS_WEIGHT": True, "HAS_SMOOTHING": True, "NEED_DX": True,
+                 "NEED_DY": soft, "IS_FP64": fp64, "BLOCK_R": 16, "BLOCK_C": 256}
+        signature = {}
+        for name in names:
+            if name in flags:
+                signature[name] = "constexpr"
+            elif name == "target_ptr":
+                signature[name] = "*fp32" if soft else "*i64"
+            elif name.endswith("_ptr"):
+                signature[name] = ("*fp64" if fp64 and name in ("x_ptr", "dx_ptr")
+                                   else POINTERS.get(name, acc))
+            else:
+                signature[name] = "i64"
+        constexprs = {(names.index(k),): v for k, v in flags.items() if k in names}
+        source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+        assert "cubin" in compiled.asm, sorted(compiled.asm)
+print("compiled")
+'''
+
+
+def test_strided_kernels_compile_for_a_cuda_target():
+    """The interpreter runs the kernels' Python, not Triton's compiler: compile them ahead
+    of time for an sm_90 target (no GPU needed) so that a construct only the compiler
+    rejects fails here. Runs in a subprocess with TRITON_INTERPRET unset."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.compiler", reason="needs Triton's compiler API")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_CUDA], env=env,
+                          capture_output=True, text=True, timeout=600)
+    if done.returncode != 0 and "ModuleNotFoundError" in done.stderr:
+        pytest.skip(f"Triton's AOT compiler API is not available: {done.stderr[-300:]}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "compiled" in done.stdout
