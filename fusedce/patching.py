@@ -86,7 +86,7 @@ def _module_aliases():
             continue
         try:
             namespace = vars(mod)
-        except TypeError:
+        except Exception:  # noqa: BLE001 - not a module with a namespace: nothing to patch
             continue
         if namespace.get("cross_entropy") is _ORIGINAL_CE:
             found.append((mod, "cross_entropy"))
