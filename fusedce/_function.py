@@ -79,9 +79,9 @@ def rows_view(x):
     if x.stride(1) != 1:
         return None
     if l_len == 1:
-        return x[:, :, 0]
+        return x.squeeze(2)  # a view whose backward is a view too (select_backward copies)
     if n == 1:
-        return x[0].t()
+        return x.squeeze(0).t()
     if x.stride(0) == l_len * x.stride(2):
         return x.transpose(1, 2).reshape(n * l_len, n_cols)
     return None
