@@ -1,0 +1,488 @@
+"""One command for a CUDA machine: are the kernels right, and how fast are they?
+
+    python bench/gpu_check.py                 # correctness, then the timing table (< 5 min)
+    python bench/gpu_check.py --sweep         # also the launch-parameter sweep (issue 8)
+    python bench/gpu_check.py --sweep-only    # only the sweep
+    python bench/gpu_check.py --quick         # N = 8,192 only, no torch.compile
+
+1. Correctness against PyTorch in float64 on the GPU (fp32, bf16, fp16; V = 50,257 and odd
+   sizes; every reduction, ignore_index, class weights, label smoothing, in-place mode with
+   a per-row upstream gradient, rows that do not start on a 16-byte boundary, a padded row
+   stride whose padding must stay untouched). Exit status 1 if any case fails.
+2. Timing (``triton.testing.do_bench`` medians; it clears L2 before every call and the
+   logits, 0.8 to 6.6 GB, are far larger than L2) of the forward and forward+backward at
+   N = 8,192 and 32,768 tokens x 50,257 against ``F.cross_entropy`` eager, ``torch.compile``
+   of it and Liger-Kernel (if importable). Printed as a table of ms, GB/s under the byte model
+   of ``bench/byte_model.py``, the percentage of a device-to-device copy measured in the same
+   run, speed ratios and the peak memory above the inputs; written to
+   ``bench/results/gpu_check_<gpu>.csv``.
+3. ``--sweep``: the row kernels alone under other launch choices (BLOCK_SIZE, num_warps,
+   16-byte aligned body on or off), each timed at N = 8,192 and 32,768 for bf16 and fp32,
+   written to ``bench/results/gpu_sweep_<gpu>.csv`` with the best choice per case printed.
+
+Without CUDA it prints one line saying so and exits with status 2. ``--dry-run`` instead
+runs every step on the CPU under Triton's interpreter with small shapes (V = 1,001, N = 16,
+8 rows per correctness case, no torch.compile; the figures mean nothing): a check that the
+script itself works.
+"""
+
+import argparse
+import csv
+import datetime
+import os
+import re
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)  # ``bench.byte_model`` when run as ``python bench/gpu_check.py``
+
+V = 50_257  # GPT-2's vocabulary: 100,514 bytes per bf16 row, rows at every 16-byte phase
+TOKENS = (8_192, 32_768)
+
+
+def _fail(message, status=2):
+    print(f"gpu_check: {message}", file=sys.stderr)
+    sys.exit(status)
+
+
+def _parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tokens", default=",".join(map(str, TOKENS)),
+                   help="token counts N of the timing table (comma-separated)")
+    p.add_argument("--dtypes", default="bf16,fp32", help="dtypes of the timing table")
+    p.add_argument("--quick", action="store_true", help="N = 8,192 only, no torch.compile")
+    p.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
+    p.add_argument("--sweep", action="store_true", help="also run the launch-parameter sweep")
+    p.add_argument("--sweep-only", action="store_true", help="only the sweep")
+    p.add_argument("--blocks", default="4096,8192,16384", help="sweep: BLOCK_SIZE values")
+    p.add_argument("--warps", default="4,8,16", help="sweep: num_warps values")
+    p.add_argument("--out", default=os.path.join(HERE, "results"), help="CSV directory")
+    p.add_argument("--vocab", type=int, default=V, help="classes per row (default GPT-2's)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="no GPU: every step on the CPU under the Triton interpreter, tiny "
+                        "shapes, CSVs to a temporary directory (tests the script only)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.tokens, args.no_compile = "8192", True
+    if args.dry_run:
+        args.tokens, args.no_compile, args.vocab = "16", True, 1001
+        args.blocks, args.warps = "512,1024", "1,2"
+        if args.out == os.path.join(HERE, "results"):
+            import tempfile
+
+            args.out = tempfile.mkdtemp(prefix="gpu_check_dry_run_")
+    return args
+
+
+class _Device:
+    """The few device calls the check makes; the dry run puts CPU stand-ins in their place."""
+
+    def __init__(self, torch, dry_run):
+        self.torch, self.dry_run = torch, dry_run
+        if dry_run:
+            self.device = torch.device("cpu")
+            self.name = "CPU dry run (Triton interpreter)"
+        else:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+            self.name = torch.cuda.get_device_name(self.device)
+        self.fused_kwargs = {"backend": "triton"} if dry_run else {}
+
+    def sync(self):
+        if not self.dry_run:
+            self.torch.cuda.synchronize(self.device)
+
+    def empty_cache(self):
+        if not self.dry_run:
+            self.torch.cuda.empty_cache()
+
+    def peak_extra_mib(self, fn):
+        """Peak memory above what is allocated now, during one call of ``fn``."""
+        if self.dry_run:
+            fn()
+            return float("nan")
+        cuda = self.torch.cuda
+        cuda.synchronize(self.device)
+        cuda.reset_peak_memory_stats(self.device)
+        held = cuda.memory_allocated(self.device)
+        fn()
+        cuda.synchronize(self.device)
+        return (cuda.max_memory_allocated(self.device) - held) / 2**20
+
+
+def _cpu_do_bench(fn, warmup=None, rep=None, grad_to_none=None, return_mode="median"):
+    """The dry run's stand-in for ``triton.testing.do_bench``: median of 3 calls, in ms."""
+    times = []
+    for _ in range(3):
+        for t in grad_to_none or ():
+            t.grad = None
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times)[1]
+
+
+DTYPES = {}  # name -> torch dtype, filled once torch is imported
+
+
+def _dtype(name):
+    return DTYPES[name]
+
+
+# ----------------------------------------------------------------------------------------
+# 1. Correctness
+
+
+def _rel_err(a, b):
+    """max |a - b| / max |b|: one number per tensor, NaN positions required to agree."""
+    a, b = a.double(), b.double()
+    nan_a, nan_b = a.isnan(), b.isnan()
+    if not bool((nan_a == nan_b).all()):
+        return float("inf")
+    a, b = a[~nan_b], b[~nan_b]
+    if b.numel() == 0:
+        return 0.0
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+TOL = {"fp32": 2e-5, "bf16": 2e-2, "fp16": 4e-3}  # relative to the largest reference value
+
+
+def _correctness_cases():
+    """``(name, dtype, n_rows, n_cols, options)``: options of ``fusedce.cross_entropy``
+    plus ``pad`` (extra columns of row stride) and ``offset`` (elements before row 0)."""
+    cases = []
+    for dt in ("fp32", "bf16", "fp16"):
+        for red in ("mean", "sum", "none"):
+            cases.append((f"{red}", dt, 96, V, {"reduction": red}))
+        cases.append(("ignore_index+smoothing", dt, 96, V,
+                      {"ignore_index": 7, "label_smoothing": 0.1}))
+        cases.append(("weight+smoothing", dt, 96, V, {"weight": True, "label_smoothing": 0.05}))
+        cases.append(("inplace-mean", dt, 96, V, {"inplace_backward": True}))
+        cases.append(("inplace-none", dt, 96, V,
+                      {"inplace_backward": True, "reduction": "none"}))
+        cases.append(("padded-stride+offset", dt, 64, V, {"pad": 5, "offset": 3}))
+        cases.append(("inplace-padded-stride+offset", dt, 64, V,
+                      {"pad": 5, "offset": 3, "inplace_backward": True}))
+        for n_cols in (1, 7, 100, 8193):  # one column, shorter than 16 bytes, > one block
+            cases.append((f"C={n_cols}", dt, 37, n_cols, {"reduction": "sum"}))
+    return cases
+
+
+def check_correctness(torch, F, fusedce, dev, max_rows=None):
+    """Runs every case; returns the number of failures (printed as they happen)."""
+    device = dev.device
+    gen = torch.Generator(device=device).manual_seed(0)
+    failures = 0
+    print(f"correctness against float64 PyTorch on {dev.name}")
+    for name, dt, n, c, opts in _correctness_cases():
+        opts = dict(opts)
+        n = min(n, max_rows or n)
+        pad, offset = opts.pop("pad", 0), opts.pop("offset", 0)
+        dtype = _dtype(dt)
+        # logits: a view into a larger buffer when padded or offset (rows off 16 bytes)
+        buf = torch.randn(offset + n * (c + pad) + 16, generator=gen, device=device)
+        buf = (buf * 3).to(dtype)
+        x = buf[offset:offset + n * (c + pad)].view(n, c + pad)[:, :c]
+        target = torch.randint(0, c, (n,), generator=gen, device=device)
+        target[0], target[-1] = 0, c - 1
+        ignore_index = opts.get("ignore_index", -100)
+        target[1::9] = ignore_index
+        weight = None
+        if opts.pop("weight", False):
+            weight = torch.rand(c, generator=gen, device=device) + 0.5
+        reduction = opts.get("reduction", "mean")
+        upstream = (torch.randn(n, generator=gen, device=device) if reduction == "none"
+                    else torch.randn((), generator=gen, device=device)).to(dtype)
+
+        x64 = x.detach().double().requires_grad_(True)
+        ref = F.cross_entropy(x64, target, weight=None if weight is None else weight.double(),
+                              ignore_index=ignore_index, reduction=reduction,
+                              label_smoothing=opts.get("label_smoothing", 0.0))
+        (ref_grad,) = torch.autograd.grad(ref, x64, upstream.double())
+
+        # the padded / offset cases run on the view itself (in-place mode writes into buf),
+        # and every element of buf outside the logits must keep its value
+        outside = torch.ones(buf.shape, dtype=torch.bool, device=device)
+        outside[offset:offset + n * (c + pad)].view(n, c + pad)[:, :c] = False
+        before = buf[outside].clone()
+        xin = (x.detach() if (pad or offset) else x.detach().clone()).requires_grad_(True)
+        try:
+            loss = fusedce.cross_entropy(xin, target, weight=weight, **opts,
+                                         **dev.fused_kwargs)
+            (grad,) = torch.autograd.grad(loss, xin, upstream)
+            dev.sync()
+            errs = {"loss": _rel_err(loss, ref), "grad": _rel_err(grad, ref_grad)}
+            untouched = torch.equal(buf[outside], before)
+            ok = all(e <= TOL[dt] for e in errs.values()) and untouched
+            detail = " ".join(f"{k} {v:.1e}" for k, v in errs.items())
+            if not untouched:
+                detail += " WROTE OUTSIDE THE LOGITS"
+        except Exception as e:  # a crash is a failed case, not the end of the check
+            ok, detail = False, f"{type(e).__name__}: {e}"
+        failures += not ok
+        print(f"  {'ok  ' if ok else 'FAIL'} {dt:<4} {n:>3}x{c:<6} {name:<30} {detail}")
+    return failures
+
+
+# ----------------------------------------------------------------------------------------
+# 2. Timing
+
+
+def _bench(do_bench, fn, grad_to_none=None):
+    fn()  # first call: compiles (Triton JIT, torch.compile) outside the timed region
+    fn()
+    return do_bench(fn, warmup=25, rep=200, grad_to_none=grad_to_none, return_mode="median")
+
+
+def copy_bandwidth(torch, do_bench, device, nbytes=1 << 30):
+    """Bytes per second of a device-to-device copy of 1 GiB (read + write counted)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    ms = _bench(do_bench, lambda: dst.copy_(src))
+    return 2 * src.numel() / (ms * 1e-3)
+
+
+def _impls(torch, F, fusedce, use_compile, fused_kwargs):
+    """name -> (loss function of (x, target), byte model of its forward+backward)."""
+    kw = fused_kwargs
+    impls = {
+        "fusedce": (lambda x, t: fusedce.cross_entropy(x, t, **kw), "fwd_bwd"),
+        "fusedce-inplace": (
+            lambda x, t: fusedce.cross_entropy(x, t, inplace_backward=True, **kw),
+            "fwd_bwd_inplace"),
+        "eager": (lambda x, t: F.cross_entropy(x, t), "fwd_bwd"),
+    }
+    if use_compile:
+        compiled = torch.compile(lambda x, t: F.cross_entropy(x, t), dynamic=False)
+        impls["torch.compile"] = (compiled, "fwd_bwd")
+    try:
+        from liger_kernel.transformers import LigerCrossEntropyLoss
+
+        # Liger writes the gradient over the logits during the forward: in-place traffic
+        impls["liger"] = (LigerCrossEntropyLoss(reduction="mean"), "fwd_bwd_inplace")
+    except Exception as e:  # not installed, or an incompatible version
+        print(f"  (Liger-Kernel not timed: {type(e).__name__}: {e})")
+    return impls
+
+
+def time_table(torch, F, fusedce, do_bench, ce_bytes, dev, tokens, dtypes, use_compile):
+    device = dev.device
+    copy_bps = copy_bandwidth(torch, do_bench, device, 1 << (24 if dev.dry_run else 30))
+    print(f"\ndevice-to-device copy: {copy_bps / 1e9:.0f} GB/s (read + write)")
+    impls = _impls(torch, F, fusedce, use_compile, dev.fused_kwargs)
+    rows = []
+    for dt in dtypes:
+        dtype = _dtype(dt)
+        for n in tokens:
+            gen = torch.Generator(device=device).manual_seed(n)
+            base = torch.randn(n, V, generator=gen, device=device).to(dtype)
+            target = torch.randint(0, V, (n,), generator=gen, device=device)
+            for name, (fn, model) in impls.items():
+                for pass_ in ("fwd", "fwd_bwd"):
+                    if pass_ == "fwd" and name == "fusedce-inplace":
+                        continue  # its forward is the gradient pass too: only fwd+bwd
+                    # a fresh leaf per case: in-place impls overwrite their logits
+                    x = base.clone().requires_grad_(True)
+                    if pass_ == "fwd":
+                        call = lambda fn=fn, x=x, t=target: fn(x, t)  # noqa: E731
+                    else:
+                        call = lambda fn=fn, x=x, t=target: fn(x, t).backward()  # noqa: E731
+                    t0 = time.perf_counter()
+                    try:
+                        ms = _bench(do_bench, call, grad_to_none=[x])
+                        x.grad = None
+                        peak = dev.peak_extra_mib(call)
+                        x.grad = None
+                    except Exception as e:
+                        print(f"  {name} {pass_} {dt} N={n}: {type(e).__name__}: {e}")
+                        continue
+                    bytes_ = ce_bytes(n, V, dtype, "fwd" if pass_ == "fwd" else model)
+                    rows.append({
+                        "dtype": dt, "tokens": n, "vocab": V, "pass": pass_, "impl": name,
+                        "ms": ms, "byte_model": "fwd" if pass_ == "fwd" else model,
+                        "bytes": bytes_, "gbps": bytes_ / (ms * 1e-3) / 1e9,
+                        "pct_copy": 100 * bytes_ / (ms * 1e-3) / copy_bps,
+                        "copy_gbps": copy_bps / 1e9, "peak_extra_mib": peak,
+                        "setup_s": time.perf_counter() - t0,
+                    })
+                    del x
+            del base
+            dev.empty_cache()
+    # ratios within the run: how many times faster fusedce is than each peer
+    for r in rows:
+        for peer in ("eager", "torch.compile", "liger"):
+            other = [o for o in rows if o["impl"] == peer and o["dtype"] == r["dtype"]
+                     and o["tokens"] == r["tokens"] and o["pass"] == r["pass"]]
+            r[f"x_vs_{peer}"] = other[0]["ms"] / r["ms"] if other else None
+    return rows, copy_bps
+
+
+def print_table(rows):
+    head = (f"{'dtype':<5} {'N':>6} {'pass':<7} {'impl':<16} {'ms':>8} {'GB/s':>7} "
+            f"{'%copy':>6} {'model':<15} {'x eager':>8} {'x compile':>9} {'x liger':>8} "
+            f"{'peak+MiB':>9}")
+    print("\n" + head + "\n" + "-" * len(head))
+
+    def ratio(v):
+        return f"{v:.2f}" if v is not None else "-"
+
+    for r in rows:
+        print(f"{r['dtype']:<5} {r['tokens']:>6} {r['pass']:<7} {r['impl']:<16} "
+              f"{r['ms']:>8.3f} {r['gbps']:>7.0f} {r['pct_copy']:>6.1f} {r['byte_model']:<15} "
+              f"{ratio(r['x_vs_eager']):>8} {ratio(r['x_vs_torch.compile']):>9} "
+              f"{ratio(r['x_vs_liger']):>8} {r['peak_extra_mib']:>9.0f}")
+
+
+# ----------------------------------------------------------------------------------------
+# 3. Launch-parameter sweep of the row kernels (issue 8)
+
+
+def _sweep_case(torch, do_bench, ce_bytes, ce, device, dt, n, configs, default_choice):
+    """All launch choices for one (dtype, N): rows of the sweep table."""
+    dtype = _dtype(dt)
+    gen = torch.Generator(device=device).manual_seed(n)
+    x = torch.randn(n, V, generator=gen, device=device).to(dtype)
+    target = torch.randint(0, V, (n,), generator=gen, device=device)
+    dloss = torch.full((1,), 1.0 / n, device=device).expand(n)
+    scale = torch.full((1,), 1.0 / n, device=device)
+    dx = torch.empty_like(x)
+    x_inplace = x.clone()  # overwritten by its gradient at every call: still finite logits
+    _, lse = ce.ce_fwd(x, target)
+    bwd_bytes = ce_bytes(n, V, dtype, "fwd_bwd") - ce_bytes(n, V, dtype, "fwd")
+    kernels = {
+        "fwd": (lambda: ce.ce_fwd(x, target), ce_bytes(n, V, dtype, "fwd")),
+        "bwd": (lambda: ce.ce_bwd(x, target, lse, dloss, dx=dx), bwd_bytes),
+        "fwd_inplace": (lambda: ce.ce_fwd(x_inplace, target, inplace_scale=scale),
+                        ce_bytes(n, V, dtype, "fwd_bwd_inplace")),
+    }
+    rows = []
+    for block, nw, v in configs:
+        ce.launch_config = lambda dtype_, n_cols, c=(block, nw, v): c
+        for kname, (fn, bytes_) in kernels.items():
+            try:
+                ms = _bench(do_bench, fn)
+            except Exception as e:  # e.g. out of registers or shared memory
+                print(f"  {dt} N={n} {kname} BLOCK={block} warps={nw} VEC={v}: "
+                      f"{type(e).__name__}: {str(e)[:200]}")
+                continue
+            rows.append({
+                "dtype": dt, "tokens": n, "kernel": kname, "block": block, "num_warps": nw,
+                "vec": v, "aligned": v > 1, "default": (block, nw, v) == default_choice,
+                "ms": ms, "gbps": bytes_ / (ms * 1e-3) / 1e9,
+            })
+            print(f"  {dt} N={n:>6} {kname:<12} BLOCK={block:>5} warps={nw:>2} VEC={v} "
+                  f"{ms:8.3f} ms {rows[-1]['gbps']:7.0f} GB/s", flush=True)
+    return rows
+
+
+def sweep(torch, do_bench, ce_bytes, dev, blocks, warps, tokens=TOKENS,
+          dtypes=("bf16", "fp32")):
+    """Times ``ce_fwd``, ``ce_bwd`` and the in-place ``ce_fwd`` with ``launch_config``
+    replaced by each choice of BLOCK_SIZE x num_warps, and the default choice with the
+    aligned body off (VEC = 1: the plain loop)."""
+    from fusedce.kernels import cross_entropy as ce
+
+    default = ce.launch_config
+    rows = []
+    try:
+        for dt in dtypes:
+            d_block, d_warps, vec = default(_dtype(dt), V)
+            configs = [(b, w, vec) for b in blocks for w in warps
+                       if 2 <= b // (32 * w) <= 128] + [(d_block, d_warps, 1)]
+            for n in tokens:
+                rows += _sweep_case(torch, do_bench, ce_bytes, ce, dev.device, dt, n, configs,
+                                    (d_block, d_warps, vec))
+                dev.empty_cache()
+    finally:
+        ce.launch_config = default
+    print("\nbest launch choice per case (default marked *):")
+    for key in sorted({(r["dtype"], r["tokens"], r["kernel"]) for r in rows}):
+        case = [r for r in rows if (r["dtype"], r["tokens"], r["kernel"]) == key]
+        best = min(case, key=lambda r: r["ms"])
+        dflt = [r for r in case if r["default"]]
+        tail = (f"; default {dflt[0]['ms']:.3f} ms ({dflt[0]['ms'] / best['ms']:.2f}x the best)"
+                if dflt else "")
+        print(f"  {key[0]} N={key[1]:>6} {key[2]:<12} BLOCK={best['block']} "
+              f"warps={best['num_warps']} VEC={best['vec']}"
+              f"{'*' if best['default'] else ''}: {best['ms']:.3f} ms {best['gbps']:.0f} GB/s"
+              + tail)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------
+
+
+def _write_csv(path, rows, extra):
+    if not rows:
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fields = list(extra) + list(rows[0])
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for r in rows:
+            w.writerow({**extra, **r})
+    print(f"wrote {path}")
+
+
+def main(argv=None):
+    global V
+    args = _parse_args(argv)
+    V = args.vocab
+    if args.dry_run:
+        if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+            _fail("--dry-run needs TRITON_INTERPRET=1 before Triton is imported")
+        os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        _fail("PyTorch is not installed")
+    if not args.dry_run and not torch.cuda.is_available():
+        _fail("no CUDA device (torch.cuda.is_available() is False): this check needs an "
+              "NVIDIA GPU; the CPU tests are `pytest`, a CPU run of this script --dry-run")
+    try:
+        import triton
+        from triton.testing import do_bench
+    except ImportError:
+        _fail("Triton is not installed (pip install triton)")
+    import fusedce
+    from bench.byte_model import ce_bytes
+
+    DTYPES.update(fp32=torch.float32, bf16=torch.bfloat16, fp16=torch.float16)
+    dev = _Device(torch, args.dry_run)
+    if args.dry_run:
+        do_bench = _cpu_do_bench
+    gpu = dev.name
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-")
+
+    extra = {"device": gpu, "torch": torch.__version__, "triton": triton.__version__,
+             "date": datetime.date.today().isoformat()}
+    print(f"{gpu} | torch {torch.__version__} | triton {triton.__version__}")
+    start = time.perf_counter()
+    failures = 0
+    if not args.sweep_only:
+        failures = check_correctness(torch, F, fusedce, dev, 8 if args.dry_run else None)
+        print(f"correctness: {failures} failure(s)")
+        tokens = [int(t) for t in args.tokens.split(",")]
+        dtypes = args.dtypes.split(",")
+        rows, _ = time_table(torch, F, fusedce, do_bench, ce_bytes, dev, tokens, dtypes,
+                             not args.no_compile)
+        print_table(rows)
+        _write_csv(os.path.join(args.out, f"gpu_check_{slug}.csv"), rows, extra)
+    if args.sweep or args.sweep_only:
+        rows = sweep(torch, do_bench, ce_bytes, dev,
+                     [int(b) for b in args.blocks.split(",")],
+                     [int(w) for w in args.warps.split(",")],
+                     tokens=[int(t) for t in args.tokens.split(",")])
+        _write_csv(os.path.join(args.out, f"gpu_sweep_{slug}.csv"), rows, extra)
+    print(f"\ndone in {time.perf_counter() - start:.0f} s"
+          + (f"; {failures} correctness failure(s)" if failures else ""))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
