@@ -123,7 +123,8 @@ def test_kdim_dtypes(dtype, atol, rtol, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced", "transposed"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "every-other", "cropped",
+                                    "transposed"])
 def test_kdim_layouts_reach_the_op_without_a_copy(layout, backend, monkeypatch):
     """The (N, C, L) tensor the op gets is a view of the caller's logits (same storage), for
     the usual layouts; the gradient comes back in the caller's strides."""
@@ -132,8 +133,10 @@ def test_kdim_layouts_reach_the_op_without_a_copy(layout, backend, monkeypatch):
         x = logits((n, c, h, w))
     elif layout == "channels_last":  # classes contiguous: the row-wise kernels apply
         x = logits((n, c, h, w)).contiguous(memory_format=torch.channels_last)
-    elif layout == "sliced":  # every other position of a larger map
+    elif layout == "every-other":  # every other column of a wider map: still one stride
         x = logits((n, c, h, 2 * w))[..., ::2]
+    elif layout == "cropped":  # a crop of a larger map: rows and columns do not merge
+        x = logits((n, c, h + 1, w + 1))[:, :, :h, :w]
     else:  # (N, L, C) storage seen as (N, C, L)
         x = logits((n, h * w, c)).transpose(1, 2).reshape(n, c, h, w)
     seen = []
@@ -147,11 +150,11 @@ def test_kdim_layouts_reach_the_op_without_a_copy(layout, backend, monkeypatch):
     target = indices((n, h, w), c)
     run_both(x, target, reduction="sum", backend=backend)
     same_storage = seen[0].untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
-    # sliced: d1, d2 cannot be merged into one stride, the documented case of a copy
-    assert same_storage == (layout != "sliced")
+    # cropped: d1, d2 cannot be merged into one stride, the documented case of a copy
+    assert same_storage == (layout != "cropped")
     xf = x.detach().requires_grad_()
     fusedce.cross_entropy(xf, target, backend=backend).backward()
-    if layout != "sliced":
+    if layout not in ("cropped", "every-other"):  # (non-dense x: a dense gradient)
         assert xf.grad.stride() == x.stride()
 
 
