@@ -52,10 +52,12 @@ def _soft_weights(yc, weight, eps, n_cols, acc):
     """``w_c * y'_c`` for a (n, C, l) chunk, ``y' = (1 - eps) * y + eps / C``."""
     y = yc.to(acc)
     if eps > 0:
-        y = y * (1.0 - eps) + eps / n_cols
-    if weight is not None:
+        y = y.mul(1.0 - eps).add_(eps / n_cols)  # a new tensor: later ops may work in place
+        if weight is not None:
+            y.mul_(weight.to(acc)[None, :, None])
+    elif weight is not None:
         y = y * weight.to(acc)[None, :, None]
-    return y
+    return y  # may be the target itself: never written
 
 
 def ce_strided_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0):
@@ -79,7 +81,8 @@ def ce_strided_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.
             lse_c = torch.logsumexp(xc, dim=1)
             wy = _soft_weights(target[n0:n1, :, l0:l1], weight, eps, n_cols, acc)
             # -(log_softmax * w * y').sum over classes, in PyTorch's order of operations
-            loss[n0:n1, l0:l1] = -((xc - lse_c[:, None]) * wy).sum(1)
+            logp = torch.sub(xc, lse_c[:, None])
+            loss[n0:n1, l0:l1] = -logp.mul_(wy).sum(1)
             lse[n0:n1, l0:l1] = lse_c
             s[n0:n1, l0:l1] = wy.sum(1)
         return loss.reshape(-1), lse.reshape(-1), s.reshape(-1)
@@ -137,8 +140,8 @@ def ce_strided_bwd(x, target, lse, s, dloss, weight=None, ignore_index=-100,
                     wd = wd * weight.to(acc)[None, :, None]
                 dy[n0:n1, :, l0:l1] = wd * (lse_c - xc)
             if need_dx:
-                grad = (torch.exp(xc - lse_c) * s[n0:n1, None, l0:l1] - wy) * g
-                dx[n0:n1, :, l0:l1] = grad
+                grad = torch.sub(xc, lse_c).exp_().mul_(s[n0:n1, None, l0:l1]).sub_(wy)
+                dx[n0:n1, :, l0:l1] = grad.mul_(g)
             continue
         g = g_all[n0:n1, l0:l1]
         grad = torch.exp(xc - lse_c) * A[n0:n1, None, l0:l1]
