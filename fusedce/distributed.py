@@ -62,15 +62,15 @@ _BACKENDS = ("auto", "triton", "torch")
 CHUNK_ELEMENTS = 1 << 18
 # Logit elements per chunk of the linear form: 2**22 fp32 values (16 MiB).
 LINEAR_CHUNK_ELEMENTS = 1 << 22
-MAX_BLOCK_SIZE = 8192
-NUM_WARPS = 8
 
 
 # --------------------------------------------------------------------------- kernels
+# Thin per-row kernels over the row passes of fusedce.kernels.cross_entropy (``_row_lse``,
+# ``_row_grad``: one read of each logit, 16-byte loads and stores over rows at any
+# alignment) and its launch configuration.
 
 if triton is not None:
-    # exp(x) == exp2(x * LOG2E); a constexpr because the GPU compiler refuses plain globals
-    LOG2E = tl.constexpr(1.4426950408889634)
+    from .kernels.cross_entropy import _row_grad, _row_lse, launch_config
 
     @triton.jit
     def _vp_partials_kernel(
@@ -82,6 +82,7 @@ if triton is not None:
         HAS_WEIGHT: tl.constexpr,
         HAS_SMOOTHING: tl.constexpr,
         BLOCK_SIZE: tl.constexpr,
+        VEC: tl.constexpr,
     ):
         """One pass over a row of the shard: its log-sum-exp, target logit and ``sum w x``.
 
@@ -89,35 +90,12 @@ if triton is not None:
         t_ptr:      (rows,) int64 target in shard-local ids, -1 when not in this shard
         weight_ptr: (n_cols,) the shard's class weights (read only if HAS_WEIGHT)
         part_ptr:   (>= 3 * rows,) fp32 out: [lse_r | xt_r | swx_r], each (rows,); the
-                    third is written only if HAS_SMOOTHING
-        Online softmax (Milakov & Gimelshein 2018): running max ``m``, rescaled sum ``d``.
+                    third is written only if HAS_SMOOTHING. An empty shard gives lse -inf.
         """
         row = tl.program_id(0).to(tl.int64)  # int64: row * stride passes 2**31
-        x_row_ptr = x_ptr + row * x_row_stride
-        t = tl.load(t_ptr + row).to(tl.int64)
-        m = tl.full((), float("-inf"), tl.float32)
-        d = tl.zeros((), tl.float32)
-        x_t = tl.zeros((), tl.float32)
-        sum_wx = tl.zeros((), tl.float32)
-        for start in range(0, n_cols, BLOCK_SIZE):
-            cols = start + tl.arange(0, BLOCK_SIZE)
-            mask = cols < n_cols
-            # -inf in the masked lanes: exp of it is 0
-            x = tl.load(x_row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
-            m_new = tl.maximum(m, tl.max(x, axis=0))
-            # a block of -inf only must not give (-inf) - (-inf) = NaN
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-            d = d * tl.exp2((m - m_ref) * LOG2E) + tl.sum(tl.exp2((x - m_ref) * LOG2E), axis=0)
-            m = m_new
-            x_t += tl.sum(tl.where(cols == t, x, 0.0), axis=0)
-            if HAS_SMOOTHING:
-                if HAS_WEIGHT:
-                    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-                    sum_wx += tl.sum(tl.where(mask, w * x, 0.0), axis=0)
-                else:
-                    sum_wx += tl.sum(tl.where(mask, x, 0.0), axis=0)
-        # d == 0 (empty shard or all -inf): log(0) = -inf, a neutral term of the merge
-        lse = tl.where(m == float("-inf"), 0.0, m) + tl.log(d)
+        t_col = tl.load(t_ptr + row).to(tl.int32)
+        lse, x_t, sum_wx = _row_lse(x_ptr, row * x_row_stride, n_cols, t_col, weight_ptr,
+                                    BLOCK_SIZE, VEC, HAS_WEIGHT, HAS_SMOOTHING)
         tl.store(part_ptr + row, lse)
         tl.store(part_ptr + n_rows + row, x_t)
         if HAS_SMOOTHING:
@@ -128,50 +106,47 @@ if triton is not None:
         x_ptr, x_row_stride,
         dx_ptr, dx_row_stride,
         t_ptr,
-        lse_ptr,
-        coef_ptr,
+        lse_ptr, g_ptr, w_t_ptr,
+        consts_ptr,
         weight_ptr,
-        n_rows, n_cols,
+        n_cols, label_smoothing,
         HAS_WEIGHT: tl.constexpr,
         HAS_SMOOTHING: tl.constexpr,
+        SAME_LAYOUT: tl.constexpr,
         BLOCK_SIZE: tl.constexpr,
+        VEC: tl.constexpr,
     ):
-        """``dx = p * a - b * onehot(t) - k * w`` over a row of the shard.
+        """The shard's gradient ``dx = (p * A - B * onehot(t) - eps / C * w) * g``.
 
-        x_ptr:    (rows, n_cols) fp32/bf16/fp16 shard logits, unit column stride
-        dx_ptr:   (rows, n_cols) out, dtype of x, unit column stride (may be x itself)
-        t_ptr:    (rows,) int64 shard-local target, -1 when not in this shard
-        lse_ptr:  (rows,) fp32 global log-sum-exp
-        coef_ptr: (3 * rows,) fp32 [a | b | k] per row, upstream gradient folded in
-        weight_ptr: (n_cols,) the shard's class weights (read only if HAS_WEIGHT)
+        x_ptr:      (rows, n_cols) fp32/bf16/fp16 shard logits, unit column stride
+        dx_ptr:     (rows, n_cols) out, dtype of x, unit column stride (may be x itself);
+                    SAME_LAYOUT when its row stride is x's (then 16-byte stores)
+        t_ptr:      (rows,) int64 shard-local target, -1 when not in this shard
+        lse_ptr, g_ptr, w_t_ptr: (rows,) fp32 global log-sum-exp, upstream gradient (the
+                    denominator folded in, 0 for ignored rows, NaN for bad targets), and
+                    the class weight of the global target
+        consts_ptr: (2,) fp32 ``[W, C]``, the global weight sum and class count (read only
+                    if HAS_SMOOTHING); weight_ptr: (n_cols,) the shard's class weights
+
+        ``_row_grad`` divides the smoothing by the row's own width: with ``eps_r = eps *
+        n_cols / C`` and ``w_t * (1 - eps) / (1 - eps_r)`` for the target's weight, its
+        ``A``, ``B`` and ``eps_r / n_cols`` are the global ones.
         """
         row = tl.program_id(0).to(tl.int64)
         t = tl.load(t_ptr + row).to(tl.int64)
         lse = tl.load(lse_ptr + row)
-        a = tl.load(coef_ptr + row)
-        b = tl.load(coef_ptr + n_rows + row)
-        k = 0.0
+        g = tl.load(g_ptr + row)
+        w_t = tl.load(w_t_ptr + row)
+        W = 0.0
+        eps_r = 0.0
         if HAS_SMOOTHING:
-            k = tl.load(coef_ptr + 2 * n_rows + row)
-        x_row_ptr = x_ptr + row * x_row_stride
-        dx_row_ptr = dx_ptr + row * dx_row_stride
-        for start in range(0, n_cols, BLOCK_SIZE):
-            cols = start + tl.arange(0, BLOCK_SIZE)
-            mask = cols < n_cols
-            x = tl.load(x_row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-            p = tl.exp2((x - lse) * LOG2E)
-            dx = p * a - tl.where(cols == t, b, 0.0)
-            if HAS_SMOOTHING:
-                if HAS_WEIGHT:
-                    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-                    dx -= k * w
-                else:
-                    dx -= k
-            tl.store(dx_row_ptr + cols, dx.to(dx_row_ptr.dtype.element_ty), mask=mask)
-
-
-def _block_size(n_cols):
-    return min(MAX_BLOCK_SIZE, triton.next_power_of_2(max(n_cols, 16)))
+            W = tl.load(consts_ptr)
+            eps_r = label_smoothing * n_cols / tl.load(consts_ptr + 1)
+            # eps_r == 1 only for one rank holding everything with eps == 1: then B = 0
+            w_t = tl.where(eps_r < 1.0, w_t * (1.0 - label_smoothing) / (1.0 - eps_r), 0.0)
+        _row_grad(x_ptr, row * x_row_stride, dx_ptr, row * dx_row_stride, n_cols, t, lse, g,
+                  w_t, weight_ptr, W, eps_r, BLOCK_SIZE, VEC, HAS_WEIGHT, HAS_SMOOTHING,
+                  SAME_LAYOUT)
 
 
 # ------------------------------------------------------- shard-local launchers (two paths)
@@ -282,12 +257,15 @@ def _partials_torch(x, t_local, w_shard, smoothing, part):
     return part
 
 
-def _grad_torch(x, t_local, lse, coef, w_shard, smoothing, dx):
+def _grad_torch(x, t_local, lse, g, w_t, consts, eps, w_shard, dx):
     """PyTorch path of ``_vp_grad_kernel``: writes the shard's gradient into ``dx``."""
     n_rows, n_cols = x.shape
     if n_rows == 0 or n_cols == 0:
         return dx
-    a, b, k = coef[:n_rows], coef[n_rows:2 * n_rows], coef[2 * n_rows:3 * n_rows]
+    smoothing = eps > 0
+    b = (1.0 - eps) * w_t * g
+    a = b + eps * consts[0] / consts[1] * g if smoothing else b
+    k = eps / consts[1] * g if smoothing else None
     in_shard = t_local >= 0
     t_safe = t_local.clamp_min(0)
     b = torch.where(in_shard, b, 0.0)  # rows whose target lives elsewhere: no one-hot term
@@ -317,6 +295,7 @@ def _shard_partials(x, t_local, w_shard, smoothing, part, use_triton):
         return _partials_torch(x, t_local, w_shard, smoothing, part)
     n_rows, n_cols = x.shape
     if n_rows > 0:
+        block, num_warps, vec = launch_config(x.dtype, n_cols)
         _vp_partials_kernel[(n_rows,)](
             x_ptr=x, x_row_stride=x.stride(0),
             t_ptr=t_local,
@@ -325,29 +304,33 @@ def _shard_partials(x, t_local, w_shard, smoothing, part, use_triton):
             n_rows=n_rows, n_cols=n_cols,
             HAS_WEIGHT=w_shard is not None,
             HAS_SMOOTHING=bool(smoothing),
-            BLOCK_SIZE=_block_size(n_cols),
-            num_warps=NUM_WARPS,
+            BLOCK_SIZE=block, VEC=vec,
+            num_warps=num_warps,
         )
     return part
 
 
-def _shard_grad(x, t_local, lse, coef, w_shard, smoothing, dx, use_triton):
+def _shard_grad(x, t_local, lse, g, w_t, consts, eps, w_shard, dx, use_triton):
+    """The shard's gradient into ``dx`` from the per-row ``lse``, ``g`` (upstream gradient
+    over the denominator, masked) and ``w_t``, and ``consts = [W, C]`` (fp32 (2,))."""
     if not use_triton:
-        return _grad_torch(x, t_local, lse, coef, w_shard, smoothing, dx)
+        return _grad_torch(x, t_local, lse, g, w_t, consts, eps, w_shard, dx)
     n_rows, n_cols = x.shape
     if n_rows > 0 and n_cols > 0:
+        block, num_warps, vec = launch_config(x.dtype, n_cols)
         _vp_grad_kernel[(n_rows,)](
             x_ptr=x, x_row_stride=x.stride(0),
             dx_ptr=dx, dx_row_stride=dx.stride(0),
             t_ptr=t_local,
-            lse_ptr=lse,
-            coef_ptr=coef,
+            lse_ptr=lse, g_ptr=g, w_t_ptr=w_t,
+            consts_ptr=consts,
             weight_ptr=w_shard if w_shard is not None else lse,
-            n_rows=n_rows, n_cols=n_cols,
+            n_cols=n_cols, label_smoothing=float(eps),
             HAS_WEIGHT=w_shard is not None,
-            HAS_SMOOTHING=bool(smoothing),
-            BLOCK_SIZE=_block_size(n_cols),
-            num_warps=NUM_WARPS,
+            HAS_SMOOTHING=eps > 0,
+            SAME_LAYOUT=dx.stride(0) == x.stride(0),
+            BLOCK_SIZE=block, VEC=vec,
+            num_warps=num_warps,
         )
     return dx
 
@@ -500,10 +483,9 @@ def _reduce(loss, denom, reduction):
     return total / denom[0] if reduction == "mean" else total
 
 
-def _row_coefficients(grad_out, n_rows, reduction, denom, ignored, valid, w_t, w_sum,
-                      n_classes, eps):
-    """``[a | b | k]`` (3 * rows fp32) of the gradient formula, upstream gradient folded in;
-    ignored rows get 0, rows with an out-of-range target NaN (as in fusedce.cross_entropy)."""
+def _row_grad_scale(grad_out, n_rows, reduction, denom, ignored, valid):
+    """Each row's upstream gradient over the reduction's denominator, fp32 (rows,)
+    contiguous: 0 for ignored rows, NaN for out-of-range targets (as fusedce.cross_entropy)."""
     if reduction == "none":
         g = grad_out.float()
     else:
@@ -511,13 +493,13 @@ def _row_coefficients(grad_out, n_rows, reduction, denom, ignored, valid, w_t, w
         if reduction == "mean":
             g = g / denom
         g = g.expand(n_rows)
-    g = torch.where(ignored, 0.0, torch.where(valid, g, float("nan")))
-    coef = torch.empty(3 * n_rows, dtype=torch.float32, device=g.device)
-    base = (1.0 - eps) * w_t
-    torch.mul(base + eps * w_sum / n_classes, g, out=coef[:n_rows])
-    torch.mul(base, g, out=coef[n_rows:2 * n_rows])
-    torch.mul(g, eps / n_classes, out=coef[2 * n_rows:])
-    return coef
+    return torch.where(ignored, 0.0, torch.where(valid, g, float("nan"))).contiguous()
+
+
+def _consts(w_sum, n_classes):
+    """``[W, C]`` as an fp32 (2,) device tensor."""
+    return torch.stack([torch.as_tensor(w_sum, dtype=torch.float32, device=n_classes.device),
+                        n_classes.float()])
 
 
 def _forward_partials(x_chunks, shard, eps, use_triton, n_rows, device):
@@ -560,18 +542,17 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         denom = _denominator(shard, valid, w_t, reduction)
         ctx.options = (eps, reduction, use_triton)
         ctx.shard = shard
-        ctx.save_for_backward(x, lse, valid, w_t, torch.as_tensor(w_sum), n_classes, denom)
+        ctx.save_for_backward(x, lse, valid, w_t, _consts(w_sum, n_classes), denom)
         return _reduce(loss, denom, reduction).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, lse, valid, w_t, w_sum, n_classes, denom = ctx.saved_tensors
+        x, lse, valid, w_t, consts, denom = ctx.saved_tensors
         eps, reduction, use_triton = ctx.options
         shard = ctx.shard
-        coef = _row_coefficients(grad_out, x.shape[0], reduction, denom, shard.ignored, valid,
-                                 w_t, w_sum, n_classes, eps)
+        g = _row_grad_scale(grad_out, x.shape[0], reduction, denom, shard.ignored, valid)
         dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-        _shard_grad(x, shard.t_local, lse, coef, shard.w_shard, eps > 0, dx, use_triton)
+        _shard_grad(x, shard.t_local, lse, g, w_t, consts, eps, shard.w_shard, dx, use_triton)
         return (dx,) + (None,) * 8
 
 
@@ -656,19 +637,18 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
         denom = _denominator(shard, valid, w_t, reduction)
         ctx.options = (eps, reduction, use_triton, chunk, reduce_input_grad)
         ctx.shard = shard
-        ctx.save_for_backward(h, w_head, b_head, lse, valid, w_t, torch.as_tensor(w_sum),
-                              n_classes, denom)
+        ctx.save_for_backward(h, w_head, b_head, lse, valid, w_t, _consts(w_sum, n_classes),
+                              denom)
         return _reduce(loss, denom, reduction).to(h.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        h, w_head, b_head, lse, valid, w_t, w_sum, n_classes, denom = ctx.saved_tensors
+        h, w_head, b_head, lse, valid, w_t, consts, denom = ctx.saved_tensors
         eps, reduction, use_triton, chunk, reduce_input_grad = ctx.options
         shard = ctx.shard
         n_rows = h.shape[0]
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        coef = _row_coefficients(grad_out, n_rows, reduction, denom, shard.ignored, valid,
-                                 w_t, w_sum, n_classes, eps).view(3, n_rows)
+        g = _row_grad_scale(grad_out, n_rows, reduction, denom, shard.ignored, valid)
         dh = torch.empty_like(h) if need_h else None
         # the slice's weight and bias gradients accumulate over chunks in fp32
         dw = torch.zeros(w_head.shape, dtype=torch.float32, device=h.device) if need_w else None
@@ -676,10 +656,9 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
             if need_b and b_head is not None else None
         for s, logits in _head_chunks(h, w_head, b_head, chunk):
             e = s + logits.shape[0]
-            coef_c = coef[:, s:e].reshape(-1)
             # the chunk's logit gradient overwrites its logits (recomputed, read by nobody else)
-            dlogits = _shard_grad(logits, shard.t_local[s:e], lse[s:e], coef_c, shard.w_shard,
-                                  eps > 0, logits, use_triton)
+            dlogits = _shard_grad(logits, shard.t_local[s:e], lse[s:e], g[s:e], w_t[s:e],
+                                  consts, eps, shard.w_shard, logits, use_triton)
             if dh is not None:
                 torch.mm(dlogits, w_head, out=dh[s:e])
             if dw is not None:

@@ -95,6 +95,9 @@ CASES_2 = [
     Case("triton-weight-smoothing-none", (16, 21), backend="triton", weight=True,
          label_smoothing=0.2, reduction="none", ignored_every=3, targets="boundaries"),
     Case("triton-bf16", (16, 21), backend="triton", dtype="bfloat16", label_smoothing=0.1),
+    # slices wider than one block (8,192 columns), odd: several body blocks, head and tail
+    Case("triton-wide-slices", (8_195, 8_202), backend="triton", rows=3, weight=True,
+         label_smoothing=0.1, reduction="none", targets="boundaries"),
     # the linear form: hidden 13 (odd), chunks of 4 rows over 10 (a short last chunk)
     Case("linear-mean", (9, 14), kind="linear", hidden=13, rows=10, chunk_size=4,
          ignored_every=4),
