@@ -183,7 +183,7 @@ def _check_linear(rank, world, device, counter, rows, hidden, dtype):
     }
 
 
-def _timings(rank, world, device, rows, dtype, repeats):
+def _timings(rank, world, device, rows, dtype, repeats, hidden):
     import fusedce
     from fusedce.distributed import even_vocab_shard, vocab_parallel_cross_entropy
 
@@ -234,11 +234,11 @@ def _timings(rank, world, device, rows, dtype, repeats):
     full.requires_grad_()
     out["single_device_full_fwd_bwd_ms"] = _median_ms(
         lambda: fusedce.cross_entropy(full, target).backward(), device, repeats)
-    out.update(_linear_timings(rank, world, device, rows, dtype, repeats, target))
+    out.update(_linear_timings(rank, world, device, rows, dtype, repeats, target, hidden))
     return out
 
 
-def _linear_timings(rank, world, device, rows, dtype, repeats, target, hidden=768):
+def _linear_timings(rank, world, device, rows, dtype, repeats, target, hidden):
     """The linear form against F.linear + vocab_parallel_cross_entropy (+ the all-reduce of
     the hidden states' gradient), time and, on a GPU, peak memory above the inputs."""
     from fusedce.distributed import (
@@ -294,9 +294,10 @@ def _worker(rank, world, backend, init_file, args):
     for dtype in dtypes:
         checks.append(_check_ce(rank, world, device, counter, rows, dtype, 0.0, False, "mean"))
         checks.append(_check_ce(rank, world, device, counter, rows, dtype, 0.1, True, "none"))
-    checks.append(_check_linear(rank, world, device, counter, rows, 768, torch.float32))
+    checks.append(_check_linear(rank, world, device, counter, rows, args.hidden,
+                                torch.float32))
     times = _timings(rank, world, device, args.time_rows, torch.bfloat16 if backend == "nccl"
-                     else torch.float32, args.repeats)
+                     else torch.float32, args.repeats, args.hidden)
     gathered = [None] * world
     dist.all_gather_object(gathered, (checks, times))
     if rank == 0:
@@ -365,6 +366,8 @@ def main():
                         help="rows of the timings (default 8192 on GPUs, 256 with --gloo)")
     parser.add_argument("--repeats", type=int, default=0,
                         help="timed repeats (default 20 on GPUs, 9 with --gloo)")
+    parser.add_argument("--hidden", type=int, default=768,
+                        help="hidden size of the linear form (default 768, GPT-2 small)")
     parser.add_argument("--csv", default="", help="write the figures to this CSV file")
     args = parser.parse_args()
     if args.gloo:

@@ -10,6 +10,7 @@ random upstream gradient. Fresh ``torch.empty`` buffers are NaN-filled in the wo
 missed write shows up.
 """
 
+import csv
 import dataclasses
 import datetime
 import json
@@ -585,6 +586,37 @@ def test_kernels_compile_for_sm90():
         assert r["v4_loads"] > 0, name  # the logits' aligned body, 16 bytes a load
         if name.startswith("grad"):
             assert r["v4_stores"] > 0, name
+
+
+GPU_CHECK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         "bench", "gpu_check_distributed.py")
+
+
+def test_gpu_check_script_skips_clearly_without_gpus():
+    if torch.cuda.device_count() > 1:
+        pytest.skip("this machine has GPUs for the real run")
+    run = subprocess.run([sys.executable, GPU_CHECK], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.startswith("SKIP: the NCCL check needs at least 2 GPUs"), run.stdout
+
+
+def test_gpu_check_script_on_cpu_processes(tmp_path):
+    """The NCCL script's every step, on 2 gloo processes with tiny shapes: checks pass,
+    the collectives are as documented, the CSV holds the figures."""
+    csv_path = tmp_path / "vp.csv"
+    run = subprocess.run([sys.executable, GPU_CHECK, "--gloo", "2", "--rows", "4",
+                          "--time-rows", "8", "--repeats", "1", "--hidden", "16",
+                          "--csv", str(csv_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.stdout.rstrip().endswith("PASS"), run.stdout[-3000:]
+    assert "FAIL" not in run.stdout
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    assert sum(r["kind"] == "check" and r["ok"] == "True" for r in rows) == 5
+    (timing,) = [r for r in rows if r["kind"] == "timing"]
+    assert float(timing["comm_1_all_gather_ms"]) > 0
 
 
 def test_even_vocab_shard_matches_torch_chunk():
