@@ -639,3 +639,27 @@ def test_needs_a_process_group():
         pytest.skip("a default process group exists in this process")
     with pytest.raises(RuntimeError, match="process group"):
         vocab_parallel_cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]), vocab_start=0)
+
+
+def _table():
+    """Per case: the worst errors over the ranks and the collectives of rank 0."""
+    lines = []
+    for world, cases in [(2, CASES_2), (4, CASES_4)]:
+        began = time.perf_counter()
+        results = _run_group(world, cases)
+        lines.append(f"{world} ranks (gloo, CPU), {time.perf_counter() - began:.1f} s:")
+        for case in cases:
+            per_rank = [res[case.id] for res in results]
+            if any("error" in res for res in per_rank):
+                lines.append(f"  {case.id:36s} ERROR")
+                continue
+            errs = {k: max(res[k] for res in per_rank) for k in per_rank[0]
+                    if k.endswith("_err") or k.endswith("_fused")}
+            calls = per_rank[0].get("fwd_calls"), per_rank[0].get("bwd_calls")
+            lines.append(f"  {case.id:36s} " + " ".join(f"{k}={v:.1e}" for k, v in errs.items())
+                         + (f"  fwd={calls[0]} bwd={calls[1]}" if calls[0] is not None else ""))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(_table())
