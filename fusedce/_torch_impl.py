@@ -114,10 +114,14 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_pool_in_child)
 
 
+def _max_workers():
+    return torch.get_num_threads()
+
+
 def _parallel_rows(n_rows, n_cols, device, work):
     """Runs ``work(start, end)`` over row ranges covering ``[0, n_rows)``: inline for small
     inputs, else one contiguous range per worker thread. ``work`` runs under no_grad."""
-    n_workers = min(torch.get_num_threads(), _cdiv(n_rows * n_cols, PARALLEL_MIN_ELEMENTS),
+    n_workers = min(_max_workers(), _cdiv(n_rows * n_cols, PARALLEL_MIN_ELEMENTS),
                     n_rows)
     if n_workers <= 1 or device.type != "cpu":  # another device: its own streams
         with torch.no_grad():
