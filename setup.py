@@ -24,6 +24,8 @@ setup(
         "demo": ["matplotlib>=3.5", "tqdm>=4"],
         # Hugging Face models, patched with fusedce.patched() (tests/test_hf.py)
         "hf": ["transformers>=4.40"],
+        # `python -m bench` and `pytest bench/ --benchmark-only`
+        "bench": ["pytest>=8", "pytest-benchmark>=4", "matplotlib>=3.5", "tqdm>=4"],
     },
     entry_points={"console_scripts": ["fusedce=fusedce.cli:main"]},
 )
