@@ -101,6 +101,8 @@ def write_markdown(path, rows, meta, skipped, linear_md=None):
     out = [f"# Cross-entropy benchmark: {meta['device']}", "",
            f"- machine: {meta['device']}; torch {meta['torch']}; {meta['date']}",
            f"- command: `{meta['command']}`",
+           f"- load average (1 min) at the start and the end: {meta['load']} (other work on "
+           "the machine slows every case; the ratios are within one run)",
            f"- copy bandwidth (logits-sized `copy_`, fp32): {meta['copy_gbps']} GB/s",
            "- times: medians of interleaved runs in one process; `x eager` / `x compile`: "
            "how many times faster than that peer in the same run",
@@ -183,6 +185,7 @@ def main(argv=None):
     passes = args.passes.split(",")
     cases = args.cases.split(",")
     device = args.device
+    load_start = _loadavg()
     copy_bps = copy_bandwidth(max(tokens), args.vocab, "fp32", device)
     rows, skipped = [], {}
     combos = [(n, d, p) for d in dtypes for p in passes for n in tokens]
@@ -196,7 +199,7 @@ def main(argv=None):
     meta = {"device": device_name(device), "device_kind": kind, "torch": torch.__version__,
             "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
             "command": "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv),
-            "copy_gbps": round(copy_bps / 1e9, 1)}
+            "copy_gbps": round(copy_bps / 1e9, 1), "load": f"{load_start} -> {_loadavg()}"}
     linear_md = None
     if args.linear:
         linear_md = _run_linear(device, args)
@@ -214,6 +217,13 @@ def main(argv=None):
     if skipped:
         print("not run: " + "; ".join(f"{c}: {why}" for c, why in sorted(skipped.items())))
     print(f"wrote {stem}.csv, {stem}.md, {stem}.png")
+
+
+def _loadavg():
+    try:
+        return round(os.getloadavg()[0], 1)
+    except (OSError, AttributeError):
+        return None
 
 
 def _run_linear(device, args):
