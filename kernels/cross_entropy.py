@@ -82,7 +82,10 @@ def _lse_step(x, w_ptrs, mask, m, d, sum_wx, HAS_WEIGHT: tl.constexpr,
     m_new = tl.maximum(m, tl.max(x, axis=0))
     # a block of -inf only (masked vocab) must not make (-inf) - (-inf) = NaN
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-    d = d * tl.exp2((m - m_ref) * LOG2E) + tl.sum(tl.exp2((x - m_ref) * LOG2E), axis=0)
+    # x * LOG2E - m_ref * LOG2E: one FFMA per element instead of FADD + FMUL (the forward
+    # loop is near the issue rate an H200 needs for bf16). The rounding of m_ref * LOG2E is
+    # shared by the whole block: it moves lse by about one ulp of m, no more.
+    d = d * tl.exp2((m - m_ref) * LOG2E) + tl.sum(tl.exp2(x * LOG2E - m_ref * LOG2E), axis=0)
     if HAS_SMOOTHING:
         if HAS_WEIGHT:
             w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
