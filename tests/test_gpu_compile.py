@@ -17,6 +17,10 @@ Checks:
 The compiles run in a subprocess without ``TRITON_INTERPRET`` (the test session runs the
 kernels under the interpreter); both architectures in parallel. Run this file as a script
 for a table: ``python tests/test_gpu_compile.py [--sass DIR]``.
+
+The two last tests are about ``bench/gpu_check.py``, the script to run on a lent GPU: without
+CUDA it must fail in one clear line, and its ``--dry-run`` (every step on the CPU, under the
+interpreter, tiny shapes) must pass.
 """
 
 import json
@@ -100,13 +104,23 @@ def _kernel_modules():
             for m in pkgutil.iter_modules(fusedce.kernels.__path__)]
 
 
+def _entry_points(module):
+    """The module's ``@triton.jit`` functions that no other one of them calls: the kernels
+    a launcher launches (the others are device functions inlined into them)."""
+    from triton.runtime.jit import JITFunction
+
+    jitted = {name: obj for name, obj in vars(module).items() if isinstance(obj, JITFunction)}
+    called = {name for name in jitted for other, fn in jitted.items()
+              if other != name and re.search(rf"\b{name}\s*\(", fn.src)}
+    return {name: obj for name, obj in jitted.items() if name not in called}
+
+
 def _record_launches(dtype_name):
-    """Calls every case with each module's ``*_kernel`` JIT functions replaced by recorders.
+    """Calls every case with each module's kernels replaced by recorders.
 
     Returns the launches ``[(case, kernel, args, kwargs)]`` and the names of the kernels
     that no case launched.
     """
-    from triton.runtime.jit import JITFunction
 
     launches = []
     current = {"case": None}
@@ -123,10 +137,9 @@ def _record_launches(dtype_name):
 
     saved = []
     for module in _kernel_modules():
-        for name, obj in vars(module).items():
-            if isinstance(obj, JITFunction) and name.endswith("_kernel"):
-                saved.append((module, name, obj))
-                setattr(module, name, Recorder(obj))
+        for name, obj in _entry_points(module).items():
+            saved.append((module, name, obj))
+            setattr(module, name, Recorder(obj))
     try:
         for case, thunk in _launch_cases(dtype_name):
             current["case"] = case
@@ -358,6 +371,47 @@ def test_row_loops_move_16_bytes_per_instruction(compiled, kernel, dtype):
         # outside the loops: a handful per row (edge block, target, lse, upstream gradient)
         outside = [op for op, in_loop in r["mem"] if not in_loop]
         assert len(outside) <= 12, f"{_label(r)}: {len(outside)} accesses outside the loops"
+
+
+# ----------------------------------------------------------------------------------------
+# bench/gpu_check.py, the script a lent GPU runs: it must fail clearly without CUDA and its
+# code paths must work (its --dry-run runs them all on the CPU under the interpreter).
+
+GPU_CHECK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         "bench", "gpu_check.py")
+
+
+def test_gpu_check_without_cuda_fails_in_one_line():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the script would run for real")
+    run = subprocess.run([sys.executable, GPU_CHECK], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 2
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gpu_check: no CUDA device"), run.stderr
+    assert "Traceback" not in run.stderr + run.stdout
+
+
+def test_gpu_check_dry_run(tmp_path):
+    """Correctness cases, timing table and CSV of the script, on the CPU (interpreter)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, GPU_CHECK, "--dry-run", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "correctness: 0 failure(s)" in run.stdout
+    assert " FAIL " not in run.stdout
+    (csv_path,) = tmp_path.glob("gpu_check_*.csv")
+    import csv
+
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    impls = {(r["impl"], r["pass"], r["dtype"]) for r in rows}
+    for dt in ("bf16", "fp32"):
+        assert {("fusedce", "fwd", dt), ("fusedce", "fwd_bwd", dt),
+                ("fusedce-inplace", "fwd_bwd", dt), ("eager", "fwd", dt)} <= impls
+    assert all(float(r["ms"]) > 0 and float(r["bytes"]) > 0 for r in rows)
 
 
 def _table(results):
