@@ -4,6 +4,8 @@
     python bench/gpu_check.py --sweep         # also the launch-parameter sweep (issue 8)
     python bench/gpu_check.py --sweep-only    # only the sweep
     python bench/gpu_check.py --quick         # N = 8,192 only, no torch.compile
+    compute-sanitizer --tool memcheck python bench/gpu_check.py --sanitize
+                                              # small odd launches only, for the sanitizer
 
 1. Correctness against PyTorch in float64 on the GPU (fp32, bf16, fp16; V = 50,257 and odd
    sizes; every reduction, ignore_index, class weights, label smoothing, in-place mode with
@@ -19,6 +21,11 @@
 3. ``--sweep``: the row kernels alone under other launch choices (BLOCK_SIZE, num_warps,
    16-byte aligned body on or off), each timed at N = 8,192 and 32,768 for bf16 and fp32,
    written to ``bench/results/gpu_sweep_<gpu>.csv`` with the best choice per case printed.
+
+``--sanitize`` runs only small launches of the row kernels on odd shapes (rows at every
+16-byte phase, padded and offset views, targets equal to ignore_index, out of range and
+negative, in place and the scale kernel) and checks their values; under
+``compute-sanitizer --tool memcheck`` it is the memory check of issue 8.
 
 Without CUDA it prints one line saying so and exits with status 2. ``--dry-run`` instead
 runs every step on the CPU under Triton's interpreter with small shapes (V = 1,001, N = 16,
@@ -61,6 +68,8 @@ def _parse_args(argv):
     p.add_argument("--warps", default="4,8,16", help="sweep: num_warps values")
     p.add_argument("--out", default=os.path.join(HERE, "results"), help="CSV directory")
     p.add_argument("--vocab", type=int, default=V, help="classes per row (default GPT-2's)")
+    p.add_argument("--sanitize", action="store_true",
+                   help="only small launches on odd shapes (run under compute-sanitizer)")
     p.add_argument("--dry-run", action="store_true",
                    help="no GPU: every step on the CPU under the Triton interpreter, tiny "
                         "shapes, CSVs to a temporary directory (tests the script only)")
@@ -224,6 +233,50 @@ def check_correctness(torch, F, fusedce, dev, max_rows=None):
             ok, detail = False, f"{type(e).__name__}: {e}"
         failures += not ok
         print(f"  {'ok  ' if ok else 'FAIL'} {dt:<4} {n:>3}x{c:<6} {name:<30} {detail}")
+    return failures
+
+
+def check_odd_launches(torch, dev):
+    """Small launches of the row kernels, called directly, on odd shapes with every kind of
+    target; their values are checked here and their memory accesses by compute-sanitizer
+    when the script runs under it. Returns the number of failures."""
+    from fusedce.kernels import cross_entropy as ce
+
+    from fusedce import _torch_impl
+
+    device = dev.device
+    gen = torch.Generator(device=device).manual_seed(1)
+    failures = launches = 0
+    for dt in ("fp32", "bf16", "fp16"):
+        dtype = _dtype(dt)
+        for n, c, pad, offset in ((3, 1, 0, 0), (5, 7, 0, 1), (9, 33, 3, 5), (6, 1001, 1, 3),
+                                  (4, V, 0, 0), (3, V, 7, 1)):
+            buf = torch.randn(offset + n * (c + pad), generator=gen, device=device).to(dtype)
+            x = buf[offset:].view(n, c + pad)[:, :c]
+            t = torch.randint(0, c, (n,), generator=gen, device=device)
+            t[0] = -100  # ignored
+            t[1 % n] = c  # out of range: NaN, and never read
+            if n > 2:
+                t[2] = -5  # negative, not ignore_index: NaN
+            dloss = torch.randn(n, generator=gen, device=device)
+            loss, lse = ce.ce_fwd(x, t)
+            dx = ce.ce_bwd(x, t, lse, dloss)
+            x_in = x.clone()
+            ce.ce_fwd(x_in, t, inplace_scale=torch.full((1,), 0.5, device=device))
+            ce.ce_scale_(x_in, dloss)
+            launches += 4
+            ref_loss, _ = _torch_impl.ce_fwd(x.double(), t)
+            ref_dx = _torch_impl.ce_bwd(x.double(), t, lse.double(), dloss.double())
+            dev.sync()
+            errs = (_rel_err(loss, ref_loss), _rel_err(dx, ref_dx),
+                    _rel_err(x_in, ref_dx * 0.5))
+            bad_rows = loss[1 % n].isnan() and dx[1 % n].isnan().all() and loss[0] == 0
+            ok = all(e <= TOL[dt] for e in errs) and bool(bad_rows)
+            failures += not ok
+            if not ok:
+                print(f"  FAIL odd launch {dt} {n}x{c} pad {pad} offset {offset}: "
+                      f"errors {errs}, ignored/out-of-range rows right: {bool(bad_rows)}")
+    print(f"odd-shape launches: {launches} kernel launches, {failures} failure(s)")
     return failures
 
 
@@ -464,8 +517,12 @@ def main(argv=None):
     print(f"{gpu} | torch {torch.__version__} | triton {triton.__version__}")
     start = time.perf_counter()
     failures = 0
+    if args.sanitize or args.dry_run:
+        failures += check_odd_launches(torch, dev)
+    if args.sanitize:
+        return 1 if failures else 0
     if not args.sweep_only:
-        failures = check_correctness(torch, F, fusedce, dev, 8 if args.dry_run else None)
+        failures += check_correctness(torch, F, fusedce, dev, 8 if args.dry_run else None)
         print(f"correctness: {failures} failure(s)")
         tokens = [int(t) for t in args.tokens.split(",")]
         dtypes = args.dtypes.split(",")

@@ -311,7 +311,12 @@ def _tools_or_skip():
 @pytest.fixture(scope="module")
 def compiled():
     _tools_or_skip()
-    return compile_all()
+    results, never = compile_all()
+    if results and all("ptxas failed" in r.get("error", "") for r in results):
+        # a tool problem, not a kernel one (e.g. a wheel whose ptxas predates its PTX)
+        pytest.skip("the ptxas in Triton's wheel assembles none of the kernels: "
+                    + results[0]["error"].splitlines()[0][:200])
+    return results, never
 
 
 def _label(r):
@@ -401,6 +406,7 @@ def test_gpu_check_dry_run(tmp_path):
                          capture_output=True, text=True, timeout=600, env=env)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "correctness: 0 failure(s)" in run.stdout
+    assert re.search(r"odd-shape launches: \d+ kernel launches, 0 failure\(s\)", run.stdout)
     assert " FAIL " not in run.stdout
     (csv_path,) = tmp_path.glob("gpu_check_*.csv")
     import csv
