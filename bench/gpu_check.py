@@ -13,7 +13,7 @@
    stride whose padding must stay untouched). Exit status 1 if any case fails.
 2. Timing (``triton.testing.do_bench`` medians; it clears L2 before every call and the
    logits, 0.8 to 6.6 GB, are far larger than L2) of the forward and forward+backward at
-   N = 8,192 and 32,768 tokens x 50,257 against ``F.cross_entropy`` eager, ``torch.compile``
+   N = 8,192 and 32,768 tokens x 50,257, bf16 (``--dtypes bf16,fp32`` adds fp32), against ``F.cross_entropy`` eager, ``torch.compile``
    of it and Liger-Kernel (if importable). Printed as a table of ms, GB/s under the byte model
    of ``bench/byte_model.py``, the percentage of a device-to-device copy measured in the same
    run, speed ratios and the peak memory above the inputs; written to
@@ -59,7 +59,9 @@ def _parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", default=",".join(map(str, TOKENS)),
                    help="token counts N of the timing table (comma-separated)")
-    p.add_argument("--dtypes", default="bf16,fp32", help="dtypes of the timing table")
+    p.add_argument("--dtypes", default="bf16",
+                   help="dtypes of the timing table (bf16: the dtype of the GPU targets; "
+                        "bf16,fp32 adds about a minute and a half, mostly torch.compile)")
     p.add_argument("--quick", action="store_true", help="N = 8,192 only, no torch.compile")
     p.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
     p.add_argument("--sweep", action="store_true", help="also run the launch-parameter sweep")
@@ -78,6 +80,7 @@ def _parse_args(argv):
         args.tokens, args.no_compile = "8192", True
     if args.dry_run:
         args.tokens, args.no_compile, args.vocab = "16", True, 1001
+        args.dtypes = "bf16,fp32"
         args.blocks, args.warps = "512,1024", "1,2"
         if args.out == os.path.join(HERE, "results"):
             import tempfile
