@@ -13,11 +13,11 @@
    stride whose padding must stay untouched). Exit status 1 if any case fails.
 2. Timing (``triton.testing.do_bench`` medians; it clears L2 before every call and the
    logits, 0.8 to 6.6 GB, are far larger than L2) of the forward and forward+backward at
-   N = 8,192 and 32,768 tokens x 50,257, bf16 (``--dtypes bf16,fp32`` adds fp32), against ``F.cross_entropy`` eager, ``torch.compile``
-   of it and Liger-Kernel (if importable). Printed as a table of ms, GB/s under the byte model
-   of ``bench/byte_model.py``, the percentage of a device-to-device copy measured in the same
-   run, speed ratios and the peak memory above the inputs; written to
-   ``bench/results/gpu_check_<gpu>.csv``.
+   N = 8,192 and 32,768 tokens x 50,257, bf16 (``--dtypes bf16,fp32`` adds fp32), against
+   ``F.cross_entropy`` eager, ``torch.compile`` of it and Liger-Kernel (if importable).
+   Printed as a table of ms, GB/s under the byte model of ``bench/byte_model.py``, the
+   percentage of a device-to-device copy measured in the same run, speed ratios and the peak
+   memory above the inputs; written to ``bench/results/gpu_check_<gpu>.csv``.
 3. ``--sweep``: the row kernels alone under other launch choices (BLOCK_SIZE, num_warps,
    16-byte aligned body on or off), each timed at N = 8,192 and 32,768 for bf16 and fp32,
    written to ``bench/results/gpu_sweep_<gpu>.csv`` with the best choice per case printed.
