@@ -43,6 +43,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.distributed as dist
 
+from .linear import GradAccumulator, chunk_rows, logits_into
+
 try:
     import triton
     import triton.language as tl
@@ -60,8 +62,6 @@ _REDUCTIONS = ("none", "mean", "sum")
 _BACKENDS = ("auto", "triton", "torch")
 # Elements per chunk on the PyTorch path: 2**18 fp32 values (1 MiB) stay in L2.
 CHUNK_ELEMENTS = 1 << 18
-# Logit elements per chunk of the linear form: 2**22 fp32 values (16 MiB).
-LINEAR_CHUNK_ELEMENTS = 1 << 22
 
 
 # --------------------------------------------------------------------------- kernels
@@ -615,16 +615,21 @@ def vocab_parallel_cross_entropy(logits_shard, target, *, group=None, vocab_star
 
 
 def _head_chunks(h, w_head, b_head, chunk):
-    """This rank's logits, ``chunk`` rows at a time: the full slice of logits never exists."""
+    """This rank's logits, ``chunk`` rows at a time, in one reused (chunk, C_r) buffer: the
+    slice's full logits never exist. Each chunk must be used up before the next."""
+    buf = torch.empty(min(chunk, h.shape[0]), w_head.shape[0], dtype=h.dtype, device=h.device)
     for s in range(0, h.shape[0], chunk):
-        yield s, torch.nn.functional.linear(h[s:s + chunk], w_head, b_head)
+        e = min(s + chunk, h.shape[0])
+        yield s, logits_into(buf[:e - s], h[s:e], w_head, b_head)
 
 
 class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
     """Cross-entropy of ``h @ w_head.T + b_head`` where ``w_head`` (C_r, H) is this rank's
     slice of the head. Forward: one pass of chunks for the partials, one all-gather. Backward:
     the chunks' logits are recomputed (the global lse is only known after the all-gather),
-    then ``dW_r``, ``db_r`` stay local and ``dh`` is summed over ranks by one all-reduce."""
+    then ``dW_r``, ``db_r`` stay local and ``dh`` is summed over ranks by one all-reduce.
+    The chunk products and gradient sums are fusedce.linear's (``logits_into``,
+    ``GradAccumulator``)."""
 
     @staticmethod
     def forward(ctx, h, w_head, b_head, target, weight, vocab_start, group, ignore_index, eps,
@@ -646,28 +651,16 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
         h, w_head, b_head, lse, valid, w_t, consts, denom = ctx.saved_tensors
         eps, reduction, use_triton, chunk, reduce_input_grad = ctx.options
         shard = ctx.shard
-        n_rows = h.shape[0]
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        g = _row_grad_scale(grad_out, n_rows, reduction, denom, shard.ignored, valid)
-        dh = torch.empty_like(h) if need_h else None
-        # the slice's weight and bias gradients accumulate over chunks in fp32
-        dw = torch.zeros(w_head.shape, dtype=torch.float32, device=h.device) if need_w else None
-        db = torch.zeros(w_head.shape[0], dtype=torch.float32, device=h.device) \
-            if need_b and b_head is not None else None
+        g = _row_grad_scale(grad_out, h.shape[0], reduction, denom, shard.ignored, valid)
+        grads = GradAccumulator(h, w_head, need_h, need_w, need_b and b_head is not None)
         for s, logits in _head_chunks(h, w_head, b_head, chunk):
             e = s + logits.shape[0]
             # the chunk's logit gradient overwrites its logits (recomputed, read by nobody else)
             dlogits = _shard_grad(logits, shard.t_local[s:e], lse[s:e], g[s:e], w_t[s:e],
                                   consts, eps, shard.w_shard, logits, use_triton)
-            if dh is not None:
-                torch.mm(dlogits, w_head, out=dh[s:e])
-            if dw is not None:
-                if dlogits.dtype == torch.float32:
-                    dw.addmm_(dlogits.t(), h[s:e])
-                else:
-                    dw += (dlogits.t() @ h[s:e]).float()
-            if db is not None:
-                db += dlogits.sum(0, dtype=torch.float32)
+            grads.add(dlogits, h[s:e], s, e)
+        dh, dw, db = grads.grad_input, grads.grad_weight, grads.grad_bias
         if dh is not None and reduce_input_grad:
             # h feeds every rank's slice: its gradient is the sum of the ranks' contributions
             dist.all_reduce(dh, group=shard.group)
@@ -688,7 +681,8 @@ def vocab_parallel_linear_cross_entropy(input, linear_weight, target, *, linear_
         head's weight; linear_bias: (C_r,) the matching slice of its bias, or None.
     target, vocab_start, weight, ignore_index, reduction, label_smoothing, backend: as in
         :func:`vocab_parallel_cross_entropy` (``weight`` is the full (C,) class weights).
-    chunk_size: rows of logits computed at a time (default: about 2**22 logits per chunk).
+    chunk_size: rows of logits computed at a time (default: ``fusedce.linear.chunk_rows``
+        for this rank's slice width).
     reduce_input_grad: all-reduce the input's gradient over ``group`` (default). Pass False
         when the caller's framework does it already (Megatron's
         ``copy_to_tensor_model_parallel_region``, DTensor's Replicate input): each rank then
@@ -705,8 +699,9 @@ def vocab_parallel_linear_cross_entropy(input, linear_weight, target, *, linear_
                          f"{tuple(input.shape)} and {tuple(linear_weight.shape)}")
     _check_call(target, input.shape[0], weight, reduction, label_smoothing, backend)
     use_triton = _use_triton(backend, input)
-    if chunk_size is None:
-        chunk_size = LINEAR_CHUNK_ELEMENTS // max(linear_weight.shape[0], 1)
+    if chunk_size is None:  # fusedce.linear's choice, for this rank's (N, C_r) logits
+        chunk_size = chunk_rows(input.shape[0], input.shape[1], linear_weight.shape[0],
+                                input.element_size(), input.device.type)
     chunk_size = max(1, int(chunk_size))
     if vocab_start is not None:
         vocab_start = int(vocab_start)

@@ -109,6 +109,10 @@ CASES_2 = [
          chunk_size=4, bias=True, weight=True, label_smoothing=0.1, reduction="none"),
     Case("linear-triton", (9, 14), kind="linear", hidden=13, rows=10, chunk_size=4,
          bias=True, backend="triton", label_smoothing=0.1),
+    # bf16 head: fp32 weight-gradient sums, a bf16 all-reduce of the input gradient; the
+    # default chunk size (one chunk here)
+    Case("linear-bf16", (40, 57), kind="linear", hidden=24, rows=12, dtype="bfloat16",
+         bias=True, weight=True, label_smoothing=0.1),
 ]
 
 # Four ranks: the GPT-2 vocabulary split as DTensor/torch.chunk does (12,565 x 3 and
@@ -315,16 +319,17 @@ def _run_linear(case, rank, counter):
 
     start = sum(case.sizes[:rank])
     cols = slice(start, start + case.sizes[rank])
-    mine = [hidden.clone().requires_grad_(), head[cols].clone().requires_grad_()]
+    dtype = getattr(torch, case.dtype)
+    mine = [hidden.to(dtype).requires_grad_(), head[cols].to(dtype).requires_grad_()]
     if bias is not None:
-        mine.append(bias[cols].clone().requires_grad_())
+        mine.append(bias[cols].to(dtype).requires_grad_())
     counter.take()
     loss = vocab_parallel_linear_cross_entropy(
         mine[0], mine[1], target, linear_bias=mine[2] if bias is not None else None,
         vocab_start=start, weight=weight, chunk_size=case.chunk_size, backend=case.backend,
         **opts)
     fwd_calls = counter.take()
-    grads = torch.autograd.grad(loss, mine, upstream)
+    grads = torch.autograd.grad(loss, mine, upstream.to(dtype))
     bwd_calls = counter.take()
     out = {
         "loss": loss.detach().double(),
