@@ -47,7 +47,7 @@ from . import _torch_impl
 from .linear import GradAccumulator, chunk_rows, logits_into
 
 # fusedce's CPU path asks Linux for huge pages for a fresh gradient before writing it (first
-# touch of 4 KiB pages costs more than a pass over it: 1.36x -> 1.03x the time here). Only a
+# touch of 4 KiB pages costs more than a pass over it: 1.36x -> about 1.05x here). Only a
 # hint, never a change to the data: a no-op if that helper is ever gone.
 _advise_hugepages = getattr(_torch_impl, "_advise_hugepages", lambda tensor: None)
 
