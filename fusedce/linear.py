@@ -79,7 +79,8 @@ class GradAccumulator:
     chunk, 1 thread) without the (V, H) scratch.
     """
 
-    def __init__(self, x, linear_weight, need_input, need_weight, need_bias):
+    def __init__(self, x, linear_weight, need_input, need_weight, need_bias, upcast=None):
+        """``upcast``: the CPU's fp32 product (default on CPU tensors) or the GPU's scratch."""
         n_classes, in_features = linear_weight.shape
         self.linear_weight = linear_weight
         self.grad_input = torch.empty_like(x, memory_format=torch.contiguous_format) \
@@ -90,6 +91,7 @@ class GradAccumulator:
             if need_bias else None
         self._scratch = None
         self._low_precision = x.dtype != torch.float32
+        self._upcast = x.device.type == "cpu" if upcast is None else upcast
 
     def add(self, dlogits, x_c, start, end):
         if self.grad_input is not None:
@@ -97,7 +99,7 @@ class GradAccumulator:
         if self.grad_weight is not None:
             if not self._low_precision:
                 self.grad_weight.addmm_(dlogits.t(), x_c)
-            elif dlogits.device.type == "cpu":
+            elif self._upcast:
                 self.grad_weight.addmm_(dlogits.t().float(), x_c.float())
             else:
                 if self._scratch is None:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fusedce
-from fusedce.linear import MAX_CHUNK_BYTES, chunk_rows
+from fusedce.linear import MAX_CHUNK_BYTES, GradAccumulator, chunk_rows
 
 # (dtype, atol, rtol) against float64 on the same rounded inputs. fp32: accumulation order
 # only (the hidden dimension is summed in a different order by the chunked products). bf16:
@@ -431,3 +431,21 @@ def test_unsupported_targets_raise():
         fusedce.linear_cross_entropy(x, w, torch.rand(4, 5))
     with pytest.raises(ValueError, match="reduction"):
         fusedce.linear_cross_entropy(x, w, torch.zeros(4, dtype=torch.long), reduction="avg")
+
+
+@pytest.mark.parametrize("upcast", [True, False], ids=["cpu-fp32-product", "gpu-scratch"])
+def test_bf16_weight_gradient_accumulators(upcast):
+    """Both ways of summing bf16 chunk products into the fp32 weight gradient (the GPU's
+    bf16 scratch runs here on CPU tensors) against the float64 sum over the chunks."""
+    gen = torch.Generator().manual_seed(3)
+    n, h, v, rows = 40, 12, 30, 16
+    x = torch.randn(n, h, generator=gen).bfloat16()
+    w = torch.randn(v, h, generator=gen).bfloat16()
+    dlogits = torch.randn(n, v, generator=gen).bfloat16()
+    acc = GradAccumulator(x, w, True, True, True, upcast=upcast)
+    for s in range(0, n, rows):
+        acc.add(dlogits[s:s + rows], x[s:s + rows], s, min(s + rows, n))
+    assert acc.grad_weight.dtype == acc.grad_bias.dtype == torch.float32
+    assert_close(acc.grad_weight, dlogits.double().t() @ x.double(), 1e-2, 1e-2, "weight")
+    assert_close(acc.grad_bias, dlogits.double().sum(0), 1e-5, 1e-5, "bias")
+    assert_close(acc.grad_input, dlogits.double() @ w.double(), 1e-2, 1e-2, "input")
