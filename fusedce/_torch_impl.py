@@ -308,10 +308,21 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, inpla
 
     def work(start, end):
         scratch = torch.empty(min(step, end - start), n_cols, dtype=torch.float32, device=dev)
+        redo = None
+        if fast:
+            for s, e in _chunks(end, n_cols, start):
+                _unshifted_chunk(x[s:e], scratch[: e - s], s, e)
+            # one check for the whole range: the rows whose sum overflowed (inf, NaN) or came
+            # near fp32's underflow are done again, with the shift
+            rs = row_sum[start:end]
+            bad = ~((rs > 1e-30) & (rs < float("inf")))
+            if not bool(bad.any()):
+                return
+            redo = set((bad.nonzero().flatten() + start).tolist())
         for s, e in _chunks(end, n_cols, start):
-            xc, scr = x[s:e], scratch[: e - s]
-            if fast and _unshifted_chunk(xc, scr, s, e):
+            if redo is not None and not redo.intersection(range(s, e)):
                 continue
+            xc, scr = x[s:e], scratch[: e - s]
             if direct:
                 src = xc
             else:  # one vectorised conversion; mixed-dtype ops take a slow casting loop
@@ -349,8 +360,8 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, inpla
     def _unshifted_chunk(xc, scr, s, e):
         """sum(exp(x)) without the max shift, one pass fewer: right whenever no exp(x)
         overflows (sum finite) and the sum is far above fp32's underflow (> 1e-30, so the
-        terms that flush to 0 weigh < 1e-8). False (nothing written to x) otherwise, and the
-        chunk is done again with the shift."""
+        terms that flush to 0 weigh < 1e-8); ``work`` checks that and redoes the rows where
+        it fails. Not for the in-place mode (it writes nothing to x)."""
         if direct:
             if eps > 0:
                 if w is None:
@@ -366,12 +377,7 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, inpla
                 else:
                     torch.mv(buf, w, out=sum_wx[s:e])
             buf.exp_()
-        ssum = torch.sum(buf, 1, out=row_sum[s:e])
-        lo, hi = torch.aminmax(ssum)
-        if not (lo.item() > 1e-30 and hi.item() < float("inf")):
-            return False
-        _finish(xc, buf, s, e)
-        return True
+        torch.sum(buf, 1, out=row_sum[s:e])
 
     if n_rows > 0 and n_cols > 0:
         _parallel_rows(n_rows, n_cols, dev, work)
