@@ -16,9 +16,17 @@ picks the implementation from the tensors' layout. ``forward`` / ``backward`` he
 autograd Function of the in-place mode.
 """
 
+import functools
+
 import torch
 
 from . import _soft_target, _torch_impl
+
+DOUBLE_BACKWARD_ERROR = (
+    "fusedce.cross_entropy does not support double backward (create_graph=True followed by "
+    "a gradient of the gradient): its backward treats the saved log-sum-exp and denominator "
+    "as constants, so a second-order result would be wrong. Use "
+    "torch.nn.functional.cross_entropy for higher-order gradients.")
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -71,6 +79,41 @@ def denominator(target, weight, ignore_index, n_cols, reduction, dtype=torch.flo
     in_range = kept & (target >= 0) & (target < n_cols)
     w_t = weight.to(dtype)[torch.where(in_range, target, 0).long()]
     return torch.where(in_range, w_t, 0.0).sum().reshape(1)
+
+
+class _DoubleBackwardError(torch.autograd.Function):
+    """Identity on ``grad`` in the graph of ``anchor``, whose backward raises."""
+
+    @staticmethod
+    def forward(ctx, grad, anchor):
+        return grad.view_as(grad)
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(DOUBLE_BACKWARD_ERROR)
+
+
+def first_order_only(backward):
+    """Decorates an autograd Function's backward (whose first saved tensor is the input
+    ``x``) like ``torch.autograd.function.once_differentiable``: it runs without building a
+    graph, and under ``create_graph=True`` each gradient it returns is tied to ``x`` through
+    a node that raises DOUBLE_BACKWARD_ERROR, so a gradient of the gradient fails loudly
+    (once_differentiable's node hangs off a detached copy: ``torch.autograd.grad`` of it
+    with respect to ``x`` would report the input unused instead)."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        create_graph = torch.is_grad_enabled() and any(ctx.needs_input_grad)
+        # read before the backward: the in-place mode's backward bumps x's version
+        anchor = ctx.saved_tensors[0] if create_graph else None
+        with torch.no_grad():
+            outputs = backward(ctx, *grads)
+        if not create_graph:
+            return outputs
+        return tuple(_DoubleBackwardError.apply(v, anchor) if isinstance(v, torch.Tensor)
+                     else v for v in outputs)
+
+    return wrapper
 
 
 def rows_view(x):
@@ -195,6 +238,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         return total
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_out):
         x, target, weight, lse, denom = ctx.saved_tensors
         ignore_index, label_smoothing, reduction, inplace = ctx.options

@@ -79,6 +79,13 @@ def _backward(ctx, grad_loss, *_):
 
 cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
 
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(_function.DOUBLE_BACKWARD_ERROR)
+
+
+# The backward op is differentiable only in name: raise a clear error, never a wrong result.
+cross_entropy_backward_op.register_autograd(_no_double_backward)
+
 
 class EagerCrossEntropy(torch.autograd.Function):
     """The same forward, backward and saved state as the op, without the op's dispatch
@@ -95,6 +102,7 @@ class EagerCrossEntropy(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @_function.first_order_only
     def backward(ctx, grad_loss):
         x, target, weight, lse, s, denom = ctx.saved_tensors
         ignore_index, label_smoothing, reduction, backend = ctx.options

@@ -1,0 +1,61 @@
+"""Regression tests for the review findings: each fails before its fix and passes after.
+
+The kernel cases run the Triton launchers under TRITON_INTERPRET=1 (see conftest.py), so the
+shapes are tiny; references are PyTorch's loss on a float64 copy.
+"""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusedce
+from fusedce import _ops
+
+BACKENDS = ["triton", "torch"]
+
+
+def _ref(x, t, **kw):
+    """PyTorch's loss and gradient on a float64 copy of ``x``."""
+    x64 = x.detach().double().requires_grad_()
+    loss = F.cross_entropy(x64, t, **kw)
+    loss.backward()
+    return loss.detach(), x64.grad
+
+
+# --- 1: double backward raises instead of returning a wrong Hessian-vector product --------
+
+DOUBLE_BACKWARD_CASES = [
+    pytest.param((2, 5, 3), torch.float32, False, id="strided-NCL"),  # the strided path
+    pytest.param((4, 5), torch.float64, False, id="strided-fp64"),  # float64 goes strided
+    pytest.param((4, 5), torch.float32, False, id="rows"),
+    pytest.param((4, 5), torch.float32, True, id="rows-inplace"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape,dtype,inplace", DOUBLE_BACKWARD_CASES)
+def test_double_backward_raises(shape, dtype, inplace, backend):
+    x = torch.randn(shape, dtype=dtype, requires_grad=True)
+    t = torch.randint(0, shape[1], (shape[0],) + shape[2:])
+    loss = fusedce.cross_entropy(x * 1, t, backend=backend, inplace_backward=inplace)
+    g, = torch.autograd.grad(loss, x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad((g * g).sum(), x)
+
+
+def test_double_backward_raises_through_the_op():
+    """The torch.library op (what torch.compile runs) raises the same error."""
+    x = torch.randn(2, 5, 3, requires_grad=True)
+    t = torch.randint(0, 5, (2, 3))
+    loss = torch.ops.fusedce.cross_entropy(x, t, None, -100, 0.0, "mean", "auto", True)[0]
+    g, = torch.autograd.grad(loss, x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad((g * g).sum(), x)
+
+
+def test_first_backward_unchanged_under_create_graph():
+    x = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 5, (2, 3))
+    g, = torch.autograd.grad(fusedce.cross_entropy(x, t), x, create_graph=True)
+    torch.testing.assert_close(g.detach(), _ref(x, t)[1])
