@@ -72,12 +72,13 @@ def denominator(target, weight, ignore_index, n_cols, reduction, dtype=torch.flo
     if target.is_floating_point():  # (N, C, L) probabilities: N * L rows
         return torch.full((1,), float(target.numel() // max(n_cols, 1)) if n_cols else 0.0,
                           dtype=dtype, device=device)
-    target = target.reshape(-1)
+    # int64: compared with a uint8 target, -100 would wrap to 156 and drop class 156's rows
+    target = target.reshape(-1).long()
     kept = target != ignore_index
     if weight is None:
         return kept.sum(dtype=dtype).reshape(1)
     in_range = kept & (target >= 0) & (target < n_cols)
-    w_t = weight.to(dtype)[torch.where(in_range, target, 0).long()]
+    w_t = weight.to(dtype)[torch.where(in_range, target, 0)]
     return torch.where(in_range, w_t, 0.0).sum().reshape(1)
 
 
@@ -140,7 +141,7 @@ def use_rows(x, target, weight):
 
 def check_targets(target, n_cols, ignore_index):
     """Raise PyTorch's IndexError for a class index outside ``[0, C)`` (host sync)."""
-    t = target.reshape(-1)
+    t = target.reshape(-1).long()  # int64, as in ``denominator``
     bad = (t != ignore_index) & ((t < 0) | (t >= n_cols))
     if bool(bad.any()):
         raise IndexError(f"Target {int(t[bad][0])} is out of bounds.")

@@ -59,3 +59,35 @@ def test_first_backward_unchanged_under_create_graph():
     t = torch.randint(0, 5, (2, 3))
     g, = torch.autograd.grad(fusedce.cross_entropy(x, t), x, create_graph=True)
     torch.testing.assert_close(g.detach(), _ref(x, t)[1])
+
+
+# --- 2: uint8 targets are compared with ignore_index in int64 -------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "weight"])
+def test_uint8_target_156_is_not_ignored(backend, weighted):
+    # -100 wraps to 156 in uint8: class 156 of 200 must still count in the mean
+    x = torch.randn(3, 200)
+    t = torch.tensor([156, 1, 2], dtype=torch.uint8)
+    w = torch.rand(200) + 0.5 if weighted else None
+    out = fusedce.cross_entropy(x, t, weight=w, backend=backend)
+    ref = F.cross_entropy(x.double(), t, weight=None if w is None else w.double())
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_uint8_target_156_linear():
+    h, W = torch.randn(3, 8), torch.randn(200, 8)
+    t = torch.tensor([156, 1, 2], dtype=torch.uint8)
+    ref = F.cross_entropy((h @ W.t()).double(), t)
+    out = fusedce.linear_cross_entropy(h, W, t)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_uint8_target_out_of_range_raises_like_pytorch():
+    x = torch.randn(3, 100)
+    t = torch.tensor([156, 1, 2], dtype=torch.uint8)
+    with pytest.raises(IndexError, match="156"):
+        F.cross_entropy(x, t)  # PyTorch accepts uint8 targets and raises here
+    with pytest.raises(IndexError, match="156"):
+        fusedce.cross_entropy(x, t)
