@@ -82,6 +82,12 @@ def denominator(target, weight, ignore_index, n_cols, reduction, dtype=torch.flo
     return torch.where(in_range, w_t, 0.0).sum().reshape(1)
 
 
+INPLACE_SECOND_BACKWARD_ERROR = (
+    "fusedce.cross_entropy(inplace_backward=True): the gradient was written over the logits "
+    "in the forward and handed to autograd by the first backward; a second backward through "
+    "the same graph (retain_graph=True) is not supported. Use inplace_backward=False.")
+
+
 class _DoubleBackwardError(torch.autograd.Function):
     """Identity on ``grad`` in the graph of ``anchor``, whose backward raises."""
 
@@ -104,7 +110,8 @@ def first_order_only(backward):
 
     @functools.wraps(backward)
     def wrapper(ctx, *grads):
-        create_graph = torch.is_grad_enabled() and any(ctx.needs_input_grad)
+        create_graph = (torch.is_grad_enabled() and any(ctx.needs_input_grad)
+                        and not getattr(ctx, "consumed", False))
         # read before the backward: the in-place mode's backward bumps x's version
         anchor = ctx.saved_tensors[0] if create_graph else None
         with torch.no_grad():
@@ -228,7 +235,12 @@ class CrossEntropyFunction(torch.autograd.Function):
             inplace_scale = 1.0 / denom
         loss, lse = impl.ce_fwd(x, target, weight=weight, ignore_index=ignore_index,
                                 label_smoothing=label_smoothing, inplace_scale=inplace_scale)
+        if inplace_scale is not None:
+            # A Triton store does not bump the version counter: do it, so that a node which
+            # saved the logits (e.g. tanh's output) raises instead of reading the gradient.
+            torch.autograd.graph.increment_version(x)
         ctx.impl = impl
+        ctx.consumed = False
         ctx.options = (ignore_index, label_smoothing, reduction, inplace_scale is not None)
         ctx.save_for_backward(x, target, weight, lse, denom)
         if reduction == "none":
@@ -241,6 +253,8 @@ class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     @first_order_only
     def backward(ctx, grad_out):
+        if ctx.consumed:
+            raise RuntimeError(INPLACE_SECOND_BACKWARD_ERROR)
         x, target, weight, lse, denom = ctx.saved_tensors
         ignore_index, label_smoothing, reduction, inplace = ctx.options
         n_rows = x.shape[0]
@@ -250,7 +264,10 @@ class CrossEntropyFunction(torch.autograd.Function):
             dloss = grad_out.float().reshape(1).expand(n_rows)
         if inplace:
             # the forward already divided by the denominator
-            return (ctx.impl.ce_scale_(x, dloss),) + (None,) * 7
+            ctx.impl.ce_scale_(x, dloss)
+            torch.autograd.graph.increment_version(x)
+            ctx.consumed = True  # a second backward would rescale x again
+            return (x,) + (None,) * 7
         if reduction == "mean":
             dloss = (grad_out.float().reshape(1) / denom).expand(n_rows)
         dx = ctx.impl.ce_bwd(x, target, lse, dloss, weight=weight, ignore_index=ignore_index,

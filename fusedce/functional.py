@@ -150,6 +150,13 @@ def _check_weight(weight, n_classes):
                            "'weight'; pass weight.detach()")
 
 
+def _rows_disjoint(rows):
+    """Whether the rows of ``rows`` (R, C), classes contiguous, occupy disjoint memory: an
+    in-place gradient written over overlapping rows (e.g. expanded logits) would corrupt
+    the rows still to be read."""
+    return rows.shape[0] <= 1 or rows.stride(0) >= rows.shape[1]
+
+
 def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100,
                   reduce=None, reduction="mean", label_smoothing=0.0, *, backend="auto",
                   inplace_backward=False, validate=None):
@@ -200,7 +207,8 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     if validate is None:
         validate = resolve_backend(backend, input) is _torch_impl
     validate = bool(validate)
-    if inplace_backward and use_rows(x, t, weight) and not torch.compiler.is_compiling():
+    if (inplace_backward and not torch.compiler.is_compiling() and use_rows(x, t, weight)
+            and _rows_disjoint(rows_view(x))):
         if validate:
             check_targets(t, x.shape[1], ignore_index)
         loss = CrossEntropyFunction.apply(rows_view(x), t.reshape(-1).contiguous(), weight,

@@ -91,3 +91,44 @@ def test_uint8_target_out_of_range_raises_like_pytorch():
         F.cross_entropy(x, t)  # PyTorch accepts uint8 targets and raises here
     with pytest.raises(IndexError, match="156"):
         fusedce.cross_entropy(x, t)
+
+
+# --- 3: the in-place mode bumps the logits' version and refuses overlapping rows ------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_logits_saved_by_another_node_raise(backend):
+    # tanh saves its output: reading the overwritten logits would give a wrong gradient
+    z = torch.randn(4, 7, requires_grad=True)
+    t = torch.randint(0, 7, (4,))
+    loss = fusedce.cross_entropy(torch.tanh(z), t, backend=backend, inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_expanded_logits_fall_back(backend):
+    # expanded rows share memory: writing one row's gradient would corrupt the others
+    base = torch.randn(1, 7, requires_grad=True)
+    t = torch.tensor([0, 1, 2, 3])
+    ref_loss, _ = _ref(base.expand(4, 7), t)
+    b64 = base.detach().double().requires_grad_()
+    F.cross_entropy(b64.expand(4, 7), t).backward()
+    loss = fusedce.cross_entropy(base.expand(4, 7), t, backend=backend, inplace_backward=True)
+    loss.backward()
+    torch.testing.assert_close(loss.double(), ref_loss, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(base.grad.double(), b64.grad, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_inplace_second_backward_raises(backend, reduction):
+    z = torch.randn(4, 7, requires_grad=True)
+    t = torch.randint(0, 7, (4,))
+    loss = fusedce.cross_entropy(z * 1, t, backend=backend, inplace_backward=True,
+                                 reduction=reduction).sum() * 2  # upstream 2: rescaled twice
+    loss.backward(retain_graph=True)
+    first = z.grad.clone()
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()
+    assert torch.equal(z.grad, first)
