@@ -175,8 +175,11 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     inplace_backward: compute the gradient during the forward and write it over ``input``.
         This **destroys the logits**: use it only when nothing else reads them after the
         loss (the usual language-model head). Saves a logits-sized allocation and a pass.
-        It applies to class-index targets with the classes contiguous in memory, in eager
-        mode; elsewhere (and under ``torch.compile``) it is accepted and has no effect.
+        It applies to class-index targets with the classes contiguous in memory and rows
+        disjoint in memory, in eager mode, to float32 and bfloat16 logits; elsewhere (under
+        ``torch.compile``, and for float16 logits) it is accepted and has no effect. Not
+        float16: the gradient would be stored in fp16 before a loss scale (GradScaler's
+        65,536) multiplies it, and its small entries would underflow to zero.
     validate: raise PyTorch's ``IndexError`` for a class index outside ``[0, C)``. ``None``
         (default) checks on the PyTorch path (CPU) only: the check reads the targets on the
         host, a synchronisation the GPU path avoids; there such a row's loss and gradient
@@ -208,7 +211,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         validate = resolve_backend(backend, input) is _torch_impl
     validate = bool(validate)
     if (inplace_backward and not torch.compiler.is_compiling() and use_rows(x, t, weight)
-            and _rows_disjoint(rows_view(x))):
+            and x.dtype != torch.float16 and _rows_disjoint(rows_view(x))):
         if validate:
             check_targets(t, x.shape[1], ignore_index)
         loss = CrossEntropyFunction.apply(rows_view(x), t.reshape(-1).contiguous(), weight,
