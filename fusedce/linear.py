@@ -302,6 +302,9 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
         return loss.squeeze(0) if reduction == "none" else loss
 
     ignore_index = -100 if ignore_index is None else int(ignore_index)
+    # the CE kernels read target[row] and weight[t] at unit stride; O(rows) and O(C) copies
+    target = target.contiguous()
+    weight = None if weight is None else weight.contiguous()
     if chunk_size is None and options is not None:
         chunk_size = getattr(options, "batch_chunk_size", None)
     autocast_dtype = _autocast_dtype(input.device.type)

@@ -355,6 +355,12 @@ def launch_config(dtype, n_cols):
     return block, num_warps, vec
 
 
+def _unit_stride(target, weight):
+    """The kernels read ``target_ptr + row`` and ``weight_ptr + t``: unit stride, 1-D."""
+    assert target.ndim == 1, "target must be a (rows,) tensor of class indices"
+    return target.contiguous(), None if weight is None else weight.contiguous()
+
+
 def _weight_args(weight, label_smoothing, like):
     """Dummy pointers stand in for an absent weight: the kernel never reads them."""
     has_weight = weight is not None
@@ -370,8 +376,10 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, inpla
 
     Returns ``(loss, lse)``, both (rows,) fp32. With ``inplace_scale`` (a (1,) fp32 tensor on
     x's device), the gradient of ``loss * inplace_scale`` is also written over ``x``.
+    ``target`` (rows,) and ``weight`` (C,) of any strides (copied to unit stride if needed).
     """
     assert x.ndim == 2 and x.stride(1) == 1, "rows of x must be contiguous"
+    target, weight = _unit_stride(target, weight)
     n_rows, n_cols = x.shape
     loss = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     lse = torch.empty(n_rows, dtype=torch.float32, device=x.device)
@@ -401,8 +409,12 @@ def ce_bwd(x, target, lse, dloss, weight=None, ignore_index=-100, label_smoothin
 
     ``dloss`` is a (rows,) fp32 tensor (it may be an expanded scalar, stride 0). Writes into
     ``dx`` when given (it may be ``x`` itself), else into a new tensor like ``x``.
+    ``target`` (rows,) and ``weight`` (C,) of any strides (copied to unit stride if needed).
     """
     assert x.ndim == 2 and x.stride(1) == 1, "rows of x must be contiguous"
+    assert dx is None or (dx.shape == x.shape and dx.stride(1) == 1), \
+        "dx must have x's shape and contiguous rows"
+    target, weight = _unit_stride(target, weight)
     n_rows, n_cols = x.shape
     if dx is None:
         dx = torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -428,7 +440,10 @@ def ce_bwd(x, target, lse, dloss, weight=None, ignore_index=-100, label_smoothin
 
 
 def ce_scale_(dx, dloss):
-    """``dx *= dloss[:, None]`` in place, skipping rows whose factor is 1 (on the device)."""
+    """``dx *= dloss[:, None]`` in place, skipping rows whose factor is 1 (on the device).
+    ``dx`` (rows, C) with contiguous rows; ``dloss`` (rows,) of any stride (0 included)."""
+    assert dx.ndim == 2 and dx.stride(1) == 1, "rows of dx must be contiguous"
+    assert dloss.ndim == 1 and dloss.shape[0] == dx.shape[0], "dloss must be (rows,)"
     n_rows, n_cols = dx.shape
     if n_rows == 0:
         return dx
