@@ -135,7 +135,7 @@ def _ncl(x):
     return x.flatten(2) if x.dim() > 2 else x.unsqueeze(-1)
 
 
-def _check_weight(weight, n_classes):
+def _check_weight(weight, n_classes, fn="fusedce.cross_entropy"):
     if weight.dim() != 1 or weight.numel() != n_classes:
         raise RuntimeError(f"weight tensor should be defined either for all {n_classes} "
                            f"classes or no classes but got weight tensor of shape: "
@@ -146,8 +146,8 @@ def _check_weight(weight, n_classes):
     # floating weight in the computation's precision, so a float32 weight with bf16 logits
     # is accepted.
     if weight.requires_grad:
-        raise RuntimeError("fusedce.cross_entropy is not differentiable with respect to "
-                           "'weight'; pass weight.detach()")
+        raise RuntimeError(f"{fn} is not differentiable with respect to 'weight'; pass "
+                           f"weight.detach()")
 
 
 def _rows_disjoint(rows):

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ._function import denominator, resolve_backend
+from .functional import _check_weight
 
 _REDUCTIONS = ("none", "mean", "sum")
 
@@ -258,12 +259,16 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     are not supported (NotImplementedError); a target outside ``[0, C)`` that is not
     ``ignore_index`` gives a NaN loss instead of an error (no host synchronisation); for
     'mean'/'sum' the gradients are computed in the forward, so a second backward through the
-    same graph raises RuntimeError.
+    same graph raises RuntimeError; a negative ``label_smoothing`` raises RuntimeError (as
+    :func:`fusedce.cross_entropy` does; PyTorch accepts it).
     """
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{reduction} is not a valid value for reduction")
     if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+        # PyTorch raises RuntimeError above 1 and accepts a negative value; fusedce raises for
+        # both, as fusedce.cross_entropy does
+        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: "
+                           f"{label_smoothing}")
     if input.dim() < 1 or input.dim() > 2:
         raise RuntimeError(f"expected input with dimensionality 1 or 2, got {input.dim()}")
     if linear_weight.dim() < 2:
@@ -290,10 +295,8 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     if target.shape != input.shape[:-1]:
         raise ValueError(f"Expected target of shape {tuple(input.shape[:-1])} for input of "
                          f"shape {tuple(input.shape)}, got {tuple(target.shape)}")
-    if weight is not None and (weight.dim() != 1 or weight.numel() != n_classes):
-        raise RuntimeError(f"weight tensor should be defined either for all {n_classes} "
-                           f"classes or no classes but got weight tensor of shape: "
-                           f"{list(weight.shape)}")
+    if weight is not None:  # shape, dtype, and no gradient (PyTorch raises for one)
+        _check_weight(weight, n_classes, fn="fusedce.linear_cross_entropy")
     if input.dim() == 1:
         loss = linear_cross_entropy(input.unsqueeze(0), linear_weight, target.unsqueeze(0),
                                     linear_bias=linear_bias, weight=weight, reduction=reduction,

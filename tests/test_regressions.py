@@ -184,3 +184,33 @@ def test_kernel_launchers_strided_target_and_weight():
     F.cross_entropy(x64, t, weight=w.double(), reduction="sum").backward()
     dx = kernels.ce_bwd(x, t, lse, torch.ones(6), weight=w)
     torch.testing.assert_close(dx.double(), x64.grad, atol=1e-5, rtol=1e-5)
+
+
+# --- 6: linear_cross_entropy raises what PyTorch raises -------------------------------------
+
+
+def _linear_args():
+    return torch.randn(4, 8), torch.randn(5, 8), torch.tensor([0, 1, 2, 3])
+
+
+def test_linear_weight_requiring_grad_raises():
+    x, W, t = _linear_args()
+    w = torch.rand(5, requires_grad=True)
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        F.linear_cross_entropy(x, W, t, weight=w).backward()
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        fusedce.linear_cross_entropy(x, W, t, weight=w).backward()
+    assert w.grad is None
+
+
+@pytest.mark.parametrize("smoothing", [1.5, -0.1], ids=["above-1", "negative"])
+def test_linear_label_smoothing_out_of_range_raises_runtime_error(smoothing):
+    x, W, t = _linear_args()
+    if smoothing > 1:
+        with pytest.raises(RuntimeError, match="label_smoothing"):
+            F.linear_cross_entropy(x, W, t, label_smoothing=smoothing)
+    # negative: PyTorch accepts it, fusedce raises (deliberate, as fusedce.cross_entropy)
+    with pytest.raises(RuntimeError, match="label_smoothing"):
+        fusedce.cross_entropy(x @ W.t(), t, label_smoothing=smoothing)
+    with pytest.raises(RuntimeError, match="label_smoothing"):
+        fusedce.linear_cross_entropy(x, W, t, label_smoothing=smoothing)
