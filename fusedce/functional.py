@@ -176,8 +176,9 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         This **destroys the logits**: use it only when nothing else reads them after the
         loss (the usual language-model head). Saves a logits-sized allocation and a pass.
         It applies to class-index targets with the classes contiguous in memory and rows
-        disjoint in memory, in eager mode, to float32 and bfloat16 logits; elsewhere (under
-        ``torch.compile``, and for float16 logits) it is accepted and has no effect. Not
+        disjoint in memory, in eager mode, to float32 and bfloat16 logits that require a
+        gradient with grad mode on; elsewhere (under ``torch.compile`` or ``no_grad``, and
+        for float16 logits) it is accepted and has no effect. Not
         float16: the gradient would be stored in fp16 before a loss scale (GradScaler's
         65,536) multiplies it, and its small entries would underflow to zero.
     validate: raise PyTorch's ``IndexError`` for a class index outside ``[0, C)``. ``None``
@@ -210,7 +211,9 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     if validate is None:
         validate = resolve_backend(backend, input) is _torch_impl
     validate = bool(validate)
-    if (inplace_backward and not torch.compiler.is_compiling() and use_rows(x, t, weight)
+    # in place only when a gradient will be taken: under no_grad the logits stay intact
+    if (inplace_backward and torch.is_grad_enabled() and input.requires_grad
+            and not torch.compiler.is_compiling() and use_rows(x, t, weight)
             and x.dtype != torch.float16 and _rows_disjoint(rows_view(x))):
         if validate:
             check_targets(t, x.shape[1], ignore_index)

@@ -214,3 +214,23 @@ def test_linear_label_smoothing_out_of_range_raises_runtime_error(smoothing):
         fusedce.cross_entropy(x @ W.t(), t, label_smoothing=smoothing)
     with pytest.raises(RuntimeError, match="label_smoothing"):
         fusedce.linear_cross_entropy(x, W, t, label_smoothing=smoothing)
+
+
+# --- 7: inplace_backward leaves the logits intact when no gradient will be taken ------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "no_requires_grad"])
+def test_inplace_without_grad_keeps_logits(backend, mode):
+    x = torch.randn(4, 7, requires_grad=mode != "no_requires_grad")
+    logits = x * 1
+    before = logits.detach().clone()
+    t = torch.tensor([0, 1, 2, 3])
+    ctx = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}.get(
+        mode, torch.enable_grad)
+    with ctx():
+        if mode == "inference_mode":
+            logits = logits.detach().clone()
+        loss = fusedce.cross_entropy(logits, t, backend=backend, inplace_backward=True)
+    assert torch.equal(logits.detach(), before)
+    torch.testing.assert_close(loss.double(), _ref(before, t)[0], atol=1e-6, rtol=1e-6)
