@@ -150,6 +150,13 @@ def _check_weight(weight, n_classes, fn="fusedce.cross_entropy"):
                            f"weight.detach()")
 
 
+def _validates_by_default(input, backend):
+    """``validate=None``: CPU tensors on the PyTorch path only. Elsewhere the check is a
+    host sync (a CUDA tensor with backend='torch' too), and Triton on CPU tensors stands in
+    for the GPU path."""
+    return input.device.type == "cpu" and resolve_backend(backend, input) is _torch_impl
+
+
 def _rows_disjoint(rows):
     """Whether the rows of ``rows`` (R, C), classes contiguous, occupy disjoint memory: an
     in-place gradient written over overlapping rows (e.g. expanded logits) would corrupt
@@ -182,9 +189,9 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         float16: the gradient would be stored in fp16 before a loss scale (GradScaler's
         65,536) multiplies it, and its small entries would underflow to zero.
     validate: raise PyTorch's ``IndexError`` for a class index outside ``[0, C)``. ``None``
-        (default) checks on the PyTorch path (CPU) only: the check reads the targets on the
-        host, a synchronisation the GPU path avoids; there such a row's loss and gradient
-        are NaN instead.
+        (default) checks CPU tensors on the PyTorch path only: the check reads the targets
+        on the host, a synchronisation the GPU path avoids (also with ``backend="torch"``);
+        there such a row's loss and gradient are NaN instead.
     """
     if size_average is not None or reduce is not None:
         reduction = _legacy_reduction(size_average, reduce)
@@ -208,9 +215,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     if weight is not None:
         _check_weight(weight, x.shape[1])
         weight = weight.contiguous()
-    if validate is None:
-        validate = resolve_backend(backend, input) is _torch_impl
-    validate = bool(validate)
+    validate = _validates_by_default(input, backend) if validate is None else bool(validate)
     # in place only when a gradient will be taken: under no_grad the logits stay intact
     if (inplace_backward and torch.is_grad_enabled() and input.requires_grad
             and not torch.compiler.is_compiling() and use_rows(x, t, weight)

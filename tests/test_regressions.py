@@ -234,3 +234,20 @@ def test_inplace_without_grad_keeps_logits(backend, mode):
         loss = fusedce.cross_entropy(logits, t, backend=backend, inplace_backward=True)
     assert torch.equal(logits.detach(), before)
     torch.testing.assert_close(loss.double(), _ref(before, t)[0], atol=1e-6, rtol=1e-6)
+
+
+# --- 8: validate=None checks CPU tensors only (no host sync for CUDA with backend='torch') --
+
+
+def test_default_validation_only_for_cpu_tensors():
+    from types import SimpleNamespace
+
+    from fusedce.functional import _validates_by_default
+
+    # a stand-in for a CUDA tensor (no GPU here): only device and is_cuda are read
+    cuda = SimpleNamespace(device=torch.device("cuda"), is_cuda=True)
+    assert not _validates_by_default(cuda, "torch")
+    assert not _validates_by_default(cuda, "auto")
+    cpu = torch.empty(0)
+    assert _validates_by_default(cpu, "torch") and _validates_by_default(cpu, "auto")
+    assert not _validates_by_default(cpu, "triton")  # the GPU path's behaviour, emulated
