@@ -9,6 +9,7 @@ which keeps it whole; in eager mode, an autograd Function running the same forwa
 backward without the op's dispatch cost.
 """
 
+import operator
 import warnings
 
 import torch
@@ -86,9 +87,13 @@ def _check_args(input, target, weight, ignore_index, backend):
     if weight is not None and not isinstance(weight, torch.Tensor):
         raise TypeError(f"cross_entropy(): argument 'weight' must be Tensor, "
                         f"not {type(weight).__name__}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+    try:  # PyTorch takes any integer, e.g. numpy.int64 or a 0-d integer tensor, not bool
+        if isinstance(ignore_index, bool):
+            raise TypeError
+        index = operator.index(ignore_index)
+    except TypeError:
         raise TypeError(f"cross_entropy(): argument 'ignore_index' must be int, "
-                        f"not {type(ignore_index).__name__}")
+                        f"not {type(ignore_index).__name__}") from None
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if not input.is_floating_point():
@@ -98,6 +103,7 @@ def _check_args(input, target, weight, ignore_index, backend):
         if value is not None and value.device != input.device:
             raise RuntimeError(f"Expected all tensors to be on the same device, but found "
                                f"input on {input.device} and {name} on {value.device}")
+    return index
 
 
 def _as_ncl(input, target, soft):
@@ -196,7 +202,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     if size_average is not None or reduce is not None:
         reduction = _legacy_reduction(size_average, reduce)
     reduction = _check_reduction(reduction)
-    _check_args(input, target, weight, ignore_index, backend)
+    ignore_index = _check_args(input, target, weight, ignore_index, backend)
     label_smoothing = float(label_smoothing)
     if not 0.0 <= label_smoothing <= 1.0:
         raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: "

@@ -251,3 +251,26 @@ def test_default_validation_only_for_cpu_tensors():
     cpu = torch.empty(0)
     assert _validates_by_default(cpu, "torch") and _validates_by_default(cpu, "auto")
     assert not _validates_by_default(cpu, "triton")  # the GPU path's behaviour, emulated
+
+
+# --- 9: ignore_index takes any Python integer, as PyTorch does -------------------------------
+
+
+@pytest.mark.parametrize("ignore_index", [np.int64(1), np.int32(1), torch.tensor(1)],
+                         ids=["np.int64", "np.int32", "0-d-tensor"])
+def test_ignore_index_integer_types(ignore_index):
+    x = torch.randn(3, 5)
+    t = torch.tensor([0, 1, 2])
+    ref = F.cross_entropy(x.double(), t, ignore_index=ignore_index)
+    out = fusedce.cross_entropy(x, t, ignore_index=ignore_index)
+    torch.testing.assert_close(out.double(), ref, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("ignore_index", [1.0, True, torch.tensor(1.0)],
+                         ids=["float", "bool", "float-tensor"])
+def test_ignore_index_non_integer_raises_type_error(ignore_index):
+    x, t = torch.randn(3, 5), torch.tensor([0, 1, 2])
+    with pytest.raises(TypeError, match="ignore_index"):
+        F.cross_entropy(x, t, ignore_index=ignore_index)
+    with pytest.raises(TypeError, match="ignore_index"):
+        fusedce.cross_entropy(x, t, ignore_index=ignore_index)
