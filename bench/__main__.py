@@ -31,18 +31,18 @@ def _parse_args(argv):
 
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokens", default="256,512,1024,2048",
-                   help="comma-separated token counts (default: %(default)s)")
+    p.add_argument("--tokens", default=None,
+                   help="comma-separated token counts (default: 256,512,1024,2048)")
     p.add_argument("--vocab", type=int, default=50_257)
     p.add_argument("--dtypes", default="fp32,bf16")
     p.add_argument("--passes", default=",".join(PASSES))
     p.add_argument("--cases", default=",".join(CASES))
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds (default: 5)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--quick", action="store_true",
-                   help="tokens 512,2048 and 3 repeats")
+                   help="tokens 512,2048 and 3 repeats (unless given)")
     p.add_argument("--memory", choices=("all", "largest", "none"), default="largest",
                    help="token counts whose peak memory is measured (default: %(default)s)")
     p.add_argument("--linear", action="store_true",
@@ -50,8 +50,10 @@ def _parse_args(argv):
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     p.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.quick:
-        args.tokens, args.repeats = "512,2048", 3
+    if args.tokens is None:
+        args.tokens = "512,2048" if args.quick else "256,512,1024,2048"
+    if args.repeats is None:
+        args.repeats = 3 if args.quick else 5
     return args
 
 
