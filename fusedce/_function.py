@@ -218,31 +218,27 @@ def backward(grad, x, target, weight, lse, s, denom, ignore_index, label_smoothi
 
 
 class CrossEntropyFunction(torch.autograd.Function):
-    """Reduced cross-entropy of ``x`` (rows, C) against class indices ``target`` (rows,),
-    used for ``inplace_backward`` (row-wise implementations only).
+    """Reduced cross-entropy of ``x`` (rows, C) against class indices ``target`` (rows,) in
+    the ``inplace_backward`` mode (row-wise implementations only).
 
-    Saves only O(rows) state (the log-sum-exp) besides the inputs. With ``inplace_backward``
-    the gradient is computed during the forward and written over ``x``; the backward then
-    only rescales rows whose upstream gradient differs from 1.
+    The forward computes the gradient of the reduced loss (``1 / denominator`` folded in)
+    and writes it over ``x``; the backward only rescales rows whose upstream gradient
+    differs from 1 and hands ``x`` to autograd. Nothing but ``x`` is saved. The caller
+    (``fusedce.functional``) applies it only when ``x`` will get a gradient.
     """
 
     @staticmethod
-    def forward(ctx, x, target, weight, ignore_index, label_smoothing, reduction, impl,
-                inplace_backward):
+    def forward(ctx, x, target, weight, ignore_index, label_smoothing, reduction, impl):
         denom = denominator(target, weight, ignore_index, x.shape[1], reduction)
-        inplace_scale = None
-        if inplace_backward and ctx.needs_input_grad[0]:
-            inplace_scale = 1.0 / denom
-        loss, lse = impl.ce_fwd(x, target, weight=weight, ignore_index=ignore_index,
-                                label_smoothing=label_smoothing, inplace_scale=inplace_scale)
-        if inplace_scale is not None:
-            # A Triton store does not bump the version counter: do it, so that a node which
-            # saved the logits (e.g. tanh's output) raises instead of reading the gradient.
-            torch.autograd.graph.increment_version(x)
+        loss, _ = impl.ce_fwd(x, target, weight=weight, ignore_index=ignore_index,
+                              label_smoothing=label_smoothing, inplace_scale=1.0 / denom)
+        # A Triton store does not bump the version counter: do it, so that a node which
+        # saved the logits (e.g. tanh's output) raises instead of reading the gradient.
+        torch.autograd.graph.increment_version(x)
         ctx.impl = impl
+        ctx.reduction = reduction
         ctx.consumed = False
-        ctx.options = (ignore_index, label_smoothing, reduction, inplace_scale is not None)
-        ctx.save_for_backward(x, target, weight, lse, denom)
+        ctx.save_for_backward(x)
         if reduction == "none":
             return loss
         total = loss.sum()
@@ -255,21 +251,12 @@ class CrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         if ctx.consumed:
             raise RuntimeError(INPLACE_SECOND_BACKWARD_ERROR)
-        x, target, weight, lse, denom = ctx.saved_tensors
-        ignore_index, label_smoothing, reduction, inplace = ctx.options
-        n_rows = x.shape[0]
-        if reduction == "none":
+        x, = ctx.saved_tensors
+        if ctx.reduction == "none":
             dloss = grad_out.float()  # may be an expanded scalar: its stride 0 is honoured
         else:
-            dloss = grad_out.float().reshape(1).expand(n_rows)
-        if inplace:
-            # the forward already divided by the denominator
-            ctx.impl.ce_scale_(x, dloss)
-            torch.autograd.graph.increment_version(x)
-            ctx.consumed = True  # a second backward would rescale x again
-            return (x,) + (None,) * 7
-        if reduction == "mean":
-            dloss = (grad_out.float().reshape(1) / denom).expand(n_rows)
-        dx = ctx.impl.ce_bwd(x, target, lse, dloss, weight=weight, ignore_index=ignore_index,
-                             label_smoothing=label_smoothing)
-        return (dx,) + (None,) * 7
+            dloss = grad_out.float().reshape(1).expand(x.shape[0])
+        ctx.impl.ce_scale_(x, dloss)  # the forward already divided by the denominator
+        torch.autograd.graph.increment_version(x)
+        ctx.consumed = True  # a second backward would rescale x again
+        return (x,) + (None,) * 6

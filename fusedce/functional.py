@@ -26,7 +26,7 @@ from ._function import (
 )
 
 _REDUCTIONS = ("none", "mean", "sum")
-_LOW_PRECISION = (torch.float16, torch.bfloat16, torch.float32)
+_LOW_PRECISION = (torch.float16, torch.bfloat16)  # what autocast computes the loss in fp32 for
 _INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
@@ -230,7 +230,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
             check_targets(t, x.shape[1], ignore_index)
         loss = CrossEntropyFunction.apply(rows_view(x), t.reshape(-1).contiguous(), weight,
                                           ignore_index, label_smoothing, reduction,
-                                          resolve_backend(backend, input), True)
+                                          resolve_backend(backend, input))
     elif torch.compiler.is_compiling():
         loss = torch.ops.fusedce.cross_entropy(x, t, weight, ignore_index, label_smoothing,
                                                reduction, backend, validate)[0]

@@ -348,7 +348,7 @@ def launch_config(dtype, n_cols):
     warps for fp32 would take 117 registers in the forward (see ``docs/gpu-inspection.md``).
     ``bench/gpu_check.py --sweep`` replaces this function to time other choices on a GPU.
     """
-    elem = torch.empty((), dtype=dtype).element_size()
+    elem = dtype.itemsize
     vec = 16 // elem
     block = min(8192, triton.next_power_of_2(max(n_cols, 2 * vec)))
     num_warps = max(1, min(16, block * elem // (32 * 64)))

@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 import fusedce
-from fusedce import _ops
 
 BACKENDS = ["triton", "torch"]
 
@@ -274,3 +273,29 @@ def test_ignore_index_non_integer_raises_type_error(ignore_index):
         F.cross_entropy(x, t, ignore_index=ignore_index)
     with pytest.raises(TypeError, match="ignore_index"):
         fusedce.cross_entropy(x, t, ignore_index=ignore_index)
+
+
+# --- 11: the in-place Function keeps only the logits; launch_config allocates nothing ------
+
+
+def test_inplace_function_saves_only_the_logits():
+    x = torch.randn(4, 7, requires_grad=True)
+    t = torch.randint(0, 7, (4,))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda v: saved.append(v) or v, lambda v: v):
+        logits = x * 2.0  # saves nothing (a Python scalar factor)
+        loss = fusedce.cross_entropy(logits, t, backend="torch", inplace_backward=True)
+    assert len(saved) == 1 and saved[0].data_ptr() == logits.data_ptr()
+    loss.backward()
+    torch.testing.assert_close(x.grad.double(), 2 * _ref(2 * x, t)[1], atol=1e-6, rtol=1e-6)
+
+
+def test_launch_config_allocates_nothing(monkeypatch):
+    from fusedce.kernels import cross_entropy as ce
+
+    def no_alloc(*args, **kwargs):
+        raise AssertionError("launch_config allocated a tensor")
+
+    monkeypatch.setattr(ce.torch, "empty", no_alloc)
+    assert ce.launch_config(torch.bfloat16, 50_257) == (8192, 8, 8)
+    assert ce.launch_config(torch.float32, 50_257) == (8192, 16, 4)
