@@ -8,4 +8,4 @@ lazily, on the first call that asks for the kernel backend.
 from .cross_entropy import ce_bwd, ce_fwd, ce_scale_
 from .soft_target import ce_strided_bwd, ce_strided_fwd
 
-__all__ = ["ce_fwd", "ce_bwd", "ce_scale_"]
+__all__ = ["ce_fwd", "ce_bwd", "ce_scale_", "ce_strided_fwd", "ce_strided_bwd"]
