@@ -20,3 +20,11 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 @pytest.fixture
 def device():
     return DEVICE
+
+
+@pytest.fixture
+def nan_filled_outputs(monkeypatch):
+    """Fresh floating-point buffers start as NaN for the test (see tests/nan_fill.py)."""
+    import nan_fill
+
+    nan_fill.install(monkeypatch.setattr)

@@ -23,6 +23,7 @@ import time
 import traceback
 import zlib
 
+import nan_fill
 import pytest
 import torch
 
@@ -143,21 +144,6 @@ TOLERANCES = {"float32": (2e-5, 2e-5), "bfloat16": (2e-2, 2e-2)}
 
 
 # ------------------------------------------------------------------------ in the workers
-
-
-def _nan_filled_empty():
-    """Fresh floating-point buffers start as NaN in the workers."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def nan_empty(*args, **kwargs):
-        out = empty(*args, **kwargs)
-        return out.fill_(float("nan")) if out.is_floating_point() else out
-
-    def nan_empty_like(*args, **kwargs):
-        out = empty_like(*args, **kwargs)
-        return out.fill_(float("nan")) if out.is_floating_point() else out
-
-    torch.empty, torch.empty_like = nan_empty, nan_empty_like
 
 
 _COLLECTIVES = ("all_gather_single", "all_gather_into_tensor", "all_gather", "all_reduce",
@@ -419,7 +405,7 @@ def _worker(rank, world, cases, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world,
                             timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
-    _nan_filled_empty()
+    nan_fill.install()  # fresh buffers start as NaN in the workers
     counter = CollectiveCounter()
     counter.install()
     runners = {"ce": _run_ce, "linear": _run_linear, "dtensor": _run_dtensor,

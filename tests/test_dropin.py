@@ -17,7 +17,10 @@ from fusedce import _function
 
 # numpy, under Triton's interpreter, warns about the masked-off lanes of a tile (log(0),
 # inf - inf): those lanes are never stored.
-pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter"),
+    pytest.mark.usefixtures("nan_filled_outputs"),  # a missed store shows as NaN
+]
 
 
 BACKENDS = ["triton", "torch"]
@@ -31,21 +34,6 @@ DTYPES = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def nan_filled_outputs(monkeypatch):
-    """Fresh floating-point buffers start as NaN, so an element nobody wrote shows."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def nan_empty(*args, **kwargs):
-        out = empty(*args, **kwargs)
-        return out.fill_(float("nan")) if out.is_floating_point() else out
-
-    def nan_empty_like(*args, **kwargs):
-        out = empty_like(*args, **kwargs)
-        return out.fill_(float("nan")) if out.is_floating_point() else out
-
-    monkeypatch.setattr(torch, "empty", nan_empty)
-    monkeypatch.setattr(torch, "empty_like", nan_empty_like)
 
 
 def run_both(x, target, upstream=None, atol=2e-5, rtol=2e-5, check_target_grad=False,
