@@ -36,9 +36,6 @@ time. Its input gradient is a sum over ranks: one all-reduce in the backward, th
 column-parallel linear layer has (``reduce_input_grad=False`` leaves it to the caller).
 """
 
-import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.distributed as dist
@@ -67,7 +64,7 @@ __all__ = [
 _REDUCTIONS = ("none", "mean", "sum")
 _BACKENDS = ("auto", "triton", "torch")
 # Elements per chunk on the PyTorch path: 2**18 fp32 values (1 MiB) stay in L2.
-CHUNK_ELEMENTS = 1 << 18
+CHUNK_ELEMENTS = _torch_impl.CHUNK_ELEMENTS
 
 
 # --------------------------------------------------------------------------- kernels
@@ -158,85 +155,17 @@ if triton is not None:
 # ------------------------------------------------------- shard-local launchers (two paths)
 
 
-def _cdiv(a, b):
-    return -(-a // b)
-
-
-def _row_chunks(n_rows, n_cols, start=0):
-    """Row ranges of about CHUNK_ELEMENTS logits, from ``start``."""
-    step = max(1, CHUNK_ELEMENTS // max(n_cols, 1))
-    for s in range(start, n_rows, step):
-        yield s, min(s + step, n_rows)
-
-
-class _Workers:
-    """Threads whose PyTorch ops run single-threaded, for the CPU path's row chunks.
-
-    The reason is fusedce's CPU path's (``fusedce/_torch_impl.py``): intra-op threading of
-    many cache-sized ops pays a barrier per op, which collapses when the cores are shared
-    with other processes (measured here: 35x slower than independent workers on 2 busy
-    cores). ``torch.set_num_threads(1)`` in a new thread also becomes the default that later
-    threads start from, so the caller's setting is restored once every worker has set its
-    own (the barrier). A forked child starts a pool of its own.
-    """
-
-    PARALLEL_MIN_ELEMENTS = 1 << 20  # below this the round trip costs more than it saves
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.executor, self.size, self.pid = None, 0, None
-
-    def _get(self, n):
-        with self.lock:
-            if self.executor is None or self.size < n or self.pid != os.getpid():
-                restore = torch.get_num_threads()
-                ready = threading.Barrier(n + 1)
-
-                def single_threaded():
-                    torch.get_num_threads()  # the thread's lazy init, which would undo the next
-                    torch.set_num_threads(1)
-                    ready.wait()
-
-                executor = ThreadPoolExecutor(n, thread_name_prefix="fusedce-vp")
-                for _ in range(n):
-                    executor.submit(single_threaded)
-                ready.wait()
-                torch.set_num_threads(restore)
-                if self.executor is not None and self.pid == os.getpid():
-                    self.executor.shutdown(wait=False)
-                self.executor, self.size, self.pid = executor, n, os.getpid()
-            return self.executor
-
-    @staticmethod
-    def _task(work, start, end):
-        with torch.no_grad():  # grad mode is per thread
-            work(start, end)
-
-    def run(self, n_rows, n_cols, work):
-        """``work(start, end)`` over row ranges covering ``[0, n_rows)``, one per worker
-        (whole chunks each), or inline for small inputs."""
-        n = min(torch.get_num_threads(), n_rows,
-                _cdiv(n_rows * n_cols, self.PARALLEL_MIN_ELEMENTS))
-        if n <= 1:
-            self._task(work, 0, n_rows)
-            return
-        step = max(1, CHUNK_ELEMENTS // max(n_cols, 1))
-        per_worker = _cdiv(_cdiv(n_rows, step), n) * step
-        executor = self._get(n)
-        futures = [executor.submit(self._task, work, s, min(s + per_worker, n_rows))
-                   for s in range(0, n_rows, per_worker)]
-        for future in futures:
-            future.result()
-
-
-_WORKERS = _Workers()
+# The CPU path works through cache-sized row chunks on fusedce's worker threads, as
+# fusedce/_torch_impl.py does (the reason is there: intra-op threading of many cache-sized ops
+# pays a barrier per op, which collapses when the cores are shared).
+_row_chunks = _torch_impl._chunks
 
 
 def _partials_torch(x, t_local, w_shard, smoothing, part):
     """PyTorch path of ``_vp_partials_kernel``: fills ``part`` (>= 3 * rows fp32) the same way.
 
     Cache-sized row chunks (max, subtract into an fp32 scratch, exp in cache, sum), spread
-    over single-threaded worker threads (``_Workers``)."""
+    over fusedce's single-threaded worker threads."""
     n_rows, n_cols = x.shape
     lse, x_t = part[:n_rows], part[n_rows:2 * n_rows]
     swx = part[2 * n_rows:3 * n_rows]
@@ -266,7 +195,7 @@ def _partials_torch(x, t_local, w_shard, smoothing, part):
             m.add_(buf.exp_().sum(1).log_())
 
     if n_rows > 0:
-        _WORKERS.run(n_rows, n_cols, work)
+        _torch_impl._parallel_rows(n_rows, n_cols, x.device, work)
     picked = x.gather(1, t_local.clamp_min(0)[:, None]).squeeze(1).float()
     x_t.copy_(torch.where(t_local >= 0, picked, 0.0))
     return part
@@ -313,7 +242,7 @@ def _grad_torch(x, t_local, lse, g, w_t, consts, eps, w_shard, dx):
             if not direct:
                 dx[s:e] = out  # one rounding into dx
 
-    _WORKERS.run(n_rows, n_cols, work)
+    _torch_impl._parallel_rows(n_rows, n_cols, dx.device, work)
     return dx
 
 

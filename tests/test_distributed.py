@@ -266,7 +266,7 @@ def _run_ce(case, rank, counter, group=None):
         shard_range = vocab_shard_range(case.sizes[rank], group)
         counter.take()
     ref_loss = ref.detach().reshape(loss.shape)
-    workers = [th for th in threading.enumerate() if th.name.startswith("fusedce-vp")]
+    workers = [th for th in threading.enumerate() if th.name.startswith("fusedce_")]
     return {
         "shard_range": shard_range,
         "worker_threads": len(workers),
