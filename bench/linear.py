@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 import fusedce
+from bench.ce import _status_bytes
 
 CASES = ("unfused", "fusedce", "torch_chunked")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -100,14 +101,6 @@ def time_cases(cases, tokens, hidden, vocab, dtype="fp32", device="cpu", repeats
     return times
 
 
-def _rss_bytes(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def _reset_peak_rss():
     """Reset VmHWM to the current RSS (Linux >= 4.0); False where that is not allowed."""
     try:
@@ -129,9 +122,9 @@ def memory_probe(case, tokens, hidden, vocab, dtype="fp32", chunk_size=None):
     x, w, target = make_inputs(tokens, hidden, vocab, dtype)
     if not _reset_peak_rss():
         raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs)")
-    base = _rss_bytes("VmRSS")
+    base = _status_bytes("VmRSS")
     step(fn, x, w, target)
-    peak = _rss_bytes("VmHWM")
+    peak = _status_bytes("VmHWM")
     return {"peak_above_inputs": peak - base, "grad_bytes": _grad_bytes(x, w),
             "extra_bytes": peak - base - _grad_bytes(x, w)}
 
