@@ -18,7 +18,14 @@
    Printed as a table of ms, GB/s under the byte model of ``bench/byte_model.py``, the
    percentage of a device-to-device copy measured in the same run, speed ratios and the peak
    memory above the inputs; written to ``bench/results/gpu_check_<gpu>.csv``.
-3. ``--sweep``: the row kernels alone under other launch choices (BLOCK_SIZE, num_warps,
+3. The fused linear + cross-entropy (issue 5): ``fusedce.linear_cross_entropy`` against the
+   unfused float64 reference (loss and the gradients of the hidden states and the head
+   weight), then forward+backward at 8,192 tokens x hidden 768 x 50,257 (bf16) against the
+   unfused ``F.linear`` + ``F.cross_entropy``, PyTorch's chunked ``F.linear_cross_entropy``
+   and Liger-Kernel's fused linear cross-entropy (if importable): time and peak memory, the
+   ratios to Liger printed, written to ``bench/results/gpu_linear_<gpu>.csv``
+   (``--no-linear`` leaves it out).
+4. ``--sweep``: the row kernels alone under other launch choices (BLOCK_SIZE, num_warps,
    16-byte aligned body on or off), each timed at N = 8,192 and 32,768 for bf16 and fp32,
    written to ``bench/results/gpu_sweep_<gpu>.csv`` with the best choice per case printed.
 
@@ -64,6 +71,8 @@ def _parse_args(argv):
                         "bf16,fp32 adds about a minute and a half, mostly torch.compile)")
     p.add_argument("--quick", action="store_true", help="N = 8,192 only, no torch.compile")
     p.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
+    p.add_argument("--no-linear", action="store_true",
+                   help="leave out the fused linear + cross-entropy check and timing")
     p.add_argument("--sweep", action="store_true", help="also run the launch-parameter sweep")
     p.add_argument("--sweep-only", action="store_true", help="only the sweep")
     p.add_argument("--blocks", default="4096,8192,16384", help="sweep: BLOCK_SIZE values")
@@ -471,6 +480,52 @@ def sweep(torch, do_bench, ce_bytes, dev, blocks, warps, tokens=TOKENS,
 # ----------------------------------------------------------------------------------------
 
 
+def check_and_time_linear(torch, F, fusedce, dev, dry_run):
+    """Issue 5 on the GPU: correctness of ``fusedce.linear_cross_entropy`` against the
+    unfused float64 reference, then ``bench.linear``'s cases (with Liger's when importable).
+    Returns ``(failures, rows)``."""
+    import importlib.util
+
+    from bench import linear as lin
+
+    device = dev.device
+    failures = 0
+    print(f"\nfused linear + cross-entropy against float64 on {dev.name}")
+    for dt in ("fp32", "bf16"):
+        tokens, hidden, vocab = (24, 40, 1_001) if dry_run else (1_000, 768, V)
+        x, w, target = lin.make_inputs(tokens, hidden, vocab, dt, device)
+        target[::7] = -100
+        x64, w64 = (t.detach().double().requires_grad_(True) for t in (x, w))
+        ref = F.cross_entropy(F.linear(x64, w64), target, label_smoothing=0.1)
+        ref_dx, ref_dw = torch.autograd.grad(ref, (x64, w64))
+        loss = fusedce.linear_cross_entropy(x, w, target, label_smoothing=0.1,
+                                            **dev.fused_kwargs)
+        dx, dw = torch.autograd.grad(loss, (x, w))
+        dev.sync()
+        errs = {"loss": _rel_err(loss, ref), "d hidden": _rel_err(dx, ref_dx),
+                "d weight": _rel_err(dw, ref_dw)}
+        ok = all(e <= TOL[dt] for e in errs.values())
+        failures += not ok
+        print(f"  {'ok  ' if ok else 'FAIL'} {dt:<4} {tokens}x{hidden}->{vocab} "
+              + " ".join(f"{k} {v:.1e}" for k, v in errs.items()))
+    cases = list(lin.CASES)
+    if not dry_run and importlib.util.find_spec("liger_kernel") is not None:
+        cases.append("liger")
+    else:
+        print("  liger: not importable (or a dry run): left out of the timing")
+    shape = dict(tokens=64, hidden=32, vocab=1_001, dtype="fp32", repeats=1, memory=False) \
+        if dry_run else dict(tokens=8_192, hidden=768, vocab=V, dtype="bf16", repeats=5)
+    rows = lin.run(device=str(device), cases=cases, **shape)
+    print(lin.format_table(rows))
+    times = {r["case"]: r for r in rows}
+    if "liger" in times:
+        for key, what in (("time_ms", "time"), ("extra_mib", "peak memory")):
+            a, b = times["fusedce"][key], times["liger"][key]
+            if a is not None and b:
+                print(f"  fusedce / liger {what}: {a / b:.2f} (target <= 1.00)")
+    return failures, rows
+
+
 def _write_csv(path, rows, extra):
     if not rows:
         return
@@ -533,6 +588,10 @@ def main(argv=None):
                              not args.no_compile)
         print_table(rows)
         _write_csv(os.path.join(args.out, f"gpu_check_{slug}.csv"), rows, extra)
+        if not args.no_linear:
+            lin_failures, rows = check_and_time_linear(torch, F, fusedce, dev, args.dry_run)
+            failures += lin_failures
+            _write_csv(os.path.join(args.out, f"gpu_linear_{slug}.csv"), rows, extra)
     if args.sweep or args.sweep_only:
         rows = sweep(torch, do_bench, ce_bytes, dev,
                      [int(b) for b in args.blocks.split(",")],
