@@ -1,0 +1,39 @@
+"""The package as a user installs it: ``pip install .`` puts ``kernels/`` under
+``fusedce.kernels`` and installs no top-level module named ``kernels`` (that name belongs to
+another PyPI package, which Hugging Face transformers imports)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_pip_install_dot_installs_kernels_as_a_subpackage(tmp_path):
+    target = tmp_path / "site"
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+         "--no-build-isolation", "--target", str(target), str(ROOT)],
+        capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, PIP_NO_INPUT="1"))
+    if build.returncode != 0 and "setuptools" in build.stderr and "No module" in build.stderr:
+        pytest.skip("setuptools is not importable here: cannot build without isolation")
+    assert build.returncode == 0, build.stderr
+    assert (target / "fusedce" / "kernels" / "cross_entropy.py").is_file()
+    assert not (target / "kernels").exists(), "a top-level 'kernels' package was installed"
+    # from outside the repository, with only the installed copy on the path
+    code = ("import importlib.util, fusedce, fusedce.kernels; "
+            "print(fusedce.__file__); print(fusedce.kernels.__file__); "
+            "spec = importlib.util.find_spec('kernels'); "
+            f"print(spec is None or {str(target)!r} not in str(spec.origin))")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(target)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=tmp_path, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr
+    fusedce_file, kernels_file, no_top_level = run.stdout.split()
+    assert fusedce_file.startswith(str(target)) and kernels_file.startswith(str(target))
+    assert no_top_level == "True"
