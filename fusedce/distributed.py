@@ -216,7 +216,10 @@ def _grad_torch(x, t_local, lse, g, w_t, consts, eps, w_shard, dx):
     k = (eps / consts[1] * g).contiguous() if smoothing else None
     shift = (lse - a.abs().log()).contiguous()
     negative = a < 0
-    sign = torch.where(negative, -1.0, 1.0).contiguous() if bool(negative.any()) else None
+    sign = torch.where(negative, -1.0, 1.0).contiguous()
+    # skip the sign pass when no row needs it, read on the CPU only (on a GPU: a host sync)
+    if x.device.type == "cpu" and not bool(negative.any()):
+        sign = None
     in_shard = t_local >= 0
     t_safe = t_local.clamp_min(0)
     b = torch.where(in_shard, b, 0.0)  # rows whose target lives elsewhere: no one-hot term
