@@ -4,6 +4,7 @@
 kernels on CUDA tensors, a chunked PyTorch implementation on the CPU.
 """
 
+from ._torch_impl import empty_cache
 from .functional import cross_entropy
 from .linear import LinearCrossEntropyLoss, linear_cross_entropy
 from .modules import CrossEntropyLoss
@@ -11,4 +12,4 @@ from .patching import patch, patched, unpatch
 
 __version__ = "0.1.0"
 __all__ = ["cross_entropy", "CrossEntropyLoss", "linear_cross_entropy", "LinearCrossEntropyLoss"]
-__all__ += ["patch", "unpatch", "patched"]
+__all__ += ["patch", "unpatch", "patched", "empty_cache"]

@@ -218,27 +218,41 @@ def backward(grad, x, target, weight, lse, s, denom, ignore_index, label_smoothi
 
 
 class CrossEntropyFunction(torch.autograd.Function):
-    """Reduced cross-entropy of ``x`` (rows, C) against class indices ``target`` (rows,) in
-    the ``inplace_backward`` mode (row-wise implementations only).
+    """Reduced cross-entropy of ``x`` (rows, C) against class indices ``target`` (rows,) whose
+    gradient is computed in the forward (row-wise implementations only).
 
     The forward computes the gradient of the reduced loss (``1 / denominator`` folded in)
-    and writes it over ``x``; the backward only rescales rows whose upstream gradient
-    differs from 1 and hands ``x`` to autograd. Nothing but ``x`` is saved. The caller
-    (``fusedce.functional``) applies it only when ``x`` will get a gradient.
+    in the same pass as the loss: over ``x`` itself with ``inplace=True`` (the
+    ``inplace_backward`` mode), else into a buffer from the CPU implementation's gradient
+    cache (the CPU's default mode: one read of the logits for loss and gradient, and no
+    fresh logits-sized allocation to fault in). The backward only rescales rows whose
+    upstream gradient differs from 1 and hands the gradient to autograd. A second backward
+    through a retained graph recomputes the gradient from the saved logits (not possible
+    in place: it raises). The caller (``fusedce.functional``) applies it only when ``x``
+    will get a gradient.
     """
 
     @staticmethod
-    def forward(ctx, x, target, weight, ignore_index, label_smoothing, reduction, impl):
+    def forward(ctx, x, target, weight, ignore_index, label_smoothing, reduction, impl,
+                inplace=True):
         denom = denominator(target, weight, ignore_index, x.shape[1], reduction)
-        loss, _ = impl.ce_fwd(x, target, weight=weight, ignore_index=ignore_index,
-                              label_smoothing=label_smoothing, inplace_scale=1.0 / denom)
-        # A Triton store does not bump the version counter: do it, so that a node which
-        # saved the logits (e.g. tanh's output) raises instead of reading the gradient.
-        torch.autograd.graph.increment_version(x)
+        dx = x if inplace else _torch_impl.grad_buffer(x)
+        loss, lse = impl.ce_fwd(x, target, weight=weight, ignore_index=ignore_index,
+                                label_smoothing=label_smoothing, inplace_scale=1.0 / denom,
+                                **({} if inplace else {"grad_out": dx}))
+        if inplace:
+            # A Triton store does not bump the version counter: do it, so that a node which
+            # saved the logits (e.g. tanh's output) raises instead of reading the gradient.
+            torch.autograd.graph.increment_version(x)
+            ctx.save_for_backward(x)
+        else:
+            ctx.save_for_backward(x, target, weight, lse, denom)
+            ctx.dx = dx  # held until the backward hands it over (or the graph is freed)
+            ctx.options = (ignore_index, label_smoothing)
         ctx.impl = impl
         ctx.reduction = reduction
+        ctx.inplace = inplace
         ctx.consumed = False
-        ctx.save_for_backward(x)
         if reduction == "none":
             return loss
         total = loss.sum()
@@ -249,14 +263,24 @@ class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     @first_order_only
     def backward(ctx, grad_out):
-        if ctx.consumed:
+        if ctx.inplace and ctx.consumed:
             raise RuntimeError(INPLACE_SECOND_BACKWARD_ERROR)
-        x, = ctx.saved_tensors
+        x = ctx.saved_tensors[0]
         if ctx.reduction == "none":
             dloss = grad_out.float()  # may be an expanded scalar: its stride 0 is honoured
         else:
             dloss = grad_out.float().reshape(1).expand(x.shape[0])
-        ctx.impl.ce_scale_(x, dloss)  # the forward already divided by the denominator
-        torch.autograd.graph.increment_version(x)
-        ctx.consumed = True  # a second backward would rescale x again
-        return (x,) + (None,) * 6
+        if not ctx.consumed:
+            ctx.consumed = True  # a second backward would rescale the gradient again
+            if ctx.inplace:
+                dx = ctx.impl.ce_scale_(x, dloss)  # the forward already divided by denom
+                torch.autograd.graph.increment_version(x)
+            else:
+                dx = ctx.impl.ce_scale_(ctx.dx, dloss)
+                ctx.dx = None
+            return (dx,) + (None,) * 7
+        x, target, weight, lse, denom = ctx.saved_tensors
+        ignore_index, label_smoothing = ctx.options
+        dx = ctx.impl.ce_bwd(x, target, lse, dloss / denom, weight=weight,
+                             ignore_index=ignore_index, label_smoothing=label_smoothing)
+        return (dx,) + (None,) * 7

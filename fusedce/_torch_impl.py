@@ -159,6 +159,89 @@ def _parallel_rows(n_rows, n_cols, device, work):
 
 
 # ------------------------------------------------------------------------------------------
+# Gradient buffers kept for reuse
+
+
+class _GradCache:
+    """Logits-sized CPU buffers for gradients, reused once nothing references them.
+
+    PyTorch's CPU allocator returns a buffer this large to the kernel when it is freed, so
+    every step would fault in and zero a fresh one, which costs more than computing the
+    gradient into it (the page faults measured in ``bench/``). Like the CUDA caching
+    allocator, this keeps up to ``MAX_ENTRIES`` buffers: a buffer is handed out again only
+    when no tensor and no storage object refers to it any more (its storage's reference
+    counts are back to those it had when it was created). ``fusedce.empty_cache()`` drops
+    the free ones; ``FUSEDCE_GRAD_CACHE=0`` turns the cache off.
+    """
+
+    MAX_ENTRIES = 2
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.entries = []  # [buffer, its free signature], least recently used first
+
+    @staticmethod
+    def _signature(buf):
+        storage = buf.untyped_storage()
+        return torch._C._storage_Use_Count(storage._cdata), sys.getrefcount(storage)
+
+    def _is_free(self, entry):
+        return self._signature(entry[0]) == entry[1]
+
+    def empty_like(self, x):
+        """A contiguous tensor of ``x``'s shape and dtype, from the cache when one is free."""
+        nbytes = x.numel() * x.element_size()
+        if (not GRAD_CACHE or x.device.type != "cpu" or nbytes < GRAD_CACHE_MIN_BYTES
+                or not hasattr(torch._C, "_storage_Use_Count")):
+            return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        with self.lock:
+            for i, entry in enumerate(self.entries):
+                size = entry[0].numel()
+                if nbytes <= size <= nbytes + nbytes // 4 and self._is_free(entry):
+                    self.entries.append(self.entries.pop(i))
+                    return self._view(entry[0], nbytes, x)
+            buf = torch.empty(nbytes, dtype=torch.uint8)
+            # make room: free entries of other sizes go, least recently used first; when
+            # every entry is in use the new buffer is not kept
+            for entry in [e for e in self.entries if self._is_free(e)]:
+                if len(self.entries) < self.MAX_ENTRIES:
+                    break
+                self.entries.remove(entry)
+            if len(self.entries) < self.MAX_ENTRIES:
+                self.entries.append([buf, self._signature(buf)])
+            return self._view(buf, nbytes, x)
+
+    @staticmethod
+    def _view(buf, nbytes, x):
+        return buf[:nbytes].view(x.dtype).view(x.shape)
+
+    def empty(self):
+        """Drops the buffers nothing references; returns how many bytes they held."""
+        with self.lock:
+            free = [e for e in self.entries if self._is_free(e)]
+            self.entries = [e for e in self.entries if e not in free]
+            return sum(e[0].numel() for e in free)
+
+
+# Whether gradient buffers are reused (see _GradCache); environment: FUSEDCE_GRAD_CACHE=0.
+GRAD_CACHE = os.environ.get("FUSEDCE_GRAD_CACHE", "1") != "0"
+# Buffers below this size are left to PyTorch's allocator (glibc reuses small ones itself).
+GRAD_CACHE_MIN_BYTES = 16 << 20
+_GRADS = _GradCache()
+
+
+def grad_buffer(x):
+    """An uninitialised contiguous tensor like ``x`` for its gradient (see _GradCache)."""
+    return _GRADS.empty_like(x)
+
+
+def empty_cache():
+    """Frees the gradient buffers fusedce keeps for reuse that nothing references any more
+    (as ``torch.cuda.empty_cache`` does for the CUDA allocator); returns the bytes freed."""
+    return _GRADS.empty()
+
+
+# ------------------------------------------------------------------------------------------
 # Transparent huge pages
 
 _MADV_HUGEPAGE = 14
@@ -281,40 +364,50 @@ def _write_target_grad(dx, t_safe, d):
 # The three entry points
 
 
-def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, inplace_scale=None):
+def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, inplace_scale=None,
+           grad_out=None):
     """Per-row ``(loss, lse)`` in fp32; with ``inplace_scale`` also writes the gradient of
-    ``loss * inplace_scale`` over ``x``. Same contract as ``fusedce.kernels.ce_fwd``."""
+    ``loss * inplace_scale`` over ``x``, or into ``grad_out`` (a contiguous buffer of ``x``'s
+    shape and dtype; ``x`` then stays intact). Same contract as ``fusedce.kernels.ce_fwd``,
+    which has no ``grad_out``."""
     n_rows, n_cols = x.shape
     eps = float(label_smoothing)
     dev = x.device
+    grad = inplace_scale is not None
+    dst = (x if grad_out is None else grad_out) if grad else None
     with torch.no_grad():
         t_safe, ignored, valid, w_t = _row_targets(target, weight, ignore_index, n_cols)
         w = weight.float() if weight is not None else None
         x_t = x.gather(1, t_safe[:, None]).squeeze(1).float()  # before x is overwritten
-        row_max = torch.zeros(n_rows, dtype=torch.float32, device=dev)  # the shift
-        row_sum = torch.empty(n_rows, dtype=torch.float32, device=dev)
+        row_max = torch.zeros(n_rows, 1, dtype=torch.float32, device=dev)  # the shift
+        row_sum = torch.empty(n_rows, 1, dtype=torch.float32, device=dev)
         sum_wx = torch.empty(n_rows, dtype=torch.float32, device=dev) if eps > 0 else None
-        inplace = inplace_scale is not None
-        if inplace:
+        if grad:
             A, B = _grad_coefficients(w_t, weight, eps, n_cols)
             g = _row_scale(inplace_scale.float().expand(n_rows), ignored, valid)
-            gA = (g * A).contiguous()
+            gA = (g * A)[:, None].contiguous()
+            coef = torch.empty_like(gA)
             smooth = (g * (eps / n_cols)).contiguous() if eps > 0 else None
     direct = x.dtype == torch.float32  # else: through an fp32 scratch chunk
     step = max(1, CHUNK_ELEMENTS // max(n_cols, 1))
-    # (not in the in-place mode, where it measured slower: the extra checks and the writes
-    # through the scratch cost more than the pass saved; nor on a GPU: the check would sync)
-    fast = UNSHIFTED_EXP and dev.type == "cpu" and not inplace
+    # Unshifted exp where x survives the pass, so that rows it fails for can be redone: not
+    # over x (the in-place mode), nor on a GPU (the check would sync).
+    fast = UNSHIFTED_EXP and dev.type == "cpu" and (dst is None or dst is not x)
 
     def work(start, end):
-        scratch = torch.empty(min(step, end - start), n_cols, dtype=torch.float32, device=dev)
+        scratch = None
+        if not direct or dst is None:
+            scratch = torch.empty(min(step, end - start), n_cols, dtype=torch.float32,
+                                  device=dev)
+        if dst is not None and dst is not x and PAGE_ADVICE == "populate":
+            _populate_rows(dst, start, end)
         redo = None
         if fast:
             for s, e in _chunks(end, n_cols, start):
-                _unshifted_chunk(x[s:e], scratch[: e - s], s, e)
+                _unshifted_chunk(s, e, scratch)
             # one check for the whole range: the rows whose sum overflowed (inf, NaN) or came
             # near fp32's underflow are done again, with the shift
-            rs = row_sum[start:end]
+            rs = row_sum[start:end, 0]
             bad = ~((rs > 1e-30) & (rs < float("inf")))
             if not bool(bad.any()):
                 return
@@ -322,77 +415,76 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, inpla
         for s, e in _chunks(end, n_cols, start):
             if redo is not None and not redo.intersection(range(s, e)):
                 continue
-            xc, scr = x[s:e], scratch[: e - s]
-            if direct:
-                src = xc
-            else:  # one vectorised conversion; mixed-dtype ops take a slow casting loop
-                src = scr.copy_(xc)
-            m = torch.amax(src, 1, out=row_max[s:e])[:, None]
-            if eps > 0:
-                if w is None:
-                    torch.sum(src, 1, out=sum_wx[s:e])
-                else:
-                    torch.mv(src, w, out=sum_wx[s:e])
-            if inplace and direct:
-                buf = xc.sub_(m)  # the gradient is built in x's own storage
-            elif direct:
-                buf = torch.sub(xc, m, out=scr)
-            else:
-                buf = src.sub_(m)
-            buf.exp_()
-            torch.sum(buf, 1, out=row_sum[s:e])
-            _finish(xc, buf, s, e)
+            _shifted_chunk(s, e, scratch)
 
-    def _finish(xc, buf, s, e):
-        """``buf`` = exp(x - shift) of rows [s, e): in-place mode, write the gradient."""
-        if not inplace:
-            return
-        coef = (gA[s:e] / row_sum[s:e])[:, None]
-        if direct and buf.data_ptr() != xc.data_ptr() and eps == 0:
-            torch.mul(buf, coef, out=xc)
-            return
-        buf.mul_(coef)
-        if eps > 0:
-            _smoothing_term(buf, smooth[s:e], w)
-        if buf.data_ptr() != xc.data_ptr():
-            xc.copy_(buf)
+    def _sum_wx(src, s, e):
+        if w is None:
+            torch.sum(src, 1, out=sum_wx[s:e])
+        else:
+            torch.mv(src, w, out=sum_wx[s:e])
 
-    def _unshifted_chunk(xc, scr, s, e):
+    def _unshifted_chunk(s, e, scratch):
         """sum(exp(x)) without the max shift, one pass fewer: right whenever no exp(x)
         overflows (sum finite) and the sum is far above fp32's underflow (> 1e-30, so the
-        terms that flush to 0 weigh < 1e-8); ``work`` checks that and redoes the rows where
-        it fails. Not for the in-place mode (it writes nothing to x)."""
+        terms that flush to 0 weigh < 1e-8, and the gradient of such a term is below 1e-15);
+        ``work`` checks that and redoes the rows where it fails."""
+        xc = x[s:e]
         if direct:
             if eps > 0:
-                if w is None:
-                    torch.sum(xc, 1, out=sum_wx[s:e])
-                else:
-                    torch.mv(xc, w, out=sum_wx[s:e])
-            buf = torch.exp(xc, out=scr)
+                _sum_wx(xc, s, e)
+            buf = torch.exp(xc, out=dst[s:e] if grad else scratch[: e - s])
         else:
-            buf = scr.copy_(xc)
+            buf = scratch[: e - s].copy_(xc)
             if eps > 0:
-                if w is None:
-                    torch.sum(buf, 1, out=sum_wx[s:e])
-                else:
-                    torch.mv(buf, w, out=sum_wx[s:e])
+                _sum_wx(buf, s, e)
             buf.exp_()
-        torch.sum(buf, 1, out=row_sum[s:e])
+        torch.sum(buf, 1, keepdim=True, out=row_sum[s:e])
+        if grad:
+            _finish(s, e, buf)
+
+    def _shifted_chunk(s, e, scratch):
+        xc = x[s:e]
+        if direct:
+            src = xc
+        else:  # one vectorised conversion; mixed-dtype ops take a slow casting loop
+            src = scratch[: e - s].copy_(xc)
+        m = torch.amax(src, 1, keepdim=True, out=row_max[s:e])
+        if eps > 0:
+            _sum_wx(src, s, e)
+        if not direct:
+            buf = src.sub_(m)
+        elif dst is x:
+            buf = xc.sub_(m)  # the gradient is built in x's own storage
+        else:
+            buf = torch.sub(xc, m, out=dst[s:e] if grad else scratch[: e - s])
+        buf.exp_()
+        torch.sum(buf, 1, keepdim=True, out=row_sum[s:e])
+        if grad:
+            _finish(s, e, buf)
+
+    def _finish(s, e, buf):
+        """``buf`` = exp(x - shift) of rows [s, e): scale it into the gradient in ``dst``."""
+        buf.mul_(torch.div(gA[s:e], row_sum[s:e], out=coef[s:e]))
+        if eps > 0:
+            _smoothing_term(buf, smooth[s:e], w)
+        if not direct:
+            dst[s:e].copy_(buf)
 
     if n_rows > 0 and n_cols > 0:
         _parallel_rows(n_rows, n_cols, dev, work)
     with torch.no_grad():
         if n_cols > 0:
-            lse = row_max + row_sum.log()
+            lse = (row_max + row_sum.log()).squeeze(1)
         else:
             lse = torch.full((n_rows,), float("-inf"), device=dev)
         loss = (1.0 - eps) * w_t * (lse - x_t)
         if eps > 0:
             loss = loss + eps / n_cols * (_smoothing_sum(weight, n_cols) * lse - sum_wx)
         loss = torch.where(ignored, 0.0, torch.where(valid, loss, float("nan")))
-        if inplace and n_rows > 0 and n_cols > 0:
+        if grad and n_rows > 0 and n_cols > 0:
+            gA = gA.squeeze(1)
             d = _target_grad(x_t, lse, gA, g * B, g, w, eps, n_cols, t_safe)
-            _write_target_grad(x, t_safe, d)
+            _write_target_grad(dst, t_safe, d)
     return loss, lse
 
 

@@ -194,6 +194,10 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         for float16 logits) it is accepted and has no effect. Not
         float16: the gradient would be stored in fp16 before a loss scale (GradScaler's
         65,536) multiplies it, and its small entries would underflow to zero.
+        On the CPU the default mode computes the gradient in the forward too, into a
+        separate buffer (the logits stay intact) that fusedce reuses once nothing refers to
+        it any more (``fusedce.empty_cache()`` frees it); the graph holds that gradient
+        from the forward to the backward, where PyTorch's holds its log-softmax.
     validate: raise PyTorch's ``IndexError`` for a class index outside ``[0, C)``. ``None``
         (default) checks CPU tensors on the PyTorch path only: the check reads the targets
         on the host, a synchronisation the GPU path avoids (also with ``backend="torch"``);
@@ -222,15 +226,19 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         _check_weight(weight, x.shape[1])
         weight = weight.contiguous()
     validate = _validates_by_default(input, backend) if validate is None else bool(validate)
-    # in place only when a gradient will be taken: under no_grad the logits stay intact
-    if (inplace_backward and torch.is_grad_enabled() and input.requires_grad
-            and not torch.compiler.is_compiling() and use_rows(x, t, weight)
-            and x.dtype != torch.float16 and _rows_disjoint(rows_view(x))):
+    # the gradient in the forward only when one will be taken: under no_grad the logits
+    # stay intact and nothing but the loss is computed
+    grad_in_forward = (torch.is_grad_enabled() and input.requires_grad
+                       and not torch.compiler.is_compiling() and use_rows(x, t, weight)
+                       and x.dtype != torch.float16)
+    inplace = inplace_backward and grad_in_forward and _rows_disjoint(rows_view(x))
+    impl = resolve_backend(backend, input) if grad_in_forward else None
+    if inplace or (grad_in_forward and impl is _torch_impl and input.device.type == "cpu"):
         if validate:
             check_targets(t, x.shape[1], ignore_index)
         loss = CrossEntropyFunction.apply(rows_view(x), t.reshape(-1).contiguous(), weight,
-                                          ignore_index, label_smoothing, reduction,
-                                          resolve_backend(backend, input))
+                                          ignore_index, label_smoothing, reduction, impl,
+                                          inplace)
     elif torch.compiler.is_compiling():
         loss = torch.ops.fusedce.cross_entropy(x, t, weight, ignore_index, label_smoothing,
                                                reduction, backend, validate)[0]

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import fusedce
-from fusedce import _function
+from fusedce import _function, _torch_impl
 
 # numpy, under Triton's interpreter, warns about the masked-off lanes of a tile (log(0),
 # inf - inf): those lanes are never stored.
@@ -127,14 +127,14 @@ def test_kdim_layouts_reach_the_op_without_a_copy(layout, backend, monkeypatch):
         x = logits((n, c, h + 1, w + 1))[:, :, :h, :w]
     else:  # (N, L, C) storage seen as (N, C, L)
         x = logits((n, h * w, c)).transpose(1, 2).reshape(n, c, h, w)
-    seen = []
-    forward = _function.forward
+    seen = []  # the logits each path's forward gets: (N, C, L), or rows (N * L, C) where
+    # the CPU computes the gradient in the forward
+    for module, name in ((_function, "forward"), (_torch_impl, "ce_fwd")):
+        def spy(x3, *args, _forward=getattr(module, name), **kwargs):
+            seen.append(x3)
+            return _forward(x3, *args, **kwargs)
 
-    def spy(x3, *args):
-        seen.append(x3)
-        return forward(x3, *args)
-
-    monkeypatch.setattr(_function, "forward", spy)
+        monkeypatch.setattr(module, name, spy)
     target = indices((n, h, w), c)
     run_both(x, target, reduction="sum", backend=backend)
     same_storage = seen[0].untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
