@@ -206,7 +206,7 @@ class _GradCache:
             for entry in [e for e in self.entries if self._is_free(e)]:
                 if len(self.entries) < self.MAX_ENTRIES:
                     break
-                self.entries.remove(entry)
+                self.entries = [e for e in self.entries if e is not entry]
             if len(self.entries) < self.MAX_ENTRIES:
                 self.entries.append([buf, self._signature(buf)])
             return self._view(buf, nbytes, x)
@@ -218,9 +218,10 @@ class _GradCache:
     def empty(self):
         """Drops the buffers nothing references; returns how many bytes they held."""
         with self.lock:
-            free = [e for e in self.entries if self._is_free(e)]
-            self.entries = [e for e in self.entries if e not in free]
-            return sum(e[0].numel() for e in free)
+            free = [self._is_free(e) for e in self.entries]
+            freed = sum(e[0].numel() for e, f in zip(self.entries, free) if f)
+            self.entries = [e for e, f in zip(self.entries, free) if not f]
+            return freed
 
 
 # Whether gradient buffers are reused (see _GradCache); environment: FUSEDCE_GRAD_CACHE=0.

@@ -1,0 +1,242 @@
+"""The CPU's default mode: the gradient is computed in the forward, into a reused buffer.
+
+``fusedce.cross_entropy`` on CPU logits that require a gradient computes loss and gradient
+in one pass (``_torch_impl.ce_fwd(..., grad_out=...)``) into a buffer of the gradient cache
+(``_torch_impl._GradCache``); the backward only rescales it. What must hold:
+
+- the values are those of float64 PyTorch, also for rows where the unshifted exp fails
+  (overflow, underflow) and is redone, and for a second backward through a retained graph;
+- the logits are never written;
+- a buffer is handed out again only when nothing refers to it: not while a graph that will
+  still hand it over is alive, nor while the caller keeps a gradient, a view of it or its
+  storage; in a training loop's steady state the same buffer is reused (no fresh
+  logits-sized allocation per step).
+
+Correctness of every option on both paths is in ``test_cross_entropy.py``; this file is
+about what the gradient-in-forward and the cache add.
+"""
+
+import gc
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusedce
+from fusedce import _function, _torch_impl
+
+ATOL, RTOL = 2e-5, 2e-5  # fp32 against float64, as in test_cross_entropy.py
+
+
+@pytest.fixture
+def cache(monkeypatch):
+    """A fresh, empty gradient cache that takes buffers of any size (small test shapes)."""
+    fresh = _torch_impl._GradCache()
+    monkeypatch.setattr(_torch_impl, "_GRADS", fresh)
+    monkeypatch.setattr(_torch_impl, "GRAD_CACHE_MIN_BYTES", 0)
+    monkeypatch.setattr(_torch_impl, "GRAD_CACHE", True)
+    return fresh
+
+
+def reference(x, target, upstream, **kwargs):
+    x64 = x.detach().double().requires_grad_()
+    loss = F.cross_entropy(x64, target, **kwargs)
+    (grad,) = torch.autograd.grad(loss, x64, upstream.double())
+    return loss.detach(), grad
+
+
+def logits(n, c, seed=0, scale=3.0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, c, generator=gen) * scale, torch.randint(0, c, (n,), generator=gen)
+
+
+def test_default_cpu_path_computes_the_gradient_in_the_forward(cache, monkeypatch):
+    """The path taken: the gradient is in the buffer after the forward, before backward."""
+    seen = []
+    ce_fwd = _torch_impl.ce_fwd
+    monkeypatch.setattr(_torch_impl, "ce_fwd",
+                        lambda *a, **k: seen.append(k.get("grad_out")) or ce_fwd(*a, **k))
+    x, t = logits(4, 300)
+    xr = x.clone().requires_grad_()
+    loss = fusedce.cross_entropy(xr, t)
+    assert len(seen) == 1 and seen[0] is not None
+    _, ref_grad = reference(x, t, torch.tensor(1.0))
+    torch.testing.assert_close(seen[0].double(), ref_grad, atol=ATOL, rtol=RTOL)
+    loss.backward()
+    assert xr.grad.data_ptr() == seen[0].data_ptr()  # handed over, not copied
+    assert torch.equal(xr.detach(), x)  # the logits were not written
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_no_gradient_no_buffer(cache, reduction):
+    """Under no_grad, or for logits that need no gradient, only the loss is computed."""
+    x, t = logits(4, 300)
+    with torch.no_grad():
+        fusedce.cross_entropy(x.clone().requires_grad_(), t, reduction=reduction)
+    fusedce.cross_entropy(x, t, reduction=reduction)
+    assert cache.entries == []
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_second_backward_through_a_retained_graph(cache, reduction):
+    """The first backward hands the buffer over; a second recomputes from the saved logits."""
+    x, t = logits(5, 300, seed=1)
+    shape = F.cross_entropy(x, t, reduction=reduction).shape
+    gen = torch.Generator().manual_seed(2)
+    ups = [torch.randn(shape, generator=gen) for _ in range(2)]
+    xr = x.clone().requires_grad_()
+    loss = fusedce.cross_entropy(xr, t, reduction=reduction)
+    first = torch.autograd.grad(loss, xr, ups[0], retain_graph=True)[0]
+    first_copy = first.clone()
+    second = torch.autograd.grad(loss, xr, ups[1])[0]
+    for got, up in ((first, ups[0]), (second, ups[1])):
+        _, ref_grad = reference(x, t, up, reduction=reduction)
+        torch.testing.assert_close(got.double(), ref_grad, atol=ATOL, rtol=RTOL)
+    assert torch.equal(first, first_copy)  # the second backward did not write the first's
+    assert first.data_ptr() != second.data_ptr()
+
+
+def test_buffer_of_a_pending_graph_is_not_reused(cache):
+    """A loss whose backward has not run yet holds its gradient: another step in between
+    must not take that buffer."""
+    (x1, t1), (x2, t2) = logits(4, 300, seed=3), logits(4, 300, seed=4)
+    a = x1.clone().requires_grad_()
+    pending = fusedce.cross_entropy(a, t1)
+    for _ in range(3):  # other steps, each freeing its gradient
+        b = x2.clone().requires_grad_()
+        fusedce.cross_entropy(b, t2).backward()
+        del b
+    pending.backward()
+    _, ref_grad = reference(x1, t1, torch.tensor(1.0))
+    torch.testing.assert_close(a.grad.double(), ref_grad, atol=ATOL, rtol=RTOL)
+
+
+def _step(x, t):
+    xr = x.clone().requires_grad_()
+    fusedce.cross_entropy(xr, t).backward()
+    return xr.grad
+
+
+@pytest.mark.parametrize("holder", ["gradient", "view", "storage", "numpy"])
+def test_referenced_gradient_is_not_overwritten(cache, holder):
+    """Whatever the caller keeps of a gradient keeps its buffer out of the cache's reach."""
+    (x1, t1), (x2, t2) = logits(4, 300, seed=5), logits(4, 300, seed=6)
+    g1 = _step(x1, t1)
+    expected = g1.clone()
+    kept = {"gradient": lambda: g1, "view": lambda: g1[1:, 5:],
+            "storage": lambda: g1.untyped_storage(), "numpy": lambda: g1.numpy()}[holder]()
+    ptr = g1.data_ptr()
+    del g1
+    g2 = _step(x2, t2)
+    assert g2.data_ptr() != ptr
+    if holder == "storage":
+        again = torch.empty(0).set_(kept)[: expected.numel()].view_as(expected)
+    elif holder == "numpy":
+        again = torch.from_numpy(np.asarray(kept))
+    elif holder == "view":
+        again, expected = kept, expected[1:, 5:]
+    else:
+        again = kept
+    assert torch.equal(again, expected)
+
+
+def test_steady_state_reuses_one_buffer(cache):
+    """A training loop that drops each step's gradient gets the same buffer every step."""
+    x, t = logits(4, 300, seed=7)
+    ptrs = set()
+    for _ in range(4):
+        g = _step(x, t)
+        ptrs.add(g.data_ptr())
+        del g
+    assert len(ptrs) == 1
+    assert len(cache.entries) == 1
+
+
+def test_at_most_two_buffers_and_empty_cache(cache):
+    x, t = logits(4, 300, seed=8)
+    live = [_step(x, t) for _ in range(3)]  # all in use: the third is not kept
+    assert len({g.data_ptr() for g in live}) == 3
+    assert len(cache.entries) == _torch_impl._GradCache.MAX_ENTRIES == 2
+    assert fusedce.empty_cache() == 0  # nothing free yet
+    del live
+    gc.collect()
+    assert fusedce.empty_cache() == 2 * 4 * 300 * 4
+    assert cache.entries == []
+
+
+def test_other_sizes_take_a_free_slot(cache):
+    """A free buffer of another size gives way (least recently used first); one up to a
+    quarter larger is reused."""
+    (x, t), (y, u), (z, v) = logits(4, 300), logits(8, 300), logits(7, 300)
+    _step(x, t), _step(y, u)  # each gradient dropped at once
+    assert sorted(e[0].numel() for e in cache.entries) == [4 * 300 * 4, 8 * 300 * 4]
+    g = _step(z, v)  # 7 rows: fits the 8-row buffer (< 1.25x)
+    assert g.untyped_storage().nbytes() == 8 * 300 * 4
+    _, ref_grad = reference(z, v, torch.tensor(1.0))
+    torch.testing.assert_close(g.double(), ref_grad, atol=ATOL, rtol=RTOL)
+    del g
+    w, s = logits(20, 300)
+    _step(w, s)  # no free buffer fits: the least recently used free one is dropped
+    assert sorted(e[0].numel() for e in cache.entries) == [8 * 300 * 4, 20 * 300 * 4]
+
+
+def test_cache_off(cache, monkeypatch):
+    monkeypatch.setattr(_torch_impl, "GRAD_CACHE", False)
+    x, t = logits(4, 300, seed=9)
+    _step(x, t)
+    assert cache.entries == []
+
+
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1},
+                                     {"weight": True, "ignore_index": 3}])
+def test_rows_where_the_unshifted_exp_fails_are_redone(options):
+    """Rows whose sum(exp(x)) overflows (logits near +200) or underflows (all logits below
+    -150) beside ordinary rows, in both worker threads' ranges (24 x 50,257 logits run on
+    two workers): each is redone with the max shift and matches float64."""
+    n, c = 24, 50_257
+    x, t = logits(n, c, seed=10)
+    x[2] += 200.0
+    x[5] -= 250.0
+    x[17, 100] = 120.0  # a single overflowing logit
+    x[20] -= 150.0
+    t[3] = 3
+    kwargs = dict(options)
+    if kwargs.pop("weight", False):
+        kwargs["weight"] = torch.rand(c, generator=torch.Generator().manual_seed(11)) + 0.5
+    up = torch.tensor(0.7)
+    ref_loss, ref_grad = reference(x, t, up, **{k: (v.double() if torch.is_tensor(v) else v)
+                                               for k, v in kwargs.items()})
+    xr = x.clone().requires_grad_()
+    loss = fusedce.cross_entropy(xr, t, **kwargs)
+    (grad,) = torch.autograd.grad(loss, xr, up)
+    torch.testing.assert_close(loss.double(), ref_loss, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(grad.double(), ref_grad, atol=ATOL, rtol=RTOL)
+    assert torch.equal(xr.detach(), x)
+
+
+def test_bf16_gradient_in_forward_with_upstream():
+    """bf16 logits: the gradient is rounded once in the forward (1/denominator folded in)
+    and the upstream factor, when not 1, once more in the backward."""
+    x, t = logits(6, 5000, seed=12)
+    xb = x.to(torch.bfloat16)
+    up = torch.tensor(1.7)
+    ref_loss, ref_grad = reference(xb.float(), t, up)
+    xr = xb.clone().requires_grad_()
+    loss = fusedce.cross_entropy(xr, t)
+    (grad,) = torch.autograd.grad(loss, xr, up.to(loss.dtype))
+    assert grad.dtype == torch.bfloat16
+    torch.testing.assert_close(loss.double(), ref_loss, atol=1e-3, rtol=1e-2)
+    # two roundings to bf16 (2**-8 each) of entries computed in fp32
+    torch.testing.assert_close(grad.double(), ref_grad, atol=1e-6, rtol=2 * 2**-8)
+
+
+def test_eager_function_still_serves_other_layouts(cache, monkeypatch):
+    """(N, C, L) logits whose classes are not contiguous take the backward-time path."""
+    calls = []
+    forward = _function.forward
+    monkeypatch.setattr(_function, "forward", lambda *a: calls.append(1) or forward(*a))
+    x = torch.randn(2, 7, 5, requires_grad=True)
+    t = torch.randint(0, 7, (2, 5))
+    fusedce.cross_entropy(x, t).backward()
+    assert calls == [1] and cache.entries == []
