@@ -15,8 +15,9 @@ How it is made fast on a CPU (each choice was measured; see ``bench/``):
   following ones (subtract, exp, sum, scale) hit L2. No (rows x C) temporary exists besides
   the gradient itself; fp32 logits are read in place, other dtypes through a small fp32
   scratch chunk.
-- **Few passes per chunk.** The upstream gradient and A fold into the exponent of the
-  backward, ``g A p = exp(x - (lse - log(g A)))``, so the backward is one subtract into the
+- **Few passes per chunk.** Where the gradient is computed in the backward (``ce_bwd``:
+  float16, ``torch.compile``, a second backward), the upstream gradient and A fold into
+  the exponent, ``g A p = exp(x - (lse - log(g A)))``, so it is one subtract into the
   gradient and one in-cache exp; the target's entry, where ``A p_t - B`` may cancel, is
   written afterwards from a per-row fp32 formula (one rounding, as in the kernels).
 - **Chunk-level parallelism.** The rows are split across a small pool of worker threads,
@@ -24,13 +25,22 @@ How it is made fast on a CPU (each choice was measured; see ``bench/``):
   Intra-op threading of many cache-sized ops pays a barrier per op, which collapses when
   the cores are shared with other processes; independent workers degrade gracefully.
   ``torch.get_num_threads()`` sets the number of workers; small inputs run inline.
-- **Page faults of the fresh gradient.** First-touch faults of a new logits-sized buffer
-  cost more than an exp pass over it. On Linux each worker faults in its own rows of the
-  gradient with one ``MADV_POPULATE_WRITE`` call (``PAGE_ADVICE``; ``"hugepage"`` asks for
-  2 MiB pages instead, a no-op where unavailable).
-- **No shift where none is needed.** The forward sums ``exp(x)`` unshifted when the chunk's
-  sums show that nothing overflowed or underflowed, and redoes the chunk with the row max
-  otherwise (``UNSHIFTED_EXP``).
+- **The gradient in the forward.** When the logits will get a gradient, ``ce_fwd`` with
+  ``inplace_scale`` writes the gradient of the reduced loss in the same pass as the loss
+  (``fusedce._function.CrossEntropyFunction``): into ``grad_out`` (the default mode: the
+  logits are read once, not once per pass) or over ``x`` (``inplace_backward``). The
+  backward then only rescales rows whose upstream gradient is not 1.
+- **Reused gradient buffers.** First-touch faults of a new logits-sized buffer cost more
+  than an exp pass over it, and PyTorch's CPU allocator hands such a buffer back to the
+  kernel when it is freed, so every step would pay them again. ``grad_buffer`` reuses a
+  buffer once nothing refers to it any more (``_GradCache``, like the CUDA caching
+  allocator; ``fusedce.empty_cache()``, ``FUSEDCE_GRAD_CACHE=0``). A buffer that is new
+  anyway is faulted in by each worker for its own rows with one ``MADV_POPULATE_WRITE``
+  call (``PAGE_ADVICE``; ``"hugepage"`` asks for 2 MiB pages instead).
+- **No shift where none is needed.** Where ``x`` survives the pass (not in place), the sums
+  of ``exp(x)`` are taken unshifted, and the rows whose sums show an overflow or come near
+  fp32's underflow are redone with the row max (``UNSHIFTED_EXP``); in place, where a
+  failed row could not be redone, the max is always subtracted.
 """
 
 import ctypes
@@ -392,7 +402,8 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, inpla
     direct = x.dtype == torch.float32  # else: through an fp32 scratch chunk
     step = max(1, CHUNK_ELEMENTS // max(n_cols, 1))
     # Unshifted exp where x survives the pass, so that rows it fails for can be redone: not
-    # over x (the in-place mode), nor on a GPU (the check would sync).
+    # in place (a check per chunk before its write-back measured no faster through bf16's
+    # scratch, and fp32's exp would overwrite x at once), nor on a GPU (the check would sync).
     fast = UNSHIFTED_EXP and dev.type == "cpu" and (dst is None or dst is not x)
 
     def work(start, end):

@@ -240,3 +240,32 @@ def test_eager_function_still_serves_other_layouts(cache, monkeypatch):
     t = torch.randint(0, 7, (2, 5))
     fusedce.cross_entropy(x, t).backward()
     assert calls == [1] and cache.entries == []
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_extreme_rows_beside_ordinary_ones(dtype, inplace):
+    """Overflowing, underflowing, NaN and +inf rows among ordinary ones in the same chunks,
+    in both modes and dtypes (bf16 in place takes the unshifted exp through its fp32
+    scratch, checked chunk by chunk before the chunk is written back): the ordinary rows
+    match float64, the others give what PyTorch gives (NaN for NaN and +inf)."""
+    n, c = 24, 50_257
+    x, t = logits(n, c, seed=13)
+    x[1] += 200.0
+    x[2] -= 250.0
+    x[3, 7] = float("nan")
+    x[4, 9] = float("inf")
+    x[13] += 150.0
+    x = x.to(dtype)
+    up = torch.full((n,), 0.9).to(dtype)  # what the loss (in the logits' dtype) receives
+    x64 = x.double().requires_grad_()
+    ref = F.cross_entropy(x64, t, reduction="none")
+    (ref_grad,) = torch.autograd.grad(ref, x64, up.double())
+    xr = x.clone().requires_grad_()
+    loss = fusedce.cross_entropy(xr, t, reduction="none", inplace_backward=inplace)
+    (grad,) = torch.autograd.grad(loss, xr, up)
+    atol, rtol = (ATOL, RTOL) if dtype == torch.float32 else (1e-6, 2 * 2**-8)
+    # the loss is returned in the logits' dtype: one bf16 rounding
+    torch.testing.assert_close(loss.double(), ref.detach(), atol=ATOL, equal_nan=True,
+                               rtol=RTOL if dtype == torch.float32 else 2**-8)
+    torch.testing.assert_close(grad.double(), ref_grad, atol=atol, rtol=rtol, equal_nan=True)
