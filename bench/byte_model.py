@@ -17,6 +17,12 @@ losses and log-sum-exp, is counted too but is negligible at LM vocabularies):
   ``2 * rows * C * e``
 
 The gradient has the dtype of the logits.
+
+``"fwd_bwd"`` is what a loss with a separate backward must move, the yardstick for every
+case. fusedce's CPU default mode computes the gradient during the forward into a separate
+buffer and moves two of those three logits-sized passes, so its GB/s under this model is an
+effective figure, above the traffic it really makes (as a fused kernel's is against a
+naive count).
 """
 
 import torch
