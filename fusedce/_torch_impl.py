@@ -406,6 +406,15 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, inpla
     # scratch, and fp32's exp would overwrite x at once), nor on a GPU (the check would sync).
     fast = UNSHIFTED_EXP and dev.type == "cpu" and (dst is None or dst is not x)
 
+    # The chunks' views, made once: slicing in the loop is Python work done under the GIL,
+    # which the worker threads contend for (measured ~9% of the in-place pass).
+    def parts(t):
+        return t.split(step) if t is not None else [None] * _cdiv(n_rows, step)
+
+    xs, ds, maxes, sums, wxs = parts(x), parts(dst), parts(row_max), parts(row_sum), parts(sum_wx)
+    if grad:
+        gAs, coefs, smooths = parts(gA), parts(coef), parts(smooth)
+
     def work(start, end):
         scratch = None
         if not direct or dst is None:
@@ -413,74 +422,76 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, inpla
                                   device=dev)
         if dst is not None and dst is not x and PAGE_ADVICE == "populate":
             _populate_rows(dst, start, end)
-        redo = None
+        # worker ranges are whole chunks (``_parallel_rows``)
+        chunks = range(start // step, _cdiv(end, step))
         if fast:
-            for s, e in _chunks(end, n_cols, start):
-                _unshifted_chunk(s, e, scratch)
+            for k in chunks:
+                _unshifted_chunk(k, scratch)
             # one check for the whole range: the rows whose sum overflowed (inf, NaN) or came
             # near fp32's underflow are done again, with the shift
             rs = row_sum[start:end, 0]
             bad = ~((rs > 1e-30) & (rs < float("inf")))
             if not bool(bad.any()):
                 return
-            redo = set((bad.nonzero().flatten() + start).tolist())
-        for s, e in _chunks(end, n_cols, start):
-            if redo is not None and not redo.intersection(range(s, e)):
-                continue
-            _shifted_chunk(s, e, scratch)
+            chunks = sorted({(r + start) // step for r in bad.nonzero().flatten().tolist()})
+        for k in chunks:
+            _shifted_chunk(k, scratch)
 
-    def _sum_wx(src, s, e):
+    def _scratch(scratch, rows):
+        return scratch if rows == scratch.shape[0] else scratch[:rows]
+
+    def _sum_wx(src, k):
         if w is None:
-            torch.sum(src, 1, out=sum_wx[s:e])
+            torch.sum(src, 1, out=wxs[k])
         else:
-            torch.mv(src, w, out=sum_wx[s:e])
+            torch.mv(src, w, out=wxs[k])
 
-    def _unshifted_chunk(s, e, scratch):
+    def _unshifted_chunk(k, scratch):
         """sum(exp(x)) without the max shift, one pass fewer: right whenever no exp(x)
         overflows (sum finite) and the sum is far above fp32's underflow (> 1e-30, so the
         terms that flush to 0 weigh < 1e-8, and the gradient of such a term is below 1e-15);
         ``work`` checks that and redoes the rows where it fails."""
-        xc = x[s:e]
+        xc = xs[k]
         if direct:
             if eps > 0:
-                _sum_wx(xc, s, e)
-            buf = torch.exp(xc, out=dst[s:e] if grad else scratch[: e - s])
+                _sum_wx(xc, k)
+            buf = torch.exp(xc, out=ds[k] if grad else _scratch(scratch, xc.shape[0]))
         else:
-            buf = scratch[: e - s].copy_(xc)
+            buf = _scratch(scratch, xc.shape[0]).copy_(xc)
             if eps > 0:
-                _sum_wx(buf, s, e)
+                _sum_wx(buf, k)
             buf.exp_()
-        torch.sum(buf, 1, keepdim=True, out=row_sum[s:e])
+        torch.sum(buf, 1, keepdim=True, out=sums[k])
         if grad:
-            _finish(s, e, buf)
+            _finish(k, buf)
 
-    def _shifted_chunk(s, e, scratch):
-        xc = x[s:e]
+    def _shifted_chunk(k, scratch):
+        xc = xs[k]
         if direct:
             src = xc
         else:  # one vectorised conversion; mixed-dtype ops take a slow casting loop
-            src = scratch[: e - s].copy_(xc)
-        m = torch.amax(src, 1, keepdim=True, out=row_max[s:e])
+            src = _scratch(scratch, xc.shape[0]).copy_(xc)
+        m = torch.amax(src, 1, keepdim=True, out=maxes[k])
         if eps > 0:
-            _sum_wx(src, s, e)
+            _sum_wx(src, k)
         if not direct:
             buf = src.sub_(m)
         elif dst is x:
             buf = xc.sub_(m)  # the gradient is built in x's own storage
         else:
-            buf = torch.sub(xc, m, out=dst[s:e] if grad else scratch[: e - s])
+            buf = torch.sub(xc, m, out=ds[k] if grad else _scratch(scratch, xc.shape[0]))
         buf.exp_()
-        torch.sum(buf, 1, keepdim=True, out=row_sum[s:e])
+        torch.sum(buf, 1, keepdim=True, out=sums[k])
         if grad:
-            _finish(s, e, buf)
+            _finish(k, buf)
 
-    def _finish(s, e, buf):
-        """``buf`` = exp(x - shift) of rows [s, e): scale it into the gradient in ``dst``."""
-        buf.mul_(torch.div(gA[s:e], row_sum[s:e], out=coef[s:e]))
+    def _finish(k, buf):
+        """``buf`` = exp(x - shift) of chunk ``k``: scale it into the gradient in ``dst``."""
+        buf.mul_(torch.div(gAs[k], sums[k], out=coefs[k]))
         if eps > 0:
-            _smoothing_term(buf, smooth[s:e], w)
+            _smoothing_term(buf, smooths[k], w)
         if not direct:
-            dst[s:e].copy_(buf)
+            ds[k].copy_(buf)
 
     if n_rows > 0 and n_cols > 0:
         _parallel_rows(n_rows, n_cols, dev, work)
