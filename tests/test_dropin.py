@@ -129,12 +129,14 @@ def test_kdim_layouts_reach_the_op_without_a_copy(layout, backend, monkeypatch):
         x = logits((n, h * w, c)).transpose(1, 2).reshape(n, c, h, w)
     seen = []  # the logits each path's forward gets: (N, C, L), or rows (N * L, C) where
     # the CPU computes the gradient in the forward
-    for module, name in ((_function, "forward"), (_torch_impl, "ce_fwd")):
-        def spy(x3, *args, _forward=getattr(module, name), **kwargs):
+    def spying(forward):
+        def spy(x3, *args, **kwargs):
             seen.append(x3)
-            return _forward(x3, *args, **kwargs)
+            return forward(x3, *args, **kwargs)
+        return spy
 
-        monkeypatch.setattr(module, name, spy)
+    for module, name in ((_function, "forward"), (_torch_impl, "ce_fwd")):
+        monkeypatch.setattr(module, name, spying(getattr(module, name)))
     target = indices((n, h, w), c)
     run_both(x, target, reduction="sum", backend=backend)
     same_storage = seen[0].untyped_storage().data_ptr() == x.untyped_storage().data_ptr()

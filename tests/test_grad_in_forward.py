@@ -124,8 +124,14 @@ def test_referenced_gradient_is_not_overwritten(cache, holder):
     (x1, t1), (x2, t2) = logits(4, 300, seed=5), logits(4, 300, seed=6)
     g1 = _step(x1, t1)
     expected = g1.clone()
-    kept = {"gradient": lambda: g1, "view": lambda: g1[1:, 5:],
-            "storage": lambda: g1.untyped_storage(), "numpy": lambda: g1.numpy()}[holder]()
+    if holder == "gradient":
+        kept = g1
+    elif holder == "view":
+        kept = g1[1:, 5:]
+    elif holder == "storage":
+        kept = g1.untyped_storage()
+    else:
+        kept = g1.numpy()
     ptr = g1.data_ptr()
     del g1
     g2 = _step(x2, t2)
@@ -139,6 +145,11 @@ def test_referenced_gradient_is_not_overwritten(cache, holder):
     else:
         again = kept
     assert torch.equal(again, expected)
+    # once the caller lets go, the buffer is free again (no buffer is kept in use forever)
+    del kept, again, g2
+    gc.collect()
+    assert _step(x1, t1).data_ptr() in {e[0].data_ptr() for e in cache.entries}
+    assert fusedce.empty_cache() > 0
 
 
 def test_steady_state_reuses_one_buffer(cache):
