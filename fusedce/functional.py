@@ -187,7 +187,8 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         ``"torch"``.
     inplace_backward: compute the gradient during the forward and write it over ``input``.
         This **destroys the logits**: use it only when nothing else reads them after the
-        loss (the usual language-model head). Saves a logits-sized allocation and a pass.
+        loss (the usual language-model head). Saves a logits-sized allocation (and, on
+        a GPU, a pass over the logits).
         It applies to class-index targets with the classes contiguous in memory and rows
         disjoint in memory, in eager mode, to float32 and bfloat16 logits that require a
         gradient with grad mode on; elsewhere (under ``torch.compile`` or ``no_grad``, and
