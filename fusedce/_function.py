@@ -110,8 +110,11 @@ def first_order_only(backward):
 
     @functools.wraps(backward)
     def wrapper(ctx, *grads):
+        # (not after an in-place backward, whose second call raises anyway and whose x
+        # holds the gradient by then)
         create_graph = (torch.is_grad_enabled() and any(ctx.needs_input_grad)
-                        and not getattr(ctx, "consumed", False))
+                        and not (getattr(ctx, "inplace", False)
+                                 and getattr(ctx, "consumed", False)))
         # read before the backward: the in-place mode's backward bumps x's version
         anchor = ctx.saved_tensors[0] if create_graph else None
         with torch.no_grad():
@@ -244,13 +247,14 @@ class CrossEntropyFunction(torch.autograd.Function):
             # A Triton store does not bump the version counter: do it, so that a node which
             # saved the logits (e.g. tanh's output) raises instead of reading the gradient.
             torch.autograd.graph.increment_version(x)
-            ctx.save_for_backward(x)
+            ctx.save_for_backward(x, target)
         else:
             ctx.save_for_backward(x, target, weight, lse, denom)
             ctx.dx = dx  # held until the backward hands it over (or the graph is freed)
             ctx.options = (ignore_index, label_smoothing)
         ctx.impl = impl
         ctx.reduction = reduction
+        ctx.ignore_index = ignore_index
         ctx.inplace = inplace
         ctx.consumed = False
         if reduction == "none":
@@ -265,12 +269,16 @@ class CrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         if ctx.inplace and ctx.consumed:
             raise RuntimeError(INPLACE_SECOND_BACKWARD_ERROR)
-        x = ctx.saved_tensors[0]
+        x, target = ctx.saved_tensors[:2]
         if ctx.reduction == "none":
             dloss = grad_out.float()  # may be an expanded scalar: its stride 0 is honoured
         else:
             dloss = grad_out.float().reshape(1).expand(x.shape[0])
         if not ctx.consumed:
+            # An ignored row's gradient is 0 whatever its upstream gradient, also an infinite
+            # one (d sqrt(loss) at loss 0): its stored zeros get the factor 1, which
+            # ``ce_scale_`` skips, not the upstream (0 * inf would be NaN).
+            dloss = torch.where(target == ctx.ignore_index, 1.0, dloss)
             ctx.consumed = True  # a second backward would rescale the gradient again
             if ctx.inplace:
                 dx = ctx.impl.ce_scale_(x, dloss)  # the forward already divided by denom

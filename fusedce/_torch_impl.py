@@ -38,9 +38,10 @@ How it is made fast on a CPU (each choice was measured; see ``bench/``):
   anyway is faulted in by each worker for its own rows with one ``MADV_POPULATE_WRITE``
   call (``PAGE_ADVICE``; ``"hugepage"`` asks for 2 MiB pages instead).
 - **No shift where none is needed.** Where ``x`` survives the pass (not in place), the sums
-  of ``exp(x)`` are taken unshifted, and the rows whose sums show an overflow or come near
-  fp32's underflow are redone with the row max (``UNSHIFTED_EXP``); in place, where a
-  failed row could not be redone, the max is always subtracted.
+  of ``exp(x)`` are taken unshifted, and the rows whose sums leave (1e-30, 1e30) (an
+  overflow, a near-underflow, or a gradient scale below fp32's normal range) are redone
+  with the row max (``UNSHIFTED_EXP``); in place, where a failed row could not be redone,
+  the max is always subtracted.
 """
 
 import ctypes
@@ -131,9 +132,11 @@ _POOL = _Pool()
 
 
 def _reset_pool_in_child():
-    # a forked child inherits the pool object but not its threads
-    global _POOL
+    # a forked child inherits the pool object but not its threads, and a lock possibly held
+    # by a thread of the parent; the gradient cache starts afresh too
+    global _POOL, _GRADS
     _POOL = _Pool()
+    _GRADS = _GradCache()
 
 
 if hasattr(os, "register_at_fork"):
@@ -198,6 +201,17 @@ class _GradCache:
     def _is_free(self, entry):
         return self._signature(entry[0]) == entry[1]
 
+    @staticmethod
+    def _gone(entry):
+        """Whether an entry must never be handed out again: its storage was moved to shared
+        memory (sent to another process, whose mapping no reference count here shows) or
+        shrunk (``storage.resize_``)."""
+        storage = entry[0].untyped_storage()
+        return storage.is_shared() or storage.nbytes() < entry[0].numel()
+
+    def _prune(self):
+        self.entries = [e for e in self.entries if not self._gone(e)]
+
     def empty_like(self, x):
         """A contiguous tensor of ``x``'s shape and dtype, from the cache when one is free."""
         nbytes = x.numel() * x.element_size()
@@ -205,6 +219,7 @@ class _GradCache:
                 or not hasattr(torch._C, "_storage_Use_Count")):
             return torch.empty(x.shape, dtype=x.dtype, device=x.device)
         with self.lock:
+            self._prune()
             for i, entry in enumerate(self.entries):
                 size = entry[0].numel()
                 if nbytes <= size <= nbytes + nbytes // 4 and self._is_free(entry):
@@ -228,6 +243,7 @@ class _GradCache:
     def empty(self):
         """Drops the buffers nothing references; returns how many bytes they held."""
         with self.lock:
+            self._prune()
             free = [self._is_free(e) for e in self.entries]
             freed = sum(e[0].numel() for e, f in zip(self.entries, free) if f)
             self.entries = [e for e, f in zip(self.entries, free) if not f]
@@ -430,7 +446,10 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, inpla
             # one check for the whole range: the rows whose sum overflowed (inf, NaN) or came
             # near fp32's underflow are done again, with the shift
             rs = row_sum[start:end, 0]
-            bad = ~((rs > 1e-30) & (rs < float("inf")))
+            bad = ~((rs > 1e-30) & (rs < 1e30))
+            if grad:  # a scale gA / sum below fp32's normal range would round the gradient
+                cf = coef[start:end, 0]
+                bad |= (cf > 0) & (cf < 1.2e-38)
             if not bool(bad.any()):
                 return
             chunks = sorted({(r + start) // step for r in bad.nonzero().flatten().tolist()})
@@ -447,10 +466,11 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, inpla
             torch.mv(src, w, out=wxs[k])
 
     def _unshifted_chunk(k, scratch):
-        """sum(exp(x)) without the max shift, one pass fewer: right whenever no exp(x)
-        overflows (sum finite) and the sum is far above fp32's underflow (> 1e-30, so the
-        terms that flush to 0 weigh < 1e-8, and the gradient of such a term is below 1e-15);
-        ``work`` checks that and redoes the rows where it fails."""
+        """sum(exp(x)) without the max shift, one pass fewer: right whenever the sum stays
+        within (1e-30, 1e30): no exp(x) overflows, the terms that flush to 0 weigh < 1e-8
+        (the gradient of such a term is below 1e-15), and with the gradient's scale
+        gA / sum a normal fp32 number, the gradient keeps full precision; ``work`` checks
+        that and redoes the rows where it fails."""
         xc = xs[k]
         if direct:
             if eps > 0:

@@ -163,6 +163,11 @@ def _validates_by_default(input, backend):
     return input.device.type == "cpu" and resolve_backend(backend, input) is _torch_impl
 
 
+def _saved_tensor_hooks_active():
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is not None and top(False) is not None
+
+
 def _rows_disjoint(rows):
     """Whether the rows of ``rows`` (R, C), classes contiguous, occupy disjoint memory: an
     in-place gradient written over overlapping rows (e.g. expanded logits) would corrupt
@@ -234,7 +239,11 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
                        and x.dtype != torch.float16)
     inplace = inplace_backward and grad_in_forward and _rows_disjoint(rows_view(x))
     impl = resolve_backend(backend, input) if grad_in_forward else None
-    if inplace or (grad_in_forward and impl is _torch_impl and input.device.type == "cpu"):
+    # the CPU default mode keeps its gradient on the autograd context, out of reach of
+    # saved-tensor hooks: under them (non-reentrant checkpointing, offloading) the loss
+    # saves only what the backward-time path saves, through the hooks
+    if inplace or (grad_in_forward and impl is _torch_impl and input.device.type == "cpu"
+                   and not _saved_tensor_hooks_active()):
         if validate:
             check_targets(t, x.shape[1], ignore_index)
         loss = CrossEntropyFunction.apply(rows_view(x), t.reshape(-1).contiguous(), weight,

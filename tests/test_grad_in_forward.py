@@ -280,3 +280,94 @@ def test_extreme_rows_beside_ordinary_ones(dtype, inplace):
     torch.testing.assert_close(loss.double(), ref.detach(), atol=ATOL, equal_nan=True,
                                rtol=RTOL if dtype == torch.float32 else 2**-8)
     torch.testing.assert_close(grad.double(), ref_grad, atol=atol, rtol=rtol, equal_nan=True)
+
+
+# ------------------------------------------------------------------------------------------
+# Found in review: each test failed before its fix
+
+
+def test_create_graph_on_a_second_backward_raises(cache):
+    """A second backward (retain_graph) with create_graph=True would return a gradient
+    without the cross-entropy's Hessian: it must raise, as the first does."""
+    x, t = logits(4, 300, seed=14)
+    xr = x.clone().requires_grad_()
+    loss = fusedce.cross_entropy(xr, t, reduction="sum")
+    torch.autograd.grad(loss, xr, retain_graph=True)
+    (g,) = torch.autograd.grad(loss, xr, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad((g ** 2).sum(), xr)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_ignored_rows_take_no_infinite_upstream(cache, inplace):
+    """sqrt of a per-row loss has an infinite derivative at an ignored row's loss 0; its
+    gradient is still 0 there, as in PyTorch (0 * inf would be NaN)."""
+    x, _ = logits(4, 1000, seed=15)
+    t = torch.tensor([1, -100, 2, 3])
+    xr = x.clone().requires_grad_()
+    fusedce.cross_entropy(xr, t, reduction="none", inplace_backward=inplace).sqrt().sum().backward()
+    x64 = x.double().requires_grad_()
+    F.cross_entropy(x64, t, reduction="none").sqrt().sum().backward()
+    assert torch.equal(xr.grad[1], torch.zeros(1000))
+    torch.testing.assert_close(xr.grad.double(), x64.grad, atol=ATOL, rtol=RTOL)
+
+
+def test_shared_memory_buffer_is_never_reused(cache):
+    """A gradient moved to shared memory (as torch.multiprocessing does to send it) may be
+    mapped by another process, which no reference count here shows: never reused."""
+    (x1, t1), (x2, t2) = logits(4, 300, seed=16), logits(4, 300, seed=17)
+    g1 = _step(x1, t1)
+    g1.share_memory_()
+    sent, ptr = g1.clone(), g1.data_ptr()
+    storage = g1.untyped_storage()
+    del g1
+    g2 = _step(x2, t2)
+    assert g2.data_ptr() != ptr
+    assert all(e[0].data_ptr() != ptr for e in cache.entries)  # dropped, not kept in use
+    assert torch.equal(torch.empty(0).set_(storage)[: sent.numel()].view_as(sent), sent)
+
+
+def test_shrunk_storage_is_dropped(cache):
+    """A gradient's storage freed by ``resize_(0)`` (FSDP's idiom) leaves the cache."""
+    x, t = logits(8, 1000, seed=18)
+    xr = x.clone().requires_grad_()
+    fusedce.cross_entropy(xr, t).backward()
+    xr.grad.untyped_storage().resize_(0)
+    xr.grad = None
+    gc.collect()
+    g = _step(x, t)  # raised "out of bounds for storage of size 0" before
+    _, ref_grad = reference(x, t, torch.tensor(1.0))
+    torch.testing.assert_close(g.double(), ref_grad, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("big", [85.0, 88.7])
+def test_large_logit_keeps_gradient_precision(big):
+    """A row whose sum of exp(x) is huge (a logit near 88) under a small gradient scale
+    (mean over 2**18 rows): gA / sum would fall below fp32's normal range and round the
+    gradient; such rows are redone with the max shift."""
+    n, c = 1 << 18, 8
+    gen = torch.Generator().manual_seed(19)
+    x = torch.randn(n, c, generator=gen)
+    x[0, 5] = big
+    t = torch.randint(0, c, (n,), generator=gen)
+    t[0] = 7
+    xr = x.clone().requires_grad_()
+    fusedce.cross_entropy(xr, t).backward()
+    x64 = x.double().requires_grad_()
+    F.cross_entropy(x64, t).backward()
+    # (entries below fp32's normal range, 1.2e-38, have no relative precision to keep)
+    torch.testing.assert_close(xr.grad[0].double(), x64.grad[0], atol=1.2e-38, rtol=RTOL)
+
+
+def test_checkpointed_loss_keeps_no_gradient_buffer(cache):
+    """Under non-reentrant checkpointing (saved-tensor hooks) the gradient is not computed
+    in the forward: it would be kept outside the hooks and computed twice."""
+    from torch.utils.checkpoint import checkpoint
+
+    x, t = logits(6, 300, seed=20)
+    xr = x.clone().requires_grad_()
+    loss = checkpoint(lambda z: fusedce.cross_entropy(z * 1.0, t), xr, use_reentrant=False)
+    assert cache.entries == []
+    loss.backward()
+    _, ref_grad = reference(x, t, torch.tensor(1.0))
+    torch.testing.assert_close(xr.grad.double(), ref_grad, atol=ATOL, rtol=RTOL)
