@@ -181,10 +181,13 @@ class _GradCache:
     PyTorch's CPU allocator returns a buffer this large to the kernel when it is freed, so
     every step would fault in and zero a fresh one, which costs more than computing the
     gradient into it (the page faults measured in ``bench/``). Like the CUDA caching
-    allocator, this keeps up to ``MAX_ENTRIES`` buffers: a buffer is handed out again only
-    when no tensor and no storage object refers to it any more (its storage's reference
-    counts are back to those it had when it was created). ``fusedce.empty_cache()`` drops
-    the free ones; ``FUSEDCE_GRAD_CACHE=0`` turns the cache off.
+    allocator, this keeps up to ``MAX_ENTRIES`` buffers (two losses per step, or a gradient
+    kept across one step): a buffer is handed out again only when no tensor and no storage
+    object refers to it any more (its storage's reference counts are back to those it had
+    when it was created), and not at all once its storage was moved to shared memory or
+    shrunk. A request that no free buffer fits (up to a quarter larger) releases the free
+    ones. ``fusedce.empty_cache()`` drops the free ones; ``FUSEDCE_GRAD_CACHE=0`` turns the
+    cache off.
     """
 
     MAX_ENTRIES = 2
@@ -225,13 +228,10 @@ class _GradCache:
                 if nbytes <= size <= nbytes + nbytes // 4 and self._is_free(entry):
                     self.entries.append(self.entries.pop(i))
                     return self._view(entry[0], nbytes, x)
+            # free buffers that do not fit are released first (a changed shape keeps no
+            # stale buffer alive); when every entry is in use the new buffer is not kept
+            self.entries = [e for e in self.entries if not self._is_free(e)]
             buf = torch.empty(nbytes, dtype=torch.uint8)
-            # make room: free entries of other sizes go, least recently used first; when
-            # every entry is in use the new buffer is not kept
-            for entry in [e for e in self.entries if self._is_free(e)]:
-                if len(self.entries) < self.MAX_ENTRIES:
-                    break
-                self.entries = [e for e in self.entries if e is not entry]
             if len(self.entries) < self.MAX_ENTRIES:
                 self.entries.append([buf, self._signature(buf)])
             return self._view(buf, nbytes, x)

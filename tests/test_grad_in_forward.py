@@ -176,20 +176,23 @@ def test_at_most_two_buffers_and_empty_cache(cache):
     assert cache.entries == []
 
 
-def test_other_sizes_take_a_free_slot(cache):
-    """A free buffer of another size gives way (least recently used first); one up to a
-    quarter larger is reused."""
-    (x, t), (y, u), (z, v) = logits(4, 300), logits(8, 300), logits(7, 300)
-    _step(x, t), _step(y, u)  # each gradient dropped at once
-    assert sorted(e[0].numel() for e in cache.entries) == [4 * 300 * 4, 8 * 300 * 4]
-    g = _step(z, v)  # 7 rows: fits the 8-row buffer (< 1.25x)
+def test_changed_size_releases_free_buffers(cache):
+    """A free buffer up to a quarter larger is reused; a request none fits releases the
+    free ones (no stale buffer stays alive when the batch shape changes)."""
+    (x, t), (y, u), (z, v) = logits(8, 300), logits(7, 300), logits(20, 300)
+    _step(x, t)  # its gradient dropped at once
+    assert [e[0].numel() for e in cache.entries] == [8 * 300 * 4]
+    g = _step(y, u)  # 7 rows: fits the 8-row buffer (< 1.25x)
     assert g.untyped_storage().nbytes() == 8 * 300 * 4
-    _, ref_grad = reference(z, v, torch.tensor(1.0))
+    _, ref_grad = reference(y, u, torch.tensor(1.0))
     torch.testing.assert_close(g.double(), ref_grad, atol=ATOL, rtol=RTOL)
     del g
-    w, s = logits(20, 300)
-    _step(w, s)  # no free buffer fits: the least recently used free one is dropped
+    _step(z, v)  # fits nothing: the free 8-row buffer is released
+    assert [e[0].numel() for e in cache.entries] == [20 * 300 * 4]
+    kept = _step(z, v)  # in use from here on: a changed size keeps it and adds its own
+    _step(x, t)
     assert sorted(e[0].numel() for e in cache.entries) == [8 * 300 * 4, 20 * 300 * 4]
+    del kept
 
 
 def test_cache_off(cache, monkeypatch):
