@@ -278,7 +278,8 @@ class CrossEntropyFunction(torch.autograd.Function):
             # An ignored row's gradient is 0 whatever its upstream gradient, also an infinite
             # one (d sqrt(loss) at loss 0): its stored zeros get the factor 1, which
             # ``ce_scale_`` skips, not the upstream (0 * inf would be NaN).
-            dloss = torch.where(target == ctx.ignore_index, 1.0, dloss)
+            # (in int64: a uint8 target would compare -100 as 156)
+            dloss = torch.where(target.long() == ctx.ignore_index, 1.0, dloss)
             ctx.consumed = True  # a second backward would rescale the gradient again
             if ctx.inplace:
                 dx = ctx.impl.ce_scale_(x, dloss)  # the forward already divided by denom

@@ -374,3 +374,17 @@ def test_checkpointed_loss_keeps_no_gradient_buffer(cache):
     loss.backward()
     _, ref_grad = reference(x, t, torch.tensor(1.0))
     torch.testing.assert_close(xr.grad.double(), ref_grad, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_uint8_target_156_is_not_ignored(cache, inplace):
+    """uint8 targets compared with ignore_index=-100 in their own dtype would match class
+    156 (-100 wraps to 156): that row must get its upstream gradient, not be skipped."""
+    x, _ = logits(4, 300, seed=21)
+    t = torch.tensor([156, 3, 156, 7], dtype=torch.uint8)
+    up = torch.tensor([0.5, 2.0, -1.5, 3.0])
+    xr = x.clone().requires_grad_()
+    loss = fusedce.cross_entropy(xr, t, reduction="none", inplace_backward=inplace)
+    (grad,) = torch.autograd.grad(loss, xr, up)
+    _, ref_grad = reference(x, t.long(), up, reduction="none")
+    torch.testing.assert_close(grad.double(), ref_grad, atol=ATOL, rtol=RTOL)
