@@ -239,10 +239,10 @@ class CrossEntropyFunction(torch.autograd.Function):
     def forward(ctx, x, target, weight, ignore_index, label_smoothing, reduction, impl,
                 inplace=True):
         denom = denominator(target, weight, ignore_index, x.shape[1], reduction)
-        dx = x if inplace else _torch_impl.grad_buffer(x)
+        dx, fresh = (x, False) if inplace else _torch_impl.grad_buffer(x)
         loss, lse = impl.ce_fwd(x, target, weight=weight, ignore_index=ignore_index,
                                 label_smoothing=label_smoothing, inplace_scale=1.0 / denom,
-                                **({} if inplace else {"grad_out": dx}))
+                                **({} if inplace else {"grad_out": dx, "fault_in": fresh}))
         if inplace:
             # A Triton store does not bump the version counter: do it, so that a node which
             # saved the logits (e.g. tanh's output) raises instead of reading the gradient.
@@ -251,10 +251,9 @@ class CrossEntropyFunction(torch.autograd.Function):
         else:
             ctx.save_for_backward(x, target, weight, lse, denom)
             ctx.dx = dx  # held until the backward hands it over (or the graph is freed)
-            ctx.options = (ignore_index, label_smoothing)
+        ctx.options = (ignore_index, label_smoothing)
         ctx.impl = impl
         ctx.reduction = reduction
-        ctx.ignore_index = ignore_index
         ctx.inplace = inplace
         ctx.consumed = False
         if reduction == "none":
@@ -270,6 +269,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         if ctx.inplace and ctx.consumed:
             raise RuntimeError(INPLACE_SECOND_BACKWARD_ERROR)
         x, target = ctx.saved_tensors[:2]
+        ignore_index, label_smoothing = ctx.options
         if ctx.reduction == "none":
             dloss = grad_out.float()  # may be an expanded scalar: its stride 0 is honoured
         else:
@@ -279,7 +279,7 @@ class CrossEntropyFunction(torch.autograd.Function):
             # one (d sqrt(loss) at loss 0): its stored zeros get the factor 1, which
             # ``ce_scale_`` skips, not the upstream (0 * inf would be NaN).
             # (in int64: a uint8 target would compare -100 as 156)
-            dloss = torch.where(target.long() == ctx.ignore_index, 1.0, dloss)
+            dloss = torch.where(target.long() == ignore_index, 1.0, dloss)
             ctx.consumed = True  # a second backward would rescale the gradient again
             if ctx.inplace:
                 dx = ctx.impl.ce_scale_(x, dloss)  # the forward already divided by denom
@@ -289,7 +289,6 @@ class CrossEntropyFunction(torch.autograd.Function):
                 ctx.dx = None
             return (dx,) + (None,) * 7
         x, target, weight, lse, denom = ctx.saved_tensors
-        ignore_index, label_smoothing = ctx.options
         dx = ctx.impl.ce_bwd(x, target, lse, dloss / denom, weight=weight,
                              ignore_index=ignore_index, label_smoothing=label_smoothing)
         return (dx,) + (None,) * 7

@@ -21,22 +21,13 @@ def _parser():
         "on GPT-2 tokens and a small training loop.",
     )
     sub = parser.add_subparsers(dest="command", metavar="{demo,train}")
-    demo.add_arguments(
-        sub.add_parser(
-            "demo",
-            help="GPT-2 tokens in, loss out, step by step (the default)",
-            description=demo.__doc__,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-    )
-    train.add_arguments(
-        sub.add_parser(
-            "train",
-            help="train a small GPT-2-style model and plot its loss curve",
-            description=train.__doc__,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-    )
+    for module, name, help_ in (
+        (demo, "demo", "GPT-2 tokens in, loss out, step by step (the default)"),
+        (train, "train", "train a small GPT-2-style model and plot its loss curve"),
+    ):
+        module.add_arguments(sub.add_parser(
+            name, help=help_, description=module.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter))
     return parser
 
 

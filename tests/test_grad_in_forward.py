@@ -388,3 +388,16 @@ def test_uint8_target_156_is_not_ignored(cache, inplace):
     (grad,) = torch.autograd.grad(loss, xr, up)
     _, ref_grad = reference(x, t.long(), up, reduction="none")
     torch.testing.assert_close(grad.double(), ref_grad, atol=ATOL, rtol=RTOL)
+
+
+def test_only_a_fresh_buffer_is_faulted_in(cache, monkeypatch):
+    """MADV_POPULATE_WRITE is for a buffer new from the allocator: on a reused one it only
+    walks resident pages (5-18 ms at 2,048 x 50,257), so it is not called."""
+    calls = []
+    monkeypatch.setattr(_torch_impl, "PAGE_ADVICE", "populate")
+    monkeypatch.setattr(_torch_impl, "_populate_rows", lambda *a: calls.append(a[1:]))
+    x, t = logits(4, 300, seed=22)
+    _step(x, t)
+    assert calls == [(0, 4)]  # fresh: faulted in (here by the one inline worker)
+    _step(x, t)
+    assert calls == [(0, 4)]  # reused: not again
