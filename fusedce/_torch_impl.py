@@ -37,11 +37,18 @@ How it is made fast on a CPU (each choice was measured; see ``bench/``):
   allocator; ``fusedce.empty_cache()``, ``FUSEDCE_GRAD_CACHE=0``). A buffer that is new
   anyway is faulted in by each worker for its own rows with one ``MADV_POPULATE_WRITE``
   call (``PAGE_ADVICE``; ``"hugepage"`` asks for 2 MiB pages instead).
-- **No shift where none is needed.** Where ``x`` survives the pass (not in place), the sums
-  of ``exp(x)`` are taken unshifted, and the rows whose sums leave (1e-30, 1e30) (an
-  overflow, a near-underflow, or a gradient scale below fp32's normal range) are redone
-  with the row max (``UNSHIFTED_EXP``); in place, where a failed row could not be redone,
-  the max is always subtracted.
+- **No shift where none is needed.** Where ``x`` survives the pass, the sums of ``exp(x)``
+  are taken unshifted, and the rows whose sums leave (1e-30, 1e30) (an overflow, a
+  near-underflow, or a gradient scale below fp32's normal range) are redone with the row
+  max (``UNSHIFTED_EXP``): checked once per worker where the gradient goes elsewhere, and
+  per chunk, before the chunk is written back, in place through the scratch chunk of
+  bf16 logits. fp32 in place, where exp would overwrite a row that might have to be
+  redone, always subtracts the max.
+- **The chunk loop without the GIL.** The forward's loop over a worker's chunks
+  (``_fwd_chunks``) runs as a TorchScript function (``_script``): between its ops a Python
+  loop takes the GIL back, which the workers then contend for (with two workers the bf16
+  pass lost about a third of its time to it). ``FUSEDCE_SCRIPT=0``, or a PyTorch without
+  TorchScript, runs the same function as Python.
 """
 
 import ctypes
@@ -49,7 +56,9 @@ import ctypes.util
 import os
 import sys
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
 
 import torch
 
@@ -147,12 +156,18 @@ def _max_workers():
     return torch.get_num_threads()
 
 
+def _n_workers(n_rows, n_cols, device):
+    """How many worker threads ``_parallel_rows`` uses; 1: inline."""
+    if device.type != "cpu":  # another device: its own streams
+        return 1
+    return max(1, min(_max_workers(), _cdiv(n_rows * n_cols, PARALLEL_MIN_ELEMENTS), n_rows))
+
+
 def _parallel_rows(n_rows, n_cols, device, work):
     """Runs ``work(start, end)`` over row ranges covering ``[0, n_rows)``: inline for small
     inputs, else one contiguous range per worker thread. ``work`` runs under no_grad."""
-    n_workers = min(_max_workers(), _cdiv(n_rows * n_cols, PARALLEL_MIN_ELEMENTS),
-                    n_rows)
-    if n_workers <= 1 or device.type != "cpu":  # another device: its own streams
+    n_workers = _n_workers(n_rows, n_cols, device)
+    if n_workers <= 1:
         with torch.no_grad():
             work(0, n_rows)
         return
@@ -378,16 +393,124 @@ def _target_grad(x_t, lse, gA, gB, g, w, eps, n_cols, t_safe):
     return d
 
 
-def _smoothing_term(out, c, w):
+def _smoothing_term(out: torch.Tensor, c: torch.Tensor, w: Optional[torch.Tensor]):
     """``out -= c[:, None] * w[None, :]`` (``w`` None: all ones), in place."""
     if w is None:
-        out.sub_(c[:, None])
+        out.sub_(c.unsqueeze(1))
     else:
-        out.addcmul_(c[:, None], w[None, :], value=-1.0)
+        out.addcmul_(c.unsqueeze(1), w.unsqueeze(0), value=-1.0)
 
 
 def _write_target_grad(dx, t_safe, d):
     dx[torch.arange(dx.shape[0], device=dx.device), t_safe] = d.to(dx.dtype)
+
+
+# ------------------------------------------------------------------------------------------
+# The forward's chunk loop, run by TorchScript
+
+
+def _fwd_chunks(x: torch.Tensor, dst: Optional[torch.Tensor], row_max: torch.Tensor,
+                row_sum: torch.Tensor, sum_wx: Optional[torch.Tensor],
+                w: Optional[torch.Tensor], gA: Optional[torch.Tensor],
+                coef: Optional[torch.Tensor], smooth: Optional[torch.Tensor],
+                scratch: Optional[torch.Tensor], chunks: list[int], step: int,
+                direct: bool, inplace: bool, shifted: bool, check: bool,
+                g_min: float) -> list[int]:
+    """Works through the row chunks ``chunks`` (``step`` rows each) of ``ce_fwd``: their
+    row sums of ``exp(x - shift)`` into ``row_sum`` (and the shift, the row max, into
+    ``row_max`` when ``shifted``), ``sum_c w_c x_c`` into ``sum_wx`` where given, and with
+    ``dst`` the chunk's gradient ``coef p - smooth w`` into it, ``coef = gA / sum``.
+
+    ``direct``: ``x`` is fp32 and is read as it is, else through the fp32 ``scratch``
+    chunk; ``inplace``: ``dst`` is ``x``. Unshifted, ``check`` tests each chunk's sums
+    before its gradient is written (x survives until then) and returns the chunks that
+    failed, unwritten, for a shifted pass; without ``check`` the caller tests the sums.
+
+    Written in the subset of Python that TorchScript compiles (``_script``): run as a
+    script, the loop holds no GIL, which the worker threads otherwise contend for between
+    the many short ops (measured: 25-35% of the bf16 pass with two workers)."""
+    failed: list[int] = []
+    n_rows = x.shape[0]
+    for k in chunks:
+        r0 = k * step
+        rows = min(step, n_rows - r0)
+        xc = x.narrow(0, r0, rows)
+        dc: Optional[torch.Tensor] = None
+        if dst is not None:
+            dc = dst.narrow(0, r0, rows)
+        sc: Optional[torch.Tensor] = None
+        if scratch is not None:
+            sc = scratch.narrow(0, 0, rows)
+        # buf: exp(x - shift) of the chunk, in the gradient, x itself or the scratch
+        if direct:
+            src = xc
+        else:
+            assert sc is not None
+            src = sc.copy_(xc)  # one vectorised conversion: mixed-dtype ops are slow
+        if shifted:
+            m = torch.amax(src, 1, keepdim=True, out=row_max.narrow(0, r0, rows))
+        else:
+            m = None
+        if sum_wx is not None:
+            out = sum_wx.narrow(0, r0, rows)
+            if w is None:
+                torch.sum(src, 1, out=out)
+            else:
+                torch.mv(src, w, out=out)
+        if not direct or inplace:
+            buf = src
+            if m is not None:
+                buf.sub_(m)
+            buf.exp_()
+        else:
+            target = dc if dc is not None else sc
+            assert target is not None
+            if m is not None:
+                buf = torch.sub(xc, m, out=target).exp_()
+            else:
+                buf = torch.exp(xc, out=target)
+        sums = torch.sum(buf, 1, keepdim=True, out=row_sum.narrow(0, r0, rows))
+        if check:
+            lo_hi = torch.aminmax(sums)
+            lo = float(lo_hi[0])
+            hi = float(lo_hi[1])
+            # an overflow (inf, NaN), a near-underflow, or a scale gA / sum that is not a
+            # normal fp32 number: the chunk is redone with the shift
+            if not (lo > 1e-30 and hi < 1e30 and g_min / hi >= 1.2e-38):
+                failed.append(k)
+                continue
+        if dc is not None:
+            assert gA is not None and coef is not None
+            buf.mul_(torch.div(gA.narrow(0, r0, rows), sums, out=coef.narrow(0, r0, rows)))
+            if smooth is not None:
+                _smoothing_term(buf, smooth.narrow(0, r0, rows), w)
+            if not direct:
+                dc.copy_(buf)
+    return failed
+
+
+_SCRIPTED = {}
+_SCRIPT_LOCK = threading.Lock()
+
+
+def _script(fn):
+    """``torch.jit.script(fn)``, made once, where scripting is on and works; else ``fn``.
+
+    TorchScript is deprecated in favour of torch.compile, which would need a C++ compiler
+    at run time here; a script is the one way PyTorch offers to run a loop of ops without
+    the GIL. ``fn`` is plain Python as well, so where TorchScript is gone or fails (or
+    with ``FUSEDCE_SCRIPT=0``) the same code runs as Python, only slower."""
+    with _SCRIPT_LOCK:
+        if fn not in _SCRIPTED:
+            _SCRIPTED[fn] = fn
+            if os.environ.get("FUSEDCE_SCRIPT", "1") != "0":
+                try:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        _SCRIPTED[fn] = torch.jit.script(fn)
+                except Exception:  # noqa: BLE001 - any failure: run as Python
+                    pass
+        return _SCRIPTED[fn]
 
 
 # ------------------------------------------------------------------------------------------
@@ -421,20 +544,26 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, inpla
             coef = torch.empty_like(gA)
             smooth = (g * (eps / n_cols)).contiguous() if eps > 0 else None
     direct = x.dtype == torch.float32  # else: through an fp32 scratch chunk
+    inplace = dst is x
     step = max(1, CHUNK_ELEMENTS // max(n_cols, 1))
-    # Unshifted exp where x survives the pass, so that rows it fails for can be redone: not
-    # in place (a check per chunk before its write-back measured no faster through bf16's
-    # scratch, and fp32's exp would overwrite x at once), nor on a GPU (the check would sync).
-    fast = UNSHIFTED_EXP and dev.type == "cpu" and dst is not x
-
-    # The chunks' views, made once: slicing in the loop is Python work done under the GIL,
-    # which the worker threads contend for (measured ~9% of the in-place pass).
-    def parts(t):
-        return t.split(step) if t is not None else [None] * _cdiv(n_rows, step)
-
-    xs, ds, maxes, sums, wxs = parts(x), parts(dst), parts(row_max), parts(row_sum), parts(sum_wx)
-    if grad:
-        gAs, coefs, smooths = parts(gA), parts(coef), parts(smooth)
+    # Unshifted exp where x survives the pass, so that rows it fails for can be redone:
+    # checked once per worker where the gradient goes elsewhere; in place through the
+    # scratch chunk (not fp32), per chunk before its write-back; never on a GPU (a check
+    # would sync) nor in place in fp32 (exp would overwrite x at once).
+    unshifted = UNSHIFTED_EXP and dev.type == "cpu" and (not inplace or not direct)
+    check_each = unshifted and inplace
+    g_min = 1.0  # the smallest |gA| of a row with a gradient, for the per-chunk check
+    if check_each:
+        g_abs = gA.abs()
+        g_abs = g_abs[(g_abs > 0) & (g_abs < float("inf"))]
+        if g_abs.numel():
+            g_min = float(g_abs.min())
+    # inline, with no other worker to contend for the GIL, plain Python costs less per call
+    chunk_loop = _script(_fwd_chunks) if _n_workers(n_rows, n_cols, dev) > 1 else _fwd_chunks
+    args = dict(x=x.detach(), dst=dst.detach() if grad else None, row_max=row_max,
+                row_sum=row_sum, sum_wx=sum_wx, w=w, gA=gA if grad else None,
+                coef=coef if grad else None, smooth=smooth if grad else None, step=step,
+                direct=direct, inplace=inplace, g_min=g_min)
 
     def work(start, end):
         scratch = None
@@ -444,79 +573,24 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, inpla
         if fault_in and grad_out is not None and PAGE_ADVICE == "populate":
             _populate_rows(dst, start, end)
         # worker ranges are whole chunks (``_parallel_rows``)
-        chunks = range(start // step, _cdiv(end, step))
-        if fast:
-            for k in chunks:
-                _unshifted_chunk(k, scratch)
-            # one check for the whole range: the rows whose sum overflowed (inf, NaN) or came
-            # near fp32's underflow are done again, with the shift
-            rs = row_sum[start:end, 0]
-            bad = ~((rs > 1e-30) & (rs < 1e30))
-            if grad:  # a scale gA / sum below fp32's normal range would round the gradient
-                cf = coef[start:end, 0]
-                bad |= (cf > 0) & (cf < 1.2e-38)
-            if not bool(bad.any()):
-                return
-            chunks = sorted({(r + start) // step for r in bad.nonzero().flatten().tolist()})
-        for k in chunks:
-            _shifted_chunk(k, scratch)
-
-    def _scratch(scratch, rows):
-        return scratch if rows == scratch.shape[0] else scratch[:rows]
-
-    def _sum_wx(src, k):
-        if w is None:
-            torch.sum(src, 1, out=wxs[k])
-        else:
-            torch.mv(src, w, out=wxs[k])
-
-    def _unshifted_chunk(k, scratch):
-        """sum(exp(x)) without the max shift, one pass fewer: right whenever the sum stays
-        within (1e-30, 1e30): no exp(x) overflows, the terms that flush to 0 weigh < 1e-8
-        (the gradient of such a term is below 1e-15), and with the gradient's scale
-        gA / sum a normal fp32 number, the gradient keeps full precision; ``work`` checks
-        that and redoes the rows where it fails."""
-        xc = xs[k]
-        if direct:
-            if eps > 0:
-                _sum_wx(xc, k)
-            buf = torch.exp(xc, out=ds[k] if grad else _scratch(scratch, xc.shape[0]))
-        else:
-            buf = _scratch(scratch, xc.shape[0]).copy_(xc)
-            if eps > 0:
-                _sum_wx(buf, k)
-            buf.exp_()
-        torch.sum(buf, 1, keepdim=True, out=sums[k])
-        if grad:
-            _finish(k, buf)
-
-    def _shifted_chunk(k, scratch):
-        xc = xs[k]
-        if direct:
-            src = xc
-        else:  # one vectorised conversion; mixed-dtype ops take a slow casting loop
-            src = _scratch(scratch, xc.shape[0]).copy_(xc)
-        m = torch.amax(src, 1, keepdim=True, out=maxes[k])
-        if eps > 0:
-            _sum_wx(src, k)
-        if not direct:
-            buf = src.sub_(m)
-        elif dst is x:
-            buf = xc.sub_(m)  # the gradient is built in x's own storage
-        else:
-            buf = torch.sub(xc, m, out=ds[k] if grad else _scratch(scratch, xc.shape[0]))
-        buf.exp_()
-        torch.sum(buf, 1, keepdim=True, out=sums[k])
-        if grad:
-            _finish(k, buf)
-
-    def _finish(k, buf):
-        """``buf`` = exp(x - shift) of chunk ``k``: scale it into the gradient in ``dst``."""
-        buf.mul_(torch.div(gAs[k], sums[k], out=coefs[k]))
-        if eps > 0:
-            _smoothing_term(buf, smooths[k], w)
-        if not direct:
-            ds[k].copy_(buf)
+        chunks = list(range(start // step, _cdiv(end, step)))
+        if unshifted:
+            chunks = chunk_loop(scratch=scratch, chunks=chunks, shifted=False,
+                                check=check_each, **args)
+            if not check_each:
+                # one check for the whole range: the rows whose sum overflowed (inf, NaN)
+                # or came near fp32's underflow are done again, with the shift
+                rs = row_sum[start:end, 0]
+                bad = ~((rs > 1e-30) & (rs < 1e30))
+                if grad:  # a scale gA / sum below fp32's normal range would round the gradient
+                    cf = coef[start:end, 0].abs()
+                    bad |= (cf > 0) & (cf < 1.2e-38)
+                if not bool(bad.any()):
+                    return
+                chunks = sorted({(r + start) // step
+                                 for r in bad.nonzero().flatten().tolist()})
+        if chunks:
+            chunk_loop(scratch=scratch, chunks=chunks, shifted=True, check=False, **args)
 
     if n_rows > 0 and n_cols > 0:
         _parallel_rows(n_rows, n_cols, dev, work)

@@ -362,6 +362,33 @@ def test_large_logit_keeps_gradient_precision(big):
     torch.testing.assert_close(xr.grad[0].double(), x64.grad[0], atol=1.2e-38, rtol=RTOL)
 
 
+@pytest.mark.parametrize("dtype, inplace", [(torch.float32, False), (torch.float32, True),
+                                           (torch.bfloat16, False), (torch.bfloat16, True)])
+def test_tiny_negative_scale_under_a_large_sum_is_redone(dtype, inplace):
+    """A row whose sum of exp(x) is large but finite (a logit of 66: 4.6e28, inside the
+    unshifted pass's (1e-30, 1e30)) and whose target's class weight is -1e-16: the scale
+    gA / sum, -2e-45, is subnormal with two significant bits, so the row is redone with
+    the shift, also for a negative scale (missed before: the check compared the scale
+    against (0, 1.2e-38)) and in bf16 in place (checked per chunk, before the write-back)."""
+    x, t = logits(4, 50, seed=23)
+    x[0, 5] = 66.0
+    t[:] = torch.tensor([7, 1, 2, 3])
+    weight = torch.ones(50)
+    weight[7] = -1e-16
+    x = x.to(dtype)
+    up = torch.tensor(0.7).to(dtype)
+    x64 = x.double().requires_grad_()
+    ref = F.cross_entropy(x64, t, weight=weight.double(), reduction="sum")
+    (ref_grad,) = torch.autograd.grad(ref, x64, up.double())
+    xr = x.clone().requires_grad_()
+    loss = fusedce.cross_entropy(xr, t, weight=weight, reduction="sum",
+                                 inplace_backward=inplace)
+    (grad,) = torch.autograd.grad(loss, xr, up)
+    rtol = RTOL if dtype == torch.float32 else 2 * 2**-8
+    # (entries whose true value is below fp32's normal range have no precision to keep)
+    torch.testing.assert_close(grad.double(), ref_grad, atol=1.2e-38, rtol=rtol)
+
+
 def test_checkpointed_loss_keeps_no_gradient_buffer(cache):
     """Under non-reentrant checkpointing (saved-tensor hooks) the gradient is not computed
     in the forward: it would be kept outside the hooks and computed twice."""

@@ -109,3 +109,66 @@ def test_worker_split_matches_inline(monkeypatch, dtype):
     for a, b in zip(inline, split):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
     assert (split[2][[3, 4, 5, 7, 20]] == 0).all()  # rows zeroed, not computed
+
+
+# ------------------------------------------------------------------------------------------
+# The forward's chunk loop runs as a TorchScript function (no GIL between its ops)
+
+
+def test_chunk_loop_runs_as_a_script():
+    """With the PyTorch pinned here, scripting works: the speed the README claims for the
+    CPU path (the loop's ops free of the GIL) is what runs."""
+    assert isinstance(_torch_impl._script(_torch_impl._fwd_chunks), torch.jit.ScriptFunction)
+
+
+def test_script_off_or_failing_runs_python(monkeypatch):
+    monkeypatch.setattr(_torch_impl, "_SCRIPTED", {})
+    monkeypatch.setenv("FUSEDCE_SCRIPT", "0")
+    assert _torch_impl._script(_torch_impl._fwd_chunks) is _torch_impl._fwd_chunks
+    monkeypatch.delenv("FUSEDCE_SCRIPT")
+
+    def not_scriptable(x):
+        return {i for i in range(x)}  # set comprehensions are not TorchScript
+
+    assert _torch_impl._script(not_scriptable) is not_scriptable
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_script_and_python_agree(monkeypatch, dtype):
+    """The scripted loop and the same function run as Python give the same bits, on every
+    branch: forward only, gradient into a buffer, in place; smoothing with weights; rows
+    redone with the shift (an overflowing and an underflowing row, in different workers'
+    ranges); 2-row chunks on 3 workers with a partial last chunk."""
+    torch.manual_seed(1)
+    n, c = 13, 4099
+    x = (torch.randn(n, c) * 3).to(dtype)
+    x[1] += 200.0
+    x[10] -= 250.0
+    target = torch.randint(0, c, (n,))
+    target[4] = -100
+    weight = torch.rand(c) + 0.5
+    scale = torch.tensor([0.25])
+
+    def run():
+        out = []
+        for kw in ({}, {"weight": weight, "label_smoothing": 0.1}):
+            out += _torch_impl.ce_fwd(x, target, **kw)
+            buf = torch.empty_like(x)
+            out += _torch_impl.ce_fwd(x, target, inplace_scale=scale, grad_out=buf, **kw)
+            xi = x.clone()
+            out += _torch_impl.ce_fwd(xi, target, inplace_scale=scale, **kw)
+            out += [buf, xi]
+        return out
+
+    monkeypatch.setattr(_torch_impl, "PARALLEL_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(_torch_impl, "CHUNK_ELEMENTS", 2 * c)
+    monkeypatch.setattr(_torch_impl, "_max_workers", lambda: 3)
+    monkeypatch.setattr(_torch_impl, "_SCRIPTED", {})
+    scripted = run()
+    assert isinstance(_torch_impl._SCRIPTED[_torch_impl._fwd_chunks], torch.jit.ScriptFunction)
+    monkeypatch.setattr(_torch_impl, "_SCRIPTED",
+                        {_torch_impl._fwd_chunks: _torch_impl._fwd_chunks})
+    python = run()
+    assert len(scripted) == len(python) == 16
+    for a, b in zip(scripted, python):
+        assert torch.equal(a, b)
