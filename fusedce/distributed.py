@@ -63,7 +63,7 @@ __all__ = [
 
 _REDUCTIONS = ("none", "mean", "sum")
 _BACKENDS = ("auto", "triton", "torch")
-# Elements per chunk on the PyTorch path: 2**18 fp32 values (1 MiB) stay in L2.
+# Elements per chunk on the PyTorch path: those of ``_torch_impl`` (they stay in L2).
 CHUNK_ELEMENTS = _torch_impl.CHUNK_ELEMENTS
 
 

@@ -33,7 +33,7 @@ print(json.dumps([memory_probe(*case) for case in json.loads(sys.argv[1])]))
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_peak_memory_within_5_percent_of_logits():
     # 1,024 x 50,257: 206 MB of fp32 logits, 103 MB in bf16, large against the workers'
-    # cache-sized scratch chunks (1 MiB each), so 5% is a real bound
+    # cache-sized scratch chunks (768 KiB each), so 5% is a real bound
     n, v = 1024, 50_257
     cases = [["fusedce", "fwd_bwd", n, v, "fp32"], ["fusedce_inplace", "fwd_bwd", n, v, "fp32"],
              ["fusedce", "fwd_bwd", n, v, "bf16"], ["fusedce", "fwd", n, v, "bf16"]]
@@ -115,10 +115,12 @@ def test_worker_split_matches_inline(monkeypatch, dtype):
 # The forward's chunk loop runs as a TorchScript function (no GIL between its ops)
 
 
-def test_chunk_loop_runs_as_a_script():
+@pytest.mark.parametrize("loop", ["_fwd_chunks", "_bwd_chunks"])
+def test_chunk_loops_run_as_scripts(loop):
     """With the PyTorch pinned here, scripting works: the speed the README claims for the
-    CPU path (the loop's ops free of the GIL) is what runs."""
-    assert isinstance(_torch_impl._script(_torch_impl._fwd_chunks), torch.jit.ScriptFunction)
+    CPU path (the loops' ops free of the GIL) is what runs."""
+    fn = getattr(_torch_impl, loop)
+    assert isinstance(_torch_impl._script(fn), torch.jit.ScriptFunction)
 
 
 def test_script_off_or_failing_runs_python(monkeypatch):
@@ -132,13 +134,22 @@ def test_script_off_or_failing_runs_python(monkeypatch):
 
     assert _torch_impl._script(not_scriptable) is not_scriptable
 
+    # a script compiled from a source file changed on disk since the import (other lines,
+    # another function): its arguments differ from the function's, and it is not used
+    from types import SimpleNamespace
+
+    wrong = SimpleNamespace(schema=SimpleNamespace(arguments=[SimpleNamespace(name="dx")]))
+    monkeypatch.setattr(torch.jit, "script", lambda fn: wrong)
+    assert _torch_impl._script(_torch_impl._bwd_chunks) is _torch_impl._bwd_chunks
+
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_script_and_python_agree(monkeypatch, dtype):
-    """The scripted loop and the same function run as Python give the same bits, on every
+    """The scripted loops and the same functions run as Python give the same bits, on every
     branch: forward only, gradient into a buffer, in place; smoothing with weights; rows
     redone with the shift (an overflowing and an underflowing row, in different workers'
-    ranges); 2-row chunks on 3 workers with a partial last chunk."""
+    ranges); the backward with negative and zero upstream rows (zeroed, not computed), with
+    and without its unshifted variant; 2-row chunks on 3 workers, a partial last chunk."""
     torch.manual_seed(1)
     n, c = 13, 4099
     x = (torch.randn(n, c) * 3).to(dtype)
@@ -148,6 +159,8 @@ def test_script_and_python_agree(monkeypatch, dtype):
     target[4] = -100
     weight = torch.rand(c) + 0.5
     scale = torch.tensor([0.25])
+    upstream = torch.randn(n)
+    upstream[[5, 6]] = 0.0  # with the ignored row 4: rows 4-6 zeroed
 
     def run():
         out = []
@@ -158,6 +171,9 @@ def test_script_and_python_agree(monkeypatch, dtype):
             xi = x.clone()
             out += _torch_impl.ce_fwd(xi, target, inplace_scale=scale, **kw)
             out += [buf, xi]
+            for fast in (False, True):
+                monkeypatch.setattr(_torch_impl, "UNSHIFTED_EXP_BWD", fast)
+                out.append(_torch_impl.ce_bwd(x, target, out[1], upstream, **kw))
         return out
 
     monkeypatch.setattr(_torch_impl, "PARALLEL_MIN_ELEMENTS", 1)
@@ -165,10 +181,10 @@ def test_script_and_python_agree(monkeypatch, dtype):
     monkeypatch.setattr(_torch_impl, "_max_workers", lambda: 3)
     monkeypatch.setattr(_torch_impl, "_SCRIPTED", {})
     scripted = run()
-    assert isinstance(_torch_impl._SCRIPTED[_torch_impl._fwd_chunks], torch.jit.ScriptFunction)
-    monkeypatch.setattr(_torch_impl, "_SCRIPTED",
-                        {_torch_impl._fwd_chunks: _torch_impl._fwd_chunks})
+    loops = (_torch_impl._fwd_chunks, _torch_impl._bwd_chunks)
+    assert all(isinstance(_torch_impl._SCRIPTED[f], torch.jit.ScriptFunction) for f in loops)
+    monkeypatch.setattr(_torch_impl, "_SCRIPTED", {f: f for f in loops})
     python = run()
-    assert len(scripted) == len(python) == 16
+    assert len(scripted) == len(python) == 20
     for a, b in zip(scripted, python):
         assert torch.equal(a, b)
