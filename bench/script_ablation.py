@@ -1,0 +1,104 @@
+"""``python -m bench.script_ablation``: what running the CPU path's chunk loops as
+TorchScript functions buys, measured in one process.
+
+fusedce's CPU path splits the rows across worker threads, each looping over cache-sized
+chunks (``fusedce._torch_impl._fwd_chunks``, ``_bwd_chunks``). As Python, such a loop
+takes the GIL back between every pair of short ops, and the workers contend for it; as a
+script (the default) it runs without the GIL. This times both, interleaved round by round on the
+same inputs (medians; the ratio is within the run), for the default and the in-place mode
+in fp32 and bf16, and writes ``bench/results/script_ablation.md``.
+"""
+
+import argparse
+import datetime
+import os
+import statistics
+import time
+
+import torch
+
+import fusedce
+from bench.ce import device_name, make_inputs, step
+from fusedce import _torch_impl
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CASES = {"fusedce": {}, "fusedce_inplace": {"inplace_backward": True}}
+
+
+def _loops(scripted):
+    """The chunk loops that ``ce_fwd`` and ``ce_bwd`` will use: scripted, or the same
+    functions as Python."""
+    for fn in (_torch_impl._fwd_chunks, _torch_impl._bwd_chunks):
+        if scripted:
+            _torch_impl._SCRIPTED.pop(fn, None)
+            if not isinstance(_torch_impl._script(fn), torch.jit.ScriptFunction):
+                raise RuntimeError("TorchScript is unavailable or off (FUSEDCE_SCRIPT=0)")
+        else:
+            _torch_impl._SCRIPTED[fn] = fn
+
+
+def run(tokens=2048, vocab=50_257, dtypes=("fp32", "bf16"), repeats=9):
+    rows = []
+    for dtype in dtypes:
+        pristine, target = make_inputs(tokens, vocab, dtype)
+        step.target = target
+        work = torch.empty_like(pristine)
+        times = {(case, s): [] for case in CASES for s in (True, False)}
+        for r in range(repeats + 1):  # round 0: warm-up
+            for case, kwargs in CASES.items():
+                for scripted in (True, False):
+                    _loops(scripted)
+                    fn = lambda x, t, kw=kwargs: fusedce.cross_entropy(x, t, **kw)
+                    x = work.detach()
+                    x.copy_(pristine)
+                    start = time.perf_counter()
+                    keep = step(fn, "fwd_bwd", x)
+                    elapsed = time.perf_counter() - start
+                    del keep, x
+                    if r:
+                        times[case, scripted].append(elapsed)
+        for case in CASES:
+            script = statistics.median(times[case, True]) * 1e3
+            python = statistics.median(times[case, False]) * 1e3
+            rows.append((dtype, case, script, python, python / script))
+    _loops(True)
+    return rows
+
+
+def report(rows, tokens, vocab, repeats):
+    lines = [
+        "# The CPU path's chunk loops: TorchScript against Python",
+        "",
+        f"- machine: {device_name('cpu')}; torch {torch.__version__}; "
+        f"{datetime.datetime.now():%Y-%m-%d %H:%M}",
+        f"- command: `python -m bench.script_ablation --tokens {tokens} --repeats {repeats}`",
+        f"- {tokens:,} x {vocab:,} logits, forward+backward; medians of {repeats} interleaved "
+        "rounds in one process",
+        "",
+        "| dtype | case | loops as scripts (ms) | loops as Python (ms) | Python / script |",
+        "|---|---|---|---|---|",
+    ]
+    for dtype, case, script, python, ratio in rows:
+        lines.append(f"| {dtype} | {case} | {script:.1f} | {python:.1f} | {ratio:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench.script_ablation", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=2048)
+    p.add_argument("--vocab", type=int, default=50_257)
+    p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--out", default=os.path.join(HERE, "results"))
+    args = p.parse_args(argv)
+    rows = run(args.tokens, args.vocab, repeats=args.repeats)
+    text = report(rows, args.tokens, args.vocab, args.repeats)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "script_ablation.md")
+    with open(path, "w") as f:
+        f.write(text)
+    print(text + f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
