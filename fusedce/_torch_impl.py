@@ -42,8 +42,10 @@ How it is made fast on a CPU (each choice was measured; see ``bench/``):
   near-underflow, or a gradient scale below fp32's normal range) are redone with the row
   max (``UNSHIFTED_EXP``): checked once per worker where the gradient goes elsewhere, and
   per chunk, before the chunk is written back, in place through the scratch chunk of
-  bf16 logits. fp32 in place, where exp would overwrite a row that might have to be
-  redone, always subtracts the max.
+  logits other than fp32 (bf16, fp16). Besides overflow and underflow the check sends a
+  row to the shifted pass when its gradient scale |gA| / sum exceeds 1 (exp(x) below
+  x = -87.3 is subnormal or 0, its gradient, scaled up, would not be). fp32 in place,
+  where exp would overwrite a row that might have to be redone, always subtracts the max.
 - **The chunk loops without the GIL.** A worker's loop over its chunks (``_fwd_chunks``,
   ``_bwd_chunks``) runs as a TorchScript function (``_script``): between its ops a Python
   loop takes the GIL back, which the workers then contend for (with two workers, the
@@ -147,9 +149,11 @@ _POOL = _Pool()
 def _reset_pool_in_child():
     # a forked child inherits the pool object but not its threads, and a lock possibly held
     # by a thread of the parent; the gradient cache starts afresh too
-    global _POOL, _GRADS
+    global _POOL, _GRADS, _SCRIPT_LOCK
     _POOL = _Pool()
     _GRADS = _GradCache()
+    # held by a thread of the parent that was scripting a loop: the child would wait forever
+    _SCRIPT_LOCK = threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
@@ -176,8 +180,12 @@ def _parallel_rows(n_rows, n_cols, device, work):
             work(0, n_rows)
         return
 
+    # grad and inference mode are thread-local: a worker has grad on and inference off, and
+    # outside inference mode the buffers made in it (inference tensors) cannot be written
+    inference = torch.is_inference_mode_enabled()
+
     def task(s, e):
-        with torch.no_grad():  # grad mode is thread-local: a fresh thread has it on
+        with torch.inference_mode(inference), torch.no_grad():
             work(s, e)
 
     # whole chunks per worker keep the chunks the same wherever the boundary falls
@@ -419,7 +427,7 @@ def _fwd_chunks(x: torch.Tensor, dst: Optional[torch.Tensor], row_max: torch.Ten
                 coef: Optional[torch.Tensor], smooth: Optional[torch.Tensor],
                 scratch: Optional[torch.Tensor], chunks: list[int], step: int,
                 direct: bool, inplace: bool, shifted: bool, check: bool,
-                g_min: float) -> list[int]:
+                g_min: float, g_max: float) -> list[int]:
     """Works through the row chunks ``chunks`` (``step`` rows each) of ``ce_fwd``: their
     row sums of ``exp(x - shift)`` into ``row_sum`` (and the shift, the row max, into
     ``row_max`` when ``shifted``), ``sum_c w_c x_c`` into ``sum_wx`` where given, and with
@@ -478,9 +486,12 @@ def _fwd_chunks(x: torch.Tensor, dst: Optional[torch.Tensor], row_max: torch.Ten
             lo_hi = torch.aminmax(sums)
             lo = float(lo_hi[0])
             hi = float(lo_hi[1])
-            # an overflow (inf, NaN), a near-underflow, or a scale gA / sum that is not a
-            # normal fp32 number: the chunk is redone with the shift
-            if not (lo > 1e-30 and hi < 1e30 and g_min / hi >= 1.2e-38):
+            # an overflow (inf, NaN), a near-underflow, or a scale |gA| / sum that is not
+            # a normal fp32 number or exceeds 1 (exp(x) is subnormal or 0 below x = -87.3,
+            # where the gradient, scaled up, would not be): the chunk is redone with the
+            # shift. The bounds on |gA| hold for every row of the chunk.
+            if not (lo > 1e-30 and hi < 1e30 and g_min / hi >= 1.2e-38
+                    and g_max <= lo):
                 failed.append(k)
                 continue
         if dc is not None:
@@ -561,10 +572,12 @@ def _script(fn):
     the GIL. ``fn`` is plain Python as well, so where TorchScript is gone or fails (or
     with ``FUSEDCE_SCRIPT=0``) the same code runs as Python, only slower."""
     with _SCRIPT_LOCK:
-        if fn not in _SCRIPTED:
-            _SCRIPTED[fn] = fn
+        loop = _SCRIPTED.get(fn)
+        if loop is None:
+            loop = fn
             if os.environ.get("FUSEDCE_SCRIPT", "1") != "0":
                 try:
+                    # torch.jit.script warns that it is deprecated (once per process)
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
                         scripted = torch.jit.script(fn)
@@ -573,10 +586,11 @@ def _script(fn):
                     # give another function at the same lines
                     names = [a.name for a in scripted.schema.arguments]
                     if names == list(inspect.signature(fn).parameters):
-                        _SCRIPTED[fn] = scripted
+                        loop = scripted
                 except Exception:  # noqa: BLE001 - any failure: run as Python
                     pass
-        return _SCRIPTED[fn]
+            _SCRIPTED[fn] = loop
+        return loop
 
 
 # ------------------------------------------------------------------------------------------
@@ -618,18 +632,19 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, inpla
     # would sync) nor in place in fp32 (exp would overwrite x at once).
     unshifted = UNSHIFTED_EXP and dev.type == "cpu" and (not inplace or not direct)
     check_each = unshifted and inplace
-    g_min = 1.0  # the smallest |gA| of a row with a gradient, for the per-chunk check
+    # the smallest and largest |gA| of the rows with a gradient, for the per-chunk check
+    g_min, g_max = 1.0, 0.0
     if check_each:
         g_abs = gA.abs()
         g_abs = g_abs[(g_abs > 0) & (g_abs < float("inf"))]
         if g_abs.numel():
-            g_min = float(g_abs.min())
+            g_min, g_max = float(g_abs.min()), float(g_abs.max())
     # inline, with no other worker to contend for the GIL, plain Python costs less per call
     chunk_loop = _script(_fwd_chunks) if _n_workers(n_rows, n_cols, dev) > 1 else _fwd_chunks
     args = dict(x=x.detach(), dst=dst.detach() if grad else None, row_max=row_max,
                 row_sum=row_sum, sum_wx=sum_wx, w=w, gA=gA if grad else None,
                 coef=coef if grad else None, smooth=smooth if grad else None, step=step,
-                direct=direct, inplace=inplace, g_min=g_min)
+                direct=direct, inplace=inplace, g_min=g_min, g_max=g_max)
 
     def work(start, end):
         scratch = None
@@ -648,9 +663,10 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, inpla
                 # or came near fp32's underflow are done again, with the shift
                 rs = row_sum[start:end, 0]
                 bad = ~((rs > 1e-30) & (rs < 1e30))
-                if grad:  # a scale gA / sum below fp32's normal range would round the gradient
+                if grad:  # a scale |gA| / sum below fp32's normal range or above 1 (see
+                    # ``_fwd_chunks``) would cost the gradient its precision
                     cf = coef[start:end, 0].abs()
-                    bad |= (cf > 0) & (cf < 1.2e-38)
+                    bad |= ((cf > 0) & (cf < 1.2e-38)) | (cf > 1.0)
                 if not bool(bad.any()):
                     return
                 chunks = sorted({(r + start) // step

@@ -389,6 +389,31 @@ def test_tiny_negative_scale_under_a_large_sum_is_redone(dtype, inplace):
     torch.testing.assert_close(grad.double(), ref_grad, atol=1.2e-38, rtol=rtol)
 
 
+@pytest.mark.parametrize("dtype, inplace", [(torch.float32, False), (torch.float32, True),
+                                           (torch.bfloat16, False), (torch.bfloat16, True)])
+def test_row_of_very_negative_logits_keeps_gradient_precision(dtype, inplace):
+    """All logits far below 0 (max -60): sum(exp(x)) = 8.8e-27 is inside the unshifted
+    pass's (1e-30, 1e30), but exp(x) of the logits below -87.3 is subnormal or 0 while
+    their gradient, gA exp(x) / sum, is a normal number. A scale |gA| / sum above 1 sends
+    the row to the shifted pass (found in review: bf16 in place gave 0 for the -106 and
+    -110 entries, 1e-20 and 2e-22 in float64; the default mode gave the same before)."""
+    x = torch.tensor([[-60.0, -95.0, -100.0, -103.0, -106.0, -110.0, -80.0, -70.0],
+                      [1.0, 2.0, 0.5, -1.0, 0.0, 3.0, -2.0, 1.5]]).to(dtype)
+    t = torch.tensor([0, 5])
+    x64 = x.double().requires_grad_()
+    (ref,) = torch.autograd.grad(F.cross_entropy(x64, t, reduction="sum"), x64)
+    xr = x.clone().requires_grad_()
+    loss = fusedce.cross_entropy(xr, t, reduction="sum", inplace_backward=inplace)
+    (grad,) = torch.autograd.grad(loss, xr)
+    rtol = RTOL if dtype == torch.float32 else 2 * 2**-8
+    other = torch.ones_like(ref, dtype=torch.bool)
+    other[torch.arange(2), t] = False
+    # off the target each entry to its relative precision; at the target p_t - 1 cancels
+    # (p_t = 1 - 4.5e-5 at logits near -60, where fp32's spacing is 4e-6): absolute
+    torch.testing.assert_close(grad.double()[other], ref[other], atol=1.2e-38, rtol=rtol)
+    torch.testing.assert_close(grad.double()[~other], ref[~other], atol=ATOL, rtol=rtol)
+
+
 def test_checkpointed_loss_keeps_no_gradient_buffer(cache):
     """Under non-reentrant checkpointing (saved-tensor hooks) the gradient is not computed
     in the forward: it would be kept outside the hooks and computed twice."""

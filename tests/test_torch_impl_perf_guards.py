@@ -205,3 +205,69 @@ def test_script_ablation_runs_and_restores_the_scripts(monkeypatch):
     for fn in (_torch_impl._fwd_chunks, _torch_impl._bwd_chunks):
         assert isinstance(_torch_impl._SCRIPTED[fn], torch.jit.ScriptFunction)
     assert "| bf16 | fusedce_inplace |" in script_ablation.report(rows, 8, 257, 1)
+
+
+# ------------------------------------------------------------------------------------------
+# Found in review of the scripted loops: each test failed before its fix
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_workers_under_inference_mode(monkeypatch, dtype):
+    """Under torch.inference_mode() the per-row buffers are inference tensors, which the
+    worker threads (not in inference mode: it is thread-local) could not write: every call
+    large enough for two workers raised."""
+    monkeypatch.setattr(_torch_impl, "PARALLEL_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(_torch_impl, "_max_workers", lambda: 2)
+    torch.manual_seed(2)
+    x = (torch.randn(13, 4099) * 3).to(dtype)
+    t = torch.randint(0, 4099, (13,))
+    with torch.inference_mode():
+        loss = fusedce.cross_entropy(x, t, reduction="none", label_smoothing=0.1)
+    ref = torch.nn.functional.cross_entropy(x.double(), t, reduction="none",
+                                            label_smoothing=0.1)
+    torch.testing.assert_close(loss.double(), ref, atol=2e-5, rtol=2e-5 if dtype ==
+                               torch.float32 else 2**-8)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork")
+def test_fork_while_a_loop_is_being_scripted():
+    """A fork while another thread held the scripting lock left the child a lock nobody
+    would release: its first call that scripts a loop waited forever."""
+    import time
+
+    parent_scripted = dict(_torch_impl._SCRIPTED)
+    with _torch_impl._SCRIPT_LOCK:  # as a thread scripting a loop would hold it
+        _torch_impl._SCRIPTED.clear()
+        pid = os.fork()
+        if pid == 0:  # the child: script a loop, exit 0 if that returns
+            try:
+                loop = _torch_impl._script(_torch_impl._fwd_chunks)
+                os._exit(0 if isinstance(loop, torch.jit.ScriptFunction) else 3)
+            except BaseException:
+                os._exit(4)
+    _torch_impl._SCRIPTED.update(parent_scripted)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail("the forked child hung on the scripting lock")
+
+
+def test_interrupted_scripting_is_tried_again(monkeypatch):
+    """An interrupt while scripting left the Python function cached for good."""
+    monkeypatch.setattr(_torch_impl, "_SCRIPTED", {})
+    script = torch.jit.script
+
+    def interrupted(fn):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch.jit, "script", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _torch_impl._script(_torch_impl._bwd_chunks)
+    monkeypatch.setattr(torch.jit, "script", script)
+    assert isinstance(_torch_impl._script(_torch_impl._bwd_chunks), torch.jit.ScriptFunction)
