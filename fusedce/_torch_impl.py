@@ -37,15 +37,16 @@ How it is made fast on a CPU (each choice was measured; see ``bench/``):
   allocator; ``fusedce.empty_cache()``, ``FUSEDCE_GRAD_CACHE=0``). A buffer that is new
   anyway is faulted in by each worker for its own rows with one ``MADV_POPULATE_WRITE``
   call (``PAGE_ADVICE``; ``"hugepage"`` asks for 2 MiB pages instead).
-- **No shift where none is needed.** Where ``x`` survives the pass, the sums of ``exp(x)``
-  are taken unshifted, and the rows whose sums leave (1e-30, 1e30) (an overflow, a
-  near-underflow, or a gradient scale below fp32's normal range) are redone with the row
-  max (``UNSHIFTED_EXP``): checked once per worker where the gradient goes elsewhere, and
-  per chunk, before the chunk is written back, in place through the scratch chunk of
-  logits other than fp32 (bf16, fp16). Besides overflow and underflow the check sends a
-  row to the shifted pass when its gradient scale |gA| / sum exceeds 1 (exp(x) below
-  x = -87.3 is subnormal or 0, its gradient, scaled up, would not be). fp32 in place,
-  where exp would overwrite a row that might have to be redone, always subtracts the max.
+- **No max pass where none is needed.** Where ``x`` survives the pass, the forward takes
+  ``exp(x)`` without first finding the row max, and tests each chunk (``_sums_fail``) before
+  its gradient is written: a sum outside (max(1e-30, V 2**-102), 1e30), an overflow or a
+  near-underflow, or a gradient scale |gA| / sum below fp32's normal range or above 1
+  sends the chunk to a pass with the row max (``UNSHIFTED_EXP``). After a worker's first
+  failure its later chunks take the target logit as their shift (their sums are then at
+  least 1): logits all far below 0, as a pretrained GPT-2's near -60, cost one chunk per
+  worker twice, not every chunk. In place this runs through the scratch chunk of logits
+  other than fp32 (bf16, fp16); fp32 in place, where exp would overwrite a row that
+  might have to be redone, always subtracts the max.
 - **The chunk loops without the GIL.** A worker's loop over its chunks (``_fwd_chunks``,
   ``_bwd_chunks``) runs as a TorchScript function (``_script``): between its ops a Python
   loop takes the GIL back, which the workers then contend for (with two workers, the
@@ -75,7 +76,7 @@ CHUNK_ELEMENTS = 3 << 16
 # threads): a round trip through the worker pool costs tens of microseconds.
 PARALLEL_MIN_ELEMENTS = 1 << 20
 # The forward's sum(exp(x)) without the max shift where that provably changes nothing
-# (checked per chunk, see ``ce_fwd``): saves a pass over every chunk, ~8% of forward+backward.
+# (checked per chunk, ``_sums_fail``): saves a pass over every chunk.
 UNSHIFTED_EXP = True
 # The same in the backward (exp(x) * g A exp(-lse)): ~5% faster, but its different rounding
 # of near-zero gradients flips the signs that Adam's first step amplifies (tests/test_hf.py
@@ -426,23 +427,31 @@ def _fwd_chunks(x: torch.Tensor, dst: Optional[torch.Tensor], row_max: torch.Ten
                 w: Optional[torch.Tensor], gA: Optional[torch.Tensor],
                 coef: Optional[torch.Tensor], smooth: Optional[torch.Tensor],
                 scratch: Optional[torch.Tensor], chunks: list[int], step: int,
-                direct: bool, inplace: bool, shifted: bool, check: bool,
-                g_min: float, g_max: float) -> list[int]:
+                direct: bool, inplace: bool, shifted: bool, x_t: Optional[torch.Tensor],
+                lo_bound: float, g_lo: list[float], g_hi: list[float]) -> list[int]:
     """Works through the row chunks ``chunks`` (``step`` rows each) of ``ce_fwd``: their
-    row sums of ``exp(x - shift)`` into ``row_sum`` (and the shift, the row max, into
-    ``row_max`` when ``shifted``), ``sum_c w_c x_c`` into ``sum_wx`` where given, and with
-    ``dst`` the chunk's gradient ``coef p - smooth w`` into it, ``coef = gA / sum``.
+    row sums of ``exp(x - shift)`` into ``row_sum`` and the shift into ``row_max``,
+    ``sum_c w_c x_c`` into ``sum_wx`` where given, and with ``dst`` the chunk's gradient
+    ``coef p - smooth w`` into it, ``coef = gA / sum``.
+
+    ``shifted``: the shift is the row max. Else none at first (``row_max`` holds 0), and
+    each chunk is tested (``_sums_fail``) before its gradient is written (x survives until
+    then): the chunks that fail are left unwritten and returned, for a shifted pass, and
+    from the first failure on the target logits ``x_t`` (a column), when given, are the
+    shift (their own terms make every sum at least 1: logits all far below 0, as a
+    pretrained GPT-2's near -60, fail without a shift but pass with it).
 
     ``direct``: ``x`` is fp32 and is read as it is, else through the fp32 ``scratch``
-    chunk; ``inplace``: ``dst`` is ``x``. Unshifted, ``check`` tests each chunk's sums
-    before its gradient is written (x survives until then) and returns the chunks that
-    failed, unwritten, for a shifted pass; without ``check`` the caller tests the sums.
+    chunk; ``inplace``: ``dst`` is ``x`` (not with ``direct`` unless ``shifted``).
+    ``g_lo``, ``g_hi``: per chunk, the smallest and largest finite nonzero ``|gA|`` of
+    its rows (with a gradient; else empty).
 
     Written in the subset of Python that TorchScript compiles (``_script``): run as a
     script, the loop holds no GIL, which the worker threads otherwise contend for between
-    the many short ops (measured: 25-35% of the bf16 pass with two workers)."""
+    the many short ops."""
     failed: list[int] = []
     n_rows = x.shape[0]
+    by_target = False
     for k in chunks:
         r0 = k * step
         rows = min(step, n_rows - r0)
@@ -459,10 +468,12 @@ def _fwd_chunks(x: torch.Tensor, dst: Optional[torch.Tensor], row_max: torch.Ten
         else:
             assert sc is not None
             src = sc.copy_(xc)  # one vectorised conversion: mixed-dtype ops are slow
+        m: Optional[torch.Tensor] = None
         if shifted:
             m = torch.amax(src, 1, keepdim=True, out=row_max.narrow(0, r0, rows))
-        else:
-            m = None
+        elif by_target:
+            assert x_t is not None
+            m = row_max.narrow(0, r0, rows).copy_(x_t.narrow(0, r0, rows))
         if sum_wx is not None:
             out = sum_wx.narrow(0, r0, rows)
             if w is None:
@@ -482,18 +493,10 @@ def _fwd_chunks(x: torch.Tensor, dst: Optional[torch.Tensor], row_max: torch.Ten
             else:
                 buf = torch.exp(xc, out=target)
         sums = torch.sum(buf, 1, keepdim=True, out=row_sum.narrow(0, r0, rows))
-        if check:
-            lo_hi = torch.aminmax(sums)
-            lo = float(lo_hi[0])
-            hi = float(lo_hi[1])
-            # an overflow (inf, NaN), a near-underflow, or a scale |gA| / sum that is not
-            # a normal fp32 number or exceeds 1 (exp(x) is subnormal or 0 below x = -87.3,
-            # where the gradient, scaled up, would not be): the chunk is redone with the
-            # shift. The bounds on |gA| hold for every row of the chunk.
-            if not (lo > 1e-30 and hi < 1e30 and g_min / hi >= 1.2e-38
-                    and g_max <= lo):
-                failed.append(k)
-                continue
+        if not shifted and _sums_fail(sums, lo_bound, g_lo, g_hi, k):
+            failed.append(k)
+            by_target = x_t is not None
+            continue
         if dc is not None:
             assert gA is not None and coef is not None
             buf.mul_(torch.div(gA.narrow(0, r0, rows), sums, out=coef.narrow(0, r0, rows)))
@@ -502,6 +505,25 @@ def _fwd_chunks(x: torch.Tensor, dst: Optional[torch.Tensor], row_max: torch.Ten
             if not direct:
                 dc.copy_(buf)
     return failed
+
+
+def _sums_fail(sums: torch.Tensor, lo_bound: float, g_lo: list[float], g_hi: list[float],
+               k: int) -> bool:
+    """Whether chunk ``k``, taken without the max shift, must be redone with it: a row sum
+    outside (``lo_bound``, 1e30) (an overflow, inf or NaN, or so small a sum that the
+    terms fp32 flushes, below 2**-126 each with denormals flushed, weigh in it), or, with a
+    gradient, a scale ``|gA| / sum`` that could fall below fp32's normal range (the
+    gradient would lose its precision) or exceed 1 (exp(x) is subnormal or 0 below x =
+    -87.3, where the gradient, scaled up, could be a normal number). Bounds per chunk:
+    one reduction and scalar tests (each small op costs microseconds, even scripted)."""
+    lo_hi = torch.aminmax(sums)
+    lo = float(lo_hi[0])
+    hi = float(lo_hi[1])
+    if not (lo > lo_bound and hi < 1e30):
+        return True
+    if len(g_hi) > 0:
+        return not (g_lo[k] / hi >= 1.2e-38 and g_hi[k] <= lo)
+    return False
 
 
 def _bwd_chunks(x: torch.Tensor, dx: torch.Tensor, shift: torch.Tensor,
@@ -597,6 +619,20 @@ def _script(fn):
 # The three entry points
 
 
+def _chunk_bounds(gA, step):
+    """Per chunk of ``step`` rows: the smallest and largest finite nonzero ``|gA|`` (inf
+    and 0 for a chunk with none), as lists for ``_sums_fail``."""
+    a = gA.abs().reshape(-1)
+    n_chunks = _cdiv(a.numel(), step)
+    pad = n_chunks * step - a.numel()
+    finite = torch.isfinite(a)
+    hi = torch.nn.functional.pad(torch.where(finite, a, 0.0), (0, pad), value=0.0)
+    lo = torch.nn.functional.pad(torch.where(finite & (a > 0), a, float("inf")), (0, pad),
+                                 value=float("inf"))
+    return (lo.view(n_chunks, step).amin(1).tolist(),
+            hi.view(n_chunks, step).amax(1).tolist())
+
+
 def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, inplace_scale=None,
            grad_out=None, fault_in=True):
     """Per-row ``(loss, lse)`` in fp32; with ``inplace_scale`` also writes the gradient of
@@ -626,25 +662,21 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, inpla
     direct = x.dtype == torch.float32  # else: through an fp32 scratch chunk
     inplace = dst is x
     step = max(1, CHUNK_ELEMENTS // max(n_cols, 1))
-    # Unshifted exp where x survives the pass, so that rows it fails for can be redone:
-    # checked once per worker where the gradient goes elsewhere; in place through the
-    # scratch chunk (not fp32), per chunk before its write-back; never on a GPU (a check
-    # would sync) nor in place in fp32 (exp would overwrite x at once).
+    # No max pass where x survives the pass, so that the chunks it fails for can be redone
+    # (``_fwd_chunks``): not in place in fp32 (exp would overwrite x at once) nor on a GPU
+    # (each chunk's check would sync)
     unshifted = UNSHIFTED_EXP and dev.type == "cpu" and (not inplace or not direct)
-    check_each = unshifted and inplace
-    # the smallest and largest |gA| of the rows with a gradient, for the per-chunk check
-    g_min, g_max = 1.0, 0.0
-    if check_each:
-        g_abs = gA.abs()
-        g_abs = g_abs[(g_abs > 0) & (g_abs < float("inf"))]
-        if g_abs.numel():
-            g_min, g_max = float(g_abs.min()), float(g_abs.max())
+    # below this a sum could be off by the terms fp32 flushes (2**-126 each, denormals
+    # flushed; 2**-102 V is 2**24 of them)
+    lo_bound = max(1e-30, n_cols * 2.0 ** -102)
     # inline, with no other worker to contend for the GIL, plain Python costs less per call
     chunk_loop = _script(_fwd_chunks) if _n_workers(n_rows, n_cols, dev) > 1 else _fwd_chunks
+    g_lo, g_hi = _chunk_bounds(gA, step) if unshifted and grad else ([], [])
     args = dict(x=x.detach(), dst=dst.detach() if grad else None, row_max=row_max,
                 row_sum=row_sum, sum_wx=sum_wx, w=w, gA=gA if grad else None,
                 coef=coef if grad else None, smooth=smooth if grad else None, step=step,
-                direct=direct, inplace=inplace, g_min=g_min, g_max=g_max)
+                direct=direct, inplace=inplace, x_t=x_t[:, None].contiguous(),
+                lo_bound=lo_bound, g_lo=g_lo, g_hi=g_hi)
 
     def work(start, end):
         scratch = None
@@ -656,23 +688,9 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, inpla
         # worker ranges are whole chunks (``_parallel_rows``)
         chunks = list(range(start // step, _cdiv(end, step)))
         if unshifted:
-            chunks = chunk_loop(scratch=scratch, chunks=chunks, shifted=False,
-                                check=check_each, **args)
-            if not check_each:
-                # one check for the whole range: the rows whose sum overflowed (inf, NaN)
-                # or came near fp32's underflow are done again, with the shift
-                rs = row_sum[start:end, 0]
-                bad = ~((rs > 1e-30) & (rs < 1e30))
-                if grad:  # a scale |gA| / sum below fp32's normal range or above 1 (see
-                    # ``_fwd_chunks``) would cost the gradient its precision
-                    cf = coef[start:end, 0].abs()
-                    bad |= ((cf > 0) & (cf < 1.2e-38)) | (cf > 1.0)
-                if not bool(bad.any()):
-                    return
-                chunks = sorted({(r + start) // step
-                                 for r in bad.nonzero().flatten().tolist()})
+            chunks = chunk_loop(scratch=scratch, chunks=chunks, shifted=False, **args)
         if chunks:
-            chunk_loop(scratch=scratch, chunks=chunks, shifted=True, check=False, **args)
+            chunk_loop(scratch=scratch, chunks=chunks, shifted=True, **args)
 
     if n_rows > 0 and n_cols > 0:
         _parallel_rows(n_rows, n_cols, dev, work)
@@ -727,10 +745,11 @@ def ce_bwd(x, target, lse, dloss, weight=None, ignore_index=-100, label_smoothin
                 sign = None
         shift = shift.contiguous()
         # rows whose gradient is gA exp(-lse) * exp(x) without overflow or underflow:
-        # lse < 80 bounds exp(x) <= exp(lse); lse > -15 keeps exp(x) normal where p > 1e-30
+        # lse < 80 bounds exp(x) <= exp(lse); lse > -15 keeps exp(x) normal where p > 1e-30;
+        # a scale |gA| exp(-lse) <= 1 keeps the gradient subnormal where exp(x) is
         fast = None
         if UNSHIFTED_EXP_BWD and dev.type == "cpu":
-            fast = ((lse > -15.0) & (lse < 80.0)).tolist()
+            fast = ((lse > -15.0) & (lse < 80.0) & (gA.abs() <= torch.exp(lse))).tolist()
             scale = (gA * torch.exp(-lse)).contiguous()
         smooth = (g * (eps / n_cols)).contiguous() if eps > 0 else None
         x_t = x.gather(1, t_safe[:, None]).squeeze(1).float()

@@ -262,6 +262,15 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     same graph raises RuntimeError; a negative ``label_smoothing`` raises RuntimeError (as
     :func:`fusedce.cross_entropy` does; PyTorch accepts it).
     """
+    if (not torch.compiler.is_compiling() and torch.is_grad_enabled()
+            and torch.is_inference_mode_enabled()):
+        # inference mode records no graph even with grad mode on, as PyTorch's own ops
+        with torch.no_grad():
+            return linear_cross_entropy(
+                input, linear_weight, target, linear_bias=linear_bias, weight=weight,
+                reduction=reduction, ignore_index=ignore_index,
+                label_smoothing=label_smoothing, options=options, backend=backend,
+                chunk_size=chunk_size)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{reduction} is not a valid value for reduction")
     if not 0.0 <= label_smoothing <= 1.0:

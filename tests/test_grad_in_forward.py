@@ -389,17 +389,30 @@ def test_tiny_negative_scale_under_a_large_sum_is_redone(dtype, inplace):
     torch.testing.assert_close(grad.double(), ref_grad, atol=1.2e-38, rtol=rtol)
 
 
+@pytest.fixture(params=[1, 2], ids=["inline", "2workers"])
+def workers(request, monkeypatch):
+    """Inline (the loops as Python), or 2 workers on 2-row chunks (the scripted loops)."""
+    if request.param > 1:
+        monkeypatch.setattr(_torch_impl, "PARALLEL_MIN_ELEMENTS", 1)
+        monkeypatch.setattr(_torch_impl, "_max_workers", lambda: request.param)
+        monkeypatch.setattr(_torch_impl, "CHUNK_ELEMENTS", 16)  # 2 rows of 8
+    return request.param
+
+
 @pytest.mark.parametrize("dtype, inplace", [(torch.float32, False), (torch.float32, True),
                                            (torch.bfloat16, False), (torch.bfloat16, True)])
-def test_row_of_very_negative_logits_keeps_gradient_precision(dtype, inplace):
+def test_rows_of_very_negative_logits_keep_gradient_precision(dtype, inplace, workers):
     """All logits far below 0 (max -60): sum(exp(x)) = 8.8e-27 is inside the unshifted
-    pass's (1e-30, 1e30), but exp(x) of the logits below -87.3 is subnormal or 0 while
-    their gradient, gA exp(x) / sum, is a normal number. A scale |gA| / sum above 1 sends
-    the row to the shifted pass (found in review: bf16 in place gave 0 for the -106 and
-    -110 entries, 1e-20 and 2e-22 in float64; the default mode gave the same before)."""
+    pass's range, but exp(x) of the logits below -87.3 is subnormal or 0 while their
+    gradient, gA exp(x) / sum, is a normal number. Such a chunk fails the scale check
+    (|gA| / sum > 1) and is redone, and the chunks after it take the target logit as their
+    shift (found in review: bf16 in place gave 0 for the -106 and -110 entries, 1e-20 and
+    2e-22 in float64; the default mode gave the same before). One row has its target at
+    the max, one far below it (loss 35), one is ordinary; each pattern 3 times."""
     x = torch.tensor([[-60.0, -95.0, -100.0, -103.0, -106.0, -110.0, -80.0, -70.0],
-                      [1.0, 2.0, 0.5, -1.0, 0.0, 3.0, -2.0, 1.5]]).to(dtype)
-    t = torch.tensor([0, 5])
+                      [-60.0, -95.0, -100.0, -103.0, -106.0, -110.0, -80.0, -70.0],
+                      [1.0, 2.0, 0.5, -1.0, 0.0, 3.0, -2.0, 1.5]] * 3).to(dtype)
+    t = torch.tensor([0, 1, 5] * 3)
     x64 = x.double().requires_grad_()
     (ref,) = torch.autograd.grad(F.cross_entropy(x64, t, reduction="sum"), x64)
     xr = x.clone().requires_grad_()
@@ -407,11 +420,52 @@ def test_row_of_very_negative_logits_keeps_gradient_precision(dtype, inplace):
     (grad,) = torch.autograd.grad(loss, xr)
     rtol = RTOL if dtype == torch.float32 else 2 * 2**-8
     other = torch.ones_like(ref, dtype=torch.bool)
-    other[torch.arange(2), t] = False
+    other[torch.arange(len(t)), t] = False
     # off the target each entry to its relative precision; at the target p_t - 1 cancels
     # (p_t = 1 - 4.5e-5 at logits near -60, where fp32's spacing is 4e-6): absolute
     torch.testing.assert_close(grad.double()[other], ref[other], atol=1.2e-38, rtol=rtol)
     torch.testing.assert_close(grad.double()[~other], ref[~other], atol=ATOL, rtol=rtol)
+
+
+def test_loss_alone_with_denormals_flushed():
+    """The loss alone takes sum(exp(x)) unshifted. With denormals flushed
+    (``torch.set_flush_denormal``), every exp(x) below x = -87.3 is 0: a sum just above
+    1e-30 missed 50,256 terms of 1e-38 each, and the loss came out 51% low (found in
+    review). Sums below V 2**-102 (1e-26 at V = 50,257) are redone with the max."""
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        x = torch.full((2, 50_257), -87.5)
+        x[:, 0] = -69.0
+        t = torch.tensor([0, 0])
+        with torch.no_grad():
+            loss = fusedce.cross_entropy(x, t, reduction="none")
+    finally:
+        torch.set_flush_denormal(False)
+    ref = F.cross_entropy(x.double(), t, reduction="none")  # 4.64e-4
+    # a few units in the last place of lse, -69 (7.6e-6 each), as PyTorch's fp32 loss
+    torch.testing.assert_close(loss.double(), ref, atol=3e-5, rtol=0)
+
+
+def test_backward_unshifted_variant_keeps_precision(monkeypatch):
+    """``UNSHIFTED_EXP_BWD`` (off by default) computes gA exp(-lse) exp(x) for rows with
+    -15 < lse < 80; with lse = -14 and gA = 1 the scale is 1.2e6, and exp(x) below -87.3,
+    subnormal, lost the precision of a normal gradient (found in review). Rows whose scale
+    exceeds 1 take the shifted form."""
+    monkeypatch.setattr(_torch_impl, "UNSHIFTED_EXP_BWD", True)
+    x = torch.tensor([[-14.0, -95.0, -98.0, -101.0, -30.0, -20.0, -16.0, -50.0],
+                      [1.0, 2.0, 0.5, -1.0, 0.0, 3.0, -2.0, 1.5]])
+    t = torch.tensor([0, 5])
+    up = torch.tensor([1.0, 0.5])
+    _, lse = _torch_impl.ce_fwd(x, t)
+    dx = _torch_impl.ce_bwd(x, t, lse, up)
+    x64 = x.double().requires_grad_()
+    F.cross_entropy(x64, t, reduction="none").mul(up.double()).sum().backward()
+    other = torch.ones_like(x, dtype=torch.bool)
+    other[torch.arange(2), t] = False
+    # the entries at -95..-101 are 6e-36..1.4e-38, all normal: each to fp32's precision
+    torch.testing.assert_close(dx.double()[other], x64.grad[other], atol=1e-44, rtol=RTOL)
+    torch.testing.assert_close(dx.double()[~other], x64.grad[~other], atol=ATOL, rtol=RTOL)
 
 
 def test_checkpointed_loss_keeps_no_gradient_buffer(cache):

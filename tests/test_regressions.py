@@ -235,6 +235,30 @@ def test_inplace_without_grad_keeps_logits(backend, mode):
     torch.testing.assert_close(loss.double(), _ref(before, t)[0], atol=1e-6, rtol=1e-6)
 
 
+# --- 7b: inference mode with grad mode on records no graph, as PyTorch's ops -------------
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_inference_mode_with_grad_enabled(inplace):
+    """``torch.enable_grad()`` inside ``torch.inference_mode()``: PyTorch records no graph;
+    fusedce raised ("Inference tensors cannot be saved for backward") or returned a loss
+    with a graph, and the fused linear loss returned one too."""
+    x = torch.randn(4, 7, requires_grad=True)
+    t = torch.tensor([0, 1, 2, 3])
+    h = torch.randn(4, 5, requires_grad=True)
+    w = torch.randn(7, 5, requires_grad=True)
+    before = x.detach().clone()
+    with torch.inference_mode(), torch.enable_grad():
+        loss = fusedce.cross_entropy(x, t, inplace_backward=inplace)
+        lin = fusedce.linear_cross_entropy(h, w, t)
+        ref = F.cross_entropy(x, t)
+        lin_ref = F.cross_entropy(F.linear(h, w), t)
+    assert not loss.requires_grad and not lin.requires_grad and not ref.requires_grad
+    assert torch.equal(x.detach(), before)
+    torch.testing.assert_close(loss, ref, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(lin, lin_ref, atol=1e-6, rtol=1e-6)
+
+
 # --- 8: validate=None checks CPU tensors only (no host sync for CUDA with backend='torch') --
 
 

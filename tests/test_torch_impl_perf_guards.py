@@ -271,3 +271,68 @@ def test_interrupted_scripting_is_tried_again(monkeypatch):
         _torch_impl._script(_torch_impl._bwd_chunks)
     monkeypatch.setattr(torch.jit, "script", script)
     assert isinstance(_torch_impl._script(_torch_impl._bwd_chunks), torch.jit.ScriptFunction)
+
+
+# ------------------------------------------------------------------------------------------
+# How many chunks the forward does twice (found in the second review: with the scale
+# check, logits all far below 0, as a pretrained GPT-2's, sent every chunk to the max
+# shift, 1.7-2.3x the time of a step)
+
+
+def _count_shifted(monkeypatch, x, t, **kwargs):
+    """Runs forward+backward on 2 workers and 3-row chunks; returns (chunks, chunks redone
+    with the max shift)."""
+    monkeypatch.setattr(_torch_impl, "PARALLEL_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(_torch_impl, "_max_workers", lambda: 2)
+    monkeypatch.setattr(_torch_impl, "CHUNK_ELEMENTS", 3 * x.shape[1])
+    scripted = _torch_impl._script(_torch_impl._fwd_chunks)
+    seen = {"first": 0, "shifted": 0}
+
+    def counting(**kw):
+        seen["shifted" if kw["shifted"] else "first"] += len(kw["chunks"])
+        return scripted(**kw)
+
+    monkeypatch.setitem(_torch_impl._SCRIPTED, _torch_impl._fwd_chunks, counting)
+    xr = x.clone().requires_grad_()
+    loss = fusedce.cross_entropy(xr, t, **kwargs)
+    loss.sum().backward()
+    x64 = x.double().requires_grad_()
+    kwargs.pop("inplace_backward", None)
+    torch.nn.functional.cross_entropy(x64, t, **{k: v.double() if torch.is_tensor(v) else v
+                                                 for k, v in kwargs.items()}).sum().backward()
+    fp32 = x.dtype == torch.float32
+    torch.testing.assert_close(xr.grad.double(), x64.grad, atol=2e-5 if fp32 else 1e-6,
+                               rtol=2e-5 if fp32 else 2 * 2**-8)
+    return seen["first"], seen["shifted"]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("level", [0.0, -60.0], ids=["N(0,2)", "N(-60,3)"])
+def test_few_chunks_redone_whatever_the_logits_level(monkeypatch, reduction, level):
+    """Logits ~ N(0, 2): no chunk redone. ~ N(-60, 3), a pretrained GPT-2's level: the
+    first chunk of each worker fails without a shift and is redone, the others take the
+    target logit as their shift and pass."""
+    torch.manual_seed(3)
+    n, c = 48, 4099
+    x = torch.randn(n, c) * (2.0 if level == 0 else 3.0) + level
+    t = torch.randint(0, c, (n,))
+    first, shifted = _count_shifted(monkeypatch, x, t, reduction=reduction)
+    assert first == n // 3
+    assert shifted == (0 if level == 0 else 2)
+
+
+@pytest.mark.parametrize("dtype, inplace", [(torch.float32, False), (torch.bfloat16, True)])
+def test_a_heavy_class_weight_redoes_only_its_chunk(monkeypatch, dtype, inplace):
+    """One row's target has class weight 100 (its scale |gA| / sum > 1 at sums near 46):
+    only that row's chunk is redone, not every chunk (in bf16 in place, checked chunk by
+    chunk, the bound on |gA| was global)."""
+    torch.manual_seed(4)
+    n, c = 48, 4099
+    x = torch.randn(n, c) * 0.3 - 4.5  # row sums of exp(x) near 4,099 e^-4.5 = 46
+    t = torch.randint(1, c, (n,))
+    t[25] = 0
+    weight = torch.ones(c)
+    weight[0] = 100.0
+    first, shifted = _count_shifted(monkeypatch, x.to(dtype), t, weight=weight,
+                                    reduction="sum", inplace_backward=inplace)
+    assert (first, shifted) == (n // 3, 1)
