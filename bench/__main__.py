@@ -47,6 +47,9 @@ def _parse_args(argv):
                    help="token counts whose peak memory is measured (default: %(default)s)")
     p.add_argument("--linear", action="store_true",
                    help="also run bench.linear (fused linear + cross-entropy), if present")
+    p.add_argument("--logits", default=None, metavar="MEAN,STD",
+                   help="the logits' normal distribution (default: 0,2; a pretrained "
+                        "GPT-2's are near -60,3)")
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     p.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -55,6 +58,12 @@ def _parse_args(argv):
     if args.repeats is None:
         args.repeats = 3 if args.quick else 5
     return args
+
+
+def _set_logits(args):
+    if args.logits:  # read by bench.ce.make_inputs, here and in the memory probes
+        mean, std = (float(v) for v in args.logits.split(","))
+        os.environ["FUSEDCE_BENCH_LOGITS"] = f"{mean},{std}"
 
 
 def _set_threads(args):
@@ -109,7 +118,8 @@ def write_markdown(path, rows, meta, skipped, linear_md=None):
            "- times: medians of interleaved runs in one process; `x eager` / `x compile`: "
            "how many times faster than that peer in the same run",
            "- memory: peak above the inputs and the gradient the step produces, one fresh "
-           "subprocess per case (CPU) or `max_memory_allocated` (CUDA)", ""]
+           "subprocess per case (CPU) or `max_memory_allocated` (CUDA)",
+           "- logits ~ N({}, {}), targets uniform".format(*meta["logits"]), ""]
     if skipped:
         out += ["Not run: " + "; ".join(f"{c}: {why}" for c, why in sorted(skipped.items())), ""]
     out += ["## At the largest token count", "", markdown_table(headline(rows), cols), "",
@@ -175,12 +185,13 @@ def _memory_probe(spec):
 def main(argv=None):
     args = _parse_args(argv)
     _set_threads(args)
+    _set_logits(args)
     if args.memory_probe:
         return _memory_probe(args.memory_probe)
 
     from tqdm import tqdm
 
-    from bench.ce import copy_bandwidth, device_name, run_case_set
+    from bench.ce import copy_bandwidth, device_name, logits_distribution, run_case_set
 
     tokens = [int(n) for n in args.tokens.split(",")]
     dtypes = args.dtypes.split(",")
@@ -201,7 +212,8 @@ def main(argv=None):
     meta = {"device": device_name(device), "device_kind": kind, "torch": torch.__version__,
             "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
             "command": "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv),
-            "copy_gbps": round(copy_bps / 1e9, 1), "load": f"{load_start} -> {_loadavg()}"}
+            "copy_gbps": round(copy_bps / 1e9, 1), "load": f"{load_start} -> {_loadavg()}",
+            "logits": logits_distribution()}
     linear_md = None
     if args.linear:
         linear_md = _run_linear(device, args)

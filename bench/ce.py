@@ -99,10 +99,19 @@ def applies(case, pass_):
     return not (case == "fusedce_inplace" and pass_ == "fwd")
 
 
+def logits_distribution():
+    """``(mean, std)`` of the benchmark's logits: N(0, 2) (an LM's spread) unless
+    ``FUSEDCE_BENCH_LOGITS=MEAN,STD`` (``python -m bench --logits``; e.g. -60,3, the level
+    of a pretrained GPT-2's logits) says otherwise."""
+    mean, std = os.environ.get("FUSEDCE_BENCH_LOGITS", "0,2").split(",")
+    return float(mean), float(std)
+
+
 def make_inputs(tokens, vocab=VOCAB, dtype="fp32", device="cpu", seed=0):
-    """``(logits, target)``: logits ~ N(0, 2^2) (an LM's spread), uniform targets."""
+    """``(logits, target)``: logits ~ ``logits_distribution()``, uniform targets."""
     gen = torch.Generator().manual_seed(seed)
-    x = (torch.randn(tokens, vocab, generator=gen) * 2).to(device, DTYPES[dtype])
+    mean, std = logits_distribution()
+    x = (torch.randn(tokens, vocab, generator=gen) * std + mean).to(device, DTYPES[dtype])
     t = torch.randint(0, vocab, (tokens,), generator=gen).to(device)
     return x, t
 
