@@ -50,8 +50,8 @@ How it is made fast on a CPU (each choice was measured; see ``bench/``):
 - **The chunk loops without the GIL.** A worker's loop over its chunks (``_fwd_chunks``,
   ``_bwd_chunks``) runs as a TorchScript function (``_script``): between its ops a Python
   loop takes the GIL back, which the workers then contend for (with two workers, the
-  loops run as Python made forward+backward take 1.3x (fp32) to 1.9x (bf16 in place) as
-  long: ``python -m bench.script_ablation``).
+  loops run as Python made forward+backward take 1.3-1.6x (fp32) to 1.9x (bf16 in
+  place) as long: ``python -m bench.script_ablation``).
   Small inputs, run inline, call the loops as Python (less overhead per call);
   ``FUSEDCE_SCRIPT=0``, or a PyTorch without TorchScript, runs them as Python everywhere.
 """
