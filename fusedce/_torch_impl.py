@@ -493,7 +493,7 @@ def _fwd_chunks(x: torch.Tensor, dst: Optional[torch.Tensor], row_max: torch.Ten
             else:
                 buf = torch.exp(xc, out=target)
         sums = torch.sum(buf, 1, keepdim=True, out=row_sum.narrow(0, r0, rows))
-        if not shifted and _sums_fail(sums, lo_bound, g_lo, g_hi, k):
+        if not shifted and _sums_fail(sums, lo_bound, g_lo, g_hi, k, by_target):
             failed.append(k)
             by_target = x_t is not None
             continue
@@ -508,21 +508,25 @@ def _fwd_chunks(x: torch.Tensor, dst: Optional[torch.Tensor], row_max: torch.Ten
 
 
 def _sums_fail(sums: torch.Tensor, lo_bound: float, g_lo: list[float], g_hi: list[float],
-               k: int) -> bool:
+               k: int, by_target: bool) -> bool:
     """Whether chunk ``k``, taken without the max shift, must be redone with it: a row sum
     outside (``lo_bound``, 1e30) (an overflow, inf or NaN, or so small a sum that the
     terms fp32 flushes, below 2**-126 each with denormals flushed, weigh in it), or, with a
     gradient, a scale ``|gA| / sum`` that could fall below fp32's normal range (the
     gradient would lose its precision) or exceed 1 (exp(x) is subnormal or 0 below x =
     -87.3, where the gradient, scaled up, could be a normal number). Bounds per chunk:
-    one reduction and scalar tests (each small op costs microseconds, even scripted)."""
+    one reduction and scalar tests (each small op costs microseconds, even scripted).
+
+    ``by_target`` (the shift is the target logit, at most the row max): a scale above 1
+    is no reason to redo, the max shift would flush at least the same terms (heavy class
+    weights under reduction 'sum' would otherwise redo nearly every chunk)."""
     lo_hi = torch.aminmax(sums)
     lo = float(lo_hi[0])
     hi = float(lo_hi[1])
     if not (lo > lo_bound and hi < 1e30):
         return True
     if len(g_hi) > 0:
-        return not (g_lo[k] / hi >= 1.2e-38 and g_hi[k] <= lo)
+        return not (g_lo[k] / hi >= 1.2e-38 and (by_target or g_hi[k] <= lo))
     return False
 
 
@@ -746,10 +750,13 @@ def ce_bwd(x, target, lse, dloss, weight=None, ignore_index=-100, label_smoothin
         shift = shift.contiguous()
         # rows whose gradient is gA exp(-lse) * exp(x) without overflow or underflow:
         # lse < 80 bounds exp(x) <= exp(lse); lse > -15 keeps exp(x) normal where p > 1e-30;
-        # a scale |gA| exp(-lse) <= 1 keeps the gradient subnormal where exp(x) is
+        # a scale |gA| exp(-lse) <= 1 keeps the gradient subnormal where exp(x) is, and
+        # one of fp32's normal range keeps its precision
         fast = None
         if UNSHIFTED_EXP_BWD and dev.type == "cpu":
-            fast = ((lse > -15.0) & (lse < 80.0) & (gA.abs() <= torch.exp(lse))).tolist()
+            scale_abs = gA.abs() * torch.exp(-lse)
+            fast = ((lse > -15.0) & (lse < 80.0) & (scale_abs <= 1.0)
+                    & ((scale_abs >= 1.2e-38) | (gA == 0))).tolist()
             scale = (gA * torch.exp(-lse)).contiguous()
         smooth = (g * (eps / n_cols)).contiguous() if eps > 0 else None
         x_t = x.gather(1, t_safe[:, None]).squeeze(1).float()

@@ -1,6 +1,7 @@
 """``python -m bench`` end to end on a tiny sweep (the README's benchmark command; the
 figures themselves are measured by hand, not in the test suite), and its ``--logits``
-option, which the memory probes in their subprocesses see too."""
+option (passed on through the environment, which the memory probes' subprocesses
+inherit; what they measure is not checked here)."""
 
 import csv
 import os

@@ -654,3 +654,33 @@ def _table():
 
 if __name__ == "__main__":
     print(_table())
+
+
+INFERENCE_SCRIPT = r"""
+import sys, torch, torch.distributed as dist
+import torch.nn.functional as F
+import fusedce.distributed as D
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+x = torch.randn(4, 7, requires_grad=True)
+h = torch.randn(4, 5, requires_grad=True)
+w = torch.randn(7, 5, requires_grad=True)
+t = torch.tensor([0, 1, 2, 3])
+with torch.inference_mode(), torch.enable_grad():
+    a = D.vocab_parallel_cross_entropy(x, t, vocab_start=0, backend="torch")
+    b = D.vocab_parallel_linear_cross_entropy(h, w, t, vocab_start=0, backend="torch")
+    ra, rb = F.cross_entropy(x, t), F.cross_entropy(F.linear(h, w), t)
+assert not a.requires_grad and not b.requires_grad, (a, b)
+torch.testing.assert_close(a, ra, atol=1e-6, rtol=1e-6)
+torch.testing.assert_close(b, rb, atol=1e-6, rtol=1e-6)
+dist.destroy_process_group()
+print("ok")
+"""
+
+
+def test_inference_mode_with_grad_enabled(tmp_path):
+    """``torch.enable_grad()`` inside ``torch.inference_mode()``: no graph, as PyTorch's
+    ops (both vocab-parallel losses raised "Inference tensors cannot be saved for
+    backward"). One rank of gloo in a subprocess."""
+    out = subprocess.run([sys.executable, "-c", INFERENCE_SCRIPT, str(tmp_path / "rdzv")],
+                         capture_output=True, text=True, timeout=SPAWN_TIMEOUT_S)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]

@@ -468,6 +468,22 @@ def test_backward_unshifted_variant_keeps_precision(monkeypatch):
     torch.testing.assert_close(dx.double()[~other], x64.grad[~other], atol=ATOL, rtol=RTOL)
 
 
+def test_backward_unshifted_variant_keeps_a_tiny_scale_normal(monkeypatch):
+    """The same variant with lse = 79.2 and an upstream gradient of 1e-8: the scale
+    |gA| exp(-lse) = 4e-43 is subnormal and rounds every entry (3e-3 relative, found in the
+    third review); such rows take the shifted form."""
+    monkeypatch.setattr(_torch_impl, "UNSHIFTED_EXP_BWD", True)
+    x = torch.tensor([[78.0, 77.5, 76.0, 69.0, 59.0, 74.0, 78.5, 49.0]])
+    t = torch.tensor([2])
+    up = torch.tensor([1e-8])
+    _, lse = _torch_impl.ce_fwd(x, t)
+    assert -15 < lse.item() < 80
+    dx = _torch_impl.ce_bwd(x, t, lse, up)
+    x64 = x.double().requires_grad_()
+    F.cross_entropy(x64, t, reduction="none").mul(up.double()).sum().backward()
+    torch.testing.assert_close(dx.double(), x64.grad, atol=1e-44, rtol=RTOL)
+
+
 def test_checkpointed_loss_keeps_no_gradient_buffer(cache):
     """Under non-reentrant checkpointing (saved-tensor hooks) the gradient is not computed
     in the forward: it would be kept outside the hooks and computed twice."""

@@ -321,6 +321,21 @@ def test_few_chunks_redone_whatever_the_logits_level(monkeypatch, reduction, lev
     assert shifted == (0 if level == 0 else 2)
 
 
+def test_weights_above_1_at_gpt2_level_redo_one_chunk_per_worker(monkeypatch):
+    """Class weights in (1, 2), reduction 'sum', logits ~ N(-60, 3) with confident rows:
+    shifted by the target logit a confident row's sum is just above 1, below its |gA| = w_t,
+    and the scale test sent nearly every chunk to the max shift (found in the third review:
+    316 of 342 chunks), though the max shift flushes no fewer terms."""
+    torch.manual_seed(5)
+    n, c = 48, 4099
+    x = torch.randn(n, c) * 3 - 60
+    t = torch.randint(0, c, (n,))
+    x[torch.arange(n), t] = x.max(1).values + 3  # confident: p_t near 1
+    weight = torch.rand(c) + 1
+    first, shifted = _count_shifted(monkeypatch, x, t, weight=weight, reduction="sum")
+    assert (first, shifted) == (n // 3, 2)
+
+
 @pytest.mark.parametrize("dtype, inplace", [(torch.float32, False), (torch.bfloat16, True)])
 def test_a_heavy_class_weight_redoes_only_its_chunk(monkeypatch, dtype, inplace):
     """One row's target has class weight 100 (its scale |gA| / sum > 1 at sums near 46):
