@@ -31,6 +31,22 @@ DOUBLE_BACKWARD_ERROR = (
 BACKENDS = ("auto", "triton", "torch")
 
 
+def no_graph_in_inference_mode(fn):
+    """Runs the loss ``fn`` under no_grad when inference mode is on with grad mode on:
+    there PyTorch's own ops record no graph, and an autograd Function would try to save
+    inference tensors, and raise (not while compiling: Dynamo cannot trace the check)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if (not torch.compiler.is_compiling() and torch.is_grad_enabled()
+                and torch.is_inference_mode_enabled()):
+            with torch.no_grad():
+                return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def _kernels():
     # Imported on first use so that ``import fusedce`` needs neither Triton nor a GPU.
     from . import kernels

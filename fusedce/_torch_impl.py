@@ -754,10 +754,10 @@ def ce_bwd(x, target, lse, dloss, weight=None, ignore_index=-100, label_smoothin
         # one of fp32's normal range keeps its precision
         fast = None
         if UNSHIFTED_EXP_BWD and dev.type == "cpu":
-            scale_abs = gA.abs() * torch.exp(-lse)
+            scale = (gA * torch.exp(-lse)).contiguous()
+            scale_abs = scale.abs()
             fast = ((lse > -15.0) & (lse < 80.0) & (scale_abs <= 1.0)
                     & ((scale_abs >= 1.2e-38) | (gA == 0))).tolist()
-            scale = (gA * torch.exp(-lse)).contiguous()
         smooth = (g * (eps / n_cols)).contiguous() if eps > 0 else None
         x_t = x.gather(1, t_safe[:, None]).squeeze(1).float()
     direct = dx.dtype == torch.float32 and x.dtype == torch.float32

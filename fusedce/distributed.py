@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 
 from . import _torch_impl
+from ._function import no_graph_in_inference_mode
 from .linear import GradAccumulator, chunk_rows, logits_into
 
 # fusedce's CPU path asks Linux for huge pages for a fresh gradient before writing it (first
@@ -526,6 +527,7 @@ def _check_call(target, n_rows, weight, reduction, label_smoothing, backend):
         raise ValueError("weight must be the full (C,) class-weight vector")
 
 
+@no_graph_in_inference_mode
 def vocab_parallel_cross_entropy(logits_shard, target, *, group=None, vocab_start=None,
                                  ignore_index=-100, reduction="mean", label_smoothing=0.0,
                                  weight=None, backend="auto"):
@@ -551,14 +553,6 @@ def vocab_parallel_cross_entropy(logits_shard, target, *, group=None, vocab_star
     in the backward (plus one small all-gather per forward when ``vocab_start`` is None).
     All ranks must call it together (it is a collective).
     """
-    if (not torch.compiler.is_compiling() and torch.is_grad_enabled()
-            and torch.is_inference_mode_enabled()):
-        # inference mode records no graph even with grad mode on, as PyTorch's own ops
-        with torch.no_grad():
-            return vocab_parallel_cross_entropy(
-                logits_shard, target, group=group, vocab_start=vocab_start,
-                ignore_index=ignore_index, reduction=reduction,
-                label_smoothing=label_smoothing, weight=weight, backend=backend)
     if logits_shard.dim() == 1:
         loss = vocab_parallel_cross_entropy(
             logits_shard.unsqueeze(0), target.reshape(1), group=group, vocab_start=vocab_start,
@@ -637,6 +631,7 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
         return (dh, dw, db) + (None,) * 10
 
 
+@no_graph_in_inference_mode
 def vocab_parallel_linear_cross_entropy(input, linear_weight, target, *, linear_bias=None,
                                         group=None, vocab_start=None, weight=None,
                                         reduction="mean", ignore_index=-100,
@@ -662,15 +657,6 @@ def vocab_parallel_linear_cross_entropy(input, linear_weight, target, *, linear_
     gradient per backward. The peak extra memory is one chunk of (chunk_size, C_r) logits;
     the price is a second logits matrix product in the backward.
     """
-    if (not torch.compiler.is_compiling() and torch.is_grad_enabled()
-            and torch.is_inference_mode_enabled()):
-        # inference mode records no graph even with grad mode on, as PyTorch's own ops
-        with torch.no_grad():
-            return vocab_parallel_linear_cross_entropy(
-                input, linear_weight, target, linear_bias=linear_bias, group=group,
-                vocab_start=vocab_start, weight=weight, reduction=reduction,
-                ignore_index=ignore_index, label_smoothing=label_smoothing,
-                chunk_size=chunk_size, reduce_input_grad=reduce_input_grad, backend=backend)
     if input.dim() != 2 or linear_weight.dim() != 2 or input.shape[1] != linear_weight.shape[1]:
         raise ValueError(f"expected input (N, H) and linear_weight (C_r, H), got "
                          f"{tuple(input.shape)} and {tuple(linear_weight.shape)}")

@@ -20,6 +20,7 @@ from ._function import (
     CrossEntropyFunction,
     _torch_impl,
     check_targets,
+    no_graph_in_inference_mode,
     resolve_backend,
     rows_view,
     use_rows,
@@ -175,6 +176,7 @@ def _rows_disjoint(rows):
     return rows.shape[0] <= 1 or rows.stride(0) >= rows.shape[1]
 
 
+@no_graph_in_inference_mode
 def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100,
                   reduce=None, reduction="mean", label_smoothing=0.0, *, backend="auto",
                   inplace_backward=False, validate=None):
@@ -209,14 +211,6 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         on the host, a synchronisation the GPU path avoids (also with ``backend="torch"``);
         there such a row's loss and gradient are NaN instead.
     """
-    if (not torch.compiler.is_compiling() and torch.is_grad_enabled()
-            and torch.is_inference_mode_enabled()):
-        # inference mode records no graph even with grad mode on, as PyTorch's own ops
-        # (an autograd Function would try to save inference tensors, and raise)
-        with torch.no_grad():
-            return cross_entropy(input, target, weight, size_average, ignore_index, reduce,
-                                 reduction, label_smoothing, backend=backend,
-                                 inplace_backward=inplace_backward, validate=validate)
     if size_average is not None or reduce is not None:
         reduction = _legacy_reduction(size_average, reduce)
     reduction = _check_reduction(reduction)

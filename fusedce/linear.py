@@ -24,7 +24,7 @@ log-sum-exp, and its backward recomputes each chunk's logits and runs the CE bac
 import torch
 from torch import nn
 
-from ._function import denominator, resolve_backend
+from ._function import denominator, no_graph_in_inference_mode, resolve_backend
 from .functional import _check_weight
 
 _REDUCTIONS = ("none", "mean", "sum")
@@ -236,6 +236,7 @@ def _autocast_dtype(device_type):
     return None
 
 
+@no_graph_in_inference_mode
 def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weight=None,
                          reduction="mean", ignore_index=None, label_smoothing=0.0, options=None,
                          backend="auto", chunk_size=None):
@@ -262,15 +263,6 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     same graph raises RuntimeError; a negative ``label_smoothing`` raises RuntimeError (as
     :func:`fusedce.cross_entropy` does; PyTorch accepts it).
     """
-    if (not torch.compiler.is_compiling() and torch.is_grad_enabled()
-            and torch.is_inference_mode_enabled()):
-        # inference mode records no graph even with grad mode on, as PyTorch's own ops
-        with torch.no_grad():
-            return linear_cross_entropy(
-                input, linear_weight, target, linear_bias=linear_bias, weight=weight,
-                reduction=reduction, ignore_index=ignore_index,
-                label_smoothing=label_smoothing, options=options, backend=backend,
-                chunk_size=chunk_size)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{reduction} is not a valid value for reduction")
     if not 0.0 <= label_smoothing <= 1.0:
