@@ -1,4 +1,4 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="fusedce",
@@ -8,10 +8,8 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.9",
-    # The kernels live in kernels/ in the repository but install as fusedce.kernels: a
-    # top-level module named "kernels" would shadow the PyPI package of that name.
-    packages=["fusedce", "fusedce.kernels"],
-    package_dir={"fusedce": "fusedce", "fusedce.kernels": "kernels"},
+    # one tree, no package_dir mapping: the kernels are the subpackage fusedce/kernels/
+    packages=find_packages(include=["fusedce", "fusedce.*"]),
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",

@@ -49,12 +49,6 @@ from .linear import GradAccumulator, chunk_rows, logits_into
 # hint, never a change to the data: a no-op if that helper is ever gone.
 _advise_hugepages = getattr(_torch_impl, "_advise_hugepages", lambda tensor: None)
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # no Triton (e.g. macOS): the PyTorch path still works
-    triton = None
-
 __all__ = [
     "vocab_parallel_cross_entropy",
     "vocab_parallel_linear_cross_entropy",
@@ -66,91 +60,6 @@ _REDUCTIONS = ("none", "mean", "sum")
 _BACKENDS = ("auto", "triton", "torch")
 # Elements per chunk on the PyTorch path: those of ``_torch_impl`` (they stay in L2).
 CHUNK_ELEMENTS = _torch_impl.CHUNK_ELEMENTS
-
-
-# --------------------------------------------------------------------------- kernels
-# Thin per-row kernels over the row passes of fusedce.kernels.cross_entropy (``_row_lse``,
-# ``_row_grad``: one read of each logit, 16-byte loads and stores over rows at any
-# alignment) and its launch configuration.
-
-if triton is not None:
-    from .kernels.cross_entropy import _row_grad, _row_lse, launch_config
-
-    @triton.jit
-    def _vp_partials_kernel(
-        x_ptr, x_row_stride,
-        t_ptr,
-        weight_ptr,
-        part_ptr,
-        n_rows, n_cols,
-        HAS_WEIGHT: tl.constexpr,
-        HAS_SMOOTHING: tl.constexpr,
-        BLOCK_SIZE: tl.constexpr,
-        VEC: tl.constexpr,
-    ):
-        """One pass over a row of the shard: its log-sum-exp, target logit and ``sum w x``.
-
-        x_ptr:      (rows, n_cols) fp32/bf16/fp16 shard logits, unit column stride
-        t_ptr:      (rows,) int64 target in shard-local ids, -1 when not in this shard
-        weight_ptr: (n_cols,) the shard's class weights (read only if HAS_WEIGHT)
-        part_ptr:   (>= 3 * rows,) fp32 out: [lse_r | xt_r | swx_r], each (rows,); the
-                    third is written only if HAS_SMOOTHING. An empty shard gives lse -inf.
-        """
-        row = tl.program_id(0).to(tl.int64)  # int64: row * stride passes 2**31
-        t_col = tl.load(t_ptr + row).to(tl.int32)
-        lse, x_t, sum_wx = _row_lse(x_ptr, row * x_row_stride, n_cols, t_col, weight_ptr,
-                                    BLOCK_SIZE, VEC, HAS_WEIGHT, HAS_SMOOTHING)
-        tl.store(part_ptr + row, lse)
-        tl.store(part_ptr + n_rows + row, x_t)
-        if HAS_SMOOTHING:
-            tl.store(part_ptr + 2 * n_rows + row, sum_wx)
-
-    @triton.jit
-    def _vp_grad_kernel(
-        x_ptr, x_row_stride,
-        dx_ptr, dx_row_stride,
-        t_ptr,
-        lse_ptr, g_ptr, w_t_ptr,
-        consts_ptr,
-        weight_ptr,
-        n_cols, label_smoothing,
-        HAS_WEIGHT: tl.constexpr,
-        HAS_SMOOTHING: tl.constexpr,
-        SAME_LAYOUT: tl.constexpr,
-        BLOCK_SIZE: tl.constexpr,
-        VEC: tl.constexpr,
-    ):
-        """The shard's gradient ``dx = (p * A - B * onehot(t) - eps / C * w) * g``.
-
-        x_ptr:      (rows, n_cols) fp32/bf16/fp16 shard logits, unit column stride
-        dx_ptr:     (rows, n_cols) out, dtype of x, unit column stride (may be x itself);
-                    SAME_LAYOUT when its row stride is x's (then 16-byte stores)
-        t_ptr:      (rows,) int64 shard-local target, -1 when not in this shard
-        lse_ptr, g_ptr, w_t_ptr: (rows,) fp32 global log-sum-exp, upstream gradient (the
-                    denominator folded in, 0 for ignored rows, NaN for bad targets), and
-                    the class weight of the global target
-        consts_ptr: (2,) fp32 ``[W, C]``, the global weight sum and class count (read only
-                    if HAS_SMOOTHING); weight_ptr: (n_cols,) the shard's class weights
-
-        ``_row_grad`` divides the smoothing by the row's own width: with ``eps_r = eps *
-        n_cols / C`` and ``w_t * (1 - eps) / (1 - eps_r)`` for the target's weight, its
-        ``A``, ``B`` and ``eps_r / n_cols`` are the global ones.
-        """
-        row = tl.program_id(0).to(tl.int64)
-        t = tl.load(t_ptr + row).to(tl.int64)
-        lse = tl.load(lse_ptr + row)
-        g = tl.load(g_ptr + row)
-        w_t = tl.load(w_t_ptr + row)
-        W = 0.0
-        eps_r = 0.0
-        if HAS_SMOOTHING:
-            W = tl.load(consts_ptr)
-            eps_r = label_smoothing * n_cols / tl.load(consts_ptr + 1)
-            # eps_r == 1 only for one rank holding everything with eps == 1: then B = 0
-            w_t = tl.where(eps_r < 1.0, w_t * (1.0 - label_smoothing) / (1.0 - eps_r), 0.0)
-        _row_grad(x_ptr, row * x_row_stride, dx_ptr, row * dx_row_stride, n_cols, t, lse, g,
-                  w_t, weight_ptr, W, eps_r, BLOCK_SIZE, VEC, HAS_WEIGHT, HAS_SMOOTHING,
-                  SAME_LAYOUT)
 
 
 # ------------------------------------------------------- shard-local launchers (two paths)
@@ -253,46 +162,17 @@ def _grad_torch(x, t_local, lse, g, w_t, consts, eps, w_shard, dx):
 def _shard_partials(x, t_local, w_shard, smoothing, part, use_triton):
     if not use_triton:
         return _partials_torch(x, t_local, w_shard, smoothing, part)
-    n_rows, n_cols = x.shape
-    if n_rows > 0:
-        block, num_warps, vec = launch_config(x.dtype, n_cols)
-        _vp_partials_kernel[(n_rows,)](
-            x_ptr=x, x_row_stride=x.stride(0),
-            t_ptr=t_local,
-            weight_ptr=w_shard if w_shard is not None else part,
-            part_ptr=part,
-            n_rows=n_rows, n_cols=n_cols,
-            HAS_WEIGHT=w_shard is not None,
-            HAS_SMOOTHING=bool(smoothing),
-            BLOCK_SIZE=block, VEC=vec,
-            num_warps=num_warps,
-        )
-    return part
+    from .kernels.vocab_parallel import vp_partials
+
+    return vp_partials(x, t_local, w_shard, smoothing, part)
 
 
 def _shard_grad(x, t_local, lse, g, w_t, consts, eps, w_shard, dx, use_triton):
-    """The shard's gradient into ``dx`` from the per-row ``lse``, ``g`` (upstream gradient
-    over the denominator, masked) and ``w_t``, and ``consts = [W, C]`` (fp32 (2,))."""
     if not use_triton:
         return _grad_torch(x, t_local, lse, g, w_t, consts, eps, w_shard, dx)
-    n_rows, n_cols = x.shape
-    if n_rows > 0 and n_cols > 0:
-        block, num_warps, vec = launch_config(x.dtype, n_cols)
-        _vp_grad_kernel[(n_rows,)](
-            x_ptr=x, x_row_stride=x.stride(0),
-            dx_ptr=dx, dx_row_stride=dx.stride(0),
-            t_ptr=t_local,
-            lse_ptr=lse, g_ptr=g, w_t_ptr=w_t,
-            consts_ptr=consts,
-            weight_ptr=w_shard if w_shard is not None else lse,
-            n_cols=n_cols, label_smoothing=float(eps),
-            HAS_WEIGHT=w_shard is not None,
-            HAS_SMOOTHING=eps > 0,
-            SAME_LAYOUT=dx.stride(0) == x.stride(0),
-            BLOCK_SIZE=block, VEC=vec,
-            num_warps=num_warps,
-        )
-    return dx
+    from .kernels.vocab_parallel import vp_grad
+
+    return vp_grad(x, t_local, lse, g, w_t, consts, eps, w_shard, dx)
 
 
 # ------------------------------------------------------------------ the collectives
@@ -366,8 +246,6 @@ def _check_options(reduction, label_smoothing, backend):
 def _use_triton(backend, x):
     if backend == "auto":
         backend = "triton" if x.is_cuda else "torch"
-    if backend == "triton" and triton is None:
-        raise RuntimeError("backend='triton' needs Triton, which is not installed")
     return backend == "triton"
 
 

@@ -519,7 +519,7 @@ def test_collectives_per_step(results_2, results_4):
         assert _calls(results, case_id) == [(gather, ["all_reduce"])] * len(results), case_id
 
 
-# Compiles the two kernels for sm_90 (fusedce.distributed's own launch configuration, the
+# Compiles the two kernels for sm_90 (their launchers' own launch configuration, the
 # pointers 16-byte aligned as a real launch specialises them) in a process without
 # TRITON_INTERPRET: the interpreter accepts code the GPU compiler rejects. Prints, per
 # kernel, its vector (16-byte) global loads and stores in the PTX.
@@ -528,7 +528,7 @@ import json, re, sys
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import fusedce.distributed as D
+import fusedce.kernels.vocab_parallel as D
 
 def compile_one(fn, dtype, has_weight, smoothing):
     ptr = {torch.float32: "*fp32", torch.bfloat16: "*bf16"}[dtype]

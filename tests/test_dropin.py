@@ -447,7 +447,7 @@ import inspect
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import fusedce.kernels.soft_target as K
+import fusedce.kernels.strided as K
 
 POINTERS = {"x_ptr": "*bf16", "weight_ptr": "*fp32", "dx_ptr": "*bf16", "dy_ptr": "*fp32"}
 for kernel in (K._ce_strided_fwd_kernel, K._ce_strided_bwd_kernel):

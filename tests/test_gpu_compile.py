@@ -60,7 +60,7 @@ def _launch_cases(dtype_name):
     """``(case, thunk)`` pairs calling every launcher of the package on CPU tensors."""
     import torch
     from fusedce.kernels import cross_entropy as ce
-    from fusedce.kernels import soft_target as st
+    from fusedce.kernels import strided as st
 
     dtype = getattr(torch, dtype_name)
     gen = torch.Generator().manual_seed(0)

@@ -1,6 +1,6 @@
-"""The package as a user installs it: ``pip install .`` puts ``kernels/`` under
-``fusedce.kernels`` and installs no top-level module named ``kernels`` (that name belongs to
-another PyPI package, which Hugging Face transformers imports)."""
+"""The package as a user installs it: ``pip install .`` installs ``fusedce.kernels`` and no
+top-level module named ``kernels`` (that name belongs to another PyPI package, which Hugging
+Face transformers imports)."""
 
 import os
 import subprocess
