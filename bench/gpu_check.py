@@ -252,9 +252,8 @@ def check_odd_launches(torch, dev):
     """Small launches of the row kernels, called directly, on odd shapes with every kind of
     target; their values are checked here and their memory accesses by compute-sanitizer
     when the script runs under it. Returns the number of failures."""
+    from fusedce import cpu
     from fusedce.kernels import cross_entropy as ce
-
-    from fusedce import _torch_impl
 
     device = dev.device
     gen = torch.Generator(device=device).manual_seed(1)
@@ -274,11 +273,11 @@ def check_odd_launches(torch, dev):
             loss, lse = ce.ce_fwd(x, t)
             dx = ce.ce_bwd(x, t, lse, dloss)
             x_in = x.clone()
-            ce.ce_fwd(x_in, t, inplace_scale=torch.full((1,), 0.5, device=device))
+            ce.ce_fwd(x_in, t, grad_scale=torch.full((1,), 0.5, device=device))
             ce.ce_scale_(x_in, dloss)
             launches += 4
-            ref_loss, _ = _torch_impl.ce_fwd(x.double(), t)
-            ref_dx = _torch_impl.ce_bwd(x.double(), t, lse.double(), dloss.double())
+            ref_loss, _ = cpu.ce_fwd(x.double(), t)
+            ref_dx = cpu.ce_bwd(x.double(), t, lse.double(), dloss.double())
             dev.sync()
             errs = (_rel_err(loss, ref_loss), _rel_err(dx, ref_dx),
                     _rel_err(x_in, ref_dx * 0.5))
@@ -420,7 +419,7 @@ def _sweep_case(torch, do_bench, ce_bytes, ce, device, dt, n, configs, default_c
     kernels = {
         "fwd": (lambda: ce.ce_fwd(x, target), ce_bytes(n, V, dtype, "fwd")),
         "bwd": (lambda: ce.ce_bwd(x, target, lse, dloss, dx=dx), bwd_bytes),
-        "fwd_inplace": (lambda: ce.ce_fwd(x_inplace, target, inplace_scale=scale),
+        "fwd_inplace": (lambda: ce.ce_fwd(x_inplace, target, grad_scale=scale),
                         ce_bytes(n, V, dtype, "fwd_bwd_inplace")),
     }
     rows = []

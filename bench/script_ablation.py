@@ -2,7 +2,7 @@
 TorchScript functions buys, measured in one process.
 
 fusedce's CPU path splits the rows across worker threads, each looping over cache-sized
-chunks (``fusedce._torch_impl._fwd_chunks``, ``_bwd_chunks``). As Python, such a loop
+chunks (``fusedce.chunks.fwd_chunks``, ``_bwd_chunks``). As Python, such a loop
 takes the GIL back between every pair of short ops, and the workers contend for it; as a
 script (the default) it runs without the GIL. This times both, interleaved round by round on the
 same inputs (medians; the ratio is within the run), for the default and the in-place mode
@@ -19,7 +19,7 @@ import torch
 
 import fusedce
 from bench.ce import device_name, make_inputs, step
-from fusedce import _torch_impl
+from fusedce.cpu import chunks
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CASES = {"fusedce": {}, "fusedce_inplace": {"inplace_backward": True}}
@@ -28,13 +28,13 @@ CASES = {"fusedce": {}, "fusedce_inplace": {"inplace_backward": True}}
 def _loops(scripted):
     """The chunk loops that ``ce_fwd`` and ``ce_bwd`` will use: scripted, or the same
     functions as Python."""
-    for fn in (_torch_impl._fwd_chunks, _torch_impl._bwd_chunks):
+    for fn in (chunks.fwd_chunks, chunks.bwd_chunks):
         if scripted:
-            _torch_impl._SCRIPTED.pop(fn, None)
-            if not isinstance(_torch_impl._script(fn), torch.jit.ScriptFunction):
+            chunks._SCRIPTED.pop(fn, None)
+            if not isinstance(chunks.script(fn), torch.jit.ScriptFunction):
                 raise RuntimeError("TorchScript is unavailable or off (FUSEDCE_SCRIPT=0)")
         else:
-            _torch_impl._SCRIPTED[fn] = fn
+            chunks._SCRIPTED[fn] = fn
 
 
 def run(tokens=2048, vocab=50_257, dtypes=("fp32", "bf16"), repeats=9):

@@ -4,7 +4,7 @@
 kernels on CUDA tensors, a chunked PyTorch implementation on the CPU.
 """
 
-from ._torch_impl import empty_cache
+from .cpu import empty_cache
 from .functional import cross_entropy
 from .linear import LinearCrossEntropyLoss, linear_cross_entropy
 from .modules import CrossEntropyLoss

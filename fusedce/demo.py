@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import fusedce
 
-from ._function import resolve_backend
+from ._args import implementation
 from .model import SIZES, build_model
 from .tokenizer import EOT_ID, gpt2_encoding
 
@@ -91,7 +91,7 @@ def run_demo(
     device = device or default_device()
     enc = gpt2_encoding(tokenizer_file)
     vocab = enc.n_vocab
-    impl = resolve_backend(backend, torch.empty(0, device=device)).__name__
+    impl = implementation(backend, torch.empty(0, device=device)).__name__
     impl = "Triton kernels" if impl.endswith("kernels") else "PyTorch, chunked"
     model = build_model(size, seed=seed, device=device)
     cfg = model.config

@@ -40,14 +40,8 @@ column-parallel linear layer has (``reduce_input_grad=False`` leaves it to the c
 import torch
 import torch.distributed as dist
 
-from . import _torch_impl
-from ._function import no_graph_in_inference_mode
+from . import _args, _autograd
 from .linear import GradAccumulator, chunk_rows, logits_into
-
-# fusedce's CPU path asks Linux for huge pages for a fresh gradient before writing it (first
-# touch of 4 KiB pages costs more than a pass over it: 1.36x -> about 1.05x here). Only a
-# hint, never a change to the data: a no-op if that helper is ever gone.
-_advise_hugepages = getattr(_torch_impl, "_advise_hugepages", lambda tensor: None)
 
 __all__ = [
     "vocab_parallel_cross_entropy",
@@ -56,123 +50,6 @@ __all__ = [
     "even_vocab_shard",
 ]
 
-_REDUCTIONS = ("none", "mean", "sum")
-_BACKENDS = ("auto", "triton", "torch")
-# Elements per chunk on the PyTorch path: those of ``_torch_impl`` (they stay in L2).
-CHUNK_ELEMENTS = _torch_impl.CHUNK_ELEMENTS
-
-
-# ------------------------------------------------------- shard-local launchers (two paths)
-
-
-# The CPU path works through cache-sized row chunks on fusedce's worker threads, as
-# fusedce/_torch_impl.py does (the reason is there: intra-op threading of many cache-sized ops
-# pays a barrier per op, which collapses when the cores are shared).
-_row_chunks = _torch_impl._chunks
-
-
-def _partials_torch(x, t_local, w_shard, smoothing, part):
-    """PyTorch path of ``_vp_partials_kernel``: fills ``part`` (>= 3 * rows fp32) the same way.
-
-    Cache-sized row chunks (max, subtract into an fp32 scratch, exp in cache, sum), spread
-    over fusedce's single-threaded worker threads."""
-    n_rows, n_cols = x.shape
-    lse, x_t = part[:n_rows], part[n_rows:2 * n_rows]
-    swx = part[2 * n_rows:3 * n_rows]
-    if n_cols == 0:
-        lse.fill_(float("-inf"))
-        x_t.zero_()
-        swx.zero_()
-        return part
-    w = w_shard.float() if (smoothing and w_shard is not None) else None
-    direct = x.dtype == torch.float32
-    step = max(1, CHUNK_ELEMENTS // n_cols)
-
-    def work(start, end):
-        scratch = torch.empty(min(step, end - start), n_cols, dtype=torch.float32,
-                              device=x.device)
-        for s, e in _row_chunks(end, n_cols, start=start):
-            xc = x[s:e]
-            m = lse[s:e]  # the row max first, then the log-sum-exp over it
-            torch.amax(xc, 1, out=m) if direct else m.copy_(xc.amax(1))
-            m.masked_fill_(m == float("-inf"), 0.0)  # all -inf: no (-inf) - (-inf)
-            buf = torch.sub(xc, m[:, None], out=scratch[:e - s])
-            if smoothing:
-                if w is None:
-                    torch.sum(xc, 1, dtype=torch.float32, out=swx[s:e])
-                else:
-                    torch.mv(xc if direct else xc.float(), w, out=swx[s:e])
-            m.add_(buf.exp_().sum(1).log_())
-
-    if n_rows > 0:
-        _torch_impl._parallel_rows(n_rows, n_cols, x.device, work)
-    picked = x.gather(1, t_local.clamp_min(0)[:, None]).squeeze(1).float()
-    x_t.copy_(torch.where(t_local >= 0, picked, 0.0))
-    return part
-
-
-def _grad_torch(x, t_local, lse, g, w_t, consts, eps, w_shard, dx):
-    """PyTorch path of ``_vp_grad_kernel``: writes the shard's gradient into ``dx``.
-
-    Per cache-sized chunk, ``a p = sign(a) exp(x - (lse - log|a|))`` is one subtract into
-    the gradient and one in-cache exp (``a = 0`` gives exp(-inf) = 0), then the target's
-    one-hot term (O(rows)) and the smoothing term."""
-    n_rows, n_cols = x.shape
-    if n_rows == 0 or n_cols == 0:
-        return dx
-    smoothing = eps > 0
-    b = (1.0 - eps) * w_t * g
-    a = b + eps * consts[0] / consts[1] * g if smoothing else b
-    k = (eps / consts[1] * g).contiguous() if smoothing else None
-    shift = (lse - a.abs().log()).contiguous()
-    negative = a < 0
-    sign = torch.where(negative, -1.0, 1.0).contiguous()
-    # skip the sign pass when no row needs it, read on the CPU only (on a GPU: a host sync)
-    if x.device.type == "cpu" and not bool(negative.any()):
-        sign = None
-    in_shard = t_local >= 0
-    t_safe = t_local.clamp_min(0)
-    b = torch.where(in_shard, b, 0.0)  # rows whose target lives elsewhere: no one-hot term
-    w = w_shard.float() if (smoothing and w_shard is not None) else None
-    direct = dx.dtype == torch.float32
-    step = max(1, CHUNK_ELEMENTS // n_cols)
-
-    def work(start, end):
-        scratch = None if direct else torch.empty(min(step, end - start), n_cols,
-                                                  dtype=torch.float32, device=dx.device)
-        for s, e in _row_chunks(end, n_cols, start=start):
-            out = dx[s:e] if direct else scratch[:e - s]
-            torch.sub(x[s:e], shift[s:e, None], out=out)  # fp32 math from any dtype
-            out.exp_()
-            if sign is not None:
-                out.mul_(sign[s:e, None])
-            out.scatter_add_(1, t_safe[s:e, None], -b[s:e, None])
-            if smoothing:
-                if w is None:
-                    out.sub_(k[s:e, None])
-                else:
-                    out.addcmul_(k[s:e, None], w[None, :], value=-1.0)
-            if not direct:
-                dx[s:e] = out  # one rounding into dx
-
-    _torch_impl._parallel_rows(n_rows, n_cols, dx.device, work)
-    return dx
-
-
-def _shard_partials(x, t_local, w_shard, smoothing, part, use_triton):
-    if not use_triton:
-        return _partials_torch(x, t_local, w_shard, smoothing, part)
-    from .kernels.vocab_parallel import vp_partials
-
-    return vp_partials(x, t_local, w_shard, smoothing, part)
-
-
-def _shard_grad(x, t_local, lse, g, w_t, consts, eps, w_shard, dx, use_triton):
-    if not use_triton:
-        return _grad_torch(x, t_local, lse, g, w_t, consts, eps, w_shard, dx)
-    from .kernels.vocab_parallel import vp_grad
-
-    return vp_grad(x, t_local, lse, g, w_t, consts, eps, w_shard, dx)
 
 
 # ------------------------------------------------------------------ the collectives
@@ -232,21 +109,6 @@ def even_vocab_shard(vocab_size, rank, world_size):
 
 
 # ---------------------------------------------------------------- the merged loss
-
-
-def _check_options(reduction, label_smoothing, backend):
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"{reduction} is not a valid value for reduction")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-
-
-def _use_triton(backend, x):
-    if backend == "auto":
-        backend = "triton" if x.is_cuda else "torch"
-    return backend == "triton"
 
 
 class _Shard:
@@ -340,7 +202,7 @@ def _consts(w_sum, n_classes):
                         n_classes.float()])
 
 
-def _forward_partials(x_chunks, shard, eps, use_triton, n_rows, device):
+def _forward_partials(x_chunks, shard, eps, impl, n_rows, device):
     """Runs the shard-local pass over ``x_chunks`` (an iterable of (row_start, logits chunk)),
     then the one all-gather; returns the merged (lse, x_t, swx, C)."""
     n_parts = 3 if eps > 0 else 2
@@ -350,10 +212,10 @@ def _forward_partials(x_chunks, shard, eps, use_triton, n_rows, device):
         e = s + xc.shape[0]
         if s == 0 and e == n_rows:
             # one chunk: the [lse_r | xt_r | swx_r] layout is the send buffer's, write it there
-            _shard_partials(xc, shard.t_local, shard.w_shard, eps > 0, send, use_triton)
+            impl.vp_partials(xc, shard.t_local, shard.w_shard, eps > 0, send)
             continue
         part = torch.empty(3 * (e - s), dtype=torch.float32, device=device)
-        _shard_partials(xc, shard.t_local[s:e], shard.w_shard, eps > 0, part, use_triton)
+        impl.vp_partials(xc, shard.t_local[s:e], shard.w_shard, eps > 0, part)
         view[:, s:e] = part.view(3, e - s)[:n_parts]
     send[-1:].fill_(float(shard.n_local))
     world, _ = _check_group(shard.group)
@@ -368,17 +230,19 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, target, weight, vocab_start, group, ignore_index, eps, reduction,
-                use_triton):
+                impl):
         n_rows, n_local = x.shape
         shard = _Shard(target, n_local, vocab_start, weight, ignore_index, group)
-        lse, x_t, swx, n_classes = _forward_partials([(0, x)], shard, eps, use_triton, n_rows,
+        lse, x_t, swx, n_classes = _forward_partials([(0, x)], shard, eps, impl, n_rows,
                                                      x.device)
         if weight is not None and weight.device.type == "cpu" and weight.numel() != n_classes:
-            raise ValueError(f"weight has {weight.numel()} entries for {int(n_classes)} "
-                             "classes: pass the full class-weight vector on every rank")
+            raise RuntimeError(f"weight tensor should be defined either for all "
+                               f"{int(n_classes)} classes or no classes but got weight tensor "
+                               f"of shape: {list(weight.shape)} (pass the full class-weight "
+                               f"vector on every rank)")
         loss, valid, w_t, w_sum = _loss_and_rows(shard, lse, x_t, swx, n_classes, weight, eps)
         denom = _denominator(shard, valid, w_t, reduction)
-        ctx.options = (eps, reduction, use_triton)
+        ctx.options = (eps, reduction, impl)
         ctx.shard = shard
         ctx.save_for_backward(x, lse, valid, w_t, _consts(w_sum, n_classes), denom)
         return _reduce(loss, denom, reduction).to(x.dtype)
@@ -386,26 +250,24 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, lse, valid, w_t, consts, denom = ctx.saved_tensors
-        eps, reduction, use_triton = ctx.options
+        eps, reduction, impl = ctx.options
         shard = ctx.shard
         g = _row_grad_scale(grad_out, x.shape[0], reduction, denom, shard.ignored, valid)
-        dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-        _advise_hugepages(dx)
-        _shard_grad(x, shard.t_local, lse, g, w_t, consts, eps, shard.w_shard, dx, use_triton)
+        dx = impl.vp_grad(x, shard.t_local, lse, g, w_t, consts, eps, shard.w_shard)
         return (dx,) + (None,) * 8
 
 
-def _check_call(target, n_rows, weight, reduction, label_smoothing, backend):
-    _check_options(reduction, label_smoothing, backend)
-    if target.is_floating_point():
-        raise NotImplementedError("class-probability (float) targets are not supported")
-    if target.shape != (n_rows,):
-        raise ValueError(f"Expected target of shape ({n_rows},), got {tuple(target.shape)}")
-    if weight is not None and weight.dim() != 1:
-        raise ValueError("weight must be the full (C,) class-weight vector")
+def _check_call(fn, target, n_rows, weight, reduction, label_smoothing, ignore_index, backend):
+    """The front door's checks; returns the checked options and the class weights."""
+    reduction, label_smoothing, ignore_index, backend = _args.loss_options(
+        fn, reduction, label_smoothing, ignore_index, backend)
+    _args.vocab_parallel_target(target, n_rows)
+    # the full (C,) vector: C is known only after the forward's collective
+    weight = _args.class_weight(weight, None, fn=f"fusedce.{fn}")
+    return reduction, label_smoothing, ignore_index, backend, weight
 
 
-@no_graph_in_inference_mode
+@_autograd.no_graph_in_inference_mode
 def vocab_parallel_cross_entropy(logits_shard, target, *, group=None, vocab_start=None,
                                  ignore_index=-100, reduction="mean", label_smoothing=0.0,
                                  weight=None, backend="auto"):
@@ -422,8 +284,7 @@ def vocab_parallel_cross_entropy(logits_shard, target, *, group=None, vocab_star
         ``w_t`` of targets in other slices, and ``W = sum w``, without a collective).
     ignore_index, reduction, label_smoothing: as in :func:`torch.nn.functional.cross_entropy`.
     backend: ``"auto"`` (Triton kernels for CUDA tensors, PyTorch for CPU tensors),
-        ``"triton"`` or ``"torch"``. This module imports Triton when it is imported: for the
-        kernels on CPU tensors, set ``TRITON_INTERPRET=1`` before importing it.
+        ``"triton"`` or ``"torch"``.
 
     Every rank returns the same loss, the loss of ``fusedce.cross_entropy`` on the full
     logits; the backward gives each rank the gradient of its own slice. Collectives: one
@@ -440,15 +301,17 @@ def vocab_parallel_cross_entropy(logits_shard, target, *, group=None, vocab_star
     if logits_shard.dim() != 2:
         raise NotImplementedError("logits_shard must be (N, C_r) or (C_r,); flatten the "
                                   "batch and sequence dimensions first")
-    _check_call(target, logits_shard.shape[0], weight, reduction, label_smoothing, backend)
-    use_triton = _use_triton(backend, logits_shard)
+    reduction, label_smoothing, ignore_index, backend, weight = _check_call(
+        "vocab_parallel_cross_entropy", target, logits_shard.shape[0], weight, reduction,
+        label_smoothing, ignore_index, backend)
+    impl = _args.implementation(backend, logits_shard)
     if logits_shard.stride(1) != 1:
         logits_shard = logits_shard.contiguous()
     if vocab_start is not None:
         vocab_start = int(vocab_start)
     return _VocabParallelCrossEntropy.apply(logits_shard, target, weight, vocab_start, group,
-                                            int(ignore_index), float(label_smoothing),
-                                            reduction, use_triton)
+                                            ignore_index, label_smoothing,
+                                            reduction, impl)
 
 
 # ----------------------------------------------------- the linear form (slice of the head)
@@ -473,14 +336,14 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, w_head, b_head, target, weight, vocab_start, group, ignore_index, eps,
-                reduction, use_triton, chunk, reduce_input_grad):
+                reduction, impl, chunk, reduce_input_grad):
         n_rows = h.shape[0]
         shard = _Shard(target, w_head.shape[0], vocab_start, weight, ignore_index, group)
         lse, x_t, swx, n_classes = _forward_partials(
-            _head_chunks(h, w_head, b_head, chunk), shard, eps, use_triton, n_rows, h.device)
+            _head_chunks(h, w_head, b_head, chunk), shard, eps, impl, n_rows, h.device)
         loss, valid, w_t, w_sum = _loss_and_rows(shard, lse, x_t, swx, n_classes, weight, eps)
         denom = _denominator(shard, valid, w_t, reduction)
-        ctx.options = (eps, reduction, use_triton, chunk, reduce_input_grad)
+        ctx.options = (eps, reduction, impl, chunk, reduce_input_grad)
         ctx.shard = shard
         ctx.save_for_backward(h, w_head, b_head, lse, valid, w_t, _consts(w_sum, n_classes),
                               denom)
@@ -489,7 +352,7 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         h, w_head, b_head, lse, valid, w_t, consts, denom = ctx.saved_tensors
-        eps, reduction, use_triton, chunk, reduce_input_grad = ctx.options
+        eps, reduction, impl, chunk, reduce_input_grad = ctx.options
         shard = ctx.shard
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         g = _row_grad_scale(grad_out, h.shape[0], reduction, denom, shard.ignored, valid)
@@ -497,8 +360,8 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
         for s, logits in _head_chunks(h, w_head, b_head, chunk):
             e = s + logits.shape[0]
             # the chunk's logit gradient overwrites its logits (recomputed, read by nobody else)
-            dlogits = _shard_grad(logits, shard.t_local[s:e], lse[s:e], g[s:e], w_t[s:e],
-                                  consts, eps, shard.w_shard, logits, use_triton)
+            dlogits = impl.vp_grad(logits, shard.t_local[s:e], lse[s:e], g[s:e], w_t[s:e],
+                                   consts, eps, shard.w_shard, logits)
             grads.add(dlogits, h[s:e], s, e)
         dh, dw, db = grads.grad_input, grads.grad_weight, grads.grad_bias
         if dh is not None and reduce_input_grad:
@@ -509,7 +372,7 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
         return (dh, dw, db) + (None,) * 10
 
 
-@no_graph_in_inference_mode
+@_autograd.no_graph_in_inference_mode
 def vocab_parallel_linear_cross_entropy(input, linear_weight, target, *, linear_bias=None,
                                         group=None, vocab_start=None, weight=None,
                                         reduction="mean", ignore_index=-100,
@@ -536,10 +399,12 @@ def vocab_parallel_linear_cross_entropy(input, linear_weight, target, *, linear_
     the price is a second logits matrix product in the backward.
     """
     if input.dim() != 2 or linear_weight.dim() != 2 or input.shape[1] != linear_weight.shape[1]:
-        raise ValueError(f"expected input (N, H) and linear_weight (C_r, H), got "
+        raise RuntimeError(f"expected input (N, H) and linear_weight (C_r, H), got "
                          f"{tuple(input.shape)} and {tuple(linear_weight.shape)}")
-    _check_call(target, input.shape[0], weight, reduction, label_smoothing, backend)
-    use_triton = _use_triton(backend, input)
+    reduction, label_smoothing, ignore_index, backend, weight = _check_call(
+        "vocab_parallel_linear_cross_entropy", target, input.shape[0], weight, reduction,
+        label_smoothing, ignore_index, backend)
+    impl = _args.implementation(backend, input)
     if chunk_size is None:  # fusedce.linear's choice, for this rank's (N, C_r) logits
         chunk_size = chunk_rows(input.shape[0], input.shape[1], linear_weight.shape[0],
                                 input.element_size(), input.device.type)
@@ -548,5 +413,5 @@ def vocab_parallel_linear_cross_entropy(input, linear_weight, target, *, linear_
         vocab_start = int(vocab_start)
     return _VocabParallelLinearCrossEntropy.apply(
         input, linear_weight, linear_bias, target, weight, vocab_start, group,
-        int(ignore_index), float(label_smoothing), reduction, use_triton, chunk_size,
+        ignore_index, label_smoothing, reduction, impl, chunk_size,
         bool(reduce_input_grad))

@@ -10,8 +10,8 @@ The tokens are processed in chunks of ``R`` rows; for each chunk::
     db     += sum_rows(dlogits)                    (V,),   accumulated in fp32
 
 so the largest temporary is one chunk's logits, ``R x V``, instead of ``N x V`` (and its
-gradient). The fused CE is ``ce_fwd(..., inplace_scale=1/denominator)`` of the Triton
-launchers (CUDA tensors) or of :mod:`fusedce._torch_impl` (CPU tensors): it computes the loss
+gradient). The fused CE is ``ce_fwd(..., grad_scale=1/denominator)`` of the Triton
+launchers (CUDA tensors) or of :mod:`fusedce.cpu` (CPU tensors): it computes the loss
 and the logit gradient in one pass. The reduction's denominator (the weighted count of rows
 not ignored) is computed from the targets before the first chunk, on the device.
 
@@ -24,19 +24,14 @@ log-sum-exp, and its backward recomputes each chunk's logits and runs the CE bac
 import torch
 from torch import nn
 
-from ._function import denominator, no_graph_in_inference_mode, resolve_backend
-from .functional import _check_weight
-
-_REDUCTIONS = ("none", "mean", "sum")
+from . import _args, _autograd, _loss
 
 # Chunk size heuristic (rows per chunk), see ``chunk_rows``.
 MIN_CHUNK_ROWS = 128  # fewer rows make the three matrix products inefficient
 # Most bytes of logits per chunk. The CPU pays per operation (the PyTorch CE is a dozen
 # ops per chunk) and per pass over the (V, H) weight gradient (one per chunk), so it wants
-# few, large chunks: on 8,192 GPT-2 tokens (fp32, 1 thread) 1,024-row chunks ran at 0.80x
-# the unfused time and 512-row ones within a few per cent of that, while 128-row ones were
-# slower than unfused; 128 MiB gives 512 rows there, at less memory than PyTorch's own
-# chunked path. A GPU runs a 256-row product at full speed and keeps its memory for the model.
+# few, large chunks (128 MiB: 512 GPT-2 rows; docs/benchmarks.md has the sweep). A GPU runs
+# a 256-row product at full speed and keeps its memory for the model.
 MAX_CHUNK_BYTES = {"cpu": 1 << 27, "cuda": 1 << 26}  # 128 MiB, 64 MiB
 SHARE = 8  # a chunk holds at most 1/SHARE of the tokens (above MIN_CHUNK_ROWS)
 
@@ -75,9 +70,9 @@ class GradAccumulator:
     ``grad_input`` (N, H) in the input's dtype is written chunk by chunk; ``grad_weight``
     (V, H) and ``grad_bias`` (V,) are fp32 sums over the chunks. On the GPU a low-precision
     chunk product goes through one (V, H) scratch in the input dtype (cuBLAS accumulates
-    within the chunk in fp32); on the CPU the chunk is upcast and multiplied in fp32, which
-    measured as fast as a bf16 product plus an fp32 add (188 vs 179 ms for a 256-row GPT-2
-    chunk, 1 thread) without the (V, H) scratch.
+    within the chunk in fp32); on the CPU the chunk is upcast and multiplied in fp32, as
+    fast as a bf16 product plus an fp32 add (docs/benchmarks.md) and without the (V, H)
+    scratch.
     """
 
     def __init__(self, x, linear_weight, need_input, need_weight, need_bias, upcast=None):
@@ -160,7 +155,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         need_b = need_b and linear_bias is not None
         n_classes = linear_weight.shape[0]
-        denom = denominator(target, weight, ignore_index, n_classes, reduction)
+        denom = _loss.denominator(target, weight, ignore_index, n_classes, reduction)
         ctx.options = (ignore_index, label_smoothing, reduction, impl, rows)
         ctx.needs = (need_x, need_w, need_b)
         ctx.dtypes = (x.dtype, linear_weight.dtype,
@@ -181,7 +176,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             logits = logits_into(buf[:e - s], x_c, linear_weight, linear_bias)
             loss[s:e], _ = impl.ce_fwd(logits, target[s:e], weight=weight,
                                        ignore_index=ignore_index,
-                                       label_smoothing=label_smoothing, inplace_scale=scale)
+                                       label_smoothing=label_smoothing, grad_scale=scale)
             acc.add(logits, x_c, s, e)  # ``logits`` now holds the logit gradient
         del buf
         ctx.grads = (acc.grad_input, acc.grad_weight, acc.grad_bias)
@@ -236,7 +231,7 @@ def _autocast_dtype(device_type):
     return None
 
 
-@no_graph_in_inference_mode
+@_autograd.no_graph_in_inference_mode
 def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weight=None,
                          reduction="mean", ignore_index=None, label_smoothing=0.0, options=None,
                          backend="auto", chunk_size=None):
@@ -263,41 +258,17 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     same graph raises RuntimeError; a negative ``label_smoothing`` raises RuntimeError (as
     :func:`fusedce.cross_entropy` does; PyTorch accepts it).
     """
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"{reduction} is not a valid value for reduction")
-    if not 0.0 <= label_smoothing <= 1.0:
-        # PyTorch raises RuntimeError above 1 and accepts a negative value; fusedce raises for
-        # both, as fusedce.cross_entropy does
-        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: "
-                           f"{label_smoothing}")
-    if input.dim() < 1 or input.dim() > 2:
-        raise RuntimeError(f"expected input with dimensionality 1 or 2, got {input.dim()}")
-    if linear_weight.dim() < 2:
-        raise RuntimeError("expected linear_weight with dimensionality at least 2, got "
-                           f"{linear_weight.dim()}")
-    if linear_weight.dim() > 2:
-        raise NotImplementedError("fusedce.linear_cross_entropy: K-dimensional linear_weight "
-                                  "is not supported")
-    in_features = input.shape[-1]
-    if in_features != linear_weight.shape[-1]:
-        raise RuntimeError("expected equal input and linear_weight last dimensions "
-                           f"(in_features), got {input.shape[-1]} and "
-                           f"{linear_weight.shape[-1]}, respectively")
-    n_classes = linear_weight.shape[0]
-    if linear_bias is not None and tuple(linear_bias.shape) != (n_classes,):
-        raise RuntimeError(f"expected linear_bias shape {(n_classes,)}, got "
-                           f"{tuple(linear_bias.shape)}")
-    if target.is_floating_point() or target.shape == (*input.shape[:-1], n_classes):
-        raise NotImplementedError("fusedce.linear_cross_entropy: class-probability targets "
-                                  "are not supported")
-    if target.dtype not in (torch.int64, torch.uint8):
-        raise RuntimeError(f"expected target dtype to be Long or Byte, but got "
-                           f"{str(target.dtype).replace('torch.', '').capitalize()}")
-    if target.shape != input.shape[:-1]:
-        raise ValueError(f"Expected target of shape {tuple(input.shape[:-1])} for input of "
-                         f"shape {tuple(input.shape)}, got {tuple(target.shape)}")
-    if weight is not None:  # shape, dtype, and no gradient (PyTorch raises for one)
-        _check_weight(weight, n_classes, fn="fusedce.linear_cross_entropy")
+    fn = "linear_cross_entropy"
+    _args.tensors(fn, input=input, linear_weight=linear_weight, target=target,
+                  linear_bias=linear_bias, weight=weight)
+    reduction, label_smoothing, ignore_index, backend = _args.loss_options(
+        fn, reduction, label_smoothing, ignore_index, backend)
+    n_classes = _args.linear_inputs(input, linear_weight, linear_bias, target)
+    # shape, dtype, and no gradient (PyTorch raises for one); contiguous
+    weight = _args.class_weight(weight, n_classes, fn="fusedce.linear_cross_entropy")
+    if chunk_size is None and options is not None:
+        chunk_size = getattr(options, "batch_chunk_size", None)
+    chunk_size = _args.chunk_size(chunk_size)
     if input.dim() == 1:
         loss = linear_cross_entropy(input.unsqueeze(0), linear_weight, target.unsqueeze(0),
                                     linear_bias=linear_bias, weight=weight, reduction=reduction,
@@ -305,12 +276,8 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
                                     options=options, backend=backend, chunk_size=chunk_size)
         return loss.squeeze(0) if reduction == "none" else loss
 
-    ignore_index = -100 if ignore_index is None else int(ignore_index)
-    # the CE kernels read target[row] and weight[t] at unit stride; O(rows) and O(C) copies
+    # the CE kernels read target[row] at unit stride; an O(rows) copy
     target = target.contiguous()
-    weight = None if weight is None else weight.contiguous()
-    if chunk_size is None and options is not None:
-        chunk_size = getattr(options, "batch_chunk_size", None)
     autocast_dtype = _autocast_dtype(input.device.type)
     if autocast_dtype is not None:
         # what F.linear does under autocast; the loss then comes out in fp32 like F.cross_entropy
@@ -322,22 +289,18 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
                 label_smoothing=label_smoothing, backend=backend, chunk_size=chunk_size)
         return loss.float()
 
-    impl = resolve_backend(backend, input)
+    impl = _args.implementation(backend, input)
     n_rows = input.shape[0]
-    if chunk_size is None:
-        rows = chunk_rows(n_rows, in_features, n_classes, input.element_size(),
+    rows = chunk_size
+    if rows is None:
+        rows = chunk_rows(n_rows, input.shape[1], n_classes, input.element_size(),
                           input.device.type)
-    else:
-        rows = int(chunk_size)
-        if rows <= 0:
-            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    label_smoothing = float(label_smoothing)
     differentiable = (input, linear_weight) + ((linear_bias,) if linear_bias is not None else ())
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in differentiable)):
         # no_grad / eval: the loss only, no gradient work and no autograd state
         loss, _ = _loss_only(input, linear_weight, linear_bias, target, weight, ignore_index,
                              label_smoothing, impl, rows)
-        denom = denominator(target, weight, ignore_index, n_classes, reduction)
+        denom = _loss.denominator(target, weight, ignore_index, n_classes, reduction)
         return _reduce(loss, denom, reduction, input.dtype)
     return LinearCrossEntropyFunction.apply(input, linear_weight, linear_bias, target, weight,
                                             ignore_index, label_smoothing, reduction, impl,

@@ -1,8 +1,9 @@
-"""fusedce under torch.compile: the loss is the torch.library op ``fusedce::cross_entropy``, so
-``torch.compile(..., fullgraph=True)`` (which raises on any graph break) compiles a training
-step, and the loss and gradients equal eager mode's. CPU path (the registration is the same
-for CUDA). ``torch.library.opcheck`` checks the registration itself: schema, fake (meta)
-implementation against the real one, autograd formula.
+"""fusedce under torch.compile. ``torch.compile(..., fullgraph=True)`` (which raises on any
+graph break) compiles a training step through the same autograd Function as eager mode, whose
+forward and backward run the opaque ``torch.library`` ops ``fusedce::ce_forward`` /
+``ce_backward`` while compiling; the loss and gradients equal eager mode's. CPU path (the
+registration is the same for CUDA). ``torch.library.opcheck`` checks the ops' registration:
+schema, fake (meta) implementations against the real ones.
 """
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import fusedce
-from fusedce import _ops  # noqa: F401  (the ops are registered on import)
+from fusedce import _autograd  # noqa: F401  (the ops are registered on import)
 
 
 @pytest.fixture(autouse=True)
@@ -150,5 +151,16 @@ def _op_samples():
 
 @pytest.mark.parametrize("args", _op_samples())
 def test_opcheck(args):
-    """Schema, fake tensors vs the real op, autograd registration, AOT dispatch."""
-    torch.library.opcheck(torch.ops.fusedce.cross_entropy.default, args)
+    """Schema, fake tensors vs the real ops, AOT dispatch, for the forward op and for the
+    backward op fed with the forward's outputs. The ops are opaque compute: the autograd
+    formula is the Function's (its gradients are checked against eager mode above)."""
+    args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    torch.library.opcheck(torch.ops.fusedce.ce_forward.default, args)
+    x, target, weight, ignore_index, smoothing, reduction, backend, validate = args
+    loss, lse, s, denom = torch.ops.fusedce.ce_forward(*args)
+    grad = torch.randn(loss.shape, generator=torch.Generator().manual_seed(3),
+                       dtype=loss.dtype)
+    soft = target.is_floating_point()
+    bwd_args = (grad, x, target, weight, lse, s, denom, ignore_index, smoothing, reduction,
+                backend, True, soft)
+    torch.library.opcheck(torch.ops.fusedce.ce_backward.default, bwd_args)

@@ -312,9 +312,9 @@ def test_backends_agree_with_each_other():
 
 def test_auto_backend_on_cpu_is_torch(monkeypatch):
     """'auto' never touches the kernels for CPU tensors (no Triton needed on the CPU)."""
-    from fusedce import _function
+    from fusedce import _args
 
-    monkeypatch.setattr(_function, "_kernels", lambda: pytest.fail("kernels used on CPU"))
+    monkeypatch.setattr(_args, "_kernels", lambda: pytest.fail("kernels used on CPU"))
     x, target, _ = make_inputs(2, 10, torch.float32)
     fusedce.cross_entropy(x, target)
 

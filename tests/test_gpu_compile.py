@@ -59,8 +59,10 @@ def _ptxas():
 def _launch_cases(dtype_name):
     """``(case, thunk)`` pairs calling every launcher of the package on CPU tensors."""
     import torch
+
     from fusedce.kernels import cross_entropy as ce
     from fusedce.kernels import strided as st
+    from fusedce.kernels import vocab_parallel as vp
 
     dtype = getattr(torch, dtype_name)
     gen = torch.Generator().manual_seed(0)
@@ -77,12 +79,18 @@ def _launch_cases(dtype_name):
     p3 = torch.softmax(torch.randn(2, 1000, 3, generator=gen), dim=1).to(dtype)
     lse3 = torch.zeros(6)
     dloss3 = torch.ones(1, 1).expand(2, 3)
+    # a vocabulary shard: targets local to it, -1 where they lie in another shard
+    t_local = torch.where(t % 2 == 0, t, -1)
+    part = torch.zeros(3 * n)
+    consts = torch.tensor([float(V), float(V)])
     return [
         ("ce_fwd", lambda: ce.ce_fwd(x, t)),
-        ("ce_fwd-inplace", lambda: ce.ce_fwd(x, t, inplace_scale=one)),
+        ("ce_fwd-inplace", lambda: ce.ce_fwd(x, t, grad_scale=one)),
         ("ce_fwd-inplace-weight-smoothing",
-         lambda: ce.ce_fwd(x, t, w, label_smoothing=0.1, inplace_scale=one)),
+         lambda: ce.ce_fwd(x, t, w, label_smoothing=0.1, grad_scale=one)),
         ("ce_fwd-small-vocab", lambda: ce.ce_fwd(x[:, :1000], t % 1000)),
+        ("ce_fwd-grad-out", lambda: ce.ce_fwd(x, t, grad_scale=one, grad_out=x.clone())),
+        ("ce_fwd-grad-out", lambda: ce.ce_fwd(x, t, grad_scale=one, grad_out=x.clone())),
         ("ce_bwd", lambda: ce.ce_bwd(x, t, lse, dloss)),
         ("ce_bwd-weight-smoothing", lambda: ce.ce_bwd(x, t, lse, dloss, w, label_smoothing=0.1)),
         ("ce_scale_", lambda: ce.ce_scale_(x, dloss)),
@@ -91,6 +99,11 @@ def _launch_cases(dtype_name):
         ("ce_strided_bwd", lambda: st.ce_strided_bwd(x3, t3, lse3, lse3, dloss3)),
         ("ce_strided_bwd-soft", lambda: st.ce_strided_bwd(
             x3, p3, lse3, lse3, dloss3, label_smoothing=0.1, need_dtarget=True)),
+        ("vp_partials", lambda: vp.vp_partials(x, t_local, None, False, part)),
+        ("vp_partials-weight-smoothing", lambda: vp.vp_partials(x, t_local, w, True, part)),
+        ("vp_grad", lambda: vp.vp_grad(x, t_local, lse, lse, lse, consts, 0.0, None)),
+        ("vp_grad-weight-smoothing",
+         lambda: vp.vp_grad(x, t_local, lse, lse, lse, consts, 0.1, w)),
     ]
 
 

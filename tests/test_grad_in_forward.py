@@ -1,8 +1,8 @@
 """The CPU's default mode: the gradient is computed in the forward, into a reused buffer.
 
 ``fusedce.cross_entropy`` on CPU logits that require a gradient computes loss and gradient
-in one pass (``_torch_impl.ce_fwd(..., grad_out=...)``) into a buffer of the gradient cache
-(``_torch_impl._GradCache``); the backward only rescales it. What must hold:
+in one pass (``cpu.ce_fwd(..., grad_out=...)``) into a buffer of the gradient cache
+(``buffers.GradCache``); the backward only rescales it. What must hold:
 
 - the values are those of float64 PyTorch, also for rows where the unshifted exp fails
   (overflow, underflow) and is redone, and for a second backward through a retained graph;
@@ -24,7 +24,9 @@ import torch
 import torch.nn.functional as F
 
 import fusedce
-from fusedce import _function, _torch_impl
+from fusedce import _loss, cpu
+from fusedce.cpu import buffers, chunks, pool
+from fusedce.cpu import rows as cpu_rows
 
 ATOL, RTOL = 2e-5, 2e-5  # fp32 against float64, as in test_cross_entropy.py
 
@@ -32,10 +34,10 @@ ATOL, RTOL = 2e-5, 2e-5  # fp32 against float64, as in test_cross_entropy.py
 @pytest.fixture
 def cache(monkeypatch):
     """A fresh, empty gradient cache that takes buffers of any size (small test shapes)."""
-    fresh = _torch_impl._GradCache()
-    monkeypatch.setattr(_torch_impl, "_GRADS", fresh)
-    monkeypatch.setattr(_torch_impl, "GRAD_CACHE_MIN_BYTES", 0)
-    monkeypatch.setattr(_torch_impl, "GRAD_CACHE", True)
+    fresh = buffers.GradCache()
+    monkeypatch.setattr(buffers, "_GRADS", fresh)
+    monkeypatch.setattr(buffers, "GRAD_CACHE_MIN_BYTES", 0)
+    monkeypatch.setattr(buffers, "GRAD_CACHE", True)
     return fresh
 
 
@@ -54,8 +56,8 @@ def logits(n, c, seed=0, scale=3.0):
 def test_default_cpu_path_computes_the_gradient_in_the_forward(cache, monkeypatch):
     """The path taken: the gradient is in the buffer after the forward, before backward."""
     seen = []
-    ce_fwd = _torch_impl.ce_fwd
-    monkeypatch.setattr(_torch_impl, "ce_fwd",
+    ce_fwd = cpu.ce_fwd
+    monkeypatch.setattr(cpu, "ce_fwd",
                         lambda *a, **k: seen.append(k.get("grad_out")) or ce_fwd(*a, **k))
     x, t = logits(4, 300)
     xr = x.clone().requires_grad_()
@@ -168,7 +170,7 @@ def test_at_most_two_buffers_and_empty_cache(cache):
     x, t = logits(4, 300, seed=8)
     live = [_step(x, t) for _ in range(3)]  # all in use: the third is not kept
     assert len({g.data_ptr() for g in live}) == 3
-    assert len(cache.entries) == _torch_impl._GradCache.MAX_ENTRIES == 2
+    assert len(cache.entries) == buffers.GradCache.MAX_ENTRIES == 2
     assert fusedce.empty_cache() == 0  # nothing free yet
     del live
     gc.collect()
@@ -196,7 +198,7 @@ def test_changed_size_releases_free_buffers(cache):
 
 
 def test_cache_off(cache, monkeypatch):
-    monkeypatch.setattr(_torch_impl, "GRAD_CACHE", False)
+    monkeypatch.setattr(buffers, "GRAD_CACHE", False)
     x, t = logits(4, 300, seed=9)
     _step(x, t)
     assert cache.entries == []
@@ -248,8 +250,8 @@ def test_bf16_gradient_in_forward_with_upstream():
 def test_eager_function_still_serves_other_layouts(cache, monkeypatch):
     """(N, C, L) logits whose classes are not contiguous take the backward-time path."""
     calls = []
-    forward = _function.forward
-    monkeypatch.setattr(_function, "forward", lambda *a: calls.append(1) or forward(*a))
+    forward = _loss.forward
+    monkeypatch.setattr(_loss, "forward", lambda *a: calls.append(1) or forward(*a))
     x = torch.randn(2, 7, 5, requires_grad=True)
     t = torch.randint(0, 7, (2, 5))
     fusedce.cross_entropy(x, t).backward()
@@ -393,9 +395,9 @@ def test_tiny_negative_scale_under_a_large_sum_is_redone(dtype, inplace):
 def workers(request, monkeypatch):
     """Inline (the loops as Python), or 2 workers on 2-row chunks (the scripted loops)."""
     if request.param > 1:
-        monkeypatch.setattr(_torch_impl, "PARALLEL_MIN_ELEMENTS", 1)
-        monkeypatch.setattr(_torch_impl, "_max_workers", lambda: request.param)
-        monkeypatch.setattr(_torch_impl, "CHUNK_ELEMENTS", 16)  # 2 rows of 8
+        monkeypatch.setattr(pool, "PARALLEL_MIN_ELEMENTS", 1)
+        monkeypatch.setattr(pool, "max_workers", lambda: request.param)
+        monkeypatch.setattr(chunks, "CHUNK_ELEMENTS", 16)  # 2 rows of 8
     return request.param
 
 
@@ -452,13 +454,13 @@ def test_backward_unshifted_variant_keeps_precision(monkeypatch):
     -15 < lse < 80; with lse = -14 and gA = 1 the scale is 1.2e6, and exp(x) below -87.3,
     subnormal, lost the precision of a normal gradient (found in review). Rows whose scale
     exceeds 1 take the shifted form."""
-    monkeypatch.setattr(_torch_impl, "UNSHIFTED_EXP_BWD", True)
+    monkeypatch.setattr(cpu_rows, "UNSHIFTED_EXP_BWD", True)
     x = torch.tensor([[-14.0, -95.0, -98.0, -101.0, -30.0, -20.0, -16.0, -50.0],
                       [1.0, 2.0, 0.5, -1.0, 0.0, 3.0, -2.0, 1.5]])
     t = torch.tensor([0, 5])
     up = torch.tensor([1.0, 0.5])
-    _, lse = _torch_impl.ce_fwd(x, t)
-    dx = _torch_impl.ce_bwd(x, t, lse, up)
+    _, lse = cpu.ce_fwd(x, t)
+    dx = cpu.ce_bwd(x, t, lse, up)
     x64 = x.double().requires_grad_()
     F.cross_entropy(x64, t, reduction="none").mul(up.double()).sum().backward()
     other = torch.ones_like(x, dtype=torch.bool)
@@ -472,13 +474,13 @@ def test_backward_unshifted_variant_keeps_a_tiny_scale_normal(monkeypatch):
     """The same variant with lse = 79.2 and an upstream gradient of 1e-8: the scale
     |gA| exp(-lse) = 4e-43 is subnormal and rounds every entry (3e-3 relative, found in the
     third review); such rows take the shifted form."""
-    monkeypatch.setattr(_torch_impl, "UNSHIFTED_EXP_BWD", True)
+    monkeypatch.setattr(cpu_rows, "UNSHIFTED_EXP_BWD", True)
     x = torch.tensor([[78.0, 77.5, 76.0, 69.0, 59.0, 74.0, 78.5, 49.0]])
     t = torch.tensor([2])
     up = torch.tensor([1e-8])
-    _, lse = _torch_impl.ce_fwd(x, t)
+    _, lse = cpu.ce_fwd(x, t)
     assert -15 < lse.item() < 80
-    dx = _torch_impl.ce_bwd(x, t, lse, up)
+    dx = cpu.ce_bwd(x, t, lse, up)
     x64 = x.double().requires_grad_()
     F.cross_entropy(x64, t, reduction="none").mul(up.double()).sum().backward()
     torch.testing.assert_close(dx.double(), x64.grad, atol=1e-44, rtol=RTOL)
@@ -516,8 +518,8 @@ def test_only_a_fresh_buffer_is_faulted_in(cache, monkeypatch):
     """MADV_POPULATE_WRITE is for a buffer new from the allocator: on a reused one it only
     walks resident pages (5-18 ms at 2,048 x 50,257), so it is not called."""
     calls = []
-    monkeypatch.setattr(_torch_impl, "PAGE_ADVICE", "populate")
-    monkeypatch.setattr(_torch_impl, "_populate_rows", lambda *a: calls.append(a[1:]))
+    monkeypatch.setattr(buffers, "PAGE_ADVICE", "populate")
+    monkeypatch.setattr(buffers, "populate_rows", lambda *a: calls.append(a[1:]))
     x, t = logits(4, 300, seed=22)
     _step(x, t)
     assert calls == [(0, 4)]  # fresh: faulted in (here by the one inline worker)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fusedce
-from fusedce import _torch_impl
+from fusedce import cpu
 
 ORIGINAL_CE = F.cross_entropy
 ORIGINAL_FORWARD = nn.CrossEntropyLoss.forward
@@ -60,13 +60,13 @@ def third_party():
 def calls(monkeypatch):
     """How many times fusedce's implementation ran."""
     count = {"n": 0}
-    forward = _torch_impl.ce_fwd  # every CPU path with class indices computes through it
+    forward = cpu.ce_fwd  # every CPU path with class indices computes through it
 
     def spy(*args, **kwargs):
         count["n"] += 1
         return forward(*args, **kwargs)
 
-    monkeypatch.setattr(_torch_impl, "ce_fwd", spy)
+    monkeypatch.setattr(cpu, "ce_fwd", spy)
     return count
 
 

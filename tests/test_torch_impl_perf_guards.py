@@ -19,7 +19,9 @@ import pytest
 import torch
 
 import fusedce
-from fusedce import _torch_impl
+from fusedce import cpu
+from fusedce.cpu import chunks, pool
+from fusedce.cpu import rows as cpu_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -70,11 +72,11 @@ def test_scale_skips_unit_upstream_gradient(monkeypatch):
     mul_ = torch.Tensor.mul_
     monkeypatch.setattr(torch.Tensor, "mul_", lambda self, *a, **k: calls.append(1)
                         or mul_(self, *a, **k))
-    _torch_impl.ce_scale_(dx, torch.ones(1).expand(5))  # 'mean'/'sum': stride-0 scalar
-    _torch_impl.ce_scale_(dx, torch.ones(5))  # 'none' with an all-ones upstream gradient
+    cpu.ce_scale_(dx, torch.ones(1).expand(5))  # 'mean'/'sum': stride-0 scalar
+    cpu.ce_scale_(dx, torch.ones(5))  # 'none' with an all-ones upstream gradient
     assert calls == [] and torch.equal(dx, before)
     g = torch.randn(5)
-    out = _torch_impl.ce_scale_(dx, g)  # and does scale otherwise
+    out = cpu.ce_scale_(dx, g)  # and does scale otherwise
     torch.testing.assert_close(out, before * g[:, None])
     assert out.data_ptr() == dx.data_ptr()
 
@@ -94,17 +96,17 @@ def test_worker_split_matches_inline(monkeypatch, dtype):
     g[7] = 0.0
 
     def run():
-        loss, lse = _torch_impl.ce_fwd(x, target, weight, -100, 0.1)
-        dx = _torch_impl.ce_bwd(x, target, lse, g, weight, -100, 0.1)
+        loss, lse = cpu.ce_fwd(x, target, weight, -100, 0.1)
+        dx = cpu.ce_bwd(x, target, lse, g, weight, -100, 0.1)
         xi = x.clone()
-        _torch_impl.ce_fwd(xi, target, weight, -100, 0.1, inplace_scale=torch.tensor([0.5]))
+        cpu.ce_fwd(xi, target, weight, -100, 0.1, grad_scale=torch.tensor([0.5]))
         return loss, lse, dx, xi
 
-    monkeypatch.setattr(_torch_impl, "PARALLEL_MIN_ELEMENTS", 1 << 60)
+    monkeypatch.setattr(pool, "PARALLEL_MIN_ELEMENTS", 1 << 60)
     inline = run()
-    monkeypatch.setattr(_torch_impl, "PARALLEL_MIN_ELEMENTS", 1)
-    monkeypatch.setattr(_torch_impl, "CHUNK_ELEMENTS", 2 * c)
-    monkeypatch.setattr(_torch_impl, "_max_workers", lambda: 3)
+    monkeypatch.setattr(pool, "PARALLEL_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(chunks, "CHUNK_ELEMENTS", 2 * c)
+    monkeypatch.setattr(pool, "max_workers", lambda: 3)
     split = run()
     for a, b in zip(inline, split):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
@@ -115,24 +117,24 @@ def test_worker_split_matches_inline(monkeypatch, dtype):
 # The forward's chunk loop runs as a TorchScript function (no GIL between its ops)
 
 
-@pytest.mark.parametrize("loop", ["_fwd_chunks", "_bwd_chunks"])
+@pytest.mark.parametrize("loop", ["fwd_chunks", "bwd_chunks"])
 def test_chunk_loops_run_as_scripts(loop):
     """With the PyTorch pinned here, scripting works: the speed the README claims for the
     CPU path (the loops' ops free of the GIL) is what runs."""
-    fn = getattr(_torch_impl, loop)
-    assert isinstance(_torch_impl._script(fn), torch.jit.ScriptFunction)
+    fn = getattr(chunks, loop)
+    assert isinstance(chunks.script(fn), torch.jit.ScriptFunction)
 
 
 def test_script_off_or_failing_runs_python(monkeypatch):
-    monkeypatch.setattr(_torch_impl, "_SCRIPTED", {})
+    monkeypatch.setattr(chunks, "_SCRIPTED", {})
     monkeypatch.setenv("FUSEDCE_SCRIPT", "0")
-    assert _torch_impl._script(_torch_impl._fwd_chunks) is _torch_impl._fwd_chunks
+    assert chunks.script(chunks.fwd_chunks) is chunks.fwd_chunks
     monkeypatch.delenv("FUSEDCE_SCRIPT")
 
     def not_scriptable(x):
         return {i for i in range(x)}  # set comprehensions are not TorchScript
 
-    assert _torch_impl._script(not_scriptable) is not_scriptable
+    assert chunks.script(not_scriptable) is not_scriptable
 
     # a script compiled from a source file changed on disk since the import (other lines,
     # another function): its arguments differ from the function's, and it is not used
@@ -140,7 +142,7 @@ def test_script_off_or_failing_runs_python(monkeypatch):
 
     wrong = SimpleNamespace(schema=SimpleNamespace(arguments=[SimpleNamespace(name="dx")]))
     monkeypatch.setattr(torch.jit, "script", lambda fn: wrong)
-    assert _torch_impl._script(_torch_impl._bwd_chunks) is _torch_impl._bwd_chunks
+    assert chunks.script(chunks.bwd_chunks) is chunks.bwd_chunks
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -165,25 +167,25 @@ def test_script_and_python_agree(monkeypatch, dtype):
     def run():
         out = []
         for kw in ({}, {"weight": weight, "label_smoothing": 0.1}):
-            out += _torch_impl.ce_fwd(x, target, **kw)
+            out += cpu.ce_fwd(x, target, **kw)
             buf = torch.empty_like(x)
-            out += _torch_impl.ce_fwd(x, target, inplace_scale=scale, grad_out=buf, **kw)
+            out += cpu.ce_fwd(x, target, grad_scale=scale, grad_out=buf, **kw)
             xi = x.clone()
-            out += _torch_impl.ce_fwd(xi, target, inplace_scale=scale, **kw)
+            out += cpu.ce_fwd(xi, target, grad_scale=scale, **kw)
             out += [buf, xi]
             for fast in (False, True):
-                monkeypatch.setattr(_torch_impl, "UNSHIFTED_EXP_BWD", fast)
-                out.append(_torch_impl.ce_bwd(x, target, out[1], upstream, **kw))
+                monkeypatch.setattr(cpu_rows, "UNSHIFTED_EXP_BWD", fast)
+                out.append(cpu.ce_bwd(x, target, out[1], upstream, **kw))
         return out
 
-    monkeypatch.setattr(_torch_impl, "PARALLEL_MIN_ELEMENTS", 1)
-    monkeypatch.setattr(_torch_impl, "CHUNK_ELEMENTS", 2 * c)
-    monkeypatch.setattr(_torch_impl, "_max_workers", lambda: 3)
-    monkeypatch.setattr(_torch_impl, "_SCRIPTED", {})
+    monkeypatch.setattr(pool, "PARALLEL_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(chunks, "CHUNK_ELEMENTS", 2 * c)
+    monkeypatch.setattr(pool, "max_workers", lambda: 3)
+    monkeypatch.setattr(chunks, "_SCRIPTED", {})
     scripted = run()
-    loops = (_torch_impl._fwd_chunks, _torch_impl._bwd_chunks)
-    assert all(isinstance(_torch_impl._SCRIPTED[f], torch.jit.ScriptFunction) for f in loops)
-    monkeypatch.setattr(_torch_impl, "_SCRIPTED", {f: f for f in loops})
+    loops = (chunks.fwd_chunks, chunks.bwd_chunks)
+    assert all(isinstance(chunks._SCRIPTED[f], torch.jit.ScriptFunction) for f in loops)
+    monkeypatch.setattr(chunks, "_SCRIPTED", {f: f for f in loops})
     python = run()
     assert len(scripted) == len(python) == 20
     for a, b in zip(scripted, python):
@@ -195,15 +197,15 @@ def test_script_ablation_runs_and_restores_the_scripts(monkeypatch):
     and mode with both timings, and the scripted loops in place again afterwards."""
     from bench import script_ablation
 
-    monkeypatch.setattr(_torch_impl, "PARALLEL_MIN_ELEMENTS", 1)
-    monkeypatch.setattr(_torch_impl, "_max_workers", lambda: 2)
-    monkeypatch.setattr(_torch_impl, "_SCRIPTED", {})
+    monkeypatch.setattr(pool, "PARALLEL_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(pool, "max_workers", lambda: 2)
+    monkeypatch.setattr(chunks, "_SCRIPTED", {})
     rows = script_ablation.run(tokens=8, vocab=257, repeats=1)
     assert [(r[0], r[1]) for r in rows] == [(d, c) for d in ("fp32", "bf16")
                                             for c in ("fusedce", "fusedce_inplace")]
     assert all(r[2] > 0 and r[3] > 0 for r in rows)
-    for fn in (_torch_impl._fwd_chunks, _torch_impl._bwd_chunks):
-        assert isinstance(_torch_impl._SCRIPTED[fn], torch.jit.ScriptFunction)
+    for fn in (chunks.fwd_chunks, chunks.bwd_chunks):
+        assert isinstance(chunks._SCRIPTED[fn], torch.jit.ScriptFunction)
     assert "| bf16 | fusedce_inplace |" in script_ablation.report(rows, 8, 257, 1)
 
 
@@ -216,8 +218,8 @@ def test_workers_under_inference_mode(monkeypatch, dtype):
     """Under torch.inference_mode() the per-row buffers are inference tensors, which the
     worker threads (not in inference mode: it is thread-local) could not write: every call
     large enough for two workers raised."""
-    monkeypatch.setattr(_torch_impl, "PARALLEL_MIN_ELEMENTS", 1)
-    monkeypatch.setattr(_torch_impl, "_max_workers", lambda: 2)
+    monkeypatch.setattr(pool, "PARALLEL_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(pool, "max_workers", lambda: 2)
     torch.manual_seed(2)
     x = (torch.randn(13, 4099) * 3).to(dtype)
     t = torch.randint(0, 4099, (13,))
@@ -235,17 +237,17 @@ def test_fork_while_a_loop_is_being_scripted():
     would release: its first call that scripts a loop waited forever."""
     import time
 
-    parent_scripted = dict(_torch_impl._SCRIPTED)
-    with _torch_impl._SCRIPT_LOCK:  # as a thread scripting a loop would hold it
-        _torch_impl._SCRIPTED.clear()
+    parent_scripted = dict(chunks._SCRIPTED)
+    with chunks._SCRIPT_LOCK:  # as a thread scripting a loop would hold it
+        chunks._SCRIPTED.clear()
         pid = os.fork()
         if pid == 0:  # the child: script a loop, exit 0 if that returns
             try:
-                loop = _torch_impl._script(_torch_impl._fwd_chunks)
+                loop = chunks.script(chunks.fwd_chunks)
                 os._exit(0 if isinstance(loop, torch.jit.ScriptFunction) else 3)
             except BaseException:
                 os._exit(4)
-    _torch_impl._SCRIPTED.update(parent_scripted)
+    chunks._SCRIPTED.update(parent_scripted)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         done, status = os.waitpid(pid, os.WNOHANG)
@@ -260,7 +262,7 @@ def test_fork_while_a_loop_is_being_scripted():
 
 def test_interrupted_scripting_is_tried_again(monkeypatch):
     """An interrupt while scripting left the Python function cached for good."""
-    monkeypatch.setattr(_torch_impl, "_SCRIPTED", {})
+    monkeypatch.setattr(chunks, "_SCRIPTED", {})
     script = torch.jit.script
 
     def interrupted(fn):
@@ -268,9 +270,9 @@ def test_interrupted_scripting_is_tried_again(monkeypatch):
 
     monkeypatch.setattr(torch.jit, "script", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        _torch_impl._script(_torch_impl._bwd_chunks)
+        chunks.script(chunks.bwd_chunks)
     monkeypatch.setattr(torch.jit, "script", script)
-    assert isinstance(_torch_impl._script(_torch_impl._bwd_chunks), torch.jit.ScriptFunction)
+    assert isinstance(chunks.script(chunks.bwd_chunks), torch.jit.ScriptFunction)
 
 
 # ------------------------------------------------------------------------------------------
@@ -282,17 +284,17 @@ def test_interrupted_scripting_is_tried_again(monkeypatch):
 def _count_shifted(monkeypatch, x, t, **kwargs):
     """Runs forward+backward on 2 workers and 3-row chunks; returns (chunks, chunks redone
     with the max shift)."""
-    monkeypatch.setattr(_torch_impl, "PARALLEL_MIN_ELEMENTS", 1)
-    monkeypatch.setattr(_torch_impl, "_max_workers", lambda: 2)
-    monkeypatch.setattr(_torch_impl, "CHUNK_ELEMENTS", 3 * x.shape[1])
-    scripted = _torch_impl._script(_torch_impl._fwd_chunks)
+    monkeypatch.setattr(pool, "PARALLEL_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(pool, "max_workers", lambda: 2)
+    monkeypatch.setattr(chunks, "CHUNK_ELEMENTS", 3 * x.shape[1])
+    scripted = chunks.script(chunks.fwd_chunks)
     seen = {"first": 0, "shifted": 0}
 
     def counting(**kw):
         seen["shifted" if kw["shifted"] else "first"] += len(kw["chunks"])
         return scripted(**kw)
 
-    monkeypatch.setitem(_torch_impl._SCRIPTED, _torch_impl._fwd_chunks, counting)
+    monkeypatch.setitem(chunks._SCRIPTED, chunks.fwd_chunks, counting)
     xr = x.clone().requires_grad_()
     loss = fusedce.cross_entropy(xr, t, **kwargs)
     loss.sum().backward()

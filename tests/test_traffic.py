@@ -142,7 +142,7 @@ def test_inplace_forward_writes_the_gradient_over_the_logits(traffic):
     re-reads the row (on a GPU from L2, the row having just gone by) and writes it once."""
     padded, x, target = inputs(torch.bfloat16)
     scale = torch.ones(1)
-    kernels.ce_fwd(x, target, inplace_scale=scale)
+    kernels.ce_fwd(x, target, grad_scale=scale)
     reads, _ = traffic.count(traffic.loads, x)
     writes, write_bytes = traffic.count(traffic.stores, x)
     assert (reads == 2).all() and (writes == 1).all()

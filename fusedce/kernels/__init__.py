@@ -5,9 +5,9 @@ the choice between the two is made per call (``fusedce._args.implementation``). 
 this package needs Triton, so fusedce imports it lazily, on the first call that asks for it.
 """
 
-from .cross_entropy import ce_bwd, ce_fwd, ce_scale_
+from .cross_entropy import ce_bwd, ce_fwd, ce_scale_, grad_buffer
 from .strided import ce_strided_bwd, ce_strided_fwd
 from .vocab_parallel import vp_grad, vp_partials
 
 __all__ = ["ce_fwd", "ce_bwd", "ce_scale_", "ce_strided_fwd", "ce_strided_bwd", "vp_partials",
-           "vp_grad"]
+           "vp_grad", "grad_buffer"]

@@ -218,6 +218,7 @@ def _row_grad(x_ptr, x_row_start, dx_ptr, dx_row_start, n_cols, t, lse, g, w_t, 
 @triton.jit
 def _ce_fwd_kernel(
     x_ptr, x_row_stride,
+    dx_ptr, dx_row_stride,
     target_ptr,
     weight_ptr, wsum_ptr,
     loss_ptr, lse_ptr,
@@ -225,7 +226,8 @@ def _ce_fwd_kernel(
     n_cols, ignore_index, label_smoothing,
     HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
-    INPLACE_GRAD: tl.constexpr,
+    HAS_GRAD: tl.constexpr,
+    SAME_LAYOUT: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     VEC: tl.constexpr,
 ):
@@ -236,8 +238,10 @@ def _ce_fwd_kernel(
     weight_ptr: (n_cols,) class weights (read only if HAS_WEIGHT); wsum_ptr: (1,) fp32, W
     loss_ptr:   (rows,) fp32 out, the row's loss (0 if ignored, NaN if target out of range)
     lse_ptr:    (rows,) fp32 out, log-sum-exp of the row
-    gscale_ptr: (1,) fp32, read only if INPLACE_GRAD: the gradient's scale (1 / denominator),
-                with which the row's gradient is written over the row of ``x``
+    gscale_ptr: (1,) fp32, read only if HAS_GRAD: the gradient's scale (1 / denominator),
+                with which the row's gradient is written into the row of ``dx``
+    dx_ptr:     (rows, n_cols) out if HAS_GRAD, dtype of x, unit column stride (may be x
+                itself); SAME_LAYOUT when its row stride is x's (then 16-byte stores)
     VEC:        elements per 16 bytes of x (8 for 16-bit, 4 for fp32); 1 turns off the
                 aligned body (see "Row layout" above)
     """
@@ -260,12 +264,13 @@ def _ce_fwd_kernel(
     loss = tl.where(ignored, 0.0, tl.where(valid, loss, nan))
     tl.store(loss_ptr + row, loss)
     tl.store(lse_ptr + row, lse)
-    if INPLACE_GRAD:
+    if HAS_GRAD:
         g = tl.load(gscale_ptr).to(tl.float32)
         g = tl.where(ignored, 0.0, tl.where(valid, g, nan))
         # the row was just streamed through: on a GPU this second read comes from L2
-        _row_grad(x_ptr, row_start, x_ptr, row_start, n_cols, t, lse, g, w_t, weight_ptr, W,
-                  label_smoothing, BLOCK_SIZE, VEC, HAS_WEIGHT, HAS_SMOOTHING, True)
+        _row_grad(x_ptr, row_start, dx_ptr, row * dx_row_stride, n_cols, t, lse, g, w_t,
+                  weight_ptr, W, label_smoothing, BLOCK_SIZE, VEC, HAS_WEIGHT, HAS_SMOOTHING,
+                  SAME_LAYOUT)
 
 
 @triton.jit
@@ -342,10 +347,8 @@ def launch_config(dtype, n_cols):
 
     VEC is the elements per 16 bytes. BLOCK_SIZE (at most 8,192: a 50,257 row takes 7
     steps) is split so that each thread moves 64 bytes per loop step, four 16-byte loads in
-    flight: 8 warps for 16-bit logits, 16 for fp32. Compiled for sm_90 at V = 50,257 this
-    takes (forward / in-place forward / backward) 80 / 102 / 63 registers for bf16 and
-    40 / 53 / 56 for fp32, no spills: at least two 256- or 512-thread programs per SM. Eight
-    warps for fp32 would take 117 registers in the forward (see ``docs/gpu-inspection.md``).
+    flight: 8 warps for 16-bit logits, 16 for fp32, which compile for sm_90 without spills
+    and leave room for two programs per SM (register counts in ``docs/gpu-inspection.md``).
     ``bench/gpu_check.py --sweep`` replaces this function to time other choices on a GPU.
     """
     elem = dtype.itemsize
@@ -371,14 +374,19 @@ def _weight_args(weight, label_smoothing, like):
     return has_weight, (weight if has_weight else like), wsum
 
 
-def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, inplace_scale=None):
+def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_scale=None,
+           grad_out=None):
     """Loss and log-sum-exp of every row of ``x`` (rows, C).
 
-    Returns ``(loss, lse)``, both (rows,) fp32. With ``inplace_scale`` (a (1,) fp32 tensor on
-    x's device), the gradient of ``loss * inplace_scale`` is also written over ``x``.
+    Returns ``(loss, lse)``, both (rows,) fp32. With ``grad_scale`` (a (1,) fp32 tensor on
+    x's device), the gradient of ``loss * grad_scale`` is also written: into ``grad_out``
+    (x's shape and dtype, contiguous rows) or, when it is None, over ``x``.
     ``target`` (rows,) and ``weight`` (C,) of any strides (copied to unit stride if needed).
     """
     assert x.ndim == 2 and x.stride(1) == 1, "rows of x must be contiguous"
+    dx = x if grad_out is None else grad_out
+    assert dx.shape == x.shape and dx.stride(1) == 1, \
+        "grad_out must have x's shape and contiguous rows"
     target, weight = _unit_stride(target, weight)
     n_rows, n_cols = x.shape
     loss = torch.empty(n_rows, dtype=torch.float32, device=x.device)
@@ -389,14 +397,16 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, inpla
     block, num_warps, vec = launch_config(x.dtype, n_cols)
     _ce_fwd_kernel[(n_rows,)](
         x_ptr=x, x_row_stride=x.stride(0),
+        dx_ptr=dx, dx_row_stride=dx.stride(0),
         target_ptr=target,
         weight_ptr=weight_arg, wsum_ptr=wsum,
         loss_ptr=loss, lse_ptr=lse,
-        gscale_ptr=inplace_scale if inplace_scale is not None else loss,
+        gscale_ptr=grad_scale if grad_scale is not None else loss,
         n_cols=n_cols, ignore_index=ignore_index, label_smoothing=float(label_smoothing),
         HAS_WEIGHT=has_weight,
         HAS_SMOOTHING=label_smoothing > 0,
-        INPLACE_GRAD=inplace_scale is not None,
+        HAS_GRAD=grad_scale is not None,
+        SAME_LAYOUT=dx.stride(0) == x.stride(0),
         BLOCK_SIZE=block, VEC=vec,
         num_warps=num_warps,
     )
@@ -456,3 +466,9 @@ def ce_scale_(dx, dloss):
         num_warps=num_warps,
     )
     return dx
+
+
+def grad_buffer(x):
+    """An uninitialised tensor like ``x`` (contiguous) for its gradient (``ce_fwd``'s
+    ``grad_out``); the CUDA caching allocator already reuses memory."""
+    return torch.empty_like(x, memory_format=torch.contiguous_format)

@@ -6,6 +6,7 @@ the row helpers of ``cross_entropy.py`` (``_row_lse``, ``_row_grad``: one read o
 notation and the merge of the per-rank values are in ``fusedce/distributed.py``.
 """
 
+import torch
 import triton
 import triton.language as tl
 
@@ -109,9 +110,12 @@ def vp_partials(x, t_local, w_shard, smoothing, part):
     return part
 
 
-def vp_grad(x, t_local, lse, g, w_t, consts, eps, w_shard, dx):
+def vp_grad(x, t_local, lse, g, w_t, consts, eps, w_shard, dx=None):
     """The shard's gradient into ``dx`` from the per-row ``lse``, ``g`` (upstream gradient
-    over the denominator, masked) and ``w_t``, and ``consts = [W, C]`` (fp32 (2,))."""
+    over the denominator, masked) and ``w_t``, and ``consts = [W, C]`` (fp32 (2,)); a new
+    tensor like ``x`` when ``dx`` is None."""
+    if dx is None:
+        dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     n_rows, n_cols = x.shape
     if n_rows > 0 and n_cols > 0:
         block, num_warps, vec = launch_config(x.dtype, n_cols)

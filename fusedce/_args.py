@@ -1,0 +1,279 @@
+"""The front door: every loss's arguments are checked here, once, and the implementation is
+picked here, per call, from the tensors.
+
+``cross_entropy``, ``linear_cross_entropy``, the vocab-parallel losses and the loss modules
+all come through these functions, so that one argument means one thing and fails one way
+everywhere, with the exception type PyTorch raises for it (``torch/nn/functional.py``,
+``torch/nn/_reduction.py``). Nothing here computes a loss.
+"""
+
+import operator
+import warnings
+
+import torch
+
+REDUCTIONS = ("none", "mean", "sum")
+BACKENDS = ("auto", "triton", "torch")
+INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+_LOW_PRECISION = (torch.float16, torch.bfloat16)  # what autocast computes the loss in fp32 for
+
+
+# ------------------------------------------------------------------------------------------
+# Options shared by every loss
+
+
+def reduction(value, size_average=None, reduce=None):
+    """The reduction's name: PyTorch's ``legacy_get_string`` for the legacy ``size_average``
+    / ``reduce`` (same result, same warning), then ``get_enum``'s checks: ValueError for an
+    unknown name, a warning for the deprecated 'elementwise_mean'. Written out so that
+    torch.compile traces it without a graph break (a warning would break the graph)."""
+    if size_average is not None or reduce is not None:
+        size_average = True if size_average is None else size_average
+        reduce = True if reduce is None else reduce
+        value = ("mean" if size_average else "sum") if reduce else "none"
+        if not torch.compiler.is_compiling():
+            warnings.warn(f"size_average and reduce args will be deprecated, please use "
+                          f"reduction='{value}' instead.", stacklevel=4)
+    if value == "elementwise_mean":
+        if not torch.compiler.is_compiling():
+            warnings.warn("reduction='elementwise_mean' is deprecated. Please use "
+                          "reduction='mean' instead.", stacklevel=4)
+        return "mean"
+    if not isinstance(value, str) or value not in REDUCTIONS:
+        raise ValueError(f"{value} is not a valid value for reduction")
+    return value
+
+
+def label_smoothing(value):
+    """``label_smoothing`` as a float in [0, 1]; RuntimeError outside, as F.cross_entropy
+    (F.linear_cross_entropy accepts a negative value; fusedce raises for it everywhere)."""
+    value = float(value)
+    if not 0.0 <= value <= 1.0:
+        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {value}")
+    return value
+
+
+def ignore_index(value, fn="cross_entropy", default=-100):
+    """``ignore_index`` as an int: any integer (numpy.int64, a 0-d integer tensor), not
+    bool, TypeError otherwise; None gives ``default`` (F.linear_cross_entropy's None)."""
+    if value is None:
+        return default
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{fn}(): argument 'ignore_index' must be int, "
+                        f"not {type(value).__name__}") from None
+
+
+def backend(value):
+    if value not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {value!r}")
+    return value
+
+
+def tensors(fn, **named):
+    """TypeError, as PyTorch's argument parser, for an argument that is not a Tensor
+    (None passes: the caller says which may be absent)."""
+    for name, value in named.items():
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise TypeError(f"{fn}(): argument '{name}' must be Tensor, "
+                            f"not {type(value).__name__}")
+
+
+def same_device(input, **named):
+    for name, value in named.items():
+        if value is not None and value.device != input.device:
+            raise RuntimeError(f"Expected all tensors to be on the same device, but found "
+                               f"input on {input.device} and {name} on {value.device}")
+
+
+def class_weight(weight, n_classes, fn="fusedce.cross_entropy"):
+    """Checks a class-weight vector of ``n_classes`` entries (None: any length, for the
+    vocab-parallel losses whose class count is known only after their collective);
+    returns it contiguous (the implementations read ``weight[t]`` at unit stride)."""
+    if weight is None:
+        return None
+    if weight.dim() != 1 or (n_classes is not None and weight.numel() != n_classes):
+        count = "all classes" if n_classes is None else f"all {n_classes} classes"
+        raise RuntimeError(f"weight tensor should be defined either for {count} or no "
+                           f"classes but got weight tensor of shape: {list(weight.shape)}")
+    if not weight.is_floating_point():
+        raise RuntimeError(f"expected a floating-point weight, but found {weight.dtype}")
+    # PyTorch also insists on the input's dtype for class-index targets; fusedce reads any
+    # floating weight in the computation's precision, so a float32 weight with bf16 logits
+    # is accepted.
+    if weight.requires_grad:
+        raise RuntimeError(f"{fn} is not differentiable with respect to 'weight'; pass "
+                           f"weight.detach()")
+    return weight.contiguous()
+
+
+def loss_options(fn, reduction_, label_smoothing_, ignore_index_, backend_,
+                 ignore_default=-100):
+    """The four options every loss takes, checked: ``(reduction, label_smoothing,
+    ignore_index, backend)``."""
+    return (reduction(reduction_), label_smoothing(label_smoothing_),
+            ignore_index(ignore_index_, fn, ignore_default), backend(backend_))
+
+
+# ------------------------------------------------------------------------------------------
+# The choice of implementation
+
+
+def _kernels():
+    # imported on first use, so that ``import fusedce`` needs neither Triton nor a GPU
+    from . import kernels
+
+    return kernels
+
+
+def _cpu():
+    from . import cpu
+
+    return cpu
+
+
+def implementation(backend_, x):
+    """The launchers for ``backend_`` and the device of ``x``: the ``fusedce.kernels`` module
+    (Triton) or the ``fusedce.cpu`` module (PyTorch); both have the same launchers with the
+    same signatures. ``"auto"``: Triton for CUDA tensors, PyTorch elsewhere."""
+    if backend_ == "auto":
+        backend_ = "triton" if x.is_cuda else "torch"
+    return _kernels() if backend_ == "triton" else _cpu()
+
+
+def is_cpu_impl(impl):
+    return impl.__name__ == "fusedce.cpu"
+
+
+# ------------------------------------------------------------------------------------------
+# cross_entropy's shapes and dtypes
+
+
+def ce_inputs(input, target, ignore_index_):
+    """``(x, t, loss_shape, soft)`` for ``F.cross_entropy``'s ``input``/``target``: logits as
+    (N, C, L) (a view, unless the trailing dimensions of (N, C, d1, ..., dK) cannot be merged
+    by one), targets as (N, L) indices or (N, C, L) probabilities, the shape of the
+    unreduced loss, and whether the targets are probabilities. Raises PyTorch's errors."""
+    if not input.is_floating_point():
+        raise NotImplementedError(f"cross_entropy: input must be a floating-point tensor of "
+                                  f"logits, got dtype {input.dtype}")
+    soft = input.shape == target.shape  # PyTorch's rule for class-probability targets
+    if soft and not target.is_floating_point():
+        raise RuntimeError(f"Expected floating point type for target with class "
+                           f"probabilities, got {target.dtype}")
+    if soft and ignore_index_ >= 0:
+        raise RuntimeError("ignore_index is not supported for floating point target")
+    if input.dim() == 0:
+        raise IndexError("cross_entropy: input must have 1 or more dimensions (C,), (N, C) "
+                         "or (N, C, d1, ..., dK); got a 0-dimensional tensor")
+    if soft:
+        if input.dim() == 1:
+            return input.view(1, -1, 1), target.view(1, -1, 1), (), True
+        return _ncl(input), _ncl(target), (input.shape[0],) + input.shape[2:], True
+    if target.dtype not in INDEX_DTYPES:
+        raise RuntimeError(f"expected target dtype to be Long or Byte (class indices; fusedce "
+                           f"also takes int32), but got {target.dtype}; class-probability "
+                           f"targets must have the input's shape {tuple(input.shape)}")
+    if input.dim() == 1:
+        if target.dim() > 1:
+            raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
+        if target.dim() == 1 and target.shape[0] != 1:
+            raise ValueError(f"For 1D input, 1D target must have size 1, but got target size: "
+                             f"{target.shape[0]}")
+        return input.view(1, -1, 1), target.view(1, 1), (), False
+    batch = target.shape[0] if target.dim() > 0 else 0
+    if batch != input.shape[0] or target.dim() == 0:
+        raise ValueError(f"Expected input batch_size ({input.shape[0]}) to match target "
+                         f"batch_size ({batch}).")
+    if input.dim() == 2 and target.dim() != 1:
+        raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
+    expected = (input.shape[0],) + input.shape[2:]
+    if target.shape != expected:
+        raise RuntimeError(f"Expected target size {list(expected)}, got {list(target.shape)}")
+    t = target.flatten(1) if target.dim() > 1 else target.unsqueeze(-1)
+    return _ncl(input), t, expected, False
+
+
+def _ncl(x):
+    """(N, C, d1, ..., dK) as (N, C, L): a view unless d1..dK cannot be merged by one."""
+    return x.flatten(2) if x.dim() > 2 else x.unsqueeze(-1)
+
+
+def autocast_enabled(device_type):
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 takes no device type
+        return device_type == "cuda" and torch.is_autocast_enabled()
+
+
+def ce_result_dtype(input, target, weight, soft):
+    """The dtype of PyTorch's result: under autocast the loss is a float32 op (fp16/bf16
+    operands promoted), else the input's dtype (promoted with the probabilities' and the
+    weight's for probability targets)."""
+    autocast = autocast_enabled(input.device.type)
+
+    def effective(dtype):
+        return torch.float32 if autocast and dtype in _LOW_PRECISION else dtype
+
+    dtype = effective(input.dtype)
+    if soft:
+        dtype = torch.promote_types(dtype, effective(target.dtype))
+        if weight is not None:
+            dtype = torch.promote_types(dtype, effective(weight.dtype))
+    return dtype
+
+
+# ------------------------------------------------------------------------------------------
+# linear_cross_entropy's and the vocab-parallel losses' shapes
+
+
+def linear_inputs(input, linear_weight, linear_bias, target):
+    """F.linear_cross_entropy's shape and dtype checks; returns the class count."""
+    if input.dim() < 1 or input.dim() > 2:
+        raise RuntimeError(f"expected input with dimensionality 1 or 2, got {input.dim()}")
+    if linear_weight.dim() < 2:
+        raise RuntimeError("expected linear_weight with dimensionality at least 2, got "
+                           f"{linear_weight.dim()}")
+    if linear_weight.dim() > 2:
+        raise NotImplementedError("fusedce.linear_cross_entropy: K-dimensional linear_weight "
+                                  "is not supported")
+    if input.shape[-1] != linear_weight.shape[-1]:
+        raise RuntimeError("expected equal input and linear_weight last dimensions "
+                           f"(in_features), got {input.shape[-1]} and "
+                           f"{linear_weight.shape[-1]}, respectively")
+    n_classes = linear_weight.shape[0]
+    if linear_bias is not None and tuple(linear_bias.shape) != (n_classes,):
+        raise RuntimeError(f"expected linear_bias shape {(n_classes,)}, got "
+                           f"{tuple(linear_bias.shape)}")
+    if target.is_floating_point() or target.shape == (*input.shape[:-1], n_classes):
+        raise NotImplementedError("fusedce.linear_cross_entropy: class-probability targets "
+                                  "are not supported")
+    if target.dtype not in (torch.int64, torch.uint8):
+        raise RuntimeError(f"expected target dtype to be Long or Byte, but got "
+                           f"{str(target.dtype).replace('torch.', '').capitalize()}")
+    if target.shape != input.shape[:-1]:
+        raise ValueError(f"Expected target of shape {tuple(input.shape[:-1])} for input of "
+                         f"shape {tuple(input.shape)}, got {tuple(target.shape)}")
+    return n_classes
+
+
+def chunk_size(value):
+    """Rows per chunk of the fused linear losses: None (chosen from the shapes) or a
+    positive int."""
+    if value is None:
+        return None
+    rows = int(value)
+    if rows <= 0:
+        raise ValueError(f"chunk_size must be a positive int, got {value!r}")
+    return rows
+
+
+def vocab_parallel_target(target, n_rows):
+    """Class indices in the global vocabulary, one per row of this rank's logits."""
+    if target.is_floating_point():
+        raise NotImplementedError("class-probability (float) targets are not supported")
+    if target.shape != (n_rows,):
+        raise ValueError(f"Expected target of shape ({n_rows},), got {tuple(target.shape)}")

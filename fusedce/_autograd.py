@@ -1,0 +1,247 @@
+"""The one autograd route of ``fusedce.cross_entropy``: ``CrossEntropyFunction``, which eager
+mode and ``torch.compile`` both run.
+
+Its forward and backward call ``fusedce._loss.forward`` / ``backward``: directly in eager mode
+(no dispatcher cost per call), and through the ``torch.library`` ops ``fusedce::ce_forward``
+/ ``fusedce::ce_backward`` while compiling, so that Dynamo sees two opaque operators with
+known output shapes (no graph break) and AOTAutograd takes the backward from this Function.
+The ops carry no autograd formula of their own.
+
+In eager mode the gradient may also be computed in the forward (``mode``): into a reused
+buffer (``"forward"``, the CPU path's default: one read of the logits for loss and
+gradient) or over the logits themselves (``"inplace"``, ``inplace_backward=True``); the
+backward then only rescales rows whose upstream gradient is not 1.
+
+Importing this module needs neither Triton nor a GPU.
+"""
+
+import functools
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from . import _args, _loss
+
+DOUBLE_BACKWARD_ERROR = (
+    "fusedce.cross_entropy does not support double backward (create_graph=True followed by "
+    "a gradient of the gradient): its backward treats the saved log-sum-exp and denominator "
+    "as constants, so a second-order result would be wrong. Use "
+    "torch.nn.functional.cross_entropy for higher-order gradients.")
+
+def no_graph_in_inference_mode(fn):
+    """Runs the loss ``fn`` under no_grad when inference mode is on with grad mode on:
+    there PyTorch's own ops record no graph, and an autograd Function would try to save
+    inference tensors, and raise (not while compiling: Dynamo cannot trace the check)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if (not torch.compiler.is_compiling() and torch.is_grad_enabled()
+                and torch.is_inference_mode_enabled()):
+            with torch.no_grad():
+                return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+INPLACE_SECOND_BACKWARD_ERROR = (
+    "fusedce.cross_entropy(inplace_backward=True): the gradient was written over the logits "
+    "in the forward and handed to autograd by the first backward; a second backward through "
+    "the same graph (retain_graph=True) is not supported. Use inplace_backward=False.")
+
+
+class _DoubleBackwardError(torch.autograd.Function):
+    """Identity on ``grad`` in the graph of ``anchor``, whose backward raises."""
+
+    @staticmethod
+    def forward(ctx, grad, anchor):
+        return grad.view_as(grad)
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(DOUBLE_BACKWARD_ERROR)
+
+
+def first_order_only(backward):
+    """Decorates CrossEntropyFunction's backward (whose first saved tensor is the input
+    ``x``) like ``torch.autograd.function.once_differentiable``: it runs without building a
+    graph, and under ``create_graph=True`` each gradient it returns is tied to ``x`` through
+    a node that raises DOUBLE_BACKWARD_ERROR, so a gradient of the gradient fails loudly
+    (once_differentiable's node hangs off a detached copy: ``torch.autograd.grad`` of it
+    with respect to ``x`` would report the input unused instead)."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        # (not after an in-place backward, whose second call raises anyway and whose x
+        # holds the gradient by then)
+        create_graph = (torch.is_grad_enabled() and any(ctx.needs_input_grad)
+                        and not (ctx.opts.mode == "inplace" and ctx.consumed))
+        # read before the backward: the in-place mode's backward bumps x's version
+        anchor = ctx.saved_tensors[0] if create_graph else None
+        with torch.no_grad():
+            outputs = backward(ctx, *grads)
+        if not create_graph:
+            return outputs
+        return tuple(_DoubleBackwardError.apply(v, anchor) if isinstance(v, torch.Tensor)
+                     else v for v in outputs)
+
+    return wrapper
+
+
+# ------------------------------------------------------------------------------------------
+# The ops torch.compile sees
+
+
+@torch.library.custom_op("fusedce::ce_forward", mutates_args=())
+def ce_forward_op(x: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
+                  label_smoothing: float, reduction: str, backend: str,
+                  validate: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(loss, lse, s, denom)`` of ``x`` (N, C, L); see ``_loss.forward``."""
+    return _loss.forward(x, target, weight, ignore_index, label_smoothing, reduction, backend,
+                         validate)
+
+
+@ce_forward_op.register_fake
+def _(x, target, weight, ignore_index, label_smoothing, reduction, backend, validate):
+    n, _, l_len = x.shape
+    acc = _loss.acc_dtype(x, target, weight)
+    loss = x.new_empty((n, l_len) if reduction == "none" else (), dtype=acc)
+    lse = x.new_empty((n * l_len,), dtype=acc)
+    s = x.new_empty((n * l_len,) if target.is_floating_point() else (0,), dtype=acc)
+    denom = x.new_empty((1,), dtype=acc)
+    return loss, lse, s, denom
+
+
+@torch.library.custom_op("fusedce::ce_backward", mutates_args=())
+def ce_backward_op(grad: Tensor, x: Tensor, target: Tensor, weight: Optional[Tensor],
+                   lse: Tensor, s: Tensor, denom: Tensor, ignore_index: int,
+                   label_smoothing: float, reduction: str, backend: str, need_dx: bool,
+                   need_dtarget: bool) -> tuple[Tensor, Tensor]:
+    """``(dx, dtarget)``; see ``_loss.backward``. An entry not asked for is empty."""
+    return _loss.backward(grad, x, target, weight, lse, s, denom, ignore_index,
+                          label_smoothing, reduction, backend, need_dx, need_dtarget)
+
+
+@ce_backward_op.register_fake
+def _(grad, x, target, weight, lse, s, denom, ignore_index, label_smoothing, reduction, backend,
+      need_dx, need_dtarget):
+    dx = torch.empty_like(x) if need_dx else x.new_empty(0)
+    soft = target.is_floating_point()
+    dy = torch.empty_like(target) if (need_dtarget and soft) else target.new_empty(0)
+    return dx, dy
+
+
+# ------------------------------------------------------------------------------------------
+# The autograd Function
+
+
+class Options(NamedTuple):
+    """cross_entropy's checked options, as the Function takes them."""
+
+    ignore_index: int
+    label_smoothing: float
+    reduction: str
+    backend: str
+    validate: bool
+    mode: str = "backward"  # where the gradient is computed: "backward", "forward", "inplace"
+
+
+def _reduce(loss, denom, reduction):
+    if reduction == "none":
+        return loss
+    total = loss.sum()
+    return total / denom[0] if reduction == "mean" else total
+
+
+class CrossEntropyFunction(torch.autograd.Function):
+    """Cross-entropy of ``x`` (N, C, L) against ``target`` ((N, L) class indices or (N, C, L)
+    probabilities), reduced as ``opts.reduction`` says; differentiable in ``x`` and in
+    probability targets.
+
+    ``opts.mode`` "forward" and "inplace" (eager mode only; class-index targets, rows of
+    ``x`` contiguous) compute the gradient of the reduced loss in the forward, with
+    ``1 / denominator`` folded in. The backward hands it to autograd after rescaling rows
+    whose upstream gradient is not 1. A second backward through a retained graph recomputes
+    it from the saved logits ("forward"), or raises ("inplace": they are gone).
+    """
+
+    @staticmethod
+    def forward(ctx, x, target, weight, opts):
+        ctx.opts = opts
+        args = (opts.ignore_index, opts.label_smoothing, opts.reduction, opts.backend,
+                opts.validate)
+        if opts.mode == "backward":
+            forward = ce_forward_op if torch.compiler.is_compiling() else _loss.forward
+            loss, lse, s, denom = forward(x, target, weight, *args)
+            ctx.save_for_backward(x, target, weight, lse, s, denom)
+            return loss
+        rows, t = _loss.rows_view(x), target.reshape(-1).contiguous()
+        if opts.validate:
+            _loss.check_targets(t, x.shape[1], opts.ignore_index)
+        impl = _args.implementation(opts.backend, x)
+        denom = _loss.denominator(t, weight, opts.ignore_index, x.shape[1], opts.reduction)
+        inplace = opts.mode == "inplace"
+        grad = rows if inplace else impl.grad_buffer(rows)
+        loss, lse = impl.ce_fwd(rows, t, weight, opts.ignore_index, opts.label_smoothing,
+                                grad_scale=1.0 / denom, grad_out=None if inplace else grad)
+        if inplace:
+            # A Triton store does not bump the version counter: do it, so that a node which
+            # saved the logits (e.g. tanh's output) raises instead of reading the gradient.
+            torch.autograd.graph.increment_version(x)
+            ctx.save_for_backward(x, t)
+        else:
+            ctx.save_for_backward(x, t, weight, lse, denom)
+            ctx.grad = grad  # held until the backward hands it over (or the graph is freed)
+        ctx.impl = impl
+        ctx.consumed = False
+        return _reduce(loss.view(x.shape[0], x.shape[2]), denom, opts.reduction)
+
+    @staticmethod
+    @first_order_only
+    def backward(ctx, grad_loss):
+        opts = ctx.opts
+        if opts.mode == "backward":
+            x, target, weight, lse, s, denom = ctx.saved_tensors
+            need_dx = ctx.needs_input_grad[0]
+            need_dtarget = ctx.needs_input_grad[1] and target.is_floating_point()
+            if not (need_dx or need_dtarget):
+                return None, None, None, None
+            backward = ce_backward_op if torch.compiler.is_compiling() else _loss.backward
+            dx, dy = backward(grad_loss, x, target, weight, lse, s, denom, opts.ignore_index,
+                              opts.label_smoothing, opts.reduction, opts.backend, need_dx,
+                              need_dtarget)
+            return dx if need_dx else None, dy if need_dtarget else None, None, None
+        return _rows_grad(ctx, grad_loss), None, None, None
+
+
+def _rows_grad(ctx, grad_loss):
+    """The backward of the modes that computed the gradient in the forward."""
+    opts = ctx.opts
+    if opts.mode == "inplace" and ctx.consumed:
+        raise RuntimeError(INPLACE_SECOND_BACKWARD_ERROR)
+    x, t = ctx.saved_tensors[:2]
+    n_rows = t.shape[0]
+    if opts.reduction == "none":
+        dloss = grad_loss.float().reshape(-1)  # may be an expanded scalar: stride 0 honoured
+    else:
+        dloss = grad_loss.float().reshape(1).expand(n_rows)
+    if not ctx.consumed:
+        # An ignored row's gradient is 0 whatever its upstream gradient, also an infinite
+        # one (d sqrt(loss) at loss 0): its stored zeros get the factor 1, which ``ce_scale_``
+        # skips, not the upstream (0 * inf would be NaN). (In int64: a uint8 target would
+        # compare -100 as 156.)
+        dloss = torch.where(t.long() == opts.ignore_index, 1.0, dloss)
+        ctx.consumed = True  # a second backward would rescale the gradient again
+        if opts.mode == "inplace":
+            dx = ctx.impl.ce_scale_(_loss.rows_view(x), dloss)  # denom is in already
+            torch.autograd.graph.increment_version(x)
+        else:
+            dx = ctx.impl.ce_scale_(ctx.grad, dloss)
+            ctx.grad = None
+        return _loss.from_rows(dx, x)
+    x, t, weight, lse, denom = ctx.saved_tensors
+    dx = ctx.impl.ce_bwd(_loss.rows_view(x), t, lse, dloss / denom,
+                         weight=weight, ignore_index=opts.ignore_index,
+                         label_smoothing=opts.label_smoothing)
+    return _loss.from_rows(dx, x)

@@ -1,0 +1,156 @@
+"""cross_entropy over its implementations: the reduction, and the choice between the
+row-wise and the strided launchers from the tensors' layout.
+
+Two families of launchers compute per-row losses and the gradient of a weighted sum of them,
+each in ``fusedce.kernels`` (Triton) and ``fusedce.cpu`` (PyTorch) under the same names:
+
+- row-wise (``ce_fwd``, ``ce_bwd``, ``ce_scale_``), for class-index targets whose classes are
+  contiguous in memory (the language-model case);
+- strided (``ce_strided_fwd``, ``ce_strided_bwd``), over the class dimension of (N, C, L)
+  logits of any strides: class-probability targets, class-index targets whose classes are
+  not contiguous, and float64.
+
+The reduction's denominator stays a device tensor (no host sync). ``forward`` and
+``backward`` are what the autograd route (``fusedce._autograd``) runs, directly in eager mode
+and inside the ``torch.library`` ops under ``torch.compile``.
+"""
+
+import torch
+
+from . import _args
+from .cpu.strided import acc_dtype as _acc
+
+
+def acc_dtype(x, target, weight):
+    """The dtype the loss is computed in: float64 if any operand is float64, else float32."""
+    soft = target.is_floating_point()
+    return _acc(x.dtype, target.dtype if soft else x.dtype,
+                weight.dtype if weight is not None else x.dtype)
+
+
+def denominator(target, weight, ignore_index, n_cols, reduction, dtype=torch.float32):
+    """The divisor of the summed loss, as a device tensor of shape (1,).
+
+    'mean' divides by the summed class weights of the rows not ignored (PyTorch's weighted
+    mean; with no weights, their count), so all rows ignored gives 0 / 0 = NaN as in PyTorch.
+    For class-probability targets PyTorch divides by the number of rows, weights or not.
+    """
+    device = target.device
+    if reduction != "mean":
+        return torch.ones(1, dtype=dtype, device=device)
+    if target.is_floating_point():  # (N, C, L) probabilities: N * L rows
+        return torch.full((1,), float(target.numel() // max(n_cols, 1)) if n_cols else 0.0,
+                          dtype=dtype, device=device)
+    # int64: compared with a uint8 target, -100 would wrap to 156 and drop class 156's rows
+    target = target.reshape(-1).long()
+    kept = target != ignore_index
+    if weight is None:
+        return kept.sum(dtype=dtype).reshape(1)
+    in_range = kept & (target >= 0) & (target < n_cols)
+    w_t = weight.to(dtype)[torch.where(in_range, target, 0)]
+    return torch.where(in_range, w_t, 0.0).sum().reshape(1)
+
+
+
+def rows_view(x):
+    """``x`` (N, C, L) as a (N * L, C) view with unit class stride, or None if impossible."""
+    n, n_cols, l_len = x.shape
+    if x.stride(1) != 1:
+        return None
+    if l_len == 1:
+        return x.squeeze(2)  # a view whose backward is a view too (select_backward copies)
+    if n == 1:
+        return x.squeeze(0).t()
+    if x.stride(0) == l_len * x.stride(2):
+        return x.transpose(1, 2).reshape(n * l_len, n_cols)
+    return None
+
+
+def from_rows(rows, x):
+    """The inverse of ``rows_view``: ``rows`` (N * L, C) as a view shaped like ``x`` (N, C, L)."""
+    n, n_cols, l_len = x.shape
+    if l_len == 1:
+        return rows.unsqueeze(2)
+    if n == 1:
+        return rows.t().unsqueeze(0)
+    return rows.view(n, l_len, n_cols).transpose(1, 2)
+
+
+def use_rows(x, target, weight):
+    """Whether the row-wise implementation serves ``x`` (N, C, L): class indices, classes
+    contiguous, rows one stride apart, and no float64 operand (float64 is computed in
+    float64 by the strided implementation, as PyTorch would)."""
+    return (not target.is_floating_point() and acc_dtype(x, target, weight) == torch.float32
+            and rows_view(x) is not None)
+
+
+def check_targets(target, n_cols, ignore_index):
+    """Raise PyTorch's IndexError for a class index outside ``[0, C)`` (host sync)."""
+    t = target.reshape(-1).long()  # int64, as in ``denominator``
+    bad = (t != ignore_index) & ((t < 0) | (t >= n_cols))
+    if bool(bad.any()):
+        raise IndexError(f"Target {int(t[bad][0])} is out of bounds.")
+
+
+def forward(x, target, weight, ignore_index, label_smoothing, reduction, backend, validate):
+    """Reduced loss of ``x`` (N, C, L) against ``target`` ((N, L) indices or (N, C, L)
+    probabilities). Returns ``(loss, lse, s, denom)``: loss (N, L) for 'none' else a scalar,
+    in the accumulation dtype; lse and s (O(rows) state for the backward); denom (1,)."""
+    n, n_cols, l_len = x.shape
+    soft = target.is_floating_point()
+    acc = acc_dtype(x, target, weight)
+    if validate and not soft:
+        check_targets(target, n_cols, ignore_index)
+    if use_rows(x, target, weight):
+        impl = _args.implementation(backend, x)
+        loss, lse = impl.ce_fwd(rows_view(x), target.reshape(-1).contiguous(), weight=weight,
+                                ignore_index=ignore_index, label_smoothing=label_smoothing)
+        s = lse.new_empty(0)
+    else:
+        impl = _args.implementation(backend, x)
+        loss, lse, s = impl.ce_strided_fwd(x, target, weight=weight, ignore_index=ignore_index,
+                                           label_smoothing=label_smoothing)
+    denom = denominator(target, weight, ignore_index, n_cols, reduction, dtype=acc)
+    if reduction == "none":
+        loss = loss.view(n, l_len)
+    else:
+        loss = loss.sum()
+        if reduction == "mean":
+            loss = loss / denom[0]
+    return loss, lse, s, denom
+
+
+def backward(grad, x, target, weight, lse, s, denom, ignore_index, label_smoothing, reduction,
+             backend, need_dx, need_dtarget):
+    """Gradients ``(dx, dtarget)`` of the loss from ``forward``, given its upstream gradient
+    ``grad`` ((N, L) for 'none', else a scalar). ``dx`` is laid out like ``torch.empty_like(x)``;
+    an entry not asked for is an empty tensor."""
+    n, n_cols, l_len = x.shape
+    acc = lse.dtype
+    if reduction == "none":
+        dloss = grad.to(acc)
+    else:
+        # one scalar for all rows, broadcast with stride 0 (no (N, L) tensor is made)
+        dloss = grad.to(acc).reshape(1)
+        if reduction == "mean":
+            dloss = dloss / denom
+        dloss = dloss.reshape(1, 1).expand(n, l_len)
+    dx = torch.empty_like(x) if need_dx else x.new_empty(0)
+    dy = target.new_empty(0)
+    dx_rows = rows_view(dx) if need_dx and use_rows(x, target, weight) else None
+    if dx_rows is not None:
+        impl = _args.implementation(backend, x)
+        impl.ce_bwd(rows_view(x), target.reshape(-1).contiguous(), lse, dloss.reshape(-1),
+                    weight=weight, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                    dx=dx_rows)
+        return dx, dy
+    if need_dx or need_dtarget:
+        impl = _args.implementation(backend, x)
+        dx_out, dy_out = impl.ce_strided_bwd(
+            x, target, lse, s, dloss, weight=weight, ignore_index=ignore_index,
+            label_smoothing=label_smoothing, dx=dx if need_dx else None, need_dx=need_dx,
+            need_dtarget=need_dtarget and target.is_floating_point())
+        if dy_out is not None:
+            dy = dy_out
+    return dx, dy
+

@@ -1,0 +1,271 @@
+"""The row-wise PyTorch implementation: logits (rows, C) with contiguous classes against
+class indices, the language-model case. Same launchers, signatures and math as
+``fusedce.kernels.cross_entropy`` (``fusedce/reference.py`` states the math plainly):
+
+    lse = m + log(sum_c exp(x_c - m)),  m = max_c x_c
+    loss = (1 - eps) w_t (lse - x_t) + eps / C (W lse - sum_c w_c x_c),  W = sum_c w_c
+    dx_c = g (A p_c - B [c = t] - eps / C w_c),  p = exp(x - lse),
+           A = (1 - eps) w_t + eps W / C,  B = (1 - eps) w_t
+
+How it is fast on a CPU (figures in docs/benchmarks.md):
+
+- cache-sized row chunks (``chunks``), spread over worker threads (``pool``), each worker's
+  loop a TorchScript function that holds no GIL;
+- where the gradient is computed in the backward, the upstream gradient and A fold into
+  the exponent, ``g A p = exp(x - (lse - log(g A)))``: one subtract into the gradient and
+  one in-cache exp; the target's entry, where ``A p_t - B`` may cancel, is written
+  afterwards from a per-row fp32 formula (one rounding, as in the kernels);
+- with ``grad_scale``, ``ce_fwd`` writes the gradient of the reduced loss in the same pass
+  as the loss, into ``grad_out`` (a reused buffer from ``buffers.grad_buffer``) or over
+  ``x``; the backward then only rescales rows whose upstream gradient is not 1;
+- no max pass where none is needed: where ``x`` survives the pass, the forward takes
+  ``exp(x)`` without the row max and tests each chunk (``chunks._sums_fail``) before its
+  gradient is written; a chunk that fails is redone with a shift.
+"""
+
+import torch
+
+from . import buffers, chunks, pool
+
+# The forward's sum(exp(x)) without the max shift where that provably changes nothing
+# (checked per chunk, ``chunks._sums_fail``): saves a pass over every chunk.
+UNSHIFTED_EXP = True
+# The same in the backward (exp(x) * g A exp(-lse)): faster, but its different rounding of
+# near-zero gradients flips the signs that Adam's first step amplifies (tests/test_hf.py
+# compares parameters after a step at 1e-6), so it is off.
+UNSHIFTED_EXP_BWD = False
+
+
+def _row_targets(target, weight, ignore_index, n_cols):
+    """``(t_safe, ignored, valid, w_t)``: targets clamped to a readable index, the ignore
+    and in-range masks, and each row's class weight (0 where ignored or out of range)."""
+    t = target.long()
+    ignored = t == ignore_index
+    valid = (t >= 0) & (t < n_cols) & ~ignored
+    t_safe = torch.where(valid, t, 0)
+    if weight is None:
+        w_t = valid.float()
+    else:
+        w_t = torch.where(valid, weight.float()[t_safe], 0.0)
+    return t_safe, ignored, valid, w_t
+
+
+def _row_scale(g, ignored, valid):
+    """Upstream gradient per row: 0 for ignored rows, NaN for out-of-range targets."""
+    return torch.where(ignored, 0.0, torch.where(valid, g, float("nan")))
+
+
+def _smoothing_sum(weight, n_cols):
+    """``W = sum_c w_c`` (C without weights)."""
+    return weight.float().sum() if weight is not None else float(n_cols)
+
+
+def _grad_coefficients(w_t, weight, eps, n_cols):
+    B = (1.0 - eps) * w_t
+    if eps > 0:
+        return B + eps * _smoothing_sum(weight, n_cols) / n_cols, B
+    return B, B
+
+
+def _target_grad(x_t, lse, gA, gB, g, w, eps, n_cols, t_safe):
+    """The gradient at each row's target, ``gA p_t - gB - g eps / C w_t``, in fp32."""
+    d = torch.exp(x_t - lse) * gA - gB
+    if eps > 0:
+        w_tt = 1.0 if w is None else w[t_safe]
+        d = d - g * (eps / n_cols) * w_tt
+    return d
+
+
+
+def _write_target_grad(dx, t_safe, d):
+    dx[torch.arange(dx.shape[0], device=dx.device), t_safe] = d.to(dx.dtype)
+
+
+
+def _chunk_bounds(gA, step):
+    """Per chunk of ``step`` rows: the smallest and largest finite nonzero ``|gA|`` (inf
+    and 0 for a chunk with none), as lists for ``chunks._sums_fail``."""
+    a = gA.abs().reshape(-1)
+    n_chunks = chunks.cdiv(a.numel(), step)
+    pad = n_chunks * step - a.numel()
+    finite = torch.isfinite(a)
+    hi = torch.nn.functional.pad(torch.where(finite, a, 0.0), (0, pad), value=0.0)
+    lo = torch.nn.functional.pad(torch.where(finite & (a > 0), a, float("inf")), (0, pad),
+                                 value=float("inf"))
+    return (lo.view(n_chunks, step).amin(1).tolist(),
+            hi.view(n_chunks, step).amax(1).tolist())
+
+
+def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_scale=None,
+           grad_out=None):
+    """Per-row ``(loss, lse)`` in fp32 of ``x`` (rows, C) against ``target`` (rows,).
+
+    With ``grad_scale`` (a (1,) fp32 tensor) also writes the gradient of ``loss *
+    grad_scale``: into ``grad_out`` (a contiguous tensor of ``x``'s shape and dtype; ``x``
+    then stays intact) or, when it is None, over ``x``. A ``grad_out`` fresh from
+    ``buffers.grad_buffer`` is faulted in by each worker for its own rows first."""
+    n_rows, n_cols = x.shape
+    eps = float(label_smoothing)
+    dev = x.device
+    grad = grad_scale is not None
+    dst = (x if grad_out is None else grad_out) if grad else None
+    fault_in = grad_out is not None and buffers.take_fresh(grad_out)
+    with torch.no_grad():
+        t_safe, ignored, valid, w_t = _row_targets(target, weight, ignore_index, n_cols)
+        w = weight.float() if weight is not None else None
+        x_t = x.gather(1, t_safe[:, None]).squeeze(1).float()  # before x is overwritten
+        row_max = torch.zeros(n_rows, 1, dtype=torch.float32, device=dev)  # the shift
+        row_sum = torch.empty(n_rows, 1, dtype=torch.float32, device=dev)
+        sum_wx = torch.empty(n_rows, dtype=torch.float32, device=dev) if eps > 0 else None
+        if grad:
+            A, B = _grad_coefficients(w_t, weight, eps, n_cols)
+            g = _row_scale(grad_scale.float().expand(n_rows), ignored, valid)
+            gA = (g * A)[:, None].contiguous()
+            coef = torch.empty_like(gA)
+            smooth = (g * (eps / n_cols)).contiguous() if eps > 0 else None
+    direct = x.dtype == torch.float32  # else: through an fp32 scratch chunk
+    inplace = dst is x
+    step = chunks.rows_per_chunk(n_cols)
+    # No max pass where x survives the pass, so that the chunks it fails for can be redone
+    # (``chunks.fwd_chunks``): not in place in fp32 (exp would overwrite x at once) nor on a GPU
+    # (each chunk's check would sync)
+    unshifted = UNSHIFTED_EXP and dev.type == "cpu" and (not inplace or not direct)
+    # below this a sum could be off by the terms fp32 flushes (2**-126 each, denormals
+    # flushed; 2**-102 V is 2**24 of them)
+    lo_bound = max(1e-30, n_cols * 2.0 ** -102)
+    # inline, with no other worker to contend for the GIL, plain Python costs less per call
+    chunk_loop = chunks.script(chunks.fwd_chunks) if pool.n_workers(n_rows, n_cols, dev) > 1 \
+        else chunks.fwd_chunks
+    g_lo, g_hi = _chunk_bounds(gA, step) if unshifted and grad else ([], [])
+    args = dict(x=x.detach(), dst=dst.detach() if grad else None, row_max=row_max,
+                row_sum=row_sum, sum_wx=sum_wx, w=w, gA=gA if grad else None,
+                coef=coef if grad else None, smooth=smooth if grad else None, step=step,
+                direct=direct, inplace=inplace, x_t=x_t[:, None].contiguous(),
+                lo_bound=lo_bound, g_lo=g_lo, g_hi=g_hi)
+
+    def work(start, end):
+        scratch = None
+        if not direct or dst is None:
+            scratch = torch.empty(min(step, end - start), n_cols, dtype=torch.float32,
+                                  device=dev)
+        if fault_in and grad_out is not None and buffers.PAGE_ADVICE == "populate":
+            buffers.populate_rows(dst, start, end)
+        # worker ranges are whole chunks (``pool.parallel_rows``)
+        todo = list(range(start // step, chunks.cdiv(end, step)))
+        if unshifted:
+            todo = chunk_loop(scratch=scratch, chunks=todo, shifted=False, **args)
+        if todo:
+            chunk_loop(scratch=scratch, chunks=todo, shifted=True, **args)
+
+    if n_rows > 0 and n_cols > 0:
+        pool.parallel_rows(n_rows, n_cols, dev, work)
+    with torch.no_grad():
+        if n_cols > 0:
+            lse = (row_max + row_sum.log()).squeeze(1)
+        else:
+            lse = torch.full((n_rows,), float("-inf"), device=dev)
+        loss = (1.0 - eps) * w_t * (lse - x_t)
+        if eps > 0:
+            loss = loss + eps / n_cols * (_smoothing_sum(weight, n_cols) * lse - sum_wx)
+        loss = torch.where(ignored, 0.0, torch.where(valid, loss, float("nan")))
+        if grad and n_rows > 0 and n_cols > 0:
+            gA = gA.squeeze(1)
+            d = _target_grad(x_t, lse, gA, g * B, g, w, eps, n_cols, t_safe)
+            _write_target_grad(dst, t_safe, d)
+    return loss, lse
+
+
+def ce_bwd(x, target, lse, dloss, weight=None, ignore_index=-100, label_smoothing=0.0,
+           dx=None):
+    """Gradient of ``sum(loss * dloss)`` w.r.t. ``x``; same contract as the kernel launcher."""
+    n_rows, n_cols = x.shape
+    eps = float(label_smoothing)
+    dev = x.device
+    if dx is None:
+        dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    # usually a buffer just allocated (here or by the caller), not yet touched; advice on
+    # one that was is harmless (the kernel may merge its pages later)
+    if buffers.PAGE_ADVICE == "hugepage":
+        buffers.advise_hugepages(dx)
+    if n_rows == 0 or n_cols == 0:
+        return dx
+    with torch.no_grad():
+        t_safe, ignored, valid, w_t = _row_targets(target, weight, ignore_index, n_cols)
+        w = weight.float() if weight is not None else None
+        A, B = _grad_coefficients(w_t, weight, eps, n_cols)
+        g = _row_scale(dloss.float().expand(n_rows), ignored, valid)
+        gA = g * A
+        lse = lse.float()
+        # g A p = sign(g A) exp(x - (lse - log|g A|)); g A = 0 gives exp(-inf) = 0
+        # rows with g A = 0 (ignored, or no upstream gradient) are zeroed, not computed:
+        # exp(-inf) takes a slow path in PyTorch's CPU exp, about 20x an ordinary value
+        # (on the CPU only: reading the rows' flags on a GPU would be a host sync)
+        shift = lse - gA.abs().log()
+        skip, sign = None, torch.where(gA < 0, -1.0, 1.0).contiguous()
+        if dev.type == "cpu":
+            zero_rows = gA == 0
+            skip = zero_rows.tolist()
+            shift = torch.where(zero_rows, lse, shift)
+            if not bool((gA < 0).any()):
+                sign = None
+        shift = shift.contiguous()
+        # rows whose gradient is gA exp(-lse) * exp(x) without overflow or underflow:
+        # lse < 80 bounds exp(x) <= exp(lse); lse > -15 keeps exp(x) normal where p > 1e-30;
+        # a scale |gA| exp(-lse) <= 1 keeps the gradient subnormal where exp(x) is, and
+        # one of fp32's normal range keeps its precision
+        fast = None
+        if UNSHIFTED_EXP_BWD and dev.type == "cpu":
+            scale = (gA * torch.exp(-lse)).contiguous()
+            scale_abs = scale.abs()
+            fast = ((lse > -15.0) & (lse < 80.0) & (scale_abs <= 1.0)
+                    & ((scale_abs >= 1.2e-38) | (gA == 0))).tolist()
+        smooth = (g * (eps / n_cols)).contiguous() if eps > 0 else None
+        x_t = x.gather(1, t_safe[:, None]).squeeze(1).float()
+    direct = dx.dtype == torch.float32 and x.dtype == torch.float32
+    step = chunks.rows_per_chunk(n_cols)
+
+    chunk_loop = chunks.script(chunks.bwd_chunks) if pool.n_workers(n_rows, n_cols, dev) > 1 \
+        else chunks.bwd_chunks
+    shift2 = shift[:, None]
+    sign2 = sign[:, None] if sign is not None else None
+    scale2 = scale[:, None] if fast is not None else None
+
+    def work(start, end):
+        scratch = None
+        if not direct:
+            scratch = torch.empty(min(step, end - start), n_cols, dtype=torch.float32,
+                                  device=dev)
+        if buffers.PAGE_ADVICE == "populate" and dev.type == "cpu":
+            buffers.populate_rows(dx, start, end)
+        chunk_loop(x.detach(), dx.detach(), shift2, sign2, scale2, smooth, w, scratch,
+                   [] if skip is None else skip[start:end],
+                   [] if fast is None else fast[start:end], start, end, step, direct)
+
+    pool.parallel_rows(n_rows, n_cols, dev, work)
+    with torch.no_grad():
+        d = _target_grad(x_t, lse, gA, g * B, g, w, eps, n_cols, t_safe)
+        _write_target_grad(dx, t_safe, d)
+    return dx
+
+
+def ce_scale_(dx, dloss):
+    """``dx *= dloss[:, None]`` in place; nothing is done when every factor is exactly 1.
+
+    Returns a fresh alias of ``dx`` (``dx.detach()``): autograd's gradient accumulation
+    adopts a gradient nobody else references as it is, where it would copy ``dx`` itself
+    (held by the graph as the saved logits), a logits-sized allocation and pass."""
+    if dx.shape[0] == 0:
+        return dx.detach()
+    g = dloss.float()
+    with torch.no_grad():
+        if dx.device.type == "cpu":
+            # reading a CPU tensor is no device sync: skip the pass when there is nothing to do
+            if dloss.stride(0) == 0:
+                if g[0].item() != 1.0:
+                    dx.mul_(g[0])
+                return dx.detach()
+            if bool((g == 1.0).all()):
+                return dx.detach()
+        # an fp32 factor: the product is computed in fp32 and rounded once into dx
+        dx.mul_(g[:, None])
+    return dx.detach()

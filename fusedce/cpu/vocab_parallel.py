@@ -1,0 +1,99 @@
+"""The vocab-parallel loss's per-shard passes in PyTorch (``fusedce.distributed``): the
+same launchers and results as ``fusedce.kernels.vocab_parallel``, in cache-sized row chunks
+on the CPU path's worker threads."""
+
+import torch
+
+from . import buffers, chunks, pool
+
+
+def vp_partials(x, t_local, w_shard, smoothing, part):
+    """Fills ``part`` (>= 3 * rows fp32) with ``[lse_r | xt_r | swx_r]`` of the shard ``x``
+    (rows, C_r), as ``fusedce.kernels.vp_partials`` does.
+
+    Cache-sized row chunks (max, subtract into an fp32 scratch, exp in cache, sum), spread
+    over fusedce's single-threaded worker threads."""
+    n_rows, n_cols = x.shape
+    lse, x_t = part[:n_rows], part[n_rows:2 * n_rows]
+    swx = part[2 * n_rows:3 * n_rows]
+    if n_cols == 0:
+        lse.fill_(float("-inf"))
+        x_t.zero_()
+        swx.zero_()
+        return part
+    w = w_shard.float() if (smoothing and w_shard is not None) else None
+    direct = x.dtype == torch.float32
+    step = chunks.rows_per_chunk(n_cols)
+
+    def work(start, end):
+        scratch = torch.empty(min(step, end - start), n_cols, dtype=torch.float32,
+                              device=x.device)
+        for s, e in chunks.chunk_ranges(end, n_cols, start=start):
+            xc = x[s:e]
+            m = lse[s:e]  # the row max first, then the log-sum-exp over it
+            torch.amax(xc, 1, out=m) if direct else m.copy_(xc.amax(1))
+            m.masked_fill_(m == float("-inf"), 0.0)  # all -inf: no (-inf) - (-inf)
+            buf = torch.sub(xc, m[:, None], out=scratch[:e - s])
+            if smoothing:
+                if w is None:
+                    torch.sum(xc, 1, dtype=torch.float32, out=swx[s:e])
+                else:
+                    torch.mv(xc if direct else xc.float(), w, out=swx[s:e])
+            m.add_(buf.exp_().sum(1).log_())
+
+    if n_rows > 0:
+        pool.parallel_rows(n_rows, n_cols, x.device, work)
+    picked = x.gather(1, t_local.clamp_min(0)[:, None]).squeeze(1).float()
+    x_t.copy_(torch.where(t_local >= 0, picked, 0.0))
+    return part
+
+
+def vp_grad(x, t_local, lse, g, w_t, consts, eps, w_shard, dx=None):
+    """The shard's gradient into ``dx``, as ``fusedce.kernels.vp_grad`` writes it.
+
+    Per cache-sized chunk, ``a p = sign(a) exp(x - (lse - log|a|))`` is one subtract into
+    the gradient and one in-cache exp (``a = 0`` gives exp(-inf) = 0), then the target's
+    one-hot term (O(rows)) and the smoothing term."""
+    if dx is None:
+        dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+        buffers.advise_hugepages(dx)  # fresh: first-touch faults cost more than a pass
+    n_rows, n_cols = x.shape
+    if n_rows == 0 or n_cols == 0:
+        return dx
+    smoothing = eps > 0
+    b = (1.0 - eps) * w_t * g
+    a = b + eps * consts[0] / consts[1] * g if smoothing else b
+    k = (eps / consts[1] * g).contiguous() if smoothing else None
+    shift = (lse - a.abs().log()).contiguous()
+    negative = a < 0
+    sign = torch.where(negative, -1.0, 1.0).contiguous()
+    # skip the sign pass when no row needs it, read on the CPU only (on a GPU: a host sync)
+    if x.device.type == "cpu" and not bool(negative.any()):
+        sign = None
+    in_shard = t_local >= 0
+    t_safe = t_local.clamp_min(0)
+    b = torch.where(in_shard, b, 0.0)  # rows whose target lives elsewhere: no one-hot term
+    w = w_shard.float() if (smoothing and w_shard is not None) else None
+    direct = dx.dtype == torch.float32
+    step = chunks.rows_per_chunk(n_cols)
+
+    def work(start, end):
+        scratch = None if direct else torch.empty(min(step, end - start), n_cols,
+                                                  dtype=torch.float32, device=dx.device)
+        for s, e in chunks.chunk_ranges(end, n_cols, start=start):
+            out = dx[s:e] if direct else scratch[:e - s]
+            torch.sub(x[s:e], shift[s:e, None], out=out)  # fp32 math from any dtype
+            out.exp_()
+            if sign is not None:
+                out.mul_(sign[s:e, None])
+            out.scatter_add_(1, t_safe[s:e, None], -b[s:e, None])
+            if smoothing:
+                if w is None:
+                    out.sub_(k[s:e, None])
+                else:
+                    out.addcmul_(k[s:e, None], w[None, :], value=-1.0)
+            if not direct:
+                dx[s:e] = out  # one rounding into dx
+
+    pool.parallel_rows(n_rows, n_cols, dx.device, work)
+    return dx
