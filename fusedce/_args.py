@@ -122,6 +122,9 @@ def loss_options(fn, reduction_, label_smoothing_, ignore_index_, backend_,
 # The choice of implementation
 
 
+_IMPLS = {}
+
+
 def _kernels():
     # imported on first use, so that ``import fusedce`` needs neither Triton nor a GPU
     from . import kernels
@@ -129,10 +132,15 @@ def _kernels():
     return kernels
 
 
-def _cpu():
-    from . import cpu
-
-    return cpu
+def _launchers(name):
+    impl = _IMPLS.get(name)
+    if impl is None:
+        if name == "triton":
+            impl = _kernels()
+        else:
+            from . import cpu as impl
+        _IMPLS[name] = impl
+    return impl
 
 
 def implementation(backend_, x):
@@ -141,7 +149,7 @@ def implementation(backend_, x):
     same signatures. ``"auto"``: Triton for CUDA tensors, PyTorch elsewhere."""
     if backend_ == "auto":
         backend_ = "triton" if x.is_cuda else "torch"
-    return _kernels() if backend_ == "triton" else _cpu()
+    return _launchers(backend_)
 
 
 def is_cpu_impl(impl):

@@ -97,9 +97,14 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     weight = _args.class_weight(weight, x.shape[1])
     impl = _args.implementation(backend, input)
     validate = _validates_by_default(input, impl) if validate is None else bool(validate)
-    opts = _autograd.Options(ignore_index, label_smoothing, reduction, backend, validate,
-                             _grad_mode(x, t, weight, impl, inplace_backward))
-    loss = _autograd.CrossEntropyFunction.apply(x, t, weight, opts)
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (
+            input.requires_grad or target.requires_grad)):
+        opts = _autograd.Options(ignore_index, label_smoothing, reduction, backend, validate,
+                                 _grad_mode(x, t, weight, impl, inplace_backward))
+        loss = _autograd.CrossEntropyFunction.apply(x, t, weight, opts)
+    else:  # no gradient to take (no_grad, evaluation): no autograd state at all
+        loss = _loss.forward(x, t, weight, ignore_index, label_smoothing, reduction, backend,
+                             validate)[0]
     if reduction == "none":
         loss = loss.reshape(loss_shape)
     return loss.to(out_dtype)
