@@ -25,5 +25,5 @@ setup(
         # `python -m bench` and `pytest bench/ --benchmark-only`
         "bench": ["pytest>=8", "pytest-benchmark>=4", "matplotlib>=3.5", "tqdm>=4"],
     },
-    entry_points={"console_scripts": ["fusedce=fusedce.cli:main"]},
+    entry_points={"console_scripts": ["fusedce=fusedce.app.cli:main"]},
 )

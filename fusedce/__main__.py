@@ -1,7 +1,7 @@
-"""``python -m fusedce``: the ``fusedce`` command (see ``fusedce.cli``)."""
+"""``python -m fusedce``: the ``fusedce`` command (see ``fusedce.app.cli``)."""
 
 import sys
 
-from .cli import main
+from .app.cli import main
 
 sys.exit(main())

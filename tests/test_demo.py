@@ -14,9 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fusedce import cli, tokenizer
-from fusedce.demo import DEFAULT_TEXTS, batch_from_texts, run_demo
-from fusedce.model import build_model
+from fusedce.app import cli, tokenizer
+from fusedce.app.demo import DEFAULT_TEXTS, batch_from_texts, run_demo
+from fusedce.app.model import build_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BPE_FILE = REPO_ROOT.parent / "shared" / "data" / "gpt2.tiktoken"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fusedce import tokenizer
+from fusedce.app import tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BPE_FILE = REPO_ROOT.parent / "shared" / "data" / "gpt2.tiktoken"
@@ -100,7 +100,7 @@ def test_offline_without_file_names_both_ways(monkeypatch, no_download, tmp_path
 
 def test_checkout_file_found_without_env(bpe_file, monkeypatch, no_download):
     # In a source checkout with shared/data beside it (CI), no variable is needed.
-    if Path(tokenizer.__file__).resolve().parents[1] != REPO_ROOT:
+    if Path(tokenizer.__file__).resolve().parents[2] != REPO_ROOT:
         pytest.skip("fusedce is not imported from this checkout (not an editable install)")
     monkeypatch.delenv(tokenizer.ENV_VAR, raising=False)
     assert tokenizer._CHECKOUT_FILE == bpe_file.resolve()

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fusedce import cli, tokenizer
-from fusedce.train import load_tokens, sample_batch, stdlib_text, train, write_curves
+from fusedce.app import cli, tokenizer
+from fusedce.app.train import load_tokens, sample_batch, stdlib_text, train, write_curves
 
 BPE_FILE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gpt2.tiktoken"
 LOSS_ATOL = 2e-5

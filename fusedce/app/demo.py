@@ -18,7 +18,6 @@ import torch.nn.functional as F
 
 import fusedce
 
-from ._args import implementation
 from .model import SIZES, build_model
 from .tokenizer import EOT_ID, gpt2_encoding
 
@@ -91,8 +90,8 @@ def run_demo(
     device = device or default_device()
     enc = gpt2_encoding(tokenizer_file)
     vocab = enc.n_vocab
-    impl = implementation(backend, torch.empty(0, device=device)).__name__
-    impl = "Triton kernels" if impl.endswith("kernels") else "PyTorch, chunked"
+    on_gpu = backend == "triton" or (backend == "auto" and torch.device(device).type == "cuda")
+    impl = "Triton kernels" if on_gpu else "PyTorch, chunked"
     model = build_model(size, seed=seed, device=device)
     cfg = model.config
     n_params = sum(p.numel() for p in model.parameters())

@@ -24,7 +24,7 @@ EOT = "<|endoftext|>"
 EOT_ID = 50_256
 
 # The repository root of a source checkout (an editable install): fusedce/tokenizer.py -> ..
-_CHECKOUT_FILE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gpt2.tiktoken"
+_CHECKOUT_FILE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "gpt2.tiktoken"
 
 
 class TokenizerUnavailable(RuntimeError):
