@@ -1,0 +1,99 @@
+"""This checkout's ``fusedce.cross_entropy`` against another git revision's, in one process.
+
+The other revision is extracted with ``git archive`` and imported under another package name
+(``fusedce_<rev>``), so both run interleaved on the same machine state: the ratio of their
+medians is what a change did to the speed, free of the drift between two runs.
+
+    python -m bench.revisions HEAD~1                 # small calls and GPT-2's large one
+    python -m bench.revisions main --shapes 1x50257,8x1000 --repeats 200
+
+Forward + backward (the default mode, then ``inplace_backward=True``), CPU, fp32.
+"""
+
+import argparse
+import importlib
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import fusedce
+
+ROOT = Path(__file__).resolve().parent.parent
+SHAPES = "1x50257,6x50257,64x50257,8x1000,512x32,4096x10,2048x50257"
+
+
+def load_revision(rev):
+    """``fusedce`` as it is at ``rev``, imported as the package ``fusedce_<rev>``."""
+    sha = subprocess.run(["git", "rev-parse", "--short", rev], cwd=ROOT, check=True,
+                         capture_output=True, text=True).stdout.strip()
+    name = f"fusedce_{sha}"
+    tmp = Path(tempfile.mkdtemp(prefix="fusedce-rev-"))
+    archive = subprocess.run(["git", "archive", sha], cwd=ROOT, check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True)
+    pkg = tmp / name
+    shutil.move(str(tmp / "fusedce"), pkg)
+    if (tmp / "kernels").is_dir():  # older layout: kernels/ installed as fusedce.kernels
+        shutil.move(str(tmp / "kernels"), pkg / "kernels")
+    sys.path.insert(0, str(tmp))
+    return importlib.import_module(name), sha
+
+
+def step(module, x, target, **kwargs):
+    # in place overwrites the logits: a fresh copy per call (the same cost for both)
+    x = (x.clone() if kwargs.get("inplace_backward") else x.detach()).requires_grad_()
+    module.cross_entropy(x, target, **kwargs).backward()
+
+
+def median_us(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e6
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("rev", help="the git revision to compare against (e.g. HEAD~1, main)")
+    parser.add_argument("--shapes", default=SHAPES, help="ROWSxCLASSES,... (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=50,
+                        help="timed calls per round (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="alternating rounds of each version (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads (default: PyTorch's choice)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    other, sha = load_revision(args.rev)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, CPU; "
+          f"medians over {args.rounds} x {args.repeats} calls; ratio = this / {sha}")
+    print(f"{'shape':>12} {'mode':>8} {'this us':>10} {sha + ' us':>12} {'ratio':>7}")
+    for shape in args.shapes.split(","):
+        n, c = (int(v) for v in shape.split("x"))
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(n, c, generator=gen)
+        target = torch.randint(0, c, (n,), generator=gen)
+        repeats = max(3, args.repeats // max(1, n * c // (1 << 20)))
+        for mode, kwargs in (("default", {}), ("inplace", {"inplace_backward": True})):
+            runs = {"this": [], "other": []}
+            for module in (fusedce, other):
+                step(module, x, target, **kwargs)  # warm-up: pools, scripts, buffers
+            for _ in range(args.rounds):
+                for module, key in ((fusedce, "this"), (other, "other")):
+                    runs[key].append(median_us(
+                        lambda m=module, x=x, t=target, kw=kwargs: step(m, x, t, **kw), repeats))
+            this, that = statistics.median(runs["this"]), statistics.median(runs["other"])
+            print(f"{shape:>12} {mode:>8} {this:>10.0f} {that:>12.0f} {this / that:>7.3f}")
+
+
+if __name__ == "__main__":
+    main()
