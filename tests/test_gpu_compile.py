@@ -90,7 +90,6 @@ def _launch_cases(dtype_name):
          lambda: ce.ce_fwd(x, t, w, label_smoothing=0.1, grad_scale=one)),
         ("ce_fwd-small-vocab", lambda: ce.ce_fwd(x[:, :1000], t % 1000)),
         ("ce_fwd-grad-out", lambda: ce.ce_fwd(x, t, grad_scale=one, grad_out=x.clone())),
-        ("ce_fwd-grad-out", lambda: ce.ce_fwd(x, t, grad_scale=one, grad_out=x.clone())),
         ("ce_bwd", lambda: ce.ce_bwd(x, t, lse, dloss)),
         ("ce_bwd-weight-smoothing", lambda: ce.ce_bwd(x, t, lse, dloss, w, label_smoothing=0.1)),
         ("ce_scale_", lambda: ce.ce_scale_(x, dloss)),

@@ -358,6 +358,13 @@ def launch_config(dtype, n_cols):
     return block, num_warps, vec
 
 
+def _check_rows(x, dx):
+    """The row kernels step along rows of unit column stride, in ``x`` and its gradient."""
+    assert x.ndim == 2 and x.stride(1) == 1, "rows of x must be contiguous"
+    assert dx is None or (dx.shape == x.shape and dx.stride(1) == 1), \
+        "the gradient must have x's shape and contiguous rows"
+
+
 def _unit_stride(target, weight):
     """The kernels read ``target_ptr + row`` and ``weight_ptr + t``: unit stride, 1-D."""
     assert target.ndim == 1, "target must be a (rows,) tensor of class indices"
@@ -383,10 +390,8 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_
     (x's shape and dtype, contiguous rows) or, when it is None, over ``x``.
     ``target`` (rows,) and ``weight`` (C,) of any strides (copied to unit stride if needed).
     """
-    assert x.ndim == 2 and x.stride(1) == 1, "rows of x must be contiguous"
     dx = x if grad_out is None else grad_out
-    assert dx.shape == x.shape and dx.stride(1) == 1, \
-        "grad_out must have x's shape and contiguous rows"
+    _check_rows(x, dx)
     target, weight = _unit_stride(target, weight)
     n_rows, n_cols = x.shape
     loss = torch.empty(n_rows, dtype=torch.float32, device=x.device)
@@ -421,9 +426,7 @@ def ce_bwd(x, target, lse, dloss, weight=None, ignore_index=-100, label_smoothin
     ``dx`` when given (it may be ``x`` itself), else into a new tensor like ``x``.
     ``target`` (rows,) and ``weight`` (C,) of any strides (copied to unit stride if needed).
     """
-    assert x.ndim == 2 and x.stride(1) == 1, "rows of x must be contiguous"
-    assert dx is None or (dx.shape == x.shape and dx.stride(1) == 1), \
-        "dx must have x's shape and contiguous rows"
+    _check_rows(x, dx)
     target, weight = _unit_stride(target, weight)
     n_rows, n_cols = x.shape
     if dx is None:
