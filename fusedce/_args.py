@@ -285,3 +285,15 @@ def vocab_parallel_target(target, n_rows):
         raise NotImplementedError("class-probability (float) targets are not supported")
     if target.shape != (n_rows,):
         raise ValueError(f"Expected target of shape ({n_rows},), got {tuple(target.shape)}")
+
+
+def vocab_parallel_logits(logits_shard):
+    if logits_shard.dim() not in (1, 2):
+        raise NotImplementedError("logits_shard must be (N, C_r) or (C_r,); flatten the "
+                                  "batch and sequence dimensions first")
+
+
+def vocab_parallel_linear(input, linear_weight):
+    if input.dim() != 2 or linear_weight.dim() != 2 or input.shape[1] != linear_weight.shape[1]:
+        raise RuntimeError(f"expected input (N, H) and linear_weight (C_r, H), got "
+                           f"{tuple(input.shape)} and {tuple(linear_weight.shape)}")

@@ -292,15 +292,13 @@ def vocab_parallel_cross_entropy(logits_shard, target, *, group=None, vocab_star
     in the backward (plus one small all-gather per forward when ``vocab_start`` is None).
     All ranks must call it together (it is a collective).
     """
+    _args.vocab_parallel_logits(logits_shard)
     if logits_shard.dim() == 1:
         loss = vocab_parallel_cross_entropy(
             logits_shard.unsqueeze(0), target.reshape(1), group=group, vocab_start=vocab_start,
             ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
             weight=weight, backend=backend)
         return loss.squeeze(0) if reduction == "none" else loss
-    if logits_shard.dim() != 2:
-        raise NotImplementedError("logits_shard must be (N, C_r) or (C_r,); flatten the "
-                                  "batch and sequence dimensions first")
     reduction, label_smoothing, ignore_index, backend, weight = _check_call(
         "vocab_parallel_cross_entropy", target, logits_shard.shape[0], weight, reduction,
         label_smoothing, ignore_index, backend)
@@ -398,9 +396,7 @@ def vocab_parallel_linear_cross_entropy(input, linear_weight, target, *, linear_
     gradient per backward. The peak extra memory is one chunk of (chunk_size, C_r) logits;
     the price is a second logits matrix product in the backward.
     """
-    if input.dim() != 2 or linear_weight.dim() != 2 or input.shape[1] != linear_weight.shape[1]:
-        raise RuntimeError(f"expected input (N, H) and linear_weight (C_r, H), got "
-                         f"{tuple(input.shape)} and {tuple(linear_weight.shape)}")
+    _args.vocab_parallel_linear(input, linear_weight)
     reduction, label_smoothing, ignore_index, backend, weight = _check_call(
         "vocab_parallel_linear_cross_entropy", target, input.shape[0], weight, reduction,
         label_smoothing, ignore_index, backend)

@@ -1,0 +1,113 @@
+"""One front door: every loss (the functional ones, the modules, the vocab-parallel ones) checks
+an argument the same way and raises the exception type PyTorch's F.cross_entropy raises for it,
+taken from PyTorch itself. The vocab-parallel losses check before their first collective, so no
+process group is needed here."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusedce
+from fusedce import distributed
+
+N, C, H = 3, 5, 4
+
+
+def _inputs():
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(N, H, generator=gen)
+    head = torch.randn(C, H, generator=gen)
+    return hidden, head, hidden @ head.t(), torch.randint(0, C, (N,), generator=gen)
+
+
+def _losses():
+    """Each loss as ``call(**options)`` on the same small problem."""
+    hidden, head, logits, target = _inputs()
+
+    def module(cls, *args):
+        def call(**kw):
+            backend = kw.pop("backend", "auto")
+            return cls(**kw, backend=backend)(*args)
+        return call
+
+    return {
+        "cross_entropy": lambda **kw: fusedce.cross_entropy(logits, target, **kw),
+        "CrossEntropyLoss": module(fusedce.CrossEntropyLoss, logits, target),
+        "linear_cross_entropy": lambda **kw: fusedce.linear_cross_entropy(hidden, head, target,
+                                                                         **kw),
+        "LinearCrossEntropyLoss": module(fusedce.LinearCrossEntropyLoss, hidden, head, target),
+        "vocab_parallel_cross_entropy": lambda **kw: distributed.vocab_parallel_cross_entropy(
+            logits, target, vocab_start=0, **kw),
+        "vocab_parallel_linear_cross_entropy":
+            lambda **kw: distributed.vocab_parallel_linear_cross_entropy(
+                hidden, head, target, vocab_start=0, **kw),
+    }
+
+
+def _pytorch_raises(**kw):
+    _, _, logits, target = _inputs()
+    with pytest.raises(Exception) as err:
+        F.cross_entropy(logits.double(), target, **kw)
+    return type(err.value)
+
+
+# (the bad option, a word of the message naming it)
+BAD = [
+    pytest.param({"reduction": "average"}, "reduction", id="reduction"),
+    pytest.param({"label_smoothing": 1.5}, "label_smoothing", id="label_smoothing-above-1"),
+    pytest.param({"ignore_index": 1.5}, "ignore_index", id="ignore_index-float"),
+    pytest.param({"weight": torch.ones(C, 1)}, "weight", id="weight-2d"),
+]
+# a weight of the wrong length: the vocab-parallel losses learn the class count from their
+# collective (tests/test_distributed.py), the others before anything runs
+WRONG_LENGTH = pytest.param({"weight": torch.ones(C + 1)}, "weight", id="weight-length")
+
+
+@pytest.mark.parametrize("bad, word", BAD)
+@pytest.mark.parametrize("loss", list(_losses()))
+def test_bad_option_raises_pytorchs_exception_type(loss, bad, word):
+    expected = _pytorch_raises(**bad)
+    with pytest.raises(expected, match=word):
+        _losses()[loss](**bad)
+
+
+@pytest.mark.parametrize("bad, word", [WRONG_LENGTH])
+@pytest.mark.parametrize("loss", [name for name in _losses() if "vocab" not in name])
+def test_wrong_weight_length_raises_pytorchs_exception_type(loss, bad, word):
+    expected = _pytorch_raises(**bad)
+    with pytest.raises(expected, match=word):
+        _losses()[loss](**bad)
+
+
+@pytest.mark.parametrize("loss", list(_losses()))
+def test_fusedce_only_options_fail_the_same_way_everywhere(loss):
+    call = _losses()[loss]
+    with pytest.raises(ValueError, match="backend"):
+        call(backend="cuda")
+    # PyTorch accepts a negative smoothing and ignores it; fusedce refuses it in every loss
+    with pytest.raises(RuntimeError, match="label_smoothing"):
+        call(label_smoothing=-0.1)
+    with pytest.raises(RuntimeError, match="not differentiable with respect to 'weight'"):
+        call(weight=torch.ones(C, requires_grad=True))
+
+
+GOOD = {"reduction": "sum", "label_smoothing": 0.25, "ignore_index": 2,
+        "weight": torch.rand(C, generator=torch.Generator().manual_seed(1)) + 0.5}
+
+
+@pytest.mark.parametrize("loss", [name for name in _losses() if "vocab" not in name])
+def test_good_options_reach_the_loss(loss):
+    """The same options, valid, give every single-process loss float64 F.cross_entropy."""
+    _, _, logits, target = _inputs()
+    want = F.cross_entropy(logits.double(), target,
+                           **{**GOOD, "weight": GOOD["weight"].double()})
+    got = _losses()[loss](**GOOD)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("loss", [name for name in _losses() if "vocab" in name])
+def test_good_options_reach_the_collective(loss):
+    """Valid options pass the checks: the vocab-parallel losses get as far as asking for a
+    process group (their values are checked in test_distributed.py, on 2 and 4 ranks)."""
+    with pytest.raises(RuntimeError, match="process group"):
+        _losses()[loss](**GOOD)
