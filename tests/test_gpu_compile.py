@@ -61,6 +61,7 @@ def _launch_cases(dtype_name):
     import torch
     from fusedce.kernels import cross_entropy as ce
     from fusedce.kernels import strided as st
+    from fusedce.kernels import vocab_parallel as vp
 
     dtype = getattr(torch, dtype_name)
     gen = torch.Generator().manual_seed(0)
@@ -77,6 +78,12 @@ def _launch_cases(dtype_name):
     p3 = torch.softmax(torch.randn(2, 1000, 3, generator=gen), dim=1).to(dtype)
     lse3 = torch.zeros(6)
     dloss3 = torch.ones(1, 1).expand(2, 3)
+    # the vocab-parallel kernels on a shard of V classes: per-row partials [lse | xt | swx],
+    # then the shard's gradient from the merged per-row values and [W, C]
+    part = torch.zeros(3 * n)
+    g = torch.ones(n)
+    consts = torch.tensor([float(V), float(V)])
+    dx = torch.empty_like(x)
     return [
         ("ce_fwd", lambda: ce.ce_fwd(x, t)),
         ("ce_fwd-inplace", lambda: ce.ce_fwd(x, t, inplace_scale=one)),
@@ -91,6 +98,10 @@ def _launch_cases(dtype_name):
         ("ce_strided_bwd", lambda: st.ce_strided_bwd(x3, t3, lse3, lse3, dloss3)),
         ("ce_strided_bwd-soft", lambda: st.ce_strided_bwd(
             x3, p3, lse3, lse3, dloss3, label_smoothing=0.1, need_dtarget=True)),
+        ("vp_partials", lambda: vp.vp_partials(x, t, None, 0.0, part)),
+        ("vp_partials-weight-smoothing", lambda: vp.vp_partials(x, t, w, 0.1, part)),
+        ("vp_grad", lambda: vp.vp_grad(x, t, lse, g, g, consts, 0.0, None, dx)),
+        ("vp_grad-weight-smoothing", lambda: vp.vp_grad(x, t, lse, g, g, consts, 0.1, w, dx)),
     ]
 
 
