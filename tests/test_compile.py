@@ -48,6 +48,7 @@ def eager_and_compiled(model, args, kwargs, backend):
     return results
 
 
+@pytest.mark.slow
 def test_training_step_inductor_fullgraph():
     """The real compiler (inductor, C++ on the CPU), a full graph, same loss and grads."""
     model = TinyLM()
@@ -62,6 +63,7 @@ def test_training_step_inductor_fullgraph():
         torch.testing.assert_close(gc, ge)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kwargs", [
     pytest.param({"reduction": "none"}, id="none"),
     pytest.param({"reduction": "sum", "weight": torch.rand(37) + 0.1}, id="sum-weight"),
@@ -90,6 +92,7 @@ class _no_warning:
         return False
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("soft", [False, True], ids=["indices", "probabilities"])
 def test_kdim_and_probability_targets_compile(soft):
     """(N, C, H, W) logits, class indices or probabilities (whose gradient is also taken)."""
@@ -115,6 +118,7 @@ def test_kdim_and_probability_targets_compile(soft):
         torch.testing.assert_close(gc, ge)
 
 
+@pytest.mark.slow
 def test_autocast_under_compile():
     """The loss dtype under autocast is fp32 in the compiled graph too."""
     gen = torch.Generator().manual_seed(4)

@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import combine, gpt2_under_interpreter
 
 import fusedce
 
@@ -90,9 +91,8 @@ def option_kwargs(options, c, gen):
     return kw
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
-@pytest.mark.parametrize("n,c", SHAPES)
+@pytest.mark.parametrize("n,c,dtype,atol,rtol,backend",
+                         combine(SHAPES, DTYPES, BACKENDS, slow=gpt2_under_interpreter))
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("options", OPTIONS)
 def test_matches_pytorch(backend, dtype, atol, rtol, n, c, reduction, options):

@@ -90,6 +90,7 @@ def test_figures_match_float64(offline_tokenizer, texts, size):
     assert any("ignored" in line for line in lines) == unequal
 
 
+@pytest.mark.slow
 def test_triton_backend_on_cpu_from_the_command_line(tmp_path):
     # `python -m fusedce --backend triton` in a fresh process: on a CPU-only machine the
     # command switches Triton's interpreter on by itself (TRITON_INTERPRET removed here).

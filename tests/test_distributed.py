@@ -474,6 +474,7 @@ def _check(case, per_rank):
                 assert res[key] <= max(loss_rtol, grad_atol), (rank, key, res[key])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES_2, ids=_ids(CASES_2))
 def test_two_ranks(case, results_2):
     per_rank = [res[case.id] for res in results_2]
@@ -482,6 +483,7 @@ def test_two_ranks(case, results_2):
         assert all(res["worker_threads"] == case.threads for res in per_rank)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES_4, ids=_ids(CASES_4))
 def test_four_ranks(case, results_4):
     per_rank = [res[case.id] for res in results_4]
@@ -494,6 +496,7 @@ def _calls(results, case_id):
     return [(res[case_id]["fwd_calls"], res[case_id]["bwd_calls"]) for res in results]
 
 
+@pytest.mark.slow
 def test_vocab_shard_range(results_2, results_4):
     """vocab_shard_range(C_r, group) -> (vocab_start, C) on every rank, uneven slices."""
     for results, case in [(results_2, CASES_2), (results_4, CASES_4)]:
@@ -504,6 +507,7 @@ def test_vocab_shard_range(results_2, results_4):
             assert [res[c.id]["shard_range"] for res in results] == expect, c.id
 
 
+@pytest.mark.slow
 def test_collectives_per_step(results_2, results_4):
     """One all-gather per forward and nothing in the backward; a second all-gather when
     vocab_start must be derived; the linear form adds one all-reduce in the backward."""
@@ -563,6 +567,7 @@ print("RESULT " + json.dumps(res))
 """
 
 
+@pytest.mark.slow
 def test_kernels_compile_for_sm90():
     """The kernels compile for a Hopper GPU (to a cubin) with 16-byte loads and stores."""
     pytest.importorskip("triton")
@@ -583,6 +588,7 @@ GPU_CHECK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file_
                          "bench", "gpu_check_distributed.py")
 
 
+@pytest.mark.slow
 def test_gpu_check_script_skips_clearly_without_gpus():
     if torch.cuda.device_count() > 1:
         pytest.skip("this machine has GPUs for the real run")
@@ -592,6 +598,7 @@ def test_gpu_check_script_skips_clearly_without_gpus():
     assert run.stdout.startswith("SKIP: the NCCL check needs at least 2 GPUs"), run.stdout
 
 
+@pytest.mark.slow
 def test_gpu_check_script_on_cpu_processes(tmp_path):
     """The NCCL script's every step, on 2 gloo processes with tiny shapes: checks pass,
     the collectives are as documented, the CSV holds the figures."""
@@ -677,6 +684,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow
 def test_inference_mode_with_grad_enabled(tmp_path):
     """``torch.enable_grad()`` inside ``torch.inference_mode()``: no graph, as PyTorch's
     ops (both vocab-parallel losses raised "Inference tensors cannot be saved for

@@ -11,6 +11,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import combine, gpt2_under_interpreter
 
 import fusedce
 from fusedce import _function, _torch_impl
@@ -91,8 +92,8 @@ KDIM_SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("shape", KDIM_SHAPES)
+@pytest.mark.parametrize("shape,backend",
+                         combine(KDIM_SHAPES, BACKENDS, slow=gpt2_under_interpreter))
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 def test_kdim_class_indices(shape, reduction, backend):
     x = logits(shape)
@@ -159,13 +160,12 @@ def test_noncontiguous_2d_and_1d(backend):
 
 # ----------------------------------------------------------------- class-probability targets
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("shape", [
+@pytest.mark.parametrize("shape,backend", combine([
     pytest.param((7,), id="C7"),
     pytest.param((4, 9), id="N4-C9"),
     pytest.param((2, 5, 3, 2), id="N2-C5-3x2"),
     pytest.param((2, 50_257), id="N2-gpt2"),
-])
+], BACKENDS, slow=gpt2_under_interpreter))
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 @pytest.mark.parametrize("options", [
     pytest.param({}, id="plain"),
@@ -475,6 +475,7 @@ print("compiled")
 '''
 
 
+@pytest.mark.slow
 def test_strided_kernels_compile_for_a_cuda_target():
     """The interpreter runs the kernels' Python, not Triton's compiler: compile them ahead
     of time for an sm_90 target (no GPU needed) so that a construct only the compiler

@@ -32,6 +32,8 @@ import time
 
 import pytest
 
+pytestmark = pytest.mark.slow  # compiles in subprocesses, ptxas, and runs bench scripts
+
 ARCHS = (80, 90)
 DTYPES = ("float32", "bfloat16", "float16")
 V = 50_257  # the GPT-2 vocabulary: 100,514 bytes per bf16 row, rows at every alignment

@@ -30,6 +30,7 @@ print(json.dumps([memory_probe(*case) for case in json.loads(sys.argv[1])]))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_peak_memory_within_5_percent_of_logits():
     # 1,024 x 50,257: 206 MB of fp32 logits, 103 MB in bf16, large against the workers'
@@ -229,6 +230,7 @@ def test_workers_under_inference_mode(monkeypatch, dtype):
                                torch.float32 else 2**-8)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork")
 def test_fork_while_a_loop_is_being_scripted():
     """A fork while another thread held the scripting lock left the child a lock nobody

@@ -71,6 +71,7 @@ def test_curves_agree_and_loss_goes_down(tokens, torch_run, inplace):
     assert last5 < first - 2.0, f"{first:.3f} -> {last5:.3f}"
 
 
+@pytest.mark.slow
 def test_triton_kernels_train_alike(tokens):
     # The kernels under Triton's interpreter (slow on the CPU: 3 steps of 2 x 8 rows).
     small = dict(RUN, steps=3, batch_size=2, seq_len=8)
