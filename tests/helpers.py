@@ -1,8 +1,12 @@
 """Helpers shared by the test files (imported as ``helpers``: pytest puts tests/ on sys.path)."""
 
 import itertools
+import os
+from pathlib import Path
 
 import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # the two implementations every value case runs: the Triton kernels (under Triton's
 # interpreter on a machine without a GPU) and the PyTorch implementation
@@ -36,3 +40,10 @@ def gpt2_under_interpreter(ids):
     """For ``combine(..., slow=...)``: the combinations that run the GPT-2 vocabulary (an id
     naming 'gpt2') through the Triton kernels, which the interpreter runs in Python."""
     return "triton" in ids and any("gpt2" in i for i in ids)
+
+
+def checkout_env(**changes):
+    """``os.environ`` with the checkout first on PYTHONPATH, for a subprocess that imports
+    ``bench`` and this checkout's fusedce; ``changes`` set more variables."""
+    path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    return dict(os.environ, PYTHONPATH=path, **changes)

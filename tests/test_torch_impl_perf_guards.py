@@ -191,23 +191,6 @@ def test_script_and_python_agree(monkeypatch, dtype):
         assert torch.equal(a, b)
 
 
-def test_script_ablation_runs_and_restores_the_scripts(monkeypatch):
-    """``python -m bench.script_ablation`` on a tiny shape run by 2 workers: a row per dtype
-    and mode with both timings, and the scripted loops in place again afterwards."""
-    from bench import script_ablation
-
-    monkeypatch.setattr(_torch_impl, "PARALLEL_MIN_ELEMENTS", 1)
-    monkeypatch.setattr(_torch_impl, "_max_workers", lambda: 2)
-    monkeypatch.setattr(_torch_impl, "_SCRIPTED", {})
-    rows = script_ablation.run(tokens=8, vocab=257, repeats=1)
-    assert [(r[0], r[1]) for r in rows] == [(d, c) for d in ("fp32", "bf16")
-                                            for c in ("fusedce", "fusedce_inplace")]
-    assert all(r[2] > 0 and r[3] > 0 for r in rows)
-    for fn in (_torch_impl._fwd_chunks, _torch_impl._bwd_chunks):
-        assert isinstance(_torch_impl._SCRIPTED[fn], torch.jit.ScriptFunction)
-    assert "| bf16 | fusedce_inplace |" in script_ablation.report(rows, 8, 257, 1)
-
-
 # ------------------------------------------------------------------------------------------
 # Found in review of the scripted loops: each test failed before its fix
 
