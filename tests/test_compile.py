@@ -156,3 +156,13 @@ def _op_samples():
 def test_opcheck(args):
     """Schema, fake tensors vs the real op, autograd registration, AOT dispatch."""
     torch.library.opcheck(torch.ops.fusedce.cross_entropy.default, args)
+
+
+def test_double_backward_raises_through_the_op():
+    """The torch.library op (what torch.compile runs) raises the same error."""
+    x = torch.randn(2, 5, 3, requires_grad=True)
+    t = torch.randint(0, 5, (2, 3))
+    loss = torch.ops.fusedce.cross_entropy(x, t, None, -100, 0.0, "mean", "auto", True)[0]
+    g, = torch.autograd.grad(loss, x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad((g * g).sum(), x)

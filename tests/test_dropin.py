@@ -11,6 +11,7 @@ Targeted numerical cases (extreme logits, shifts, ignored rows) are in test_nume
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -354,6 +355,29 @@ def test_out_of_range_target_kernel_path_is_nan_or_raises(soft_smoothing):
         fusedce.cross_entropy(x, target, backend="triton", validate=True)
 
 
+def test_uint8_target_out_of_range_raises_like_pytorch():
+    x = torch.randn(3, 100)
+    t = torch.tensor([156, 1, 2], dtype=torch.uint8)
+    with pytest.raises(IndexError, match="156"):
+        F.cross_entropy(x, t)  # PyTorch accepts uint8 targets and raises here
+    with pytest.raises(IndexError, match="156"):
+        fusedce.cross_entropy(x, t)
+
+
+def test_default_validation_only_for_cpu_tensors():
+    from types import SimpleNamespace
+
+    from fusedce.functional import _validates_by_default
+
+    # a stand-in for a CUDA tensor (no GPU here): only device and is_cuda are read
+    cuda = SimpleNamespace(device=torch.device("cuda"), is_cuda=True)
+    assert not _validates_by_default(cuda, "torch")
+    assert not _validates_by_default(cuda, "auto")
+    cpu = torch.empty(0)
+    assert _validates_by_default(cpu, "torch") and _validates_by_default(cpu, "auto")
+    assert not _validates_by_default(cpu, "triton")  # the GPU path's behaviour, emulated
+
+
 # --------------------------------------- bad input, the signature, documented differences
 
 def _error(fn):
@@ -436,6 +460,26 @@ def test_unknown_backend():
         fusedce.cross_entropy(x, target, backend="cuda")
 
 
+@pytest.mark.parametrize("ignore_index", [np.int64(1), np.int32(1), torch.tensor(1)],
+                         ids=["np.int64", "np.int32", "0-d-tensor"])
+def test_ignore_index_integer_types(ignore_index):
+    x = torch.randn(3, 5)
+    t = torch.tensor([0, 1, 2])
+    ref = F.cross_entropy(x.double(), t, ignore_index=ignore_index)
+    out = fusedce.cross_entropy(x, t, ignore_index=ignore_index)
+    torch.testing.assert_close(out.double(), ref, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("ignore_index", [1.0, True, torch.tensor(1.0)],
+                         ids=["float", "bool", "float-tensor"])
+def test_ignore_index_non_integer_raises_type_error(ignore_index):
+    x, t = torch.randn(3, 5), torch.tensor([0, 1, 2])
+    with pytest.raises(TypeError, match="ignore_index"):
+        F.cross_entropy(x, t, ignore_index=ignore_index)
+    with pytest.raises(TypeError, match="ignore_index"):
+        fusedce.cross_entropy(x, t, ignore_index=ignore_index)
+
+
 def test_signature_matches_pytorch():
     import inspect
 
@@ -456,6 +500,55 @@ def test_documented_differences_from_pytorch():
         F.cross_entropy(X.bfloat16(), T).float())
     with pytest.raises(RuntimeError, match="label_smoothing must be between 0.0 and 1.0"):
         fusedce.cross_entropy(X, T, label_smoothing=-0.1)
+
+
+# -------------------------------- autograd: create_graph, double backward, inference mode
+
+DOUBLE_BACKWARD_CASES = [
+    pytest.param((2, 5, 3), torch.float32, False, id="strided-NCL"),  # the strided path
+    pytest.param((4, 5), torch.float64, False, id="strided-fp64"),  # float64 goes strided
+    pytest.param((4, 5), torch.float32, False, id="rows"),
+    pytest.param((4, 5), torch.float32, True, id="rows-inplace"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape,dtype,inplace", DOUBLE_BACKWARD_CASES)
+def test_double_backward_raises(shape, dtype, inplace, backend):
+    x = torch.randn(shape, dtype=dtype, requires_grad=True)
+    t = torch.randint(0, shape[1], (shape[0],) + shape[2:])
+    loss = fusedce.cross_entropy(x * 1, t, backend=backend, inplace_backward=inplace)
+    g, = torch.autograd.grad(loss, x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad((g * g).sum(), x)
+
+
+def test_first_backward_unchanged_under_create_graph():
+    x = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 5, (2, 3))
+    g, = torch.autograd.grad(fusedce.cross_entropy(x, t), x, create_graph=True)
+    torch.testing.assert_close(g.detach(), reference(x, t, torch.tensor(1.0))[1])
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_inference_mode_with_grad_enabled(inplace):
+    """``torch.enable_grad()`` inside ``torch.inference_mode()``: PyTorch records no graph;
+    fusedce raised ("Inference tensors cannot be saved for backward") or returned a loss
+    with a graph, and the fused linear loss returned one too."""
+    x = torch.randn(4, 7, requires_grad=True)
+    t = torch.tensor([0, 1, 2, 3])
+    h = torch.randn(4, 5, requires_grad=True)
+    w = torch.randn(7, 5, requires_grad=True)
+    before = x.detach().clone()
+    with torch.inference_mode(), torch.enable_grad():
+        loss = fusedce.cross_entropy(x, t, inplace_backward=inplace)
+        lin = fusedce.linear_cross_entropy(h, w, t)
+        ref = F.cross_entropy(x, t)
+        lin_ref = F.cross_entropy(F.linear(h, w), t)
+    assert not loss.requires_grad and not lin.requires_grad and not ref.requires_grad
+    assert torch.equal(x.detach(), before)
+    torch.testing.assert_close(loss, ref, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(lin, lin_ref, atol=1e-6, rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------- the module

@@ -73,3 +73,93 @@ def test_inplace_backward_kdim_and_probabilities_still_correct(backend):
     ref = x.clone().requires_grad_()
     F.cross_entropy(ref, indices((3,), 7)).backward()
     torch.testing.assert_close(xr.grad, ref.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "no_requires_grad"])
+def test_inplace_without_grad_keeps_logits(backend, mode):
+    x = torch.randn(4, 7, requires_grad=mode != "no_requires_grad")
+    logits = x * 1
+    before = logits.detach().clone()
+    t = torch.tensor([0, 1, 2, 3])
+    ctx = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}.get(
+        mode, torch.enable_grad)
+    with ctx():
+        if mode == "inference_mode":
+            logits = logits.detach().clone()
+        loss = fusedce.cross_entropy(logits, t, backend=backend, inplace_backward=True)
+    assert torch.equal(logits.detach(), before)
+    torch.testing.assert_close(loss.double(), reference(before, t, torch.tensor(1.0))[0],
+                               atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_expanded_logits_fall_back(backend):
+    # expanded rows share memory: writing one row's gradient would corrupt the others
+    base = torch.randn(1, 7, requires_grad=True)
+    t = torch.tensor([0, 1, 2, 3])
+    ref_loss, _, _ = reference(base.expand(4, 7), t, torch.tensor(1.0))
+    b64 = base.detach().double().requires_grad_()
+    F.cross_entropy(b64.expand(4, 7), t).backward()
+    loss = fusedce.cross_entropy(base.expand(4, 7), t, backend=backend, inplace_backward=True)
+    loss.backward()
+    torch.testing.assert_close(loss.double(), ref_loss, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(base.grad.double(), b64.grad, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_logits_saved_by_another_node_raise(backend):
+    # tanh saves its output: reading the overwritten logits would give a wrong gradient
+    z = torch.randn(4, 7, requires_grad=True)
+    t = torch.randint(0, 7, (4,))
+    loss = fusedce.cross_entropy(torch.tanh(z), t, backend=backend, inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_inplace_second_backward_raises(backend, reduction):
+    z = torch.randn(4, 7, requires_grad=True)
+    t = torch.randint(0, 7, (4,))
+    loss = fusedce.cross_entropy(z * 1, t, backend=backend, inplace_backward=True,
+                                 reduction=reduction).sum() * 2  # upstream 2: rescaled twice
+    loss.backward(retain_graph=True)
+    first = z.grad.clone()
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()
+    assert torch.equal(z.grad, first)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_fp16_loss_scaling_keeps_small_gradients(backend):
+    # p of classes 2..7 is e^-17 ~ 4e-8 (class 0 dominates, the target is 1); p / 4 rows
+    # stored in fp16 before the 65,536 loss scale arrives underflows to 0; scaled first it
+    # is about 7e-4
+    x = torch.zeros(4, 8)
+    x[:, 0] = 17.0
+    t = torch.ones(4, dtype=torch.long)
+    x64 = x.double().requires_grad_()
+    (F.cross_entropy(x64, t) * 65536).backward()
+    b = x.half().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = fusedce.cross_entropy(b * 1, t, backend=backend, inplace_backward=True)
+    (loss * 65536).backward()
+    assert (b.grad != 0).all()
+    torch.testing.assert_close(b.grad.double(), x64.grad, atol=0, rtol=2e-3)
+
+
+def test_inplace_function_saves_only_the_logits():
+    x = torch.randn(4, 7, requires_grad=True)
+    t = torch.randint(0, 7, (4,))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda v: saved.append(v) or v, lambda v: v):
+        logits = x * 2.0  # saves nothing (a Python scalar factor)
+        loss = fusedce.cross_entropy(logits, t, backend="torch", inplace_backward=True)
+    # the logits (holding the gradient by the backward) and the per-row targets, no more
+    big = [v for v in saved if v.numel() == logits.numel()]
+    assert len(big) == 1 and big[0].data_ptr() == logits.data_ptr()
+    assert [v.shape for v in saved if v is not big[0]] == [t.shape]
+    loss.backward()
+    torch.testing.assert_close(x.grad.double(), 2 * reference(2 * x, t, torch.tensor(1.0))[1],
+                               atol=1e-6, rtol=1e-6)

@@ -9,6 +9,7 @@ the kernels move is in test_traffic.py; their compiles for real GPUs in test_gpu
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import assert_close, fused, make_inputs
 
 import fusedce
@@ -26,6 +27,32 @@ def test_backends_agree_with_each_other():
     b_loss, b_grad = fused(x, target, upstream, backend="torch", **kw)
     assert_close(a_loss, b_loss, 1e-5, 1e-6, "loss")
     assert_close(a_grad, b_grad, 1e-7, 1e-5, "grad")
+
+
+def test_kernel_launchers_strided_target_and_weight():
+    from fusedce import kernels
+
+    x = torch.randn(6, 11)
+    t = torch.randint(0, 11, (12,))[::2]
+    w = (torch.rand(22) + 0.1)[::2]
+    ref = F.cross_entropy(x.double(), t, weight=w.double(), reduction="none")
+    loss, lse = kernels.ce_fwd(x, t, weight=w)
+    torch.testing.assert_close(loss.double(), ref, atol=1e-5, rtol=1e-5)
+    x64 = x.double().requires_grad_()
+    F.cross_entropy(x64, t, weight=w.double(), reduction="sum").backward()
+    dx = kernels.ce_bwd(x, t, lse, torch.ones(6), weight=w)
+    torch.testing.assert_close(dx.double(), x64.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_launch_config_allocates_nothing(monkeypatch):
+    from fusedce.kernels import cross_entropy as ce
+
+    def no_alloc(*args, **kwargs):
+        raise AssertionError("launch_config allocated a tensor")
+
+    monkeypatch.setattr(ce.torch, "empty", no_alloc)
+    assert ce.launch_config(torch.bfloat16, 50_257) == (8192, 8, 8)
+    assert ce.launch_config(torch.float32, 50_257) == (8192, 16, 4)
 
 
 def test_auto_backend_on_cpu_is_torch(monkeypatch):

@@ -160,6 +160,18 @@ def test_every_row_ignored(backend, reduction):
     assert_close(grad, ref_grad, 0, 0, "grad")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "weight"])
+def test_uint8_target_156_is_not_ignored(backend, weighted):
+    # -100 wraps to 156 in uint8: class 156 of 200 must still count in the mean
+    x = torch.randn(3, 200)
+    t = torch.tensor([156, 1, 2], dtype=torch.uint8)
+    w = torch.rand(200) + 0.5 if weighted else None
+    out = fusedce.cross_entropy(x, t, weight=w, backend=backend)
+    ref = F.cross_entropy(x.double(), t, weight=None if w is None else w.double())
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
 # ---------------------------------------------------------------------------- determinism
 
 @pytest.mark.parametrize("backend", BACKENDS)
