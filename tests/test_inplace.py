@@ -163,3 +163,14 @@ def test_inplace_function_saves_only_the_logits():
     loss.backward()
     torch.testing.assert_close(x.grad.double(), 2 * reference(2 * x, t, torch.tensor(1.0))[1],
                                atol=1e-6, rtol=1e-6)
+
+
+def test_inplace_gradient_is_the_logits_storage():
+    x = torch.randn(6, 1000, requires_grad=True)
+    target = torch.randint(0, 1000, (6,))
+    expected = torch.softmax(x.detach().double(), 1)
+    expected[torch.arange(6), target] -= 1
+    expected /= 6
+    fusedce.cross_entropy(x, target, inplace_backward=True).backward()
+    assert x.grad.data_ptr() == x.data_ptr(), "autograd copied the in-place gradient"
+    torch.testing.assert_close(x.grad.double(), expected, atol=2e-6, rtol=2e-5)
