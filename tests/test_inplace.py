@@ -1,7 +1,10 @@
 """``inplace_backward=True``: the gradient is written over the logits (both implementations).
 
-What must hold: the same loss and gradient as PyTorch, with the gradient in the logits'
-storage; no effect where the mode does not apply (strided classes, class probabilities).
+What must hold: the same loss and gradient as PyTorch, with the gradient in the logits' own
+storage (handed to autograd without a copy, nothing else saved); no effect where the mode
+does not apply (strided classes, class probabilities, expanded rows that share memory, fp16
+logits whose loss scale comes later, no gradient to take); an error, not a wrong gradient,
+where the overwritten logits are needed again (saved by another node, a second backward).
 """
 
 import pytest
