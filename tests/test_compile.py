@@ -49,6 +49,7 @@ def eager_and_compiled(model, args, kwargs, backend):
     return results
 
 
+@pytest.mark.slow
 def test_training_step_inductor_fullgraph():
     """The real compiler (inductor, C++ on the CPU), a full graph, same loss and grads."""
     model = TinyLM()
@@ -63,6 +64,7 @@ def test_training_step_inductor_fullgraph():
         torch.testing.assert_close(gc, ge)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kwargs", [
     pytest.param({"reduction": "none"}, id="none"),
     pytest.param({"reduction": "sum", "weight": torch.rand(37) + 0.1}, id="sum-weight"),
@@ -91,6 +93,7 @@ class _no_warning:
         return False
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("soft", [False, True], ids=["indices", "probabilities"])
 def test_kdim_and_probability_targets_compile(soft):
     """(N, C, H, W) logits, class indices or probabilities (whose gradient is also taken)."""
@@ -116,6 +119,7 @@ def test_kdim_and_probability_targets_compile(soft):
         torch.testing.assert_close(gc, ge)
 
 
+@pytest.mark.slow
 def test_autocast_under_compile():
     """The loss dtype under autocast is fp32 in the compiled graph too."""
     gen = torch.Generator().manual_seed(4)
@@ -164,3 +168,14 @@ def test_opcheck(args):
     bwd_args = (grad, x, target, weight, lse, s, denom, ignore_index, smoothing, reduction,
                 backend, True, soft)
     torch.library.opcheck(torch.ops.fusedce.ce_backward.default, bwd_args)
+
+
+def test_double_backward_raises_under_compile():
+    """What torch.compile runs raises too (AOTAutograd refuses double backward), never a
+    wrong second-order result."""
+    x = torch.randn(2, 5, 3, requires_grad=True)
+    t = torch.randint(0, 5, (2, 3))
+    loss = torch.compile(fusedce.cross_entropy, backend="aot_eager", fullgraph=True)(x, t)
+    g, = torch.autograd.grad(loss, x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad((g * g).sum(), x)

@@ -13,7 +13,6 @@ missed write shows up.
 import csv
 import dataclasses
 import datetime
-import json
 import os
 import subprocess
 import sys
@@ -474,6 +473,7 @@ def _check(case, per_rank):
                 assert res[key] <= max(loss_rtol, grad_atol), (rank, key, res[key])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES_2, ids=_ids(CASES_2))
 def test_two_ranks(case, results_2):
     per_rank = [res[case.id] for res in results_2]
@@ -482,6 +482,7 @@ def test_two_ranks(case, results_2):
         assert all(res["worker_threads"] == case.threads for res in per_rank)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES_4, ids=_ids(CASES_4))
 def test_four_ranks(case, results_4):
     per_rank = [res[case.id] for res in results_4]
@@ -494,6 +495,7 @@ def _calls(results, case_id):
     return [(res[case_id]["fwd_calls"], res[case_id]["bwd_calls"]) for res in results]
 
 
+@pytest.mark.slow
 def test_vocab_shard_range(results_2, results_4):
     """vocab_shard_range(C_r, group) -> (vocab_start, C) on every rank, uneven slices."""
     for results, case in [(results_2, CASES_2), (results_4, CASES_4)]:
@@ -504,6 +506,7 @@ def test_vocab_shard_range(results_2, results_4):
             assert [res[c.id]["shard_range"] for res in results] == expect, c.id
 
 
+@pytest.mark.slow
 def test_collectives_per_step(results_2, results_4):
     """One all-gather per forward and nothing in the backward; a second all-gather when
     vocab_start must be derived; the linear form adds one all-reduce in the backward."""
@@ -519,70 +522,11 @@ def test_collectives_per_step(results_2, results_4):
         assert _calls(results, case_id) == [(gather, ["all_reduce"])] * len(results), case_id
 
 
-# Compiles the two kernels for sm_90 (their launchers' own launch configuration, the
-# pointers 16-byte aligned as a real launch specialises them) in a process without
-# TRITON_INTERPRET: the interpreter accepts code the GPU compiler rejects. Prints, per
-# kernel, its vector (16-byte) global loads and stores in the PTX.
-_COMPILE_SM90 = r"""
-import json, re, sys
-import torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-import fusedce.kernels.vocab_parallel as D
-
-def compile_one(fn, dtype, has_weight, smoothing):
-    ptr = {torch.float32: "*fp32", torch.bfloat16: "*bf16"}[dtype]
-    sig = {"x_ptr": ptr, "x_row_stride": "i32"}
-    if fn is D._vp_partials_kernel:
-        sig.update(t_ptr="*i64", weight_ptr="*fp32", part_ptr="*fp32", n_rows="i32",
-                   n_cols="i32")
-        const = {}
-    else:
-        sig.update(dx_ptr=ptr, dx_row_stride="i32", t_ptr="*i64", lse_ptr="*fp32",
-                   g_ptr="*fp32", w_t_ptr="*fp32", consts_ptr="*fp32", weight_ptr="*fp32",
-                   n_cols="i32", label_smoothing="fp32")
-        const = {"SAME_LAYOUT": True}
-    block, num_warps, vec = D.launch_config(dtype, 12_565)
-    const.update(HAS_WEIGHT=has_weight, HAS_SMOOTHING=smoothing, BLOCK_SIZE=block, VEC=vec)
-    sig.update({k: "constexpr" for k in const})
-    attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]]
-             for k, v in sig.items() if v.startswith("*")}
-    out = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
-                         options={"num_warps": num_warps})
-    ptx = out.asm["ptx"]
-    return {"v4_loads": len(re.findall(r"ld\.global\.v4", ptx)),
-            "v4_stores": len(re.findall(r"st\.global\.v4", ptx)), "cubin": bool(out.asm["cubin"])}
-
-bf16, fp32 = torch.bfloat16, torch.float32
-res = {
-    "partials-bf16-weight-smoothing": compile_one(D._vp_partials_kernel, bf16, True, True),
-    "grad-bf16-weight-smoothing": compile_one(D._vp_grad_kernel, bf16, True, True),
-    "grad-fp32": compile_one(D._vp_grad_kernel, fp32, False, False),
-}
-print("RESULT " + json.dumps(res))
-"""
-
-
-def test_kernels_compile_for_sm90():
-    """The kernels compile for a Hopper GPU (to a cubin) with 16-byte loads and stores."""
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_SM90], env=env, text=True,
-                          capture_output=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
-    res = json.loads(line[len("RESULT "):])
-    for name, r in res.items():
-        assert r["cubin"], name
-        assert r["v4_loads"] > 0, name  # the logits' aligned body, 16 bytes a load
-        if name.startswith("grad"):
-            assert r["v4_stores"] > 0, name
-
-
 GPU_CHECK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                          "bench", "gpu_check_distributed.py")
 
 
+@pytest.mark.slow
 def test_gpu_check_script_skips_clearly_without_gpus():
     if torch.cuda.device_count() > 1:
         pytest.skip("this machine has GPUs for the real run")
@@ -592,6 +536,7 @@ def test_gpu_check_script_skips_clearly_without_gpus():
     assert run.stdout.startswith("SKIP: the NCCL check needs at least 2 GPUs"), run.stdout
 
 
+@pytest.mark.slow
 def test_gpu_check_script_on_cpu_processes(tmp_path):
     """The NCCL script's every step, on 2 gloo processes with tiny shapes: checks pass,
     the collectives are as documented, the CSV holds the figures."""
@@ -677,6 +622,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow
 def test_inference_mode_with_grad_enabled(tmp_path):
     """``torch.enable_grad()`` inside ``torch.inference_mode()``: no graph, as PyTorch's
     ops (both vocab-parallel losses raised "Inference tensors cannot be saved for

@@ -18,6 +18,10 @@ The compiles run in a subprocess without ``TRITON_INTERPRET`` (the test session 
 kernels under the interpreter); both architectures in parallel. Run this file as a script
 for a table: ``python tests/test_gpu_compile.py [--sass DIR]``.
 
+Two more tests compile single kernels from signatures written out by hand (the strided
+kernels' fp64 and probability-target variants; the vocab-parallel kernels for sm_90, with
+16-byte loads and stores in the PTX).
+
 The two last tests are about ``bench/gpu_check.py``, the script to run on a lent GPU: without
 CUDA it must fail in one clear line, and its ``--dry-run`` (every step on the CPU, under the
 interpreter, tiny shapes) must pass.
@@ -31,6 +35,8 @@ import sys
 import time
 
 import pytest
+
+pytestmark = pytest.mark.slow  # compiles in subprocesses, ptxas, and runs bench scripts
 
 ARCHS = (80, 90)
 DTYPES = ("float32", "bfloat16", "float16")
@@ -79,10 +85,12 @@ def _launch_cases(dtype_name):
     p3 = torch.softmax(torch.randn(2, 1000, 3, generator=gen), dim=1).to(dtype)
     lse3 = torch.zeros(6)
     dloss3 = torch.ones(1, 1).expand(2, 3)
-    # a vocabulary shard: targets local to it, -1 where they lie in another shard
-    t_local = torch.where(t % 2 == 0, t, -1)
+    # the vocab-parallel kernels on a shard of V classes: per-row partials [lse | xt | swx],
+    # then the shard's gradient from the merged per-row values and [W, C]
     part = torch.zeros(3 * n)
+    g = torch.ones(n)
     consts = torch.tensor([float(V), float(V)])
+    dx = torch.empty_like(x)
     return [
         ("ce_fwd", lambda: ce.ce_fwd(x, t)),
         ("ce_fwd-inplace", lambda: ce.ce_fwd(x, t, grad_scale=one)),
@@ -98,11 +106,10 @@ def _launch_cases(dtype_name):
         ("ce_strided_bwd", lambda: st.ce_strided_bwd(x3, t3, lse3, lse3, dloss3)),
         ("ce_strided_bwd-soft", lambda: st.ce_strided_bwd(
             x3, p3, lse3, lse3, dloss3, label_smoothing=0.1, need_dtarget=True)),
-        ("vp_partials", lambda: vp.vp_partials(x, t_local, None, False, part)),
-        ("vp_partials-weight-smoothing", lambda: vp.vp_partials(x, t_local, w, True, part)),
-        ("vp_grad", lambda: vp.vp_grad(x, t_local, lse, lse, lse, consts, 0.0, None)),
-        ("vp_grad-weight-smoothing",
-         lambda: vp.vp_grad(x, t_local, lse, lse, lse, consts, 0.1, w)),
+        ("vp_partials", lambda: vp.vp_partials(x, t, None, 0.0, part)),
+        ("vp_partials-weight-smoothing", lambda: vp.vp_partials(x, t, w, 0.1, part)),
+        ("vp_grad", lambda: vp.vp_grad(x, t, lse, g, g, consts, 0.0, None, dx)),
+        ("vp_grad-weight-smoothing", lambda: vp.vp_grad(x, t, lse, g, g, consts, 0.1, w, dx)),
     ]
 
 
@@ -388,6 +395,122 @@ def test_row_loops_move_16_bytes_per_instruction(compiled, kernel, dtype):
         # outside the loops: a handful per row (edge block, target, lse, upstream gradient)
         outside = [op for op, in_loop in r["mem"] if not in_loop]
         assert len(outside) <= 12, f"{_label(r)}: {len(outside)} accesses outside the loops"
+
+
+# ----------------------------------------------------------------------------------------
+# Single kernels compiled with signatures written out by hand (the strided kernels with
+# fp64 and probability targets, the vocab-parallel kernels with a shard's launch
+# configuration): cubins, and 16-byte accesses where the rows allow them.
+
+
+_COMPILE_FOR_CUDA = r'''
+import inspect
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import fusedce.kernels.strided as K
+
+POINTERS = {"x_ptr": "*bf16", "weight_ptr": "*fp32", "dx_ptr": "*bf16", "dy_ptr": "*fp32"}
+for kernel in (K._ce_strided_fwd_kernel, K._ce_strided_bwd_kernel):
+    names = list(inspect.signature(kernel.fn).parameters)
+    for soft, fp64 in ((True, False), (False, True)):
+        acc = "*fp64" if fp64 else "*fp32"
+        flags = {"SOFT": soft, "HAS_WEIGHT": True, "HAS_SMOOTHING": True, "NEED_DX": True,
+                 "NEED_DY": soft, "IS_FP64": fp64, "BLOCK_R": 16, "BLOCK_C": 256}
+        signature = {}
+        for name in names:
+            if name in flags:
+                signature[name] = "constexpr"
+            elif name == "target_ptr":
+                signature[name] = "*fp32" if soft else "*i64"
+            elif name.endswith("_ptr"):
+                signature[name] = ("*fp64" if fp64 and name in ("x_ptr", "dx_ptr")
+                                   else POINTERS.get(name, acc))
+            else:
+                signature[name] = "i64"
+        constexprs = {(names.index(k),): v for k, v in flags.items() if k in names}
+        source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+        assert "cubin" in compiled.asm, sorted(compiled.asm)
+print("compiled")
+'''
+
+
+def test_strided_kernels_compile_for_a_cuda_target():
+    """The interpreter runs the kernels' Python, not Triton's compiler: compile them ahead
+    of time for an sm_90 target (no GPU needed) so that a construct only the compiler
+    rejects fails here. Runs in a subprocess with TRITON_INTERPRET unset."""
+    pytest.importorskip("triton.backends.compiler", reason="needs Triton's compiler API")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_CUDA], env=env,
+                          capture_output=True, text=True, timeout=600)
+    if done.returncode != 0 and "ModuleNotFoundError" in done.stderr:
+        pytest.skip(f"Triton's AOT compiler API is not available: {done.stderr[-300:]}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "compiled" in done.stdout
+
+
+# Compiles the two vocab-parallel kernels for sm_90 (their launchers' own launch configuration, the
+# pointers 16-byte aligned as a real launch specialises them) in a process without
+# TRITON_INTERPRET: the interpreter accepts code the GPU compiler rejects. Prints, per
+# kernel, its vector (16-byte) global loads and stores in the PTX.
+_COMPILE_SM90 = r"""
+import json, re, sys
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import fusedce.kernels.vocab_parallel as D
+
+def compile_one(fn, dtype, has_weight, smoothing):
+    ptr = {torch.float32: "*fp32", torch.bfloat16: "*bf16"}[dtype]
+    sig = {"x_ptr": ptr, "x_row_stride": "i32"}
+    if fn is D._vp_partials_kernel:
+        sig.update(t_ptr="*i64", weight_ptr="*fp32", part_ptr="*fp32", n_rows="i32",
+                   n_cols="i32")
+        const = {}
+    else:
+        sig.update(dx_ptr=ptr, dx_row_stride="i32", t_ptr="*i64", lse_ptr="*fp32",
+                   g_ptr="*fp32", w_t_ptr="*fp32", consts_ptr="*fp32", weight_ptr="*fp32",
+                   n_cols="i32", label_smoothing="fp32")
+        const = {"SAME_LAYOUT": True}
+    block, num_warps, vec = D.launch_config(dtype, 12_565)
+    const.update(HAS_WEIGHT=has_weight, HAS_SMOOTHING=smoothing, BLOCK_SIZE=block, VEC=vec)
+    sig.update({k: "constexpr" for k in const})
+    attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]]
+             for k, v in sig.items() if v.startswith("*")}
+    out = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
+                         options={"num_warps": num_warps})
+    ptx = out.asm["ptx"]
+    return {"v4_loads": len(re.findall(r"ld\.global\.v4", ptx)),
+            "v4_stores": len(re.findall(r"st\.global\.v4", ptx)), "cubin": bool(out.asm["cubin"])}
+
+bf16, fp32 = torch.bfloat16, torch.float32
+res = {
+    "partials-bf16-weight-smoothing": compile_one(D._vp_partials_kernel, bf16, True, True),
+    "grad-bf16-weight-smoothing": compile_one(D._vp_grad_kernel, bf16, True, True),
+    "grad-fp32": compile_one(D._vp_grad_kernel, fp32, False, False),
+}
+print("RESULT " + json.dumps(res))
+"""
+
+
+def test_vocab_parallel_kernels_compile_for_sm90():
+    """The vocab-parallel kernels compile for a Hopper GPU (to a cubin) with 16-byte loads
+    and stores."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_SM90], env=env, text=True,
+                          capture_output=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
+    res = json.loads(line[len("RESULT "):])
+    for name, r in res.items():
+        assert r["cubin"], name
+        assert r["v4_loads"] > 0, name  # the logits' aligned body, 16 bytes a load
+        if name.startswith("grad"):
+            assert r["v4_stores"] > 0, name
 
 
 # ----------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import BACKENDS
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fusedce
@@ -48,8 +49,6 @@ OPTIONS = [
     pytest.param({"bias": True, "weight": True, "label_smoothing": 0.1, "ignore_index": 1},
                  id="all"),
 ]
-
-
 
 
 def make_problem(n, h, v, dtype, seed=0, bias=False, weight=False, ignore_index=None,
@@ -418,6 +417,54 @@ def test_unsupported_targets_raise():
         fusedce.linear_cross_entropy(x, w, torch.rand(4, 5))
     with pytest.raises(ValueError, match="reduction"):
         fusedce.linear_cross_entropy(x, w, torch.zeros(4, dtype=torch.long), reduction="avg")
+
+
+def _linear_args():
+    return torch.randn(4, 8), torch.randn(5, 8), torch.tensor([0, 1, 2, 3])
+
+
+def test_linear_weight_requiring_grad_raises():
+    x, W, t = _linear_args()
+    w = torch.rand(5, requires_grad=True)
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        F.linear_cross_entropy(x, W, t, weight=w).backward()
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        fusedce.linear_cross_entropy(x, W, t, weight=w).backward()
+    assert w.grad is None
+
+
+@pytest.mark.parametrize("smoothing", [1.5, -0.1], ids=["above-1", "negative"])
+def test_linear_label_smoothing_out_of_range_raises_runtime_error(smoothing):
+    x, W, t = _linear_args()
+    if smoothing > 1:
+        with pytest.raises(RuntimeError, match="label_smoothing"):
+            F.linear_cross_entropy(x, W, t, label_smoothing=smoothing)
+    # negative: PyTorch accepts it, fusedce raises (deliberate, as fusedce.cross_entropy)
+    with pytest.raises(RuntimeError, match="label_smoothing"):
+        fusedce.cross_entropy(x @ W.t(), t, label_smoothing=smoothing)
+    with pytest.raises(RuntimeError, match="label_smoothing"):
+        fusedce.linear_cross_entropy(x, W, t, label_smoothing=smoothing)
+
+
+def test_uint8_target_156_linear():
+    h, W = torch.randn(3, 8), torch.randn(200, 8)
+    t = torch.tensor([156, 1, 2], dtype=torch.uint8)
+    ref = F.cross_entropy((h @ W.t()).double(), t)
+    out = fusedce.linear_cross_entropy(h, W, t)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_strided_target_and_weight(backend, reduction):
+    n, h, v = 16, 8, 19
+    x, W = torch.randn(n, h, dtype=torch.float64), torch.randn(v, h, dtype=torch.float64)
+    t = torch.randint(0, v, (2 * n,))[::2]  # stride 2
+    w = (torch.rand(2 * v, dtype=torch.float64) + 0.1)[::2]  # stride 2
+    ref = F.cross_entropy(x @ W.t(), t, weight=w, reduction=reduction)
+    out = fusedce.linear_cross_entropy(x.float(), W.float(), t, weight=w.float(),
+                                       reduction=reduction, backend=backend)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("upcast", [True, False], ids=["cpu-fp32-product", "gpu-scratch"])

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # pip builds and installs the package
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

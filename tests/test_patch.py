@@ -172,6 +172,7 @@ def test_tensor_subclasses_go_to_pytorch(calls):
     assert calls["n"] == 0 and Logged.seen
 
 
+@pytest.mark.slow
 def test_patched_under_torch_compile(third_party):
     """Patched code compiles with fullgraph=True (no graph break) and agrees with eager."""
     model = third_party.Model()

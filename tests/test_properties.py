@@ -156,6 +156,7 @@ def test_torch_path_matches_pytorch(case):
     check(case, "torch")
 
 
+@pytest.mark.slow
 @settings(max_examples=KERNEL_EXAMPLES, **COMMON)
 @given(case=cases(max_logits=1 << 16))
 def test_kernel_path_matches_pytorch(case):

@@ -1,0 +1,419 @@
+"""The command-line tools: ``fusedce demo``, ``fusedce train``, the GPT-2 tokenizer loader
+they share, and ``python -m bench``.
+
+- demo: the numbers it prints are right (against an independent float64 computation of the
+  same model's logits with ``F.cross_entropy``), from the command line too;
+- train: training the small GPT with fusedce gives the loss curve of F.cross_entropy, step
+  by step (same seed, same weights and batches of GPT-2 tokens of the standard library's
+  docstrings: the curves differ only by the loss function's rounding);
+- tokenizer: offline from a .tiktoken file, and a clear error without one;
+- bench: ``python -m bench`` end to end on a tiny sweep (the README's benchmark command; the
+  figures themselves are measured by hand, not here), its ``--logits`` option, and
+  ``python -m bench.script_ablation``.
+
+The network is never touched: every test names the GPT-2 merge-ranks file (option or
+FUSEDCE_GPT2_BPE, from shared/data beside the checkout) or replaces tiktoken's download by a
+failing stub.
+
+Training tolerances, and why: fp32 losses near 10 carry rounding of ~1e-6 from the different
+summation orders, and Adam carries a gradient difference of that relative size into the
+weights; over a few dozen steps the measured gaps are |d loss| <= 2e-6 and |d weight| <= 5e-5
+(lr 3e-3). A tenfold margin on each: any real error in the loss or its gradient (a wrong
+denominator, a missed row) moves the curve by far more.
+"""
+
+import csv
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import REPO_ROOT, checkout_env
+
+from fusedce.app import cli, tokenizer
+from fusedce.app.demo import DEFAULT_TEXTS, batch_from_texts, run_demo
+from fusedce.app.model import build_model
+from fusedce.app.train import load_tokens, sample_batch, stdlib_text, train, write_curves
+from fusedce.cpu import chunks, pool
+
+BPE_FILE = REPO_ROOT.parent / "shared" / "data" / "gpt2.tiktoken"
+LOSS_ATOL = 2e-5
+WEIGHT_ATOL = 5e-4
+# tiny model (1 layer, width 32) but the real 50,257 vocabulary; 4 x 16 = 64 rows a step
+RUN = dict(steps=30, batch_size=4, seq_len=16, size="tiny", lr=3e-3, seed=0)
+
+# Ids of tiktoken's own "gpt2" encoding (/work/shared/data/README.md).
+KNOWN = [
+    pytest.param("every effort moves", [16833, 3626, 6100], id="words"),
+    pytest.param("I really like", [40, 1107, 588], id="leading-capital"),
+    pytest.param("Hello, world", [15496, 11, 995], id="punctuation"),
+]
+
+
+def bpe_file_or_skip():
+    if not BPE_FILE.is_file():
+        pytest.skip(f"GPT-2 merge ranks not found at {BPE_FILE} (shared/data beside the repo)")
+    return BPE_FILE
+
+
+@pytest.fixture
+def bpe_file():
+    return bpe_file_or_skip()
+
+
+@pytest.fixture
+def offline_tokenizer(bpe_file, monkeypatch):
+    monkeypatch.setenv(tokenizer.ENV_VAR, str(bpe_file))
+    return tokenizer.gpt2_encoding()
+
+
+@pytest.fixture
+def no_download(monkeypatch):
+    """tiktoken's download fails as it does offline, and is counted."""
+    import tiktoken
+
+    calls = []
+
+    def offline(name):
+        calls.append(name)
+        raise ConnectionError("Failed to resolve 'openaipublic.blob.core.windows.net'")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    bpe_file = bpe_file_or_skip()
+    old = os.environ.get(tokenizer.ENV_VAR)
+    os.environ[tokenizer.ENV_VAR] = str(bpe_file)  # never the network
+    try:
+        yield load_tokens(max_tokens=20_000)
+    finally:
+        if old is None:
+            del os.environ[tokenizer.ENV_VAR]
+        else:
+            os.environ[tokenizer.ENV_VAR] = old
+
+
+@pytest.fixture(scope="module")
+def torch_run(tokens):
+    return train(tokens, loss="torch", **RUN)
+
+
+def _reference(texts, size, enc, seed=0):
+    """float64 F.cross_entropy of the demo's model on the demo's batch, and its per-token
+    target probabilities."""
+    _, inputs, targets = batch_from_texts(texts, enc)
+    with torch.no_grad():
+        logits = build_model(size, seed=seed)(inputs).double()
+    loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1))
+    per_token = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+    return float(loss), torch.exp(-per_token[targets != -100])
+
+
+def _max_weight_diff(a, b):
+    return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
+
+
+class TestDemo:
+    """``fusedce demo``: the figures it prints, in process and from the command line."""
+
+    def test_default_run(self, offline_tokenizer, capsys):
+        # Exactly what a newcomer runs: no arguments.
+        assert cli.main([]) == 0
+        printed = capsys.readouterr().out
+        assert "(2, 3, 50257)" in printed  # two texts of 4 tokens: 3 next-token targets each
+        assert "[16833, 3626, 6100, 345]" in printed  # "every effort moves you"
+        assert "[40, 1107, 588, 11311]" in printed  # "I really like chocolate"
+        for step in (
+            "log p",
+            "mean of the 6 log-probabilities",
+            "its negative",
+            "perplexity",
+            "fusedce.cross_entropy",
+            "F.cross_entropy",
+            "largest |difference|",
+        ):
+            assert step in printed, step
+
+    @pytest.mark.parametrize(
+        "texts, size",
+        [
+            pytest.param(DEFAULT_TEXTS, "small", id="default-texts"),
+            # unequal lengths: the shorter text's padding is ignored (ignore_index=-100)
+            pytest.param(("Hello, world", "The quick brown fox jumps over the lazy dog."),
+                         "tiny", id="padded"),
+        ],
+    )
+    def test_figures_match_float64(self, offline_tokenizer, texts, size):
+        lines = []
+        res = run_demo(texts, device="cpu", size=size, repeats=2, out=lines.append)
+        ref_loss, ref_p = _reference(texts, size, offline_tokenizer)
+        n_targets = sum(len(offline_tokenizer.encode(t)) - 1 for t in texts)
+        assert res["logits_shape"][0] == len(texts) and res["logits_shape"][2] == 50_257
+        assert res["p_target"].numel() == n_targets
+        # step by step, by hand (from fp32 logits) vs float64 F.cross_entropy
+        torch.testing.assert_close(res["p_target"], ref_p, rtol=1e-5, atol=0)
+        assert res["loss_by_hand"] == pytest.approx(ref_loss, abs=1e-5)
+        assert res["perplexity"] == pytest.approx(math.exp(ref_loss), rel=1e-5)
+        # the two library losses and their gradients
+        assert res["loss_fusedce"] == pytest.approx(ref_loss, abs=1e-5)
+        assert res["loss_torch"] == pytest.approx(ref_loss, abs=1e-5)
+        assert res["grad_max_diff"] < 1e-7  # gradients are ~1/(rows * V) ~ 1e-6 each
+        assert res["seconds_fusedce"] > 0 and res["seconds_torch"] > 0
+        unequal = len({len(offline_tokenizer.encode(t)) for t in texts}) > 1
+        assert any("ignored" in line for line in lines) == unequal
+
+    @pytest.mark.slow
+    def test_triton_backend_on_cpu_from_the_command_line(self, bpe_file, tmp_path):
+        # `python -m fusedce --backend triton` in a fresh process: on a CPU-only machine the
+        # command switches Triton's interpreter on by itself (TRITON_INTERPRET removed here).
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env[tokenizer.ENV_VAR] = str(bpe_file)
+        cmd = [
+            sys.executable,
+            "-m",
+            "fusedce",
+            "demo",
+            "--size",
+            "tiny",
+            "--backend",
+            "triton",
+            "--repeats",
+            "1",
+            "I really like",
+            "every effort moves",
+        ]
+        proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        assert "-> Triton kernels" in proc.stdout
+        if not torch.cuda.is_available():
+            assert "setting TRITON_INTERPRET=1" in proc.stdout
+        fused = next(ln for ln in proc.stdout.splitlines() if "fusedce.cross_entropy " in ln)
+        torch_ = next(ln for ln in proc.stdout.splitlines() if "F.cross_entropy " in ln)
+        assert abs(float(fused.split()[1]) - float(torch_.split()[1])) <= 1e-5
+
+    def test_without_tokenizer_the_error_names_both_ways(self, monkeypatch, no_download, capsys,
+                                                         tmp_path):
+        monkeypatch.delenv(tokenizer.ENV_VAR, raising=False)
+        monkeypatch.setattr(tokenizer, "_CHECKOUT_FILE", tmp_path / "absent.tiktoken")
+        assert cli.main(["demo"]) == 2
+        err = capsys.readouterr().err
+        assert tokenizer.ENV_VAR in err and "--tokenizer-file" in err
+
+    def test_one_token_text_is_refused(self, offline_tokenizer):
+        with pytest.raises(ValueError, match="needs 2"):
+            run_demo(
+                ("Hello", "every effort moves"),
+                device="cpu",
+                size="tiny",
+                repeats=1,
+                out=lambda line: None,
+            )
+
+
+class TestTrain:
+    """``fusedce train``: the loss curves of fusedce and F.cross_entropy agree."""
+
+    def test_corpus_is_english_prose(self):
+        text = stdlib_text()
+        assert len(text) > 100_000
+        assert text.count(" the ") > 1_000
+
+    @pytest.mark.parametrize("inplace", [False, True], ids=["fusedce", "fusedce-inplace"])
+    def test_curves_agree_and_loss_goes_down(self, tokens, torch_run, inplace):
+        run = train(tokens, loss="fusedce", inplace=inplace, **RUN)
+        ref = torch_run["loss"]
+        assert len(run["loss"]) == len(ref) == RUN["steps"]
+        gaps = [abs(a - b) for a, b in zip(run["loss"], ref)]
+        assert max(gaps) <= LOSS_ATOL, f"largest per-step gap {max(gaps):.3e}"
+        assert _max_weight_diff(run["model"], torch_run["model"]) <= WEIGHT_ATOL
+        # it learns: from about log(50257) = 10.8 to well below (unigram statistics at least)
+        first, last5 = run["loss"][0], sum(run["loss"][-5:]) / 5
+        assert abs(first - 10.8) < 0.2
+        assert last5 < first - 2.0, f"{first:.3f} -> {last5:.3f}"
+
+    @pytest.mark.slow
+    def test_triton_kernels_train_alike(self, tokens):
+        # The kernels under Triton's interpreter (slow on the CPU: 3 steps of 2 x 8 rows).
+        small = dict(RUN, steps=3, batch_size=2, seq_len=8)
+        ref = train(tokens, loss="torch", **small)
+        run = train(tokens, loss="fusedce", backend="triton", **small)
+        gaps = [abs(a - b) for a, b in zip(run["loss"], ref["loss"])]
+        assert max(gaps) <= LOSS_ATOL, gaps
+        assert _max_weight_diff(run["model"], ref["model"]) <= WEIGHT_ATOL
+
+    def test_inplace_requires_fusedce(self, tokens):
+        with pytest.raises(ValueError, match="inplace"):
+            train(tokens, loss="torch", inplace=True, **dict(RUN, steps=1))
+
+    def test_cli_writes_csv_and_png(self, tokens, tmp_path, capsys):
+        text = tmp_path / "text.txt"
+        text.write_text(stdlib_text()[:20_000], encoding="utf-8")
+        out = tmp_path / "out"
+        rc = cli.main(
+            [
+                "train",
+                "--steps",
+                "3",
+                "--batch-size",
+                "2",
+                "--seq-len",
+                "8",
+                "--loss",
+                "both",
+                "--inplace",
+                "--text-file",
+                str(text),
+                "--out",
+                str(out),
+            ]
+        )
+        assert rc == 0
+        with open(out / "loss.csv", newline="") as f:
+            rows = list(csv.reader(f))
+        assert rows[0] == ["step", "loss_fusedce (inplace)", "loss_torch"]
+        assert [r[0] for r in rows[1:]] == ["0", "1", "2"]
+        for _, a, b in rows[1:]:
+            assert abs(float(a) - float(b)) <= LOSS_ATOL
+        assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert "largest |difference| between the two curves" in capsys.readouterr().out
+
+    def test_write_curves_roundtrip(self, tmp_path):
+        # fp32 losses, as train() returns them: all their digits are kept
+        curves = {"a": [3.0, 2.5, 2.0], "b": [float(torch.tensor(v)) for v in (3.0, 2.4, 2.1)]}
+        csv_path, png_path = write_curves(curves, tmp_path)
+        with open(csv_path, newline="") as f:
+            rows = list(csv.reader(f))
+        assert rows == [
+            ["step", "loss_a", "loss_b"],
+            ["0", "3", "3"],
+            ["1", "2.5", "2.4000001"],
+            ["2", "2", "2.0999999"],
+        ]
+        assert png_path.stat().st_size > 1_000
+
+    def test_batches_are_next_token_windows(self):
+        tokens = torch.arange(1000, 1100)  # a stream whose values give their positions
+        x, y = sample_batch(tokens, 5, 16, torch.Generator().manual_seed(0))
+        assert x.shape == y.shape == (5, 16)
+        assert torch.equal(x[:, 1:] - x[:, :-1], torch.ones(5, 15, dtype=torch.long))  # contiguous
+        assert torch.equal(y, x + 1)  # each target is the token after its input
+        assert int(y.max()) <= 1099  # never past the end
+
+
+class TestTokenizer:
+    """The GPT-2 tokenizer loader: offline from a .tiktoken file, and its error without one."""
+
+    @pytest.mark.parametrize("how", ["env", "option"])
+    @pytest.mark.parametrize("text, ids", KNOWN)
+    def test_known_encodings(self, bpe_file, monkeypatch, no_download, how, text, ids):
+        if how == "env":
+            monkeypatch.setenv(tokenizer.ENV_VAR, str(bpe_file))
+            enc = tokenizer.gpt2_encoding()
+        else:
+            monkeypatch.delenv(tokenizer.ENV_VAR, raising=False)
+            enc = tokenizer.gpt2_encoding(bpe_file=bpe_file)
+        assert enc.encode(text) == ids
+        assert enc.decode(ids) == text
+        assert no_download == []  # the named file is used before any download is tried
+
+    def test_special_token_and_vocab(self, bpe_file):
+        enc = tokenizer.gpt2_encoding(bpe_file=bpe_file)
+        assert enc.n_vocab == tokenizer.VOCAB_SIZE == 50_257
+        assert enc.encode("<|endoftext|>", allowed_special={"<|endoftext|>"}) == [50256]
+        assert enc.eot_token == tokenizer.EOT_ID
+        # Unicode round-trips through the byte-level BPE.
+        text = "naïve café – 日本語 🙂"
+        assert enc.decode(enc.encode(text)) == text
+
+    def test_option_wins_over_env(self, bpe_file, monkeypatch, tmp_path):
+        monkeypatch.setenv(tokenizer.ENV_VAR, str(tmp_path / "missing.tiktoken"))
+        assert tokenizer.gpt2_encoding(bpe_file=bpe_file).encode("I really like") == [40, 1107, 588]
+
+    def test_named_missing_file_is_an_error(self, monkeypatch, no_download, tmp_path):
+        missing = tmp_path / "nope.tiktoken"
+        monkeypatch.setenv(tokenizer.ENV_VAR, str(missing))
+        with pytest.raises(tokenizer.TokenizerUnavailable, match="does not exist"):
+            tokenizer.gpt2_encoding()
+        assert no_download == []  # a named file is never silently replaced by a download
+
+    def test_wrong_file_is_an_error(self, tmp_path):
+        bad = tmp_path / "tiny.tiktoken"
+        bad.write_text("YQ== 0\nYg== 1\n")  # two ranks: not GPT-2's
+        with pytest.raises(tokenizer.TokenizerUnavailable, match="merge ranks"):
+            tokenizer.gpt2_encoding(bpe_file=bad)
+
+    def test_offline_without_file_names_both_ways(self, monkeypatch, no_download, tmp_path):
+        monkeypatch.delenv(tokenizer.ENV_VAR, raising=False)
+        monkeypatch.setattr(tokenizer, "_CHECKOUT_FILE", tmp_path / "absent.tiktoken")
+        with pytest.raises(tokenizer.TokenizerUnavailable) as err:
+            tokenizer.gpt2_encoding()
+        message = str(err.value)
+        assert tokenizer.ENV_VAR in message and "--tokenizer-file" in message
+        assert "ConnectionError" in message  # the cause is shown, not swallowed
+        assert no_download == ["gpt2"]
+
+    def test_checkout_file_found_without_env(self, bpe_file, monkeypatch, no_download):
+        # In a source checkout with shared/data beside it (CI), no variable is needed.
+        if Path(tokenizer.__file__).resolve().parents[2] != REPO_ROOT:
+            pytest.skip("fusedce is not imported from this checkout (not an editable install)")
+        monkeypatch.delenv(tokenizer.ENV_VAR, raising=False)
+        assert tokenizer._CHECKOUT_FILE == bpe_file.resolve()
+        assert tokenizer.gpt2_encoding().encode("every effort moves") == [16833, 3626, 6100]
+        assert no_download == []
+
+
+class TestBench:
+    """``python -m bench`` and its tools."""
+
+    @pytest.mark.slow
+    def test_bench_runs_end_to_end_with_a_logits_level(self, tmp_path):
+        env = checkout_env()
+        env.pop("FUSEDCE_BENCH_LOGITS", None)
+        cmd = [sys.executable, "-m", "bench", "--tokens", "8", "--vocab", "300", "--dtypes",
+               "fp32,bf16", "--passes", "fwd,fwd_bwd", "--cases", "eager,fusedce,fusedce_inplace",
+               "--repeats", "1", "--memory", "largest", "--logits=-60,3", "--out", str(tmp_path)]
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, env=env,
+                             timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        rows = list(csv.DictReader(open(tmp_path / "ce_cpu.csv")))
+        # fwd: eager, fusedce (the in-place case has no forward alone); fwd_bwd: all three
+        assert len(rows) == 2 * (2 + 3)
+        assert all(float(r["time_ms"]) > 0 and r["extra_mib"] != "" for r in rows)
+        md = (tmp_path / "ce_cpu.md").read_text()
+        assert "logits ~ N(-60.0, 3.0)" in md and "| fusedce_inplace |" in md
+        assert (tmp_path / "ce_cpu.png").stat().st_size > 0
+
+    def test_make_inputs_follows_the_logits_level(self, monkeypatch):
+        from bench.ce import make_inputs
+
+        monkeypatch.setenv("FUSEDCE_BENCH_LOGITS", "-60,3")
+        x, t = make_inputs(64, 1000)
+        assert abs(x.mean().item() + 60) < 0.1 and abs(x.std().item() - 3) < 0.1
+        monkeypatch.delenv("FUSEDCE_BENCH_LOGITS")
+        x, _ = make_inputs(64, 1000)
+        assert abs(x.mean().item()) < 0.1 and abs(x.std().item() - 2) < 0.1
+        assert t.dtype == torch.int64
+
+    def test_script_ablation_runs_and_restores_the_scripts(self, monkeypatch):
+        """``python -m bench.script_ablation`` on a tiny shape run by 2 workers: a row per dtype
+        and mode with both timings, and the scripted loops in place again afterwards."""
+        from bench import script_ablation
+
+        monkeypatch.setattr(pool, "PARALLEL_MIN_ELEMENTS", 1)
+        monkeypatch.setattr(pool, "max_workers", lambda: 2)
+        monkeypatch.setattr(chunks, "_SCRIPTED", {})
+        rows = script_ablation.run(tokens=8, vocab=257, repeats=1)
+        assert [(r[0], r[1]) for r in rows] == [(d, c) for d in ("fp32", "bf16")
+                                                for c in ("fusedce", "fusedce_inplace")]
+        assert all(r[2] > 0 and r[3] > 0 for r in rows)
+        for fn in (chunks.fwd_chunks, chunks.bwd_chunks):
+            assert isinstance(chunks._SCRIPTED[fn], torch.jit.ScriptFunction)
+        assert "| bf16 | fusedce_inplace |" in script_ablation.report(rows, 8, 257, 1)

@@ -1,0 +1,662 @@
+"""The CPU implementation (``fusedce.cpu``): what it adds to the drop-in contract.
+
+On CPU logits that require a gradient, ``fusedce.cross_entropy`` computes loss and gradient
+in one pass (``cpu.ce_fwd(..., grad_out=...)``) into a buffer of the gradient cache
+(``buffers.GradCache``); the backward only rescales it. Rows are processed in chunks,
+by worker threads for large inputs, in loops compiled with TorchScript. What must hold:
+
+- the gradient computed in the forward is float64 PyTorch's, also for a second backward
+  through a retained graph, under checkpointing and for ignored rows; the logits are never
+  written (except in the in-place mode, test_inplace.py);
+- a buffer is handed out again only when nothing refers to it: not while a graph that will
+  still hand it over is alive, nor while the caller keeps a gradient, a view of it or its
+  storage; in a training loop's steady state the same buffer is reused (no fresh
+  logits-sized allocation per step);
+- memory: no logits-sized temporary. The peak resident set of a step above its inputs and
+  the gradient it must produce stays within 5% of the logits, measured as ``python -m
+  bench`` does (fresh subprocess, VmHWM, glibc mmap threshold fixed); ``ce_scale_`` makes no
+  pass over the gradient when the upstream gradient is 1; only a fresh buffer is faulted in;
+- work split across the worker threads gives the same result as inline work, also under
+  inference mode; the scripted loops give the same bits as the Python ones, and scripting
+  survives being switched off, failing, interrupted, or a fork;
+- few chunks are redone with the max shift, whatever the logits' level.
+
+Values at extreme logits (overflow, underflow, denormals) are in test_numerics.py.
+"""
+
+import gc
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import ATOL, REPO_ROOT, RTOL, checkout_env, logits_and_targets, reference
+
+import fusedce
+from fusedce import _loss, cpu
+from fusedce.cpu import buffers, chunks, pool
+from fusedce.cpu import rows as cpu_rows
+
+PROBE = """
+import json, sys
+from bench.ce import memory_probe
+print(json.dumps([memory_probe(*case) for case in json.loads(sys.argv[1])]))
+"""
+
+
+@pytest.fixture
+def cache(monkeypatch):
+    """A fresh, empty gradient cache that takes buffers of any size (small test shapes)."""
+    fresh = buffers.GradCache()
+    monkeypatch.setattr(buffers, "_GRADS", fresh)
+    monkeypatch.setattr(buffers, "GRAD_CACHE_MIN_BYTES", 0)
+    monkeypatch.setattr(buffers, "GRAD_CACHE", True)
+    return fresh
+
+
+def _step(x, t):
+    xr = x.clone().requires_grad_()
+    fusedce.cross_entropy(xr, t).backward()
+    return xr.grad
+
+
+# --------------------------------------------------- the gradient computed in the forward
+
+def test_default_cpu_path_computes_the_gradient_in_the_forward(cache, monkeypatch):
+    """The path taken: the gradient is in the buffer after the forward, before backward."""
+    seen = []
+    ce_fwd = cpu.ce_fwd
+    monkeypatch.setattr(cpu, "ce_fwd",
+                        lambda *a, **k: seen.append(k.get("grad_out")) or ce_fwd(*a, **k))
+    x, t = logits_and_targets(4, 300)
+    xr = x.clone().requires_grad_()
+    loss = fusedce.cross_entropy(xr, t)
+    assert len(seen) == 1 and seen[0] is not None
+    _, ref_grad, _ = reference(x, t, torch.tensor(1.0))
+    torch.testing.assert_close(seen[0].double(), ref_grad, atol=ATOL, rtol=RTOL)
+    loss.backward()
+    assert xr.grad.data_ptr() == seen[0].data_ptr()  # handed over, not copied
+    assert torch.equal(xr.detach(), x)  # the logits were not written
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_no_gradient_no_buffer(cache, reduction):
+    """Under no_grad, or for logits that need no gradient, only the loss is computed."""
+    x, t = logits_and_targets(4, 300)
+    with torch.no_grad():
+        fusedce.cross_entropy(x.clone().requires_grad_(), t, reduction=reduction)
+    fusedce.cross_entropy(x, t, reduction=reduction)
+    assert cache.entries == []
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_second_backward_through_a_retained_graph(cache, reduction):
+    """The first backward hands the buffer over; a second recomputes from the saved logits."""
+    x, t = logits_and_targets(5, 300, seed=1)
+    shape = F.cross_entropy(x, t, reduction=reduction).shape
+    gen = torch.Generator().manual_seed(2)
+    ups = [torch.randn(shape, generator=gen) for _ in range(2)]
+    xr = x.clone().requires_grad_()
+    loss = fusedce.cross_entropy(xr, t, reduction=reduction)
+    first = torch.autograd.grad(loss, xr, ups[0], retain_graph=True)[0]
+    first_copy = first.clone()
+    second = torch.autograd.grad(loss, xr, ups[1])[0]
+    for got, up in ((first, ups[0]), (second, ups[1])):
+        _, ref_grad, _ = reference(x, t, up, reduction=reduction)
+        torch.testing.assert_close(got.double(), ref_grad, atol=ATOL, rtol=RTOL)
+    assert torch.equal(first, first_copy)  # the second backward did not write the first's
+    assert first.data_ptr() != second.data_ptr()
+
+
+def test_create_graph_on_a_second_backward_raises(cache):
+    """A second backward (retain_graph) with create_graph=True would return a gradient
+    without the cross-entropy's Hessian: it must raise, as the first does."""
+    x, t = logits_and_targets(4, 300, seed=14)
+    xr = x.clone().requires_grad_()
+    loss = fusedce.cross_entropy(xr, t, reduction="sum")
+    torch.autograd.grad(loss, xr, retain_graph=True)
+    (g,) = torch.autograd.grad(loss, xr, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad((g ** 2).sum(), xr)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_ignored_rows_take_no_infinite_upstream(cache, inplace):
+    """sqrt of a per-row loss has an infinite derivative at an ignored row's loss 0; its
+    gradient is still 0 there, as in PyTorch (0 * inf would be NaN)."""
+    x, _ = logits_and_targets(4, 1000, seed=15)
+    t = torch.tensor([1, -100, 2, 3])
+    xr = x.clone().requires_grad_()
+    fusedce.cross_entropy(xr, t, reduction="none", inplace_backward=inplace).sqrt().sum().backward()
+    x64 = x.double().requires_grad_()
+    F.cross_entropy(x64, t, reduction="none").sqrt().sum().backward()
+    assert torch.equal(xr.grad[1], torch.zeros(1000))
+    torch.testing.assert_close(xr.grad.double(), x64.grad, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_uint8_target_156_is_not_ignored(cache, inplace):
+    """uint8 targets compared with ignore_index=-100 in their own dtype would match class
+    156 (-100 wraps to 156): that row must get its upstream gradient, not be skipped."""
+    x, _ = logits_and_targets(4, 300, seed=21)
+    t = torch.tensor([156, 3, 156, 7], dtype=torch.uint8)
+    up = torch.tensor([0.5, 2.0, -1.5, 3.0])
+    xr = x.clone().requires_grad_()
+    loss = fusedce.cross_entropy(xr, t, reduction="none", inplace_backward=inplace)
+    (grad,) = torch.autograd.grad(loss, xr, up)
+    _, ref_grad, _ = reference(x, t.long(), up, reduction="none")
+    torch.testing.assert_close(grad.double(), ref_grad, atol=ATOL, rtol=RTOL)
+
+
+def test_bf16_gradient_in_forward_with_upstream():
+    """bf16 logits: the gradient is rounded once in the forward (1/denominator folded in)
+    and the upstream factor, when not 1, once more in the backward."""
+    x, t = logits_and_targets(6, 5000, seed=12)
+    xb = x.to(torch.bfloat16)
+    up = torch.tensor(1.7)
+    ref_loss, ref_grad, _ = reference(xb.float(), t, up)
+    xr = xb.clone().requires_grad_()
+    loss = fusedce.cross_entropy(xr, t)
+    (grad,) = torch.autograd.grad(loss, xr, up.to(loss.dtype))
+    assert grad.dtype == torch.bfloat16
+    torch.testing.assert_close(loss.double(), ref_loss, atol=1e-3, rtol=1e-2)
+    # two roundings to bf16 (2**-8 each) of entries computed in fp32
+    torch.testing.assert_close(grad.double(), ref_grad, atol=1e-6, rtol=2 * 2**-8)
+
+
+def test_eager_function_still_serves_other_layouts(cache, monkeypatch):
+    """(N, C, L) logits whose classes are not contiguous take the backward-time path."""
+    calls = []
+    forward = _loss.forward
+    monkeypatch.setattr(_loss, "forward", lambda *a: calls.append(1) or forward(*a))
+    x = torch.randn(2, 7, 5, requires_grad=True)
+    t = torch.randint(0, 7, (2, 5))
+    fusedce.cross_entropy(x, t).backward()
+    assert calls == [1] and cache.entries == []
+
+
+def test_checkpointed_loss_keeps_no_gradient_buffer(cache):
+    """Under non-reentrant checkpointing (saved-tensor hooks) the gradient is not computed
+    in the forward: it would be kept outside the hooks and computed twice."""
+    from torch.utils.checkpoint import checkpoint
+
+    x, t = logits_and_targets(6, 300, seed=20)
+    xr = x.clone().requires_grad_()
+    loss = checkpoint(lambda z: fusedce.cross_entropy(z * 1.0, t), xr, use_reentrant=False)
+    assert cache.entries == []
+    loss.backward()
+    _, ref_grad, _ = reference(x, t, torch.tensor(1.0))
+    torch.testing.assert_close(xr.grad.double(), ref_grad, atol=ATOL, rtol=RTOL)
+
+
+# ------------------------------------------------ the gradient buffers: reuse and release
+
+def test_buffer_of_a_pending_graph_is_not_reused(cache):
+    """A loss whose backward has not run yet holds its gradient: another step in between
+    must not take that buffer."""
+    (x1, t1), (x2, t2) = logits_and_targets(4, 300, seed=3), logits_and_targets(4, 300, seed=4)
+    a = x1.clone().requires_grad_()
+    pending = fusedce.cross_entropy(a, t1)
+    for _ in range(3):  # other steps, each freeing its gradient
+        b = x2.clone().requires_grad_()
+        fusedce.cross_entropy(b, t2).backward()
+        del b
+    pending.backward()
+    _, ref_grad, _ = reference(x1, t1, torch.tensor(1.0))
+    torch.testing.assert_close(a.grad.double(), ref_grad, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("holder", ["gradient", "view", "storage", "numpy"])
+def test_referenced_gradient_is_not_overwritten(cache, holder):
+    """Whatever the caller keeps of a gradient keeps its buffer out of the cache's reach."""
+    (x1, t1), (x2, t2) = logits_and_targets(4, 300, seed=5), logits_and_targets(4, 300, seed=6)
+    g1 = _step(x1, t1)
+    expected = g1.clone()
+    if holder == "gradient":
+        kept = g1
+    elif holder == "view":
+        kept = g1[1:, 5:]
+    elif holder == "storage":
+        kept = g1.untyped_storage()
+    else:
+        kept = g1.numpy()
+    ptr = g1.data_ptr()
+    del g1
+    g2 = _step(x2, t2)
+    assert g2.data_ptr() != ptr
+    if holder == "storage":
+        again = torch.empty(0).set_(kept)[: expected.numel()].view_as(expected)
+    elif holder == "numpy":
+        again = torch.from_numpy(np.asarray(kept))
+    elif holder == "view":
+        again, expected = kept, expected[1:, 5:]
+    else:
+        again = kept
+    assert torch.equal(again, expected)
+    # once the caller lets go, the buffer is free again (no buffer is kept in use forever)
+    del kept, again, g2
+    gc.collect()
+    assert _step(x1, t1).data_ptr() in {e[0].data_ptr() for e in cache.entries}
+    assert fusedce.empty_cache() > 0
+
+
+def test_steady_state_reuses_one_buffer(cache):
+    """A training loop that drops each step's gradient gets the same buffer every step."""
+    x, t = logits_and_targets(4, 300, seed=7)
+    ptrs = set()
+    for _ in range(4):
+        g = _step(x, t)
+        ptrs.add(g.data_ptr())
+        del g
+    assert len(ptrs) == 1
+    assert len(cache.entries) == 1
+
+
+def test_at_most_two_buffers_and_empty_cache(cache):
+    x, t = logits_and_targets(4, 300, seed=8)
+    live = [_step(x, t) for _ in range(3)]  # all in use: the third is not kept
+    assert len({g.data_ptr() for g in live}) == 3
+    assert len(cache.entries) == buffers.GradCache.MAX_ENTRIES == 2
+    assert fusedce.empty_cache() == 0  # nothing free yet
+    del live
+    gc.collect()
+    assert fusedce.empty_cache() == 2 * 4 * 300 * 4
+    assert cache.entries == []
+
+
+def test_changed_size_releases_free_buffers(cache):
+    """A free buffer up to a quarter larger is reused; a request none fits releases the
+    free ones (no stale buffer stays alive when the batch shape changes)."""
+    (x, t), (y, u), (z, v) = (logits_and_targets(8, 300), logits_and_targets(7, 300),
+                              logits_and_targets(20, 300))
+    _step(x, t)  # its gradient dropped at once
+    assert [e[0].numel() for e in cache.entries] == [8 * 300 * 4]
+    g = _step(y, u)  # 7 rows: fits the 8-row buffer (< 1.25x)
+    assert g.untyped_storage().nbytes() == 8 * 300 * 4
+    _, ref_grad, _ = reference(y, u, torch.tensor(1.0))
+    torch.testing.assert_close(g.double(), ref_grad, atol=ATOL, rtol=RTOL)
+    del g
+    _step(z, v)  # fits nothing: the free 8-row buffer is released
+    assert [e[0].numel() for e in cache.entries] == [20 * 300 * 4]
+    kept = _step(z, v)  # in use from here on: a changed size keeps it and adds its own
+    _step(x, t)
+    assert sorted(e[0].numel() for e in cache.entries) == [8 * 300 * 4, 20 * 300 * 4]
+    del kept
+
+
+def test_cache_off(cache, monkeypatch):
+    monkeypatch.setattr(buffers, "GRAD_CACHE", False)
+    x, t = logits_and_targets(4, 300, seed=9)
+    _step(x, t)
+    assert cache.entries == []
+
+
+def test_shared_memory_buffer_is_never_reused(cache):
+    """A gradient moved to shared memory (as torch.multiprocessing does to send it) may be
+    mapped by another process, which no reference count here shows: never reused."""
+    (x1, t1), (x2, t2) = logits_and_targets(4, 300, seed=16), logits_and_targets(4, 300, seed=17)
+    g1 = _step(x1, t1)
+    g1.share_memory_()
+    sent, ptr = g1.clone(), g1.data_ptr()
+    storage = g1.untyped_storage()
+    del g1
+    g2 = _step(x2, t2)
+    assert g2.data_ptr() != ptr
+    assert all(e[0].data_ptr() != ptr for e in cache.entries)  # dropped, not kept in use
+    assert torch.equal(torch.empty(0).set_(storage)[: sent.numel()].view_as(sent), sent)
+
+
+def test_shrunk_storage_is_dropped(cache):
+    """A gradient's storage freed by ``resize_(0)`` (FSDP's idiom) leaves the cache."""
+    x, t = logits_and_targets(8, 1000, seed=18)
+    xr = x.clone().requires_grad_()
+    fusedce.cross_entropy(xr, t).backward()
+    xr.grad.untyped_storage().resize_(0)
+    xr.grad = None
+    gc.collect()
+    g = _step(x, t)  # raised "out of bounds for storage of size 0" before
+    _, ref_grad, _ = reference(x, t, torch.tensor(1.0))
+    torch.testing.assert_close(g.double(), ref_grad, atol=ATOL, rtol=RTOL)
+
+
+# ------------------------------------------ memory, passes over the gradient, page advice
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_peak_memory_within_5_percent_of_logits():
+    # 1,024 x 50,257: 206 MB of fp32 logits, 103 MB in bf16, large against the workers'
+    # cache-sized scratch chunks (768 KiB each), so 5% is a real bound
+    n, v = 1024, 50_257
+    cases = [["fusedce", "fwd_bwd", n, v, "fp32"], ["fusedce_inplace", "fwd_bwd", n, v, "fp32"],
+             ["fusedce", "fwd_bwd", n, v, "bf16"], ["fusedce", "fwd", n, v, "bf16"]]
+    env = checkout_env(MALLOC_MMAP_THRESHOLD_=str(1 << 20))
+    if not os.path.exists("/proc/self/clear_refs"):
+        pytest.skip("no /proc/self/clear_refs to reset the peak RSS")
+    out = subprocess.run([sys.executable, "-c", PROBE, json.dumps(cases)], cwd=REPO_ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    extra = json.loads(out.stdout.strip().splitlines()[-1])
+    for (case, pass_, rows, cols, dtype), got in zip(cases, extra):
+        logits = rows * cols * (4 if dtype == "fp32" else 2)
+        assert got <= 0.05 * logits, f"{case} {pass_} {dtype}: {got / 2**20:.1f} MiB above " \
+                                     f"inputs+grad, > 5% of {logits / 2**20:.0f} MiB of logits"
+
+
+def test_scale_skips_unit_upstream_gradient(monkeypatch):
+    dx = torch.randn(5, 7)
+    before = dx.clone()
+    calls = []
+    mul_ = torch.Tensor.mul_
+    monkeypatch.setattr(torch.Tensor, "mul_", lambda self, *a, **k: calls.append(1)
+                        or mul_(self, *a, **k))
+    cpu.ce_scale_(dx, torch.ones(1).expand(5))  # 'mean'/'sum': stride-0 scalar
+    cpu.ce_scale_(dx, torch.ones(5))  # 'none' with an all-ones upstream gradient
+    assert calls == [] and torch.equal(dx, before)
+    g = torch.randn(5)
+    out = cpu.ce_scale_(dx, g)  # and does scale otherwise
+    torch.testing.assert_close(out, before * g[:, None])
+    assert out.data_ptr() == dx.data_ptr()
+
+
+def test_only_a_fresh_buffer_is_faulted_in(cache, monkeypatch):
+    """MADV_POPULATE_WRITE is for a buffer new from the allocator: on a reused one it only
+    walks resident pages (5-18 ms at 2,048 x 50,257), so it is not called."""
+    calls = []
+    monkeypatch.setattr(buffers, "PAGE_ADVICE", "populate")
+    monkeypatch.setattr(buffers, "populate_rows", lambda *a: calls.append(a[1:]))
+    x, t = logits_and_targets(4, 300, seed=22)
+    _step(x, t)
+    assert calls == [(0, 4)]  # fresh: faulted in (here by the one inline worker)
+    _step(x, t)
+    assert calls == [(0, 4)]  # reused: not again
+
+
+# ------------------------------------------------------------------------- worker threads
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_worker_split_matches_inline(monkeypatch, dtype):
+    # 37 rows of 8,193 in chunks of 2 rows on 3 workers: uneven ranges, a partial last chunk,
+    # ignored rows, a zero upstream gradient, label smoothing and weights; inline is the
+    # reference (the ops are the same, so results agree to rounding)
+    torch.manual_seed(0)
+    n, c = 37, 8193
+    x = (torch.randn(n, c) * 3).to(dtype)
+    target = torch.randint(0, c, (n,))
+    target[[3, 4, 5, 20]] = -100
+    weight = torch.rand(c)
+    g = torch.randn(n)
+    g[7] = 0.0
+
+    def run():
+        loss, lse = cpu.ce_fwd(x, target, weight, -100, 0.1)
+        dx = cpu.ce_bwd(x, target, lse, g, weight, -100, 0.1)
+        xi = x.clone()
+        cpu.ce_fwd(xi, target, weight, -100, 0.1, grad_scale=torch.tensor([0.5]))
+        return loss, lse, dx, xi
+
+    monkeypatch.setattr(pool, "PARALLEL_MIN_ELEMENTS", 1 << 60)
+    inline = run()
+    monkeypatch.setattr(pool, "PARALLEL_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(chunks, "CHUNK_ELEMENTS", 2 * c)
+    monkeypatch.setattr(pool, "max_workers", lambda: 3)
+    split = run()
+    for a, b in zip(inline, split):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert (split[2][[3, 4, 5, 7, 20]] == 0).all()  # rows zeroed, not computed
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_workers_under_inference_mode(monkeypatch, dtype):
+    """Under torch.inference_mode() the per-row buffers are inference tensors, which the
+    worker threads (not in inference mode: it is thread-local) could not write: every call
+    large enough for two workers raised."""
+    monkeypatch.setattr(pool, "PARALLEL_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(pool, "max_workers", lambda: 2)
+    torch.manual_seed(2)
+    x = (torch.randn(13, 4099) * 3).to(dtype)
+    t = torch.randint(0, 4099, (13,))
+    with torch.inference_mode():
+        loss = fusedce.cross_entropy(x, t, reduction="none", label_smoothing=0.1)
+    ref = torch.nn.functional.cross_entropy(x.double(), t, reduction="none",
+                                            label_smoothing=0.1)
+    torch.testing.assert_close(loss.double(), ref, atol=2e-5, rtol=2e-5 if dtype ==
+                               torch.float32 else 2**-8)
+
+
+# ------------------ the chunk loops, scripted with TorchScript (no GIL between their ops)
+
+@pytest.mark.parametrize("loop", ["fwd_chunks", "bwd_chunks"])
+def test_chunk_loops_run_as_scripts(loop):
+    """With the PyTorch pinned here, scripting works: the speed the README claims for the
+    CPU path (the loops' ops free of the GIL) is what runs."""
+    fn = getattr(chunks, loop)
+    assert isinstance(chunks.script(fn), torch.jit.ScriptFunction)
+
+
+def test_script_off_or_failing_runs_python(monkeypatch):
+    monkeypatch.setattr(chunks, "_SCRIPTED", {})
+    monkeypatch.setenv("FUSEDCE_SCRIPT", "0")
+    assert chunks.script(chunks.fwd_chunks) is chunks.fwd_chunks
+    monkeypatch.delenv("FUSEDCE_SCRIPT")
+
+    def not_scriptable(x):
+        return {i for i in range(x)}  # set comprehensions are not TorchScript
+
+    assert chunks.script(not_scriptable) is not_scriptable
+
+    # a script compiled from a source file changed on disk since the import (other lines,
+    # another function): its arguments differ from the function's, and it is not used
+    from types import SimpleNamespace
+
+    wrong = SimpleNamespace(schema=SimpleNamespace(arguments=[SimpleNamespace(name="dx")]))
+    monkeypatch.setattr(torch.jit, "script", lambda fn: wrong)
+    assert chunks.script(chunks.bwd_chunks) is chunks.bwd_chunks
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_script_and_python_agree(monkeypatch, dtype):
+    """The scripted loops and the same functions run as Python give the same bits, on every
+    branch: forward only, gradient into a buffer, in place; smoothing with weights; rows
+    redone with the shift (an overflowing and an underflowing row, in different workers'
+    ranges); the backward with negative and zero upstream rows (zeroed, not computed), with
+    and without its unshifted variant; 2-row chunks on 3 workers, a partial last chunk."""
+    torch.manual_seed(1)
+    n, c = 13, 4099
+    x = (torch.randn(n, c) * 3).to(dtype)
+    x[1] += 200.0
+    x[10] -= 250.0
+    target = torch.randint(0, c, (n,))
+    target[4] = -100
+    weight = torch.rand(c) + 0.5
+    scale = torch.tensor([0.25])
+    upstream = torch.randn(n)
+    upstream[[5, 6]] = 0.0  # with the ignored row 4: rows 4-6 zeroed
+
+    def run():
+        out = []
+        for kw in ({}, {"weight": weight, "label_smoothing": 0.1}):
+            out += cpu.ce_fwd(x, target, **kw)
+            buf = torch.empty_like(x)
+            out += cpu.ce_fwd(x, target, grad_scale=scale, grad_out=buf, **kw)
+            xi = x.clone()
+            out += cpu.ce_fwd(xi, target, grad_scale=scale, **kw)
+            out += [buf, xi]
+            for fast in (False, True):
+                monkeypatch.setattr(cpu_rows, "UNSHIFTED_EXP_BWD", fast)
+                out.append(cpu.ce_bwd(x, target, out[1], upstream, **kw))
+        return out
+
+    monkeypatch.setattr(pool, "PARALLEL_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(chunks, "CHUNK_ELEMENTS", 2 * c)
+    monkeypatch.setattr(pool, "max_workers", lambda: 3)
+    monkeypatch.setattr(chunks, "_SCRIPTED", {})
+    scripted = run()
+    loops = (chunks.fwd_chunks, chunks.bwd_chunks)
+    assert all(isinstance(chunks._SCRIPTED[f], torch.jit.ScriptFunction) for f in loops)
+    monkeypatch.setattr(chunks, "_SCRIPTED", {f: f for f in loops})
+    python = run()
+    assert len(scripted) == len(python) == 20
+    for a, b in zip(scripted, python):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork")
+def test_fork_while_a_loop_is_being_scripted():
+    """A fork while another thread held the scripting lock left the child a lock nobody
+    would release: its first call that scripts a loop waited forever."""
+    import time
+
+    parent_scripted = dict(chunks._SCRIPTED)
+    with chunks._SCRIPT_LOCK:  # as a thread scripting a loop would hold it
+        chunks._SCRIPTED.clear()
+        pid = os.fork()
+        if pid == 0:  # the child: script a loop, exit 0 if that returns
+            try:
+                loop = chunks.script(chunks.fwd_chunks)
+                os._exit(0 if isinstance(loop, torch.jit.ScriptFunction) else 3)
+            except BaseException:
+                os._exit(4)
+    chunks._SCRIPTED.update(parent_scripted)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail("the forked child hung on the scripting lock")
+
+
+def test_interrupted_scripting_is_tried_again(monkeypatch):
+    """An interrupt while scripting left the Python function cached for good."""
+    monkeypatch.setattr(chunks, "_SCRIPTED", {})
+    script = torch.jit.script
+
+    def interrupted(fn):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch.jit, "script", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        chunks.script(chunks.bwd_chunks)
+    monkeypatch.setattr(torch.jit, "script", script)
+    assert isinstance(chunks.script(chunks.bwd_chunks), torch.jit.ScriptFunction)
+
+
+# --------------------- chunks redone with the max shift; the backward's unshifted variant
+
+def _count_shifted(monkeypatch, x, t, **kwargs):
+    """Runs forward+backward on 2 workers and 3-row chunks; returns (chunks, chunks redone
+    with the max shift)."""
+    monkeypatch.setattr(pool, "PARALLEL_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(pool, "max_workers", lambda: 2)
+    monkeypatch.setattr(chunks, "CHUNK_ELEMENTS", 3 * x.shape[1])
+    scripted = chunks.script(chunks.fwd_chunks)
+    seen = {"first": 0, "shifted": 0}
+
+    def counting(**kw):
+        seen["shifted" if kw["shifted"] else "first"] += len(kw["chunks"])
+        return scripted(**kw)
+
+    monkeypatch.setitem(chunks._SCRIPTED, chunks.fwd_chunks, counting)
+    xr = x.clone().requires_grad_()
+    loss = fusedce.cross_entropy(xr, t, **kwargs)
+    loss.sum().backward()
+    x64 = x.double().requires_grad_()
+    kwargs.pop("inplace_backward", None)
+    torch.nn.functional.cross_entropy(x64, t, **{k: v.double() if torch.is_tensor(v) else v
+                                                 for k, v in kwargs.items()}).sum().backward()
+    fp32 = x.dtype == torch.float32
+    torch.testing.assert_close(xr.grad.double(), x64.grad, atol=2e-5 if fp32 else 1e-6,
+                               rtol=2e-5 if fp32 else 2 * 2**-8)
+    return seen["first"], seen["shifted"]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("level", [0.0, -60.0], ids=["N(0,2)", "N(-60,3)"])
+def test_few_chunks_redone_whatever_the_logits_level(monkeypatch, reduction, level):
+    """Logits ~ N(0, 2): no chunk redone. ~ N(-60, 3), a pretrained GPT-2's level: the
+    first chunk of each worker fails without a shift and is redone, the others take the
+    target logit as their shift and pass."""
+    torch.manual_seed(3)
+    n, c = 48, 4099
+    x = torch.randn(n, c) * (2.0 if level == 0 else 3.0) + level
+    t = torch.randint(0, c, (n,))
+    first, shifted = _count_shifted(monkeypatch, x, t, reduction=reduction)
+    assert first == n // 3
+    assert shifted == (0 if level == 0 else 2)
+
+
+def test_weights_above_1_at_gpt2_level_redo_one_chunk_per_worker(monkeypatch):
+    """Class weights in (1, 2), reduction 'sum', logits ~ N(-60, 3) with confident rows:
+    shifted by the target logit a confident row's sum is just above 1, below its |gA| = w_t,
+    and the scale test sent nearly every chunk to the max shift (found in the third review:
+    316 of 342 chunks), though the max shift flushes no fewer terms."""
+    torch.manual_seed(5)
+    n, c = 48, 4099
+    x = torch.randn(n, c) * 3 - 60
+    t = torch.randint(0, c, (n,))
+    x[torch.arange(n), t] = x.max(1).values + 3  # confident: p_t near 1
+    weight = torch.rand(c) + 1
+    first, shifted = _count_shifted(monkeypatch, x, t, weight=weight, reduction="sum")
+    assert (first, shifted) == (n // 3, 2)
+
+
+@pytest.mark.parametrize("dtype, inplace", [(torch.float32, False), (torch.bfloat16, True)])
+def test_a_heavy_class_weight_redoes_only_its_chunk(monkeypatch, dtype, inplace):
+    """One row's target has class weight 100 (its scale |gA| / sum > 1 at sums near 46):
+    only that row's chunk is redone, not every chunk (in bf16 in place, checked chunk by
+    chunk, the bound on |gA| was global)."""
+    torch.manual_seed(4)
+    n, c = 48, 4099
+    x = torch.randn(n, c) * 0.3 - 4.5  # row sums of exp(x) near 4,099 e^-4.5 = 46
+    t = torch.randint(1, c, (n,))
+    t[25] = 0
+    weight = torch.ones(c)
+    weight[0] = 100.0
+    first, shifted = _count_shifted(monkeypatch, x.to(dtype), t, weight=weight,
+                                    reduction="sum", inplace_backward=inplace)
+    assert (first, shifted) == (n // 3, 1)
+
+
+def test_backward_unshifted_variant_keeps_precision(monkeypatch):
+    """``UNSHIFTED_EXP_BWD`` (off by default) computes gA exp(-lse) exp(x) for rows with
+    -15 < lse < 80; with lse = -14 and gA = 1 the scale is 1.2e6, and exp(x) below -87.3,
+    subnormal, lost the precision of a normal gradient (found in review). Rows whose scale
+    exceeds 1 take the shifted form."""
+    monkeypatch.setattr(cpu_rows, "UNSHIFTED_EXP_BWD", True)
+    x = torch.tensor([[-14.0, -95.0, -98.0, -101.0, -30.0, -20.0, -16.0, -50.0],
+                      [1.0, 2.0, 0.5, -1.0, 0.0, 3.0, -2.0, 1.5]])
+    t = torch.tensor([0, 5])
+    up = torch.tensor([1.0, 0.5])
+    _, lse = cpu.ce_fwd(x, t)
+    dx = cpu.ce_bwd(x, t, lse, up)
+    x64 = x.double().requires_grad_()
+    F.cross_entropy(x64, t, reduction="none").mul(up.double()).sum().backward()
+    other = torch.ones_like(x, dtype=torch.bool)
+    other[torch.arange(2), t] = False
+    # the entries at -95..-101 are 6e-36..1.4e-38, all normal: each to fp32's precision
+    torch.testing.assert_close(dx.double()[other], x64.grad[other], atol=1e-44, rtol=RTOL)
+    torch.testing.assert_close(dx.double()[~other], x64.grad[~other], atol=ATOL, rtol=RTOL)
+
+
+def test_backward_unshifted_variant_keeps_a_tiny_scale_normal(monkeypatch):
+    """The same variant with lse = 79.2 and an upstream gradient of 1e-8: the scale
+    |gA| exp(-lse) = 4e-43 is subnormal and rounds every entry (3e-3 relative, found in the
+    third review); such rows take the shifted form."""
+    monkeypatch.setattr(cpu_rows, "UNSHIFTED_EXP_BWD", True)
+    x = torch.tensor([[78.0, 77.5, 76.0, 69.0, 59.0, 74.0, 78.5, 49.0]])
+    t = torch.tensor([2])
+    up = torch.tensor([1e-8])
+    _, lse = cpu.ce_fwd(x, t)
+    assert -15 < lse.item() < 80
+    dx = cpu.ce_bwd(x, t, lse, up)
+    x64 = x.double().requires_grad_()
+    F.cross_entropy(x64, t, reduction="none").mul(up.double()).sum().backward()
+    torch.testing.assert_close(dx.double(), x64.grad, atol=1e-44, rtol=RTOL)
