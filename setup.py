@@ -17,7 +17,9 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "ruff>=0.5",
-                "matplotlib>=3.5", "tqdm>=4", "transformers>=4.40"],
+                "expecttest",  # torch.testing._internal (PyTorch's own test samples)
+                "matplotlib>=3.5", "tqdm>=4", "transformers>=4.40",
+                "kernels"],  # Hugging Face's: tests/test_packaging.py checks no shadowing
         # `fusedce train`: progress bar and loss-curve plot (`fusedce demo` needs neither)
         "demo": ["matplotlib>=3.5", "tqdm>=4"],
         # Hugging Face models, patched with fusedce.patched() (tests/test_hf.py)

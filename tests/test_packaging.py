@@ -39,3 +39,20 @@ def test_pip_install_dot_installs_kernels_as_a_subpackage(tmp_path):
     fusedce_file, kernels_file, no_top_level = run.stdout.split()
     assert fusedce_file.startswith(str(target)) and kernels_file.startswith(str(target))
     assert no_top_level == "True"
+
+
+def test_checkout_root_shadows_no_installed_package():
+    """From the checkout's root (on sys.path first, as for `python -c` and `python -m
+    pytest`), `import kernels` is Hugging Face's package when it is installed (.[dev] has it)
+    and nothing of this checkout otherwise; transformers, which imports it, loads its models;
+    fusedce's kernels come from fusedce/kernels/."""
+    code = ("import importlib.util, fusedce.kernels, transformers; "
+            "transformers.GPT2LMHeadModel; "
+            "spec = importlib.util.find_spec('kernels'); "
+            "print(spec.origin if spec else 'none'); print(fusedce.kernels.__file__)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=ROOT, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    kernels_origin, fusedce_kernels = run.stdout.split()
+    assert kernels_origin == "none" or not kernels_origin.startswith(str(ROOT)), kernels_origin
+    assert Path(fusedce_kernels) == ROOT / "fusedce" / "kernels" / "__init__.py"

@@ -1,0 +1,123 @@
+"""PyTorch's own test samples drive the drop-in contract: every OpInfo sample of
+``nn.functional.cross_entropy`` and every ModuleInfo input of ``nn.CrossEntropyLoss``
+(``torch.testing._internal``), on both backends, give PyTorch's loss (value, dtype, shape)
+and gradients (with a random upstream gradient), and every ModuleInfo error input raises
+PyTorch's exception type with PyTorch's message. What PyTorch accepts is taken from PyTorch,
+not guessed."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+# (these need expecttest, a test dependency in .[dev])
+from torch.testing._internal import common_methods_invocations as common  # noqa: E402
+from torch.testing._internal import common_modules  # noqa: E402
+
+import fusedce
+
+OP = next(op for op in common.op_db if op.name == "nn.functional.cross_entropy")
+MODULE = next(m for m in common_modules.module_db if m.module_cls is torch.nn.CrossEntropyLoss)
+BACKENDS = ["torch", "triton"]
+# float64: PyTorch's reference is exact; float32: what training runs in
+DTYPES = {torch.float64: (1e-7, 1e-7), torch.float32: (2e-5, 2e-5)}
+
+
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    return []
+
+
+def _clone(value):
+    """The same arguments with fresh leaves, so both calls get their own gradients."""
+    if isinstance(value, torch.Tensor):
+        out = value.detach().clone()
+        return out.requires_grad_(value.requires_grad)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_clone(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _clone(v) for k, v in value.items()}
+    return value
+
+
+def _compare(fn_ours, fn_theirs, args, dtype):
+    atol, rtol = DTYPES[dtype]
+    ours_args, theirs_args = _clone(args), _clone(args)
+    want = fn_theirs(*theirs_args)
+    got = fn_ours(*ours_args)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    torch.testing.assert_close(got, want, atol=atol, rtol=rtol, equal_nan=True)
+    leaves = [t for t in _tensors(theirs_args) if t.requires_grad]
+    if not leaves:
+        return
+    upstream = torch.randn(want.shape, dtype=want.dtype,
+                           generator=torch.Generator().manual_seed(0))
+    want_grads = torch.autograd.grad(want, leaves, upstream, allow_unused=True)
+    got_grads = torch.autograd.grad(got, [t for t in _tensors(ours_args) if t.requires_grad],
+                                    upstream, allow_unused=True)
+    for g, w in zip(got_grads, want_grads):
+        assert (g is None) == (w is None)
+        if w is not None:
+            torch.testing.assert_close(g, w, atol=atol, rtol=rtol, equal_nan=True)
+
+
+def _op_samples():
+    params = []
+    for dtype in DTYPES:
+        for i, s in enumerate(OP.sample_inputs("cpu", dtype, requires_grad=True)):
+            for backend in BACKENDS:
+                params.append(pytest.param(s, dtype, backend,
+                                           id=f"{str(dtype)[6:]}-{i}-{backend}"))
+    return params
+
+
+@pytest.mark.parametrize("sample, dtype, backend", _op_samples())
+def test_opinfo_samples(sample, dtype, backend):
+    args = (sample.input, *sample.args)
+    kwargs = dict(sample.kwargs)
+    _compare(lambda *a: fusedce.cross_entropy(*a, **kwargs, backend=backend),
+             lambda *a: F.cross_entropy(*a, **kwargs), args, dtype)
+
+
+def _module_errors():
+    errors = MODULE.module_error_inputs_func(MODULE, device="cpu", dtype=torch.float32,
+                                             requires_grad=False, training=True)
+    return [pytest.param(e, backend, id=f"{i}-{backend}") for i, e in enumerate(errors)
+            for backend in BACKENDS]
+
+
+@pytest.mark.parametrize("error, backend", _module_errors())
+def test_moduleinfo_error_inputs(error, backend):
+    """PyTorch's exception type and message, from the module and the function alike."""
+    ctor = error.module_error_input.constructor_input
+    fwd = error.module_error_input.forward_input
+    with pytest.raises(error.error_type, match=error.error_regex):
+        fusedce.CrossEntropyLoss(*ctor.args, **ctor.kwargs, backend=backend)(*fwd.args)
+    with pytest.raises(error.error_type, match=error.error_regex):
+        fusedce.cross_entropy(*fwd.args, **ctor.kwargs, backend=backend)
+
+
+def _module_inputs():
+    params = []
+    for dtype in DTYPES:
+        inputs = MODULE.module_inputs_func(MODULE, device="cpu", dtype=dtype,
+                                           requires_grad=True, training=True)
+        for i, m in enumerate(inputs):
+            for backend in BACKENDS:
+                params.append(pytest.param(m, dtype, backend,
+                                           id=f"{str(dtype)[6:]}-{i}-{backend}"))
+    return params
+
+
+@pytest.mark.parametrize("module_input, dtype, backend", _module_inputs())
+def test_moduleinfo_inputs(module_input, dtype, backend):
+    ctor = module_input.constructor_input
+    fwd = module_input.forward_input
+    theirs = torch.nn.CrossEntropyLoss(*ctor.args, **ctor.kwargs)
+    ours = fusedce.CrossEntropyLoss(*ctor.args, **ctor.kwargs, backend=backend)
+    _compare(lambda *a: ours(*a, **fwd.kwargs), lambda *a: theirs(*a, **fwd.kwargs),
+             tuple(fwd.args), dtype)
