@@ -224,6 +224,16 @@ def _forward_partials(x_chunks, shard, eps, impl, n_rows, device):
     return _merge(recv, n_rows, n_parts)
 
 
+def _check_weight_count(weight, n_classes):
+    """The class weights must cover the C classes the collective found (the front door saw
+    only this rank's slice). Checked where reading C costs no device sync: CPU tensors."""
+    if weight is not None and weight.device.type == "cpu" and weight.numel() != n_classes:
+        raise RuntimeError(f"weight tensor should be defined either for all "
+                           f"{int(n_classes)} classes or no classes but got weight tensor "
+                           f"of shape: {list(weight.shape)} (pass the full class-weight "
+                           f"vector on every rank)")
+
+
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     """Reduced cross-entropy of this rank's logit slice ``x`` (rows, C_r); see the module
     docstring. One all-gather in the forward, nothing in the backward; saves O(rows)."""
@@ -235,11 +245,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         shard = _Shard(target, n_local, vocab_start, weight, ignore_index, group)
         lse, x_t, swx, n_classes = _forward_partials([(0, x)], shard, eps, impl, n_rows,
                                                      x.device)
-        if weight is not None and weight.device.type == "cpu" and weight.numel() != n_classes:
-            raise RuntimeError(f"weight tensor should be defined either for all "
-                               f"{int(n_classes)} classes or no classes but got weight tensor "
-                               f"of shape: {list(weight.shape)} (pass the full class-weight "
-                               f"vector on every rank)")
+        _check_weight_count(weight, n_classes)
         loss, valid, w_t, w_sum = _loss_and_rows(shard, lse, x_t, swx, n_classes, weight, eps)
         denom = _denominator(shard, valid, w_t, reduction)
         ctx.options = (eps, reduction, impl)
@@ -339,6 +345,7 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
         shard = _Shard(target, w_head.shape[0], vocab_start, weight, ignore_index, group)
         lse, x_t, swx, n_classes = _forward_partials(
             _head_chunks(h, w_head, b_head, chunk), shard, eps, impl, n_rows, h.device)
+        _check_weight_count(weight, n_classes)
         loss, valid, w_t, w_sum = _loss_and_rows(shard, lse, x_t, swx, n_classes, weight, eps)
         denom = _denominator(shard, valid, w_t, reduction)
         ctx.options = (eps, reduction, impl, chunk, reduce_input_grad)

@@ -630,3 +630,35 @@ def test_inference_mode_with_grad_enabled(tmp_path):
     out = subprocess.run([sys.executable, "-c", INFERENCE_SCRIPT, str(tmp_path / "rdzv")],
                          capture_output=True, text=True, timeout=SPAWN_TIMEOUT_S)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+WEIGHT_LENGTH_SCRIPT = r"""
+import sys, torch, torch.distributed as dist
+import torch.nn.functional as F
+import fusedce.distributed as D
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+x, t, w = torch.randn(4, 7), torch.tensor([0, 1, 2, 3]), torch.ones(8)
+try:
+    F.cross_entropy(x, t, weight=w)
+except Exception as e:
+    expected = type(e)
+for fn in (lambda: D.vocab_parallel_cross_entropy(x, t, weight=w, vocab_start=0),
+           lambda: D.vocab_parallel_linear_cross_entropy(torch.randn(4, 5), torch.randn(7, 5),
+                                                         t, weight=w, vocab_start=0)):
+    try:
+        fn()
+        raise SystemExit("no error")
+    except expected as e:
+        assert "weight tensor should be defined" in str(e), e
+dist.destroy_process_group()
+print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_weight_of_the_wrong_length_raises_pytorchs_error(tmp_path):
+    """The class count is known after the forward's collective; a weight vector of another
+    length raises then, with the exception type F.cross_entropy raises. One rank of gloo."""
+    out = subprocess.run([sys.executable, "-c", WEIGHT_LENGTH_SCRIPT, str(tmp_path / "rdzv")],
+                         capture_output=True, text=True, timeout=SPAWN_TIMEOUT_S)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
