@@ -147,13 +147,6 @@ class Options(NamedTuple):
     mode: str = "backward"  # where the gradient is computed: "backward", "forward", "inplace"
 
 
-def _reduce(loss, denom, reduction):
-    if reduction == "none":
-        return loss
-    total = loss.sum()
-    return total / denom[0] if reduction == "mean" else total
-
-
 class CrossEntropyFunction(torch.autograd.Function):
     """Cross-entropy of ``x`` (N, C, L) against ``target`` ((N, L) class indices or (N, C, L)
     probabilities), reduced as ``opts.reduction`` says; differentiable in ``x`` and in
@@ -169,11 +162,11 @@ class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, target, weight, opts):
         ctx.opts = opts
-        args = (opts.ignore_index, opts.label_smoothing, opts.reduction, opts.backend,
-                opts.validate)
         if opts.mode == "backward":
             forward = ce_forward_op if torch.compiler.is_compiling() else _loss.forward
-            loss, lse, s, denom = forward(x, target, weight, *args)
+            loss, lse, s, denom = forward(x, target, weight, opts.ignore_index,
+                                          opts.label_smoothing, opts.reduction, opts.backend,
+                                          opts.validate)
             ctx.save_for_backward(x, target, weight, lse, s, denom)
             return loss
         rows, t = _loss.rows_view(x), target.reshape(-1).contiguous()
@@ -195,7 +188,10 @@ class CrossEntropyFunction(torch.autograd.Function):
             ctx.grad = grad  # held until the backward hands it over (or the graph is freed)
         ctx.impl = impl
         ctx.consumed = False
-        return _reduce(loss.view(x.shape[0], x.shape[2]), denom, opts.reduction)
+        if opts.reduction == "none":
+            return loss.view(x.shape[0], x.shape[2])
+        total = loss.sum()
+        return total / denom[0] if opts.reduction == "mean" else total
 
     @staticmethod
     @first_order_only
