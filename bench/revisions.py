@@ -7,7 +7,8 @@ medians is what a change did to the speed, free of the drift between two runs.
     python -m bench.revisions HEAD~1                 # small calls and GPT-2's large one
     python -m bench.revisions main --shapes 1x50257,8x1000 --repeats 200
 
-Forward + backward (the default mode, then ``inplace_backward=True``), CPU, fp32.
+Forward + backward (the default mode, then ``inplace_backward=True``), and the forward alone
+under ``no_grad``; CPU, fp32.
 """
 
 import argparse
@@ -45,7 +46,11 @@ def load_revision(rev):
     return importlib.import_module(name), sha
 
 
-def step(module, x, target, **kwargs):
+def step(module, x, target, no_grad=False, **kwargs):
+    if no_grad:  # evaluation: the loss alone
+        with torch.no_grad():
+            module.cross_entropy(x, target, **kwargs)
+        return
     # in place overwrites the logits: a fresh copy per call (the same cost for both)
     x = (x.clone() if kwargs.get("inplace_backward") else x.detach()).requires_grad_()
     module.cross_entropy(x, target, **kwargs).backward()
@@ -83,7 +88,8 @@ def main(argv=None):
         x = torch.randn(n, c, generator=gen)
         target = torch.randint(0, c, (n,), generator=gen)
         repeats = max(3, args.repeats // max(1, n * c // (1 << 20)))
-        for mode, kwargs in (("default", {}), ("inplace", {"inplace_backward": True})):
+        for mode, kwargs in (("default", {}), ("inplace", {"inplace_backward": True}),
+                             ("no_grad", {"no_grad": True})):
             runs = {"this": [], "other": []}
             for module in (fusedce, other):
                 step(module, x, target, **kwargs)  # warm-up: pools, scripts, buffers
