@@ -4,7 +4,7 @@ Each rank of a process group holds a contiguous slice of the vocabulary: columns
 ``[s_r, s_r + C_r)`` of every token's logits (Megatron-LM's and torchtitan's split of the
 language-model head). The loss is computed without gathering the logits anywhere.
 
-Notation as in ``kernels/cross_entropy.py`` (``C`` classes in all, class weights ``w``, all
+Notation as in ``fusedce/kernels/cross_entropy.py`` (``C`` classes in all, class weights ``w``, all
 ones when absent, ``W = sum_c w_c``, label smoothing ``eps``). Rank ``r`` computes over its
 slice, per row, with the row's global target ``t``:
 

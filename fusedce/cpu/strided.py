@@ -1,10 +1,10 @@
 """PyTorch implementation over the class dimension of ``(N, C, L)`` logits of any strides.
 
-It serves what the row-wise ``_torch_impl`` does not: class-probability (soft) targets, and
+It serves what the row-wise ``rows`` module does not: class-probability (soft) targets, and
 class-index targets whose classes are not contiguous in memory (the ``(N, C, d1, ..., dK)``
 layout of segmentation and sequence models), and float64 logits (computed in float64, as
 PyTorch does). Same entry points and math as ``fusedce.kernels.ce_strided_fwd`` /
-``ce_strided_bwd`` (see ``kernels/soft_target.py`` for the formulas), worked through in
+``ce_strided_bwd`` (see ``fusedce/kernels/strided.py`` for the formulas), worked through in
 chunks so that no ``(N, C, L)`` temporary exists besides the gradient.
 
 Shapes: ``x`` (N, C, L); a class-index ``target`` (N, L) integer; a class-probability
