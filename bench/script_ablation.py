@@ -84,7 +84,7 @@ def report(rows, tokens, vocab, repeats):
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.script_ablation", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=2048,
@@ -99,6 +99,11 @@ def main(argv=None):
     problem = check_out_dir(args.out)
     if problem:
         p.error(problem)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     rows = run(args.tokens, args.vocab, repeats=args.repeats)
     text = report(rows, args.tokens, args.vocab, args.repeats)
     os.makedirs(args.out, exist_ok=True)

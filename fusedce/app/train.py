@@ -222,6 +222,17 @@ def sample_batch(tokens, batch_size, seq_len, gen):
     return chunk[:, :-1], chunk[:, 1:]
 
 
+def check_windows(n, seq_len):
+    """A text of ``n`` tokens has windows of ``seq_len`` + 1 (input and next token) to
+    sample; a UsageError otherwise."""
+    if n < seq_len + 2:
+        fix = f"use --seq-len {n - 2} or less, or " if n > 2 else "use "
+        raise UsageError(
+            f"the text is {n} GPT-2 tokens, too few for windows of {seq_len} + 1: "
+            f"{fix}a longer --text-file"
+        )
+
+
 def train(
     tokens,
     steps=200,
@@ -247,13 +258,7 @@ def train(
             raise UsageError(f"{name} must be at least 1, got {value}")
     if not lr > 0:
         raise UsageError(f"lr must be above 0, got {lr}")
-    if tokens.numel() < seq_len + 2:
-        n = tokens.numel()
-        fix = f"use --seq-len {n - 2} or less, or " if n > 2 else "use "
-        raise UsageError(
-            f"the text is {n} GPT-2 tokens, too few for windows of {seq_len} + 1: "
-            f"{fix}a longer --text-file"
-        )
+    check_windows(tokens.numel(), seq_len)
     loss_fn = make_loss_fn(loss, inplace, backend)
     model = build_model(
         size, seed=seed, device=device, **{"n_ctx": max(seq_len, 16), **(model_overrides or {})}
@@ -410,6 +415,7 @@ def main(args):
     check_args(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokens = load_tokens(args.text_file, args.tokenizer_file)
+    check_windows(tokens.numel(), args.seq_len)
     source = args.text_file or "standard-library docstrings"
     print(
         f"{tokens.numel():,} GPT-2 tokens from {source}; model {args.size!r}, "
