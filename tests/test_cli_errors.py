@@ -98,6 +98,7 @@ CASES = [
     ("lr-0", ["train", "--lr", "0"], ["--lr", "above 0"]),
     ("lr-negative", ["train", "--lr", "-0.001"], ["--lr", "above 0"]),
     ("lr-nan", ["train", "--lr", "nan"], ["--lr", "above 0"]),
+    ("seed-too-large", ["train", "--seed", str(2**64)], ["--seed", "64 bits"]),
     ("missing-text-file", ["train", "--text-file", "{tmp}/absent.txt", "--out", "{tmp}/out"],
      ["--text-file", "no such file"]),
     ("text-file-is-a-folder", ["train", "--text-file", "{tmp}", "--out", "{tmp}/out"],
@@ -237,7 +238,7 @@ class TestBenchOutput:
     the tracked figures the README cites."""
 
     RESULTS = REPO_ROOT / "bench" / "results"
-    TINY = ["--tokens", "8", "--vocab", "300", "--dtypes", "fp32", "--passes", "fwd",
+    TINY = ["--tokens", "8", "--vocab", "300", "--dtypes", "fp32", "--passes", "fwd_bwd",
             "--cases", "eager,fusedce", "--repeats", "1", "--warmup", "0", "--memory", "none"]
 
     def _hashes(self):

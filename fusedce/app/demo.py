@@ -45,6 +45,17 @@ def positive_int(text):
     return value
 
 
+def seed_int(text):
+    """argparse type: a seed that torch.manual_seed takes (64 bits)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not -(2**63) <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"must fit in 64 bits, got {value}")
+    return value
+
+
 def positive_float(text):
     """argparse type: a finite number above 0."""
     try:
@@ -296,7 +307,10 @@ def add_arguments(parser):
         "(default: $FUSEDCE_GPT2_BPE, else tiktoken's download)",
     )
     parser.add_argument(
-        "--seed", type=int, default=0, help="the model's initialisation seed (default: %(default)s)"
+        "--seed",
+        type=seed_int,
+        default=0,
+        help="the model's initialisation seed (default: %(default)s)",
     )
     parser.add_argument(
         "--repeats",

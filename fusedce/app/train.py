@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 import fusedce
 
-from .demo import load_encoding, positive_float, positive_int
+from .demo import load_encoding, positive_float, positive_int, seed_int
 from .model import SIZES, UsageError, build_model
 
 # Standard-library modules whose docstrings make the default corpus: long, plain English
@@ -354,7 +354,7 @@ def add_arguments(parser):
         help="AdamW's learning rate, above 0 (default: %(default)s)",
     )
     parser.add_argument(
-        "--seed", type=int, default=0,
+        "--seed", type=seed_int, default=0,
         help="seed of the initial weights and of the batches (default: %(default)s)",
     )
     parser.add_argument(
