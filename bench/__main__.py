@@ -2,7 +2,8 @@
 
 At V = 50,257 for each dtype (fp32, bf16) and pass (forward; forward+backward) it times every
 case of ``bench.ce`` (interleaved, medians, ratios within the run), measures its peak memory
-(a fresh subprocess per case on the CPU) and writes into ``--out`` (``bench/results/``):
+(a fresh subprocess per case on the CPU) and writes into ``--out`` (default ``bench/out/``,
+untracked; ``--out bench/results`` replaces the figures the README cites, on purpose only):
 
 - ``ce_<device>.csv``: every row;
 - ``ce_<device>.md``: the headline table (largest token count) and the full one, with the
@@ -24,6 +25,42 @@ import sys
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# Untracked (.gitignore): a run never overwrites bench/results/, the figures the README cites,
+# unless that folder is named with --out.
+DEFAULT_OUT = os.path.join(HERE, "out")
+
+
+def check_out_dir(path, option="--out"):
+    """An error message if files cannot be written into ``path`` (made if need be), else None;
+    creates nothing (a temporary file in the nearest existing folder is the test)."""
+    import tempfile
+
+    existing = os.path.abspath(path)
+    if os.path.exists(existing) and not os.path.isdir(existing):
+        return f"{option} {path}: is a file, not a folder"
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{option} {path}: {existing} is a file, not a folder"
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        return f"{option} {path}: cannot write in {existing} ({err.strerror})"
+    return None
+
+
+def missing_extras(modules=("tqdm", "matplotlib")):
+    """The modules of the "bench" extra that cannot be imported."""
+    import importlib
+
+    missing = []
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing
 
 
 def _parse_args(argv):
@@ -32,15 +69,25 @@ def _parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", default=None,
-                   help="comma-separated token counts (default: 256,512,1024,2048)")
-    p.add_argument("--vocab", type=int, default=50_257)
-    p.add_argument("--dtypes", default="fp32,bf16")
-    p.add_argument("--passes", default=",".join(PASSES))
-    p.add_argument("--cases", default=",".join(CASES))
-    p.add_argument("--repeats", type=int, default=None, help="timed rounds (default: 5)")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+                   help="comma-separated token counts (default: 256,512,1024,2048; "
+                        "--quick: 512,2048)")
+    p.add_argument("--vocab", type=int, default=50_257,
+                   help="vocabulary size, the logits' width (default: %(default)s)")
+    p.add_argument("--dtypes", default="fp32,bf16",
+                   help="comma-separated logits dtypes (default: %(default)s)")
+    p.add_argument("--passes", default=",".join(PASSES),
+                   help="comma-separated passes (default: %(default)s)")
+    p.add_argument("--cases", default=",".join(CASES),
+                   help="comma-separated cases; unavailable peers are skipped "
+                        "(default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed rounds (default: 5; --quick: 3)")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="untimed rounds first (default: %(default)s)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda[:N] (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads (default: torch's own)")
     p.add_argument("--quick", action="store_true",
                    help="tokens 512,2048 and 3 repeats (unless given)")
     p.add_argument("--memory", choices=("all", "largest", "none"), default="largest",
@@ -50,9 +97,20 @@ def _parse_args(argv):
     p.add_argument("--logits", default=None, metavar="MEAN,STD",
                    help="the logits' normal distribution (default: 0,2; a pretrained "
                         "GPT-2's are near -60,3)")
-    p.add_argument("--out", default=os.path.join(HERE, "results"))
+    p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
+                   help="folder for ce_<device>.{csv,md,png}, made if need be (default: "
+                        "bench/out/ beside this file, untracked; --out bench/results "
+                        "replaces the README's figures)")
     p.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if not args.memory_probe:  # before any work: where the results go, what draws them
+        problem = check_out_dir(args.out)
+        if problem:
+            p.error(problem)
+        missing = missing_extras()
+        if missing:
+            p.error(f"needs {' and '.join(missing)}, not installed: "
+                    'pip install "fusedce[bench]" (the "bench" extra)')
     if args.tokens is None:
         args.tokens = "512,2048" if args.quick else "256,512,1024,2048"
     if args.repeats is None:

@@ -222,6 +222,14 @@ def main(argv=None):
     parser.add_argument("--csv", default=None, help="also write the rows to this CSV file")
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.csv and not args.memory_probe:  # before any work: the CSV can be written
+        from bench.__main__ import check_out_dir
+
+        if os.path.isdir(args.csv):
+            parser.error(f"--csv {args.csv}: is a folder, not a file")
+        problem = check_out_dir(os.path.dirname(os.path.abspath(args.csv)), "--csv folder")
+        if problem:
+            parser.error(problem)
     if args.threads:
         torch.set_num_threads(args.threads)
         os.environ["FUSEDCE_BENCH_THREADS"] = str(args.threads)  # for the probes

@@ -6,7 +6,8 @@ chunks (``fusedce.chunks.fwd_chunks``, ``_bwd_chunks``). As Python, such a loop
 takes the GIL back between every pair of short ops, and the workers contend for it; as a
 script (the default) it runs without the GIL. This times both, interleaved round by round on the
 same inputs (medians; the ratio is within the run), for the default and the in-place mode
-in fp32 and bf16, and writes ``bench/results/script_ablation.md``.
+in fp32 and bf16, and writes ``script_ablation.md`` into ``--out`` (default ``bench/out/``,
+untracked; ``--out bench/results`` replaces the tracked report, on purpose only).
 """
 
 import argparse
@@ -18,10 +19,10 @@ import time
 import torch
 
 import fusedce
+from bench.__main__ import DEFAULT_OUT, check_out_dir
 from bench.ce import device_name, make_inputs, step
 from fusedce.cpu import chunks
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 CASES = {"fusedce": {}, "fusedce_inplace": {"inplace_backward": True}}
 
 
@@ -83,14 +84,26 @@ def report(rows, tokens, vocab, repeats):
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.script_ablation", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokens", type=int, default=2048)
-    p.add_argument("--vocab", type=int, default=50_257)
-    p.add_argument("--repeats", type=int, default=9)
-    p.add_argument("--out", default=os.path.join(HERE, "results"))
+    p.add_argument("--tokens", type=int, default=2048,
+                   help="rows of the logits (default: %(default)s)")
+    p.add_argument("--vocab", type=int, default=50_257,
+                   help="vocabulary size, the logits' width (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=9,
+                   help="timed rounds after a warm-up (default: %(default)s)")
+    p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
+                   help="folder for script_ablation.md (default: bench/out/, untracked)")
     args = p.parse_args(argv)
+    problem = check_out_dir(args.out)
+    if problem:
+        p.error(problem)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     rows = run(args.tokens, args.vocab, repeats=args.repeats)
     text = report(rows, args.tokens, args.vocab, args.repeats)
     os.makedirs(args.out, exist_ok=True)

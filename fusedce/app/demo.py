@@ -8,6 +8,7 @@ target token, its log, the mean, its negative, the perplexity), then computed by
 and times are compared.
 """
 
+import argparse
 import math
 import statistics
 import time
@@ -18,8 +19,8 @@ import torch.nn.functional as F
 
 import fusedce
 
-from .model import SIZES, build_model
-from .tokenizer import EOT_ID, gpt2_encoding
+from .model import SIZES, UsageError, build_model
+from .tokenizer import EOT_ID, TokenizerUnavailable, gpt2_encoding
 
 DEFAULT_TEXTS = ("every effort moves you", "I really like chocolate")
 IGNORE_INDEX = -100  # F.cross_entropy's default; marks the padding of a shorter text
@@ -27,6 +28,79 @@ IGNORE_INDEX = -100  # F.cross_entropy's default; marks the padding of a shorter
 
 def default_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# Checks of the command line shared by ``fusedce demo`` and ``fusedce train``: each failure is
+# a UsageError (or argparse's own error), one line for the user, never a traceback.
+
+
+def positive_int(text):
+    """argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def seed_int(text):
+    """argparse type: a seed that torch.manual_seed takes (64 bits)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not -(2**63) <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"must fit in 64 bits, got {value}")
+    return value
+
+
+def positive_float(text):
+    """argparse type: a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+    return value
+
+
+def check_device(device):
+    """``device`` (None: the default) if this machine has it, else a UsageError."""
+    if device is None:
+        return default_device()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {device!r} is not a device: use cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return device
+    if dev.type != "cuda":
+        raise UsageError(f"--device {device!r}: fusedce runs on cpu or cuda[:N]")
+    if not torch.cuda.is_available():
+        why = "torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+        raise UsageError(f"--device {device}: CUDA is not available here ({why}); "
+                         "use --device cpu")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {device}: there are {torch.cuda.device_count()} CUDA "
+                         f"device(s), numbered from 0")
+    return device
+
+
+def load_encoding(tokenizer_file=None):
+    """GPT-2's encoding; a file that is not a ``.tiktoken`` file of merge ranks is a
+    TokenizerUnavailable, like a missing one."""
+    try:
+        return gpt2_encoding(tokenizer_file)
+    except TokenizerUnavailable:
+        raise
+    except (ValueError, OSError) as err:  # tiktoken's "Error parsing line ...", binascii
+        raise TokenizerUnavailable(
+            f"the GPT-2 tokenizer file could not be read ({err}); name GPT-2's gpt2.tiktoken "
+            "with --tokenizer-file or $FUSEDCE_GPT2_BPE"
+        ) from err
 
 
 def _sync(device):
@@ -40,7 +114,10 @@ def batch_from_texts(texts, enc):
     tokens = [enc.encode(text) for text in texts]
     for text, ids in zip(texts, tokens):
         if len(ids) < 2:
-            raise ValueError(f"{text!r} is {len(ids)} token(s); next-token prediction needs 2")
+            raise UsageError(
+                f"text {text!r} is {len(ids)} GPT-2 token(s); next-token prediction needs 2 "
+                "or more: give a longer text"
+            )
     n = max(len(ids) for ids in tokens)
     inputs = torch.full((len(texts), n - 1), EOT_ID, dtype=torch.long)
     targets = torch.full((len(texts), n - 1), IGNORE_INDEX, dtype=torch.long)
@@ -88,8 +165,21 @@ def run_demo(
 ):
     """Run the demo, writing lines through ``out``; returns the figures it printed."""
     device = device or default_device()
-    enc = gpt2_encoding(tokenizer_file)
+    if repeats < 1:
+        raise UsageError(f"repeats must be at least 1, got {repeats}")
+    if size not in SIZES:
+        raise UsageError(f"size must be one of {sorted(SIZES)}, got {size!r}")
+    enc = load_encoding(tokenizer_file)
     vocab = enc.n_vocab
+    tokens, inputs, targets = batch_from_texts(texts, enc)
+    n_ctx = SIZES[size].n_ctx
+    if inputs.shape[1] > n_ctx:
+        larger = [k for k, c in SIZES.items() if c.n_ctx > inputs.shape[1]]
+        hint = f"--size {larger[0]} or " if larger else ""
+        raise UsageError(
+            f"the longest text is {inputs.shape[1] + 1} tokens; model {size!r} reads at most "
+            f"{n_ctx + 1}: use {hint}a shorter text"
+        )
     on_gpu = backend == "triton" or (backend == "auto" and torch.device(device).type == "cuda")
     impl = "Triton kernels" if on_gpu else "PyTorch, chunked"
     model = build_model(size, seed=seed, device=device)
@@ -104,7 +194,6 @@ def run_demo(
     )
     out("")
     out(f"1. Tokenize with GPT-2's encoding (tiktoken, {vocab:,} tokens)")
-    tokens, inputs, targets = batch_from_texts(texts, enc)
     for i, (text, ids) in enumerate(zip(texts, tokens)):
         out(f"   text {i}: {text!r} -> {ids}")
     out("   inputs = tokens[:-1], targets = tokens[1:]: each position predicts the next token")
@@ -187,23 +276,28 @@ def add_arguments(parser):
     parser.add_argument(
         "texts",
         nargs="*",
-        default=list(DEFAULT_TEXTS),
-        help=f"texts to score (default: {' / '.join(DEFAULT_TEXTS)})",
+        metavar="TEXT",
+        help="texts to score, each of 2 or more GPT-2 tokens "
+        f"(default: {' / '.join(repr(t) for t in DEFAULT_TEXTS)})",
     )
     parser.add_argument(
         "--device",
         default=None,
-        help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)",
+        help="where the model and the loss run: cpu, cuda, cuda:1, ... "
+        "(default: cuda if available, else cpu)",
     )
     parser.add_argument(
-        "--size", default="small", choices=sorted(SIZES), help="model size (default: small)"
+        "--size",
+        default="small",
+        choices=sorted(SIZES),
+        help="the random GPT-2-style model's size (default: %(default)s)",
     )
     parser.add_argument(
         "--backend",
         default="auto",
         choices=["auto", "triton", "torch"],
-        help="fusedce's implementation (default: auto = kernels on CUDA, "
-        "PyTorch on the CPU; triton on the CPU runs Triton's interpreter)",
+        help="fusedce's implementation: auto = Triton kernels on CUDA, PyTorch on the CPU; "
+        "triton on the CPU runs Triton's interpreter (default: %(default)s)",
     )
     parser.add_argument(
         "--tokenizer-file",
@@ -212,13 +306,24 @@ def add_arguments(parser):
         help="GPT-2's gpt2.tiktoken merge ranks, to tokenize offline "
         "(default: $FUSEDCE_GPT2_BPE, else tiktoken's download)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="model initialisation seed")
-    parser.add_argument("--repeats", type=int, default=20, help="timed runs per loss")
+    parser.add_argument(
+        "--seed",
+        type=seed_int,
+        default=0,
+        help="the model's initialisation seed (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=positive_int,
+        default=20,
+        metavar="N",
+        help="timed forward+backward runs of each loss, after a warm-up (default: %(default)s)",
+    )
 
 
 def main(args):
     run_demo(
-        texts=args.texts,
+        texts=args.texts or DEFAULT_TEXTS,
         device=args.device,
         size=args.size,
         backend=args.backend,

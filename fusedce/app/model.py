@@ -21,6 +21,11 @@ from torch import nn
 from .tokenizer import VOCAB_SIZE
 
 
+class UsageError(ValueError):
+    """Bad input from the command line (an option, a text, a file): ``fusedce`` prints its
+    message as one line and exits with status 2, without a traceback."""
+
+
 @dataclass(frozen=True)
 class GPTConfig:
     vocab_size: int = VOCAB_SIZE
@@ -101,7 +106,7 @@ def build_model(size="small", seed=0, device="cpu", **overrides):
     ``overrides`` replace fields of the size's config (``n_layer=4``, ``n_ctx=64``, ...).
     """
     if size not in SIZES:
-        raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
+        raise UsageError(f"size must be one of {sorted(SIZES)}, got {size!r}")
     cfg = SIZES[size]
     if overrides:
         cfg = GPTConfig(**{**cfg.__dict__, **overrides})

@@ -18,6 +18,8 @@ where it would have called ``F.cross_entropy``.
 import csv
 import importlib
 import inspect
+import os
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -27,8 +29,8 @@ import torch.nn.functional as F
 
 import fusedce
 
-from .model import SIZES, build_model
-from .tokenizer import gpt2_encoding
+from .demo import load_encoding, positive_float, positive_int, seed_int
+from .model import SIZES, UsageError, build_model
 
 # Standard-library modules whose docstrings make the default corpus: long, plain English
 # prose (about 100k GPT-2 tokens on CPython 3.11), in the same order on every machine.
@@ -109,11 +111,92 @@ def _docstrings(modules):
 
 def load_tokens(text_file=None, tokenizer_file=None, max_tokens=None):
     """The corpus as a 1-D tensor of GPT-2 token ids (the first ``max_tokens`` of them)."""
-    text = Path(text_file).read_text(encoding="utf-8") if text_file else stdlib_text()
+    text = read_text_file(text_file) if text_file else stdlib_text()
     if max_tokens:  # tokenize no more than needed: ~4 characters a token, with margin
         text = text[: 8 * max_tokens]
-    ids = gpt2_encoding(tokenizer_file).encode_ordinary(text)
+    ids = load_encoding(tokenizer_file).encode_ordinary(text)
     return torch.tensor(ids[:max_tokens] if max_tokens else ids, dtype=torch.long)
+
+
+def read_text_file(path):
+    """The UTF-8 text of ``path``; a file that cannot be read is a UsageError."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"--text-file {path}: no such file") from None
+    except IsADirectoryError:
+        raise UsageError(f"--text-file {path}: is a folder, not a text file") from None
+    except UnicodeDecodeError as err:
+        raise UsageError(f"--text-file {path}: not UTF-8 text ({err.reason} at byte "
+                         f"{err.start}); convert it to UTF-8") from None
+    except OSError as err:
+        raise UsageError(f"--text-file {path}: cannot read it ({err.strerror})") from None
+
+
+def check_text_file(path):
+    """Before any work: ``path`` is a file that can be opened (its text is read later)."""
+    if path is None:
+        return
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"--text-file {path}: no such file")
+    if p.is_dir():
+        raise UsageError(f"--text-file {path}: is a folder, not a text file")
+    try:
+        with open(p, "rb"):
+            pass
+    except OSError as err:
+        raise UsageError(f"--text-file {path}: cannot read it ({err.strerror})") from None
+
+
+OUTPUTS = ("loss.csv", "loss.png")
+
+
+def check_out_dir(out_dir):
+    """Before any work: ``loss.csv`` and ``loss.png`` can be written into ``out_dir`` (made
+    later if need be); a UsageError otherwise. Creates nothing: a temporary file in the
+    nearest existing folder is the test."""
+    out = Path(out_dir)
+    where = f"--out {out_dir}"
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{where}: is a file, not a folder; name a folder with --out")
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{where}: {existing} is a file, not a folder; name a folder with --out")
+    for name in OUTPUTS:
+        target = out / name
+        if target.is_dir():
+            raise UsageError(f"{where}: {target} is a folder; name another folder with --out")
+        if target.exists() and not os.access(target, os.W_OK):
+            raise UsageError(f"{where}: {target} is read-only; name another folder with --out")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise UsageError(
+            f"{where}: cannot write in {existing} ({err.strerror}); name another folder with --out"
+        ) from None
+
+
+EXTRA_MODULES = {"tqdm": "tqdm", "matplotlib": "matplotlib"}  # import name: package name
+
+
+def check_extras():
+    """Before any work: the "demo" extra (tqdm for the progress bar, matplotlib for the
+    plot) is importable; a UsageError naming what is missing and how to install it."""
+    missing = []
+    for module, package in EXTRA_MODULES.items():
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(package)
+    if missing:
+        raise UsageError(
+            f"fusedce train needs {' and '.join(missing)}, not installed: "
+            'pip install "fusedce[demo]" (the "demo" extra)'
+        )
 
 
 def make_loss_fn(loss="fusedce", inplace=False, backend="auto"):
@@ -139,6 +222,17 @@ def sample_batch(tokens, batch_size, seq_len, gen):
     return chunk[:, :-1], chunk[:, 1:]
 
 
+def check_windows(n, seq_len):
+    """A text of ``n`` tokens has windows of ``seq_len`` + 1 (input and next token) to
+    sample; a UsageError otherwise."""
+    if n < seq_len + 2:
+        fix = f"use --seq-len {n - 2} or less, or " if n > 2 else "use "
+        raise UsageError(
+            f"the text is {n} GPT-2 tokens, too few for windows of {seq_len} + 1: "
+            f"{fix}a longer --text-file"
+        )
+
+
 def train(
     tokens,
     steps=200,
@@ -159,8 +253,12 @@ def train(
     The batches and the initial weights depend on ``seed`` only, so two runs that differ
     in the loss function see the same data and start from the same model.
     """
-    if tokens.numel() < seq_len + 2:
-        raise ValueError(f"{tokens.numel()} tokens, too few for windows of {seq_len + 1}")
+    for name, value in (("steps", steps), ("batch_size", batch_size), ("seq_len", seq_len)):
+        if value < 1:
+            raise UsageError(f"{name} must be at least 1, got {value}")
+    if not lr > 0:
+        raise UsageError(f"lr must be above 0, got {lr}")
+    check_windows(tokens.numel(), seq_len)
     loss_fn = make_loss_fn(loss, inplace, backend)
     model = build_model(
         size, seed=seed, device=device, **{"n_ctx": max(seq_len, 16), **(model_overrides or {})}
@@ -235,27 +333,52 @@ def write_curves(curves, out_dir, title=""):
 
 
 def add_arguments(parser):
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument(
-        "--size", default="tiny", choices=sorted(SIZES), help="model size (default: tiny)"
+        "--steps", type=positive_int, default=200, metavar="N",
+        help="optimizer steps (default: %(default)s)",
     )
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=8, metavar="N",
+        help="windows of text in each step's batch (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--seq-len", type=positive_int, default=64, metavar="N",
+        help="tokens in each window, the positions predicted per window (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--size", default="tiny", choices=sorted(SIZES),
+        help="the GPT-2-style model's size (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--lr", type=positive_float, default=3e-3,
+        help="AdamW's learning rate, above 0 (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--seed", type=seed_int, default=0,
+        help="seed of the initial weights and of the batches (default: %(default)s)",
+    )
     parser.add_argument(
         "--loss",
         default="fusedce",
         choices=LOSSES,
-        help="the loss function; both: train twice, same seed, and compare",
+        help="the loss function; both: train twice, same seed, and compare "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--inplace",
         action="store_true",
-        help="fusedce's inplace_backward (gradient written over the logits)",
+        help="fusedce's inplace_backward, the gradient written over the logits; with --loss "
+        "fusedce or both (default: off)",
     )
-    parser.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"])
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument(
+        "--backend", default="auto", choices=["auto", "triton", "torch"],
+        help="fusedce's implementation: auto = Triton kernels on CUDA, PyTorch on the CPU; "
+        "triton on the CPU runs Triton's interpreter (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--device", default=None,
+        help="where to train: cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)",
+    )
     parser.add_argument(
         "--text-file",
         default=None,
@@ -273,13 +396,26 @@ def add_arguments(parser):
         "--out",
         default="fusedce-train",
         metavar="DIR",
-        help="where loss.csv and loss.png go (default: ./fusedce-train)",
+        help="the folder where loss.csv and loss.png go, made if need be "
+        "(default: ./%(default)s)",
     )
 
 
+def check_args(args):
+    """Everything about the command line that can be checked before any work: a UsageError
+    for the first problem."""
+    if args.inplace and args.loss == "torch":
+        raise UsageError("--inplace is a fusedce option: use it with --loss fusedce or both")
+    check_extras()
+    check_text_file(args.text_file)
+    check_out_dir(args.out)
+
+
 def main(args):
+    check_args(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokens = load_tokens(args.text_file, args.tokenizer_file)
+    check_windows(tokens.numel(), args.seq_len)
     source = args.text_file or "standard-library docstrings"
     print(
         f"{tokens.numel():,} GPT-2 tokens from {source}; model {args.size!r}, "
