@@ -17,17 +17,17 @@
    ``F.cross_entropy`` eager, ``torch.compile`` of it and Liger-Kernel (if importable).
    Printed as a table of ms, GB/s under the byte model of ``bench/byte_model.py``, the
    percentage of a device-to-device copy measured in the same run, speed ratios and the peak
-   memory above the inputs; written to ``bench/results/gpu_check_<gpu>.csv``.
+   memory above the inputs; written to ``<out>/gpu_check_<gpu>.csv``.
 3. The fused linear + cross-entropy (issue 5): ``fusedce.linear_cross_entropy`` against the
    unfused float64 reference (loss and the gradients of the hidden states and the head
    weight), then forward+backward at 8,192 tokens x hidden 768 x 50,257 (bf16) against the
    unfused ``F.linear`` + ``F.cross_entropy``, PyTorch's chunked ``F.linear_cross_entropy``
    and Liger-Kernel's fused linear cross-entropy (if importable): time and peak memory, the
-   ratios to Liger printed, written to ``bench/results/gpu_linear_<gpu>.csv``
+   ratios to Liger printed, written to ``<out>/gpu_linear_<gpu>.csv``
    (``--no-linear`` leaves it out).
 4. ``--sweep``: the row kernels alone under other launch choices (BLOCK_SIZE, num_warps,
    16-byte aligned body on or off), each timed at N = 8,192 and 32,768 for bf16 and fp32,
-   written to ``bench/results/gpu_sweep_<gpu>.csv`` with the best choice per case printed.
+   written to ``<out>/gpu_sweep_<gpu>.csv`` with the best choice per case printed.
 
 ``--sanitize`` runs only small launches of the row kernels on odd shapes (rows at every
 16-byte phase, padded and offset views, targets equal to ignore_index, out of range and
@@ -77,7 +77,8 @@ def _parse_args(argv):
     p.add_argument("--sweep-only", action="store_true", help="only the sweep")
     p.add_argument("--blocks", default="4096,8192,16384", help="sweep: BLOCK_SIZE values")
     p.add_argument("--warps", default="4,8,16", help="sweep: num_warps values")
-    p.add_argument("--out", default=os.path.join(HERE, "results"), help="CSV directory")
+    p.add_argument("--out", default=os.path.join(HERE, "out"),
+                   help="CSV directory (default: the untracked bench/out/)")
     p.add_argument("--vocab", type=int, default=V, help="classes per row (default GPT-2's)")
     p.add_argument("--sanitize", action="store_true",
                    help="only small launches on odd shapes (run under compute-sanitizer)")
@@ -91,7 +92,7 @@ def _parse_args(argv):
         args.tokens, args.no_compile, args.vocab = "16", True, 1001
         args.dtypes = "bf16,fp32"
         args.blocks, args.warps = "512,1024", "1,2"
-        if args.out == os.path.join(HERE, "results"):
+        if args.out == os.path.join(HERE, "out"):
             import tempfile
 
             args.out = tempfile.mkdtemp(prefix="gpu_check_dry_run_")
