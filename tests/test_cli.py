@@ -349,8 +349,8 @@ class TestTokenizer:
         import tiktoken.load
         from tiktoken_ext import openai_public
 
+        monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")  # tiktoken copies no file into a cache
         ranks = tiktoken.load.load_tiktoken_bpe(str(bpe_file))  # tiktoken's own reader
-        monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")  # it copies no file into a cache
         monkeypatch.setattr(openai_public, "data_gym_to_mergeable_bpe_ranks",
                             lambda *args, **kwargs: ranks)
         theirs = tiktoken.Encoding(**openai_public.gpt2())
