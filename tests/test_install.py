@@ -15,7 +15,7 @@ the wheel into it (``pip --python <venv python> install --no-index``, pip >= 22.
 index, no find-links and no pip configuration: every declared dependency must already be
 there, and one the package imports but does not declare is missing at run time. So the
 test checks "declare what the package imports" too: it also imports every module of the
-installed package, with Triton's interpreter on (which imports numpy). It takes about 20 s
+installed package, with Triton's interpreter on (which imports numpy). It takes 8-15 s
 on 2 cores (no download, no copy of torch: symlinks).
 """
 
