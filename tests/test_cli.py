@@ -309,40 +309,82 @@ class TestTrain:
 
 
 class TestTokenizer:
-    """The GPT-2 tokenizer loader: offline from a .tiktoken file, and its error without one."""
+    """The GPT-2 tokenizer loader: the packaged merge ranks by default, a named file first,
+    never the network, and clear errors for a missing or wrong file."""
 
-    @pytest.mark.parametrize("how", ["env", "option"])
+    @pytest.fixture
+    def bpe_file(self):
+        """The copy shipped in the package: always there, so nothing here skips."""
+        return tokenizer._PACKAGED_FILE
+
+    @pytest.mark.parametrize("how", ["default", "env", "option"])
     @pytest.mark.parametrize("text, ids", KNOWN)
     def test_known_encodings(self, bpe_file, monkeypatch, no_download, how, text, ids):
-        if how == "env":
+        monkeypatch.delenv(tokenizer.ENV_VAR, raising=False)
+        if how == "default":
+            enc = tokenizer.gpt2_encoding()
+        elif how == "env":
             monkeypatch.setenv(tokenizer.ENV_VAR, str(bpe_file))
             enc = tokenizer.gpt2_encoding()
         else:
-            monkeypatch.delenv(tokenizer.ENV_VAR, raising=False)
             enc = tokenizer.gpt2_encoding(bpe_file=bpe_file)
         assert enc.encode(text) == ids
         assert enc.decode(ids) == text
-        assert no_download == []  # the named file is used before any download is tried
+        assert no_download == []  # tiktoken's download is never tried
 
-    def test_special_token_and_vocab(self, bpe_file):
-        enc = tokenizer.gpt2_encoding(bpe_file=bpe_file)
+    def test_special_token_and_vocab(self, monkeypatch):
+        monkeypatch.delenv(tokenizer.ENV_VAR, raising=False)
+        enc = tokenizer.gpt2_encoding()
         assert enc.n_vocab == tokenizer.VOCAB_SIZE == 50_257
         assert enc.encode("<|endoftext|>", allowed_special={"<|endoftext|>"}) == [50256]
         assert enc.eot_token == tokenizer.EOT_ID
+        assert tokenizer.EOT == "<|endoftext|>"
         # Unicode round-trips through the byte-level BPE.
         text = "naïve café – 日本語 🙂"
         assert enc.decode(enc.encode(text)) == text
 
+    def test_same_definition_as_tiktokens_gpt2(self, bpe_file, monkeypatch):
+        """tiktoken's own "gpt2" encoding, its merge ranks (a download) replaced by the
+        packaged ones: the same split pattern, special tokens and ids as the loader's."""
+        import tiktoken.load
+        from tiktoken_ext import openai_public
+
+        monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")  # tiktoken copies no file into a cache
+        ranks = tiktoken.load.load_tiktoken_bpe(str(bpe_file))  # tiktoken's own reader
+        monkeypatch.setattr(openai_public, "data_gym_to_mergeable_bpe_ranks",
+                            lambda *args, **kwargs: ranks)
+        theirs = tiktoken.Encoding(**openai_public.gpt2())
+        monkeypatch.delenv(tokenizer.ENV_VAR, raising=False)
+        ours = tokenizer.gpt2_encoding()
+        assert ours.name == theirs.name == "gpt2"
+        assert ours._pat_str == theirs._pat_str
+        assert ours._special_tokens == theirs._special_tokens == {"<|endoftext|>": 50256}
+        assert ours._mergeable_ranks == theirs._mergeable_ranks
+        text = "The quick brown fox's 12,345 jumps -- don't stop!\n\tnaïve 日本語 🙂"
+        assert ours.encode(text) == theirs.encode(text)
+
     def test_option_wins_over_env(self, bpe_file, monkeypatch, tmp_path):
         monkeypatch.setenv(tokenizer.ENV_VAR, str(tmp_path / "missing.tiktoken"))
         assert tokenizer.gpt2_encoding(bpe_file=bpe_file).encode("I really like") == [40, 1107, 588]
+
+    def test_named_file_wins_over_the_packaged_one(self, monkeypatch, tmp_path):
+        # a GPT-2-sized file of other ranks (0 and 1 swapped) is used, not the packaged copy
+        lines = tokenizer._PACKAGED_FILE.read_bytes().splitlines()
+        (a, _), (b, _) = lines[0].split(), lines[1].split()
+        other = tmp_path / "other.tiktoken"
+        other.write_bytes(b"\n".join([a + b" 1", b + b" 0", *lines[2:]]) + b"\n")
+        monkeypatch.setenv(tokenizer.ENV_VAR, str(other))
+        assert tokenizer.gpt2_encoding().encode("!") == [1]
+        assert tokenizer.gpt2_encoding(bpe_file=tokenizer._PACKAGED_FILE).encode("!") == [0]
 
     def test_named_missing_file_is_an_error(self, monkeypatch, no_download, tmp_path):
         missing = tmp_path / "nope.tiktoken"
         monkeypatch.setenv(tokenizer.ENV_VAR, str(missing))
         with pytest.raises(tokenizer.TokenizerUnavailable, match="does not exist"):
             tokenizer.gpt2_encoding()
-        assert no_download == []  # a named file is never silently replaced by a download
+        with pytest.raises(tokenizer.TokenizerUnavailable, match="does not exist"):
+            tokenizer.gpt2_encoding(bpe_file=missing)
+        assert no_download == []  # a named file is never silently replaced
 
     def test_wrong_file_is_an_error(self, tmp_path):
         bad = tmp_path / "tiny.tiktoken"
@@ -350,24 +392,47 @@ class TestTokenizer:
         with pytest.raises(tokenizer.TokenizerUnavailable, match="merge ranks"):
             tokenizer.gpt2_encoding(bpe_file=bad)
 
-    def test_offline_without_file_names_both_ways(self, monkeypatch, no_download, tmp_path):
+    @pytest.mark.parametrize("contents", [
+        pytest.param(b"hello world, not a tokenizer\n", id="text"),
+        pytest.param(b"YQ== zero\n", id="rank-not-a-number"),
+        pytest.param(b"Y*Q== 0\n", id="not-base64"),
+        pytest.param(bytes(range(256)) * 4, id="binary"),
+    ])
+    def test_garbage_file_is_a_clear_error(self, tmp_path, capsys, contents):
+        # tiktoken's own reader raises a bare "ValueError: Error parsing line" here
+        bad = tmp_path / "garbage.tiktoken"
+        bad.write_bytes(contents)
+        with pytest.raises(tokenizer.TokenizerUnavailable, match="not a .tiktoken file") as err:
+            tokenizer.gpt2_encoding(bpe_file=bad)
+        assert str(bad) in str(err.value) and "line 1" in str(err.value)
+        # and from the command line: exit status 2 and the message, no traceback
+        assert cli.main(["demo", "--tokenizer-file", str(bad)]) == 2
+        printed = capsys.readouterr().err
+        assert "not a .tiktoken file" in printed and "Traceback" not in printed
+
+    def test_missing_packaged_file_names_both_ways(self, monkeypatch, no_download, tmp_path):
         monkeypatch.delenv(tokenizer.ENV_VAR, raising=False)
-        monkeypatch.setattr(tokenizer, "_CHECKOUT_FILE", tmp_path / "absent.tiktoken")
+        monkeypatch.setattr(tokenizer, "_PACKAGED_FILE", tmp_path / "absent.tiktoken")
         with pytest.raises(tokenizer.TokenizerUnavailable) as err:
             tokenizer.gpt2_encoding()
         message = str(err.value)
+        assert "reinstall fusedce" in message
         assert tokenizer.ENV_VAR in message and "--tokenizer-file" in message
-        assert "ConnectionError" in message  # the cause is shown, not swallowed
-        assert no_download == ["gpt2"]
-
-    def test_checkout_file_found_without_env(self, bpe_file, monkeypatch, no_download):
-        # In a source checkout with shared/data beside it (CI), no variable is needed.
-        if Path(tokenizer.__file__).resolve().parents[2] != REPO_ROOT:
-            pytest.skip("fusedce is not imported from this checkout (not an editable install)")
-        monkeypatch.delenv(tokenizer.ENV_VAR, raising=False)
-        assert tokenizer._CHECKOUT_FILE == bpe_file.resolve()
-        assert tokenizer.gpt2_encoding().encode("every effort moves") == [16833, 3626, 6100]
         assert no_download == []
+
+    def test_damaged_packaged_file_is_refused(self, monkeypatch, tmp_path):
+        damaged = tmp_path / "gpt2.tiktoken"
+        data = tokenizer._PACKAGED_FILE.read_bytes()
+        damaged.write_bytes(data[:-20])  # a truncated copy
+        monkeypatch.delenv(tokenizer.ENV_VAR, raising=False)
+        monkeypatch.setattr(tokenizer, "_PACKAGED_FILE", damaged)
+        with pytest.raises(tokenizer.TokenizerUnavailable, match="damaged"):
+            tokenizer.gpt2_encoding()
+
+    def test_nothing_outside_the_package_is_looked_for(self):
+        package = Path(tokenizer.__file__).resolve().parent
+        assert tokenizer._PACKAGED_FILE.parent == package / "data"
+        assert not hasattr(tokenizer, "_CHECKOUT_FILE")
 
 
 class TestBench:
