@@ -12,8 +12,8 @@ they share, and ``python -m bench``.
   ``python -m bench.script_ablation``.
 
 The network is never touched: every test names the GPT-2 merge-ranks file (option or
-FUSEDCE_GPT2_BPE, from shared/data beside the checkout) or replaces tiktoken's download by a
-failing stub.
+FUSEDCE_GPT2_BPE), or uses the copy shipped in the package, or replaces tiktoken's download
+by a failing stub.
 
 Training tolerances, and why: fp32 losses near 10 carry rounding of ~1e-6 from the different
 summation orders, and Adam carries a gradient difference of that relative size into the
@@ -40,13 +40,13 @@ from fusedce.app.model import build_model
 from fusedce.app.train import load_tokens, sample_batch, stdlib_text, train, write_curves
 from fusedce.cpu import chunks, pool
 
-BPE_FILE = REPO_ROOT.parent / "shared" / "data" / "gpt2.tiktoken"
+BPE_FILE = tokenizer._PACKAGED_FILE  # shipped in the package: never missing
 LOSS_ATOL = 2e-5
 WEIGHT_ATOL = 5e-4
 # tiny model (1 layer, width 32) but the real 50,257 vocabulary; 4 x 16 = 64 rows a step
 RUN = dict(steps=30, batch_size=4, seq_len=16, size="tiny", lr=3e-3, seed=0)
 
-# Ids of tiktoken's own "gpt2" encoding (/work/shared/data/README.md).
+# Ids of tiktoken's own "gpt2" encoding (fusedce/app/data/README.md).
 KNOWN = [
     pytest.param("every effort moves", [16833, 3626, 6100], id="words"),
     pytest.param("I really like", [40, 1107, 588], id="leading-capital"),
@@ -54,15 +54,14 @@ KNOWN = [
 ]
 
 
-def bpe_file_or_skip():
-    if not BPE_FILE.is_file():
-        pytest.skip(f"GPT-2 merge ranks not found at {BPE_FILE} (shared/data beside the repo)")
+def packaged_bpe_file():
+    assert BPE_FILE.is_file(), f"the merge ranks shipped in the package are missing: {BPE_FILE}"
     return BPE_FILE
 
 
 @pytest.fixture
 def bpe_file():
-    return bpe_file_or_skip()
+    return packaged_bpe_file()
 
 
 @pytest.fixture
@@ -88,7 +87,7 @@ def no_download(monkeypatch):
 
 @pytest.fixture(scope="module")
 def tokens():
-    bpe_file = bpe_file_or_skip()
+    bpe_file = packaged_bpe_file()
     old = os.environ.get(tokenizer.ENV_VAR)
     os.environ[tokenizer.ENV_VAR] = str(bpe_file)  # never the network
     try:
@@ -201,8 +200,9 @@ class TestDemo:
 
     def test_without_tokenizer_the_error_names_both_ways(self, monkeypatch, no_download, capsys,
                                                          tmp_path):
+        # only a broken install lacks the packaged merge ranks
         monkeypatch.delenv(tokenizer.ENV_VAR, raising=False)
-        monkeypatch.setattr(tokenizer, "_CHECKOUT_FILE", tmp_path / "absent.tiktoken")
+        monkeypatch.setattr(tokenizer, "_PACKAGED_FILE", tmp_path / "absent.tiktoken")
         assert cli.main(["demo"]) == 2
         err = capsys.readouterr().err
         assert tokenizer.ENV_VAR in err and "--tokenizer-file" in err

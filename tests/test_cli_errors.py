@@ -3,7 +3,7 @@ problem, exit status 2, no traceback, and before any long work.
 
 Most cases run the command in process (``cli.main`` with capsys); a few run it as a fresh
 ``python -m fusedce`` process (marked slow). The network is never touched: the tokenizer is
-GPT-2's merge-ranks file from shared/data beside the checkout, or a bad file made here.
+GPT-2's merge-ranks file shipped in the package, or a bad file made here.
 """
 
 import hashlib
@@ -18,7 +18,7 @@ from helpers import REPO_ROOT, checkout_env
 import fusedce
 from fusedce.app import cli, demo, tokenizer, train
 
-BPE_FILE = REPO_ROOT.parent / "shared" / "data" / "gpt2.tiktoken"
+BPE_FILE = tokenizer._PACKAGED_FILE  # shipped in the package: never missing
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 
 
@@ -156,7 +156,8 @@ def test_tokenizer_unavailable_is_one_line(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(tiktoken, "get_encoding", offline)
     monkeypatch.delenv(tokenizer.ENV_VAR, raising=False)
-    monkeypatch.setattr(tokenizer, "_CHECKOUT_FILE", tmp_path / "absent.tiktoken")
+    # only a broken install lacks the packaged merge ranks
+    monkeypatch.setattr(tokenizer, "_PACKAGED_FILE", tmp_path / "absent.tiktoken")
     status, _, err = run(["demo"], capsys)
     assert_one_line_error(status, err, tokenizer.ENV_VAR, "--tokenizer-file")
 

@@ -7,19 +7,11 @@ logits whose loss scale comes later, no gradient to take); an error, not a wrong
 where the overwritten logits are needed again (saved by another node, a second backward).
 """
 
+import helpers
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import (
-    BACKENDS,
-    assert_close,
-    indices,
-    logits,
-    make_inputs,
-    probabilities,
-    reference,
-    run_both,
-)
+from helpers import BACKENDS, assert_close, indices, logits, probabilities, reference
 
 import fusedce
 
@@ -32,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("nan_filled_outputs")  # a missed store sho
 def test_inplace_backward(backend, inplace, reduction):
     """In-place mode gives the same loss and gradient, and the gradient lands in the logits'
     storage; reduction='none' with a per-row upstream gradient stays correct."""
-    x, target, gen = make_inputs(5, 50_257, torch.float32, seed=1)
+    x, target, gen = helpers.make_inputs(5, 50_257, torch.float32, seed=1)
     target[2] = -100
     w = torch.rand(50_257, generator=gen) + 0.5
     ref_loss, ref_grad, upstream = reference(x, target, reduction=reduction, weight=w,
@@ -54,7 +46,7 @@ def test_inplace_backward(backend, inplace, reduction):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_inplace_upstream_one_leaves_gradient_as_written(backend):
     """With an upstream gradient of exactly 1 the in-place backward has nothing to do."""
-    x, target, _ = make_inputs(4, 300, torch.float32, seed=2)
+    x, target, _ = helpers.make_inputs(4, 300, torch.float32, seed=2)
     ref_loss, ref_grad, _ = reference(x, target, upstream=torch.tensor(1.0, dtype=torch.float64))
     logits = x.clone().requires_grad_()
     fusedce.cross_entropy(logits, target, backend=backend, inplace_backward=True).backward()
@@ -65,8 +57,8 @@ def test_inplace_upstream_one_leaves_gradient_as_written(backend):
 def test_inplace_backward_kdim_and_probabilities_still_correct(backend):
     """inplace_backward has no effect where it does not apply (strided classes,
     probabilities), and the results are unchanged; on (N, C) it overwrites the logits."""
-    run_both(logits((2, 5, 3)), indices((2, 3), 5), inplace_backward=True, backend=backend)
-    run_both(logits((3, 5)), probabilities((3, 5)), inplace_backward=True, backend=backend)
+    helpers.run_both(logits((2, 5, 3)), indices((2, 3), 5), inplace_backward=True, backend=backend)
+    helpers.run_both(logits((3, 5)), probabilities((3, 5)), inplace_backward=True, backend=backend)
     x = logits((3, 7))
     xr = x.clone().requires_grad_()
     xv = xr * 1.0  # a non-leaf the loss may destroy

@@ -65,14 +65,16 @@ def _compare(fn_ours, fn_theirs, args, dtype):
             torch.testing.assert_close(g, w, atol=atol, rtol=rtol, equal_nan=True)
 
 
+def _per_dtype_and_backend(inputs_for):
+    """One parameter per input of ``inputs_for(dtype)``, dtype and backend."""
+    return [pytest.param(item, dtype, backend, id=f"{str(dtype)[6:]}-{i}-{backend}")
+            for dtype in DTYPES for i, item in enumerate(inputs_for(dtype))
+            for backend in BACKENDS]
+
+
 def _op_samples():
-    params = []
-    for dtype in DTYPES:
-        for i, s in enumerate(OP.sample_inputs("cpu", dtype, requires_grad=True)):
-            for backend in BACKENDS:
-                params.append(pytest.param(s, dtype, backend,
-                                           id=f"{str(dtype)[6:]}-{i}-{backend}"))
-    return params
+    return _per_dtype_and_backend(
+        lambda dtype: OP.sample_inputs("cpu", dtype, requires_grad=True))
 
 
 @pytest.mark.parametrize("sample, dtype, backend", _op_samples())
@@ -102,15 +104,9 @@ def test_moduleinfo_error_inputs(error, backend):
 
 
 def _module_inputs():
-    params = []
-    for dtype in DTYPES:
-        inputs = MODULE.module_inputs_func(MODULE, device="cpu", dtype=dtype,
-                                           requires_grad=True, training=True)
-        for i, m in enumerate(inputs):
-            for backend in BACKENDS:
-                params.append(pytest.param(m, dtype, backend,
-                                           id=f"{str(dtype)[6:]}-{i}-{backend}"))
-    return params
+    return _per_dtype_and_backend(
+        lambda dtype: MODULE.module_inputs_func(MODULE, device="cpu", dtype=dtype,
+                                                requires_grad=True, training=True))
 
 
 @pytest.mark.parametrize("module_input, dtype, backend", _module_inputs())

@@ -34,12 +34,16 @@ def default_device():
 # a UsageError (or argparse's own error), one line for the user, never a traceback.
 
 
-def positive_int(text):
-    """argparse type: an integer of at least 1."""
+def _whole_number(text):
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+
+
+def positive_int(text):
+    """argparse type: an integer of at least 1."""
+    value = _whole_number(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
@@ -47,10 +51,7 @@ def positive_int(text):
 
 def seed_int(text):
     """argparse type: a seed that torch.manual_seed takes (64 bits)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    value = _whole_number(text)
     if not -(2**63) <= value < 2**64:
         raise argparse.ArgumentTypeError(f"must fit in 64 bits, got {value}")
     return value
@@ -304,7 +305,7 @@ def add_arguments(parser):
         default=None,
         metavar="PATH",
         help="GPT-2's gpt2.tiktoken merge ranks, to tokenize offline "
-        "(default: $FUSEDCE_GPT2_BPE, else tiktoken's download)",
+        "(default: $FUSEDCE_GPT2_BPE, else the copy shipped with fusedce)",
     )
     parser.add_argument(
         "--seed",

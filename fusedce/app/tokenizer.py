@@ -85,7 +85,12 @@ def _from_named_file(path):
     except OSError as err:
         message = f"cannot read GPT-2 tokenizer file {str(path)!r}: {err}"
         raise TokenizerUnavailable(message) from err
-    return _encoding(_parse_ranks(data, repr(str(path))))
+    try:
+        ranks = _parse_ranks(data, f"GPT-2 tokenizer file {str(path)!r}")
+    except TokenizerUnavailable as err:
+        raise TokenizerUnavailable(f"{err}; name GPT-2's gpt2.tiktoken with --tokenizer-file "
+                                   f"or ${ENV_VAR}, or name none for the packaged copy") from None
+    return _encoding(ranks)
 
 
 def _from_packaged_file():

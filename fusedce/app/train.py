@@ -390,7 +390,7 @@ def add_arguments(parser):
         default=None,
         metavar="PATH",
         help="GPT-2's gpt2.tiktoken, to tokenize offline "
-        "(default: $FUSEDCE_GPT2_BPE, else tiktoken's download)",
+        "(default: $FUSEDCE_GPT2_BPE, else the copy shipped with fusedce)",
     )
     parser.add_argument(
         "--out",
