@@ -24,43 +24,7 @@ import sys
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-# Untracked (.gitignore): a run never overwrites bench/results/, the figures the README cites,
-# unless that folder is named with --out.
-DEFAULT_OUT = os.path.join(HERE, "out")
-
-
-def check_out_dir(path, option="--out"):
-    """An error message if files cannot be written into ``path`` (made if need be), else None;
-    creates nothing (a temporary file in the nearest existing folder is the test)."""
-    import tempfile
-
-    existing = os.path.abspath(path)
-    if os.path.exists(existing) and not os.path.isdir(existing):
-        return f"{option} {path}: is a file, not a folder"
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        return f"{option} {path}: {existing} is a file, not a folder"
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as err:
-        return f"{option} {path}: cannot write in {existing} ({err.strerror})"
-    return None
-
-
-def missing_extras(modules=("tqdm", "matplotlib")):
-    """The modules of the "bench" extra that cannot be imported."""
-    import importlib
-
-    missing = []
-    for name in modules:
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            missing.append(name)
-    return missing
+from bench.output import DEFAULT_OUT, check_out_dir, missing_extras
 
 
 def _parse_args(argv):

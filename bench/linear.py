@@ -223,7 +223,7 @@ def main(argv=None):
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.csv and not args.memory_probe:  # before any work: the CSV can be written
-        from bench.__main__ import check_out_dir
+        from bench.output import check_out_dir
 
         if os.path.isdir(args.csv):
             parser.error(f"--csv {args.csv}: is a folder, not a file")

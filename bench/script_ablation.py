@@ -19,8 +19,8 @@ import time
 import torch
 
 import fusedce
-from bench.__main__ import DEFAULT_OUT, check_out_dir
 from bench.ce import device_name, make_inputs, step
+from bench.output import DEFAULT_OUT, check_out_dir
 from fusedce.cpu import chunks
 
 CASES = {"fusedce": {}, "fusedce_inplace": {"inplace_backward": True}}
