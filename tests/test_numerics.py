@@ -27,6 +27,7 @@ from helpers import (
     make_inputs,
     probabilities,
     reference,
+    run_both,
 )
 
 import fusedce
@@ -355,3 +356,49 @@ def test_deterministic(backend):
         runs.append((loss.detach(), xx.grad))
     for loss, grad in runs[1:]:
         assert torch.equal(loss, runs[0][0]) and torch.equal(grad, runs[0][1])
+
+
+# ------------------------------------------------------------- whole rows far from zero
+# Logits are translation-invariant, and a confident model or a logit scale puts whole rows
+# below -88, where fp32's exp underflows. The strided kernels' online max started its
+# reference at 0 and rescaled by exp(0 - max): inf for a row below -88, and 0 * inf = NaN.
+
+
+def _far_rows(layout, shift, dtype):
+    gen = torch.Generator().manual_seed(7)
+    if layout == "strided-view":  # classes strided: x[:, :, k] of an (N, C, L) tensor
+        x = (torch.randn(4, 7, 3, generator=gen) * 2 + shift).to(dtype)[:, :, 2]
+        return x, torch.randint(0, 7, (4,), generator=gen)
+    if layout == "NCd":
+        x = (torch.randn(2, 5, 4, generator=gen) * 2 + shift).to(dtype)
+        return x, torch.randint(0, 5, (2, 4), generator=gen)
+    x = (torch.randn(3, 7, generator=gen) * 2 + shift).to(dtype)
+    if layout == "probabilities":
+        return x, torch.softmax(torch.randn(3, 7, generator=gen), 1).to(dtype)
+    return x, torch.randint(0, 7, (3,), generator=gen)  # contiguous rows: the control
+
+
+@pytest.mark.parametrize("shift", [-200.0, -92.0, 200.0])
+@pytest.mark.parametrize("layout", ["strided-view", "NCd", "probabilities", "rows"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
+def test_rows_far_from_zero(dtype, atol, rtol, backend, layout, shift):
+    x, target = _far_rows(layout, shift, dtype)
+    for reduction in ("none", "mean"):
+        run_both(x, target, atol=atol, rtol=rtol, backend=backend, reduction=reduction,
+                 check_target_grad=target.is_floating_point())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("row", [[-92.0, -98.5, -99.0], [-200.0, -201.0, -202.0]],
+                         ids=["below-88", "near-200"])
+def test_strided_row_below_exp_underflow_is_finite(backend, row):
+    """The reported cases: a strided row (x[:, :, 2] of a (1, 3, 3) tensor), target 2, gave
+    NaN on the kernels; PyTorch's number on both backends."""
+    x3 = torch.zeros(1, 3, 3)
+    x3[0, :, 2] = torch.tensor(row)
+    x = x3[:, :, 2]
+    got = fusedce.cross_entropy(x, torch.tensor([2]), reduction="none", backend=backend)
+    want = F.cross_entropy(x.double(), torch.tensor([2]), reduction="none")
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)

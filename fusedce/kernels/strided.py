@@ -117,7 +117,10 @@ def _ce_strided_fwd_kernel(
                     mask=mask, other=float("-inf")).to(ACC)
         m_new = tl.maximum(m, tl.max(x, axis=1))
         ref_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-        d = d * _exp(ref - ref_new, IS_FP64) + tl.sum(_exp(x - ref_new[:, None], IS_FP64), 1)
+        # every exp argument <= 0: while m is -inf, d is 0 and ref (0) may lie above the new
+        # reference (a row far below zero: exp(0 - (-92)) overflows fp32, and 0 * inf = NaN)
+        scale = tl.where(m == float("-inf"), 0.0, _exp(ref - ref_new, IS_FP64))
+        d = d * scale + tl.sum(_exp(x - ref_new[:, None], IS_FP64), 1)
         if SOFT or HAS_SMOOTHING:
             if HAS_WEIGHT:
                 w = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
