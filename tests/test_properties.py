@@ -1,19 +1,36 @@
 """Property tests: fusedce.cross_entropy against F.cross_entropy in float64 over generated
-cases: input forms (C,), (N, C), (N, C, d1..dK) with K up to 3; memory layouts (contiguous,
-classes last, strided classes); vocabulary sizes odd, powers of two and GPT-2's 50,257;
-dtypes fp32/bf16/fp16/fp64; every reduction; class weights; ignore_index (the default with
-ignored rows, or a real class); label smoothing; class-index and class-probability targets
-(with the target's gradient). Loss and gradients (random upstream gradient) must agree.
+cases covering the input space both implementations accept:
 
-Both implementations: the PyTorch path (TORCH_EXAMPLES cases) and the Triton kernels under the
-interpreter (KERNEL_EXAMPLES cases, smaller shapes). Hypothesis runs derandomized and without
-an example database, so CI sees the same cases every run.
+- forms (C,), (N, C), (N, C, d1..dK) with K = 1..3; C from 1 to GPT-2's 50,257 (listed sizes
+  and any integer), N and d from 0, under a cap on the total logits;
+- memory layouts: contiguous, a row slice and a last-dimension slice (a column slice of
+  (N, C), a crop of a map) of a larger tensor, transposed (first and last dims), classes
+  last (``movedim``), strided classes (every 2nd or 3rd element), rows expanded from one
+  (stride 0); the padding around a view is NaN, so a read outside it shows;
+- dtypes fp64/fp32/bf16/fp16; class-index targets (int64, int32, uint8; contiguous or
+  strided) and class-probability targets (softmax, sparse, one-hot; with their gradient);
+- class weights (none, positive, some zero); ``ignore_index`` absent, -100 with ignored
+  rows, another negative, a real class in [0, C), a positive value >= C; label smoothing;
+  every reduction; ``inplace_backward`` on and off (a fresh copy of the logits each call);
+- logits scaled by 0..30 and shifted by 0, +-90, +-200 or +-1e4; some cases with -inf
+  (masked classes), +inf or NaN logits.
+
+Loss and gradients (random upstream gradient) must agree within the dtype's tolerance, with
+NaN and +-inf exactly where PyTorch has them; where PyTorch raises, fusedce raises the same
+type. The reference is float64 PyTorch on the same rounded values (logits, targets, weights,
+upstream gradient), rounded to the result dtype only where it overflows it.
+
+Both implementations, each a fast default run and a ``slow`` run with many more cases; the
+Triton kernels run under the interpreter, on smaller shapes. Hypothesis runs derandomized
+(a fixed seed) and without an example database, so CI sees the same cases every run.
 """
+
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import fusedce
@@ -22,11 +39,18 @@ import fusedce
 # inf - inf): those lanes are never stored.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
 
-
-TORCH_EXAMPLES = 400
-KERNEL_EXAMPLES = 160
+# (examples, cap on the logits of one case)
+TORCH_EXAMPLES, TORCH_LOGITS = 400, 1 << 16
+KERNEL_EXAMPLES, KERNEL_LOGITS = 100, 1 << 12
+SLOW_TORCH_EXAMPLES, SLOW_TORCH_LOGITS = 4000, 1 << 18
+SLOW_KERNEL_EXAMPLES, SLOW_KERNEL_LOGITS = 600, 1 << 16
 
 VOCABS = [1, 2, 3, 7, 16, 33, 64, 100, 128, 257, 1000, 1024, 8193, 50_257]
+MAX_VOCAB = 50_257
+
+LAYOUTS = ["contiguous", "sliced_rows", "sliced_last", "transposed", "classes_last",
+           "strided_classes", "expanded"]
+SHIFTS = [0.0, 0.0, -90.0, 90.0, -200.0, 200.0, -1e4, 1e4]
 
 # (atol, rtol) against float64; low-precision results are computed in fp32 and rounded once
 # (the interpreter truncates fp32 -> bf16: up to 2**-7 relative).
@@ -38,134 +62,360 @@ TOLERANCES = {
 }
 
 COMMON = dict(deadline=None, derandomize=True, database=None, print_blob=True,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                     HealthCheck.filter_too_much])
+
+
+def _prod(values):
+    out = 1
+    for v in values:
+        out *= v
+    return out
 
 
 @st.composite
 def cases(draw, max_logits):
     """One call's arguments, as a dict of plain values (tensors are built from the seed)."""
-    n_classes = draw(st.sampled_from(VOCABS))
-    form = draw(st.sampled_from(["C", "NC", "NCd"]))
-    rows_cap = max(1, min(12, max_logits // n_classes))
+    n_classes = draw(st.sampled_from(VOCABS) | st.integers(1, MAX_VOCAB))
+    if n_classes > max_logits:
+        n_classes = draw(st.integers(1, max_logits))
+    form = draw(st.sampled_from(["C", "NC", "NC", "NCd"]))
+    rows_cap = max(1, max_logits // n_classes)
     if form == "C":
         shape = (n_classes,)
     elif form == "NC":
-        shape = (draw(st.integers(0, rows_cap)), n_classes)
+        shape = (draw(st.integers(0, min(rows_cap, 64))), n_classes)
     else:
-        dims = draw(st.lists(st.integers(1, 3), min_size=1, max_size=3))
-        positions = 1
-        for d in dims:
-            positions *= d
-        batch = draw(st.integers(1, 3))
-        while batch * positions > rows_cap and (batch > 1 or max(dims) > 1):
-            if batch > 1:
+        dims = draw(st.lists(st.integers(0, 4), min_size=1, max_size=3))
+        batch = draw(st.integers(0, 3))
+        while batch * _prod(dims) > rows_cap:  # shrink to the cap, largest first
+            if batch >= max(dims):
                 batch -= 1
             else:
-                dims = [max(1, d - 1) for d in dims]
-                positions = 1
-                for d in dims:
-                    positions *= d
+                dims[dims.index(max(dims))] -= 1
         shape = (batch, n_classes, *dims)
+
     soft = draw(st.booleans())
-    ignore = "none" if soft else draw(st.sampled_from(["none", "default", "class"]))
+    if soft:  # ignore_index >= 0 with probabilities raises, in PyTorch and in fusedce
+        ignore = draw(st.sampled_from(["none", "none", "negative", "class"]))
+    else:
+        ignore = draw(st.sampled_from(["none", "default", "negative", "class", "above"]))
     return dict(
         shape=shape,
         soft=soft,
+        soft_kind=draw(st.sampled_from(["softmax", "sparse", "onehot"])),
         dtype=draw(st.sampled_from(list(TOLERANCES))),
-        layout=draw(st.sampled_from(["contiguous", "classes_last", "strided"])),
+        layout=draw(st.sampled_from(LAYOUTS)),
+        pad=draw(st.integers(1, 3)),
+        step=draw(st.integers(2, 3)),
+        target_dtype=draw(st.sampled_from([torch.int64, torch.int64, torch.int32, torch.uint8])),
+        target_strided=draw(st.booleans()),
         reduction=draw(st.sampled_from(["none", "mean", "sum"])),
-        weighted=draw(st.booleans()),
+        weight=draw(st.sampled_from(["none", "positive", "some_zero"])),
         label_smoothing=draw(st.sampled_from([0.0, 0.0, 0.1, 1.0])
                              | st.floats(0.0, 1.0, allow_nan=False)),
         ignore=ignore,
         ignore_class=draw(st.integers(0, n_classes - 1)),
+        ignore_above=n_classes + draw(st.sampled_from([0, 1, 100])),
+        ignore_negative=draw(st.sampled_from([-1, -2, -1000])),
+        inplace=draw(st.booleans()),
+        shift=draw(st.sampled_from(SHIFTS)),
+        scale=draw(st.sampled_from([1.0, 1.0, 30.0, 0.0]) | st.floats(0.0, 30.0)),
+        special=draw(st.sampled_from(["none"] * 5 + ["-inf", "+inf", "nan"])),
         target_grad=soft and draw(st.booleans()),
         seed=draw(st.integers(0, 2**31 - 1)),
     )
 
 
-def _laid_out(values, layout):
-    """``values`` (class dim 1, or 0 for (C,)) stored in the given layout, same values."""
+def _padded(values, dim, before, after):
+    """A NaN-filled tensor ``before``/``after`` elements longer in ``dim``, holding
+    ``values`` in between; returns (storage, view) with ``view(storage)`` the values."""
+    shape = list(values.shape)
+    n = shape[dim]
+    shape[dim] = before + n + after
+    storage = torch.full(shape, math.nan, dtype=values.dtype)
+    storage.narrow(dim, before, n).copy_(values)
+    return storage, lambda s: s.narrow(dim, before, n)
+
+
+def _layout(values, layout, case):
+    """``(storage, view)``: a fresh contiguous tensor and the view of it that is the input
+    in the given layout, with the values of ``values`` (class dim 1, or 0 for (C,));
+    "expanded" keeps the first row only, repeated with stride 0."""
     class_dim = 0 if values.dim() == 1 else 1
+    pad = case["pad"]
+    if layout == "sliced_rows":
+        return _padded(values, 0, pad, 1)
+    if layout == "sliced_last":
+        return _padded(values, -1, 1, pad)
+    if layout == "transposed" and values.dim() > 1:
+        return values.transpose(0, -1).contiguous(), lambda s: s.transpose(0, -1)
     if layout == "classes_last":
-        return values.movedim(class_dim, -1).contiguous().movedim(-1, class_dim)
-    if layout == "strided":  # every other element of a tensor twice as wide in the last dim
-        wide = torch.zeros(values.shape[:-1] + (2 * values.shape[-1],), dtype=values.dtype)
-        wide[..., ::2] = values
-        return wide[..., ::2]
-    return values.contiguous()
+        return (values.movedim(class_dim, -1).contiguous(),
+                lambda s: s.movedim(-1, class_dim))
+    if layout == "strided_classes":
+        step = case["step"]
+        shape = list(values.shape)
+        n_classes = shape[class_dim]
+        shape[class_dim] = n_classes * step + 1
+        storage = torch.full(shape, math.nan, dtype=values.dtype)
+        index = [slice(None)] * values.dim()
+        index[class_dim] = slice(1, 1 + n_classes * step, step)
+        storage[tuple(index)] = values
+        return storage, lambda s: s[tuple(index)]
+    if layout == "expanded" and values.dim() > 1 and values.shape[0] > 0:
+        shape = values.shape
+        return values[:1].clone(), lambda s: s.expand(shape)
+    return values.clone(), lambda s: s
 
 
 def _build(case):
+    """The rounded inputs: logits (dtype), target, call kwargs, upstream gradient."""
     gen = torch.Generator().manual_seed(case["seed"])
     shape, dtype, soft = case["shape"], case["dtype"], case["soft"]
-    n_classes = shape[0] if len(shape) == 1 else shape[1]
-    x = (torch.randn(shape, generator=gen) * 3).to(dtype)
-    kwargs = {"reduction": case["reduction"], "label_smoothing": case["label_smoothing"]}
+    class_dim = 0 if len(shape) == 1 else 1
+    n_classes = shape[class_dim]
+    x = torch.randn(shape, generator=gen, dtype=torch.float64) * 3 * case["scale"]
+    x = x + case["shift"]
+    if case["special"] != "none" and x.numel():
+        spots = torch.rand(shape, generator=gen)
+        value = {"-inf": -math.inf, "+inf": math.inf, "nan": math.nan}[case["special"]]
+        # -inf masks a quarter of the classes (some rows entirely); +inf and NaN a few logits
+        x = torch.where(spots < (0.25 if value == -math.inf else 0.02), value, x)
+    x = x.to(dtype)
+    # fusedce computes bf16/fp16/fp32 in fp32: a smoothing below fp32's smallest subnormal
+    # is 0 there (as in PyTorch's own fp32 computation) but not in the float64 reference
+    smoothing = case["label_smoothing"]
+    if dtype != torch.float64:
+        smoothing = float(torch.tensor(smoothing, dtype=torch.float32))
+    kwargs = {"reduction": case["reduction"], "label_smoothing": smoothing}
+    if case["ignore"] == "negative":
+        kwargs["ignore_index"] = case["ignore_negative"]
+    elif case["ignore"] == "class":
+        kwargs["ignore_index"] = case["ignore_class"]
+    elif case["ignore"] == "above":
+        kwargs["ignore_index"] = case["ignore_above"]
     if soft:
-        class_dim = 0 if len(shape) == 1 else 1
-        target = torch.softmax(torch.randn(shape, generator=gen) * 2, class_dim).to(dtype)
-        target = _laid_out(target, case["layout"])
+        target = torch.softmax(torch.randn(shape, generator=gen) * 2, class_dim)
+        if case["soft_kind"] == "sparse":
+            target = target * (torch.rand(shape, generator=gen) < 0.5)
+        elif case["soft_kind"] == "onehot" and n_classes:
+            hot = torch.randint(0, n_classes, shape[:class_dim] + shape[class_dim + 1:],
+                                generator=gen)
+            target = F.one_hot(hot, n_classes).movedim(-1, class_dim).float()
+        target = target.to(dtype)
     else:
         t_shape = () if len(shape) == 1 else (shape[0],) + shape[2:]
         target = torch.randint(0, n_classes, t_shape, generator=gen)
         drop = torch.rand(t_shape, generator=gen) < 0.3
-        if case["ignore"] == "default":
-            target = torch.where(drop, -100, target)
-        elif case["ignore"] == "class":
-            kwargs["ignore_index"] = case["ignore_class"]
-            target = torch.where(drop, case["ignore_class"], target)
-    if case["weighted"]:
-        kwargs["weight"] = (torch.rand(n_classes, generator=gen) + 0.05).to(dtype)
+        if case["ignore"] != "none":
+            target = torch.where(drop, kwargs.get("ignore_index", -100), target)
+        t_dtype = case["target_dtype"]
+        info = torch.iinfo(t_dtype)
+        if target.numel() == 0 or info.min <= target.min() and target.max() <= info.max:
+            target = target.to(t_dtype)
+        if case["target_strided"] and target.dim():
+            wide = torch.full(target.shape[:-1] + (2 * target.shape[-1],), 7,
+                              dtype=target.dtype)
+            wide[..., ::2] = target
+            target = wide[..., ::2]
+    if case["weight"] != "none":
+        weight = torch.rand(n_classes, generator=gen) + 0.05
+        if case["weight"] == "some_zero":
+            weight = torch.where(torch.rand(n_classes, generator=gen) < 0.3, 0.0, weight)
+        kwargs["weight"] = weight.to(dtype)
     upstream_shape = () if case["reduction"] != "none" else (
         () if len(shape) == 1 else (shape[0],) + shape[2:])
-    upstream = torch.randn(upstream_shape, generator=gen, dtype=torch.float64)
-    return _laid_out(x, case["layout"]), target, kwargs, upstream
+    loss_dtype = dtype  # the target's dtype is the logits'; so is the weight's
+    upstream = torch.randn(upstream_shape, generator=gen, dtype=torch.float64).to(loss_dtype)
+    return x, target, kwargs, upstream
+
+
+def _expected(want, dtype):
+    """The float64 reference where it fits ``dtype``, else the +-inf that dtype stores."""
+    if dtype == torch.float64:
+        return want
+    rounded = want.to(dtype).double()
+    return torch.where(want.isfinite() & rounded.isinf(), rounded, want)
+
+
+def _compare(got, want, atol, rtol, what):
+    """Values within tolerance, and NaN, +inf and -inf at exactly PyTorch's positions."""
+    got = got.double()
+    for name, special in [("NaN", torch.isnan), ("+inf", torch.isposinf),
+                          ("-inf", torch.isneginf)]:
+        extra = special(got) & ~special(want)
+        missing = special(want) & ~special(got)
+        assert not extra.any(), f"{what}: {name} where PyTorch has {want[extra][:5].tolist()}"
+        assert not missing.any(), f"{what}: PyTorch has {name} where fusedce has " \
+                                  f"{got[missing][:5].tolist()}"
+    torch.testing.assert_close(got, want, atol=atol, rtol=rtol, equal_nan=True, msg=lambda m:
+                               f"{what}: {m}")
+
+
+def _same(a, b):
+    return a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
+def loss_rows(shape):
+    """The rows (loss elements before reduction) of an input of ``shape``."""
+    return 1 if len(shape) == 1 else shape[0] * _prod(shape[2:])
+
+
+def _grads(loss, inputs, upstream):
+    return torch.autograd.grad(loss, inputs, upstream, allow_unused=True)
+
+
+def known_bug(case, backend, x, target, kwargs):
+    """Cases left out of the generated space because of a known bug, each pinned by a
+    strict xfail below (which fails once the bug is fixed: then drop it from here).
+
+    1. backend="torch", a +inf logit, and the CPU path's strided implementation (class
+       probabilities, float64, or classes not contiguous): torch.logsumexp gives +inf for
+       the row where PyTorch's log_softmax gives NaN, so the loss is +inf (or NaN) and part
+       of the gradient finite where PyTorch's is NaN
+       (test_known_bug_cpu_strided_path_plus_inf).
+    2. Both backends: reduction="mean", label smoothing > 0, class-index targets whose
+       non-ignored rows all have weight 0: the loss is +inf (a positive sum over a zero
+       denominator) where PyTorch's is NaN (its class term is 0/0)
+       (test_known_bug_zero_weight_mean_smoothing).
+    3. backend="torch", float16, class-index targets, a row that is ignored (ignore_index)
+       or of weight 0 holding a NaN logit or only -inf: its gradient is [nan, 0, 0, ...]
+       where PyTorch's is all NaN (test_known_bug_cpu_fp16_ignored_row_nan)."""
+    if (backend == "torch" and case["dtype"] == torch.float16 and not case["soft"]
+            and case["special"] in ("nan", "-inf")
+            and (case["ignore"] != "none" or case["weight"] == "some_zero")):
+        return True
+    weight = kwargs.get("weight")
+    if (not case["soft"] and weight is not None and kwargs["reduction"] == "mean"
+            and kwargs["label_smoothing"] > 0):
+        t = target.reshape(-1).long()
+        kept = t != kwargs.get("ignore_index", -100)
+        if kept.any() and float(weight.double()[t[kept]].sum()) == 0.0:
+            return True
+    if backend == "torch" and case["special"] == "+inf":
+        from fusedce import _args, _loss
+        try:
+            xs, ts, _, _ = _args.ce_inputs(x, target, kwargs.get("ignore_index", -100))
+        except Exception:
+            return False
+        return not _loss.use_rows(xs, ts, kwargs.get("weight"))
+    return False
 
 
 def check(case, backend):
     x, target, kwargs, upstream = _build(case)
-    soft, want_t = case["soft"], case["target_grad"]
+    dtype, soft, want_t = case["dtype"], case["soft"], case["target_grad"]
+    layout = case["layout"]
+    atol, rtol = TOLERANCES[dtype]
+
+    # Each input in the case's layout: a fresh leaf ``storage`` (in place destroys the
+    # logits) and ``view(storage)``, the tensor passed. Gradients are taken with respect
+    # to the storages: after an in-place write, the view's autograd history is rebased
+    # and the view itself is no longer the tensor the loss was computed from.
+    storage, view = _layout(x, layout, case)
+    before = storage.clone()
+    t_storage, t_view = _layout(target, layout, case) if soft else (target, lambda t: t)
+    assume(not known_bug(case, backend, view(storage), t_view(t_storage), kwargs))
     ref_kwargs = dict(kwargs)
     if "weight" in ref_kwargs:
         ref_kwargs["weight"] = ref_kwargs["weight"].double()
-    x64 = x.detach().double().requires_grad_()
-    t64 = target.detach().double().requires_grad_(want_t) if soft else target
-    ref = F.cross_entropy(x64, t64, **ref_kwargs)
-    ref_grads = torch.autograd.grad(ref, [x64] + ([t64] if want_t else []), upstream)
 
-    xf = x.detach().requires_grad_()
-    tf = target.detach().requires_grad_(want_t) if soft else target
-    loss = fusedce.cross_entropy(xf, tf, backend=backend, **kwargs)
+    # reference: float64 PyTorch on the same rounded values, through the same views
+    s64 = storage.double().requires_grad_()
+    ts64 = t_storage.double().requires_grad_(want_t) if soft else t_storage.long()
+    try:
+        ref = F.cross_entropy(view(s64), t_view(ts64), **ref_kwargs)
+    except Exception as error:  # the same exception type from fusedce
+        with pytest.raises(type(error)):
+            fusedce.cross_entropy(view(storage.requires_grad_()), t_view(t_storage),
+                                  backend=backend, inplace_backward=case["inplace"], **kwargs)
+        return
+    ref_grads = _grads(ref, [s64] + ([ts64] if want_t else []), upstream.double())
+
+    xf = view(storage.requires_grad_())
+    values = xf.detach().clone()
+    tf = t_view(t_storage.requires_grad_(want_t) if soft else t_storage)
+    t_values = tf.detach().clone()
+    loss = fusedce.cross_entropy(xf, tf, backend=backend, inplace_backward=case["inplace"],
+                                 **kwargs)
     assert loss.shape == ref.shape
-    assert loss.dtype == case["dtype"]
-    grads = torch.autograd.grad(loss, [xf] + ([tf] if want_t else []), upstream.to(loss.dtype))
-    atol, rtol = TOLERANCES[case["dtype"]]
-    # the loss is rounded to the output dtype once; sums of many rows scale with the total
-    torch.testing.assert_close(loss.double(), ref, atol=atol, rtol=rtol, equal_nan=True)
-    for got, want in zip(grads, ref_grads):
-        assert got.shape == want.shape and got.dtype == case["dtype"]
-        scale = want.abs().max().item() if want.numel() else 0.0
-        torch.testing.assert_close(got.double(), want, atol=atol * max(1.0, scale), rtol=rtol,
-                                   equal_nan=True)
+    assert loss.dtype == dtype
+    grads = _grads(loss, [storage] + ([t_storage] if want_t else []), upstream)
+    # Logits of magnitude M computed in fp32 (fp64 for fp64) carry an absolute rounding of
+    # u * M (u = 2**-24): a result exact for logits perturbed by one rounding each (a
+    # backward-stable one) is off by up to sum |d loss / d x| * u * M <= 2 u M per row
+    # (weights < 1.05, probabilities summing to <= 1), times the rows a sum adds; its
+    # softmax, hence gradient, by 2 u M relative. Twice that bound, for the result's own
+    # rounding; below |x| ~ 200 it is within atol, at +-1e4 it is 1.2e-3 in fp32.
+    # (PyTorch's fp32 log_softmax keeps x - max exact and does better: see the report.)
+    finite_x = s64.detach()[s64.detach().isfinite()]
+    magnitude = finite_x.abs().max().item() if finite_x.numel() else 0.0
+    unit = 2.0**-53 if dtype == torch.float64 else 2.0**-24
+    spread = 4 * unit * magnitude
+    rows = loss_rows(case["shape"]) if case["reduction"] == "sum" else 1
+    _compare(loss, _expected(ref, dtype), atol + spread * rows, rtol, "loss")
+    for name, got, want in zip(["grad input", "grad target"], grads, ref_grads):
+        assert (got is None) == (want is None), name
+        if want is None:
+            continue
+        assert got.shape == want.shape and got.dtype == dtype
+        # the gradient is a sum of terms as large as its largest entry
+        finite = want[want.isfinite()]
+        scale = finite.abs().max().item() if finite.numel() else 0.0
+        _compare(got, _expected(want, dtype), (atol + spread) * max(1.0, scale), rtol, name)
+
+    # nothing outside the view written; the logits intact unless the gradient took them
+    covered = torch.zeros(storage.shape, dtype=torch.bool)
+    try:
+        view(covered).fill_(True)
+    except RuntimeError:  # expanded: every element of the storage is in the view
+        covered.fill_(True)
+    assert _same(storage.detach()[~covered], before[~covered]), "written outside the view"
+    if not case["inplace"]:
+        assert _same(xf.detach(), values), "the logits changed without inplace_backward"
+    if soft:
+        assert _same(tf.detach(), t_values), "the target changed"
 
 
 @settings(max_examples=TORCH_EXAMPLES, **COMMON)
-@given(case=cases(max_logits=1 << 17))
+@given(case=cases(max_logits=TORCH_LOGITS))
 def test_torch_path_matches_pytorch(case):
     check(case, "torch")
 
 
-@pytest.mark.slow
 @settings(max_examples=KERNEL_EXAMPLES, **COMMON)
-@given(case=cases(max_logits=1 << 16))
+@given(case=cases(max_logits=KERNEL_LOGITS))
 def test_kernel_path_matches_pytorch(case):
     check(case, "triton")
 
 
+@pytest.mark.slow
+@settings(max_examples=SLOW_TORCH_EXAMPLES, **COMMON)
+@given(case=cases(max_logits=SLOW_TORCH_LOGITS))
+def test_torch_path_matches_pytorch_many(case):
+    check(case, "torch")
+
+
+@pytest.mark.slow
+@settings(max_examples=SLOW_KERNEL_EXAMPLES, **COMMON)
+@given(case=cases(max_logits=SLOW_KERNEL_LOGITS))
+def test_kernel_path_matches_pytorch_many(case):
+    check(case, "triton")
+
+
 def test_enough_generated_cases():
-    """The issue asks for at least 500 generated cases in the default run."""
+    """The issue asks for at least 500 generated cases in the default run, thousands in the
+    slow one."""
     assert TORCH_EXAMPLES + KERNEL_EXAMPLES >= 500
+    assert SLOW_TORCH_EXAMPLES + SLOW_KERNEL_EXAMPLES >= 2000
+
+
+FIXED = dict(soft_kind="softmax", dtype=torch.float32, layout="contiguous", pad=1, step=2,
+             target_dtype=torch.int64, target_strided=False, reduction="mean",
+             weight="positive", label_smoothing=0.1, ignore="default", ignore_class=0,
+             ignore_above=0, ignore_negative=-1, inplace=False, shift=0.0, scale=1.0,
+             special="none", seed=0)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -173,6 +423,55 @@ def test_strategy_reaches_every_form(backend):
     """A fixed case per input form, so a broken form fails here with a readable name."""
     for shape in [(7,), (3, 50_257), (2, 5, 2, 3)]:
         for soft in (False, True):
-            check(dict(shape=shape, soft=soft, dtype=torch.float32, layout="contiguous",
-                       reduction="mean", weighted=True, label_smoothing=0.1, ignore="default",
-                       ignore_class=0, target_grad=soft, seed=0), backend)
+            check(dict(FIXED, shape=shape, soft=soft, target_grad=soft), backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_strategy_reaches_every_layout(backend, layout):
+    """A fixed case per layout, in place and not, so a broken layout fails by name."""
+    for shape in [(5, 33), (2, 17, 3, 2)]:
+        for inplace in (False, True):
+            for soft in (False, True):
+                check(dict(FIXED, shape=shape, soft=soft, target_grad=soft, layout=layout,
+                           inplace=inplace, shift=-200.0), backend)
+
+
+@pytest.mark.xfail(strict=True, reason="known bug 1: +inf logit on the CPU strided path")
+def test_known_bug_cpu_strided_path_plus_inf():
+    """backend="torch", classes not contiguous (or float64, or probabilities), a +inf logit
+    in a row whose target is another class: fusedce gives loss +inf, gradient
+    [-0.5, nan, 0] in that row; PyTorch NaN, all NaN."""
+    x = torch.tensor([[0.0, math.inf, 1.0], [0.0, 1.0, 2.0]]).t().contiguous().t()
+    target = torch.tensor([0, 1])
+    got, want = x.clone().requires_grad_(), x.double().requires_grad_()
+    loss = fusedce.cross_entropy(got, target, reduction="none", backend="torch")
+    ref = F.cross_entropy(want, target, reduction="none")
+    loss.sum().backward()
+    ref.sum().backward()
+    assert loss[0].isnan() and got.grad[0].isnan().all(), (loss, got.grad, ref, want.grad)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.xfail(strict=True, reason="known bug 2: zero target weight, mean, smoothing")
+def test_known_bug_zero_weight_mean_smoothing(backend):
+    """reduction="mean", label_smoothing > 0, every kept target of weight 0: fusedce gives
+    +inf, PyTorch NaN (0/0 in its class term)."""
+    x, target, weight = torch.tensor([0.0, 1.0, 2.0]), torch.tensor(0), torch.tensor([0.0, 1, 1])
+    assert F.cross_entropy(x, target, weight=weight, label_smoothing=0.5).isnan()
+    loss = fusedce.cross_entropy(x, target, weight=weight, label_smoothing=0.5, backend=backend)
+    assert loss.isnan(), loss
+
+
+@pytest.mark.xfail(strict=True, reason="known bug 3: fp16 CPU gradient of an ignored NaN row")
+def test_known_bug_cpu_fp16_ignored_row_nan():
+    """backend="torch", float16: an ignored row holding a NaN logit gets gradient
+    [nan, 0, 0]; PyTorch's (and fusedce's in fp32, and the kernels') is all NaN."""
+    x = torch.tensor([[0.0, math.nan, 1.0], [0.0, 1.0, 2.0]], dtype=torch.float16)
+    target = torch.tensor([0, 1])
+    got = x.clone().requires_grad_()
+    fusedce.cross_entropy(got, target, ignore_index=0, reduction="sum", backend="torch").backward()
+    want = x.double().requires_grad_()
+    F.cross_entropy(want, target, ignore_index=0, reduction="sum").backward()
+    assert want.grad[0].isnan().all()
+    assert got.grad[0].isnan().all(), got.grad
