@@ -280,10 +280,10 @@ def known_bug(case, backend, x, target, kwargs):
        denominator) where PyTorch's is NaN (its class term is 0/0)
        (test_known_bug_zero_weight_mean_smoothing).
     3. backend="torch", float16, class-index targets, a row that is ignored (ignore_index)
-       or of weight 0 holding a NaN logit or only -inf: its gradient is [nan, 0, 0, ...]
+       or of weight 0 holding a NaN or +inf logit or only -inf: its gradient is [nan, 0, 0, ...]
        where PyTorch's is all NaN (test_known_bug_cpu_fp16_ignored_row_nan)."""
     if (backend == "torch" and case["dtype"] == torch.float16 and not case["soft"]
-            and case["special"] in ("nan", "-inf")
+            and case["special"] != "none"
             and (case["ignore"] != "none" or case["weight"] == "some_zero")):
         return True
     weight = kwargs.get("weight")
