@@ -41,9 +41,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.i
 
 # (examples, cap on the logits of one case)
 TORCH_EXAMPLES, TORCH_LOGITS = 400, 1 << 16
-KERNEL_EXAMPLES, KERNEL_LOGITS = 100, 1 << 12
+KERNEL_EXAMPLES, KERNEL_LOGITS = 200, 1 << 12
 SLOW_TORCH_EXAMPLES, SLOW_TORCH_LOGITS = 4000, 1 << 18
-SLOW_KERNEL_EXAMPLES, SLOW_KERNEL_LOGITS = 600, 1 << 16
+SLOW_KERNEL_EXAMPLES, SLOW_KERNEL_LOGITS = 1000, 1 << 16
 
 VOCABS = [1, 2, 3, 7, 16, 33, 64, 100, 128, 257, 1000, 1024, 8193, 50_257]
 MAX_VOCAB = 50_257
@@ -324,14 +324,20 @@ def check(case, backend):
     # reference: float64 PyTorch on the same rounded values, through the same views
     s64 = storage.double().requires_grad_()
     ts64 = t_storage.double().requires_grad_(want_t) if soft else t_storage.long()
+    x64, t64 = view(s64), t_view(ts64)
     try:
-        ref = F.cross_entropy(view(s64), t_view(ts64), **ref_kwargs)
+        ref = F.cross_entropy(x64, t64, **ref_kwargs)
     except Exception as error:  # the same exception type from fusedce
         with pytest.raises(type(error)):
             fusedce.cross_entropy(view(storage.requires_grad_()), t_view(t_storage),
                                   backend=backend, inplace_backward=case["inplace"], **kwargs)
         return
-    ref_grads = _grads(ref, [s64] + ([ts64] if want_t else []), upstream.double())
+    # expanded rows share memory, so in place falls back and the view keeps its history:
+    # there the gradients are the views' (per row), not autograd's sum of them into the
+    # storage, which it adds in the gradient's dtype (bf16: 2**-8 per addition)
+    by_view = layout == "expanded" and x.dim() > 1 and x.shape[0] > 1 and x.numel() > 0
+    ref_grads = _grads(ref, [x64 if by_view else s64] + (
+        [t64 if by_view else ts64] if want_t else []), upstream.double())
 
     xf = view(storage.requires_grad_())
     values = xf.detach().clone()
@@ -341,7 +347,8 @@ def check(case, backend):
                                  **kwargs)
     assert loss.shape == ref.shape
     assert loss.dtype == dtype
-    grads = _grads(loss, [storage] + ([t_storage] if want_t else []), upstream)
+    grads = _grads(loss, [xf if by_view else storage] + (
+        [tf if by_view else t_storage] if want_t else []), upstream)
     # Logits of magnitude M computed in fp32 (fp64 for fp64) carry an absolute rounding of
     # u * M (u = 2**-24): a result exact for logits perturbed by one rounding each (a
     # backward-stable one) is off by up to sum |d loss / d x| * u * M <= 2 u M per row
