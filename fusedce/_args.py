@@ -110,12 +110,11 @@ def class_weight(weight, n_classes, fn="fusedce.cross_entropy"):
     return weight.contiguous()
 
 
-def loss_options(fn, reduction_, label_smoothing_, ignore_index_, backend_,
-                 ignore_default=-100):
+def loss_options(fn, reduction_, label_smoothing_, ignore_index_, backend_):
     """The four options every loss takes, checked: ``(reduction, label_smoothing,
     ignore_index, backend)``."""
     return (reduction(reduction_), label_smoothing(label_smoothing_),
-            ignore_index(ignore_index_, fn, ignore_default), backend(backend_))
+            ignore_index(ignore_index_, fn), backend(backend_))
 
 
 # ------------------------------------------------------------------------------------------

@@ -189,9 +189,8 @@ class CrossEntropyFunction(torch.autograd.Function):
         ctx.impl = impl
         ctx.consumed = False
         if opts.reduction == "none":
-            return loss.view(x.shape[0], x.shape[2])
-        total = loss.sum()
-        return total / denom[0] if opts.reduction == "mean" else total
+            loss = loss.view(x.shape[0], x.shape[2])
+        return _loss.reduce(loss, denom, opts.reduction)
 
     @staticmethod
     @first_order_only

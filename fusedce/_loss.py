@@ -51,6 +51,15 @@ def denominator(target, weight, ignore_index, n_cols, reduction, dtype=torch.flo
     return torch.where(in_range, w_t, 0.0).sum().reshape(1)
 
 
+def reduce(loss, denom, reduction):
+    """Per-row losses reduced as ``reduction`` says: unchanged for 'none', else their sum,
+    divided by ``denom`` (1,) for 'mean' (on the device: no host sync). Every loss uses it."""
+    if reduction == "none":
+        return loss
+    total = loss.sum()
+    return total / denom[0] if reduction == "mean" else total
+
+
 def rows_view(x):
     """``x`` (N, C, L) as a (N * L, C) view with unit class stride, or None if impossible."""
     if not _has_rows(x):
@@ -115,12 +124,7 @@ def forward(x, target, weight, ignore_index, label_smoothing, reduction, backend
         loss, lse, s = impl.ce_strided_fwd(x, target, weight=weight, ignore_index=ignore_index,
                                            label_smoothing=label_smoothing)
     denom = denominator(target, weight, ignore_index, n_cols, reduction, dtype=acc)
-    if reduction == "none":
-        loss = loss.view(n, l_len)
-    else:
-        loss = loss.sum()
-        if reduction == "mean":
-            loss = loss / denom[0]
+    loss = reduce(loss.view(n, l_len), denom, reduction)
     return loss, lse, s, denom
 
 

@@ -40,7 +40,7 @@ column-parallel linear layer has (``reduce_input_grad=False`` leaves it to the c
 import torch
 import torch.distributed as dist
 
-from . import _args, _autograd
+from . import _args, _autograd, _loss
 from .linear import GradAccumulator, chunk_rows, logits_into
 
 __all__ = [
@@ -176,13 +176,6 @@ def _denominator(shard, valid, w_t, reduction):
     return w_t.sum().reshape(1)
 
 
-def _reduce(loss, denom, reduction):
-    if reduction == "none":
-        return loss
-    total = loss.sum()
-    return total / denom[0] if reduction == "mean" else total
-
-
 def _row_grad_scale(grad_out, n_rows, reduction, denom, ignored, valid):
     """Each row's upstream gradient over the reduction's denominator, fp32 (rows,)
     contiguous: 0 for ignored rows, NaN for out-of-range targets (as fusedce.cross_entropy)."""
@@ -251,7 +244,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         ctx.options = (eps, reduction, impl)
         ctx.shard = shard
         ctx.save_for_backward(x, lse, valid, w_t, _consts(w_sum, n_classes), denom)
-        return _reduce(loss, denom, reduction).to(x.dtype)
+        return _loss.reduce(loss, denom, reduction).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -352,7 +345,7 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
         ctx.shard = shard
         ctx.save_for_backward(h, w_head, b_head, lse, valid, w_t, _consts(w_sum, n_classes),
                               denom)
-        return _reduce(loss, denom, reduction).to(h.dtype)
+        return _loss.reduce(loss, denom, reduction).to(h.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):

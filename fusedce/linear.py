@@ -131,15 +131,6 @@ def _loss_only(x, linear_weight, linear_bias, target, weight, ignore_index, labe
     return loss, lse
 
 
-def _reduce(loss, denom, reduction, dtype):
-    if reduction == "none":
-        return loss.to(dtype)
-    total = loss.sum()
-    if reduction == "mean":
-        total = total / denom[0]
-    return total.to(dtype)
-
-
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """Cross-entropy of ``x @ W.T (+ b)`` (x: (N, H), W: (V, H)) against ``target`` (N,).
 
@@ -180,7 +171,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             acc.add(logits, x_c, s, e)  # ``logits`` now holds the logit gradient
         del buf
         ctx.grads = (acc.grad_input, acc.grad_weight, acc.grad_bias)
-        return _reduce(loss, denom, reduction, x.dtype)
+        return _loss.reduce(loss, denom, reduction).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -301,7 +292,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
         loss, _ = _loss_only(input, linear_weight, linear_bias, target, weight, ignore_index,
                              label_smoothing, impl, rows)
         denom = _loss.denominator(target, weight, ignore_index, n_classes, reduction)
-        return _reduce(loss, denom, reduction, input.dtype)
+        return _loss.reduce(loss, denom, reduction).to(input.dtype)
     return LinearCrossEntropyFunction.apply(input, linear_weight, linear_bias, target, weight,
                                             ignore_index, label_smoothing, reduction, impl,
                                             rows)
