@@ -32,23 +32,32 @@ def denominator(target, weight, ignore_index, n_cols, reduction, dtype=torch.flo
     """The divisor of the summed loss, as a device tensor of shape (1,).
 
     'mean' divides by the summed class weights of the rows not ignored (PyTorch's weighted
-    mean; with no weights, their count), so all rows ignored gives 0 / 0 = NaN as in PyTorch.
-    For class-probability targets PyTorch divides by the number of rows, weights or not.
+    mean; with no weights, their count). For class-probability targets PyTorch divides by
+    the number of rows, weights or not. A divisor of 0 is returned as NaN (``nan_if_zero``).
     """
     device = target.device
     if reduction != "mean":
         return torch.ones(1, dtype=dtype, device=device)
     if target.is_floating_point():  # (N, C, L) probabilities: N * L rows
-        return torch.full((1,), float(target.numel() // max(n_cols, 1)) if n_cols else 0.0,
-                          dtype=dtype, device=device)
+        return nan_if_zero(torch.full(
+            (1,), float(target.numel() // max(n_cols, 1)) if n_cols else 0.0, dtype=dtype,
+            device=device))
     # int64: compared with a uint8 target, -100 would wrap to 156 and drop class 156's rows
     target = target.reshape(-1).long()
     kept = target != ignore_index
     if weight is None:
-        return kept.sum(dtype=dtype).reshape(1)
+        return nan_if_zero(kept.sum(dtype=dtype).reshape(1))
     in_range = kept & (target >= 0) & (target < n_cols)
     w_t = weight.to(dtype)[torch.where(in_range, target, 0)]
-    return torch.where(in_range, w_t, 0.0).sum().reshape(1)
+    return nan_if_zero(torch.where(in_range, w_t, 0.0).sum().reshape(1))
+
+
+def nan_if_zero(denom):
+    """A mean's divisor, NaN where it is 0 (all rows ignored, or every kept row of class
+    weight 0): PyTorch's mean is then NaN whatever the sum (its class term is 0 / 0 even
+    where label smoothing makes the sum positive, which over 0 would be +inf), and so is
+    the gradient of every row not ignored; ignored rows keep a zero gradient."""
+    return denom.masked_fill(denom == 0, float("nan"))
 
 
 def reduce(loss, denom, reduction):

@@ -172,8 +172,8 @@ def _denominator(shard, valid, w_t, reduction):
     if reduction != "mean":
         return torch.ones(1, dtype=torch.float32, device=w_t.device)
     if shard.w_shard is None:
-        return (~shard.ignored).sum(dtype=torch.float32).reshape(1)
-    return w_t.sum().reshape(1)
+        return _loss.nan_if_zero((~shard.ignored).sum(dtype=torch.float32).reshape(1))
+    return _loss.nan_if_zero(w_t.sum().reshape(1))
 
 
 def _row_grad_scale(grad_out, n_rows, reduction, denom, ignored, valid):

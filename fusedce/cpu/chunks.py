@@ -55,7 +55,7 @@ def fwd_chunks(x: torch.Tensor, dst: Optional[torch.Tensor], row_max: torch.Tens
                 lo_bound: float, g_lo: list[float], g_hi: list[float]) -> list[int]:
     """Works through the row chunks ``chunks`` (``step`` rows each) of ``ce_fwd``: their
     row sums of ``exp(x - shift)`` into ``row_sum`` and the shift into ``row_max``,
-    ``sum_c w_c x_c`` into ``sum_wx`` where given, and with ``dst`` the chunk's gradient
+    ``sum_c w_c (x_c - shift)`` into ``sum_wx`` where given, and with ``dst`` the chunk's gradient
     ``coef p - smooth w`` into it, ``coef = gA / sum``.
 
     ``shifted``: the shift is the row max. Else none at first (``row_max`` holds 0), and
@@ -98,24 +98,26 @@ def fwd_chunks(x: torch.Tensor, dst: Optional[torch.Tensor], row_max: torch.Tens
         elif by_target:
             assert x_t is not None
             m = row_max.narrow(0, r0, rows).copy_(x_t.narrow(0, r0, rows))
-        if sum_wx is not None:
-            out = sum_wx.narrow(0, r0, rows)
-            if w is None:
-                torch.sum(src, 1, out=out)
-            else:
-                torch.mv(src, w, out=out)
         if not direct or inplace:
             buf = src
             if m is not None:
                 buf.sub_(m)
-            buf.exp_()
         else:
             target = dc if dc is not None else sc
             assert target is not None
-            if m is not None:
-                buf = torch.sub(xc, m, out=target).exp_()
+            buf = xc if m is None else torch.sub(xc, m, out=target)
+        if sum_wx is not None:  # relative to the shift: no cancellation against lse
+            out = sum_wx.narrow(0, r0, rows)
+            if w is None:
+                torch.sum(buf, 1, out=out)
             else:
-                buf = torch.exp(xc, out=target)
+                torch.mv(buf, w, out=out)
+        if buf is xc:
+            target = dc if dc is not None else sc
+            assert target is not None
+            buf = torch.exp(xc, out=target)
+        else:
+            buf.exp_()
         sums = torch.sum(buf, 1, keepdim=True, out=row_sum.narrow(0, r0, rows))
         if not shifted and _sums_fail(sums, lo_bound, g_lo, g_hi, k, by_target):
             failed.append(k)

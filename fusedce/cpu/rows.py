@@ -161,12 +161,15 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_
         pool.parallel_rows(n_rows, n_cols, dev, work)
     with torch.no_grad():
         if n_cols > 0:
-            lse = (row_max + row_sum.log()).squeeze(1)
+            log_sum = row_sum.log().squeeze(1)
+            lse = row_max.squeeze(1) + log_sum
         else:
-            lse = torch.full((n_rows,), float("-inf"), device=dev)
+            lse = log_sum = torch.full((n_rows,), float("-inf"), device=dev)
         loss = (1.0 - eps) * w_t * (lse - x_t)
         if eps > 0:
-            loss = loss + eps / n_cols * (_smoothing_sum(weight, n_cols) * lse - sum_wx)
+            # sum_wx is relative to the shift m: W lse - sum w x = W log_sum - sum w (x - m),
+            # no cancellation where the logits lie far from 0
+            loss = loss + eps / n_cols * (_smoothing_sum(weight, n_cols) * log_sum - sum_wx)
         loss = torch.where(ignored, 0.0, torch.where(valid, loss, float("nan")))
         if grad and n_rows > 0 and n_cols > 0:
             gA = gA.squeeze(1)
@@ -200,10 +203,13 @@ def ce_bwd(x, target, lse, dloss, weight=None, ignore_index=-100, label_smoothin
         # rows with g A = 0 (ignored, or no upstream gradient) are zeroed, not computed:
         # exp(-inf) takes a slow path in PyTorch's CPU exp, about 20x an ordinary value
         # (on the CPU only: reading the rows' flags on a GPU would be a host sync)
-        shift = lse - gA.abs().log()
+        # a row whose lse is NaN or infinite (a NaN or +inf logit, or only -inf) has an
+        # all-NaN gradient whatever its g A, as PyTorch's: a NaN shift gives exactly that
+        finite = lse.isfinite()
+        shift = torch.where(finite, lse - gA.abs().log(), float("nan"))
         skip, sign = None, torch.where(gA < 0, -1.0, 1.0).contiguous()
         if dev.type == "cpu":
-            zero_rows = gA == 0
+            zero_rows = (gA == 0) & finite
             skip = zero_rows.tolist()
             shift = torch.where(zero_rows, lse, shift)
             if not bool((gA < 0).any()):

@@ -22,6 +22,18 @@ def acc_dtype(*dtypes):
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
+def _shifted(xc):
+    """``(d, log_sum)`` of a (n, C, l) chunk: ``d = x - m`` (m the row max over classes)
+    and ``log(sum_c exp(d_c))``, so that ``lse = m + log_sum`` and ``lse - x_c = log_sum -
+    d_c``: sums against the logits taken from ``d`` lose nothing to cancellation where the
+    logits lie far from 0. A row holding +inf (m = inf) or only -inf gives NaN, as
+    PyTorch's ``log_softmax`` (x - max) does; ``torch.logsumexp`` would give +inf for the
+    first, hence a loss of +inf and part of the gradient finite."""
+    m = xc.amax(1, keepdim=True)
+    d = xc - m
+    return d, m.squeeze(1), torch.exp(d).sum(1).log_()
+
+
 def _chunks(n, c, l_len):
     """``(n0, n1, l0, l1)`` blocks of about CHUNK_ELEMENTS logits each."""
     if l_len == 0:
@@ -77,27 +89,27 @@ def ce_strided_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.
     s = torch.empty(n, l_len, dtype=acc, device=x.device) if soft else lse.new_empty(0)
     if soft:
         for n0, n1, l0, l1 in _chunks(n, n_cols, l_len):
-            xc = x[n0:n1, :, l0:l1].to(acc)
-            lse_c = torch.logsumexp(xc, dim=1)
+            d, m, log_sum = _shifted(x[n0:n1, :, l0:l1].to(acc))
             wy = _soft_weights(target[n0:n1, :, l0:l1], weight, eps, n_cols, acc)
-            # -(log_softmax * w * y').sum over classes, in PyTorch's order of operations
-            logp = torch.sub(xc, lse_c[:, None])
+            # -(log_softmax * w * y').sum over classes, log_softmax = (x - m) - log_sum
+            logp = d.sub_(log_sum[:, None])
             loss[n0:n1, l0:l1] = -logp.mul_(wy).sum(1)
-            lse[n0:n1, l0:l1] = lse_c
+            lse[n0:n1, l0:l1] = m + log_sum
             s[n0:n1, l0:l1] = wy.sum(1)
         return loss.reshape(-1), lse.reshape(-1), s.reshape(-1)
     t_safe, ignored, valid, w_t = _hard_rows(target, weight, ignore_index, n_cols, acc)
     w_sum = (weight.to(acc).sum() if weight is not None else float(n_cols)) if eps > 0 else 0
     for n0, n1, l0, l1 in _chunks(n, n_cols, l_len):
-        xc = x[n0:n1, :, l0:l1].to(acc)
-        lse_c = torch.logsumexp(xc, dim=1)
-        x_t = xc.gather(1, t_safe[n0:n1, None, l0:l1]).squeeze(1)
-        part = (1.0 - eps) * w_t[n0:n1, l0:l1] * (lse_c - x_t)
+        d, m, log_sum = _shifted(x[n0:n1, :, l0:l1].to(acc))
+        d_t = d.gather(1, t_safe[n0:n1, None, l0:l1]).squeeze(1)
+        # lse - x_t = log_sum - (x_t - m): PyTorch's log_softmax rounds the same way
+        part = (1.0 - eps) * w_t[n0:n1, l0:l1] * (log_sum - d_t)
         if eps > 0:
-            wx = xc.sum(1) if weight is None else (xc * weight.to(acc)[None, :, None]).sum(1)
-            part = part + eps / n_cols * (w_sum * lse_c - wx)
+            # W lse - sum_c w_c x_c = W log_sum - sum_c w_c (x_c - m), each part >= 0
+            wd = d.sum(1) if weight is None else (d * weight.to(acc)[None, :, None]).sum(1)
+            part = part + eps / n_cols * (w_sum * log_sum - wd)
         loss[n0:n1, l0:l1] = part
-        lse[n0:n1, l0:l1] = lse_c
+        lse[n0:n1, l0:l1] = m + log_sum
     loss = torch.where(ignored, 0.0, torch.where(valid, loss, float("nan")))
     return loss.reshape(-1), lse.reshape(-1), s
 

@@ -4,7 +4,7 @@ Notation, per row ``i`` of logits ``x`` (``C`` classes), target ``t``, class wei
 (all ones when absent), ``W = sum_c w_c`` and label smoothing ``eps``:
 
     lse      = m + log(sum_c exp(x_c - m))                 m = max_c x_c
-    loss     = (1 - eps) * w_t * (lse - x_t) + eps / C * (W * lse - sum_c w_c x_c)
+    loss     = (1 - eps) * w_t * (lse - x_t) + eps / C * sum_c w_c (lse - x_c)
     dloss/dx = (p_c * A - B * [c == t] - eps / C * w_c) * g
                p_c = exp(x_c - lse),  B = (1 - eps) * w_t,  A = B + eps * W / C
 
@@ -70,14 +70,17 @@ def _edge_cols(head, body_len, n_cols, VEC: tl.constexpr):
 
 
 @triton.jit
-def _lse_step(x, w_ptrs, mask, m, d, sum_wx, HAS_WEIGHT: tl.constexpr,
+def _lse_step(x, w_ptrs, mask, m, d, q, w_seen, HAS_WEIGHT: tl.constexpr,
               HAS_SMOOTHING: tl.constexpr):
     """Folds one block of a row (``x`` fp32 with -inf in masked lanes; ``w_ptrs`` the
-    addresses of its columns' class weights) into the online-softmax state ``(m, d)`` and
-    ``sum_c w_c x_c``.
+    addresses of its columns' class weights) into the online-softmax state ``(m, d)`` and,
+    with smoothing, ``q = sum_c w_c (x_c - ref)`` and ``w_seen = sum_c w_c`` so far.
 
     Online softmax (Milakov & Gimelshein 2018): ``m`` is the running max and ``d`` the sum
-    of ``exp(x - m)``, rescaled by ``exp(m_old - m_new)`` whenever ``m`` grows.
+    of ``exp(x - m)``, rescaled by ``exp(m_old - m_new)`` whenever ``m`` grows. ``q`` is
+    kept relative to the same reference (``ref``: ``m``, or 0 while it is -inf): every term
+    is at most 0, so logits shifted by a large constant lose nothing to cancellation (a raw
+    ``sum w x`` at 1e4 would, in ``W lse - sum w x``).
     """
     m_new = tl.maximum(m, tl.max(x, axis=0))
     # a block of -inf only (masked vocab) must not make (-inf) - (-inf) = NaN
@@ -89,16 +92,23 @@ def _lse_step(x, w_ptrs, mask, m, d, sum_wx, HAS_WEIGHT: tl.constexpr,
     if HAS_SMOOTHING:
         if HAS_WEIGHT:
             w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
-            sum_wx += tl.sum(tl.where(mask, w * x, 0.0), axis=0)
         else:
-            sum_wx += tl.sum(tl.where(mask, x, 0.0), axis=0)
-    return m_new, d, sum_wx
+            w = tl.where(mask, 1.0, 0.0)
+        old_ref = tl.where(m == float("-inf"), 0.0, m)
+        # w_seen is 0 while m is -inf: no 0 * inf
+        q = tl.where(w_seen == 0.0, q, q - (m_ref - old_ref) * w_seen)
+        q += tl.sum(tl.where(mask, w * (x - m_ref), 0.0), axis=0)
+        w_seen += tl.sum(w, axis=0)
+    return m_new, d, q, w_seen
 
 
 @triton.jit
 def _row_lse(x_ptr, row_start, n_cols, t_col, weight_ptr, BLOCK_SIZE: tl.constexpr,
              VEC: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr):
-    """One pass over the row at ``x_ptr + row_start``: returns ``(lse, x_t, sum_wx)``, fp32.
+    """One pass over the row at ``x_ptr + row_start``: returns ``(lse, x_t, smooth,
+    w_seen)``, fp32, where with smoothing ``smooth = sum_c w_c (lse - x_c)`` (a sum of
+    terms >= 0, so ``W lse - sum w x`` without its cancellation) and ``w_seen = sum_c w_c``
+    over the row (0 without smoothing).
 
     Reads each logit of the row exactly once (edge block, then the aligned body). ``x[t]``
     (``t_col``: int32, -1 when there is none) is picked up on the way, by a reduction only
@@ -107,14 +117,15 @@ def _row_lse(x_ptr, row_start, n_cols, t_col, weight_ptr, BLOCK_SIZE: tl.constex
     a_lo, head, body_len = _row_layout(row_start, n_cols, VEC)
     m = tl.full((), float("-inf"), tl.float32)
     d = tl.zeros((), tl.float32)
-    sum_wx = tl.zeros((), tl.float32)
+    q = tl.zeros((), tl.float32)
+    w_seen = tl.zeros((), tl.float32)
     # head and tail: -inf in the masked lanes, exp of it is 0, so they add nothing to d
     e_cols, e_valid = _edge_cols(head, body_len, n_cols, VEC)
     e_x = tl.load(x_ptr + row_start + e_cols, mask=e_valid, other=float("-inf"))
     e_x = e_x.to(tl.float32)
     x_t = tl.sum(tl.where(e_valid & (e_cols == t_col), e_x, 0.0), axis=0)
-    m, d, sum_wx = _lse_step(e_x, weight_ptr + e_cols, e_valid, m, d, sum_wx, HAS_WEIGHT,
-                             HAS_SMOOTHING)
+    m, d, q, w_seen = _lse_step(e_x, weight_ptr + e_cols, e_valid, m, d, q, w_seen,
+                                HAS_WEIGHT, HAS_SMOOTHING)
     body_ptr = x_ptr + a_lo  # 16-byte aligned whenever x_ptr is
     lanes = tl.arange(0, BLOCK_SIZE)
     t_body = t_col - head  # the target's index in the body, if it lies there
@@ -125,10 +136,12 @@ def _row_lse(x_ptr, row_start, n_cols, t_col, weight_ptr, BLOCK_SIZE: tl.constex
         x = tl.load(body_ptr + k, mask=mask, other=float("-inf")).to(tl.float32)
         if t_in_body & (t_body >= start) & (t_body < start + BLOCK_SIZE):
             x_t += tl.sum(tl.where(lanes == t_body - start, x, 0.0), axis=0)
-        m, d, sum_wx = _lse_step(x, weight_ptr + head + k, mask, m, d, sum_wx, HAS_WEIGHT,
-                                 HAS_SMOOTHING)
-    lse = tl.where(m == float("-inf"), 0.0, m) + tl.log(d)
-    return lse, x_t, sum_wx
+        m, d, q, w_seen = _lse_step(x, weight_ptr + head + k, mask, m, d, q, w_seen,
+                                    HAS_WEIGHT, HAS_SMOOTHING)
+    log_d = tl.log(d)
+    lse = tl.where(m == float("-inf"), 0.0, m) + log_d
+    smooth = w_seen * log_d - q
+    return lse, x_t, smooth, w_seen
 
 
 @triton.jit
@@ -250,8 +263,8 @@ def _ce_fwd_kernel(
     t, ignored, valid, w_t = _row_target(target_ptr, row, weight_ptr, n_cols, ignore_index,
                                          HAS_WEIGHT)
     t_col = _target_col(t, n_cols)
-    lse, x_t, sum_wx = _row_lse(x_ptr, row_start, n_cols, t_col, weight_ptr, BLOCK_SIZE, VEC,
-                                HAS_WEIGHT, HAS_SMOOTHING)
+    lse, x_t, smooth, _ = _row_lse(x_ptr, row_start, n_cols, t_col, weight_ptr, BLOCK_SIZE,
+                                   VEC, HAS_WEIGHT, HAS_SMOOTHING)
     loss = (1.0 - label_smoothing) * w_t * (lse - x_t)
     W = 0.0
     if HAS_SMOOTHING:
@@ -259,7 +272,7 @@ def _ce_fwd_kernel(
             W = tl.load(wsum_ptr).to(tl.float32)
         else:
             W = n_cols.to(tl.float32)
-        loss += label_smoothing / n_cols * (W * lse - sum_wx)
+        loss += label_smoothing / n_cols * smooth  # = W * lse - sum_c w_c x_c
     nan = float("nan")
     loss = tl.where(ignored, 0.0, tl.where(valid, loss, nan))
     tl.store(loss_ptr + row, loss)

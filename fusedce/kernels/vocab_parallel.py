@@ -35,12 +35,14 @@ def _vp_partials_kernel(
     """
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride passes 2**31
     t_col = tl.load(t_ptr + row).to(tl.int32)
-    lse, x_t, sum_wx = _row_lse(x_ptr, row * x_row_stride, n_cols, t_col, weight_ptr,
-                                BLOCK_SIZE, VEC, HAS_WEIGHT, HAS_SMOOTHING)
+    lse, x_t, smooth, w_seen = _row_lse(x_ptr, row * x_row_stride, n_cols, t_col, weight_ptr,
+                                        BLOCK_SIZE, VEC, HAS_WEIGHT, HAS_SMOOTHING)
     tl.store(part_ptr + row, lse)
     tl.store(part_ptr + n_rows + row, x_t)
     if HAS_SMOOTHING:
-        tl.store(part_ptr + 2 * n_rows + row, sum_wx)
+        # the merge across ranks takes raw sums (see fusedce/distributed.py)
+        tl.store(part_ptr + 2 * n_rows + row,
+                 tl.where(w_seen == 0.0, 0.0, w_seen * lse - smooth))
 
 @triton.jit
 def _vp_grad_kernel(
