@@ -10,7 +10,11 @@ view); this module decides where the gradient is computed and calls the one auto
 
 import torch
 
-from . import _args, _autograd, _loss
+from . import _args, _autograd, _loss, _route
+
+_pytorch_loss = torch._C._nn.cross_entropy_loss
+_INT64 = torch.int64
+_ENUMS = _route.REDUCTION_ENUMS
 
 
 def _validates_by_default(input, impl):
@@ -51,7 +55,6 @@ def _grad_mode(x, t, weight, impl, inplace_backward):
     return "backward"
 
 
-@_autograd.no_graph_in_inference_mode
 def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100,
                   reduce=None, reduction="mean", label_smoothing=0.0, *, backend="auto",
                   inplace_backward=False, validate=None):
@@ -85,7 +88,37 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         (default) checks CPU tensors on the PyTorch path only: the check reads the targets
         on the host, a synchronisation the GPU path avoids (also with ``backend="torch"``);
         there such a row's loss and gradient are NaN instead.
+
+    With ``backend="auto"``, CPU calls too small for fusedce's path to be faster (a few
+    thousand logits to about two million, by mode and dtype: ``fusedce/_route.py``) are
+    served by PyTorch's own loss, with the same results; ``inplace_backward`` then leaves
+    the logits intact.
     """
+    # The hand-off to PyTorch's loss (fusedce/_route.py). It runs before every call, so the
+    # usual small call (int64 targets, no weight, no legacy arguments) is decided inline
+    # from the fewest reads; an argument of an odd type raises in there and the call goes
+    # on to the general test, then PyTorch's loss or fusedce's front door raise for it.
+    if backend == "auto" and validate is not False:
+        try:
+            if (input.is_cpu and input.numel() < _route.SMALLEST and weight is None
+                    and target.dtype is _INT64 and label_smoothing >= 0.0
+                    and size_average is None and reduce is None):
+                return _pytorch_loss(input, target, None, _ENUMS[reduction], ignore_index,
+                                     label_smoothing)
+        except (AttributeError, TypeError, KeyError):
+            pass
+        if _route.pytorch_serves(input, target, weight, label_smoothing):
+            return _pytorch_loss(input, target, weight,
+                                 _route.reduction_enum(reduction, size_average, reduce),
+                                 ignore_index, label_smoothing)
+    return _cross_entropy(input, target, weight, size_average, ignore_index, reduce,
+                          reduction, label_smoothing, backend, inplace_backward, validate)
+
+
+@_autograd.no_graph_in_inference_mode
+def _cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction,
+                   label_smoothing, backend, inplace_backward, validate):
+    """fusedce's own path of ``cross_entropy``."""
     _args.tensors("cross_entropy", input=input, target=target, weight=weight)
     reduction = _args.reduction(reduction, size_average, reduce)
     ignore_index = _args.ignore_index(ignore_index)

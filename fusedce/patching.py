@@ -26,8 +26,8 @@ import threading
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn import _reduction
 
+from . import _route
 from .functional import cross_entropy
 
 _lock = threading.RLock()
@@ -40,18 +40,6 @@ def _plain_tensors(*tensors):
     return all(type(t) in (torch.Tensor, nn.Parameter) for t in tensors if t is not None)
 
 
-def _pytorch_cross_entropy(input, target, weight, size_average, ignore_index, reduce,
-                           reduction, label_smoothing):
-    """PyTorch's own F.cross_entropy, minus its Python-level __torch_function__ dispatch
-    (which would look up the patched module attribute and land here again); the C++ entry
-    point still offers the call to a subclass's __torch_function__."""
-    if size_average is not None or reduce is not None:
-        reduction = _reduction.legacy_get_string(size_average, reduce)
-    return torch._C._nn.cross_entropy_loss(input, target, weight,
-                                           _reduction.get_enum(reduction), ignore_index,
-                                           label_smoothing)
-
-
 @functools.wraps(_ORIGINAL_CE)
 def _patched_cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100,
                            reduce=None, reduction="mean", label_smoothing=0.0):
@@ -59,8 +47,8 @@ def _patched_cross_entropy(input, target, weight=None, size_average=None, ignore
         return _ORIGINAL_CE(input, target, weight, size_average, ignore_index, reduce,
                             reduction, label_smoothing)  # PyTorch's TypeError
     if not _plain_tensors(input, target, weight):
-        return _pytorch_cross_entropy(input, target, weight, size_average, ignore_index,
-                                      reduce, reduction, label_smoothing)
+        return _route.pytorch_cross_entropy(input, target, weight, size_average, ignore_index,
+                                            reduce, reduction, label_smoothing)
     return cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction,
                          label_smoothing, **_state["options"])
 

@@ -28,3 +28,15 @@ def nan_filled_outputs(monkeypatch):
     import nan_fill
 
     nan_fill.install(monkeypatch.setattr)
+
+
+@pytest.fixture
+def own_path(monkeypatch):
+    """fusedce's own implementation for every call, small ones included: tests of that
+    implementation (its CPU path, numerics, in-place mode, patching, compile support) use
+    the default backend, whose small CPU calls otherwise go to PyTorch's loss
+    (``fusedce/_route.py``; tests/test_route.py tests that hand-off)."""
+    from fusedce import _route
+
+    monkeypatch.setattr(_route, "HAND_OFF", False)
+    monkeypatch.setattr(_route, "SMALLEST", 0)  # as _route.set_hand_off(False)

@@ -13,6 +13,10 @@ import torch.nn.functional as F
 import fusedce
 from fusedce import _autograd  # noqa: F401  (the ops are registered on import)
 
+# fusedce's own implementation, small calls included (see conftest.own_path)
+pytestmark = pytest.mark.usefixtures("own_path")
+
+
 
 @pytest.fixture(autouse=True)
 def fresh_dynamo():

@@ -41,9 +41,13 @@ from fusedce import _loss, cpu
 from fusedce.cpu import buffers, chunks, pool
 from fusedce.cpu import rows as cpu_rows
 
+# fusedce's own implementation, small calls included (see conftest.own_path)
+pytestmark = pytest.mark.usefixtures("own_path")
+
 PROBE = """
 import json, sys
 from bench.ce import memory_probe
+
 print(json.dumps([memory_probe(*case) for case in json.loads(sys.argv[1])]))
 """
 

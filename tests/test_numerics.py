@@ -33,7 +33,8 @@ from helpers import (
 import fusedce
 from fusedce.cpu import chunks, pool
 
-pytestmark = pytest.mark.usefixtures("nan_filled_outputs")  # a missed store shows as NaN
+# a missed store shows as NaN; fusedce's own implementation for small calls too (conftest)
+pytestmark = pytest.mark.usefixtures("nan_filled_outputs", "own_path")
 
 
 # ------------------------------------------------------------------------- shifted logits

@@ -16,6 +16,9 @@ from fusedce import cpu
 ORIGINAL_CE = F.cross_entropy
 ORIGINAL_FORWARD = nn.CrossEntropyLoss.forward
 
+# fusedce's own implementation, small calls included (see conftest.own_path)
+pytestmark = pytest.mark.usefixtures("own_path")
+
 # A "third-party" training library, written the three ways real code reaches the loss:
 # a name imported at import time, the module attribute (as Hugging Face's loss code does),
 # and the nn.Module.
@@ -23,6 +26,7 @@ THIRD_PARTY_SOURCE = '''
 import torch
 from torch import nn
 from torch.nn.functional import cross_entropy
+
 
 class Model(nn.Module):
     def __init__(self, vocab=29, dim=8):

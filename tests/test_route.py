@@ -1,0 +1,132 @@
+"""The hand-off of small CPU calls to PyTorch's loss (``fusedce/_route.py``): which calls go
+there, that they give PyTorch's results, and that everything else keeps fusedce's path.
+
+Which implementation ran is read from the autograd graph: PyTorch's loss leaves its own
+nodes (``NllLossBackward0``, ``LogSoftmaxBackward0``, ...), fusedce's its Function's."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusedce
+from fusedce import _route
+
+
+def _ran_fusedce(loss):
+    """Whether fusedce's autograd Function is in the graph of ``loss``."""
+    todo, seen = [loss.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if "CrossEntropyFunction" in type(node).__name__:
+            return True
+        todo.extend(next_node for next_node, _ in node.next_functions)
+    return False
+
+
+def _problem(n, c, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, c, generator=gen) * 3).to(dtype).requires_grad_()
+    return x, torch.randint(0, c, (n,), generator=gen)
+
+
+def _threshold(grad, dtype):
+    return (_route.MIN_LOGITS_GRAD if grad else _route.MIN_LOGITS_NO_GRAD)[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_small_calls_get_pytorchs_results_bit_for_bit(dtype):
+    """Below the threshold the call is PyTorch's: loss and gradient identical, whatever the
+    options (weights, smoothing, ignore_index, every reduction)."""
+    x, target = _problem(7, 10, dtype)
+    target[2] = -100
+    weight = torch.rand(10).to(dtype)
+    for reduction in ("mean", "sum", "none"):
+        kwargs = dict(weight=weight, label_smoothing=0.2, reduction=reduction)
+        got = fusedce.cross_entropy(x, target, **kwargs)
+        assert not _ran_fusedce(got)
+        want = F.cross_entropy(x, target, **kwargs)
+        upstream = torch.rand_like(want)
+        g_got, = torch.autograd.grad(got, x, upstream)
+        g_want, = torch.autograd.grad(want, x, upstream)
+        assert torch.equal(got, want) and torch.equal(g_got, g_want)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_the_threshold_is_where_fusedce_takes_over(grad):
+    """One row short of the threshold: PyTorch's; at it: fusedce's (and the same numbers)."""
+    c = 4096
+    rows = _threshold(grad, torch.float32) // c
+    for n, own in ((rows - 1, False), (rows, True)):
+        x, target = _problem(n, c)
+        with torch.set_grad_enabled(grad):
+            got = fusedce.cross_entropy(x if grad else x.detach(), target)
+        if grad:
+            assert _ran_fusedce(got) == own, n
+        ref = F.cross_entropy(x.detach().double(), target)
+        torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_fusedces_own_path_where_asked_or_needed():
+    """The hand-off is for backend="auto" only, plain operands PyTorch takes as they are,
+    and never when validate=False asks for NaN where PyTorch would raise."""
+    x, target = _problem(4, 10)
+    assert not _ran_fusedce(fusedce.cross_entropy(x, target))
+    assert _ran_fusedce(fusedce.cross_entropy(x, target, backend="torch"))
+    assert _ran_fusedce(fusedce.cross_entropy(x, target.int()))  # int32: PyTorch refuses
+    assert _ran_fusedce(fusedce.cross_entropy(x, target, weight=torch.rand(10).double()))
+    bad = target.clone()
+    bad[0] = 10
+    loss = fusedce.cross_entropy(x, bad, validate=False, reduction="none")
+    assert _ran_fusedce(loss) and loss[0].isnan() and loss[1:].isfinite().all()
+    with pytest.raises(IndexError):  # PyTorch's answer, as fusedce's own with validation
+        fusedce.cross_entropy(x, bad)
+
+
+def test_hand_off_can_be_turned_off(monkeypatch):
+    monkeypatch.setattr(_route, "HAND_OFF", False)
+    monkeypatch.setattr(_route, "SMALLEST", 0)  # as _route.set_hand_off(False)
+    x, target = _problem(4, 10)
+    assert _ran_fusedce(fusedce.cross_entropy(x, target))
+
+
+def test_patched_small_calls_reach_pytorch_without_recursion():
+    """Under fusedce.patched(), F.cross_entropy is fusedce's: a small call goes on to
+    PyTorch's C++ loss, not back to the patched Python function."""
+    x, target = _problem(3, 5)
+    with fusedce.patched():
+        loss = F.cross_entropy(x, target)
+        module_loss = torch.nn.CrossEntropyLoss()(x, target)
+    assert not _ran_fusedce(loss) and not _ran_fusedce(module_loss)
+    assert torch.equal(loss, torch._C._nn.cross_entropy_loss(x, target, None, 1, -100, 0.0))
+
+
+def test_bad_arguments_raise_pytorchs_errors_on_the_small_path():
+    """A small call raises what PyTorch raises: it is PyTorch's call."""
+    x, target = _problem(3, 5)
+    for kwargs in (dict(reduction="bogus"), dict(label_smoothing=2.0), dict(ignore_index=1.5),
+                   dict(weight=torch.ones(4))):
+        try:
+            F.cross_entropy(x, target, **kwargs)
+        except Exception as error:  # noqa: BLE001 - the same type from fusedce
+            with pytest.raises(type(error)):
+                fusedce.cross_entropy(x, target, **kwargs)
+        else:
+            pytest.fail(f"PyTorch accepted {kwargs}")
+
+
+def test_set_hand_off_turns_both_tests_off_and_on():
+    """``bench.grid --own`` measures fusedce's own path through ``set_hand_off(False)``."""
+    x, target = _problem(4, 10)
+    try:
+        _route.set_hand_off(False)
+        assert _route.SMALLEST == 0
+        assert _ran_fusedce(fusedce.cross_entropy(x, target))
+        assert _ran_fusedce(fusedce.cross_entropy(x, target.to(torch.uint8)))
+    finally:
+        _route.set_hand_off(True)
+    assert _route.SMALLEST > 0
+    assert not _ran_fusedce(fusedce.cross_entropy(x, target))
+    assert not _ran_fusedce(fusedce.cross_entropy(x, target.to(torch.uint8)))
