@@ -46,9 +46,9 @@ def make_call(fn, x, target, mode):
     reduction = "none" if mode == "none" else "mean"
 
     def call():
-        leaf.grad = None
         loss = fn(leaf, target, reduction=reduction)
         (loss.sum() if mode == "none" else loss).backward()
+        leaf.grad = None  # freed before the other implementation runs: the same heap for both
     return call
 
 
@@ -61,23 +61,51 @@ def calls_per_sample(call, target_s):
     return max(1, int(target_s / once))
 
 
-def sample(call, k):
-    t0 = time.perf_counter()
-    for _ in range(k):
-        call()
-    return (time.perf_counter() - t0) / k
+def sample_pair(ours, theirs, k):
+    """Seconds per call of ``ours`` and ``theirs`` over ``k`` calls of each, interleaved call
+    by call (which goes first alternates): both meet the same allocator and cache states,
+    which a block of one implementation's calls after a block of the other's does not (two
+    runs of PyTorch's very loss differed by up to 1.7x that way)."""
+    clock = time.perf_counter
+    t_ours = t_theirs = 0.0
+    for i in range(k):
+        if i % 2:
+            t0 = clock()
+            theirs()
+            t1 = clock()
+            ours()
+            t2 = clock()
+            t_theirs += t1 - t0
+            t_ours += t2 - t1
+        else:
+            t0 = clock()
+            ours()
+            t1 = clock()
+            theirs()
+            t2 = clock()
+            t_ours += t1 - t0
+            t_theirs += t2 - t1
+    return t_ours / k, t_theirs / k
 
 
 def time_pair(ours, theirs, samples, target_s):
-    """Medians (seconds per call) of ``ours`` and ``theirs``, sampled alternately."""
+    """Medians (seconds per call) of ``ours`` and ``theirs`` over ``samples`` samples."""
     k = min(calls_per_sample(ours, target_s), calls_per_sample(theirs, target_s))
-    a, b = [], []
-    for i in range(samples):
-        first, second = (ours, theirs) if i % 2 == 0 else (theirs, ours)
-        t1, t2 = sample(first, k), sample(second, k)
-        a.append(t1 if first is ours else t2)
-        b.append(t2 if first is ours else t1)
-    return statistics.median(a), statistics.median(b)
+    pairs = [sample_pair(ours, theirs, k) for _ in range(samples)]
+    return statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
+
+
+def served_by(x, target, mode):
+    """Which implementation fusedce's call ran: "fusedce", or "pytorch" (the hand-off of
+    ``fusedce/_route.py``; such a cell times PyTorch's loss against itself, its spread is
+    the measurement's own)."""
+    from fusedce import _route
+
+    leaf = x.detach().requires_grad_(mode != "nograd")
+    with torch.set_grad_enabled(mode != "nograd"):
+        pytorch = (x.device.type == "cpu" and leaf.numel() < _route.SMALLEST) or \
+            _route.pytorch_serves(leaf, target, None, 0.0)
+    return "pytorch" if pytorch else "fusedce"
 
 
 def run(args):
@@ -96,6 +124,7 @@ def run(args):
                     theirs = make_call(F.cross_entropy, x, target, mode)
                     t_ours, t_theirs = time_pair(ours, theirs, args.samples, args.sample_ms / 1e3)
                     results.append(dict(mode=mode, dtype=dname, rows=n, classes=c,
+                                        served_by=served_by(x, target, mode),
                                         fusedce_us=t_ours * 1e6, torch_us=t_theirs * 1e6,
                                         ratio=t_ours / t_theirs))
                     print(f"{mode:7s} {dname} {n:>5d} x {c:>6d}: fusedce {t_ours * 1e6:10.1f} us"
@@ -110,13 +139,16 @@ def table(results, rows, classes):
     keys = sorted({(r["mode"], r["dtype"]) for r in results}, key=lambda k: (
         MODES.index(k[0]) if k[0] in MODES else 9, k[1]))
     for mode, dname in keys:
-        cells = {(r["rows"], r["classes"]): r["ratio"] for r in results
+        cells = {(r["rows"], r["classes"]): r for r in results
                  if r["mode"] == mode and r["dtype"] == dname}
-        out.append(f"\n{mode}, {dname}: fusedce / F.cross_entropy (median time ratio)\n")
+        out.append(f"\n{mode}, {dname}: fusedce / F.cross_entropy (median time ratio; *: "
+                   "fusedce's own path, else its hand-off to PyTorch's loss)\n")
         out.append("| N \\ C | " + " | ".join(f"{c:,}" for c in classes) + " |")
         out.append("|---" * (len(classes) + 1) + "|")
         for n in rows:
-            vals = [f"{cells[(n, c)]:.2f}" if (n, c) in cells else "" for c in classes]
+            vals = [f"{cells[(n, c)]['ratio']:.2f}"
+                    f"{'*' if cells[(n, c)]['served_by'] == 'fusedce' else ''}"
+                    if (n, c) in cells else "" for c in classes]
             out.append(f"| {n:,} | " + " | ".join(vals) + " |")
     worst = max(results, key=lambda r: r["ratio"])
     out.append(f"\nworst: {worst['ratio']:.2f} ({worst['mode']}, {worst['dtype']}, "

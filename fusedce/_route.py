@@ -26,16 +26,18 @@ from torch.nn import _reduction
 HAND_OFF = True
 
 # Logits (N * C) from which fusedce's own CPU path is faster than PyTorch's, with and
-# without a gradient to take, by dtype; below them (and for classes fewer than MIN_CLASSES,
+# without a gradient to take, by dtype; below them (and for fewer classes than MIN_CLASSES,
 # other layouts, probability targets and other dtypes, none of them measured to win) a call
-# goes to PyTorch. Measured with ``python -m bench.grid --own`` on 2 cores, torch 2.13:
-# fp32 wins from 64 x 50,257 and 2,048 x 1,000 with a gradient, loses at 48 x 50,257;
-# without, it loses up to 256 x 50,257 and 4,096 x 1,000; bf16 needs larger calls still.
-# Figures in docs/benchmarks.md.
-MIN_LOGITS_GRAD = {torch.float32: 3 << 20, torch.bfloat16: 1 << 24}
+# goes to PyTorch. Measured with ``python -m bench.grid --own`` on 2 cores, torch 2.13
+# (docs/benchmarks.md): with a gradient, fp32 loses at 128 x 50,257 (6.4M logits) and wins
+# at 8,192 x 1,000 and 256 x 50,257; bf16 loses at 256 x 50,257 and wins at 16,384 x 1,000;
+# without one, fp32 loses at 8,192 x 1,000 and wins at 16,384 x 1,000, bf16 loses at
+# 16,384 x 1,000 and wins at 32,768 x 1,000.
+MIN_LOGITS_GRAD = {torch.float32: 1 << 23, torch.bfloat16: 1 << 24}
 MIN_LOGITS_NO_GRAD = {torch.float32: 1 << 24, torch.bfloat16: 1 << 25}
-# PyTorch's 2-class loss stays faster at every size measured (1.6M rows); 10 classes lose
-MIN_CLASSES = 10
+# PyTorch's 2-class loss stays faster at every size measured (1.6M rows); at 4 and 10
+# classes fusedce's is faster from 1M rows on
+MIN_CLASSES = 4
 
 
 def _smallest():

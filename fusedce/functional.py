@@ -89,10 +89,9 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         on the host, a synchronisation the GPU path avoids (also with ``backend="torch"``);
         there such a row's loss and gradient are NaN instead.
 
-    With ``backend="auto"``, CPU calls too small for fusedce's path to be faster (a few
-    thousand logits to about two million, by mode and dtype: ``fusedce/_route.py``) are
-    served by PyTorch's own loss, with the same results; ``inplace_backward`` then leaves
-    the logits intact.
+    With ``backend="auto"``, CPU calls too small for fusedce's path to be faster (under 8M
+    to 32M logits by mode and dtype, see ``fusedce/_route.py``) are served by PyTorch's own
+    loss, with the same results; ``inplace_backward`` then leaves the logits intact.
     """
     # The hand-off to PyTorch's loss (fusedce/_route.py). It runs before every call, so the
     # usual small call (int64 targets, no weight, no legacy arguments) is decided inline

@@ -130,3 +130,17 @@ def test_set_hand_off_turns_both_tests_off_and_on():
     assert _route.SMALLEST > 0
     assert not _ran_fusedce(fusedce.cross_entropy(x, target))
     assert not _ran_fusedce(fusedce.cross_entropy(x, target.to(torch.uint8)))
+
+
+def test_bench_grid_writes_the_cells_and_who_served_them(tmp_path, capsys):
+    """``python -m bench.grid`` (issue: a benchmark of small calls): the table of ratios on
+    stdout and every cell, with the implementation that served fusedce's call, as CSV."""
+    from bench import grid
+
+    grid.main(["--modes", "fwdbwd,nograd", "--dtypes", "fp32", "--rows", "2",
+               "--classes", "10", "--samples", "1", "--sample-ms", "1", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "fwdbwd, fp32" in out and "nograd, fp32" in out and "| 2 |" in out
+    rows = (tmp_path / "grid_cpu.csv").read_text().splitlines()
+    assert rows[0].split(",")[:5] == ["mode", "dtype", "rows", "classes", "served_by"]
+    assert len(rows) == 3 and all(",pytorch," in row for row in rows[1:])
