@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import fusedce
-from bench.output import DEFAULT_OUT, check_out_dir
+from bench.output import add_out_argument, parse_checked
 
 MODES = ("fwdbwd", "nograd", "none")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -67,25 +67,16 @@ def sample_pair(ours, theirs, k):
     which a block of one implementation's calls after a block of the other's does not (two
     runs of PyTorch's very loss differed by up to 1.7x that way)."""
     clock = time.perf_counter
-    t_ours = t_theirs = 0.0
+    calls, totals = (ours, theirs), [0.0, 0.0]
     for i in range(k):
-        if i % 2:
-            t0 = clock()
-            theirs()
-            t1 = clock()
-            ours()
-            t2 = clock()
-            t_theirs += t1 - t0
-            t_ours += t2 - t1
-        else:
-            t0 = clock()
-            ours()
-            t1 = clock()
-            theirs()
-            t2 = clock()
-            t_ours += t1 - t0
-            t_theirs += t2 - t1
-    return t_ours / k, t_theirs / k
+        first = i % 2
+        t0 = clock()
+        calls[first]()
+        t1 = clock()
+        calls[1 - first]()
+        totals[first] += t1 - t0
+        totals[1 - first] += clock() - t1
+    return totals[0] / k, totals[1] / k
 
 
 def time_pair(ours, theirs, samples, target_s):
@@ -172,12 +163,8 @@ def main(argv=None):
     p.add_argument("--own", action="store_true",
                    help="time fusedce's own implementation at every size (no hand-off of "
                         "small calls to PyTorch): where it wins is what the hand-off uses")
-    p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
-                   help="folder for grid_<device>.csv (default: bench/out/, untracked)")
-    args = p.parse_args(argv)
-    problem = check_out_dir(args.out)
-    if problem:
-        p.error(problem)
+    add_out_argument(p, "grid_<device>.csv")
+    args = parse_checked(p, argv)
     for name in ("modes", "dtypes"):
         bad = [v for v in getattr(args, name).split(",")
                if v not in (MODES if name == "modes" else DTYPES)]

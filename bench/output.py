@@ -41,3 +41,19 @@ def missing_extras(modules=("tqdm", "matplotlib")):
         except ImportError:
             missing.append(name)
     return missing
+
+
+def add_out_argument(parser, files):
+    """The ``--out DIR`` option of a benchmark that writes ``files`` (a phrase)."""
+    parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
+                        help=f"folder for {files} (default: bench/out/, untracked)")
+
+
+def parse_checked(parser, argv):
+    """``parser.parse_args(argv)``, with a usage error before any work if ``--out`` cannot
+    be written."""
+    args = parser.parse_args(argv)
+    problem = check_out_dir(args.out)
+    if problem:
+        parser.error(problem)
+    return args

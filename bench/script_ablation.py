@@ -20,7 +20,7 @@ import torch
 
 import fusedce
 from bench.ce import device_name, make_inputs, step
-from bench.output import DEFAULT_OUT, check_out_dir
+from bench.output import add_out_argument, parse_checked
 from fusedce.cpu import chunks
 
 CASES = {"fusedce": {}, "fusedce_inplace": {"inplace_backward": True}}
@@ -93,12 +93,8 @@ def parse_args(argv=None):
                    help="vocabulary size, the logits' width (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=9,
                    help="timed rounds after a warm-up (default: %(default)s)")
-    p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
-                   help="folder for script_ablation.md (default: bench/out/, untracked)")
-    args = p.parse_args(argv)
-    problem = check_out_dir(args.out)
-    if problem:
-        p.error(problem)
+    add_out_argument(p, "script_ablation.md")
+    args = parse_checked(p, argv)
     return args
 
 
