@@ -490,3 +490,30 @@ def test_smoothing_far_from_zero_keeps_precision(backend, layout, weighted):
                               weight=None if weight is None else weight.double())
         got = fusedce.cross_entropy(x, target, backend=backend, weight=weight, **kwargs)
         torch.testing.assert_close(got.double(), ref, atol=2.0**-24 * 1e4, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_subnormal_label_smoothing_keeps_the_gradient(dtype, backend):
+    """Found by the suite: label_smoothing below 2**-126 (an fp32 subnormal, 1.4e-45 here)
+    zeroed the row kernels' bf16 gradient under Triton's interpreter, which types such a
+    Python float as fp64 (the kernels' math followed, and its fp64-to-bf16 cast gives 0);
+    on a GPU the argument is fp32. The kernels now take it as fp32 everywhere. The loss
+    and gradient are those of smoothing 0 to fp32 precision, but a -inf logit keeps
+    PyTorch's +inf (the smoothing term sees every class), which eps / C, flushed to 0 in
+    fp32, turned into 0 * inf = NaN on both paths."""
+    x = torch.tensor([[1.5390625, -0.29296875], [0.5, -math.inf]]).to(dtype)
+    target = torch.tensor([1, 0])
+    eps = 1.401298464324817e-45
+    want = x.double().requires_grad_()
+    ref = F.cross_entropy(want, target, label_smoothing=eps, reduction="none")
+    upstream = torch.tensor([1.0, 0.5])
+    ref.backward(upstream.double())
+    got = x.clone().requires_grad_()
+    loss = fusedce.cross_entropy(got, target, label_smoothing=eps, reduction="none",
+                                 backend=backend)
+    loss.backward(upstream.to(dtype))
+    assert ref[1] == math.inf and loss[1] == math.inf
+    torch.testing.assert_close(loss.double(), ref, atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(got.grad.double(), want.grad, atol=1e-2, rtol=1e-2,
+                               equal_nan=True)

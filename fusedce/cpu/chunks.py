@@ -66,7 +66,8 @@ def fwd_chunks(x: torch.Tensor, dst: Optional[torch.Tensor], row_max: torch.Tens
     pretrained GPT-2's near -60, fail without a shift but pass with it).
 
     ``direct``: ``x`` is fp32 and is read as it is, else through the fp32 ``scratch``
-    chunk; ``inplace``: ``dst`` is ``x`` (not with ``direct`` unless ``shifted``).
+    chunk; ``inplace``: ``dst`` is ``x`` (``exp`` then goes to the scratch, and the gradient
+    over ``x`` once the chunk passed its test).
     ``g_lo``, ``g_hi``: per chunk, the smallest and largest finite nonzero ``|gA|`` of
     its rows (with a gradient; else empty).
 
@@ -98,12 +99,16 @@ def fwd_chunks(x: torch.Tensor, dst: Optional[torch.Tensor], row_max: torch.Tens
         elif by_target:
             assert x_t is not None
             m = row_max.narrow(0, r0, rows).copy_(x_t.narrow(0, r0, rows))
-        if not direct or inplace:
+        # where exp(x - shift) goes: the gradient's chunk, else the scratch (also in place:
+        # x must survive until the chunk's test, and the gradient is written over it last)
+        target: Optional[torch.Tensor] = sc
+        if direct and dc is not None and not inplace:
+            target = dc
+        if not direct:
             buf = src
             if m is not None:
                 buf.sub_(m)
         else:
-            target = dc if dc is not None else sc
             assert target is not None
             buf = xc if m is None else torch.sub(xc, m, out=target)
         if sum_wx is not None:  # relative to the shift: no cancellation against lse
@@ -113,7 +118,6 @@ def fwd_chunks(x: torch.Tensor, dst: Optional[torch.Tensor], row_max: torch.Tens
             else:
                 torch.mv(buf, w, out=out)
         if buf is xc:
-            target = dc if dc is not None else sc
             assert target is not None
             buf = torch.exp(xc, out=target)
         else:
@@ -125,7 +129,11 @@ def fwd_chunks(x: torch.Tensor, dst: Optional[torch.Tensor], row_max: torch.Tens
             continue
         if dc is not None:
             assert gA is not None and coef is not None
-            buf.mul_(torch.div(gA.narrow(0, r0, rows), sums, out=coef.narrow(0, r0, rows)))
+            scale = torch.div(gA.narrow(0, r0, rows), sums, out=coef.narrow(0, r0, rows))
+            if direct and buf is not dc:  # in place: from the scratch over x, one pass
+                buf = torch.mul(buf, scale, out=dc)
+            else:
+                buf.mul_(scale)
             if smooth is not None:
                 _smoothing_term(buf, smooth.narrow(0, r0, rows), w)
             if not direct:

@@ -127,9 +127,9 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_
     inplace = dst is x
     step = chunks.rows_per_chunk(n_cols)
     # No max pass where x survives the pass, so that the chunks it fails for can be redone
-    # (``chunks.fwd_chunks``): not in place in fp32 (exp would overwrite x at once) nor on a GPU
+    # (``chunks.fwd_chunks``; in place, exp goes to a scratch chunk first); not on a GPU
     # (each chunk's check would sync)
-    unshifted = UNSHIFTED_EXP and dev.type == "cpu" and (not inplace or not direct)
+    unshifted = UNSHIFTED_EXP and dev.type == "cpu"
     # below this a sum could be off by the terms fp32 flushes (2**-126 each, denormals
     # flushed; 2**-102 V is 2**24 of them)
     lo_bound = max(1e-30, n_cols * 2.0 ** -102)
@@ -145,7 +145,7 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_
 
     def work(start, end):
         scratch = None
-        if not direct or dst is None:
+        if not direct or dst is None or inplace:
             scratch = torch.empty(min(step, end - start), n_cols, dtype=torch.float32,
                                   device=dev)
         if fault_in and grad_out is not None and buffers.PAGE_ADVICE == "populate":
@@ -169,7 +169,7 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_
         if eps > 0:
             # sum_wx is relative to the shift m: W lse - sum w x = W log_sum - sum w (x - m),
             # no cancellation where the logits lie far from 0
-            loss = loss + eps / n_cols * (_smoothing_sum(weight, n_cols) * log_sum - sum_wx)
+            loss = loss + eps * ((_smoothing_sum(weight, n_cols) * log_sum - sum_wx) / n_cols)
         loss = torch.where(ignored, 0.0, torch.where(valid, loss, float("nan")))
         if grad and n_rows > 0 and n_cols > 0:
             gA = gA.squeeze(1)

@@ -107,7 +107,7 @@ def ce_strided_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.
         if eps > 0:
             # W lse - sum_c w_c x_c = W log_sum - sum_c w_c (x_c - m), each part >= 0
             wd = d.sum(1) if weight is None else (d * weight.to(acc)[None, :, None]).sum(1)
-            part = part + eps / n_cols * (w_sum * log_sum - wd)
+            part = part + eps * ((w_sum * log_sum - wd) / n_cols)
         loss[n0:n1, l0:l1] = part
         lse[n0:n1, l0:l1] = m + log_sum
     loss = torch.where(ignored, 0.0, torch.where(valid, loss, float("nan")))

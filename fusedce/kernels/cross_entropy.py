@@ -145,6 +145,14 @@ def _row_lse(x_ptr, row_start, n_cols, t_col, weight_ptr, BLOCK_SIZE: tl.constex
 
 
 @triton.jit
+def _fp32(value):
+    """A float argument as fp32. On a GPU it is one already; Triton's interpreter types a
+    Python float below 2**-126 (an fp32 subnormal, e.g. label_smoothing=1e-45) as fp64,
+    which would promote the kernel's math to fp64 and break its casts to bf16 there."""
+    return tl.cast(value, tl.float32)
+
+
+@triton.jit
 def _row_target(target_ptr, row, weight_ptr, n_cols, ignore_index, HAS_WEIGHT: tl.constexpr):
     """The row's target ``t`` (int64), whether it is ignored, whether it is in range, and
     its class weight ``w_t`` (0 for an ignored or out-of-range target: never read)."""
@@ -260,6 +268,7 @@ def _ce_fwd_kernel(
     """
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride passes 2**31 near 42,700 rows
     row_start = row * x_row_stride
+    label_smoothing = _fp32(label_smoothing)
     t, ignored, valid, w_t = _row_target(target_ptr, row, weight_ptr, n_cols, ignore_index,
                                          HAS_WEIGHT)
     t_col = _target_col(t, n_cols)
@@ -272,7 +281,9 @@ def _ce_fwd_kernel(
             W = tl.load(wsum_ptr).to(tl.float32)
         else:
             W = n_cols.to(tl.float32)
-        loss += label_smoothing / n_cols * smooth  # = W * lse - sum_c w_c x_c
+        # smooth = W * lse - sum_c w_c x_c; eps * (smooth / C): eps / C would flush a
+        # subnormal eps to 0, and 0 * inf (a -inf logit) is NaN where PyTorch has +inf
+        loss += label_smoothing * (smooth / n_cols)
     nan = float("nan")
     loss = tl.where(ignored, 0.0, tl.where(valid, loss, nan))
     tl.store(loss_ptr + row, loss)
@@ -312,6 +323,7 @@ def _ce_bwd_kernel(
                 denominator folded in; ``dloss_stride`` is 0 for a broadcast scalar
     """
     row = tl.program_id(0).to(tl.int64)
+    label_smoothing = _fp32(label_smoothing)
     t, ignored, valid, w_t = _row_target(target_ptr, row, weight_ptr, n_cols, ignore_index,
                                          HAS_WEIGHT)
     g = tl.load(dloss_ptr + row * dloss_stride).to(tl.float32)

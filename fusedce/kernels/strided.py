@@ -149,7 +149,7 @@ def _ce_strided_fwd_kernel(
     else:
         loss = (1.0 - label_smoothing) * w_t * (lse - x_t)
         if HAS_SMOOTHING:
-            loss += label_smoothing / n_cols * (s * log_d - q)  # = W * lse - sum w x
+            loss += label_smoothing * ((s * log_d - q) / n_cols)  # (W * lse - sum w x) / C
         loss = tl.where(ignored, 0.0, tl.where(valid, loss, float("nan")))
     tl.store(loss_ptr + rows, loss, mask=row_mask)
     tl.store(lse_ptr + rows, lse, mask=row_mask)

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .cross_entropy import _row_grad, _row_lse, launch_config
+from .cross_entropy import _fp32, _row_grad, _row_lse, launch_config
 
 
 @triton.jit
@@ -84,7 +84,7 @@ def _vp_grad_kernel(
     eps_r = 0.0
     if HAS_SMOOTHING:
         W = tl.load(consts_ptr)
-        eps_r = label_smoothing * n_cols / tl.load(consts_ptr + 1)
+        eps_r = _fp32(label_smoothing) * n_cols / tl.load(consts_ptr + 1)
         # eps_r == 1 only for one rank holding everything with eps == 1: then B = 0
         w_t = tl.where(eps_r < 1.0, w_t * (1.0 - label_smoothing) / (1.0 - eps_r), 0.0)
     _row_grad(x_ptr, row * x_row_stride, dx_ptr, row * dx_row_stride, n_cols, t, lse, g,
