@@ -190,11 +190,21 @@ def _correctness_cases():
                       {"pad": 5, "offset": 3, "inplace_backward": True}))
         for n_cols in (1, 7, 100, 8193):  # one column, shorter than 16 bytes, > one block
             cases.append((f"C={n_cols}", dt, 37, n_cols, {"reduction": "sum"}))
+        # fewer rows than SMs: each row split over several programs (kernels/split_rows.py;
+        # forced to 3 splits in a dry run, where there are no SMs to count)
+        cases.append(("few-rows", dt, 1, V, {"split": True}))
+        cases.append(("few-rows-weight+smoothing", dt, 8, V,
+                      {"split": True, "weight": True, "label_smoothing": 0.1}))
+        cases.append(("few-rows-inplace-none", dt, 4, V,
+                      {"split": True, "inplace_backward": True, "reduction": "none"}))
+        cases.append(("few-rows-128k", dt, 8, 128_256, {"split": True, "ignore_index": 7}))
     return cases
 
 
 def check_correctness(torch, F, fusedce, dev, max_rows=None):
     """Runs every case; returns the number of failures (printed as they happen)."""
+    from fusedce.kernels import split_rows
+
     device = dev.device
     gen = torch.Generator(device=device).manual_seed(0)
     failures = 0
@@ -203,6 +213,7 @@ def check_correctness(torch, F, fusedce, dev, max_rows=None):
         opts = dict(opts)
         n = min(n, max_rows or n)
         pad, offset = opts.pop("pad", 0), opts.pop("offset", 0)
+        split_rows.FORCE_SPLITS = 3 if (opts.pop("split", False) and dev.dry_run) else None
         dtype = _dtype(dt)
         # logits: a view into a larger buffer when padded or offset (rows off 16 bytes)
         buf = torch.randn(offset + n * (c + pad) + 16, generator=gen, device=device)
@@ -246,7 +257,43 @@ def check_correctness(torch, F, fusedce, dev, max_rows=None):
             ok, detail = False, f"{type(e).__name__}: {e}"
         failures += not ok
         print(f"  {'ok  ' if ok else 'FAIL'} {dt:<4} {n:>3}x{c:<6} {name:<30} {detail}")
+    split_rows.FORCE_SPLITS = None
     return failures
+
+
+def time_few_rows(torch, F, fusedce, do_bench, dev, vocabs=(50_257, 128_256),
+                  rows=(1, 8, 32, 64, 128)):
+    """Forward + backward (bf16) with fewer rows than SMs: fusedce with its split rows
+    (automatic), fusedce with one program per row (splits off), and eager PyTorch, in ms,
+    and the split count the launcher chose."""
+    from fusedce.kernels import split_rows
+
+    device = dev.device
+    out = []
+    print("\nfew rows, bf16 forward + backward (ms): split rows | one program per row | eager")
+    for v in vocabs:
+        for n in rows:
+            x = (torch.randn(n, v, device=device) * 2).to(torch.bfloat16).requires_grad_()
+            t = torch.randint(0, v, (n,), device=device)
+
+            def step(fn):
+                return lambda: fn(x, t).backward()
+
+            chosen = split_rows.split_count(n, v, x.device)
+            times = {}
+            for label, force in (("split", 3 if dev.dry_run else None), ("one", 1)):
+                split_rows.FORCE_SPLITS = force
+                times[label] = _bench(do_bench, step(
+                    lambda a, b: fusedce.cross_entropy(a, b, **dev.fused_kwargs)), [x])
+            split_rows.FORCE_SPLITS = None
+            times["eager"] = _bench(do_bench, step(F.cross_entropy), [x])
+            print(f"  {n:>4} x {v:<7} splits {chosen:>2}: {times['split']:8.3f} | "
+                  f"{times['one']:8.3f} | {times['eager']:8.3f}  "
+                  f"(one / split {times['one'] / times['split']:.2f})")
+            out.append({"rows": n, "vocab": v, "splits": chosen,
+                        "split_ms": round(times["split"], 4), "one_program_ms":
+                        round(times["one"], 4), "eager_ms": round(times["eager"], 4)})
+    return out
 
 
 def check_odd_launches(torch, dev):
@@ -588,6 +635,9 @@ def main(argv=None):
                              not args.no_compile)
         print_table(rows)
         _write_csv(os.path.join(args.out, f"gpu_check_{slug}.csv"), rows, extra)
+        rows = time_few_rows(torch, F, fusedce, do_bench, dev,
+                             *(((V,), (1, 2)) if args.dry_run else ()))
+        _write_csv(os.path.join(args.out, f"gpu_few_rows_{slug}.csv"), rows, extra)
         if not args.no_linear:
             lin_failures, rows = check_and_time_linear(torch, F, fusedce, dev, args.dry_run)
             failures += lin_failures

@@ -43,7 +43,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 V = 50_257  # the GPT-2 vocabulary: 100,514 bytes per bf16 row, rows at every alignment
 WIDTHS = {"U8": 1, "S8": 1, "U16": 2, "S16": 2, "64": 8, "128": 16}  # suffix -> bytes; none: 4
 # launches of the row kernels over rows of V logits, whose loops must be all 16-byte wide
-ROW_KERNELS = ("_ce_fwd_kernel", "_ce_bwd_kernel", "_ce_scale_kernel")
+ROW_KERNELS = ("_ce_fwd_kernel", "_ce_bwd_kernel", "_ce_scale_kernel",
+               "_split_partials_kernel", "_split_grad_kernel")
 
 
 # ----------------------------------------------------------------------------------------
@@ -91,7 +92,25 @@ def _launch_cases(dtype_name):
     g = torch.ones(n)
     consts = torch.tensor([float(V), float(V)])
     dx = torch.empty_like(x)
+
+    def split(fn):  # few long rows: the split-row kernels, 4 programs per row
+        def run():
+            from fusedce.kernels import split_rows
+
+            saved, split_rows.FORCE_SPLITS = split_rows.FORCE_SPLITS, 4
+            try:
+                return fn()
+            finally:
+                split_rows.FORCE_SPLITS = saved
+        return run
+
     return [
+        ("ce_fwd-split", split(lambda: ce.ce_fwd(x, t))),
+        ("ce_fwd-split-inplace-weight-smoothing",
+         split(lambda: ce.ce_fwd(x, t, w, label_smoothing=0.1, grad_scale=one))),
+        ("ce_bwd-split", split(lambda: ce.ce_bwd(x, t, lse, dloss))),
+        ("ce_bwd-split-weight-smoothing",
+         split(lambda: ce.ce_bwd(x, t, lse, dloss, w, label_smoothing=0.1))),
         ("ce_fwd", lambda: ce.ce_fwd(x, t)),
         ("ce_fwd-inplace", lambda: ce.ce_fwd(x, t, grad_scale=one)),
         ("ce_fwd-inplace-weight-smoothing",
@@ -390,7 +409,7 @@ def test_row_loops_move_16_bytes_per_instruction(compiled, kernel, dtype):
         assert loads, f"{_label(r)}: no global load in the loop"
         assert all(width(op) == 16 for op in loads), f"{_label(r)}: loop loads {loads}"
         assert all(width(op) == 16 for op in stores), f"{_label(r)}: loop stores {stores}"
-        if kernel != "_ce_fwd_kernel" or "inplace" in r["case"]:
+        if kernel not in ("_ce_fwd_kernel", "_split_partials_kernel") or "inplace" in r["case"]:
             assert stores, f"{_label(r)}: the gradient loop stores nothing"
         # outside the loops: a handful per row (edge block, target, lse, upstream gradient)
         outside = [op for op, in_loop in r["mem"] if not in_loop]

@@ -67,3 +67,78 @@ def test_auto_backend_on_cpu_is_torch(monkeypatch):
 def test_fresh_buffers_start_as_nan():
     """The module's NaN fill is in force, so the comparisons above would catch a missed store."""
     assert torch.empty(4).isnan().all() and torch.empty_like(torch.zeros(2, 3)).isnan().all()
+
+
+# ------------------------------------------------- few long rows: several programs per row
+
+SPLIT_CASES = [
+    pytest.param(torch.float32, 50_257, 5, {}, id="fp32-gpt2-5splits"),
+    pytest.param(torch.bfloat16, 50_257, 7, dict(label_smoothing=0.2), id="bf16-smoothing"),
+    pytest.param(torch.float32, 128_256, 3, dict(weight=True, label_smoothing=0.1),
+                 id="llama3-weight-smoothing"),
+    pytest.param(torch.float16, 1_001, 4, dict(ignore_index=3), id="fp16-odd-ignore"),
+    pytest.param(torch.float32, 9, 9, {}, id="one-column-per-split"),
+]
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["grad-buffer", "inplace"])
+@pytest.mark.parametrize("dtype,n_cols,splits,options", SPLIT_CASES)
+def test_split_rows_match_pytorch(monkeypatch, dtype, n_cols, splits, options, inplace):
+    """Rows split over several programs (what a GPU does with fewer rows than SMs), forced
+    here, against float64 PyTorch: loss and gradient with a random upstream gradient, an
+    ignored row, a target in the last column, and in place (each split reads its columns
+    before it overwrites them)."""
+    from fusedce.kernels import split_rows
+
+    monkeypatch.setattr(split_rows, "FORCE_SPLITS", splits)
+    gen = torch.Generator().manual_seed(n_cols)
+    x = (torch.randn(3, n_cols, generator=gen) * 3).to(dtype)
+    target = torch.tensor([n_cols - 1, 3, n_cols // 2])
+    kwargs = dict(options)
+    if kwargs.pop("weight", False):
+        kwargs["weight"] = torch.rand(n_cols, generator=gen) + 0.5
+    upstream = torch.rand(3, generator=gen)
+    leaf = x.clone().requires_grad_()
+    loss = fusedce.cross_entropy(leaf * 1, target, reduction="none", backend="triton",
+                                 inplace_backward=inplace, **kwargs)
+    grad, = torch.autograd.grad(loss, leaf, upstream.to(dtype))
+    x64 = x.double().requires_grad_()
+    ref = F.cross_entropy(x64, target, reduction="none",
+                          **{k: v.double() if torch.is_tensor(v) else v
+                             for k, v in kwargs.items()})
+    ref_grad, = torch.autograd.grad(ref, x64, upstream.double())
+    tol = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(loss.double(), ref.to(dtype).double(), atol=tol * 8,
+                               rtol=tol)
+    torch.testing.assert_close(grad.double(), ref_grad, atol=tol, rtol=tol)
+
+
+def test_split_rows_sum_and_mean_equal_the_row_kernels(monkeypatch):
+    """Split or not, the same reduced loss and gradient (up to the order of fp32 sums)."""
+    from fusedce.kernels import split_rows
+
+    x, target, _ = make_inputs(4, 50_257, torch.float32, seed=5)
+    results = []
+    for splits in (None, 6):
+        monkeypatch.setattr(split_rows, "FORCE_SPLITS", splits)
+        leaf = x.clone().requires_grad_()
+        loss = fusedce.cross_entropy(leaf, target, backend="triton", label_smoothing=0.1)
+        loss.backward()
+        results.append((loss.detach(), leaf.grad))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(results[0][1], results[1][1], atol=1e-8, rtol=1e-5)
+
+
+def test_split_count_follows_the_device(monkeypatch):
+    """Rows are split only with fewer rows than SMs, into splits of at least
+    MIN_SPLIT_COLS columns, about two programs per SM; never off a GPU unless forced."""
+    from fusedce.kernels import split_rows
+
+    monkeypatch.setattr(split_rows, "_sm_count", lambda index: 132)
+    cuda = torch.device("cuda", 0)
+    assert split_rows.split_count(132, 50_257, cuda) == 1  # a program per row fills it
+    assert split_rows.split_count(1, 50_257, cuda) == 50_257 // split_rows.MIN_SPLIT_COLS
+    assert split_rows.split_count(8, 256_000, cuda) == 33  # 264 programs for 132 SMs
+    assert split_rows.split_count(1, 1_000, cuda) == 1  # too narrow to split
+    assert split_rows.split_count(2, 10**7, cuda) == split_rows.MAX_SPLITS
+    assert split_rows.split_count(1, 50_257, torch.device("cpu")) == 1

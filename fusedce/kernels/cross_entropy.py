@@ -323,7 +323,20 @@ def _ce_bwd_kernel(
                 denominator folded in; ``dloss_stride`` is 0 for a broadcast scalar
     """
     row = tl.program_id(0).to(tl.int64)
-    label_smoothing = _fp32(label_smoothing)
+    t, w_t, g, lse, W = _grad_row_state(row, target_ptr, weight_ptr, wsum_ptr, lse_ptr,
+                                        dloss_ptr, dloss_stride, n_cols, ignore_index,
+                                        HAS_WEIGHT, HAS_SMOOTHING)
+    _row_grad(x_ptr, row * x_row_stride, dx_ptr, row * dx_row_stride, n_cols, t, lse, g, w_t,
+              weight_ptr, W, _fp32(label_smoothing), BLOCK_SIZE, VEC, HAS_WEIGHT,
+              HAS_SMOOTHING, SAME_LAYOUT)
+
+
+@triton.jit
+def _grad_row_state(row, target_ptr, weight_ptr, wsum_ptr, lse_ptr, dloss_ptr, dloss_stride,
+                    n_cols, ignore_index, HAS_WEIGHT: tl.constexpr,
+                    HAS_SMOOTHING: tl.constexpr):
+    """What a backward needs of a row besides its logits: the target, its class weight, the
+    upstream gradient (0 if ignored, NaN if out of range), the lse and ``W``."""
     t, ignored, valid, w_t = _row_target(target_ptr, row, weight_ptr, n_cols, ignore_index,
                                          HAS_WEIGHT)
     g = tl.load(dloss_ptr + row * dloss_stride).to(tl.float32)
@@ -335,9 +348,7 @@ def _ce_bwd_kernel(
             W = tl.load(wsum_ptr).to(tl.float32)
         else:
             W = n_cols.to(tl.float32)
-    _row_grad(x_ptr, row * x_row_stride, dx_ptr, row * dx_row_stride, n_cols, t, lse, g, w_t,
-              weight_ptr, W, label_smoothing, BLOCK_SIZE, VEC, HAS_WEIGHT, HAS_SMOOTHING,
-              SAME_LAYOUT)
+    return t, w_t, g, lse, W
 
 
 @triton.jit
@@ -424,6 +435,17 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_
     if n_rows == 0:
         return loss, lse
     has_weight, weight_arg, wsum = _weight_args(weight, label_smoothing, loss)
+    from . import split_rows  # it builds on this module's row helpers
+
+    n_splits = split_rows.split_count(n_rows, n_cols, x.device)
+    if n_splits > 1:  # few long rows: several programs per row
+        split_rows.split_fwd(x, target, n_splits, weight_arg, wsum, has_weight, ignore_index,
+                             label_smoothing, loss, lse)
+        if grad_scale is not None:
+            split_rows.split_grad(x, target, lse, grad_scale.expand(n_rows), n_splits,
+                                  weight_arg, wsum, has_weight, ignore_index, label_smoothing,
+                                  dx)
+        return loss, lse
     block, num_warps, vec = launch_config(x.dtype, n_cols)
     _ce_fwd_kernel[(n_rows,)](
         x_ptr=x, x_row_stride=x.stride(0),
@@ -459,22 +481,36 @@ def ce_bwd(x, target, lse, dloss, weight=None, ignore_index=-100, label_smoothin
     if n_rows == 0:
         return dx
     has_weight, weight_arg, wsum = _weight_args(weight, label_smoothing, lse)
+    from . import split_rows
+
+    n_splits = split_rows.split_count(n_rows, n_cols, x.device)
+    if n_splits > 1:
+        return split_rows.split_grad(x, target, lse, dloss, n_splits, weight_arg, wsum,
+                                     has_weight, ignore_index, label_smoothing, dx)
     block, num_warps, vec = launch_config(x.dtype, n_cols)
     _ce_bwd_kernel[(n_rows,)](
+        **grad_launch_args(x, dx, target, weight_arg, wsum, has_weight, lse, ignore_index,
+                           label_smoothing),
+        dloss_ptr=dloss, dloss_stride=dloss.stride(0), n_cols=n_cols,
+        BLOCK_SIZE=block, VEC=vec, num_warps=num_warps,
+    )
+    return dx
+
+
+def grad_launch_args(x, dx, target, weight_arg, wsum, has_weight, lse, ignore_index,
+                     label_smoothing):
+    """The launch arguments the gradient kernels (here and in ``split_rows``) share."""
+    return dict(
         x_ptr=x, x_row_stride=x.stride(0),
         dx_ptr=dx, dx_row_stride=dx.stride(0),
         target_ptr=target,
         weight_ptr=weight_arg, wsum_ptr=wsum,
         lse_ptr=lse,
-        dloss_ptr=dloss, dloss_stride=dloss.stride(0),
-        n_cols=n_cols, ignore_index=ignore_index, label_smoothing=float(label_smoothing),
+        ignore_index=ignore_index, label_smoothing=float(label_smoothing),
         HAS_WEIGHT=has_weight,
         HAS_SMOOTHING=label_smoothing > 0,
         SAME_LAYOUT=dx.stride(0) == x.stride(0),
-        BLOCK_SIZE=block, VEC=vec,
-        num_warps=num_warps,
     )
-    return dx
 
 
 def ce_scale_(dx, dloss):

@@ -1,0 +1,229 @@
+"""Cross-entropy over few long rows: each row split over several programs.
+
+The row kernels of ``cross_entropy.py`` run one program per row. With fewer rows than the
+GPU has SMs (an H100 has 132; evaluation with a batch of one, a short generation step) most
+of the GPU idles while each program streams a whole 50,257- or 256,000-wide row. Here a row
+is cut into ``S`` column splits of ``split_cols`` columns, one program each, in three steps:
+
+1. ``_split_partials_kernel`` (grid rows x S): each split's log-sum-exp ``lse_s``, target
+   logit (0 when the target is elsewhere), ``smooth_s = sum_{c in s} w_c (lse_s - x_c)`` and
+   ``w_s = sum_{c in s} w_c`` (these two with label smoothing), through ``_row_lse``;
+2. ``_split_merge_kernel`` (one program per row) combines them in a fixed order, without
+   atomics, so the result does not depend on scheduling:
+   ``lse = logsumexp_s lse_s``, ``x_t = sum_s``, ``sum_c w_c (lse - x_c) = sum_s smooth_s +
+   w_s (lse - lse_s)`` (every term >= 0: no cancellation), then the loss of
+   ``cross_entropy.py``'s formula;
+3. ``_split_grad_kernel`` (grid rows x S) writes each split's gradient through ``_row_grad``
+   with the row's global ``lse``, in the forward (``grad_scale``) or the backward.
+
+Same launchers, arguments and results as ``ce_fwd`` / ``ce_bwd``; ``split_count`` decides
+(``cross_entropy.ce_fwd`` / ``ce_bwd`` call it first).
+"""
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .cross_entropy import (_fp32, _grad_row_state, _row_grad, _row_lse, _row_target,
+                            grad_launch_args, launch_config)
+
+# A split holds at least this many columns (a program's fixed costs stay small against its
+# stream); rows are split only when there are fewer than the device's SMs.
+MIN_SPLIT_COLS = 4096
+MAX_SPLITS = 64
+# Splits per row whatever the device (tests under Triton's interpreter set it); None: decide
+FORCE_SPLITS = None
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index):
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def split_count(n_rows, n_cols, device):
+    """Programs per row: 1 (the row kernels) unless there are fewer rows than SMs, then
+    enough splits of at least MIN_SPLIT_COLS columns to give every SM about two programs."""
+    if FORCE_SPLITS is not None:
+        return max(1, min(FORCE_SPLITS, n_cols))
+    if device.type != "cuda" or n_rows == 0:
+        return 1
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    if n_rows >= sms:
+        return 1
+    want = triton.cdiv(2 * sms, n_rows)
+    return max(1, min(want, n_cols // MIN_SPLIT_COLS, MAX_SPLITS))
+
+
+@triton.jit
+def _split_cols(n_cols, split_cols):
+    """This program's split: its first column and width."""
+    col0 = tl.program_id(1).to(tl.int64) * split_cols
+    width = tl.minimum(split_cols, n_cols - col0).to(tl.int32)
+    return col0, width
+
+
+@triton.jit
+def _split_partials_kernel(
+    x_ptr, x_row_stride,
+    target_ptr,
+    weight_ptr,
+    part_ptr,
+    n_rows, n_cols, split_cols,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    VEC: tl.constexpr,
+):
+    """Partials of one split of one row (grid rows x S).
+
+    x_ptr: (rows, n_cols) logits, unit column stride; target_ptr: (rows,) int64/int32
+    part_ptr: (4, S, rows) fp32 out: lse_s, the target logit or 0, smooth_s, w_s
+    """
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
+    col0, width = _split_cols(n_cols, split_cols)
+    t_local = tl.load(target_ptr + row).to(tl.int64) - col0
+    t_col = tl.where((t_local >= 0) & (t_local < width), t_local, -1).to(tl.int32)
+    # the split starts at its own element offset: _row_lse aligns its loads to it
+    lse, x_t, smooth, w_seen = _row_lse(x_ptr, row * x_row_stride + col0, width, t_col,
+                                        weight_ptr + col0, BLOCK_SIZE, VEC, HAS_WEIGHT,
+                                        HAS_SMOOTHING)
+    n_splits = tl.num_programs(1).to(tl.int64)
+    slot = part_ptr + split * n_rows + row
+    tl.store(slot, lse)
+    tl.store(slot + n_splits * n_rows, x_t)
+    if HAS_SMOOTHING:
+        tl.store(slot + 2 * n_splits * n_rows, smooth)
+        tl.store(slot + 3 * n_splits * n_rows, w_seen)
+
+
+@triton.jit
+def _split_merge_kernel(
+    part_ptr, n_splits,
+    target_ptr,
+    weight_ptr, wsum_ptr,
+    loss_ptr, lse_ptr,
+    n_rows, n_cols, ignore_index, label_smoothing,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    """A row's loss and log-sum-exp from its S partials, in a fixed order (one program per
+    row). The formulas are ``_ce_fwd_kernel``'s."""
+    row = tl.program_id(0).to(tl.int64)
+    label_smoothing = _fp32(label_smoothing)
+    s = tl.arange(0, BLOCK_S).to(tl.int64)
+    live = s < n_splits
+    slot = part_ptr + s * n_rows + row
+    lse_s = tl.load(slot, mask=live, other=float("-inf"))
+    m = tl.max(lse_s, axis=0)
+    m_ref = tl.where(m == float("-inf"), 0.0, m)  # all -inf: no (-inf) - (-inf)
+    lse = m_ref + tl.log(tl.sum(tl.exp(lse_s - m_ref), axis=0))
+    x_t = tl.sum(tl.load(slot + n_splits * n_rows, mask=live, other=0.0), axis=0)
+    t, ignored, valid, w_t = _row_target(target_ptr, row, weight_ptr, n_cols, ignore_index,
+                                         HAS_WEIGHT)
+    loss = (1.0 - label_smoothing) * w_t * (lse - x_t)
+    if HAS_SMOOTHING:
+        smooth_s = tl.load(slot + 2 * n_splits * n_rows, mask=live, other=0.0)
+        w_s = tl.load(slot + 3 * n_splits * n_rows, mask=live, other=0.0)
+        # a split of weight 0 adds nothing (and must not make 0 * inf)
+        rebased = tl.where(w_s == 0.0, smooth_s, smooth_s + w_s * (lse - lse_s))
+        smooth = tl.sum(tl.where(live, rebased, 0.0), axis=0)
+        loss += label_smoothing * (smooth / n_cols)
+    loss = tl.where(ignored, 0.0, tl.where(valid, loss, float("nan")))
+    tl.store(loss_ptr + row, loss)
+    tl.store(lse_ptr + row, lse)
+
+
+@triton.jit
+def _split_grad_kernel(
+    x_ptr, x_row_stride,
+    dx_ptr, dx_row_stride,
+    target_ptr,
+    weight_ptr, wsum_ptr,
+    lse_ptr,
+    g_ptr, g_stride,
+    n_cols, split_cols, ignore_index, label_smoothing,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    SAME_LAYOUT: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    VEC: tl.constexpr,
+):
+    """One split of one row's gradient (grid rows x S); ``g_ptr`` the row's upstream
+    gradient with the denominator folded in (``g_stride`` 0: one for all rows).
+
+    ``_row_grad`` divides the smoothing by the width it is given: with ``eps_s = eps *
+    width / C`` and ``w_t (1 - eps) / (1 - eps_s)`` for the target's weight its ``A``,
+    ``B`` and ``eps_s / width`` are the row's (as the vocab-parallel kernel does)."""
+    row = tl.program_id(0).to(tl.int64)
+    label_smoothing = _fp32(label_smoothing)
+    col0, width = _split_cols(n_cols, split_cols)
+    t, w_t, g, lse, W = _grad_row_state(row, target_ptr, weight_ptr, wsum_ptr, lse_ptr, g_ptr,
+                                        g_stride, n_cols, ignore_index, HAS_WEIGHT,
+                                        HAS_SMOOTHING)
+    eps_s = 0.0
+    if HAS_SMOOTHING:
+        eps_s = label_smoothing * width / n_cols
+        w_t = tl.where(eps_s < 1.0, w_t * (1.0 - label_smoothing) / (1.0 - eps_s), 0.0)
+    dx_start = row * dx_row_stride + col0
+    _row_grad(x_ptr, row * x_row_stride + col0, dx_ptr, dx_start, width, t - col0, lse, g,
+              w_t, weight_ptr + col0, W, eps_s, BLOCK_SIZE, VEC, HAS_WEIGHT, HAS_SMOOTHING,
+              SAME_LAYOUT)
+
+
+def _split_cols_of(n_cols, n_splits):
+    return triton.cdiv(n_cols, n_splits)
+
+
+def split_fwd(x, target, n_splits, weight_arg, wsum, has_weight, ignore_index,
+              label_smoothing, loss, lse):
+    """Partials and merge into ``loss`` and ``lse`` (rows,) fp32."""
+    n_rows, n_cols = x.shape
+    split_cols = _split_cols_of(n_cols, n_splits)
+    n_splits = triton.cdiv(n_cols, split_cols)
+    smoothing = label_smoothing > 0
+    part = torch.empty(4 if smoothing else 2, n_splits, n_rows, dtype=torch.float32,
+                       device=x.device)
+    block, num_warps, vec = launch_config(x.dtype, split_cols)
+    _split_partials_kernel[(n_rows, n_splits)](
+        x_ptr=x, x_row_stride=x.stride(0),
+        target_ptr=target,
+        weight_ptr=weight_arg,
+        part_ptr=part,
+        n_rows=n_rows, n_cols=n_cols, split_cols=split_cols,
+        HAS_WEIGHT=has_weight,
+        HAS_SMOOTHING=smoothing,
+        BLOCK_SIZE=block, VEC=vec,
+        num_warps=num_warps,
+    )
+    _split_merge_kernel[(n_rows,)](
+        part_ptr=part, n_splits=n_splits,
+        target_ptr=target,
+        weight_ptr=weight_arg, wsum_ptr=wsum,
+        loss_ptr=loss, lse_ptr=lse,
+        n_rows=n_rows, n_cols=n_cols, ignore_index=ignore_index,
+        label_smoothing=float(label_smoothing),
+        HAS_WEIGHT=has_weight,
+        HAS_SMOOTHING=smoothing,
+        BLOCK_S=triton.next_power_of_2(n_splits),
+        num_warps=1,
+    )
+
+
+def split_grad(x, target, lse, g, n_splits, weight_arg, wsum, has_weight, ignore_index,
+               label_smoothing, dx):
+    """The gradient into ``dx`` (it may be ``x``): ``g`` (rows,) fp32 of any stride."""
+    n_rows, n_cols = x.shape
+    split_cols = _split_cols_of(n_cols, n_splits)
+    n_splits = triton.cdiv(n_cols, split_cols)
+    block, num_warps, vec = launch_config(x.dtype, split_cols)
+    _split_grad_kernel[(n_rows, n_splits)](
+        **grad_launch_args(x, dx, target, weight_arg, wsum, has_weight, lse, ignore_index,
+                           label_smoothing),
+        g_ptr=g, g_stride=g.stride(0), n_cols=n_cols, split_cols=split_cols,
+        BLOCK_SIZE=block, VEC=vec, num_warps=num_warps,
+    )
+    return dx
