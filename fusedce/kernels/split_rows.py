@@ -188,6 +188,10 @@ def split_fwd(x, target, n_splits, weight_arg, wsum, has_weight, ignore_index,
     part = torch.empty(4 if smoothing else 2, n_splits, n_rows, dtype=torch.float32,
                        device=x.device)
     block, num_warps, vec = launch_config(x.dtype, split_cols)
+    if smoothing and has_weight:
+        # the weighted smoothing sums keep each element's class weight live beside its
+        # logit: half the elements per thread (Triton 3.8 spilled 4 bytes for fp16 on sm_80)
+        num_warps = min(16, 2 * num_warps)
     _split_partials_kernel[(n_rows, n_splits)](
         x_ptr=x, x_row_stride=x.stride(0),
         target_ptr=target,
