@@ -83,7 +83,10 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         On the CPU the default mode computes the gradient in the forward too, into a
         separate buffer (the logits stay intact) that fusedce reuses once nothing refers to
         it any more (``fusedce.empty_cache()`` frees it); the graph holds that gradient
-        from the forward to the backward, where PyTorch's holds its log-softmax.
+        from the forward to the backward, where PyTorch's holds its log-softmax. Both modes
+        read the logits once and write one logits-sized gradient, so on the CPU in place is
+        as fast as the default mode, not faster (measured: docs/benchmarks.md); what it
+        saves there is that reused buffer.
     validate: raise PyTorch's ``IndexError`` for a class index outside ``[0, C)``. ``None``
         (default) checks CPU tensors on the PyTorch path only: the check reads the targets
         on the host, a synchronisation the GPU path avoids (also with ``backend="torch"``);
