@@ -10,13 +10,18 @@ slice, per row, with the row's global target ``t``:
 
     lse_r = log(sum_{c in r} exp(x_c))               (-inf for an empty slice)
     xt_r  = x_t if s_r <= t < s_r + C_r else 0
-    swx_r = sum_{c in r} w_c x_c                      (only with label smoothing)
+    sm_r  = sum_{c in r} w_c (lse_r - x_c)            (only with label smoothing)
 
 ONE collective per forward (an all-gather of these 2 or 3 fp32 values per row, plus the slice
-width) gives every rank every rank's values; each merges them locally, identically:
+width and its weight sum W_r) gives every rank every rank's values; each merges them locally,
+identically:
 
-    lse  = logsumexp_r lse_r      x_t = sum_r xt_r      sum_wx = sum_r swx_r      C = sum_r C_r
-    loss = (1 - eps) * w_t * (lse - x_t) + eps / C * (W * lse - sum_wx)
+    lse  = logsumexp_r lse_r      x_t = sum_r xt_r      C = sum_r C_r
+    sm   = sum_c w_c (lse - x_c) = sum_r sm_r + W_r (lse - lse_r)
+    loss = (1 - eps) * w_t * (lse - x_t) + eps * sm / C
+
+Every term of ``sm`` is >= 0: logits far from 0 lose nothing to cancellation, as they would
+in ``W lse - sum_c w_c x_c`` taken from raw sums.
 
 Megatron-LM's ``vocab_parallel_cross_entropy`` uses three all-reduces here (max, sum of exp,
 target logit; two in its fused variant), the max first because its sum of exp is taken
@@ -137,18 +142,26 @@ class _Shard:
 
 
 def _merge(gathered, n_rows, n_parts):
-    """Every rank's (lse_r, xt_r[, swx_r]) and slice width -> global (lse, x_t, swx, C)."""
-    world = gathered.numel() // (n_parts * n_rows + 1)
-    g = gathered.view(world, n_parts * n_rows + 1)
+    """Every rank's (lse_r, xt_r[, sm_r]), slice width and weight sum -> global (lse, x_t,
+    sm, C); ``sm = sum_c w_c (lse - x_c)`` (None without smoothing)."""
+    world = gathered.numel() // (n_parts * n_rows + 2)
+    g = gathered.view(world, n_parts * n_rows + 2)
     parts = g[:, :n_parts * n_rows].view(world, n_parts, n_rows)
-    n_classes = g[:, -1].sum()  # fp32, exact while C < 2**24
+    n_classes = g[:, -2].sum()  # fp32, exact while C < 2**24
     lse = torch.logsumexp(parts[:, 0], dim=0)  # stable: max-shifted; -inf slices drop out
     x_t = parts[:, 1].sum(0)
-    swx = parts[:, 2].sum(0) if n_parts > 2 else None
-    return lse, x_t, swx, n_classes
+    smooth = None
+    if n_parts > 2:
+        w_r = g[:, -1:]  # (world, 1)
+        # a slice of weight 0 (empty, or all weights 0) adds nothing (no 0 * inf); one whose
+        # logits are all -inf adds +inf, as its classes' -log p do (sm_r is NaN there)
+        rebased = torch.where(w_r == 0, 0.0, torch.where(
+            parts[:, 0] == float("-inf"), float("inf"), parts[:, 2] + w_r * (lse - parts[:, 0])))
+        smooth = rebased.sum(0)
+    return lse, x_t, smooth, n_classes
 
 
-def _loss_and_rows(shard, lse, x_t, swx, n_classes, weight, eps):
+def _loss_and_rows(shard, lse, x_t, smooth, n_classes, weight, eps):
     """Per-row loss from the merged values, and the per-row state the backward needs."""
     t, ignored = shard.t, shard.ignored
     valid = (t >= 0) & (t < n_classes) & ~ignored
@@ -161,7 +174,7 @@ def _loss_and_rows(shard, lse, x_t, swx, n_classes, weight, eps):
         w_sum = weight.float().sum()
     loss = (1.0 - eps) * w_t * (lse - x_t)
     if eps > 0:
-        loss = loss + eps / n_classes * (w_sum * lse - swx)
+        loss = loss + eps * (smooth / n_classes)
     loss = torch.where(ignored, 0.0, torch.where(valid, loss, float("nan")))
     return loss, valid, w_t, w_sum
 
@@ -197,20 +210,24 @@ def _consts(w_sum, n_classes):
 
 def _forward_partials(x_chunks, shard, eps, impl, n_rows, device):
     """Runs the shard-local pass over ``x_chunks`` (an iterable of (row_start, logits chunk)),
-    then the one all-gather; returns the merged (lse, x_t, swx, C)."""
+    then the one all-gather; returns the merged (lse, x_t, sm, C)."""
     n_parts = 3 if eps > 0 else 2
-    send = torch.empty(n_parts * n_rows + 1, dtype=torch.float32, device=device)
+    send = torch.empty(n_parts * n_rows + 2, dtype=torch.float32, device=device)
     view = send[:n_parts * n_rows].view(n_parts, n_rows)
     for s, xc in x_chunks:
         e = s + xc.shape[0]
         if s == 0 and e == n_rows:
-            # one chunk: the [lse_r | xt_r | swx_r] layout is the send buffer's, write it there
+            # one chunk: the [lse_r | xt_r | sm_r] layout is the send buffer's, write it there
             impl.vp_partials(xc, shard.t_local, shard.w_shard, eps > 0, send)
             continue
         part = torch.empty(3 * (e - s), dtype=torch.float32, device=device)
         impl.vp_partials(xc, shard.t_local[s:e], shard.w_shard, eps > 0, part)
         view[:, s:e] = part.view(3, e - s)[:n_parts]
-    send[-1:].fill_(float(shard.n_local))
+    send[-2:-1].fill_(float(shard.n_local))
+    if shard.w_shard is None:
+        send[-1:].fill_(float(shard.n_local))
+    else:  # on the device: no host sync
+        send[-1:].copy_(shard.w_shard.sum(dtype=torch.float32).reshape(1))
     world, _ = _check_group(shard.group)
     recv = torch.empty(world * send.numel(), dtype=torch.float32, device=device)
     _all_gather(recv, send, shard.group)
@@ -236,10 +253,11 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
                 impl):
         n_rows, n_local = x.shape
         shard = _Shard(target, n_local, vocab_start, weight, ignore_index, group)
-        lse, x_t, swx, n_classes = _forward_partials([(0, x)], shard, eps, impl, n_rows,
+        lse, x_t, smooth, n_classes = _forward_partials([(0, x)], shard, eps, impl, n_rows,
                                                      x.device)
         _check_weight_count(weight, n_classes)
-        loss, valid, w_t, w_sum = _loss_and_rows(shard, lse, x_t, swx, n_classes, weight, eps)
+        loss, valid, w_t, w_sum = _loss_and_rows(shard, lse, x_t, smooth, n_classes, weight,
+                                                 eps)
         denom = _denominator(shard, valid, w_t, reduction)
         ctx.options = (eps, reduction, impl)
         ctx.shard = shard
@@ -336,10 +354,11 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
                 reduction, impl, chunk, reduce_input_grad):
         n_rows = h.shape[0]
         shard = _Shard(target, w_head.shape[0], vocab_start, weight, ignore_index, group)
-        lse, x_t, swx, n_classes = _forward_partials(
+        lse, x_t, smooth, n_classes = _forward_partials(
             _head_chunks(h, w_head, b_head, chunk), shard, eps, impl, n_rows, h.device)
         _check_weight_count(weight, n_classes)
-        loss, valid, w_t, w_sum = _loss_and_rows(shard, lse, x_t, swx, n_classes, weight, eps)
+        loss, valid, w_t, w_sum = _loss_and_rows(shard, lse, x_t, smooth, n_classes, weight,
+                                                 eps)
         denom = _denominator(shard, valid, w_t, reduction)
         ctx.options = (eps, reduction, impl, chunk, reduce_input_grad)
         ctx.shard = shard

@@ -8,18 +8,18 @@ from . import buffers, chunks, pool
 
 
 def vp_partials(x, t_local, w_shard, smoothing, part):
-    """Fills ``part`` (>= 3 * rows fp32) with ``[lse_r | xt_r | swx_r]`` of the shard ``x``
+    """Fills ``part`` (>= 3 * rows fp32) with ``[lse_r | xt_r | sm_r]`` of the shard ``x``
     (rows, C_r), as ``fusedce.kernels.vp_partials`` does.
 
     Cache-sized row chunks (max, subtract into an fp32 scratch, exp in cache, sum), spread
     over fusedce's single-threaded worker threads."""
     n_rows, n_cols = x.shape
     lse, x_t = part[:n_rows], part[n_rows:2 * n_rows]
-    swx = part[2 * n_rows:3 * n_rows]
+    smooth = part[2 * n_rows:3 * n_rows]
     if n_cols == 0:
         lse.fill_(float("-inf"))
         x_t.zero_()
-        swx.zero_()
+        smooth.zero_()
         return part
     w = w_shard.float() if (smoothing and w_shard is not None) else None
     direct = x.dtype == torch.float32
@@ -34,12 +34,15 @@ def vp_partials(x, t_local, w_shard, smoothing, part):
             torch.amax(xc, 1, out=m) if direct else m.copy_(xc.amax(1))
             m.masked_fill_(m == float("-inf"), 0.0)  # all -inf: no (-inf) - (-inf)
             buf = torch.sub(xc, m[:, None], out=scratch[:e - s])
-            if smoothing:
-                if w is None:
-                    torch.sum(xc, 1, dtype=torch.float32, out=swx[s:e])
-                else:
-                    torch.mv(xc if direct else xc.float(), w, out=swx[s:e])
-            m.add_(buf.exp_().sum(1).log_())
+            wd = None
+            if smoothing:  # sum w (x - m), taken before exp overwrites buf
+                wd = buf.sum(1) if w is None else torch.mv(buf, w)
+            log_sum = buf.exp_().sum(1).log_()
+            if wd is not None:
+                # sm_r = sum w (lse_r - x) = W_r log_sum - sum w (x - m): both parts >= 0
+                w_r = float(n_cols) if w is None else w.sum()
+                torch.sub(w_r * log_sum, wd, out=smooth[s:e])
+            m.add_(log_sum)
 
     if n_rows > 0:
         pool.parallel_rows(n_rows, n_cols, x.device, work)

@@ -25,13 +25,14 @@ def _vp_partials_kernel(
     BLOCK_SIZE: tl.constexpr,
     VEC: tl.constexpr,
 ):
-    """One pass over a row of the shard: its log-sum-exp, target logit and ``sum w x``.
+    """One pass over a row of the shard: its log-sum-exp, target logit and ``sum w (lse - x)``.
 
     x_ptr:      (rows, n_cols) fp32/bf16/fp16 shard logits, unit column stride
     t_ptr:      (rows,) int64 target in shard-local ids, -1 when not in this shard
     weight_ptr: (n_cols,) the shard's class weights (read only if HAS_WEIGHT)
-    part_ptr:   (>= 3 * rows,) fp32 out: [lse_r | xt_r | swx_r], each (rows,); the
-                third is written only if HAS_SMOOTHING. An empty shard gives lse -inf.
+    part_ptr:   (>= 3 * rows,) fp32 out: [lse_r | xt_r | sm_r], each (rows,), sm_r =
+                sum_c w_c (lse_r - x_c) (>= 0); the third is written only if HAS_SMOOTHING.
+                An empty shard gives lse -inf and sm 0.
     """
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride passes 2**31
     t_col = tl.load(t_ptr + row).to(tl.int32)
@@ -40,9 +41,7 @@ def _vp_partials_kernel(
     tl.store(part_ptr + row, lse)
     tl.store(part_ptr + n_rows + row, x_t)
     if HAS_SMOOTHING:
-        # the merge across ranks takes raw sums (see fusedce/distributed.py)
-        tl.store(part_ptr + 2 * n_rows + row,
-                 tl.where(w_seen == 0.0, 0.0, w_seen * lse - smooth))
+        tl.store(part_ptr + 2 * n_rows + row, tl.where(w_seen == 0.0, 0.0, smooth))
 
 @triton.jit
 def _vp_grad_kernel(
@@ -93,7 +92,7 @@ def _vp_grad_kernel(
 
 
 def vp_partials(x, t_local, w_shard, smoothing, part):
-    """Fills ``part`` (>= 3 * rows fp32) with ``[lse_r | xt_r | swx_r]`` of the shard ``x``
+    """Fills ``part`` (>= 3 * rows fp32) with ``[lse_r | xt_r | sm_r]`` of the shard ``x``
     (rows, C_r); ``t_local`` (rows,) int64 shard-local targets, -1 when elsewhere."""
     n_rows, n_cols = x.shape
     if n_rows > 0:
