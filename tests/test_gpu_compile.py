@@ -68,6 +68,7 @@ def _launch_cases(dtype_name):
     import torch
 
     from fusedce.kernels import cross_entropy as ce
+    from fusedce.kernels import split_rows as sr
     from fusedce.kernels import strided as st
     from fusedce.kernels import vocab_parallel as vp
 
@@ -105,12 +106,12 @@ def _launch_cases(dtype_name):
         return run
 
     return [
-        ("ce_fwd-split", split(lambda: ce.ce_fwd(x, t))),
+        ("ce_fwd-split", split(lambda: sr.ce_fwd(x, t))),
         ("ce_fwd-split-inplace-weight-smoothing",
-         split(lambda: ce.ce_fwd(x, t, w, label_smoothing=0.1, grad_scale=one))),
-        ("ce_bwd-split", split(lambda: ce.ce_bwd(x, t, lse, dloss))),
+         split(lambda: sr.ce_fwd(x, t, w, label_smoothing=0.1, grad_scale=one))),
+        ("ce_bwd-split", split(lambda: sr.ce_bwd(x, t, lse, dloss))),
         ("ce_bwd-split-weight-smoothing",
-         split(lambda: ce.ce_bwd(x, t, lse, dloss, w, label_smoothing=0.1))),
+         split(lambda: sr.ce_bwd(x, t, lse, dloss, w, label_smoothing=0.1))),
         ("ce_fwd", lambda: ce.ce_fwd(x, t)),
         ("ce_fwd-inplace", lambda: ce.ce_fwd(x, t, grad_scale=one)),
         ("ce_fwd-inplace-weight-smoothing",

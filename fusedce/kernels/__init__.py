@@ -5,7 +5,8 @@ the choice between the two is made per call (``fusedce._args.implementation``). 
 this package needs Triton, so fusedce imports it lazily, on the first call that asks for it.
 """
 
-from .cross_entropy import ce_bwd, ce_fwd, ce_scale_, grad_buffer
+from .cross_entropy import ce_scale_, grad_buffer
+from .split_rows import ce_bwd, ce_fwd  # the row kernels, rows split where few
 from .strided import ce_strided_bwd, ce_strided_fwd
 from .vocab_parallel import vp_grad, vp_partials
 

@@ -419,7 +419,8 @@ def _weight_args(weight, label_smoothing, like):
 
 def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_scale=None,
            grad_out=None):
-    """Loss and log-sum-exp of every row of ``x`` (rows, C).
+    """Loss and log-sum-exp of every row of ``x`` (rows, C), one program per row (the
+    package's ``fusedce.kernels.ce_fwd`` is ``split_rows.ce_fwd``, which may split rows).
 
     Returns ``(loss, lse)``, both (rows,) fp32. With ``grad_scale`` (a (1,) fp32 tensor on
     x's device), the gradient of ``loss * grad_scale`` is also written: into ``grad_out``
@@ -435,17 +436,6 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_
     if n_rows == 0:
         return loss, lse
     has_weight, weight_arg, wsum = _weight_args(weight, label_smoothing, loss)
-    from . import split_rows  # it builds on this module's row helpers
-
-    n_splits = split_rows.split_count(n_rows, n_cols, x.device)
-    if n_splits > 1:  # few long rows: several programs per row
-        split_rows.split_fwd(x, target, n_splits, weight_arg, wsum, has_weight, ignore_index,
-                             label_smoothing, loss, lse)
-        if grad_scale is not None:
-            split_rows.split_grad(x, target, lse, grad_scale.expand(n_rows), n_splits,
-                                  weight_arg, wsum, has_weight, ignore_index, label_smoothing,
-                                  dx)
-        return loss, lse
     block, num_warps, vec = launch_config(x.dtype, n_cols)
     _ce_fwd_kernel[(n_rows,)](
         x_ptr=x, x_row_stride=x.stride(0),
@@ -481,12 +471,6 @@ def ce_bwd(x, target, lse, dloss, weight=None, ignore_index=-100, label_smoothin
     if n_rows == 0:
         return dx
     has_weight, weight_arg, wsum = _weight_args(weight, label_smoothing, lse)
-    from . import split_rows
-
-    n_splits = split_rows.split_count(n_rows, n_cols, x.device)
-    if n_splits > 1:
-        return split_rows.split_grad(x, target, lse, dloss, n_splits, weight_arg, wsum,
-                                     has_weight, ignore_index, label_smoothing, dx)
     block, num_warps, vec = launch_config(x.dtype, n_cols)
     _ce_bwd_kernel[(n_rows,)](
         **grad_launch_args(x, dx, target, weight_arg, wsum, has_weight, lse, ignore_index,

@@ -16,8 +16,9 @@ is cut into ``S`` column splits of ``split_cols`` columns, one program each, in 
 3. ``_split_grad_kernel`` (grid rows x S) writes each split's gradient through ``_row_grad``
    with the row's global ``lse``, in the forward (``grad_scale``) or the backward.
 
-Same launchers, arguments and results as ``ce_fwd`` / ``ce_bwd``; ``split_count`` decides
-(``cross_entropy.ce_fwd`` / ``ce_bwd`` call it first).
+``ce_fwd`` / ``ce_bwd`` here are the package's launchers (``fusedce.kernels``): the
+arguments and results of ``cross_entropy.ce_fwd`` / ``ce_bwd``, which they call for rows that
+``split_count`` does not split.
 """
 
 import functools
@@ -26,8 +27,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .cross_entropy import (_fp32, _grad_row_state, _row_grad, _row_lse, _row_target,
-                            grad_launch_args, launch_config)
+from . import cross_entropy
+from .cross_entropy import (_check_rows, _fp32, _grad_row_state, _row_grad, _row_lse,
+                            _row_target, _unit_stride, _weight_args, grad_launch_args,
+                            launch_config)
 
 # A split holds at least this many columns (a program's fixed costs stay small against its
 # stream); rows are split only when there are fewer than the device's SMs.
@@ -231,3 +234,42 @@ def split_grad(x, target, lse, g, n_splits, weight_arg, wsum, has_weight, ignore
         BLOCK_SIZE=block, VEC=vec, num_warps=num_warps,
     )
     return dx
+
+
+def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_scale=None,
+           grad_out=None):
+    """``cross_entropy.ce_fwd``, with rows split over several programs where
+    ``split_count`` says so."""
+    n_splits = split_count(x.shape[0], x.shape[1], x.device)
+    if n_splits <= 1 or x.shape[0] == 0:
+        return cross_entropy.ce_fwd(x, target, weight, ignore_index, label_smoothing,
+                                    grad_scale, grad_out)
+    dx = x if grad_out is None else grad_out
+    _check_rows(x, dx)
+    target, weight = _unit_stride(target, weight)
+    loss = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    lse = torch.empty_like(loss)
+    has_weight, weight_arg, wsum = _weight_args(weight, label_smoothing, loss)
+    split_fwd(x, target, n_splits, weight_arg, wsum, has_weight, ignore_index,
+              label_smoothing, loss, lse)
+    if grad_scale is not None:
+        split_grad(x, target, lse, grad_scale.expand(x.shape[0]), n_splits, weight_arg, wsum,
+                   has_weight, ignore_index, label_smoothing, dx)
+    return loss, lse
+
+
+def ce_bwd(x, target, lse, dloss, weight=None, ignore_index=-100, label_smoothing=0.0,
+           dx=None):
+    """``cross_entropy.ce_bwd``, with rows split over several programs where
+    ``split_count`` says so."""
+    n_splits = split_count(x.shape[0], x.shape[1], x.device)
+    if n_splits <= 1 or x.shape[0] == 0:
+        return cross_entropy.ce_bwd(x, target, lse, dloss, weight, ignore_index,
+                                    label_smoothing, dx)
+    if dx is None:
+        dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    _check_rows(x, dx)
+    target, weight = _unit_stride(target, weight)
+    has_weight, weight_arg, wsum = _weight_args(weight, label_smoothing, lse)
+    return split_grad(x, target, lse, dloss, n_splits, weight_arg, wsum, has_weight,
+                      ignore_index, label_smoothing, dx)
