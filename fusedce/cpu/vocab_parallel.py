@@ -22,6 +22,7 @@ def vp_partials(x, t_local, w_shard, smoothing, part):
         smooth.zero_()
         return part
     w = w_shard.float() if (smoothing and w_shard is not None) else None
+    w_r = float(n_cols) if w is None else w.sum()  # W_r, once for every chunk
     direct = x.dtype == torch.float32
     step = chunks.rows_per_chunk(n_cols)
 
@@ -40,7 +41,6 @@ def vp_partials(x, t_local, w_shard, smoothing, part):
             log_sum = buf.exp_().sum(1).log_()
             if wd is not None:
                 # sm_r = sum w (lse_r - x) = W_r log_sum - sum w (x - m): both parts >= 0
-                w_r = float(n_cols) if w is None else w.sum()
                 torch.sub(w_r * log_sum, wd, out=smooth[s:e])
             m.add_(log_sum)
 
@@ -77,6 +77,7 @@ def vp_grad(x, t_local, lse, g, w_t, consts, eps, w_shard, dx=None):
     t_safe = t_local.clamp_min(0)
     b = torch.where(in_shard, b, 0.0)  # rows whose target lives elsewhere: no one-hot term
     w = w_shard.float() if (smoothing and w_shard is not None) else None
+    w_r = float(n_cols) if w is None else w.sum()  # W_r, once for every chunk
     direct = dx.dtype == torch.float32
     step = chunks.rows_per_chunk(n_cols)
 

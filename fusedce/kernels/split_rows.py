@@ -60,7 +60,7 @@ def split_count(n_rows, n_cols, device):
 
 
 @triton.jit
-def _split_cols(n_cols, split_cols):
+def _program_split(n_cols, split_cols):
     """This program's split: its first column and width."""
     col0 = tl.program_id(1).to(tl.int64) * split_cols
     width = tl.minimum(split_cols, n_cols - col0).to(tl.int32)
@@ -86,7 +86,7 @@ def _split_partials_kernel(
     """
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
-    col0, width = _split_cols(n_cols, split_cols)
+    col0, width = _program_split(n_cols, split_cols)
     t_local = tl.load(target_ptr + row).to(tl.int64) - col0
     t_col = tl.where((t_local >= 0) & (t_local < width), t_local, -1).to(tl.int32)
     # the split starts at its own element offset: _row_lse aligns its loads to it
@@ -106,7 +106,7 @@ def _split_partials_kernel(
 def _split_merge_kernel(
     part_ptr, n_splits,
     target_ptr,
-    weight_ptr, wsum_ptr,
+    weight_ptr,
     loss_ptr, lse_ptr,
     n_rows, n_cols, ignore_index, label_smoothing,
     HAS_WEIGHT: tl.constexpr,
@@ -163,7 +163,7 @@ def _split_grad_kernel(
     ``B`` and ``eps_s / width`` are the row's (as the vocab-parallel kernel does)."""
     row = tl.program_id(0).to(tl.int64)
     label_smoothing = _fp32(label_smoothing)
-    col0, width = _split_cols(n_cols, split_cols)
+    col0, width = _program_split(n_cols, split_cols)
     t, w_t, g, lse, W = _grad_row_state(row, target_ptr, weight_ptr, wsum_ptr, lse_ptr, g_ptr,
                                         g_stride, n_cols, ignore_index, HAS_WEIGHT,
                                         HAS_SMOOTHING)
@@ -177,16 +177,18 @@ def _split_grad_kernel(
               SAME_LAYOUT)
 
 
-def _split_cols_of(n_cols, n_splits):
-    return triton.cdiv(n_cols, n_splits)
+def _split_cols(n_cols, n_splits):
+    """``(split_cols, n_splits)``: the width of a split, and how many such splits cover a
+    row (at most ``n_splits``: 9 columns in 4 splits of 3 make 3)."""
+    split_cols = triton.cdiv(n_cols, n_splits)
+    return split_cols, triton.cdiv(n_cols, split_cols)
 
 
 def split_fwd(x, target, n_splits, weight_arg, wsum, has_weight, ignore_index,
               label_smoothing, loss, lse):
     """Partials and merge into ``loss`` and ``lse`` (rows,) fp32."""
     n_rows, n_cols = x.shape
-    split_cols = _split_cols_of(n_cols, n_splits)
-    n_splits = triton.cdiv(n_cols, split_cols)
+    split_cols, n_splits = _split_cols(n_cols, n_splits)
     smoothing = label_smoothing > 0
     part = torch.empty(4 if smoothing else 2, n_splits, n_rows, dtype=torch.float32,
                        device=x.device)
@@ -209,7 +211,7 @@ def split_fwd(x, target, n_splits, weight_arg, wsum, has_weight, ignore_index,
     _split_merge_kernel[(n_rows,)](
         part_ptr=part, n_splits=n_splits,
         target_ptr=target,
-        weight_ptr=weight_arg, wsum_ptr=wsum,
+        weight_ptr=weight_arg,
         loss_ptr=loss, lse_ptr=lse,
         n_rows=n_rows, n_cols=n_cols, ignore_index=ignore_index,
         label_smoothing=float(label_smoothing),
@@ -224,8 +226,7 @@ def split_grad(x, target, lse, g, n_splits, weight_arg, wsum, has_weight, ignore
                label_smoothing, dx):
     """The gradient into ``dx`` (it may be ``x``): ``g`` (rows,) fp32 of any stride."""
     n_rows, n_cols = x.shape
-    split_cols = _split_cols_of(n_cols, n_splits)
-    n_splits = triton.cdiv(n_cols, split_cols)
+    split_cols, n_splits = _split_cols(n_cols, n_splits)
     block, num_warps, vec = launch_config(x.dtype, split_cols)
     _split_grad_kernel[(n_rows, n_splits)](
         **grad_launch_args(x, dx, target, weight_arg, wsum, has_weight, lse, ignore_index,
