@@ -276,7 +276,7 @@ def time_few_rows(torch, F, fusedce, do_bench, dev, vocabs=(50_257, 128_256),
             x = (torch.randn(n, v, device=device) * 2).to(torch.bfloat16).requires_grad_()
             t = torch.randint(0, v, (n,), device=device)
 
-            def step(fn):
+            def step(fn, x=x, t=t):
                 return lambda: fn(x, t).backward()
 
             chosen = split_rows.split_count(n, v, x.device)

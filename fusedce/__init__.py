@@ -5,11 +5,11 @@ kernels on CUDA tensors, a chunked PyTorch implementation on the CPU.
 """
 
 from .cpu import empty_cache
-from .functional import cross_entropy
+from .functional import CrossEntropyAux, cross_entropy
 from .linear import LinearCrossEntropyLoss, linear_cross_entropy
 from .modules import CrossEntropyLoss
 from .patching import patch, patched, unpatch
 
 __version__ = "0.1.0"
 __all__ = ["cross_entropy", "CrossEntropyLoss", "linear_cross_entropy", "LinearCrossEntropyLoss"]
-__all__ += ["patch", "unpatch", "patched", "empty_cache"]
+__all__ += ["patch", "unpatch", "patched", "empty_cache", "CrossEntropyAux"]

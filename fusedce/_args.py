@@ -7,8 +7,11 @@ everywhere, with the exception type PyTorch raises for it (``torch/nn/functional
 ``torch/nn/_reduction.py``). Nothing here computes a loss.
 """
 
+import math
+import numbers
 import operator
 import warnings
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -108,6 +111,62 @@ def class_weight(weight, n_classes, fn="fusedce.cross_entropy"):
         raise RuntimeError(f"{fn} is not differentiable with respect to 'weight'; pass "
                            f"weight.detach()")
     return weight.contiguous()
+
+
+class Extras(NamedTuple):
+    """The loss extras (``fusedce.cross_entropy``'s keyword-only ``logit_scale``,
+    ``softcap``, ``lse_square_scale``, ``return_aux``), checked. With ``x`` a row's logits:
+    ``z = softcap * tanh(logit_scale * x / softcap)`` (``logit_scale * x`` without a
+    softcap) is what the loss is the cross-entropy of; ``lse_square_scale *
+    logsumexp(z)**2`` is added for every token not ignored; ``aux`` asks for the per-token
+    log-sum-exp and entropy and the accuracy beside the loss."""
+
+    logit_scale: float = 1.0
+    softcap: Optional[float] = None
+    lse_square_scale: float = 0.0
+    aux: bool = False
+
+    @property
+    def transform(self):
+        """Whether the logits are transformed (z != x)."""
+        return self.logit_scale != 1.0 or self.softcap is not None
+
+    @property
+    def z_loss(self):
+        return self.lse_square_scale != 0.0
+
+    @property
+    def any(self):
+        return self.transform or self.z_loss or self.aux
+
+
+NO_EXTRAS = Extras()
+
+
+def _finite_float(name, value):
+    """A real number (int, float, numpy scalar; not bool, str or Tensor) as a finite float."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def extras(logit_scale=1.0, softcap=None, lse_square_scale=0.0, return_aux=False):
+    """The loss extras as an ``Extras``: finite real numbers (a Tensor is refused: reading
+    it would be a host synchronisation), ``softcap`` None or > 0, ``return_aux`` a bool;
+    TypeError for a wrong type, ValueError for a wrong value."""
+    scale = _finite_float("logit_scale", logit_scale)
+    if softcap is not None:
+        softcap = _finite_float("softcap", softcap)
+        if softcap <= 0.0:
+            raise ValueError(f"softcap must be None or a positive float, got {softcap}")
+    square = _finite_float("lse_square_scale", lse_square_scale)
+    if not isinstance(return_aux, bool):
+        raise TypeError(f"return_aux must be a bool, got {type(return_aux).__name__}")
+    checked = Extras(scale, softcap, square, return_aux)
+    return checked if checked.any else NO_EXTRAS
 
 
 def loss_options(fn, reduction_, label_smoothing_, ignore_index_, backend_):

@@ -95,37 +95,42 @@ def first_order_only(backward):
 
 @torch.library.custom_op("fusedce::ce_forward", mutates_args=())
 def ce_forward_op(x: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
-                  label_smoothing: float, reduction: str, backend: str,
-                  validate: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(loss, lse, s, denom)`` of ``x`` (N, C, L); see ``_loss.forward``."""
+                  label_smoothing: float, reduction: str, backend: str, validate: bool,
+                  logit_scale: float, softcap: Optional[float], lse_square_scale: float,
+                  aux: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(loss, lse, s, denom, aux)`` of ``x`` (N, C, L); see ``_loss.forward``."""
     return _loss.forward(x, target, weight, ignore_index, label_smoothing, reduction, backend,
-                         validate)
+                         validate, _args.Extras(logit_scale, softcap, lse_square_scale, aux))
 
 
 @ce_forward_op.register_fake
-def _(x, target, weight, ignore_index, label_smoothing, reduction, backend, validate):
+def _(x, target, weight, ignore_index, label_smoothing, reduction, backend, validate,
+      logit_scale, softcap, lse_square_scale, aux):
     n, _, l_len = x.shape
     acc = _loss.acc_dtype(x, target, weight)
     loss = x.new_empty((n, l_len) if reduction == "none" else (), dtype=acc)
     lse = x.new_empty((n * l_len,), dtype=acc)
     s = x.new_empty((n * l_len,) if target.is_floating_point() else (0,), dtype=acc)
     denom = x.new_empty((1,), dtype=acc)
-    return loss, lse, s, denom
+    aux_out = x.new_empty((2, n * l_len) if aux else (0,), dtype=acc)
+    return loss, lse, s, denom, aux_out
 
 
 @torch.library.custom_op("fusedce::ce_backward", mutates_args=())
 def ce_backward_op(grad: Tensor, x: Tensor, target: Tensor, weight: Optional[Tensor],
                    lse: Tensor, s: Tensor, denom: Tensor, ignore_index: int,
                    label_smoothing: float, reduction: str, backend: str, need_dx: bool,
-                   need_dtarget: bool) -> tuple[Tensor, Tensor]:
+                   need_dtarget: bool, logit_scale: float, softcap: Optional[float],
+                   lse_square_scale: float) -> tuple[Tensor, Tensor]:
     """``(dx, dtarget)``; see ``_loss.backward``. An entry not asked for is empty."""
     return _loss.backward(grad, x, target, weight, lse, s, denom, ignore_index,
-                          label_smoothing, reduction, backend, need_dx, need_dtarget)
+                          label_smoothing, reduction, backend, need_dx, need_dtarget,
+                          _args.Extras(logit_scale, softcap, lse_square_scale))
 
 
 @ce_backward_op.register_fake
 def _(grad, x, target, weight, lse, s, denom, ignore_index, label_smoothing, reduction, backend,
-      need_dx, need_dtarget):
+      need_dx, need_dtarget, logit_scale, softcap, lse_square_scale):
     dx = torch.empty_like(x) if need_dx else x.new_empty(0)
     soft = target.is_floating_point()
     dy = torch.empty_like(target) if (need_dtarget and soft) else target.new_empty(0)
@@ -145,6 +150,7 @@ class Options(NamedTuple):
     backend: str
     validate: bool
     mode: str = "backward"  # where the gradient is computed: "backward", "forward", "inplace"
+    extras: _args.Extras = _args.NO_EXTRAS
 
 
 class CrossEntropyFunction(torch.autograd.Function):
@@ -157,18 +163,25 @@ class CrossEntropyFunction(torch.autograd.Function):
     ``1 / denominator`` folded in. The backward hands it to autograd after rescaling rows
     whose upstream gradient is not 1. A second backward through a retained graph recomputes
     it from the saved logits ("forward"), or raises ("inplace": they are gone).
+
+    With ``opts.extras.aux`` it returns ``(loss, lse, aux)``, the last two (the per-row
+    log-sum-exp and ``_loss.forward``'s aux) not differentiable.
     """
 
     @staticmethod
     def forward(ctx, x, target, weight, opts):
         ctx.opts = opts
+        extras = opts.extras
         if opts.mode == "backward":
-            forward = ce_forward_op if torch.compiler.is_compiling() else _loss.forward
-            loss, lse, s, denom = forward(x, target, weight, opts.ignore_index,
-                                          opts.label_smoothing, opts.reduction, opts.backend,
-                                          opts.validate)
+            if torch.compiler.is_compiling():
+                out = ce_forward_op(x, target, weight, opts.ignore_index, opts.label_smoothing,
+                                    opts.reduction, opts.backend, opts.validate, *extras)
+            else:
+                out = _loss.forward(x, target, weight, opts.ignore_index, opts.label_smoothing,
+                                    opts.reduction, opts.backend, opts.validate, extras)
+            loss, lse, s, denom, aux = out
             ctx.save_for_backward(x, target, weight, lse, s, denom)
-            return loss
+            return _outputs(ctx, loss, lse, aux)
         rows, t = _loss.rows_view(x), target.reshape(-1).contiguous()
         if opts.validate:
             _loss.check_targets(t, x.shape[1], opts.ignore_index)
@@ -176,8 +189,15 @@ class CrossEntropyFunction(torch.autograd.Function):
         denom = _loss.denominator(t, weight, opts.ignore_index, x.shape[1], opts.reduction)
         inplace = opts.mode == "inplace"
         grad = rows if inplace else impl.grad_buffer(rows)
+        aux = rows.new_empty((2, rows.shape[0]) if extras.aux else (0,), dtype=torch.float32)
+        z_scale = None
+        if extras.z_loss:
+            z_scale = (2.0 * extras.lse_square_scale) / _loss.z_denominator(
+                t, opts.ignore_index, opts.reduction, torch.float32)
         loss, lse = impl.ce_fwd(rows, t, weight, opts.ignore_index, opts.label_smoothing,
-                                grad_scale=1.0 / denom, grad_out=None if inplace else grad)
+                                grad_scale=1.0 / denom, grad_out=None if inplace else grad,
+                                extras=extras, aux_out=aux if extras.aux else None,
+                                z_scale=z_scale)
         if inplace:
             # A Triton store does not bump the version counter: do it, so that a node which
             # saved the logits (e.g. tanh's output) raises instead of reading the gradient.
@@ -188,13 +208,16 @@ class CrossEntropyFunction(torch.autograd.Function):
             ctx.grad = grad  # held until the backward hands it over (or the graph is freed)
         ctx.impl = impl
         ctx.consumed = False
-        if opts.reduction == "none":
-            loss = loss.view(x.shape[0], x.shape[2])
-        return _loss.reduce(loss, denom, opts.reduction)
+        shape = (x.shape[0], x.shape[2])
+        loss = _loss.reduce(loss.view(shape), denom, opts.reduction)
+        if extras.z_loss:
+            loss = _loss.add_z_loss(loss, lse, t, opts.ignore_index, opts.reduction, extras,
+                                    shape)
+        return _outputs(ctx, loss, lse, aux)
 
     @staticmethod
     @first_order_only
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, *_aux_grads):
         opts = ctx.opts
         if opts.mode == "backward":
             x, target, weight, lse, s, denom = ctx.saved_tensors
@@ -202,12 +225,23 @@ class CrossEntropyFunction(torch.autograd.Function):
             need_dtarget = ctx.needs_input_grad[1] and target.is_floating_point()
             if not (need_dx or need_dtarget):
                 return None, None, None, None
-            backward = ce_backward_op if torch.compiler.is_compiling() else _loss.backward
-            dx, dy = backward(grad_loss, x, target, weight, lse, s, denom, opts.ignore_index,
-                              opts.label_smoothing, opts.reduction, opts.backend, need_dx,
-                              need_dtarget)
+            args = (grad_loss, x, target, weight, lse, s, denom, opts.ignore_index,
+                    opts.label_smoothing, opts.reduction, opts.backend, need_dx, need_dtarget)
+            if torch.compiler.is_compiling():
+                dx, dy = ce_backward_op(*args, *opts.extras[:3])
+            else:
+                dx, dy = _loss.backward(*args, opts.extras)
             return dx if need_dx else None, dy if need_dtarget else None, None, None
         return _rows_grad(ctx, grad_loss), None, None, None
+
+
+def _outputs(ctx, loss, lse, aux):
+    """The Function's outputs: the loss, and with aux outputs the lse and aux too (not
+    differentiable)."""
+    if not ctx.opts.extras.aux:
+        return loss
+    ctx.mark_non_differentiable(lse, aux)
+    return loss, lse, aux
 
 
 def _rows_grad(ctx, grad_loss):
@@ -236,7 +270,10 @@ def _rows_grad(ctx, grad_loss):
             ctx.grad = None
         return _loss.from_rows(dx, x)
     x, t, weight, lse, denom = ctx.saved_tensors
+    extras = opts.extras
+    zg = (_loss.z_grad(grad_loss, lse, t, opts.ignore_index, opts.reduction, extras)
+          if extras.z_loss else None)
     dx = ctx.impl.ce_bwd(_loss.rows_view(x), t, lse, dloss / denom,
                          weight=weight, ignore_index=opts.ignore_index,
-                         label_smoothing=opts.label_smoothing)
+                         label_smoothing=opts.label_smoothing, extras=extras, z_grad=zg)
     return _loss.from_rows(dx, x)

@@ -114,16 +114,72 @@ def check_targets(target, n_cols, ignore_index):
         raise IndexError(f"Target {int(t[bad][0])} is out of bounds.")
 
 
-def forward(x, target, weight, ignore_index, label_smoothing, reduction, backend, validate):
+def extras_rows(x):
+    """``x`` (N, C, L) as (N * L, C) rows with unit class stride for the loss extras, which
+    only the row-wise launchers compute: ``rows_view``, or a copy where no view is."""
+    rows = rows_view(x)
+    if rows is None:
+        rows = x.transpose(1, 2).reshape(-1, x.shape[1])  # a view still, where L is 1
+    return rows if rows.stride(1) == 1 else rows.contiguous()
+
+
+def extras_implementation(backend, x, weight):
+    """The row-wise launchers for the loss extras: ``fusedce.cpu`` wherever the loss is
+    computed in float64 (the kernels compute in float32), else ``backend``'s."""
+    if x.dtype == torch.float64 or (weight is not None and weight.dtype == torch.float64):
+        return _args.implementation("torch", x)
+    return _args.implementation(backend, x)
+
+
+def z_loss_rows(lse, target, ignore_index, extras):
+    """Each row's z-loss ``lse_square_scale * lse**2``, 0 where the target is ignored."""
+    kept = target.reshape(-1).long() != ignore_index
+    return torch.where(kept, extras.lse_square_scale * lse.square(), 0.0)
+
+
+def z_denominator(target, ignore_index, reduction, dtype):
+    """The z-loss's 'mean' divisor: the number of rows not ignored (no class weights)."""
+    return denominator(target, None, ignore_index, 0, reduction, dtype)
+
+
+def z_grad(grad, lse, target, ignore_index, reduction, extras):
+    """Each row's z-loss gradient factor ``gz = 2 lse_square_scale lse`` times its upstream
+    gradient (over the count of rows not ignored, for 'mean'), 0 where ignored."""
+    kept = target.reshape(-1).long() != ignore_index
+    g = grad.to(lse.dtype).reshape(-1).expand(lse.shape[0])
+    if reduction == "mean":
+        g = g / z_denominator(target, ignore_index, reduction, lse.dtype)
+    return torch.where(kept, g * (2.0 * extras.lse_square_scale) * lse, 0.0)
+
+
+def add_z_loss(loss, lse, target, ignore_index, reduction, extras, shape):
+    """``loss`` (already reduced) plus the z-loss reduced the same way (rows as ``shape``
+    for 'none')."""
+    zl = z_loss_rows(lse, target, ignore_index, extras).view(shape)
+    return loss + reduce(zl, z_denominator(target, ignore_index, reduction, lse.dtype),
+                         reduction)
+
+
+def forward(x, target, weight, ignore_index, label_smoothing, reduction, backend, validate,
+            extras=_args.NO_EXTRAS):
     """Reduced loss of ``x`` (N, C, L) against ``target`` ((N, L) indices or (N, C, L)
-    probabilities). Returns ``(loss, lse, s, denom)``: loss (N, L) for 'none' else a scalar,
-    in the accumulation dtype; lse and s (O(rows) state for the backward); denom (1,)."""
+    probabilities). Returns ``(loss, lse, s, denom, aux)``: loss (N, L) for 'none' else a
+    scalar, in the accumulation dtype; lse and s (O(rows) state for the backward); denom
+    (1,); aux (2, N * L) each row's entropy and correctness where ``extras.aux`` (else
+    empty). With loss ``extras`` the loss is of the transformed logits, z-loss included."""
     n, n_cols, l_len = x.shape
     soft = target.is_floating_point()
     acc = acc_dtype(x, target, weight)
     if validate and not soft:
         check_targets(target, n_cols, ignore_index)
-    if use_rows(x, target, weight):
+    aux = x.new_empty((2, n * l_len) if extras.aux else (0,), dtype=acc)
+    if extras.any:
+        impl = extras_implementation(backend, x, weight)
+        loss, lse = impl.ce_fwd(extras_rows(x), target.reshape(-1).contiguous(), weight,
+                                ignore_index, label_smoothing, extras=extras,
+                                aux_out=aux if extras.aux else None)
+        s = lse.new_empty(0)
+    elif use_rows(x, target, weight):
         impl = _args.implementation(backend, x)
         loss, lse = impl.ce_fwd(rows_view(x), target.reshape(-1).contiguous(), weight=weight,
                                 ignore_index=ignore_index, label_smoothing=label_smoothing)
@@ -134,11 +190,13 @@ def forward(x, target, weight, ignore_index, label_smoothing, reduction, backend
                                            label_smoothing=label_smoothing)
     denom = denominator(target, weight, ignore_index, n_cols, reduction, dtype=acc)
     loss = reduce(loss.view(n, l_len), denom, reduction)
-    return loss, lse, s, denom
+    if extras.z_loss:
+        loss = add_z_loss(loss, lse, target, ignore_index, reduction, extras, (n, l_len))
+    return loss, lse, s, denom, aux
 
 
 def backward(grad, x, target, weight, lse, s, denom, ignore_index, label_smoothing, reduction,
-             backend, need_dx, need_dtarget):
+             backend, need_dx, need_dtarget, extras=_args.NO_EXTRAS):
     """Gradients ``(dx, dtarget)`` of the loss from ``forward``, given its upstream gradient
     ``grad`` ((N, L) for 'none', else a scalar). ``dx`` is laid out like ``torch.empty_like(x)``;
     an entry not asked for is an empty tensor."""
@@ -154,6 +212,18 @@ def backward(grad, x, target, weight, lse, s, denom, ignore_index, label_smoothi
         dloss = dloss.reshape(1, 1).expand(n, l_len)
     dx = torch.empty_like(x) if need_dx else x.new_empty(0)
     dy = target.new_empty(0)
+    if extras.any:
+        if need_dx:
+            impl = extras_implementation(backend, x, weight)
+            zg = (z_grad(grad, lse, target, ignore_index, reduction, extras)
+                  if extras.z_loss else None)
+            dx_rows = rows_view(dx)
+            out = impl.ce_bwd(extras_rows(x), target.reshape(-1).contiguous(), lse,
+                              dloss.reshape(-1), weight, ignore_index, label_smoothing,
+                              dx=dx_rows, extras=extras, z_grad=zg)
+            if dx_rows is None:
+                dx.copy_(from_rows(out, x))
+        return dx, dy
     dx_rows = rows_view(dx) if need_dx and use_rows(x, target, weight) else None
     if dx_rows is not None:
         impl = _args.implementation(backend, x)

@@ -103,3 +103,10 @@ def pytorch_cross_entropy(input, target, weight, size_average, ignore_index, red
         reduction = _reduction.legacy_get_string(size_average, reduce)
     return _pytorch_loss(input, target, weight, reduction_enum(reduction, None, None),
                          ignore_index, label_smoothing)
+
+
+def plain_scales(logit_scale, lse_square_scale):
+    """Whether ``cross_entropy``'s ``logit_scale`` and ``lse_square_scale`` are their
+    defaults (plain numbers only: comparing a tensor would sync, or raise)."""
+    return (type(logit_scale) in (float, int) and logit_scale == 1
+            and type(lse_square_scale) in (float, int) and lse_square_scale == 0)

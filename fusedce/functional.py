@@ -8,6 +8,8 @@ view); this module decides where the gradient is computed and calls the one auto
 ``fusedce._autograd.CrossEntropyFunction``.
 """
 
+from typing import NamedTuple
+
 import torch
 
 from . import _args, _autograd, _loss, _route
@@ -15,6 +17,22 @@ from . import _args, _autograd, _loss, _route
 _pytorch_loss = torch._C._nn.cross_entropy_loss
 _INT64 = torch.int64
 _ENUMS = _route.REDUCTION_ENUMS
+
+
+class CrossEntropyAux(NamedTuple):
+    """What ``cross_entropy(..., return_aux=True)`` returns. ``loss`` is exactly what the
+    call returns without ``return_aux`` (the only entry with a gradient); ``z_loss`` is the
+    z-loss term included in it, reduced like it; ``lse`` (``logsumexp(z)``) and ``entropy``
+    (of ``softmax(z)``) are per token, shaped like the unreduced loss, every token included;
+    ``accuracy`` (0-d) is the fraction of the tokens not ignored whose argmax of ``z`` (the
+    first, on a tie) is the target (NaN when all are ignored). ``lse``, ``entropy`` and
+    ``accuracy`` are in the dtype the loss is computed in (float32, or float64)."""
+
+    loss: torch.Tensor
+    z_loss: torch.Tensor
+    lse: torch.Tensor
+    accuracy: torch.Tensor
+    entropy: torch.Tensor
 
 
 def _validates_by_default(input, impl):
@@ -57,7 +75,8 @@ def _grad_mode(x, t, weight, impl, inplace_backward):
 
 def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100,
                   reduce=None, reduction="mean", label_smoothing=0.0, *, backend="auto",
-                  inplace_backward=False, validate=None):
+                  inplace_backward=False, validate=None, logit_scale=1.0, softcap=None,
+                  lse_square_scale=0.0, return_aux=False):
     """Cross-entropy between logits ``input`` and class indices or class probabilities
     ``target``.
 
@@ -92,6 +111,20 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         on the host, a synchronisation the GPU path avoids (also with ``backend="torch"``);
         there such a row's loss and gradient are NaN instead.
 
+    The losses of current LLMs (class-index targets; ``x`` a token's logits, ``t`` its
+    target), computed in the same pass over the logits:
+
+    logit_scale: ``z = logit_scale * x`` (muP, Gemma).
+    softcap: when a float ``s > 0``, ``z = s * tanh(z / s)`` after ``logit_scale``
+        (Gemma-2's final logit softcapping, 30.0). The loss is the cross-entropy of ``z``
+        with every option above, and its gradient flows through both, exactly.
+    lse_square_scale: adds the z-loss ``lse_square_scale * logsumexp(z)**2`` of every token
+        not ignored (PaLM), reduced like the loss: 'sum' adds them, 'none' gives it per
+        token (0 where ignored), 'mean' divides their sum by the number of tokens not
+        ignored (class weights do not enter it).
+    return_aux: return a ``CrossEntropyAux`` ``(loss, z_loss, lse, accuracy, entropy)``
+        instead of the loss alone.
+
     With ``backend="auto"``, CPU calls too small for fusedce's path to be faster (under 8M
     to 32M logits by mode and dtype, see ``fusedce/_route.py``) are served by PyTorch's own
     loss, with the same results; ``inplace_backward`` then leaves the logits intact.
@@ -100,7 +133,8 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     # usual small call (int64 targets, no weight, no legacy arguments) is decided inline
     # from the fewest reads; an argument of an odd type raises in there and the call goes
     # on to the general test, then PyTorch's loss or fusedce's front door raise for it.
-    if backend == "auto" and validate is not False:
+    if backend == "auto" and validate is not False and softcap is None and \
+            return_aux is False and _route.plain_scales(logit_scale, lse_square_scale):
         try:
             if (input.is_cpu and input.numel() < _route.SMALLEST and weight is None
                     and target.dtype is _INT64 and label_smoothing >= 0.0
@@ -114,12 +148,14 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
                                  _route.reduction_enum(reduction, size_average, reduce),
                                  ignore_index, label_smoothing)
     return _cross_entropy(input, target, weight, size_average, ignore_index, reduce,
-                          reduction, label_smoothing, backend, inplace_backward, validate)
+                          reduction, label_smoothing, backend, inplace_backward, validate,
+                          _args.extras(logit_scale, softcap, lse_square_scale, return_aux))
 
 
 @_autograd.no_graph_in_inference_mode
 def _cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction,
-                   label_smoothing, backend, inplace_backward, validate):
+                   label_smoothing, backend, inplace_backward, validate,
+                   extras=_args.NO_EXTRAS):
     """fusedce's own path of ``cross_entropy``."""
     _args.tensors("cross_entropy", input=input, target=target, weight=weight)
     reduction = _args.reduction(reduction, size_average, reduce)
@@ -128,6 +164,10 @@ def _cross_entropy(input, target, weight, size_average, ignore_index, reduce, re
     label_smoothing = _args.label_smoothing(label_smoothing)
     _args.same_device(input, target=target, weight=weight)
     x, t, loss_shape, soft = _args.ce_inputs(input, target, ignore_index)
+    if soft and extras.any:
+        raise NotImplementedError("fusedce.cross_entropy: logit_scale, softcap, "
+                                  "lse_square_scale and return_aux take class-index "
+                                  "targets, not class probabilities")
     out_dtype = _args.ce_result_dtype(input, target, weight, soft)
     weight = _args.class_weight(weight, x.shape[1])
     impl = _args.implementation(backend, input)
@@ -135,11 +175,28 @@ def _cross_entropy(input, target, weight, size_average, ignore_index, reduce, re
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (
             input.requires_grad or target.requires_grad)):
         opts = _autograd.Options(ignore_index, label_smoothing, reduction, backend, validate,
-                                 _grad_mode(x, t, weight, impl, inplace_backward))
-        loss = _autograd.CrossEntropyFunction.apply(x, t, weight, opts)
+                                 _grad_mode(x, t, weight, impl, inplace_backward), extras)
+        out = _autograd.CrossEntropyFunction.apply(x, t, weight, opts)
+        loss, lse, aux = out if extras.aux else (out, None, None)
     else:  # no gradient to take (no_grad, evaluation): no autograd state at all
-        loss = _loss.forward(x, t, weight, ignore_index, label_smoothing, reduction, backend,
-                             validate)[0]
+        loss, lse, _, _, aux = _loss.forward(x, t, weight, ignore_index, label_smoothing,
+                                             reduction, backend, validate, extras)
     if reduction == "none":
         loss = loss.reshape(loss_shape)
-    return loss.to(out_dtype)
+    loss = loss.to(out_dtype)
+    if not extras.aux:
+        return loss
+    return _aux_outputs(loss, lse, aux, t, ignore_index, reduction, extras, loss_shape,
+                        out_dtype)
+
+
+def _aux_outputs(loss, lse, aux, t, ignore_index, reduction, extras, loss_shape, out_dtype):
+    """``CrossEntropyAux`` from the loss, the per-row lse and ``_loss.forward``'s aux (2,
+    rows): entropy and correctness (O(rows) work, no host sync)."""
+    z_loss = _loss.reduce(_loss.z_loss_rows(lse, t, ignore_index, extras).view(loss_shape),
+                          _loss.z_denominator(t, ignore_index, reduction, lse.dtype),
+                          reduction)
+    count = _loss.z_denominator(t, ignore_index, "mean", lse.dtype)
+    accuracy = aux[1].sum() / count[0]
+    return CrossEntropyAux(loss, z_loss.to(out_dtype), lse.view(loss_shape), accuracy,
+                           aux[0].view(loss_shape))

@@ -124,6 +124,33 @@ def test_kdim_and_probability_targets_compile(soft):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_extras_compile_fullgraph(backend):
+    """Every loss extra, the aux outputs included, in one graph: same results as eager."""
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(6, 37, generator=gen) * 4
+    target = torch.randint(0, 37, (6,), generator=gen)
+    target[2] = -100
+    kw = dict(logit_scale=1.5, softcap=5.0, lse_square_scale=1e-3, return_aux=True,
+              label_smoothing=0.1)
+
+    def step(x, target):
+        out = fusedce.cross_entropy(x, target, **kw)
+        return out.loss * 2.0, out.z_loss, out.lse, out.accuracy, out.entropy
+
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True, backend=backend)):
+        xr = x.clone().requires_grad_()
+        out = fn(xr, target)
+        grad, = torch.autograd.grad(out[0], xr)
+        results.append((out, grad))
+    (out_e, grad_e), (out_c, grad_c) = results
+    for c, e in zip(out_c, out_e):
+        torch.testing.assert_close(c, e)
+    torch.testing.assert_close(grad_c, grad_e)
+
+
+@pytest.mark.slow
 def test_autocast_under_compile():
     """The loss dtype under autocast is fp32 in the compiled graph too."""
     gen = torch.Generator().manual_seed(4)
@@ -148,12 +175,20 @@ def _op_samples():
     t3 = torch.randint(0, 6, (2, 5), generator=gen)
     y3 = torch.softmax(torch.randn(2, 6, 5, generator=gen), 1).requires_grad_()
     w = torch.rand(6, generator=gen)
+    plain = (1.0, None, 0.0, False)  # logit_scale, softcap, lse_square_scale, aux
+    extras = (2.0, 5.0, 1e-3, True)
     return [
-        pytest.param((x2.unsqueeze(-1), t2, None, -100, 0.0, "mean", "torch", True),
+        pytest.param((x2.unsqueeze(-1), t2, None, -100, 0.0, "mean", "torch", True, *plain),
                      id="rows-mean"),
-        pytest.param((x3, t3, w, -100, 0.1, "none", "torch", True), id="strided-none-weight"),
-        pytest.param((x3, y3, w, -100, 0.2, "sum", "torch", False), id="probabilities-sum"),
-        pytest.param((x3.double(), t3, None, 0, 0.0, "mean", "torch", True), id="fp64"),
+        pytest.param((x3, t3, w, -100, 0.1, "none", "torch", True, *plain),
+                     id="strided-none-weight"),
+        pytest.param((x3, y3, w, -100, 0.2, "sum", "torch", False, *plain),
+                     id="probabilities-sum"),
+        pytest.param((x3.double(), t3, None, 0, 0.0, "mean", "torch", True, *plain), id="fp64"),
+        pytest.param((x2.unsqueeze(-1), t2, None, -100, 0.1, "mean", "torch", True, *extras),
+                     id="rows-extras"),
+        pytest.param((x3, t3, w, 2, 0.0, "none", "torch", True, *extras),
+                     id="strided-extras-none"),
     ]
 
 
@@ -164,13 +199,13 @@ def test_opcheck(args):
     formula is the Function's (its gradients are checked against eager mode above)."""
     args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
     torch.library.opcheck(torch.ops.fusedce.ce_forward.default, args)
-    x, target, weight, ignore_index, smoothing, reduction, backend, validate = args
-    loss, lse, s, denom = torch.ops.fusedce.ce_forward(*args)
+    x, target, weight, ignore_index, smoothing, reduction, backend, validate = args[:8]
+    loss, lse, s, denom, _ = torch.ops.fusedce.ce_forward(*args)
     grad = torch.randn(loss.shape, generator=torch.Generator().manual_seed(3),
                        dtype=loss.dtype)
     soft = target.is_floating_point()
     bwd_args = (grad, x, target, weight, lse, s, denom, ignore_index, smoothing, reduction,
-                backend, True, soft)
+                backend, True, soft, *args[8:11])
     torch.library.opcheck(torch.ops.fusedce.ce_backward.default, bwd_args)
 
 

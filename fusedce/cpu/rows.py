@@ -26,6 +26,7 @@ How it is fast on a CPU (figures in docs/benchmarks.md):
 import torch
 
 from . import buffers, chunks, pool
+from . import extras as _extras
 
 # The forward's sum(exp(x)) without the max shift where that provably changes nothing
 # (checked per chunk, ``chunks._sums_fail``): saves a pass over every chunk.
@@ -97,13 +98,17 @@ def _chunk_bounds(gA, step):
 
 
 def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_scale=None,
-           grad_out=None):
+           grad_out=None, extras=None, aux_out=None, z_scale=None):
     """Per-row ``(loss, lse)`` in fp32 of ``x`` (rows, C) against ``target`` (rows,).
 
     With ``grad_scale`` (a (1,) fp32 tensor) also writes the gradient of ``loss *
     grad_scale``: into ``grad_out`` (a contiguous tensor of ``x``'s shape and dtype; ``x``
     then stays intact) or, when it is None, over ``x``. A ``grad_out`` fresh from
-    ``buffers.grad_buffer`` is faulted in by each worker for its own rows first."""
+    ``buffers.grad_buffer`` is faulted in by each worker for its own rows first.
+    With any loss ``extras``, ``extras.ce_fwd`` (the module) serves the call."""
+    if extras is not None and extras.any:
+        return _extras.ce_fwd(x, target, weight, ignore_index, label_smoothing, grad_scale,
+                              grad_out, extras, aux_out, z_scale)
     n_rows, n_cols = x.shape
     eps = float(label_smoothing)
     dev = x.device
@@ -179,8 +184,12 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_
 
 
 def ce_bwd(x, target, lse, dloss, weight=None, ignore_index=-100, label_smoothing=0.0,
-           dx=None):
-    """Gradient of ``sum(loss * dloss)`` w.r.t. ``x``; same contract as the kernel launcher."""
+           dx=None, extras=None, z_grad=None):
+    """Gradient of ``sum(loss * dloss)`` w.r.t. ``x``; same contract as the kernel launcher
+    (with loss extras, ``extras.ce_bwd`` serves the call)."""
+    if extras is not None and extras.any:
+        return _extras.ce_bwd(x, target, lse, dloss, weight, ignore_index, label_smoothing,
+                              dx, extras, z_grad)
     n_rows, n_cols = x.shape
     eps = float(label_smoothing)
     dev = x.device

@@ -77,7 +77,6 @@ def vp_grad(x, t_local, lse, g, w_t, consts, eps, w_shard, dx=None):
     t_safe = t_local.clamp_min(0)
     b = torch.where(in_shard, b, 0.0)  # rows whose target lives elsewhere: no one-hot term
     w = w_shard.float() if (smoothing and w_shard is not None) else None
-    w_r = float(n_cols) if w is None else w.sum()  # W_r, once for every chunk
     direct = dx.dtype == torch.float32
     step = chunks.rows_per_chunk(n_cols)
 

@@ -8,7 +8,17 @@ Notation, per row ``i`` of logits ``x`` (``C`` classes), target ``t``, class wei
     dloss/dx = (p_c * A - B * [c == t] - eps / C * w_c) * g
                p_c = exp(x_c - lse),  B = (1 - eps) * w_t,  A = B + eps * W / C
 
-``g`` is the row's upstream gradient with the reduction's denominator folded in. A row whose
+``g`` is the row's upstream gradient with the reduction's denominator folded in.
+
+The loss extras (``fusedce._args.Extras``) replace ``x`` by ``z = s tanh(a x / s)`` (``a x``
+without a softcap ``s``; ``a`` the logit scale) as it is loaded, so that every formula above
+holds with ``z`` for ``x``; the gradient is then multiplied by ``dz/dx = a (1 - (z / s)**2)``.
+A z-loss adds ``gz p_c`` to the gradient (``gz = 2 lse_square_scale lse`` times the row's
+upstream gradient and its own denominator). The forward can also return each row's entropy
+``log d - S1 / d`` (``d = sum exp(z - m)``, ``S1 = sum exp(z - m) (z - m)``, rescaled with
+``d`` as the max grows) and whether the first column holding the row's max is the target.
+
+A row whose
 target equals ``ignore_index`` has loss 0 and gradient 0; a row whose target is outside
 ``[0, C)`` has loss NaN and gradient NaN (the kernels never read outside the tensors).
 
@@ -103,12 +113,61 @@ def _lse_step(x, w_ptrs, mask, m, d, q, w_seen, HAS_WEIGHT: tl.constexpr,
 
 
 @triton.jit
-def _row_lse(x_ptr, row_start, n_cols, t_col, weight_ptr, BLOCK_SIZE: tl.constexpr,
-             VEC: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr):
+def _tanh(y):
+    """``(tanh(y), 1 - tanh(y)**2)`` from ``e = exp(-2 |y|)``: ``(1 - e) / (1 + e)`` and
+    ``4 e / (1 + e)**2``, neither of which cancels for large ``|y|`` (Triton's interpreter
+    has no libdevice tanh)."""
+    e = tl.exp2(tl.abs(y) * (-2.0 * LOG2E))
+    th = (1.0 - e) / (1.0 + e)
+    return tl.where(y < 0, -th, th), 4.0 * e / ((1.0 + e) * (1.0 + e))
+
+
+@triton.jit
+def _logits(x, mask, scale, softcap, TRANSFORM: tl.constexpr, HAS_CAP: tl.constexpr):
+    """``(z, dz/dx)`` of loaded logits ``x`` (fp32): ``z = softcap * tanh(scale * x /
+    softcap)`` (``scale * x`` without HAS_CAP), -inf in the lanes outside ``mask`` (a padded
+    lane capped to ``-softcap`` would count as a class). Unchanged without TRANSFORM."""
+    dz = scale
+    if TRANSFORM:
+        z = x * scale
+        if HAS_CAP:
+            th, dth = _tanh(z / softcap)
+            z = softcap * th
+            dz = scale * dth
+        x = tl.where(mask, z, float("-inf"))
+    return x, dz
+
+
+@triton.jit
+def _aux_step(z, cols, m_old, m_new, d_old, s1, arg, n_cols):
+    """Folds one block into the entropy's running ``s1 = sum exp(z - m) (z - m)`` (rescaled
+    with ``d`` when the max grows from ``m_old`` to ``m_new``; ``d_old`` is ``d`` before the
+    block) and ``arg``, the first column holding the running max (int32; ``n_cols`` before
+    any). A -inf logit adds 0 (the limit of ``p log p``)."""
+    ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    old_ref = tl.where(m_old == float("-inf"), 0.0, m_old)
+    s1 = tl.where(d_old == 0.0, 0.0,
+                  tl.exp2((old_ref - ref) * LOG2E) * (s1 + (old_ref - ref) * d_old))
+    e = tl.exp2((z - ref) * LOG2E)
+    s1 += tl.sum(tl.where(z > float("-inf"), e * (z - ref), 0.0), axis=0)
+    b_max = tl.max(z, axis=0)
+    b_arg = tl.min(tl.where(z == b_max, cols, n_cols), axis=0)
+    # the edge block holds the row's last columns too: on a tie the smaller column wins
+    arg = tl.where(b_max > m_old, b_arg, tl.where(b_max == m_old, tl.minimum(arg, b_arg), arg))
+    return s1, arg
+
+
+@triton.jit
+def _row_lse(x_ptr, row_start, n_cols, t_col, weight_ptr, scale, softcap,
+             BLOCK_SIZE: tl.constexpr, VEC: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+             HAS_SMOOTHING: tl.constexpr, TRANSFORM: tl.constexpr, HAS_CAP: tl.constexpr,
+             AUX: tl.constexpr):
     """One pass over the row at ``x_ptr + row_start``: returns ``(lse, x_t, smooth,
-    w_seen)``, fp32, where with smoothing ``smooth = sum_c w_c (lse - x_c)`` (a sum of
-    terms >= 0, so ``W lse - sum w x`` without its cancellation) and ``w_seen = sum_c w_c``
-    over the row (0 without smoothing).
+    w_seen, entropy, arg)``, fp32, where with smoothing ``smooth = sum_c w_c (lse - x_c)``
+    (a sum of terms >= 0, so ``W lse - sum w x`` without its cancellation) and ``w_seen =
+    sum_c w_c`` over the row (0 without smoothing). With AUX, the row's entropy and the
+    first column of its max (``_aux_step``; else 0 and ``n_cols``). With TRANSFORM all of
+    it is of the transformed logits ``z`` (``_logits``).
 
     Reads each logit of the row exactly once (edge block, then the aligned body). ``x[t]``
     (``t_col``: int32, -1 when there is none) is picked up on the way, by a reduction only
@@ -119,13 +178,18 @@ def _row_lse(x_ptr, row_start, n_cols, t_col, weight_ptr, BLOCK_SIZE: tl.constex
     d = tl.zeros((), tl.float32)
     q = tl.zeros((), tl.float32)
     w_seen = tl.zeros((), tl.float32)
+    s1 = tl.zeros((), tl.float32)
+    arg = n_cols.to(tl.int32)
     # head and tail: -inf in the masked lanes, exp of it is 0, so they add nothing to d
     e_cols, e_valid = _edge_cols(head, body_len, n_cols, VEC)
     e_x = tl.load(x_ptr + row_start + e_cols, mask=e_valid, other=float("-inf"))
-    e_x = e_x.to(tl.float32)
+    e_x, _ = _logits(e_x.to(tl.float32), e_valid, scale, softcap, TRANSFORM, HAS_CAP)
     x_t = tl.sum(tl.where(e_valid & (e_cols == t_col), e_x, 0.0), axis=0)
+    m_old, d_old = m, d
     m, d, q, w_seen = _lse_step(e_x, weight_ptr + e_cols, e_valid, m, d, q, w_seen,
                                 HAS_WEIGHT, HAS_SMOOTHING)
+    if AUX:
+        s1, arg = _aux_step(e_x, e_cols, m_old, m, d_old, s1, arg, n_cols)
     body_ptr = x_ptr + a_lo  # 16-byte aligned whenever x_ptr is
     lanes = tl.arange(0, BLOCK_SIZE)
     t_body = t_col - head  # the target's index in the body, if it lies there
@@ -134,14 +198,18 @@ def _row_lse(x_ptr, row_start, n_cols, t_col, weight_ptr, BLOCK_SIZE: tl.constex
         k = start + lanes
         mask = k < body_len
         x = tl.load(body_ptr + k, mask=mask, other=float("-inf")).to(tl.float32)
+        x, _ = _logits(x, mask, scale, softcap, TRANSFORM, HAS_CAP)
         if t_in_body & (t_body >= start) & (t_body < start + BLOCK_SIZE):
             x_t += tl.sum(tl.where(lanes == t_body - start, x, 0.0), axis=0)
+        m_old, d_old = m, d
         m, d, q, w_seen = _lse_step(x, weight_ptr + head + k, mask, m, d, q, w_seen,
                                     HAS_WEIGHT, HAS_SMOOTHING)
+        if AUX:
+            s1, arg = _aux_step(x, head + k, m_old, m, d_old, s1, arg, n_cols)
     log_d = tl.log(d)
     lse = tl.where(m == float("-inf"), 0.0, m) + log_d
     smooth = w_seen * log_d - q
-    return lse, x_t, smooth, w_seen
+    return lse, x_t, smooth, w_seen, log_d - s1 / d, arg
 
 
 @triton.jit
@@ -174,9 +242,10 @@ def _target_col(t, n_cols):
 
 
 @triton.jit
-def _grad_block(x, hit, w_ptrs, mask, lse, g, A, B, n_cols, label_smoothing,
-                HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr):
-    """``dx = (p * A - B * onehot(t) - eps / C * w) * g`` for one block, fp32.
+def _grad_block(x, hit, w_ptrs, mask, lse, g, A, B, n_cols, label_smoothing, gz,
+                HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_Z: tl.constexpr):
+    """``dx = (p * A - B * onehot(t) - eps / C * w) * g`` (``+ gz * p`` with HAS_Z, the
+    z-loss) for one block, fp32.
 
     ``hit`` is the block's one-hot of the target; ``w_ptrs`` the class weights' addresses
     (read only with smoothing and weights).
@@ -190,15 +259,21 @@ def _grad_block(x, hit, w_ptrs, mask, lse, g, A, B, n_cols, label_smoothing,
             dx -= label_smoothing / n_cols * w
         else:
             dx -= label_smoothing / n_cols
-    return dx * g
+    dx = dx * g
+    if HAS_Z:
+        dx += p * gz
+    return dx
 
 
 @triton.jit
 def _row_grad(x_ptr, x_row_start, dx_ptr, dx_row_start, n_cols, t, lse, g, w_t, weight_ptr,
-              W, label_smoothing, BLOCK_SIZE: tl.constexpr, VEC: tl.constexpr,
-              HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
-              SAME_LAYOUT: tl.constexpr):
+              W, label_smoothing, scale, softcap, gz, BLOCK_SIZE: tl.constexpr,
+              VEC: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+              SAME_LAYOUT: tl.constexpr, TRANSFORM: tl.constexpr, HAS_CAP: tl.constexpr,
+              HAS_Z: tl.constexpr):
     """One pass over a row: reads each logit once and writes each gradient element once.
+    With TRANSFORM the gradient is that of the transformed logits times ``dz/dx``; with
+    HAS_Z the z-loss's ``gz * p`` is added (``_grad_block``).
 
     The loop is aligned to ``x``'s row. With SAME_LAYOUT (``dx`` rows start where ``x``
     rows do: same row stride, e.g. ``dx`` made by ``empty_like(x)`` or ``x`` itself) the
@@ -219,8 +294,11 @@ def _row_grad(x_ptr, x_row_start, dx_ptr, dx_row_start, n_cols, t, lse, g, w_t, 
         dx_body_ptr = dx_ptr + dx_row_start + head
     e_cols, e_valid = _edge_cols(head, body_len, n_cols, VEC)
     e_x = tl.load(x_ptr + x_row_start + e_cols, mask=e_valid, other=0.0).to(tl.float32)
+    e_x, e_dz = _logits(e_x, e_valid, scale, softcap, TRANSFORM, HAS_CAP)
     e_dx = _grad_block(e_x, e_cols == t_col, weight_ptr + e_cols, e_valid, lse, g, A, B,
-                       n_cols, label_smoothing, HAS_WEIGHT, HAS_SMOOTHING)
+                       n_cols, label_smoothing, gz, HAS_WEIGHT, HAS_SMOOTHING, HAS_Z)
+    if TRANSFORM:
+        e_dx *= e_dz
     tl.store(dx_ptr + dx_row_start + e_cols, e_dx.to(out_ty), mask=e_valid)
     x_body_ptr = x_ptr + a_lo
     w_body_ptr = weight_ptr + head
@@ -230,9 +308,12 @@ def _row_grad(x_ptr, x_row_start, dx_ptr, dx_row_start, n_cols, t, lse, g, w_t, 
         k = start + lanes
         mask = k < body_len
         x = tl.load(x_body_ptr + k, mask=mask, other=0.0).to(tl.float32)
+        x, dz = _logits(x, mask, scale, softcap, TRANSFORM, HAS_CAP)
         # lanes == t_body - start: one 32-bit compare against a loop-invariant register
         dx = _grad_block(x, lanes == t_body - start, w_body_ptr + k, mask, lse, g, A, B,
-                         n_cols, label_smoothing, HAS_WEIGHT, HAS_SMOOTHING)
+                         n_cols, label_smoothing, gz, HAS_WEIGHT, HAS_SMOOTHING, HAS_Z)
+        if TRANSFORM:
+            dx *= dz
         tl.store(dx_body_ptr + k, dx.to(out_ty), mask=mask)
 
 
@@ -244,13 +325,18 @@ def _ce_fwd_kernel(
     weight_ptr, wsum_ptr,
     loss_ptr, lse_ptr,
     gscale_ptr,
-    n_cols, ignore_index, label_smoothing,
+    aux_ptr, aux_stride, zscale_ptr,
+    n_cols, ignore_index, label_smoothing, scale, softcap,
     HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
     HAS_GRAD: tl.constexpr,
     SAME_LAYOUT: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     VEC: tl.constexpr,
+    TRANSFORM: tl.constexpr = False,
+    HAS_CAP: tl.constexpr = False,
+    AUX: tl.constexpr = False,
+    HAS_Z: tl.constexpr = False,
 ):
     """Per-row loss and log-sum-exp; one program per row.
 
@@ -265,6 +351,11 @@ def _ce_fwd_kernel(
                 itself); SAME_LAYOUT when its row stride is x's (then 16-byte stores)
     VEC:        elements per 16 bytes of x (8 for 16-bit, 4 for fp32); 1 turns off the
                 aligned body (see "Row layout" above)
+    scale, softcap: the logit transform, with TRANSFORM (and HAS_CAP), see ``_logits``
+    aux_ptr:    (2, rows) fp32 out with AUX, row stride ``aux_stride``: each row's entropy,
+                and 1.0 where the first column of its max is its target (0.0 if ignored)
+    zscale_ptr: (1,) fp32, read with HAS_GRAD and HAS_Z: the z-loss gradient's
+                ``gz = zscale * lse`` (``2 lse_square_scale / its denominator``)
     """
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride passes 2**31 near 42,700 rows
     row_start = row * x_row_stride
@@ -272,8 +363,9 @@ def _ce_fwd_kernel(
     t, ignored, valid, w_t = _row_target(target_ptr, row, weight_ptr, n_cols, ignore_index,
                                          HAS_WEIGHT)
     t_col = _target_col(t, n_cols)
-    lse, x_t, smooth, _ = _row_lse(x_ptr, row_start, n_cols, t_col, weight_ptr, BLOCK_SIZE,
-                                   VEC, HAS_WEIGHT, HAS_SMOOTHING)
+    lse, x_t, smooth, _, entropy, arg = _row_lse(
+        x_ptr, row_start, n_cols, t_col, weight_ptr, scale, softcap, BLOCK_SIZE, VEC,
+        HAS_WEIGHT, HAS_SMOOTHING, TRANSFORM, HAS_CAP, AUX)
     loss = (1.0 - label_smoothing) * w_t * (lse - x_t)
     W = 0.0
     if HAS_SMOOTHING:
@@ -288,13 +380,19 @@ def _ce_fwd_kernel(
     loss = tl.where(ignored, 0.0, tl.where(valid, loss, nan))
     tl.store(loss_ptr + row, loss)
     tl.store(lse_ptr + row, lse)
+    if AUX:
+        tl.store(aux_ptr + row, entropy)
+        tl.store(aux_ptr + aux_stride + row, tl.where(valid & (arg == t_col), 1.0, 0.0))
     if HAS_GRAD:
         g = tl.load(gscale_ptr).to(tl.float32)
         g = tl.where(ignored, 0.0, tl.where(valid, g, nan))
+        gz = 0.0
+        if HAS_Z:
+            gz = tl.where(ignored, 0.0, tl.load(zscale_ptr).to(tl.float32) * lse)
         # the row was just streamed through: on a GPU this second read comes from L2
         _row_grad(x_ptr, row_start, dx_ptr, row * dx_row_stride, n_cols, t, lse, g, w_t,
-                  weight_ptr, W, label_smoothing, BLOCK_SIZE, VEC, HAS_WEIGHT, HAS_SMOOTHING,
-                  SAME_LAYOUT)
+                  weight_ptr, W, label_smoothing, scale, softcap, gz, BLOCK_SIZE, VEC,
+                  HAS_WEIGHT, HAS_SMOOTHING, SAME_LAYOUT, TRANSFORM, HAS_CAP, HAS_Z)
 
 
 @triton.jit
@@ -305,12 +403,16 @@ def _ce_bwd_kernel(
     weight_ptr, wsum_ptr,
     lse_ptr,
     dloss_ptr, dloss_stride,
-    n_cols, ignore_index, label_smoothing,
+    zgrad_ptr,
+    n_cols, ignore_index, label_smoothing, scale, softcap,
     HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
     SAME_LAYOUT: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     VEC: tl.constexpr,
+    TRANSFORM: tl.constexpr = False,
+    HAS_CAP: tl.constexpr = False,
+    HAS_Z: tl.constexpr = False,
 ):
     """Gradient of the per-row losses; one program per row.
 
@@ -321,14 +423,19 @@ def _ce_bwd_kernel(
     lse_ptr:    (rows,) fp32 from the forward
     dloss_ptr:  (rows,) fp32 upstream gradient of each row's loss, the reduction's
                 denominator folded in; ``dloss_stride`` is 0 for a broadcast scalar
+    zgrad_ptr:  (rows,) fp32 with HAS_Z: each row's z-loss ``gz`` (0 where ignored)
+    scale, softcap: the logit transform, with TRANSFORM (and HAS_CAP), see ``_logits``
     """
     row = tl.program_id(0).to(tl.int64)
     t, w_t, g, lse, W = _grad_row_state(row, target_ptr, weight_ptr, wsum_ptr, lse_ptr,
                                         dloss_ptr, dloss_stride, n_cols, ignore_index,
                                         HAS_WEIGHT, HAS_SMOOTHING)
+    gz = 0.0
+    if HAS_Z:
+        gz = tl.load(zgrad_ptr + row)
     _row_grad(x_ptr, row * x_row_stride, dx_ptr, row * dx_row_stride, n_cols, t, lse, g, w_t,
-              weight_ptr, W, _fp32(label_smoothing), BLOCK_SIZE, VEC, HAS_WEIGHT,
-              HAS_SMOOTHING, SAME_LAYOUT)
+              weight_ptr, W, _fp32(label_smoothing), scale, softcap, gz, BLOCK_SIZE, VEC,
+              HAS_WEIGHT, HAS_SMOOTHING, SAME_LAYOUT, TRANSFORM, HAS_CAP, HAS_Z)
 
 
 @triton.jit
@@ -418,7 +525,7 @@ def _weight_args(weight, label_smoothing, like):
 
 
 def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_scale=None,
-           grad_out=None):
+           grad_out=None, extras=None, aux_out=None, z_scale=None):
     """Loss and log-sum-exp of every row of ``x`` (rows, C), one program per row (the
     package's ``fusedce.kernels.ce_fwd`` is ``split_rows.ce_fwd``, which may split rows).
 
@@ -426,6 +533,12 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_
     x's device), the gradient of ``loss * grad_scale`` is also written: into ``grad_out``
     (x's shape and dtype, contiguous rows) or, when it is None, over ``x``.
     ``target`` (rows,) and ``weight`` (C,) of any strides (copied to unit stride if needed).
+
+    ``extras`` (``fusedce._args.Extras``): the loss and lse are of the transformed logits;
+    ``aux_out`` (2, rows) fp32 receives each row's entropy and correctness (``extras.aux``);
+    with a z-loss and ``grad_scale``, ``z_scale`` (1,) fp32 is its gradient's ``2
+    lse_square_scale / denominator`` (the z-loss itself, ``lse_square_scale lse**2``, is
+    the caller's to add: it is O(rows)).
     """
     dx = x if grad_out is None else grad_out
     _check_rows(x, dx)
@@ -444,20 +557,37 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_
         weight_ptr=weight_arg, wsum_ptr=wsum,
         loss_ptr=loss, lse_ptr=lse,
         gscale_ptr=grad_scale if grad_scale is not None else loss,
+        aux_ptr=aux_out if aux_out is not None else loss,
+        aux_stride=aux_out.stride(0) if aux_out is not None else 0,
+        zscale_ptr=z_scale if z_scale is not None else loss,
         n_cols=n_cols, ignore_index=ignore_index, label_smoothing=float(label_smoothing),
         HAS_WEIGHT=has_weight,
         HAS_SMOOTHING=label_smoothing > 0,
         HAS_GRAD=grad_scale is not None,
         SAME_LAYOUT=dx.stride(0) == x.stride(0),
         BLOCK_SIZE=block, VEC=vec,
+        AUX=aux_out is not None,
+        HAS_Z=grad_scale is not None and extras is not None and extras.z_loss,
+        **transform_args(extras),
         num_warps=num_warps,
     )
     return loss, lse
 
 
+def transform_args(extras):
+    """The logit transform's launch arguments (``_logits``); ``extras`` None: none."""
+    if extras is None or not extras.transform:
+        return dict(scale=1.0, softcap=1.0, TRANSFORM=False, HAS_CAP=False)
+    return dict(scale=float(extras.logit_scale),
+                softcap=float(extras.softcap) if extras.softcap is not None else 1.0,
+                TRANSFORM=extras.transform, HAS_CAP=extras.softcap is not None)
+
+
 def ce_bwd(x, target, lse, dloss, weight=None, ignore_index=-100, label_smoothing=0.0,
-           dx=None):
-    """Gradient of ``sum(loss * dloss)`` with respect to ``x`` (rows, C).
+           dx=None, extras=None, z_grad=None):
+    """Gradient of ``sum(loss * dloss)`` with respect to ``x`` (rows, C); with the logit
+    transform of ``extras`` and, where given, the z-loss's per-row ``z_grad`` (rows,) fp32
+    (``gz``, 0 where ignored).
 
     ``dloss`` is a (rows,) fp32 tensor (it may be an expanded scalar, stride 0). Writes into
     ``dx`` when given (it may be ``x`` itself), else into a new tensor like ``x``.
@@ -476,6 +606,8 @@ def ce_bwd(x, target, lse, dloss, weight=None, ignore_index=-100, label_smoothin
         **grad_launch_args(x, dx, target, weight_arg, wsum, has_weight, lse, ignore_index,
                            label_smoothing),
         dloss_ptr=dloss, dloss_stride=dloss.stride(0), n_cols=n_cols,
+        zgrad_ptr=z_grad if z_grad is not None else lse, HAS_Z=z_grad is not None,
+        **transform_args(extras),
         BLOCK_SIZE=block, VEC=vec, num_warps=num_warps,
     )
     return dx

@@ -28,9 +28,18 @@ import triton
 import triton.language as tl
 
 from . import cross_entropy
-from .cross_entropy import (_check_rows, _fp32, _grad_row_state, _row_grad, _row_lse,
-                            _row_target, _unit_stride, _weight_args, grad_launch_args,
-                            launch_config)
+from .cross_entropy import (
+    _check_rows,
+    _fp32,
+    _grad_row_state,
+    _row_grad,
+    _row_lse,
+    _row_target,
+    _unit_stride,
+    _weight_args,
+    grad_launch_args,
+    launch_config,
+)
 
 # A split holds at least this many columns (a program's fixed costs stay small against its
 # stream); rows are split only when there are fewer than the device's SMs.
@@ -40,7 +49,7 @@ MAX_SPLITS = 64
 FORCE_SPLITS = None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(index):
     return torch.cuda.get_device_properties(index).multi_processor_count
 
@@ -90,9 +99,9 @@ def _split_partials_kernel(
     t_local = tl.load(target_ptr + row).to(tl.int64) - col0
     t_col = tl.where((t_local >= 0) & (t_local < width), t_local, -1).to(tl.int32)
     # the split starts at its own element offset: _row_lse aligns its loads to it
-    lse, x_t, smooth, w_seen = _row_lse(x_ptr, row * x_row_stride + col0, width, t_col,
-                                        weight_ptr + col0, BLOCK_SIZE, VEC, HAS_WEIGHT,
-                                        HAS_SMOOTHING)
+    lse, x_t, smooth, w_seen, _, _ = _row_lse(
+        x_ptr, row * x_row_stride + col0, width, t_col, weight_ptr + col0, 1.0, 1.0,
+        BLOCK_SIZE, VEC, HAS_WEIGHT, HAS_SMOOTHING, False, False, False)
     n_splits = tl.num_programs(1).to(tl.int64)
     slot = part_ptr + split * n_rows + row
     tl.store(slot, lse)
@@ -173,8 +182,8 @@ def _split_grad_kernel(
         w_t = tl.where(eps_s < 1.0, w_t * (1.0 - label_smoothing) / (1.0 - eps_s), 0.0)
     dx_start = row * dx_row_stride + col0
     _row_grad(x_ptr, row * x_row_stride + col0, dx_ptr, dx_start, width, t - col0, lse, g,
-              w_t, weight_ptr + col0, W, eps_s, BLOCK_SIZE, VEC, HAS_WEIGHT, HAS_SMOOTHING,
-              SAME_LAYOUT)
+              w_t, weight_ptr + col0, W, eps_s, 1.0, 1.0, 0.0, BLOCK_SIZE, VEC, HAS_WEIGHT,
+              HAS_SMOOTHING, SAME_LAYOUT, False, False, False)
 
 
 def _split_cols(n_cols, n_splits):
@@ -238,13 +247,13 @@ def split_grad(x, target, lse, g, n_splits, weight_arg, wsum, has_weight, ignore
 
 
 def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_scale=None,
-           grad_out=None):
+           grad_out=None, extras=None, aux_out=None, z_scale=None):
     """``cross_entropy.ce_fwd``, with rows split over several programs where
-    ``split_count`` says so."""
+    ``split_count`` says so (not yet with loss extras: those rows stay whole)."""
     n_splits = split_count(x.shape[0], x.shape[1], x.device)
-    if n_splits <= 1 or x.shape[0] == 0:
+    if n_splits <= 1 or x.shape[0] == 0 or (extras is not None and extras.any):
         return cross_entropy.ce_fwd(x, target, weight, ignore_index, label_smoothing,
-                                    grad_scale, grad_out)
+                                    grad_scale, grad_out, extras, aux_out, z_scale)
     dx = x if grad_out is None else grad_out
     _check_rows(x, dx)
     target, weight = _unit_stride(target, weight)
@@ -260,13 +269,13 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_
 
 
 def ce_bwd(x, target, lse, dloss, weight=None, ignore_index=-100, label_smoothing=0.0,
-           dx=None):
+           dx=None, extras=None, z_grad=None):
     """``cross_entropy.ce_bwd``, with rows split over several programs where
-    ``split_count`` says so."""
+    ``split_count`` says so (not yet with loss extras)."""
     n_splits = split_count(x.shape[0], x.shape[1], x.device)
-    if n_splits <= 1 or x.shape[0] == 0:
+    if n_splits <= 1 or x.shape[0] == 0 or (extras is not None and extras.any):
         return cross_entropy.ce_bwd(x, target, lse, dloss, weight, ignore_index,
-                                    label_smoothing, dx)
+                                    label_smoothing, dx, extras, z_grad)
     if dx is None:
         dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     _check_rows(x, dx)

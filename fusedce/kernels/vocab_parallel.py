@@ -36,8 +36,9 @@ def _vp_partials_kernel(
     """
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride passes 2**31
     t_col = tl.load(t_ptr + row).to(tl.int32)
-    lse, x_t, smooth, w_seen = _row_lse(x_ptr, row * x_row_stride, n_cols, t_col, weight_ptr,
-                                        BLOCK_SIZE, VEC, HAS_WEIGHT, HAS_SMOOTHING)
+    lse, x_t, smooth, w_seen, _, _ = _row_lse(x_ptr, row * x_row_stride, n_cols, t_col,
+                                              weight_ptr, 1.0, 1.0, BLOCK_SIZE, VEC,
+                                              HAS_WEIGHT, HAS_SMOOTHING, False, False, False)
     tl.store(part_ptr + row, lse)
     tl.store(part_ptr + n_rows + row, x_t)
     if HAS_SMOOTHING:
@@ -87,8 +88,8 @@ def _vp_grad_kernel(
         # eps_r == 1 only for one rank holding everything with eps == 1: then B = 0
         w_t = tl.where(eps_r < 1.0, w_t * (1.0 - label_smoothing) / (1.0 - eps_r), 0.0)
     _row_grad(x_ptr, row * x_row_stride, dx_ptr, row * dx_row_stride, n_cols, t, lse, g,
-              w_t, weight_ptr, W, eps_r, BLOCK_SIZE, VEC, HAS_WEIGHT, HAS_SMOOTHING,
-              SAME_LAYOUT)
+              w_t, weight_ptr, W, eps_r, 1.0, 1.0, 0.0, BLOCK_SIZE, VEC, HAS_WEIGHT,
+              HAS_SMOOTHING, SAME_LAYOUT, False, False, False)
 
 
 def vp_partials(x, t_local, w_shard, smoothing, part):

@@ -1,0 +1,235 @@
+"""The loss extras of ``fusedce.cross_entropy``: ``logit_scale``, ``softcap``,
+``lse_square_scale`` (z-loss) and ``return_aux``, on both backends (the Triton kernels under
+the interpreter), against a float64 reference written from their definitions.
+
+The reference transforms the logits in float64 (``z = s tanh(a x / s)``), takes PyTorch's
+float64 cross-entropy of ``z`` with every option, and adds the z-loss as the definition
+reads; its gradients come from float64 autograd, with a random upstream gradient.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import combine
+
+import fusedce
+
+pytestmark = pytest.mark.usefixtures("own_path")
+
+BACKENDS = ["torch", "triton"]
+
+# each extra alone, then all together (with a scale that pushes logits past the cap)
+OPTIONS = {
+    "scale": dict(logit_scale=0.37),
+    "softcap": dict(softcap=7.0),
+    "zloss": dict(lse_square_scale=1e-3),
+    "aux": dict(return_aux=True),
+    "all": dict(logit_scale=2.5, softcap=15.0, lse_square_scale=1e-3, return_aux=True),
+}
+# (weight, smoothing, ignored rows): plain, and every existing option at once
+VARIANTS = {"plain": (False, 0.0, False), "weighted": (True, 0.1, True)}
+
+
+def reference(x, t, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
+              logit_scale=1.0, softcap=None, lse_square_scale=0.0):
+    """``(loss, z_loss, lse, accuracy, entropy)`` in float64, from the definitions."""
+    z = x.double() * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    w = None if weight is None else weight.double()
+    ce = F.cross_entropy(z, t, w, ignore_index=ignore_index, reduction=reduction,
+                         label_smoothing=label_smoothing)
+    lse = torch.logsumexp(z, 1)
+    kept = t != ignore_index
+    per_token = torch.where(kept, lse_square_scale * lse ** 2, 0.0)
+    z_loss = {"none": per_token, "sum": per_token.sum(),
+              "mean": per_token.sum() / kept.sum().double()}[reduction]
+    logp = torch.log_softmax(z, 1)
+    p = logp.exp()
+    entropy = -torch.where(p > 0, p * logp, 0.0).sum(1)
+    accuracy = ((z.argmax(1) == t) & kept).double().sum() / kept.sum().double()
+    return ce + z_loss, z_loss, lse, accuracy, entropy
+
+
+def _inputs(n, c, dtype, seed, spread=6.0, variant="plain"):
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, c, generator=gen) * spread).to(dtype)
+    t = torch.randint(0, c, (n,), generator=gen)
+    has_weight, eps, ignored = VARIANTS[variant]
+    if ignored:
+        t[1::3] = -100
+    w = torch.rand(c, generator=gen) + 0.5 if has_weight else None
+    return x, t, w, eps
+
+
+def _check(x, t, w, eps, reduction, backend, options, inplace=False, seed=0):
+    """Runs fusedce and the reference; compares the loss, the aux outputs and the gradient
+    of the loss (random upstream gradient) with tolerances for the input dtype."""
+    fp32 = x.dtype == torch.float32
+    xf = x.clone().requires_grad_()
+    # in place writes the gradient over its input: give it a copy made in the graph
+    out = fusedce.cross_entropy(xf * 1 if inplace else xf, t, w, reduction=reduction,
+                                label_smoothing=eps, backend=backend, inplace_backward=inplace,
+                                **options)
+    aux = options.get("return_aux", False)
+    loss = out.loss if aux else out
+    assert loss.dtype == x.dtype
+    gen = torch.Generator().manual_seed(seed + 100)
+    upstream = torch.randn(loss.shape, generator=gen, dtype=torch.float64)
+    (loss.double() * upstream).sum().backward()
+
+    xr = x.double().requires_grad_()
+    kw = {k: v for k, v in options.items() if k != "return_aux"}
+    ref = reference(xr, t, w, reduction=reduction, label_smoothing=eps, **kw)
+    (ref[0] * upstream).sum().backward()
+
+    rtol = 2e-5 if fp32 else 1e-2
+    torch.testing.assert_close(loss.double(), ref[0].detach(), rtol=rtol, atol=rtol)
+    scale = xr.grad.abs().max().item()
+    torch.testing.assert_close(xf.grad.double(), xr.grad, rtol=0, atol=rtol * scale)
+    if aux:
+        assert set(out._fields) == {"loss", "z_loss", "lse", "accuracy", "entropy"}
+        for name in ("z_loss", "lse", "accuracy", "entropy"):
+            assert not getattr(out, name).requires_grad, name
+        torch.testing.assert_close(out.z_loss.double(), ref[1], rtol=rtol, atol=1e-6)
+        # lse and entropy are fp32 whatever the input dtype: of the same rounded logits
+        torch.testing.assert_close(out.lse.double(), ref[2].detach(), rtol=2e-6, atol=2e-5)
+        torch.testing.assert_close(out.entropy.double(), ref[4].detach(), rtol=2e-5,
+                                   atol=2e-5)
+        torch.testing.assert_close(out.accuracy.double(), ref[3], rtol=0, atol=1e-7)
+        assert out.lse.shape == out.entropy.shape == (x.shape[0],)
+        assert out.accuracy.shape == ()
+
+
+@pytest.mark.parametrize("backend,dtype,options,variant,reduction", combine(
+    BACKENDS, [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")],
+    list(OPTIONS), list(VARIANTS), ["mean", "sum", "none"]))
+def test_each_option_and_all(backend, dtype, options, variant, reduction):
+    """Each extra alone and all together, with and without weights, smoothing and ignored
+    rows, every reduction; C = 1,000 (blocks with a masked tail)."""
+    x, t, w, eps = _inputs(6, 1000, dtype, seed=len(options) + len(reduction), variant=variant)
+    _check(x, t, w, eps, reduction, backend, OPTIONS[options])
+
+
+@pytest.mark.parametrize("backend,dtype,reduction", combine(
+    BACKENDS, [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")],
+    ["mean", "none"]))
+def test_inplace_backward(backend, dtype, reduction):
+    """The gradient written in the forward (over the logits) with every extra."""
+    x, t, w, eps = _inputs(5, 333, dtype, seed=3, variant="weighted")
+    _check(x, t, w, eps, reduction, backend, OPTIONS["all"], inplace=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n_cols", [1000, pytest.param(50257, id="gpt2")])
+def test_softcap_padded_lanes(backend, n_cols):
+    """Every real logit far below ``-softcap``: each caps to -30, so the row's softmax is
+    uniform over its C classes and the loss is log C. A padded lane of a block capped to
+    -30 instead of left out would add probability (and lower the accuracy of a tie)."""
+    x = torch.full((3, n_cols), -1e4)
+    x[1, 7] = 0.0  # one real class above the rest
+    t = torch.tensor([0, 7, 5])
+    out = fusedce.cross_entropy(x, t, reduction="none", backend=backend, softcap=30.0,
+                                return_aux=True)
+    ref = reference(x, t, reduction="none", softcap=30.0)
+    torch.testing.assert_close(out.loss.double(), ref[0], rtol=1e-6, atol=1e-6)
+    assert out.loss[0].item() == pytest.approx(math.log(n_cols), rel=1e-6)
+    torch.testing.assert_close(out.entropy.double(), ref[4], rtol=1e-5, atol=1e-5)
+    # ties: row 0 and row 2 are all -30 (argmax: column 0), row 1 has its max at 7
+    assert out.accuracy.item() == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layouts_and_float64(backend):
+    """(N, C, d) logits (classes not contiguous: served through a copy into rows) and
+    float64 (computed in float64, on the PyTorch implementation), with every extra."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 50, 4, generator=gen) * 5
+    t = torch.randint(0, 50, (3, 4), generator=gen)
+    t[0, 1] = -100
+    for dtype in (torch.float32, torch.float64):
+        xf = x.to(dtype).clone().requires_grad_()
+        out = fusedce.cross_entropy(xf, t, reduction="none", backend=backend,
+                                    **OPTIONS["all"])
+        upstream = torch.randn(3, 4, generator=gen, dtype=torch.float64)
+        (out.loss.double() * upstream).sum().backward()
+        xr = x.double().requires_grad_()
+        rows = xr.transpose(1, 2).reshape(-1, 50)
+        ref = reference(rows, t.reshape(-1), reduction="none", logit_scale=2.5, softcap=15.0,
+                        lse_square_scale=1e-3)
+        (ref[0] * upstream.reshape(-1)).sum().backward()
+        tol = 1e-12 if dtype == torch.float64 else 2e-5
+        assert out.loss.shape == out.lse.shape == out.entropy.shape == (3, 4)
+        torch.testing.assert_close(out.loss.double().reshape(-1), ref[0].detach(), rtol=tol,
+                                   atol=tol)
+        torch.testing.assert_close(xf.grad.double(), xr.grad, rtol=tol, atol=tol)
+        torch.testing.assert_close(out.entropy.double().reshape(-1), ref[4].detach(),
+                                   rtol=tol * 10, atol=tol * 10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_rows_ignored(backend):
+    """'mean' over no token: the loss, the z-loss and the accuracy are NaN (0 / 0), as
+    PyTorch's mean; the gradient is 0."""
+    x = torch.randn(4, 30, requires_grad=True)
+    t = torch.full((4,), -100)
+    out = fusedce.cross_entropy(x, t, backend=backend, **OPTIONS["all"])
+    assert out.loss.isnan() and out.z_loss.isnan() and out.accuracy.isnan()
+    assert torch.isfinite(out.lse).all() and torch.isfinite(out.entropy).all()
+    out.loss.backward()
+    assert (x.grad == 0).all()
+
+
+def test_no_grad_and_eval_results_match():
+    """Under no_grad (no autograd state) the results are those of the graph-building call."""
+    x, t, w, eps = _inputs(6, 200, torch.float32, seed=9, variant="weighted")
+    kw = dict(weight=w, label_smoothing=eps, **OPTIONS["all"])
+    with torch.no_grad():
+        a = fusedce.cross_entropy(x, t, **kw)
+    b = fusedce.cross_entropy(x.clone().requires_grad_(), t, **kw)
+    for name in a._fields:
+        torch.testing.assert_close(getattr(a, name), getattr(b, name).detach())
+
+
+def test_module_takes_the_extras():
+    x, t, _, _ = _inputs(6, 200, torch.float32, seed=2)
+    loss = fusedce.CrossEntropyLoss(softcap=5.0, lse_square_scale=1e-3, logit_scale=0.5)
+    ref = reference(x, t, softcap=5.0, lse_square_scale=1e-3, logit_scale=0.5)[0]
+    torch.testing.assert_close(loss(x, t).double(), ref, rtol=2e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs,error", [
+    (dict(softcap=0.0), ValueError),
+    (dict(softcap=-3.0), ValueError),
+    (dict(softcap=float("inf")), ValueError),
+    (dict(logit_scale=float("nan")), ValueError),
+    (dict(lse_square_scale=float("inf")), ValueError),
+    (dict(logit_scale=torch.tensor(2.0)), TypeError),
+    (dict(softcap="30"), TypeError),
+    (dict(return_aux=1), TypeError),
+])
+def test_bad_extras_raise(kwargs, error):
+    x, t, _, _ = _inputs(4, 20, torch.float32, seed=0)
+    with pytest.raises(error):
+        fusedce.cross_entropy(x, t, **kwargs)
+
+
+def test_probability_targets_refuse_the_extras():
+    x = torch.randn(4, 20)
+    y = torch.softmax(torch.randn(4, 20), 1)
+    with pytest.raises(NotImplementedError, match="class-index targets"):
+        fusedce.cross_entropy(x, y, softcap=30.0)
+    # without extras they are served as before
+    torch.testing.assert_close(fusedce.cross_entropy(x, y), F.cross_entropy(x, y))
+
+
+def test_defaults_change_nothing():
+    """The default extras are the plain loss: a call spelling them out equals one without."""
+    x, t, w, eps = _inputs(6, 500, torch.float32, seed=4, variant="weighted")
+    kw = dict(weight=w, label_smoothing=eps)
+    a = fusedce.cross_entropy(x, t, **kw)
+    b = fusedce.cross_entropy(x, t, logit_scale=1.0, softcap=None, lse_square_scale=0.0,
+                              return_aux=False, **kw)
+    assert torch.equal(a, b)
