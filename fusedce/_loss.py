@@ -15,6 +15,8 @@ The reduction's denominator stays a device tensor (no host sync). ``forward`` an
 and inside the ``torch.library`` ops under ``torch.compile``.
 """
 
+from typing import NamedTuple
+
 import torch
 
 from . import _args
@@ -112,6 +114,32 @@ def check_targets(target, n_cols, ignore_index):
     bad = (t != ignore_index) & ((t < 0) | (t >= n_cols))
     if bool(bad.any()):
         raise IndexError(f"Target {int(t[bad][0])} is out of bounds.")
+
+
+class CrossEntropyAux(NamedTuple):
+    """What ``cross_entropy(..., return_aux=True)`` returns. ``loss`` is exactly what the
+    call returns without ``return_aux`` (the only entry with a gradient); ``z_loss`` is the
+    z-loss term included in it, reduced like it; ``lse`` (``logsumexp(z)``) and ``entropy``
+    (of ``softmax(z)``) are per token, shaped like the unreduced loss, every token included;
+    ``accuracy`` (0-d) is the fraction of the tokens not ignored whose argmax of ``z`` (the
+    first, on a tie) is the target (NaN when all are ignored). ``lse``, ``entropy`` and
+    ``accuracy`` are in the dtype the loss is computed in (float32, or float64)."""
+
+    loss: torch.Tensor
+    z_loss: torch.Tensor
+    lse: torch.Tensor
+    accuracy: torch.Tensor
+    entropy: torch.Tensor
+
+
+def aux_outputs(loss, lse, aux, t, ignore_index, reduction, extras, loss_shape, out_dtype):
+    """``CrossEntropyAux`` from the loss (reduced, in ``out_dtype``), the per-row lse and
+    ``forward``'s aux (2, rows): entropy and correctness (O(rows) work, no host sync)."""
+    z_loss = reduce(z_loss_rows(lse, t, ignore_index, extras).view(loss_shape),
+                    z_denominator(t, ignore_index, reduction, lse.dtype), reduction)
+    accuracy = aux[1].sum() / z_denominator(t, ignore_index, "mean", lse.dtype)[0]
+    return CrossEntropyAux(loss, z_loss.to(out_dtype), lse.view(loss_shape), accuracy,
+                           aux[0].view(loss_shape))
 
 
 def extras_rows(x):

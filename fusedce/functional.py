@@ -8,31 +8,14 @@ view); this module decides where the gradient is computed and calls the one auto
 ``fusedce._autograd.CrossEntropyFunction``.
 """
 
-from typing import NamedTuple
-
 import torch
 
 from . import _args, _autograd, _loss, _route
+from ._loss import CrossEntropyAux  # noqa: F401  (fusedce.CrossEntropyAux)
 
 _pytorch_loss = torch._C._nn.cross_entropy_loss
 _INT64 = torch.int64
 _ENUMS = _route.REDUCTION_ENUMS
-
-
-class CrossEntropyAux(NamedTuple):
-    """What ``cross_entropy(..., return_aux=True)`` returns. ``loss`` is exactly what the
-    call returns without ``return_aux`` (the only entry with a gradient); ``z_loss`` is the
-    z-loss term included in it, reduced like it; ``lse`` (``logsumexp(z)``) and ``entropy``
-    (of ``softmax(z)``) are per token, shaped like the unreduced loss, every token included;
-    ``accuracy`` (0-d) is the fraction of the tokens not ignored whose argmax of ``z`` (the
-    first, on a tie) is the target (NaN when all are ignored). ``lse``, ``entropy`` and
-    ``accuracy`` are in the dtype the loss is computed in (float32, or float64)."""
-
-    loss: torch.Tensor
-    z_loss: torch.Tensor
-    lse: torch.Tensor
-    accuracy: torch.Tensor
-    entropy: torch.Tensor
 
 
 def _validates_by_default(input, impl):
@@ -186,17 +169,5 @@ def _cross_entropy(input, target, weight, size_average, ignore_index, reduce, re
     loss = loss.to(out_dtype)
     if not extras.aux:
         return loss
-    return _aux_outputs(loss, lse, aux, t, ignore_index, reduction, extras, loss_shape,
-                        out_dtype)
-
-
-def _aux_outputs(loss, lse, aux, t, ignore_index, reduction, extras, loss_shape, out_dtype):
-    """``CrossEntropyAux`` from the loss, the per-row lse and ``_loss.forward``'s aux (2,
-    rows): entropy and correctness (O(rows) work, no host sync)."""
-    z_loss = _loss.reduce(_loss.z_loss_rows(lse, t, ignore_index, extras).view(loss_shape),
-                          _loss.z_denominator(t, ignore_index, reduction, lse.dtype),
-                          reduction)
-    count = _loss.z_denominator(t, ignore_index, "mean", lse.dtype)
-    accuracy = aux[1].sum() / count[0]
-    return CrossEntropyAux(loss, z_loss.to(out_dtype), lse.view(loss_shape), accuracy,
-                           aux[0].view(loss_shape))
+    return _loss.aux_outputs(loss, lse, aux, t, ignore_index, reduction, extras, loss_shape,
+                             out_dtype)

@@ -116,9 +116,15 @@ def _logits_buffer(x, n_classes, rows):
     return torch.empty(min(rows, x.shape[0]), n_classes, dtype=x.dtype, device=x.device)
 
 
+def _aux_buffer(x, extras):
+    """The (2, N) entropy and correctness of ``extras.aux``, else None."""
+    return x.new_empty((2, x.shape[0]), dtype=torch.float32) if extras.aux else None
+
+
 def _loss_only(x, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing,
-               impl, rows):
-    """Per-row losses and log-sum-exps (fp32), one chunk of logits at a time."""
+               impl, rows, extras=_args.NO_EXTRAS, aux=None):
+    """Per-row losses and log-sum-exps (fp32), one chunk of logits at a time; with
+    ``extras``, of the transformed logits, and each row's aux into ``aux`` (2, N)."""
     n_rows = x.shape[0]
     loss = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     lse = torch.empty(n_rows, dtype=torch.float32, device=x.device)
@@ -127,8 +133,19 @@ def _loss_only(x, linear_weight, linear_bias, target, weight, ignore_index, labe
         logits = logits_into(buf[:e - s], x[s:e], linear_weight, linear_bias)
         loss[s:e], lse[s:e] = impl.ce_fwd(logits, target[s:e], weight=weight,
                                           ignore_index=ignore_index,
-                                          label_smoothing=label_smoothing)
+                                          label_smoothing=label_smoothing, extras=extras,
+                                          aux_out=None if aux is None else aux[:, s:e])
     return loss, lse
+
+
+def _reduced(loss, lse, target, weight, ignore_index, reduction, n_classes, extras):
+    """The per-row losses reduced, the z-loss of ``extras`` added (reduced the same way)."""
+    denom = _loss.denominator(target, weight, ignore_index, n_classes, reduction)
+    total = _loss.reduce(loss, denom, reduction)
+    if extras.z_loss:
+        total = _loss.add_z_loss(total, lse, target, ignore_index, reduction, extras,
+                                 loss.shape)
+    return total
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
@@ -138,44 +155,58 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     them; the backward multiplies them in place by the upstream scalar, so a second backward
     through the same graph is an error (as with PyTorch's chunked path). 'none': the forward
     keeps the log-sum-exps; the backward recomputes the logits chunk by chunk.
+
+    With the loss ``extras`` (``fusedce._args.Extras``) each chunk's CE is of the
+    transformed logits, the z-loss is added, and with ``extras.aux`` the outputs are
+    ``(loss, lse, aux)``, the last two not differentiable (as ``CrossEntropyFunction``'s).
     """
 
     @staticmethod
     def forward(ctx, x, linear_weight, linear_bias, target, weight, ignore_index,
-                label_smoothing, reduction, impl, rows):
+                label_smoothing, reduction, impl, rows, extras):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         need_b = need_b and linear_bias is not None
         n_classes = linear_weight.shape[0]
-        denom = _loss.denominator(target, weight, ignore_index, n_classes, reduction)
-        ctx.options = (ignore_index, label_smoothing, reduction, impl, rows)
+        ctx.options = (ignore_index, label_smoothing, reduction, impl, rows, extras)
         ctx.needs = (need_x, need_w, need_b)
         ctx.dtypes = (x.dtype, linear_weight.dtype,
                       None if linear_bias is None else linear_bias.dtype)
+        aux = _aux_buffer(x, extras)
         if reduction == "none":
             loss, lse = _loss_only(x, linear_weight, linear_bias, target, weight, ignore_index,
-                                   label_smoothing, impl, rows)
+                                   label_smoothing, impl, rows, extras, aux)
             ctx.save_for_backward(x, linear_weight, linear_bias, target, weight, lse)
-            return loss.to(x.dtype)
-        # 'mean' / 'sum': gradients of loss.sum() / denom, computed now
+            loss = _reduced(loss, lse, target, weight, ignore_index, reduction, n_classes,
+                            extras)
+            return _outputs(ctx, loss.to(x.dtype), lse, aux)
+        # 'mean' / 'sum': gradients of loss.sum() / denom (and of the z-loss), computed now
+        denom = _loss.denominator(target, weight, ignore_index, n_classes, reduction)
         scale = 1.0 / denom
+        z_scale = None
+        if extras.z_loss:
+            z_scale = (2.0 * extras.lse_square_scale) / _loss.z_denominator(
+                target, ignore_index, reduction, torch.float32)
         acc = GradAccumulator(x, linear_weight, need_x, need_w, need_b)
         n_rows = x.shape[0]
         loss = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+        lse = torch.empty(n_rows, dtype=torch.float32, device=x.device)
         buf = _logits_buffer(x, n_classes, rows)
         for s, e in _chunks(n_rows, rows):
             x_c = x[s:e]
             logits = logits_into(buf[:e - s], x_c, linear_weight, linear_bias)
-            loss[s:e], _ = impl.ce_fwd(logits, target[s:e], weight=weight,
-                                       ignore_index=ignore_index,
-                                       label_smoothing=label_smoothing, grad_scale=scale)
+            loss[s:e], lse[s:e] = impl.ce_fwd(
+                logits, target[s:e], weight=weight, ignore_index=ignore_index,
+                label_smoothing=label_smoothing, grad_scale=scale, extras=extras,
+                aux_out=None if aux is None else aux[:, s:e], z_scale=z_scale)
             acc.add(logits, x_c, s, e)  # ``logits`` now holds the logit gradient
         del buf
         ctx.grads = (acc.grad_input, acc.grad_weight, acc.grad_bias)
-        return _loss.reduce(loss, denom, reduction).to(x.dtype)
+        loss = _reduced(loss, lse, target, weight, ignore_index, reduction, n_classes, extras)
+        return _outputs(ctx, loss.to(x.dtype), lse, aux)
 
     @staticmethod
-    def backward(ctx, grad_out):
-        ignore_index, label_smoothing, reduction, impl, rows = ctx.options
+    def backward(ctx, grad_out, *_aux_grads):
+        ignore_index, label_smoothing, reduction, impl, rows, extras = ctx.options
         need_x, need_w, need_b = ctx.needs
         if reduction == "none":
             grads = _backward_none(ctx, grad_out)
@@ -196,22 +227,33 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         gx = gx if need_x else None
         gw = gw.to(w_dtype) if need_w else None
         gb = gb.to(b_dtype) if need_b else None
-        return gx, gw, gb, None, None, None, None, None, None, None
+        return gx, gw, gb, None, None, None, None, None, None, None, None
+
+
+def _outputs(ctx, loss, lse, aux):
+    """The loss, and with aux outputs the lse and aux too (not differentiable)."""
+    if aux is None:
+        return loss
+    ctx.mark_non_differentiable(lse, aux)
+    return loss, lse, aux
 
 
 def _backward_none(ctx, grad_out):
     """reduction='none': recompute each chunk's logits, then the CE backward over them."""
     x, linear_weight, linear_bias, target, weight, lse = ctx.saved_tensors
-    ignore_index, label_smoothing, _, impl, rows = ctx.options
+    ignore_index, label_smoothing, _, impl, rows, extras = ctx.options
     need_x, need_w, need_b = ctx.needs
     acc = GradAccumulator(x, linear_weight, need_x, need_w, need_b)
     dloss = grad_out.float()  # may be an expanded scalar (stride 0): slicing keeps that
+    z_grad = (_loss.z_grad(grad_out, lse, target, ignore_index, "none", extras)
+              if extras.z_loss else None)
     buf = _logits_buffer(x, linear_weight.shape[0], rows)
     for s, e in _chunks(x.shape[0], rows):
         x_c = x[s:e]
         logits = logits_into(buf[:e - s], x_c, linear_weight, linear_bias)
         impl.ce_bwd(logits, target[s:e], lse[s:e], dloss[s:e], weight=weight,
-                    ignore_index=ignore_index, label_smoothing=label_smoothing, dx=logits)
+                    ignore_index=ignore_index, label_smoothing=label_smoothing, dx=logits,
+                    extras=extras, z_grad=None if z_grad is None else z_grad[s:e])
         acc.add(logits, x_c, s, e)
     return acc.grad_input, acc.grad_weight, acc.grad_bias
 
@@ -225,7 +267,8 @@ def _autocast_dtype(device_type):
 @_autograd.no_graph_in_inference_mode
 def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weight=None,
                          reduction="mean", ignore_index=None, label_smoothing=0.0, options=None,
-                         backend="auto", chunk_size=None):
+                         backend="auto", chunk_size=None, logit_scale=1.0, softcap=None,
+                         lse_square_scale=0.0, return_aux=False):
     """Cross-entropy of ``F.linear(input, linear_weight, linear_bias)`` against ``target``,
     without materialising the (N, C) logits.
 
@@ -241,6 +284,9 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     backend: ``"auto"`` (Triton CE kernels for CUDA tensors, PyTorch for CPU tensors),
         ``"triton"`` or ``"torch"``, as for :func:`fusedce.cross_entropy`.
     chunk_size: tokens per chunk; by default :func:`chunk_rows` picks it from the shapes.
+    logit_scale, softcap, lse_square_scale, return_aux: the loss extras, with the meaning
+        they have in :func:`fusedce.cross_entropy`, applied to each chunk's logits in the
+        same pass (the aux outputs: ``fusedce.CrossEntropyAux``).
 
     Differences from PyTorch: class-probability targets and K-dimensional ``linear_weight``
     are not supported (NotImplementedError); a target outside ``[0, C)`` that is not
@@ -260,12 +306,19 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     if chunk_size is None and options is not None:
         chunk_size = getattr(options, "batch_chunk_size", None)
     chunk_size = _args.chunk_size(chunk_size)
+    extras = _args.extras(logit_scale, softcap, lse_square_scale, return_aux)
+    extra_kw = dict(logit_scale=extras.logit_scale, softcap=extras.softcap,
+                    lse_square_scale=extras.lse_square_scale, return_aux=extras.aux)
     if input.dim() == 1:
-        loss = linear_cross_entropy(input.unsqueeze(0), linear_weight, target.unsqueeze(0),
-                                    linear_bias=linear_bias, weight=weight, reduction=reduction,
-                                    ignore_index=ignore_index, label_smoothing=label_smoothing,
-                                    options=options, backend=backend, chunk_size=chunk_size)
-        return loss.squeeze(0) if reduction == "none" else loss
+        out = linear_cross_entropy(input.unsqueeze(0), linear_weight, target.unsqueeze(0),
+                                   linear_bias=linear_bias, weight=weight, reduction=reduction,
+                                   ignore_index=ignore_index, label_smoothing=label_smoothing,
+                                   options=options, backend=backend, chunk_size=chunk_size,
+                                   **extra_kw)
+        if not extras.aux:
+            return out.squeeze(0) if reduction == "none" else out
+        per_token = ("lse", "entropy") + (("loss", "z_loss") if reduction == "none" else ())
+        return out._replace(**{k: getattr(out, k).squeeze(0) for k in per_token})
 
     # the CE kernels read target[row] at unit stride; an O(rows) copy
     target = target.contiguous()
@@ -277,10 +330,14 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
                 input.to(autocast_dtype), linear_weight.to(autocast_dtype), target,
                 linear_bias=None if linear_bias is None else linear_bias.to(autocast_dtype),
                 weight=weight, reduction=reduction, ignore_index=ignore_index,
-                label_smoothing=label_smoothing, backend=backend, chunk_size=chunk_size)
+                label_smoothing=label_smoothing, backend=backend, chunk_size=chunk_size,
+                **extra_kw)
+        if extras.aux:
+            return loss._replace(loss=loss.loss.float(), z_loss=loss.z_loss.float())
         return loss.float()
 
-    impl = _args.implementation(backend, input)
+    impl = (_loss.extras_implementation(backend, input, weight) if extras.any
+            else _args.implementation(backend, input))
     n_rows = input.shape[0]
     rows = chunk_size
     if rows is None:
@@ -289,13 +346,20 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     differentiable = (input, linear_weight) + ((linear_bias,) if linear_bias is not None else ())
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in differentiable)):
         # no_grad / eval: the loss only, no gradient work and no autograd state
-        loss, _ = _loss_only(input, linear_weight, linear_bias, target, weight, ignore_index,
-                             label_smoothing, impl, rows)
-        denom = _loss.denominator(target, weight, ignore_index, n_classes, reduction)
-        return _loss.reduce(loss, denom, reduction).to(input.dtype)
-    return LinearCrossEntropyFunction.apply(input, linear_weight, linear_bias, target, weight,
-                                            ignore_index, label_smoothing, reduction, impl,
-                                            rows)
+        aux = _aux_buffer(input, extras)
+        loss, lse = _loss_only(input, linear_weight, linear_bias, target, weight, ignore_index,
+                               label_smoothing, impl, rows, extras, aux)
+        loss = _reduced(loss, lse, target, weight, ignore_index, reduction, n_classes, extras)
+    else:
+        out = LinearCrossEntropyFunction.apply(input, linear_weight, linear_bias, target,
+                                               weight, ignore_index, label_smoothing,
+                                               reduction, impl, rows, extras)
+        loss, lse, aux = out if extras.aux else (out, None, None)
+    loss = loss.to(input.dtype)
+    if not extras.aux:
+        return loss
+    return _loss.aux_outputs(loss, lse, aux, target, ignore_index, reduction, extras,
+                             (n_rows,), input.dtype)
 
 
 class LinearCrossEntropyLoss(nn.Module):
@@ -309,7 +373,8 @@ class LinearCrossEntropyLoss(nn.Module):
     """
 
     def __init__(self, weight=None, reduction="mean", ignore_index=None, label_smoothing=0.0,
-                 *, backend="auto", chunk_size=None):
+                 *, backend="auto", chunk_size=None, logit_scale=1.0, softcap=None,
+                 lse_square_scale=0.0):
         super().__init__()
         self.register_buffer("weight", weight)
         self.reduction = reduction
@@ -317,10 +382,15 @@ class LinearCrossEntropyLoss(nn.Module):
         self.label_smoothing = label_smoothing
         self.backend = backend
         self.chunk_size = chunk_size
+        self.logit_scale = logit_scale
+        self.softcap = softcap
+        self.lse_square_scale = lse_square_scale
 
     def forward(self, input, linear_weight, target, linear_bias=None):
         return linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias,
                                     weight=self.weight, reduction=self.reduction,
                                     ignore_index=self.ignore_index,
                                     label_smoothing=self.label_smoothing, backend=self.backend,
-                                    chunk_size=self.chunk_size)
+                                    chunk_size=self.chunk_size, logit_scale=self.logit_scale,
+                                    softcap=self.softcap,
+                                    lse_square_scale=self.lse_square_scale)

@@ -233,3 +233,66 @@ def test_defaults_change_nothing():
     b = fusedce.cross_entropy(x, t, logit_scale=1.0, softcap=None, lse_square_scale=0.0,
                               return_aux=False, **kw)
     assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------
+# linear_cross_entropy
+
+
+@pytest.mark.parametrize("backend,dtype,options,reduction", combine(
+    BACKENDS, [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")],
+    ["softcap", "zloss", "all"], ["mean", "sum", "none"]))
+def test_linear_cross_entropy(backend, dtype, options, reduction):
+    """The extras on each chunk's logits (chunks of 4 rows over 10 tokens, the last one
+    short), with weights, smoothing, ignored rows and a bias: the loss, the aux outputs and
+    the gradients of input, weight and bias against float64 autograd of the reference."""
+    gen = torch.Generator().manual_seed(11)
+    n, h, c = 10, 16, 300
+    x = (torch.randn(n, h, generator=gen)).to(dtype)
+    lw = (torch.randn(c, h, generator=gen) * 0.8).to(dtype)
+    lb = (torch.randn(c, generator=gen)).to(dtype)
+    t = torch.randint(0, c, (n,), generator=gen)
+    t[::4] = -100
+    w = torch.rand(c, generator=gen) + 0.5
+    kw = OPTIONS[options]
+    leaves = [v.clone().requires_grad_() for v in (x, lw, lb)]
+    out = fusedce.linear_cross_entropy(leaves[0], leaves[1], t, linear_bias=leaves[2],
+                                       weight=w, reduction=reduction, label_smoothing=0.1,
+                                       backend=backend, chunk_size=4, **kw)
+    aux = kw.get("return_aux", False)
+    loss = out.loss if aux else out
+    upstream = torch.randn(loss.shape, generator=gen, dtype=torch.float64)
+    (loss.double() * upstream).sum().backward()
+    refs = [v.double().requires_grad_() for v in (x, lw, lb)]
+    ref = reference(refs[0] @ refs[1].t() + refs[2], t, w, reduction=reduction,
+                    label_smoothing=0.1, **{k: v for k, v in kw.items() if k != "return_aux"})
+    (ref[0] * upstream).sum().backward()
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(loss.double(), ref[0].detach(), rtol=tol, atol=tol)
+    for got, want in zip(leaves, refs):
+        scale = want.grad.abs().max().item()
+        torch.testing.assert_close(got.grad.double(), want.grad, rtol=0, atol=tol * scale)
+    if aux:
+        torch.testing.assert_close(out.z_loss.double(), ref[1].detach(), rtol=tol, atol=1e-6)
+        torch.testing.assert_close(out.lse.double(), ref[2].detach(), rtol=tol, atol=tol)
+        torch.testing.assert_close(out.entropy.double(), ref[4].detach(), rtol=tol, atol=tol)
+        if dtype == torch.float32:  # bf16 logits round differently from the reference's
+            torch.testing.assert_close(out.accuracy.double(), ref[3], rtol=0, atol=1e-7)
+
+
+def test_linear_cross_entropy_1d_and_no_grad():
+    """A 1-d input (one token): per-token aux outputs are 0-d; under no_grad the same
+    numbers as with a graph."""
+    gen = torch.Generator().manual_seed(12)
+    x, lw = torch.randn(8, generator=gen), torch.randn(50, 8, generator=gen)
+    t = torch.tensor(7)
+    kw = dict(reduction="none", **OPTIONS["all"])
+    out = fusedce.linear_cross_entropy(x, lw, t, **kw)
+    assert out.loss.shape == out.lse.shape == out.entropy.shape == out.z_loss.shape == ()
+    ref = reference((x @ lw.t())[None].double(), t[None], reduction="none",
+                    **{k: v for k, v in OPTIONS["all"].items() if k != "return_aux"})
+    torch.testing.assert_close(out.loss.double(), ref[0][0], rtol=2e-5, atol=2e-5)
+    with torch.no_grad():
+        again = fusedce.linear_cross_entropy(x.requires_grad_(), lw, t, **kw)
+    for name in out._fields:
+        torch.testing.assert_close(getattr(again, name), getattr(out, name))
