@@ -23,6 +23,13 @@ identically:
 Every term of ``sm`` is >= 0: logits far from 0 lose nothing to cancellation, as they would
 in ``W lse - sum_c w_c x_c`` taken from raw sums.
 
+The loss extras (``logit_scale``, ``softcap``: elementwise) transform each slice where it is
+read, so everything above is of the transformed logits; the z-loss needs only the merged
+``lse``. The aux outputs add three values per row to the all-gather: the slice's own entropy
+``H_r``, its max ``m_r`` and the global column of its first max ``a_r``; then
+``H = sum_r pi_r (H_r + lse - lse_r)`` with ``pi_r = exp(lse_r - lse)`` (terms >= 0), and
+the row's first argmax is the smallest ``a_r`` among the slices whose ``m_r`` is the max.
+
 Megatron-LM's ``vocab_parallel_cross_entropy`` uses three all-reduces here (max, sum of exp,
 target logit; two in its fused variant), the max first because its sum of exp is taken
 relative to the global max; a per-rank log-sum-exp needs no global max. The backward needs
@@ -141,24 +148,42 @@ class _Shard:
             self.w_shard = weight.index_select(0, idx)
 
 
-def _merge(gathered, n_rows, n_parts):
-    """Every rank's (lse_r, xt_r[, sm_r]), slice width and weight sum -> global (lse, x_t,
-    sm, C); ``sm = sum_c w_c (lse - x_c)`` (None without smoothing)."""
+def _n_parts(smoothing, extras):
+    """Per-row values each rank sends: lse_r, xt_r, sm_r (with smoothing), and with aux
+    outputs the slice's entropy, max and first argmax (after an sm_r slot)."""
+    return 6 if extras.aux else (3 if smoothing else 2)
+
+
+def _merge(gathered, n_rows, n_parts, smoothing, aux):
+    """Every rank's (lse_r, xt_r[, sm_r][, H_r, m_r, a_r]), slice width and weight sum ->
+    global (lse, x_t, sm, C, (entropy, argmax)); ``sm = sum_c w_c (lse - x_c)`` (None
+    without smoothing), the last None without ``aux``.
+
+    The entropy of the row, from each slice's own ``H_r`` and ``pi_r = exp(lse_r - lse)``:
+    ``H = sum_r pi_r (H_r + lse - lse_r)``, a sum of terms >= 0. Its first argmax: the
+    smallest global column among the slices whose max is the row's."""
     world = gathered.numel() // (n_parts * n_rows + 2)
     g = gathered.view(world, n_parts * n_rows + 2)
     parts = g[:, :n_parts * n_rows].view(world, n_parts, n_rows)
     n_classes = g[:, -2].sum()  # fp32, exact while C < 2**24
     lse = torch.logsumexp(parts[:, 0], dim=0)  # stable: max-shifted; -inf slices drop out
     x_t = parts[:, 1].sum(0)
+    stats = None
+    if aux:
+        lse_r, h_r, m_r, a_r = parts[:, 0], parts[:, 3], parts[:, 4], parts[:, 5]
+        pi = torch.exp(lse_r - lse)
+        entropy = torch.where(pi == 0, 0.0, pi * (h_r + (lse - lse_r))).sum(0)
+        first = torch.where(m_r == m_r.amax(0), a_r, float("inf")).amin(0)
+        stats = (entropy, first)
     smooth = None
-    if n_parts > 2:
+    if smoothing:
         w_r = g[:, -1:]  # (world, 1)
         # a slice of weight 0 (empty, or all weights 0) adds nothing (no 0 * inf); one whose
         # logits are all -inf adds +inf, as its classes' -log p do (sm_r is NaN there)
         rebased = torch.where(w_r == 0, 0.0, torch.where(
             parts[:, 0] == float("-inf"), float("inf"), parts[:, 2] + w_r * (lse - parts[:, 0])))
         smooth = rebased.sum(0)
-    return lse, x_t, smooth, n_classes
+    return lse, x_t, smooth, n_classes, stats
 
 
 def _loss_and_rows(shard, lse, x_t, smooth, n_classes, weight, eps):
@@ -208,21 +233,24 @@ def _consts(w_sum, n_classes):
                         n_classes.float()])
 
 
-def _forward_partials(x_chunks, shard, eps, impl, n_rows, device):
+def _forward_partials(x_chunks, shard, eps, impl, n_rows, device, extras):
     """Runs the shard-local pass over ``x_chunks`` (an iterable of (row_start, logits chunk)),
-    then the one all-gather; returns the merged (lse, x_t, sm, C)."""
-    n_parts = 3 if eps > 0 else 2
+    then the one all-gather; returns ``_merge``'s (lse, x_t, sm, C, aux stats)."""
+    n_parts = _n_parts(eps > 0, extras)
     send = torch.empty(n_parts * n_rows + 2, dtype=torch.float32, device=device)
     view = send[:n_parts * n_rows].view(n_parts, n_rows)
     for s, xc in x_chunks:
         e = s + xc.shape[0]
         if s == 0 and e == n_rows:
-            # one chunk: the [lse_r | xt_r | sm_r] layout is the send buffer's, write it there
-            impl.vp_partials(xc, shard.t_local, shard.w_shard, eps > 0, send)
+            # one chunk: the [lse_r | xt_r | sm_r ...] layout is the send buffer's: write there
+            impl.vp_partials(xc, shard.t_local, shard.w_shard, eps > 0, send, extras)
             continue
-        part = torch.empty(3 * (e - s), dtype=torch.float32, device=device)
-        impl.vp_partials(xc, shard.t_local[s:e], shard.w_shard, eps > 0, part)
-        view[:, s:e] = part.view(3, e - s)[:n_parts]
+        width = max(3, n_parts)
+        part = torch.empty(width * (e - s), dtype=torch.float32, device=device)
+        impl.vp_partials(xc, shard.t_local[s:e], shard.w_shard, eps > 0, part, extras)
+        view[:, s:e] = part.view(width, e - s)[:n_parts]
+    if extras.aux:
+        view[5] += shard.vocab_start  # the slice's column -> the global class
     send[-2:-1].fill_(float(shard.n_local))
     if shard.w_shard is None:
         send[-1:].fill_(float(shard.n_local))
@@ -231,7 +259,7 @@ def _forward_partials(x_chunks, shard, eps, impl, n_rows, device):
     world, _ = _check_group(shard.group)
     recv = torch.empty(world * send.numel(), dtype=torch.float32, device=device)
     _all_gather(recv, send, shard.group)
-    return _merge(recv, n_rows, n_parts)
+    return _merge(recv, n_rows, n_parts, eps > 0, extras.aux)
 
 
 def _check_weight_count(weight, n_classes):
@@ -244,34 +272,68 @@ def _check_weight_count(weight, n_classes):
                            f"vector on every rank)")
 
 
+def _merged_loss(ctx, x_chunks, shard, weight, ignore_index, eps, reduction, impl, n_rows,
+                 device, extras):
+    """The forward both Functions share: partials, the all-gather, the merged loss reduced
+    (z-loss included). Returns the Function's outputs (``(loss, lse, aux)`` with aux
+    outputs) and the per-row state the backward needs, ``(lse, valid, w_t, consts,
+    denom)``, for ``save_for_backward``."""
+    lse, x_t, smooth, n_classes, stats = _forward_partials(x_chunks, shard, eps, impl, n_rows,
+                                                           device, extras)
+    _check_weight_count(weight, n_classes)
+    loss, valid, w_t, w_sum = _loss_and_rows(shard, lse, x_t, smooth, n_classes, weight, eps)
+    denom = _denominator(shard, valid, w_t, reduction)
+    rows = (lse, valid, w_t, _consts(w_sum, n_classes), denom)
+    loss = _loss.reduce(loss, denom, reduction)
+    if extras.z_loss:
+        loss = _loss.add_z_loss(loss, lse, shard.t, ignore_index, reduction, extras,
+                                (n_rows,))
+    if not extras.aux:
+        return loss, rows
+    entropy, first = stats
+    correct = (valid & (first == shard.t)).float()
+    aux = torch.stack([entropy, correct])
+    ctx.mark_non_differentiable(lse, aux)
+    return (loss, lse, aux), rows
+
+
+def _shard_grad_args(ctx, grad_out, n_rows, lse, valid, denom):
+    """``(g, z_grad)`` of the backward: each row's upstream gradient over the denominator
+    (masked) and the z-loss's per-row gradient factor (None without a z-loss)."""
+    shard, (ignore_index, _, reduction, extras) = ctx.shard, ctx.options[:4]
+    g = _row_grad_scale(grad_out, n_rows, reduction, denom, shard.ignored, valid)
+    z_grad = (_loss.z_grad(grad_out, lse, shard.t, ignore_index, reduction, extras)
+              if extras.z_loss else None)
+    return g, z_grad
+
+
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     """Reduced cross-entropy of this rank's logit slice ``x`` (rows, C_r); see the module
-    docstring. One all-gather in the forward, nothing in the backward; saves O(rows)."""
+    docstring. One all-gather in the forward, nothing in the backward; saves O(rows). With
+    aux outputs (``extras.aux``) it returns ``(loss, lse, aux)`` as
+    ``fusedce._autograd.CrossEntropyFunction`` does."""
 
     @staticmethod
     def forward(ctx, x, target, weight, vocab_start, group, ignore_index, eps, reduction,
-                impl):
+                impl, extras):
         n_rows, n_local = x.shape
         shard = _Shard(target, n_local, vocab_start, weight, ignore_index, group)
-        lse, x_t, smooth, n_classes = _forward_partials([(0, x)], shard, eps, impl, n_rows,
-                                                     x.device)
-        _check_weight_count(weight, n_classes)
-        loss, valid, w_t, w_sum = _loss_and_rows(shard, lse, x_t, smooth, n_classes, weight,
-                                                 eps)
-        denom = _denominator(shard, valid, w_t, reduction)
-        ctx.options = (eps, reduction, impl)
+        ctx.options = (ignore_index, eps, reduction, extras, impl)
         ctx.shard = shard
-        ctx.save_for_backward(x, lse, valid, w_t, _consts(w_sum, n_classes), denom)
-        return _loss.reduce(loss, denom, reduction).to(x.dtype)
+        out, rows = _merged_loss(ctx, [(0, x)], shard, weight, ignore_index, eps, reduction,
+                                 impl, n_rows, x.device, extras)
+        ctx.save_for_backward(x, *rows)
+        return out
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, *_aux_grads):
         x, lse, valid, w_t, consts, denom = ctx.saved_tensors
-        eps, reduction, impl = ctx.options
+        _, eps, _, extras, impl = ctx.options
         shard = ctx.shard
-        g = _row_grad_scale(grad_out, x.shape[0], reduction, denom, shard.ignored, valid)
-        dx = impl.vp_grad(x, shard.t_local, lse, g, w_t, consts, eps, shard.w_shard)
-        return (dx,) + (None,) * 8
+        g, z_grad = _shard_grad_args(ctx, grad_out, x.shape[0], lse, valid, denom)
+        dx = impl.vp_grad(x, shard.t_local, lse, g, w_t, consts, eps, shard.w_shard,
+                          extras=extras, z_grad=z_grad)
+        return (dx,) + (None,) * 9
 
 
 def _check_call(fn, target, n_rows, weight, reduction, label_smoothing, ignore_index, backend):
@@ -287,7 +349,8 @@ def _check_call(fn, target, n_rows, weight, reduction, label_smoothing, ignore_i
 @_autograd.no_graph_in_inference_mode
 def vocab_parallel_cross_entropy(logits_shard, target, *, group=None, vocab_start=None,
                                  ignore_index=-100, reduction="mean", label_smoothing=0.0,
-                                 weight=None, backend="auto"):
+                                 weight=None, backend="auto", logit_scale=1.0, softcap=None,
+                                 lse_square_scale=0.0, return_aux=False):
     """Cross-entropy of logits split along the vocabulary over the ranks of ``group``.
 
     logits_shard: (N, C_r) or (C_r,), this rank's contiguous slice ``[vocab_start,
@@ -302,20 +365,25 @@ def vocab_parallel_cross_entropy(logits_shard, target, *, group=None, vocab_star
     ignore_index, reduction, label_smoothing: as in :func:`torch.nn.functional.cross_entropy`.
     backend: ``"auto"`` (Triton kernels for CUDA tensors, PyTorch for CPU tensors),
         ``"triton"`` or ``"torch"``.
+    logit_scale, softcap, lse_square_scale, return_aux: the loss extras of
+        :func:`fusedce.cross_entropy`, on the full logits: each rank transforms its own
+        slice; with ``return_aux`` every rank gets the full ``CrossEntropyAux``.
 
     Every rank returns the same loss, the loss of ``fusedce.cross_entropy`` on the full
     logits; the backward gives each rank the gradient of its own slice. Collectives: one
-    all-gather of ``2 * N + 1`` fp32 (``3 * N + 1`` with label smoothing) per forward, none
-    in the backward (plus one small all-gather per forward when ``vocab_start`` is None).
-    All ranks must call it together (it is a collective).
+    all-gather of ``2 * N + 2`` fp32 (``3 * N + 2`` with label smoothing, ``6 * N + 2``
+    with ``return_aux``) per forward, none in the backward (plus one small all-gather per
+    forward when ``vocab_start`` is None). All ranks must call it together (it is a
+    collective).
     """
     _args.vocab_parallel_logits(logits_shard)
+    extras = _args.extras(logit_scale, softcap, lse_square_scale, return_aux)
     if logits_shard.dim() == 1:
-        loss = vocab_parallel_cross_entropy(
+        out = vocab_parallel_cross_entropy(
             logits_shard.unsqueeze(0), target.reshape(1), group=group, vocab_start=vocab_start,
             ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
-            weight=weight, backend=backend)
-        return loss.squeeze(0) if reduction == "none" else loss
+            weight=weight, backend=backend, **_extras_kwargs(extras))
+        return _one_token(out, reduction, extras)
     reduction, label_smoothing, ignore_index, backend, weight = _check_call(
         "vocab_parallel_cross_entropy", target, logits_shard.shape[0], weight, reduction,
         label_smoothing, ignore_index, backend)
@@ -324,9 +392,32 @@ def vocab_parallel_cross_entropy(logits_shard, target, *, group=None, vocab_star
         logits_shard = logits_shard.contiguous()
     if vocab_start is not None:
         vocab_start = int(vocab_start)
-    return _VocabParallelCrossEntropy.apply(logits_shard, target, weight, vocab_start, group,
-                                            ignore_index, label_smoothing,
-                                            reduction, impl)
+    out = _VocabParallelCrossEntropy.apply(logits_shard, target, weight, vocab_start, group,
+                                           ignore_index, label_smoothing, reduction, impl,
+                                           extras)
+    return _results(out, target, ignore_index, reduction, extras, logits_shard.dtype)
+
+
+def _extras_kwargs(extras):
+    return dict(logit_scale=extras.logit_scale, softcap=extras.softcap,
+                lse_square_scale=extras.lse_square_scale, return_aux=extras.aux)
+
+
+def _one_token(out, reduction, extras):
+    """The result of a (1, C_r) call for a (C_r,) input: per-token values 0-d."""
+    if not extras.aux:
+        return out.squeeze(0) if reduction == "none" else out
+    per_token = ("lse", "entropy") + (("loss", "z_loss") if reduction == "none" else ())
+    return out._replace(**{k: getattr(out, k).squeeze(0) for k in per_token})
+
+
+def _results(out, target, ignore_index, reduction, extras, dtype):
+    """The loss in ``dtype``, or the ``CrossEntropyAux`` of a Function's outputs."""
+    if not extras.aux:
+        return out.to(dtype)
+    loss, lse, aux = out
+    return _loss.aux_outputs(loss.to(dtype), lse, aux, target, ignore_index, reduction,
+                             extras, (target.shape[0],), dtype)
 
 
 # ----------------------------------------------------- the linear form (slice of the head)
@@ -351,34 +442,30 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, w_head, b_head, target, weight, vocab_start, group, ignore_index, eps,
-                reduction, impl, chunk, reduce_input_grad):
+                reduction, impl, chunk, reduce_input_grad, extras):
         n_rows = h.shape[0]
         shard = _Shard(target, w_head.shape[0], vocab_start, weight, ignore_index, group)
-        lse, x_t, smooth, n_classes = _forward_partials(
-            _head_chunks(h, w_head, b_head, chunk), shard, eps, impl, n_rows, h.device)
-        _check_weight_count(weight, n_classes)
-        loss, valid, w_t, w_sum = _loss_and_rows(shard, lse, x_t, smooth, n_classes, weight,
-                                                 eps)
-        denom = _denominator(shard, valid, w_t, reduction)
-        ctx.options = (eps, reduction, impl, chunk, reduce_input_grad)
+        ctx.options = (ignore_index, eps, reduction, extras, impl, chunk, reduce_input_grad)
         ctx.shard = shard
-        ctx.save_for_backward(h, w_head, b_head, lse, valid, w_t, _consts(w_sum, n_classes),
-                              denom)
-        return _loss.reduce(loss, denom, reduction).to(h.dtype)
+        out, rows = _merged_loss(ctx, _head_chunks(h, w_head, b_head, chunk), shard, weight,
+                                 ignore_index, eps, reduction, impl, n_rows, h.device, extras)
+        ctx.save_for_backward(h, w_head, b_head, *rows)
+        return out
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, *_aux_grads):
         h, w_head, b_head, lse, valid, w_t, consts, denom = ctx.saved_tensors
-        eps, reduction, impl, chunk, reduce_input_grad = ctx.options
+        _, eps, _, extras, impl, chunk, reduce_input_grad = ctx.options
         shard = ctx.shard
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        g = _row_grad_scale(grad_out, h.shape[0], reduction, denom, shard.ignored, valid)
+        g, z_grad = _shard_grad_args(ctx, grad_out, h.shape[0], lse, valid, denom)
         grads = GradAccumulator(h, w_head, need_h, need_w, need_b and b_head is not None)
         for s, logits in _head_chunks(h, w_head, b_head, chunk):
             e = s + logits.shape[0]
             # the chunk's logit gradient overwrites its logits (recomputed, read by nobody else)
             dlogits = impl.vp_grad(logits, shard.t_local[s:e], lse[s:e], g[s:e], w_t[s:e],
-                                   consts, eps, shard.w_shard, logits)
+                                   consts, eps, shard.w_shard, logits, extras=extras,
+                                   z_grad=None if z_grad is None else z_grad[s:e])
             grads.add(dlogits, h[s:e], s, e)
         dh, dw, db = grads.grad_input, grads.grad_weight, grads.grad_bias
         if dh is not None and reduce_input_grad:
@@ -386,7 +473,7 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
             dist.all_reduce(dh, group=shard.group)
         dw = dw.to(w_head.dtype) if dw is not None else None
         db = db.to(b_head.dtype) if db is not None else None
-        return (dh, dw, db) + (None,) * 10
+        return (dh, dw, db) + (None,) * 11
 
 
 @_autograd.no_graph_in_inference_mode
@@ -394,14 +481,17 @@ def vocab_parallel_linear_cross_entropy(input, linear_weight, target, *, linear_
                                         group=None, vocab_start=None, weight=None,
                                         reduction="mean", ignore_index=-100,
                                         label_smoothing=0.0, chunk_size=None,
-                                        reduce_input_grad=True, backend="auto"):
+                                        reduce_input_grad=True, backend="auto",
+                                        logit_scale=1.0, softcap=None, lse_square_scale=0.0,
+                                        return_aux=False):
     """Cross-entropy of ``input @ W.T + b`` with the head split along the vocabulary.
 
     input: (N, H) hidden states, the same on every rank.
     linear_weight: (C_r, H), this rank's rows ``[vocab_start, vocab_start + C_r)`` of the
         head's weight; linear_bias: (C_r,) the matching slice of its bias, or None.
-    target, vocab_start, weight, ignore_index, reduction, label_smoothing, backend: as in
-        :func:`vocab_parallel_cross_entropy` (``weight`` is the full (C,) class weights).
+    target, vocab_start, weight, ignore_index, reduction, label_smoothing, backend, and the
+        loss extras: as in :func:`vocab_parallel_cross_entropy` (``weight`` is the full
+        (C,) class weights).
     chunk_size: rows of logits computed at a time (default: ``fusedce.linear.chunk_rows``
         for this rank's slice width).
     reduce_input_grad: all-reduce the input's gradient over ``group`` (default). Pass False
@@ -416,6 +506,7 @@ def vocab_parallel_linear_cross_entropy(input, linear_weight, target, *, linear_
     the price is a second logits matrix product in the backward.
     """
     _args.vocab_parallel_linear(input, linear_weight)
+    extras = _args.extras(logit_scale, softcap, lse_square_scale, return_aux)
     reduction, label_smoothing, ignore_index, backend, weight = _check_call(
         "vocab_parallel_linear_cross_entropy", target, input.shape[0], weight, reduction,
         label_smoothing, ignore_index, backend)
@@ -426,7 +517,8 @@ def vocab_parallel_linear_cross_entropy(input, linear_weight, target, *, linear_
     chunk_size = max(1, int(chunk_size))
     if vocab_start is not None:
         vocab_start = int(vocab_start)
-    return _VocabParallelLinearCrossEntropy.apply(
+    out = _VocabParallelLinearCrossEntropy.apply(
         input, linear_weight, linear_bias, target, weight, vocab_start, group,
         ignore_index, label_smoothing, reduction, impl, chunk_size,
-        bool(reduce_input_grad))
+        bool(reduce_input_grad), extras)
+    return _results(out, target, ignore_index, reduction, extras, input.dtype)

@@ -58,6 +58,7 @@ class Case:
     threads: int = 1  # torch threads for the call (> 1: the CPU path's worker threads)
     tol: float = 0.0  # overrides the dtype's loss and grad tolerances (with the reason)
     loss_tol: float = 0.0  # then overrides the loss's alone
+    extras: tuple = ()  # (name, value) pairs of the loss extras (logit_scale, softcap, ...)
 
     @property
     def vocab(self):
@@ -67,6 +68,9 @@ class Case:
 def _ids(cases):
     return [c.id for c in cases]
 
+
+EXTRAS = (("logit_scale", 1.7), ("softcap", 4.0), ("lse_square_scale", 1e-2),
+          ("return_aux", True))
 
 # Two ranks: every option on a small odd vocabulary split unevenly, the kernel path.
 CASES_2 = [
@@ -123,6 +127,18 @@ CASES_2 = [
     # default chunk size (one chunk here)
     Case("linear-bf16", (40, 57), kind="linear", hidden=24, rows=12, dtype="bfloat16",
          bias=True, weight=True, label_smoothing=0.1),
+    # the loss extras: each rank transforms its slice; z-loss and aux from the merged lse,
+    # the entropy and first argmax merged from the slices' own
+    Case("extras-all", (4, 7), extras=EXTRAS, weight=True, label_smoothing=0.1,
+         ignored_every=3, reduction="none"),
+    Case("extras-mean-ties", (5, 6), extras=(("softcap", 2.0), ("return_aux", True)),
+         shift=-1e3, rows=4),  # every logit caps to -2: ties across ranks, argmax column 0
+    Case("extras-triton", (16, 21), backend="triton", extras=EXTRAS, weight=True,
+         label_smoothing=0.1, ignored_every=3),
+    Case("extras-linear", (9, 14), kind="linear", hidden=13, rows=10, chunk_size=4,
+         bias=True, extras=EXTRAS, reduction="none", ignored_every=4),
+    Case("extras-linear-triton", (9, 14), kind="linear", hidden=13, rows=10, chunk_size=4,
+         backend="triton", extras=EXTRAS, label_smoothing=0.1),
 ]
 
 # Four ranks: the GPT-2 vocabulary split as DTensor/torch.chunk does (12,565 x 3 and
@@ -146,6 +162,8 @@ CASES_4 = [
     # not the global rank, places the slice (vocab_start derived, so it matters)
     Case("two-tp-groups-of-2", (5, 6), kind="subgroups", pass_vocab_start=False,
          label_smoothing=0.1, weight=True, reduction="sum"),
+    Case("extras-empty-slice", (3, 0, 5, 2), extras=EXTRAS, label_smoothing=0.1, rows=8,
+         targets="boundaries", pass_vocab_start=False),
 ]
 
 # (dtype, loss rtol, grad atol relative to the largest reference gradient)
@@ -227,7 +245,6 @@ def _rel_err(a, b):
 
 
 def _run_ce(case, rank, counter, group=None):
-    import torch.nn.functional as F
 
     import fusedce
     from fusedce.distributed import vocab_parallel_cross_entropy
@@ -242,12 +259,14 @@ def _run_ce(case, rank, counter, group=None):
     opts = dict(ignore_index=case.ignore_index, reduction=case.reduction,
                 label_smoothing=case.label_smoothing)
 
+    extras = dict(case.extras)
     full = logits.double().requires_grad_()
-    ref = F.cross_entropy(full, target, weight=None if weight is None else weight.double(),
-                          **opts)
+    ref_all = _reference(full, target, weight, opts, extras)
+    ref = ref_all[0]
     (ref_grad,) = torch.autograd.grad(ref, full, upstream.double())
     full_same = logits.clone().requires_grad_()
-    fused = fusedce.cross_entropy(full_same, target, weight=weight, **opts)
+    fused = fusedce.cross_entropy(full_same, target, weight=weight, **opts, **extras)
+    fused = fused.loss if case.extras else fused
     (fused_grad,) = torch.autograd.grad(fused, full_same, upstream.to(dtype))
 
     start = sum(case.sizes[:rank])
@@ -260,9 +279,10 @@ def _run_ce(case, rank, counter, group=None):
     threads = torch.get_num_threads()
     torch.set_num_threads(case.threads)
     try:
-        loss = vocab_parallel_cross_entropy(
+        out = vocab_parallel_cross_entropy(
             x, t, vocab_start=start if case.pass_vocab_start else None, weight=weight,
-            backend=case.backend, group=group, **opts)
+            backend=case.backend, group=group, **opts, **extras)
+        loss = out.loss if extras.get("return_aux") else out
         fwd_calls = counter.take()
         (grad,) = torch.autograd.grad(loss, shard, upstream.to(dtype).reshape(loss.shape))
         bwd_calls = counter.take()
@@ -276,7 +296,9 @@ def _run_ce(case, rank, counter, group=None):
         counter.take()
     ref_loss = ref.detach().reshape(loss.shape)
     workers = [th for th in threading.enumerate() if th.name.startswith("fusedce_")]
+    aux_errs = _aux_errors(out, ref_all, extras, case.one_d)
     return {
+        **aux_errs,
         "shard_range": shard_range,
         "worker_threads": len(workers),
         "loss": loss.detach().double(),
@@ -287,6 +309,33 @@ def _run_ce(case, rank, counter, group=None):
         "fwd_calls": fwd_calls,
         "bwd_calls": bwd_calls,
     }
+
+
+def _reference(full, target, weight, opts, extras):
+    """``(loss, z_loss, lse, accuracy, entropy)`` of the full float64 logits: PyTorch's
+    loss without extras, else tests/test_extras.py's reference of their definitions."""
+    import torch.nn.functional as F
+
+    w = None if weight is None else weight.double()
+    if not extras:
+        return (F.cross_entropy(full, target, weight=w, **opts),)
+    from test_extras import reference
+
+    kw = {k: v for k, v in extras.items() if k != "return_aux"}
+    return reference(full, target, w, **opts, **kw)
+
+
+def _aux_errors(out, ref_all, extras, one_d):
+    """Relative errors of the aux outputs against the reference's (none without them)."""
+    if not extras.get("return_aux"):
+        return {}
+    _, z_loss, lse, accuracy, entropy = ref_all
+    if one_d:
+        lse, entropy = lse[0], entropy[0]
+    return {"z_loss_err": _rel_err(out.z_loss.detach(), z_loss.detach()),
+            "lse_err": _rel_err(out.lse, lse.detach()),
+            "entropy_err": _rel_err(out.entropy, entropy.detach()),
+            "accuracy_err": _rel_err(out.accuracy, accuracy.detach())}
 
 
 def _run_linear(case, rank, counter):
@@ -308,8 +357,9 @@ def _run_linear(case, rank, counter):
     if bias is not None:
         leaves.append(bias.double().requires_grad_())
     logits = F.linear(leaves[0], leaves[1], leaves[2] if bias is not None else None)
-    ref = F.cross_entropy(logits, target, weight=None if weight is None else weight.double(),
-                          **opts)
+    extras = dict(case.extras)
+    ref_all = _reference(logits, target, weight, opts, extras)
+    ref = ref_all[0]
     ref_grads = torch.autograd.grad(ref, leaves, upstream.double())
 
     start = sum(case.sizes[:rank])
@@ -319,14 +369,16 @@ def _run_linear(case, rank, counter):
     if bias is not None:
         mine.append(bias[cols].to(dtype).requires_grad_())
     counter.take()
-    loss = vocab_parallel_linear_cross_entropy(
+    res = vocab_parallel_linear_cross_entropy(
         mine[0], mine[1], target, linear_bias=mine[2] if bias is not None else None,
         vocab_start=start, weight=weight, chunk_size=case.chunk_size, backend=case.backend,
-        **opts)
+        **opts, **extras)
+    loss = res.loss if extras.get("return_aux") else res
     fwd_calls = counter.take()
     grads = torch.autograd.grad(loss, mine, upstream.to(dtype))
     bwd_calls = counter.take()
     out = {
+        **_aux_errors(res, ref_all, extras, False),
         "loss": loss.detach().double(),
         "loss_err": _rel_err(loss.detach(), ref.detach()),
         "grad_err": _rel_err(grads[0], ref_grads[0]),  # the input: summed over ranks
@@ -477,10 +529,12 @@ def _check(case, per_rank):
         assert torch.equal(torch.isnan(loss), torch.isnan(lead)), rank
         assert torch.equal(loss.nan_to_num(), lead.nan_to_num()), rank
     for rank, res in enumerate(per_rank):
+        assert ("lse_err" in res) == dict(case.extras).get("return_aux", False), rank
         assert res["loss_err"] <= loss_rtol, (rank, res["loss_err"])
         assert res["grad_err"] <= grad_atol, (rank, res["grad_err"])
         for key in ("loss_err_vs_fused", "grad_err_vs_fused", "weight_grad_err",
-                    "bias_grad_err", "input_grad_err"):
+                    "bias_grad_err", "input_grad_err", "z_loss_err", "lse_err",
+                    "entropy_err", "accuracy_err"):
             if key in res:
                 assert res[key] <= max(loss_rtol, grad_atol), (rank, key, res[key])
 

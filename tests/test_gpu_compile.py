@@ -93,6 +93,11 @@ def _launch_cases(dtype_name):
     g = torch.ones(n)
     consts = torch.tensor([float(V), float(V)])
     dx = torch.empty_like(x)
+    from fusedce._args import Extras
+
+    extras = Extras(logit_scale=2.0, softcap=30.0, lse_square_scale=1e-4, aux=True)
+    aux = torch.zeros(2, n)
+    part6 = torch.zeros(6 * n)
 
     def split(fn):  # few long rows: the split-row kernels, 4 programs per row
         def run():
@@ -130,6 +135,18 @@ def _launch_cases(dtype_name):
         ("vp_partials-weight-smoothing", lambda: vp.vp_partials(x, t, w, 0.1, part)),
         ("vp_grad", lambda: vp.vp_grad(x, t, lse, g, g, consts, 0.0, None, dx)),
         ("vp_grad-weight-smoothing", lambda: vp.vp_grad(x, t, lse, g, g, consts, 0.1, w, dx)),
+        # the loss extras: transform, aux outputs, z-loss (in the forward's gradient too)
+        ("ce_fwd-extras-inplace", lambda: ce.ce_fwd(
+            x, t, label_smoothing=0.1, grad_scale=one, extras=extras, aux_out=aux,
+            z_scale=one)),
+        ("ce_fwd-extras-inplace-weight-smoothing", lambda: ce.ce_fwd(
+            x, t, w, label_smoothing=0.1, grad_scale=one, extras=extras, aux_out=aux,
+            z_scale=one)),
+        ("ce_bwd-extras", lambda: ce.ce_bwd(x, t, lse, dloss, extras=extras, z_grad=g)),
+        ("ce_bwd-extras-weight-smoothing", lambda: ce.ce_bwd(
+            x, t, lse, dloss, w, label_smoothing=0.1, extras=extras, z_grad=g)),
+        ("vp_partials-extras", lambda: vp.vp_partials(x, t, w, 0.1, part6, extras)),
+        ("vp_grad-extras", lambda: vp.vp_grad(x, t, lse, g, g, consts, 0.1, w, dx, extras, g)),
     ]
 
 
@@ -483,18 +500,20 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import fusedce.kernels.vocab_parallel as D
 
-def compile_one(fn, dtype, has_weight, smoothing):
+def compile_one(fn, dtype, has_weight, smoothing, extras=False):
     ptr = {torch.float32: "*fp32", torch.bfloat16: "*bf16"}[dtype]
     sig = {"x_ptr": ptr, "x_row_stride": "i32"}
     if fn is D._vp_partials_kernel:
         sig.update(t_ptr="*i64", weight_ptr="*fp32", part_ptr="*fp32", n_rows="i32",
-                   n_cols="i32")
-        const = {}
+                   n_cols="i32", scale="fp32", softcap="fp32")
+        const = {"AUX": extras}
     else:
         sig.update(dx_ptr=ptr, dx_row_stride="i32", t_ptr="*i64", lse_ptr="*fp32",
                    g_ptr="*fp32", w_t_ptr="*fp32", consts_ptr="*fp32", weight_ptr="*fp32",
-                   n_cols="i32", label_smoothing="fp32")
-        const = {"SAME_LAYOUT": True}
+                   zgrad_ptr="*fp32", n_cols="i32", label_smoothing="fp32", scale="fp32",
+                   softcap="fp32")
+        const = {"SAME_LAYOUT": True, "HAS_Z": extras}
+    const.update(TRANSFORM=extras, HAS_CAP=extras)
     block, num_warps, vec = D.launch_config(dtype, 12_565)
     const.update(HAS_WEIGHT=has_weight, HAS_SMOOTHING=smoothing, BLOCK_SIZE=block, VEC=vec)
     sig.update({k: "constexpr" for k in const})
@@ -511,6 +530,8 @@ res = {
     "partials-bf16-weight-smoothing": compile_one(D._vp_partials_kernel, bf16, True, True),
     "grad-bf16-weight-smoothing": compile_one(D._vp_grad_kernel, bf16, True, True),
     "grad-fp32": compile_one(D._vp_grad_kernel, fp32, False, False),
+    "partials-bf16-extras": compile_one(D._vp_partials_kernel, bf16, True, True, True),
+    "grad-bf16-extras": compile_one(D._vp_grad_kernel, bf16, True, True, True),
 }
 print("RESULT " + json.dumps(res))
 """

@@ -48,18 +48,22 @@ def _targets(target, weight, ignore_index, n_cols, acc):
     return t_safe, ignored, valid, w_t
 
 
-def _chunk_grad(dz, p, t_safe, g, w_t, gz, w, W, eps, n_cols, out):
-    """Writes ``(g (A p - B onehot - eps / C w) + gz p) dz`` into ``out``, a chunk of the
-    gradient (every argument but ``w`` and ``W`` is the chunk's); ``p`` is consumed."""
+def _coefficients(g, w_t, gz, W, eps, n_classes):
+    """Per row: ``(gA, gB, gk)`` of the gradient ``gA p - gB onehot - gk w`` (``gk`` None
+    without smoothing), ``gA`` with the z-loss's ``gz`` in it."""
     B = (1.0 - eps) * w_t
-    A = B + eps * W / n_cols if eps > 0 else B
-    coef = g * A
-    if gz is not None:
-        coef = coef + gz
-    grad = p.mul_(coef[:, None])
-    grad.scatter_add_(1, t_safe[:, None], (-g * B)[:, None])
-    if eps > 0:
-        grad.sub_((g * (eps / n_cols))[:, None] * (1.0 if w is None else w[None, :]))
+    A = B + eps * W / n_classes if eps > 0 else B
+    gA = g * A if gz is None else g * A + gz
+    return gA, g * B, (g * (eps / n_classes) if eps > 0 else None)
+
+
+def _chunk_grad(dz, p, t_safe, gA, gB, gk, w, out):
+    """Writes ``(gA p - gB onehot(t) - gk w) dz`` into ``out``, a chunk of the gradient
+    (every argument but ``w`` is the chunk's); ``p`` is consumed."""
+    grad = p.mul_(gA[:, None])
+    grad.scatter_add_(1, t_safe[:, None], -gB[:, None])
+    if gk is not None:
+        grad.sub_(gk[:, None] * (1.0 if w is None else w[None, :]))
     if not isinstance(dz, float) or dz != 1.0:
         grad.mul_(dz)
     out.copy_(grad)
@@ -115,7 +119,8 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_
             if grad:
                 gz = None if zs is None else torch.where(ignored[rows], 0.0, zs * lse_c)
                 p.div_(d[:, None])
-                _chunk_grad(dz, p, t_safe[rows], g[rows], w_t[rows], gz, w, W, eps, n_cols,
+                _chunk_grad(dz, p, t_safe[rows],
+                            *_coefficients(g[rows], w_t[rows], gz, W, eps, n_cols), w,
                             dst[rows])
 
     if n_rows > 0 and n_cols > 0:
@@ -144,14 +149,90 @@ def ce_bwd(x, target, lse, dloss, weight=None, ignore_index=-100, label_smoothin
         lse = lse.to(acc)
         gz = z_grad.to(acc) if z_grad is not None else None
         W = float(n_cols) if w is None else w.sum()
+        coef = _coefficients(g, w_t, gz, W, eps, n_cols)
+
+    def coef_rows(rows):
+        return [c if c is None else c[rows] for c in coef]
 
     def work(start, end):
         for s, e in chunks.chunk_ranges(end, n_cols, start):
             rows = slice(s, e)
             z, dz = _transformed(x[rows], extras, acc)
             p = torch.exp(z - lse[rows, None])
-            _chunk_grad(dz, p, t_safe[rows], g[rows], w_t[rows],
-                        None if gz is None else gz[rows], w, W, eps, n_cols, dx[rows])
+            _chunk_grad(dz, p, t_safe[rows], *coef_rows(rows), w, dx[rows])
+
+    pool.parallel_rows(n_rows, n_cols, x.device, work)
+    return dx
+
+
+# ------------------------------------------------------------------------------------------
+# The vocab-parallel loss's per-shard passes (``fusedce.distributed``), with the extras
+
+
+def vp_partials(x, t_local, w_shard, smoothing, part, extras):
+    """``cpu.vocab_parallel.vp_partials`` of the transformed logits: ``[lse_r | zt_r |
+    sm_r]`` into ``part``, and with ``extras.aux`` ``[H_r | m_r | a_r]`` after them (the
+    slice's entropy, max and the column of its first max)."""
+    n_rows, n_cols = x.shape
+    lse, z_t, smooth = part[:n_rows], part[n_rows:2 * n_rows], part[2 * n_rows:3 * n_rows]
+    aux = part[3 * n_rows:6 * n_rows].view(3, n_rows) if extras.aux else None
+    if n_cols == 0:
+        lse.fill_(float("-inf"))
+        z_t.zero_()
+        smooth.zero_()
+        if aux is not None:
+            aux.copy_(torch.tensor([[float("nan")], [float("-inf")], [0.0]]))
+        return part
+    w = w_shard.float() if (smoothing and w_shard is not None) else None
+    w_r = float(n_cols) if w is None else w.sum()
+    t_safe = t_local.clamp_min(0)
+
+    def work(start, end):
+        for s, e in chunks.chunk_ranges(end, n_cols, start):
+            z, _ = _transformed(x[s:e], extras, torch.float32)
+            m = z.amax(1, keepdim=True)
+            ref = torch.where(m == float("-inf"), 0.0, m)
+            shifted = z - ref
+            p = torch.exp(shifted)
+            d = p.sum(1)
+            log_d = d.log()
+            lse[s:e] = ref.squeeze(1) + log_d
+            picked = z.gather(1, t_safe[s:e, None]).squeeze(1)
+            z_t[s:e] = torch.where(t_local[s:e] >= 0, picked, 0.0)
+            if smoothing:
+                wz = shifted.sum(1) if w is None else shifted @ w
+                smooth[s:e] = w_r * log_d - wz
+            if aux is not None:
+                plogp = torch.where(z > float("-inf"), p * shifted, 0.0).sum(1)
+                aux[0, s:e] = log_d - plogp / d
+                aux[1, s:e] = m.squeeze(1)
+                aux[2, s:e] = z.argmax(1).float()
+
+    pool.parallel_rows(n_rows, n_cols, x.device, work)
+    return part
+
+
+def vp_grad(x, t_local, lse, g, w_t, consts, eps, w_shard, dx, extras, z_grad):
+    """``cpu.vocab_parallel.vp_grad`` through the logit transform, with the z-loss's
+    per-row ``z_grad``: ``(gA p - gB onehot - gk w) dz/dx`` over the slice, the global
+    ``W, C = consts`` in ``A`` and ``gk``, the one-hot term only where the target is here."""
+    if dx is None:
+        dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    n_rows, n_cols = x.shape
+    if n_rows == 0 or n_cols == 0:
+        return dx
+    w = w_shard.float() if (eps > 0 and w_shard is not None) else None
+    gA, gB, gk = _coefficients(g, w_t, z_grad, consts[0], eps, consts[1])
+    in_shard = t_local >= 0
+    gB = torch.where(in_shard, gB, 0.0)
+    t_safe = t_local.clamp_min(0)
+
+    def work(start, end):
+        for s, e in chunks.chunk_ranges(end, n_cols, start):
+            z, dz = _transformed(x[s:e], extras, torch.float32)
+            p = torch.exp(z - lse[s:e, None])
+            _chunk_grad(dz, p, t_safe[s:e], gA[s:e], gB[s:e],
+                        None if gk is None else gk[s:e], w, dx[s:e])
 
     pool.parallel_rows(n_rows, n_cols, x.device, work)
     return dx

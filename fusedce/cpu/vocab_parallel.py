@@ -5,14 +5,18 @@ on the CPU path's worker threads."""
 import torch
 
 from . import buffers, chunks, pool
+from . import extras as _extras
 
 
-def vp_partials(x, t_local, w_shard, smoothing, part):
+def vp_partials(x, t_local, w_shard, smoothing, part, extras=None):
     """Fills ``part`` (>= 3 * rows fp32) with ``[lse_r | xt_r | sm_r]`` of the shard ``x``
-    (rows, C_r), as ``fusedce.kernels.vp_partials`` does.
+    (rows, C_r), as ``fusedce.kernels.vp_partials`` does (with loss ``extras``,
+    ``extras.vp_partials``, the module's, serves the call).
 
     Cache-sized row chunks (max, subtract into an fp32 scratch, exp in cache, sum), spread
     over fusedce's single-threaded worker threads."""
+    if extras is not None and extras.any:
+        return _extras.vp_partials(x, t_local, w_shard, smoothing, part, extras)
     n_rows, n_cols = x.shape
     lse, x_t = part[:n_rows], part[n_rows:2 * n_rows]
     smooth = part[2 * n_rows:3 * n_rows]
@@ -51,12 +55,17 @@ def vp_partials(x, t_local, w_shard, smoothing, part):
     return part
 
 
-def vp_grad(x, t_local, lse, g, w_t, consts, eps, w_shard, dx=None):
-    """The shard's gradient into ``dx``, as ``fusedce.kernels.vp_grad`` writes it.
+def vp_grad(x, t_local, lse, g, w_t, consts, eps, w_shard, dx=None, extras=None,
+            z_grad=None):
+    """The shard's gradient into ``dx``, as ``fusedce.kernels.vp_grad`` writes it (with
+    loss ``extras``, ``extras.vp_grad`` serves the call).
 
     Per cache-sized chunk, ``a p = sign(a) exp(x - (lse - log|a|))`` is one subtract into
     the gradient and one in-cache exp (``a = 0`` gives exp(-inf) = 0), then the target's
     one-hot term (O(rows)) and the smoothing term."""
+    if extras is not None and extras.any:
+        return _extras.vp_grad(x, t_local, lse, g, w_t, consts, eps, w_shard, dx, extras,
+                               z_grad)
     if dx is None:
         dx = torch.empty_like(x, memory_format=torch.contiguous_format)
         buffers.advise_hugepages(dx)  # fresh: first-touch faults cost more than a pass

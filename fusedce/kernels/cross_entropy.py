@@ -163,11 +163,11 @@ def _row_lse(x_ptr, row_start, n_cols, t_col, weight_ptr, scale, softcap,
              HAS_SMOOTHING: tl.constexpr, TRANSFORM: tl.constexpr, HAS_CAP: tl.constexpr,
              AUX: tl.constexpr):
     """One pass over the row at ``x_ptr + row_start``: returns ``(lse, x_t, smooth,
-    w_seen, entropy, arg)``, fp32, where with smoothing ``smooth = sum_c w_c (lse - x_c)``
+    w_seen, entropy, arg, m)``, fp32, where with smoothing ``smooth = sum_c w_c (lse - x_c)``
     (a sum of terms >= 0, so ``W lse - sum w x`` without its cancellation) and ``w_seen =
     sum_c w_c`` over the row (0 without smoothing). With AUX, the row's entropy and the
-    first column of its max (``_aux_step``; else 0 and ``n_cols``). With TRANSFORM all of
-    it is of the transformed logits ``z`` (``_logits``).
+    first column of its max (``_aux_step``; else 0 and ``n_cols``); ``m`` is the max.
+    With TRANSFORM all of it is of the transformed logits ``z`` (``_logits``).
 
     Reads each logit of the row exactly once (edge block, then the aligned body). ``x[t]``
     (``t_col``: int32, -1 when there is none) is picked up on the way, by a reduction only
@@ -183,7 +183,7 @@ def _row_lse(x_ptr, row_start, n_cols, t_col, weight_ptr, scale, softcap,
     # head and tail: -inf in the masked lanes, exp of it is 0, so they add nothing to d
     e_cols, e_valid = _edge_cols(head, body_len, n_cols, VEC)
     e_x = tl.load(x_ptr + row_start + e_cols, mask=e_valid, other=float("-inf"))
-    e_x, _ = _logits(e_x.to(tl.float32), e_valid, scale, softcap, TRANSFORM, HAS_CAP)
+    e_x, _e_dz = _logits(e_x.to(tl.float32), e_valid, scale, softcap, TRANSFORM, HAS_CAP)
     x_t = tl.sum(tl.where(e_valid & (e_cols == t_col), e_x, 0.0), axis=0)
     m_old, d_old = m, d
     m, d, q, w_seen = _lse_step(e_x, weight_ptr + e_cols, e_valid, m, d, q, w_seen,
@@ -198,7 +198,7 @@ def _row_lse(x_ptr, row_start, n_cols, t_col, weight_ptr, scale, softcap,
         k = start + lanes
         mask = k < body_len
         x = tl.load(body_ptr + k, mask=mask, other=float("-inf")).to(tl.float32)
-        x, _ = _logits(x, mask, scale, softcap, TRANSFORM, HAS_CAP)
+        x, _dz = _logits(x, mask, scale, softcap, TRANSFORM, HAS_CAP)
         if t_in_body & (t_body >= start) & (t_body < start + BLOCK_SIZE):
             x_t += tl.sum(tl.where(lanes == t_body - start, x, 0.0), axis=0)
         m_old, d_old = m, d
@@ -209,7 +209,7 @@ def _row_lse(x_ptr, row_start, n_cols, t_col, weight_ptr, scale, softcap,
     log_d = tl.log(d)
     lse = tl.where(m == float("-inf"), 0.0, m) + log_d
     smooth = w_seen * log_d - q
-    return lse, x_t, smooth, w_seen, log_d - s1 / d, arg
+    return lse, x_t, smooth, w_seen, log_d - s1 / d, arg, m
 
 
 @triton.jit
@@ -363,7 +363,7 @@ def _ce_fwd_kernel(
     t, ignored, valid, w_t = _row_target(target_ptr, row, weight_ptr, n_cols, ignore_index,
                                          HAS_WEIGHT)
     t_col = _target_col(t, n_cols)
-    lse, x_t, smooth, _, entropy, arg = _row_lse(
+    lse, x_t, smooth, _, entropy, arg, _ = _row_lse(
         x_ptr, row_start, n_cols, t_col, weight_ptr, scale, softcap, BLOCK_SIZE, VEC,
         HAS_WEIGHT, HAS_SMOOTHING, TRANSFORM, HAS_CAP, AUX)
     loss = (1.0 - label_smoothing) * w_t * (lse - x_t)
@@ -550,6 +550,7 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_
         return loss, lse
     has_weight, weight_arg, wsum = _weight_args(weight, label_smoothing, loss)
     block, num_warps, vec = launch_config(x.dtype, n_cols)
+    num_warps = extras_warps(num_warps, extras)
     _ce_fwd_kernel[(n_rows,)](
         x_ptr=x, x_row_stride=x.stride(0),
         dx_ptr=dx, dx_row_stride=dx.stride(0),
@@ -572,6 +573,15 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_
         num_warps=num_warps,
     )
     return loss, lse
+
+
+def extras_warps(num_warps, extras):
+    """Warps for a launch with the loss extras: twice as many (up to 16), half the elements
+    per thread, where the transform's derivative or the aux sums keep more values live
+    (bf16 forward with all of them spilled 4 bytes on sm_90 with 8 warps)."""
+    if extras is not None and (extras.transform or extras.aux):
+        return min(16, 2 * num_warps)
+    return num_warps
 
 
 def transform_args(extras):
@@ -602,6 +612,7 @@ def ce_bwd(x, target, lse, dloss, weight=None, ignore_index=-100, label_smoothin
         return dx
     has_weight, weight_arg, wsum = _weight_args(weight, label_smoothing, lse)
     block, num_warps, vec = launch_config(x.dtype, n_cols)
+    num_warps = extras_warps(num_warps, extras)
     _ce_bwd_kernel[(n_rows,)](
         **grad_launch_args(x, dx, target, weight_arg, wsum, has_weight, lse, ignore_index,
                            label_smoothing),

@@ -99,7 +99,7 @@ def _split_partials_kernel(
     t_local = tl.load(target_ptr + row).to(tl.int64) - col0
     t_col = tl.where((t_local >= 0) & (t_local < width), t_local, -1).to(tl.int32)
     # the split starts at its own element offset: _row_lse aligns its loads to it
-    lse, x_t, smooth, w_seen, _, _ = _row_lse(
+    lse, x_t, smooth, w_seen, _, _, _ = _row_lse(
         x_ptr, row * x_row_stride + col0, width, t_col, weight_ptr + col0, 1.0, 1.0,
         BLOCK_SIZE, VEC, HAS_WEIGHT, HAS_SMOOTHING, False, False, False)
     n_splits = tl.num_programs(1).to(tl.int64)
