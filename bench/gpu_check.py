@@ -198,7 +198,39 @@ def _correctness_cases():
         cases.append(("few-rows-inplace-none", dt, 4, V,
                       {"split": True, "inplace_backward": True, "reduction": "none"}))
         cases.append(("few-rows-128k", dt, 8, 128_256, {"split": True, "ignore_index": 7}))
+        # the loss extras (each alone, all with in place and aux outputs; large vocabularies)
+        cases.append(("logit_scale", dt, 96, V, {"logit_scale": 0.5}))
+        cases.append(("softcap", dt, 96, V, {"softcap": 30.0, "label_smoothing": 0.1}))
+        cases.append(("z-loss-weight", dt, 96, V, {"lse_square_scale": 1e-4, "weight": True}))
+        cases.append(("all-extras-inplace-none", dt, 64, V, dict(
+            EXTRAS, inplace_backward=True, reduction="none")))
+        cases.append(("all-extras-256k", dt, 8, 256_000, dict(EXTRAS, label_smoothing=0.1)))
+        cases.append(("softcap-128k-inplace", dt, 8, 128_256,
+                      {"softcap": 30.0, "inplace_backward": True}))
     return cases
+
+
+EXTRAS = {"logit_scale": 0.7, "softcap": 30.0, "lse_square_scale": 1e-4, "return_aux": True}
+
+
+def _reference(torch, F, x64, target, weight, ignore_index, reduction, smoothing, opts):
+    """``(loss, lse, entropy)`` in float64 from the definitions of the loss extras in
+    ``opts`` (lse and entropy None without ``return_aux``)."""
+    z = x64 * opts.get("logit_scale", 1.0)
+    if opts.get("softcap") is not None:
+        z = opts["softcap"] * torch.tanh(z / opts["softcap"])
+    loss = F.cross_entropy(z, target, weight=weight, ignore_index=ignore_index,
+                           reduction=reduction, label_smoothing=smoothing)
+    lse = torch.logsumexp(z, 1)
+    scale = opts.get("lse_square_scale", 0.0)
+    if scale:
+        kept = target != ignore_index
+        zl = torch.where(kept, scale * lse ** 2, 0.0)
+        loss = loss + {"none": zl, "sum": zl.sum(), "mean": zl.sum() / kept.sum()}[reduction]
+    if not opts.get("return_aux"):
+        return loss, None, None
+    logp = torch.log_softmax(z, 1)
+    return loss, lse.detach(), -(logp.exp() * logp).sum(1).detach()
 
 
 def check_correctness(torch, F, fusedce, dev, max_rows=None):
@@ -231,9 +263,9 @@ def check_correctness(torch, F, fusedce, dev, max_rows=None):
                     else torch.randn((), generator=gen, device=device)).to(dtype)
 
         x64 = x.detach().double().requires_grad_(True)
-        ref = F.cross_entropy(x64, target, weight=None if weight is None else weight.double(),
-                              ignore_index=ignore_index, reduction=reduction,
-                              label_smoothing=opts.get("label_smoothing", 0.0))
+        ref, ref_lse, ref_entropy = _reference(
+            torch, F, x64, target, None if weight is None else weight.double(), ignore_index,
+            reduction, opts.get("label_smoothing", 0.0), opts)
         (ref_grad,) = torch.autograd.grad(ref, x64, upstream.double())
 
         # the padded / offset cases run on the view itself (in-place mode writes into buf),
@@ -243,11 +275,15 @@ def check_correctness(torch, F, fusedce, dev, max_rows=None):
         before = buf[outside].clone()
         xin = (x.detach() if (pad or offset) else x.detach().clone()).requires_grad_(True)
         try:
-            loss = fusedce.cross_entropy(xin, target, weight=weight, **opts,
-                                         **dev.fused_kwargs)
+            out = fusedce.cross_entropy(xin, target, weight=weight, **opts,
+                                        **dev.fused_kwargs)
+            loss = out.loss if opts.get("return_aux") else out
             (grad,) = torch.autograd.grad(loss, xin, upstream)
             dev.sync()
             errs = {"loss": _rel_err(loss, ref), "grad": _rel_err(grad, ref_grad)}
+            if ref_lse is not None:  # fp32 statistics of the same rounded logits
+                errs["lse"] = _rel_err(out.lse, ref_lse) * TOL[dt] / TOL["fp32"]
+                errs["entropy"] = _rel_err(out.entropy, ref_entropy) * TOL[dt] / TOL["fp32"]
             untouched = torch.equal(buf[outside], before)
             ok = all(e <= TOL[dt] for e in errs.values()) and untouched
             detail = " ".join(f"{k} {v:.1e}" for k, v in errs.items())
@@ -293,6 +329,31 @@ def time_few_rows(torch, F, fusedce, do_bench, dev, vocabs=(50_257, 128_256),
             out.append({"rows": n, "vocab": v, "splits": chosen,
                         "split_ms": round(times["split"], 4), "one_program_ms":
                         round(times["one"], 4), "eager_ms": round(times["eager"], 4)})
+    return out
+
+
+def time_extras(torch, fusedce, do_bench, dev, tokens=8_192, vocabs=(V, 128_256, 256_000)):
+    """Forward + backward (bf16) of each loss extra against the plain loss, in ms."""
+    device = dev.device
+    out = []
+    print(f"\nloss extras, bf16 forward + backward, {tokens} tokens (ms, and / plain)")
+    options = {"plain": {}, "logit_scale": {"logit_scale": 0.7}, "softcap": {"softcap": 30.0},
+               "z_loss": {"lse_square_scale": 1e-4}, "return_aux": {"return_aux": True},
+               "all": EXTRAS}
+    for v in vocabs:
+        x = (torch.randn(tokens, v, device=device) * 2).to(torch.bfloat16).requires_grad_()
+        t = torch.randint(0, v, (tokens,), device=device)
+        times = {}
+        for name, kw in options.items():
+            def step(kw=kw, x=x, t=t):
+                out = fusedce.cross_entropy(x, t, **kw, **dev.fused_kwargs)
+                (out.loss if kw.get("return_aux") else out).backward()
+            times[name] = _bench(do_bench, step, [x])
+        line = " ".join(f"{k} {ms:.3f} ({ms / times['plain']:.2f})" for k, ms in times.items())
+        print(f"  V={v}: {line}")
+        out += [{"tokens": tokens, "vocab": v, "option": k, "ms": round(ms, 4),
+                 "vs_plain": round(ms / times["plain"], 3)} for k, ms in times.items()]
+        del x, t  # the next vocabulary's logits in its place
     return out
 
 
@@ -638,6 +699,9 @@ def main(argv=None):
         rows = time_few_rows(torch, F, fusedce, do_bench, dev,
                              *(((V,), (1, 2)) if args.dry_run else ()))
         _write_csv(os.path.join(args.out, f"gpu_few_rows_{slug}.csv"), rows, extra)
+        rows = time_extras(torch, fusedce, do_bench, dev,
+                           *((4, (V,)) if args.dry_run else ()))
+        _write_csv(os.path.join(args.out, f"gpu_extras_{slug}.csv"), rows, extra)
         if not args.no_linear:
             lin_failures, rows = check_and_time_linear(torch, F, fusedce, dev, args.dry_run)
             failures += lin_failures

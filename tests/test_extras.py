@@ -141,10 +141,12 @@ def test_softcap_padded_lanes(backend, n_cols):
     assert out.accuracy.item() == pytest.approx(2 / 3)
 
 
+@pytest.mark.parametrize("options", ["all", "zloss"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_layouts_and_float64(backend):
+def test_layouts_and_float64(backend, options):
     """(N, C, d) logits (classes not contiguous: served through a copy into rows) and
-    float64 (computed in float64, on the PyTorch implementation), with every extra."""
+    float64 (computed in float64, on the PyTorch implementation), with every extra, and
+    with the z-loss alone (which the CPU's row path serves in float32, but not float64)."""
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(3, 50, 4, generator=gen) * 5
     t = torch.randint(0, 50, (3, 4), generator=gen)
@@ -152,13 +154,13 @@ def test_layouts_and_float64(backend):
     for dtype in (torch.float32, torch.float64):
         xf = x.to(dtype).clone().requires_grad_()
         out = fusedce.cross_entropy(xf, t, reduction="none", backend=backend,
-                                    **OPTIONS["all"])
+                                    **dict(OPTIONS[options], return_aux=True))
         upstream = torch.randn(3, 4, generator=gen, dtype=torch.float64)
         (out.loss.double() * upstream).sum().backward()
         xr = x.double().requires_grad_()
         rows = xr.transpose(1, 2).reshape(-1, 50)
-        ref = reference(rows, t.reshape(-1), reduction="none", logit_scale=2.5, softcap=15.0,
-                        lse_square_scale=1e-3)
+        kw = {k: v for k, v in OPTIONS[options].items() if k != "return_aux"}
+        ref = reference(rows, t.reshape(-1), reduction="none", **kw)
         (ref[0] * upstream.reshape(-1)).sum().backward()
         tol = 1e-12 if dtype == torch.float64 else 2e-5
         assert out.loss.shape == out.lse.shape == out.entropy.shape == (3, 4)

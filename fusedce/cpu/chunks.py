@@ -49,6 +49,7 @@ def _smoothing_term(out: torch.Tensor, c: torch.Tensor, w: Optional[torch.Tensor
 def fwd_chunks(x: torch.Tensor, dst: Optional[torch.Tensor], row_max: torch.Tensor,
                 row_sum: torch.Tensor, sum_wx: Optional[torch.Tensor],
                 w: Optional[torch.Tensor], gA: Optional[torch.Tensor],
+                zs: Optional[torch.Tensor],
                 coef: Optional[torch.Tensor], smooth: Optional[torch.Tensor],
                 scratch: Optional[torch.Tensor], chunks: list[int], step: int,
                 direct: bool, inplace: bool, shifted: bool, x_t: Optional[torch.Tensor],
@@ -56,7 +57,8 @@ def fwd_chunks(x: torch.Tensor, dst: Optional[torch.Tensor], row_max: torch.Tens
     """Works through the row chunks ``chunks`` (``step`` rows each) of ``ce_fwd``: their
     row sums of ``exp(x - shift)`` into ``row_sum`` and the shift into ``row_max``,
     ``sum_c w_c (x_c - shift)`` into ``sum_wx`` where given, and with ``dst`` the chunk's gradient
-    ``coef p - smooth w`` into it, ``coef = gA / sum``.
+    ``coef p - smooth w`` into it, ``coef = gA / sum`` (``(gA + zs lse) / sum`` with a
+    z-loss's per-row ``zs``; only with ``shifted``, where the shift is the row max).
 
     ``shifted``: the shift is the row max. Else none at first (``row_max`` holds 0), and
     each chunk is tested (``_sums_fail``) before its gradient is written (x survives until
@@ -129,7 +131,11 @@ def fwd_chunks(x: torch.Tensor, dst: Optional[torch.Tensor], row_max: torch.Tens
             continue
         if dc is not None:
             assert gA is not None and coef is not None
-            scale = torch.div(gA.narrow(0, r0, rows), sums, out=coef.narrow(0, r0, rows))
+            gA_c = gA.narrow(0, r0, rows)
+            if zs is not None:  # the z-loss's gz = zs lse, lse = shift + log(sum)
+                assert m is not None
+                gA_c = gA_c + zs.narrow(0, r0, rows) * (m + torch.log(sums))
+            scale = torch.div(gA_c, sums, out=coef.narrow(0, r0, rows))
             if direct and buf is not dc:  # in place: from the scratch over x, one pass
                 buf = torch.mul(buf, scale, out=dc)
             else:

@@ -37,6 +37,15 @@ UNSHIFTED_EXP = True
 UNSHIFTED_EXP_BWD = False
 
 
+def _extras_serve(x, weight, extras, aux):
+    """Whether ``extras.py`` serves a call with loss ``extras``: with a logit transform or
+    ``aux`` outputs, or in float64 (this path computes in float32); a z-loss alone is
+    this path's."""
+    if extras is None or not extras.any:
+        return False
+    return extras.transform or aux or _extras.compute_dtype(x, weight) == torch.float64
+
+
 def _row_targets(target, weight, ignore_index, n_cols):
     """``(t_safe, ignored, valid, w_t)``: targets clamped to a readable index, the ignore
     and in-range masks, and each row's class weight (0 where ignored or out of range)."""
@@ -105,8 +114,10 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_
     grad_scale``: into ``grad_out`` (a contiguous tensor of ``x``'s shape and dtype; ``x``
     then stays intact) or, when it is None, over ``x``. A ``grad_out`` fresh from
     ``buffers.grad_buffer`` is faulted in by each worker for its own rows first.
-    With any loss ``extras``, ``extras.ce_fwd`` (the module) serves the call."""
-    if extras is not None and extras.any:
+    With a logit transform or aux outputs in ``extras``, ``extras.ce_fwd`` (the module)
+    serves the call; a z-loss alone is this path's, its gradient's ``gz = z_scale * lse``
+    added to ``g A`` once each chunk's lse is known."""
+    if _extras_serve(x, weight, extras, extras is not None and extras.aux):
         return _extras.ce_fwd(x, target, weight, ignore_index, label_smoothing, grad_scale,
                               grad_out, extras, aux_out, z_scale)
     n_rows, n_cols = x.shape
@@ -127,6 +138,9 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_
             g = _row_scale(grad_scale.float().expand(n_rows), ignored, valid)
             gA = (g * A)[:, None].contiguous()
             coef = torch.empty_like(gA)
+            zs = None
+            if extras is not None and extras.z_loss and z_scale is not None:
+                zs = torch.where(ignored, 0.0, z_scale.float())[:, None].contiguous()
             smooth = (g * (eps / n_cols)).contiguous() if eps > 0 else None
     direct = x.dtype == torch.float32  # else: through an fp32 scratch chunk
     inplace = dst is x
@@ -134,7 +148,8 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_
     # No max pass where x survives the pass, so that the chunks it fails for can be redone
     # (``chunks.fwd_chunks``; in place, exp goes to a scratch chunk first); not on a GPU
     # (each chunk's check would sync)
-    unshifted = UNSHIFTED_EXP and dev.type == "cpu"
+    # (not with a z-loss gradient: its g A + gz is known only once the chunk's lse is)
+    unshifted = UNSHIFTED_EXP and dev.type == "cpu" and not (grad and zs is not None)
     # below this a sum could be off by the terms fp32 flushes (2**-126 each, denormals
     # flushed; 2**-102 V is 2**24 of them)
     lo_bound = max(1e-30, n_cols * 2.0 ** -102)
@@ -144,6 +159,7 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_
     g_lo, g_hi = _chunk_bounds(gA, step) if unshifted and grad else ([], [])
     args = dict(x=x.detach(), dst=dst.detach() if grad else None, row_max=row_max,
                 row_sum=row_sum, sum_wx=sum_wx, w=w, gA=gA if grad else None,
+                zs=zs if grad else None,
                 coef=coef if grad else None, smooth=smooth if grad else None, step=step,
                 direct=direct, inplace=inplace, x_t=x_t[:, None].contiguous(),
                 lo_bound=lo_bound, g_lo=g_lo, g_hi=g_hi)
@@ -178,6 +194,8 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_
         loss = torch.where(ignored, 0.0, torch.where(valid, loss, float("nan")))
         if grad and n_rows > 0 and n_cols > 0:
             gA = gA.squeeze(1)
+            if zs is not None:
+                gA = gA + zs.squeeze(1) * lse
             d = _target_grad(x_t, lse, gA, g * B, g, w, eps, n_cols, t_safe)
             _write_target_grad(dst, t_safe, d)
     return loss, lse
@@ -186,8 +204,9 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_
 def ce_bwd(x, target, lse, dloss, weight=None, ignore_index=-100, label_smoothing=0.0,
            dx=None, extras=None, z_grad=None):
     """Gradient of ``sum(loss * dloss)`` w.r.t. ``x``; same contract as the kernel launcher
-    (with loss extras, ``extras.ce_bwd`` serves the call)."""
-    if extras is not None and extras.any:
+    (with a logit transform, ``extras.ce_bwd`` serves the call; the z-loss's ``z_grad``
+    adds to ``g A``)."""
+    if _extras_serve(x, weight, extras, False):
         return _extras.ce_bwd(x, target, lse, dloss, weight, ignore_index, label_smoothing,
                               dx, extras, z_grad)
     n_rows, n_cols = x.shape
@@ -206,7 +225,7 @@ def ce_bwd(x, target, lse, dloss, weight=None, ignore_index=-100, label_smoothin
         w = weight.float() if weight is not None else None
         A, B = _grad_coefficients(w_t, weight, eps, n_cols)
         g = _row_scale(dloss.float().expand(n_rows), ignored, valid)
-        gA = g * A
+        gA = g * A if z_grad is None else g * A + z_grad.float()
         lse = lse.float()
         # g A p = sign(g A) exp(x - (lse - log|g A|)); g A = 0 gives exp(-inf) = 0
         # rows with g A = 0 (ignored, or no upstream gradient) are zeroed, not computed:
