@@ -32,12 +32,13 @@ setup(
     extras_require={
         "dev": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "ruff>=0.5",
                 "expecttest",  # torch.testing._internal (PyTorch's own test samples)
-                "matplotlib>=3.5", "tqdm>=4", "transformers>=4.40",
+                "matplotlib>=3.5", "tqdm>=4", "transformers>=4.40", "accelerate>=1.0",
                 "kernels"],  # Hugging Face's: tests/test_packaging.py checks no shadowing
         # `fusedce train`: progress bar and loss-curve plot (`fusedce demo` needs neither)
         "demo": ["matplotlib>=3.5", "tqdm>=4"],
-        # Hugging Face models, patched with fusedce.patched() (tests/test_hf.py)
-        "hf": ["transformers>=4.40"],
+        # Hugging Face models: fusedce.hf.apply / fusedce.patched() (tests/test_hf*.py);
+        # accelerate for transformers' Trainer
+        "hf": ["transformers>=4.40", "accelerate>=1.0"],
         # `python -m bench` and `pytest bench/ --benchmark-only`
         "bench": ["pytest>=8", "pytest-benchmark>=4", "matplotlib>=3.5", "tqdm>=4"],
     },

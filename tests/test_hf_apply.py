@@ -1,0 +1,224 @@
+"""``fusedce.hf.apply``: Hugging Face causal LMs compute their labelled loss with
+``fusedce.linear_cross_entropy``, never holding the logits.
+
+Each supported family is built from a tiny random configuration (no download) with its real
+vocabulary size, and compared with an unpatched copy of itself in fp32: the loss (relative
+1e-5) and every parameter's gradient (relative 1e-4 of its largest entry), with labels
+partly -100 and with ``num_items_in_batch``; without labels the logits are identical.
+"""
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="the optional 'hf' extra")
+
+import fusedce.hf  # noqa: E402
+
+DIMS = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64)
+
+
+def _config(family):
+    """A tiny random configuration of ``family`` with its real vocabulary size."""
+    if family == "gpt2":
+        return transformers.GPT2Config(vocab_size=50_257, n_positions=64, n_embd=32,
+                                       n_layer=2, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
+                                       attn_pdrop=0.0)
+    if family == "llama":  # Llama 3's vocabulary
+        return transformers.LlamaConfig(vocab_size=128_256, **DIMS)
+    if family == "mistral":
+        return transformers.MistralConfig(vocab_size=32_768, **DIMS)
+    if family == "qwen2":  # tied embeddings, as the small Qwen2 models
+        return transformers.Qwen2Config(vocab_size=151_936, tie_word_embeddings=True, **DIMS)
+    if family == "gemma2":  # a cap that matters at random initialisation (Gemma-2's is 30)
+        return transformers.Gemma2Config(vocab_size=256_000, head_dim=8,
+                                         final_logit_softcapping=0.5, **DIMS)
+    if family == "phi3":
+        return transformers.Phi3Config(vocab_size=32_064, pad_token_id=0, **DIMS)
+    raise AssertionError(family)
+
+
+FAMILIES = ["gpt2", "llama", "mistral", "qwen2", "gemma2", "phi3"]
+
+
+def _model(family, seed=0):
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(_config(family))
+    if family == "gemma2":  # logits of order 1, not 0.01: the cap of 0.5 bites
+        with torch.no_grad():
+            model.get_output_embeddings().weight.mul_(100.0)
+    return model.float().eval()  # eval: no dropout, the two runs see the same network
+
+
+def _batch(vocab, seed=1, batch=2, length=12):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, length), generator=gen)
+    ids[0, -1] = vocab - 1  # the last class is a target too
+    labels = ids.clone()
+    labels[1, -4:] = -100  # a shorter second text
+    labels[0, 2] = -100
+    return ids, labels
+
+
+def _step(model, ids, labels, **kwargs):
+    model.zero_grad()
+    out = model(input_ids=ids, labels=labels, **kwargs)
+    out.loss.backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_grads_close(got, want):
+    assert got.keys() == want.keys()
+    for name, g in want.items():
+        scale = g.abs().max().clamp_min(1e-30)
+        err = ((got[name] - g).abs().max() / scale).item()
+        assert err <= 1e-4, (name, err)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("items", [False, True], ids=["mean", "num_items_in_batch"])
+def test_loss_and_gradients_match_the_model(family, items):
+    model = _model(family)
+    fused = fusedce.hf.apply(copy.deepcopy(model))
+    ids, labels = _batch(model.config.vocab_size)
+    kwargs = {}
+    if items:  # gradient accumulation: the sum over this many tokens (more than these)
+        kwargs["num_items_in_batch"] = torch.tensor(37)
+    out, grads = _step(model, ids, labels, **kwargs)
+    out_f, grads_f = _step(fused, ids, labels, **kwargs)
+    assert out_f.logits is None  # none were made
+    assert out_f.loss.dtype == out.loss.dtype == torch.float32
+    torch.testing.assert_close(out_f.loss, out.loss, rtol=1e-5, atol=0)
+    _assert_grads_close(grads_f, grads)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_inference_logits_are_the_models(family):
+    model = _model(family)
+    fused = fusedce.hf.apply(copy.deepcopy(model))
+    ids, _ = _batch(model.config.vocab_size)
+    with torch.no_grad():
+        assert torch.equal(fused(input_ids=ids).logits, model(input_ids=ids).logits)
+        # logits_to_keep: the last position only, as generate asks
+        assert torch.equal(fused(input_ids=ids, logits_to_keep=1).logits,
+                           model(input_ids=ids, logits_to_keep=1).logits)
+    generated = fused.generate(ids[:1, :4], max_new_tokens=3, do_sample=False)
+    assert torch.equal(generated, model.generate(ids[:1, :4], max_new_tokens=3,
+                                                  do_sample=False))
+
+
+def test_gemma2_softcap_is_applied_and_restored():
+    """The cap enters the loss (a loss without it differs by far more than the tolerance)
+    and the config keeps it after a labelled call, also one that raises."""
+    model = _model("gemma2")
+    fused = fusedce.hf.apply(copy.deepcopy(model))
+    ids, labels = _batch(model.config.vocab_size)
+    uncapped = copy.deepcopy(model)
+    uncapped.config.final_logit_softcapping = None
+    with torch.no_grad():
+        want = model(input_ids=ids, labels=labels).loss
+        got = fused(input_ids=ids, labels=labels).loss
+        other = uncapped(input_ids=ids, labels=labels).loss
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+    assert abs(other - want) > 1e-2
+    assert fused.config.final_logit_softcapping == 0.5
+    with pytest.raises(ValueError, match="Expected target of shape"):
+        fused(input_ids=ids, labels=labels[:, :3])  # labels of the wrong length
+    assert fused.config.final_logit_softcapping == 0.5
+
+
+def test_no_logits_sized_tensor_in_training():
+    """A labelled forward and backward of GPT-2 over 640 tokens allocate no tensor as large
+    as half the (tokens x 50,257) logits (fusedce's chunks hold 128 tokens' logits)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    model = fusedce.hf.apply(_model("gpt2"))
+    model.config.n_positions = 320
+    model.transformer.wpe = torch.nn.Embedding(320, 32)
+    ids, labels = _batch(model.config.vocab_size, batch=2, length=320)
+    largest = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    largest.append(t.untyped_storage().nbytes())
+            return out
+
+    with Watch():
+        model(input_ids=ids, labels=labels).loss.backward()
+    logits_bytes = ids.numel() * model.config.vocab_size * 4
+    assert max(largest) < logits_bytes / 2, (max(largest), logits_bytes)
+
+
+def test_unsupported_family_and_remove():
+    cfg = transformers.OPTConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1,
+                                 ffn_dim=32, num_attention_heads=2, word_embed_proj_dim=16,
+                                 max_position_embeddings=32)
+    with pytest.raises(ValueError, match="gpt2.*llama"):
+        fusedce.hf.apply(transformers.OPTForCausalLM(cfg))
+    model = fusedce.hf.apply(_model("llama"))
+    assert fusedce.hf.apply(model) is model  # twice: a no-op
+    ids, labels = _batch(model.config.vocab_size)
+    assert model(input_ids=ids, labels=labels).logits is None
+    fusedce.hf.remove(model)
+    out = model(input_ids=ids, labels=labels)
+    assert out.logits is not None and out.logits.shape == (*ids.shape, 128_256)
+
+
+def test_import_fusedce_does_not_import_transformers():
+    import subprocess
+    import sys
+
+    code = "import sys, fusedce; print('transformers' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.stdout.strip() == "False", done.stderr
+
+
+@pytest.mark.slow
+def test_trainer_runs_with_it(tmp_path):
+    """Three steps of ``Trainer.train()`` on a tiny GPT-2 (which passes
+    ``num_items_in_batch``) log the same losses with fusedce applied as without."""
+    pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
+    gen = torch.Generator().manual_seed(3)
+    data = [{"input_ids": ids, "labels": ids.clone()}
+            for ids in torch.randint(0, 50_257, (12, 16), generator=gen)]
+    losses = []
+    for apply in (False, True):
+        model = _model("gpt2").train()
+        if apply:
+            fusedce.hf.apply(model)
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / f"run{int(apply)}"), per_device_train_batch_size=4,
+            max_steps=3, logging_steps=1, learning_rate=1e-3, report_to=[], use_cpu=True,
+            save_strategy="no", seed=0, dataloader_num_workers=0)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
+        trainer.train()
+        losses.append([h["loss"] for h in trainer.state.log_history if "loss" in h])
+    assert len(losses[0]) == 3
+    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-4,
+                               atol=0)
+
+
+@pytest.mark.slow
+def test_example_script():
+    """examples/hf_apply.py runs and its two columns of losses agree."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "examples", "hf_apply.py")
+    done = subprocess.run([sys.executable, script], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    pairs = re.findall(r"unpatched ([0-9.]+)\s+fusedce.hf ([0-9.]+)", done.stdout)
+    assert len(pairs) == 5
+    for a, b in pairs:
+        assert abs(float(a) - float(b)) <= 1e-4 * float(a), (a, b)
+    assert float(pairs[-1][0]) < float(pairs[0][0])  # it trains
