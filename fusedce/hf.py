@@ -99,9 +99,13 @@ def apply(model):
         target = shift_labels.reshape(-1).to(hidden.device)
         softcap = state.softcap
         reduction = "mean" if num_items_in_batch is None else "sum"
-        loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight, target,
-                                    linear_bias=head.bias, reduction=reduction,
-                                    ignore_index=ignore_index, softcap=softcap).float()
+        # a 16-bit model: the loss in fp32, as transformers upcasts its logits (fusedce's
+        # linear loss under autocast computes in fp32 and returns fp32, never rounded)
+        low = hidden.dtype in (torch.float16, torch.bfloat16)
+        with torch.autocast(hidden.device.type, dtype=hidden.dtype, enabled=low):
+            loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight,
+                                        target, linear_bias=head.bias, reduction=reduction,
+                                        ignore_index=ignore_index, softcap=softcap)
         if num_items_in_batch is not None:
             if torch.is_tensor(num_items_in_batch):
                 num_items_in_batch = num_items_in_batch.to(loss.device)

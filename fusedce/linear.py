@@ -178,7 +178,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             ctx.save_for_backward(x, linear_weight, linear_bias, target, weight, lse)
             loss = _reduced(loss, lse, target, weight, ignore_index, reduction, n_classes,
                             extras)
-            return _outputs(ctx, loss.to(x.dtype), lse, aux)
+            return _outputs(ctx, loss, lse, aux)
         # 'mean' / 'sum': gradients of loss.sum() / denom (and of the z-loss), computed now
         denom = _loss.denominator(target, weight, ignore_index, n_classes, reduction)
         scale = 1.0 / denom
@@ -202,7 +202,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         del buf
         ctx.grads = (acc.grad_input, acc.grad_weight, acc.grad_bias)
         loss = _reduced(loss, lse, target, weight, ignore_index, reduction, n_classes, extras)
-        return _outputs(ctx, loss.to(x.dtype), lse, aux)
+        return _outputs(ctx, loss, lse, aux)
 
     @staticmethod
     def backward(ctx, grad_out, *_aux_grads):
@@ -323,19 +323,23 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     # the CE kernels read target[row] at unit stride; an O(rows) copy
     target = target.contiguous()
     autocast_dtype = _autocast_dtype(input.device.type)
-    if autocast_dtype is not None:
-        # what F.linear does under autocast; the loss then comes out in fp32 like F.cross_entropy
-        with torch.autocast(input.device.type, enabled=False):
-            loss = linear_cross_entropy(
-                input.to(autocast_dtype), linear_weight.to(autocast_dtype), target,
-                linear_bias=None if linear_bias is None else linear_bias.to(autocast_dtype),
-                weight=weight, reduction=reduction, ignore_index=ignore_index,
-                label_smoothing=label_smoothing, backend=backend, chunk_size=chunk_size,
-                **extra_kw)
-        if extras.aux:
-            return loss._replace(loss=loss.loss.float(), z_loss=loss.z_loss.float())
-        return loss.float()
+    if autocast_dtype is None:
+        return _fused(input, linear_weight, linear_bias, target, weight, ignore_index,
+                      label_smoothing, reduction, backend, chunk_size, extras, input.dtype)
+    # what F.linear does under autocast; the loss then comes out in fp32 like F.cross_entropy
+    # (computed in fp32 and never rounded to the autocast dtype on the way)
+    with torch.autocast(input.device.type, enabled=False):
+        return _fused(input.to(autocast_dtype), linear_weight.to(autocast_dtype),
+                      None if linear_bias is None else linear_bias.to(autocast_dtype), target,
+                      weight, ignore_index, label_smoothing, reduction, backend, chunk_size,
+                      extras, torch.float32)
 
+
+def _fused(input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing,
+           reduction, backend, chunk_size, extras, result_dtype):
+    """``linear_cross_entropy`` of checked 2-d arguments, the loss in ``result_dtype`` (the
+    loss and z-loss are computed in fp32 and rounded to it once)."""
+    n_classes = linear_weight.shape[0]
     impl = (_loss.extras_implementation(backend, input, weight) if extras.any
             else _args.implementation(backend, input))
     n_rows = input.shape[0]
@@ -355,11 +359,11 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
                                                weight, ignore_index, label_smoothing,
                                                reduction, impl, rows, extras)
         loss, lse, aux = out if extras.aux else (out, None, None)
-    loss = loss.to(input.dtype)
+    loss = loss.to(result_dtype)
     if not extras.aux:
         return loss
     return _loss.aux_outputs(loss, lse, aux, target, ignore_index, reduction, extras,
-                             (n_rows,), input.dtype)
+                             (n_rows,), result_dtype)
 
 
 class LinearCrossEntropyLoss(nn.Module):

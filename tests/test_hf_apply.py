@@ -222,3 +222,17 @@ def test_example_script():
     for a, b in pairs:
         assert abs(float(a) - float(b)) <= 1e-4 * float(a), (a, b)
     assert float(pairs[-1][0]) < float(pairs[0][0])  # it trains
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_16_bit_model_loss_is_fp32(dtype):
+    """A 16-bit model's loss comes out in fp32, as transformers' (which upcasts its logits),
+    and close to it: fusedce computes in fp32 from the 16-bit logits of each chunk."""
+    model = _model("llama").to(dtype)
+    fused = fusedce.hf.apply(copy.deepcopy(model))
+    ids, labels = _batch(model.config.vocab_size)
+    with torch.no_grad():
+        want = model(input_ids=ids, labels=labels).loss
+        got = fused(input_ids=ids, labels=labels).loss
+    assert got.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=2e-3, atol=0)
