@@ -298,3 +298,25 @@ def test_linear_cross_entropy_1d_and_no_grad():
         again = fusedce.linear_cross_entropy(x.requires_grad_(), lw, t, **kw)
     for name in out._fields:
         torch.testing.assert_close(getattr(again, name), getattr(out, name))
+
+
+# ------------------------------------------------------------------------------------------
+# Few long rows: each row split over several programs (fusedce/kernels/split_rows.py)
+
+
+@pytest.mark.parametrize("options", ["softcap", "zloss", "all"])
+@pytest.mark.parametrize("inplace", [False, True], ids=["grad", "inplace"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_split_rows(monkeypatch, options, inplace, reduction):
+    """The split-row kernels (3 splits per row of 1,000 columns: uneven widths) with the
+    extras: the splits' partial entropies and argmaxes merged, gz in the split gradient."""
+    from fusedce.kernels import split_rows
+
+    monkeypatch.setattr(split_rows, "FORCE_SPLITS", 3)
+    x, t, w, eps = _inputs(4, 1000, torch.float32, seed=13, variant="weighted")
+    x[0, 990] = x[0].max() + 5  # a max in the last split
+    x[1, 3] = x[1, 700] = x[1].max() + 5  # tied in the first and the last split
+    t[0], t[1] = 990, 700  # row 1's first max is column 3: wrong
+    opts = dict(OPTIONS[options])
+    opts["return_aux"] = True
+    _check(x, t, w, eps, reduction, "triton", opts, inplace=inplace)

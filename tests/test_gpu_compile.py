@@ -145,6 +145,11 @@ def _launch_cases(dtype_name):
         ("ce_bwd-extras", lambda: ce.ce_bwd(x, t, lse, dloss, extras=extras, z_grad=g)),
         ("ce_bwd-extras-weight-smoothing", lambda: ce.ce_bwd(
             x, t, lse, dloss, w, label_smoothing=0.1, extras=extras, z_grad=g)),
+        ("ce_fwd-split-extras-with-grad", split(lambda: sr.ce_fwd(
+            x, t, label_smoothing=0.1, grad_scale=one, extras=extras, aux_out=aux,
+            z_scale=one))),
+        ("ce_bwd-split-extras", split(lambda: sr.ce_bwd(x, t, lse, dloss, extras=extras,
+                                                        z_grad=g))),
         ("vp_partials-extras", lambda: vp.vp_partials(x, t, w, 0.1, part6, extras)),
         ("vp_grad-extras", lambda: vp.vp_grad(x, t, lse, g, g, consts, 0.1, w, dx, extras, g)),
     ]

@@ -16,6 +16,12 @@ is cut into ``S`` column splits of ``split_cols`` columns, one program each, in 
 3. ``_split_grad_kernel`` (grid rows x S) writes each split's gradient through ``_row_grad``
    with the row's global ``lse``, in the forward (``grad_scale``) or the backward.
 
+The loss extras: each split transforms its logits as it loads them (``_logits``); with aux
+outputs a split also gives its own entropy ``H_s``, max ``m_s`` and first argmax, merged as
+the vocab-parallel loss merges its ranks' (``H = sum_s pi_s (H_s + lse - lse_s)``, ``pi_s =
+exp(lse_s - lse)``; the smallest argmax column among the splits holding the row's max); the
+z-loss's ``gz`` per row (O(rows), from the merged lse) joins the gradient kernel.
+
 ``ce_fwd`` / ``ce_bwd`` here are the package's launchers (``fusedce.kernels``): the
 arguments and results of ``cross_entropy.ce_fwd`` / ``ce_bwd``, which they call for rows that
 ``split_count`` does not split.
@@ -37,8 +43,10 @@ from .cross_entropy import (
     _row_target,
     _unit_stride,
     _weight_args,
+    extras_warps,
     grad_launch_args,
     launch_config,
+    transform_args,
 )
 
 # A split holds at least this many columns (a program's fixed costs stay small against its
@@ -82,16 +90,22 @@ def _split_partials_kernel(
     target_ptr,
     weight_ptr,
     part_ptr,
-    n_rows, n_cols, split_cols,
+    n_rows, n_cols, split_cols, scale, softcap,
     HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     VEC: tl.constexpr,
+    TRANSFORM: tl.constexpr = False,
+    HAS_CAP: tl.constexpr = False,
+    AUX: tl.constexpr = False,
 ):
     """Partials of one split of one row (grid rows x S).
 
     x_ptr: (rows, n_cols) logits, unit column stride; target_ptr: (rows,) int64/int32
-    part_ptr: (4, S, rows) fp32 out: lse_s, the target logit or 0, smooth_s, w_s
+    part_ptr: (P, S, rows) fp32 out: lse_s, the target logit or 0, smooth_s, w_s (P = 4;
+    2 without smoothing), and with AUX (P = 7) H_s, m_s and the row's column of the
+    split's first max (a float: exact below 2**24)
+    scale, softcap: the logit transform (``_logits``), with TRANSFORM and HAS_CAP
     """
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
@@ -99,9 +113,9 @@ def _split_partials_kernel(
     t_local = tl.load(target_ptr + row).to(tl.int64) - col0
     t_col = tl.where((t_local >= 0) & (t_local < width), t_local, -1).to(tl.int32)
     # the split starts at its own element offset: _row_lse aligns its loads to it
-    lse, x_t, smooth, w_seen, _, _, _ = _row_lse(
-        x_ptr, row * x_row_stride + col0, width, t_col, weight_ptr + col0, 1.0, 1.0,
-        BLOCK_SIZE, VEC, HAS_WEIGHT, HAS_SMOOTHING, False, False, False)
+    lse, x_t, smooth, w_seen, entropy, arg, m = _row_lse(
+        x_ptr, row * x_row_stride + col0, width, t_col, weight_ptr + col0, scale, softcap,
+        BLOCK_SIZE, VEC, HAS_WEIGHT, HAS_SMOOTHING, TRANSFORM, HAS_CAP, AUX)
     n_splits = tl.num_programs(1).to(tl.int64)
     slot = part_ptr + split * n_rows + row
     tl.store(slot, lse)
@@ -109,6 +123,10 @@ def _split_partials_kernel(
     if HAS_SMOOTHING:
         tl.store(slot + 2 * n_splits * n_rows, smooth)
         tl.store(slot + 3 * n_splits * n_rows, w_seen)
+    if AUX:
+        tl.store(slot + 4 * n_splits * n_rows, entropy)
+        tl.store(slot + 5 * n_splits * n_rows, m)
+        tl.store(slot + 6 * n_splits * n_rows, (col0 + arg).to(tl.float32))
 
 
 @triton.jit
@@ -117,13 +135,16 @@ def _split_merge_kernel(
     target_ptr,
     weight_ptr,
     loss_ptr, lse_ptr,
+    aux_ptr, aux_stride,
     n_rows, n_cols, ignore_index, label_smoothing,
     HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    AUX: tl.constexpr = False,
 ):
     """A row's loss and log-sum-exp from its S partials, in a fixed order (one program per
-    row). The formulas are ``_ce_fwd_kernel``'s."""
+    row). The formulas are ``_ce_fwd_kernel``'s; with AUX the row's entropy and correctness
+    into ``aux_ptr`` (2, rows), as ``_ce_fwd_kernel`` writes them."""
     row = tl.program_id(0).to(tl.int64)
     label_smoothing = _fp32(label_smoothing)
     s = tl.arange(0, BLOCK_S).to(tl.int64)
@@ -147,6 +168,17 @@ def _split_merge_kernel(
     loss = tl.where(ignored, 0.0, tl.where(valid, loss, float("nan")))
     tl.store(loss_ptr + row, loss)
     tl.store(lse_ptr + row, lse)
+    if AUX:
+        h_s = tl.load(slot + 4 * n_splits * n_rows, mask=live, other=0.0)
+        m_s = tl.load(slot + 5 * n_splits * n_rows, mask=live, other=float("-inf"))
+        a_s = tl.load(slot + 6 * n_splits * n_rows, mask=live, other=0.0)
+        pi = tl.exp(lse_s - lse)  # 0 for a split of -inf only, and for the masked lanes
+        entropy = tl.sum(tl.where(pi == 0.0, 0.0, pi * (h_s + (lse - lse_s))), axis=0)
+        m = tl.max(m_s, axis=0)
+        first = tl.min(tl.where(live & (m_s == m), a_s, float("inf")), axis=0)
+        tl.store(aux_ptr + row, entropy)
+        tl.store(aux_ptr + aux_stride + row,
+                 tl.where(valid & (first == t.to(tl.float32)), 1.0, 0.0))
 
 
 @triton.jit
@@ -157,19 +189,24 @@ def _split_grad_kernel(
     weight_ptr, wsum_ptr,
     lse_ptr,
     g_ptr, g_stride,
-    n_cols, split_cols, ignore_index, label_smoothing,
+    zgrad_ptr,
+    n_cols, split_cols, ignore_index, label_smoothing, scale, softcap,
     HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
     SAME_LAYOUT: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     VEC: tl.constexpr,
+    TRANSFORM: tl.constexpr = False,
+    HAS_CAP: tl.constexpr = False,
+    HAS_Z: tl.constexpr = False,
 ):
     """One split of one row's gradient (grid rows x S); ``g_ptr`` the row's upstream
     gradient with the denominator folded in (``g_stride`` 0: one for all rows).
 
     ``_row_grad`` divides the smoothing by the width it is given: with ``eps_s = eps *
     width / C`` and ``w_t (1 - eps) / (1 - eps_s)`` for the target's weight its ``A``,
-    ``B`` and ``eps_s / width`` are the row's (as the vocab-parallel kernel does)."""
+    ``B`` and ``eps_s / width`` are the row's (as the vocab-parallel kernel does). With
+    TRANSFORM and HAS_Z (``zgrad_ptr`` (rows,) fp32) as ``_ce_bwd_kernel``."""
     row = tl.program_id(0).to(tl.int64)
     label_smoothing = _fp32(label_smoothing)
     col0, width = _program_split(n_cols, split_cols)
@@ -180,10 +217,13 @@ def _split_grad_kernel(
     if HAS_SMOOTHING:
         eps_s = label_smoothing * width / n_cols
         w_t = tl.where(eps_s < 1.0, w_t * (1.0 - label_smoothing) / (1.0 - eps_s), 0.0)
+    gz = 0.0
+    if HAS_Z:
+        gz = tl.load(zgrad_ptr + row)
     dx_start = row * dx_row_stride + col0
     _row_grad(x_ptr, row * x_row_stride + col0, dx_ptr, dx_start, width, t - col0, lse, g,
-              w_t, weight_ptr + col0, W, eps_s, 1.0, 1.0, 0.0, BLOCK_SIZE, VEC, HAS_WEIGHT,
-              HAS_SMOOTHING, SAME_LAYOUT, False, False, False)
+              w_t, weight_ptr + col0, W, eps_s, scale, softcap, gz, BLOCK_SIZE, VEC,
+              HAS_WEIGHT, HAS_SMOOTHING, SAME_LAYOUT, TRANSFORM, HAS_CAP, HAS_Z)
 
 
 def _split_cols(n_cols, n_splits):
@@ -194,18 +234,20 @@ def _split_cols(n_cols, n_splits):
 
 
 def split_fwd(x, target, n_splits, weight_arg, wsum, has_weight, ignore_index,
-              label_smoothing, loss, lse):
-    """Partials and merge into ``loss`` and ``lse`` (rows,) fp32."""
+              label_smoothing, loss, lse, extras=None, aux_out=None):
+    """Partials and merge into ``loss`` and ``lse`` (rows,) fp32 (and ``aux_out``)."""
     n_rows, n_cols = x.shape
     split_cols, n_splits = _split_cols(n_cols, n_splits)
     smoothing = label_smoothing > 0
-    part = torch.empty(4 if smoothing else 2, n_splits, n_rows, dtype=torch.float32,
-                       device=x.device)
+    aux = aux_out is not None
+    part = torch.empty(7 if aux else (4 if smoothing else 2), n_splits, n_rows,
+                       dtype=torch.float32, device=x.device)
     block, num_warps, vec = launch_config(x.dtype, split_cols)
     if smoothing and has_weight:
         # the weighted smoothing sums keep each element's class weight live beside its
         # logit: half the elements per thread (Triton 3.8 spilled 4 bytes for fp16 on sm_80)
         num_warps = min(16, 2 * num_warps)
+    num_warps = extras_warps(num_warps, extras)
     _split_partials_kernel[(n_rows, n_splits)](
         x_ptr=x, x_row_stride=x.stride(0),
         target_ptr=target,
@@ -215,6 +257,8 @@ def split_fwd(x, target, n_splits, weight_arg, wsum, has_weight, ignore_index,
         HAS_WEIGHT=has_weight,
         HAS_SMOOTHING=smoothing,
         BLOCK_SIZE=block, VEC=vec,
+        AUX=aux,
+        **transform_args(extras),
         num_warps=num_warps,
     )
     _split_merge_kernel[(n_rows,)](
@@ -222,18 +266,21 @@ def split_fwd(x, target, n_splits, weight_arg, wsum, has_weight, ignore_index,
         target_ptr=target,
         weight_ptr=weight_arg,
         loss_ptr=loss, lse_ptr=lse,
+        aux_ptr=aux_out if aux else loss, aux_stride=aux_out.stride(0) if aux else 0,
         n_rows=n_rows, n_cols=n_cols, ignore_index=ignore_index,
         label_smoothing=float(label_smoothing),
         HAS_WEIGHT=has_weight,
         HAS_SMOOTHING=smoothing,
         BLOCK_S=triton.next_power_of_2(n_splits),
+        AUX=aux,
         num_warps=1,
     )
 
 
 def split_grad(x, target, lse, g, n_splits, weight_arg, wsum, has_weight, ignore_index,
-               label_smoothing, dx):
-    """The gradient into ``dx`` (it may be ``x``): ``g`` (rows,) fp32 of any stride."""
+               label_smoothing, dx, extras=None, z_grad=None):
+    """The gradient into ``dx`` (it may be ``x``): ``g`` (rows,) fp32 of any stride; with
+    the transform of ``extras`` and the z-loss's per-row ``z_grad``."""
     n_rows, n_cols = x.shape
     split_cols, n_splits = _split_cols(n_cols, n_splits)
     block, num_warps, vec = launch_config(x.dtype, split_cols)
@@ -241,7 +288,9 @@ def split_grad(x, target, lse, g, n_splits, weight_arg, wsum, has_weight, ignore
         **grad_launch_args(x, dx, target, weight_arg, wsum, has_weight, lse, ignore_index,
                            label_smoothing),
         g_ptr=g, g_stride=g.stride(0), n_cols=n_cols, split_cols=split_cols,
-        BLOCK_SIZE=block, VEC=vec, num_warps=num_warps,
+        zgrad_ptr=z_grad if z_grad is not None else lse, HAS_Z=z_grad is not None,
+        **transform_args(extras),
+        BLOCK_SIZE=block, VEC=vec, num_warps=extras_warps(num_warps, extras),
     )
     return dx
 
@@ -249,9 +298,9 @@ def split_grad(x, target, lse, g, n_splits, weight_arg, wsum, has_weight, ignore
 def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_scale=None,
            grad_out=None, extras=None, aux_out=None, z_scale=None):
     """``cross_entropy.ce_fwd``, with rows split over several programs where
-    ``split_count`` says so (not yet with loss extras: those rows stay whole)."""
+    ``split_count`` says so."""
     n_splits = split_count(x.shape[0], x.shape[1], x.device)
-    if n_splits <= 1 or x.shape[0] == 0 or (extras is not None and extras.any):
+    if n_splits <= 1 or x.shape[0] == 0:
         return cross_entropy.ce_fwd(x, target, weight, ignore_index, label_smoothing,
                                     grad_scale, grad_out, extras, aux_out, z_scale)
     dx = x if grad_out is None else grad_out
@@ -261,19 +310,23 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_
     lse = torch.empty_like(loss)
     has_weight, weight_arg, wsum = _weight_args(weight, label_smoothing, loss)
     split_fwd(x, target, n_splits, weight_arg, wsum, has_weight, ignore_index,
-              label_smoothing, loss, lse)
+              label_smoothing, loss, lse, extras, aux_out)
     if grad_scale is not None:
+        z_grad = None
+        if extras is not None and extras.z_loss and z_scale is not None:
+            # gz = z_scale * lse, 0 where ignored (as _ce_fwd_kernel's): O(rows), no sync
+            z_grad = torch.where(target.long() == ignore_index, 0.0, z_scale * lse)
         split_grad(x, target, lse, grad_scale.expand(x.shape[0]), n_splits, weight_arg, wsum,
-                   has_weight, ignore_index, label_smoothing, dx)
+                   has_weight, ignore_index, label_smoothing, dx, extras, z_grad)
     return loss, lse
 
 
 def ce_bwd(x, target, lse, dloss, weight=None, ignore_index=-100, label_smoothing=0.0,
            dx=None, extras=None, z_grad=None):
     """``cross_entropy.ce_bwd``, with rows split over several programs where
-    ``split_count`` says so (not yet with loss extras)."""
+    ``split_count`` says so."""
     n_splits = split_count(x.shape[0], x.shape[1], x.device)
-    if n_splits <= 1 or x.shape[0] == 0 or (extras is not None and extras.any):
+    if n_splits <= 1 or x.shape[0] == 0:
         return cross_entropy.ce_bwd(x, target, lse, dloss, weight, ignore_index,
                                     label_smoothing, dx, extras, z_grad)
     if dx is None:
@@ -282,4 +335,4 @@ def ce_bwd(x, target, lse, dloss, weight=None, ignore_index=-100, label_smoothin
     target, weight = _unit_stride(target, weight)
     has_weight, weight_arg, wsum = _weight_args(weight, label_smoothing, lse)
     return split_grad(x, target, lse, dloss, n_splits, weight_arg, wsum, has_weight,
-                      ignore_index, label_smoothing, dx)
+                      ignore_index, label_smoothing, dx, extras, z_grad)
