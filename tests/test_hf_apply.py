@@ -236,3 +236,23 @@ def test_16_bit_model_loss_is_fp32(dtype):
         got = fused(input_ids=ids, labels=labels).loss
     assert got.dtype == want.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=2e-3, atol=0)
+
+
+def test_output_layer_with_a_bias():
+    """An output layer with a bias (none of the six families has one; a fine-tuned head
+    may): the bias enters the loss and gets its gradient."""
+    model = _model("llama")
+    head = model.lm_head
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        biased.weight.copy_(head.weight)
+        biased.bias.copy_(torch.randn(head.out_features, generator=torch.Generator()
+                                      .manual_seed(5)))
+    model.lm_head = biased
+    fused = fusedce.hf.apply(copy.deepcopy(model))
+    ids, labels = _batch(model.config.vocab_size)
+    out, grads = _step(model, ids, labels)
+    out_f, grads_f = _step(fused, ids, labels)
+    torch.testing.assert_close(out_f.loss, out.loss, rtol=1e-5, atol=0)
+    assert "lm_head.bias" in grads_f
+    _assert_grads_close(grads_f, grads)
