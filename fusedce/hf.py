@@ -77,7 +77,6 @@ def apply(model):
     state = _Applied(model, head)
     original_forward = model.forward
     original_head = head.forward
-    original_loss = model.loss_function
 
     def head_forward(hidden):
         if not state.active:
@@ -88,10 +87,11 @@ def apply(model):
 
     def loss_function(logits, labels, vocab_size=None, num_items_in_batch=None,
                       ignore_index=-100, shift_labels=None, **kwargs):
-        if not state.active or state.hidden is None:
-            return original_loss(logits, labels, vocab_size, num_items_in_batch=
-                                 num_items_in_batch, ignore_index=ignore_index,
-                                 shift_labels=shift_labels, **kwargs)
+        if not state.active or state.hidden is None:  # called outside a labelled forward
+            return _model_loss(state)(logits, labels, vocab_size,
+                                      num_items_in_batch=num_items_in_batch,
+                                      ignore_index=ignore_index, shift_labels=shift_labels,
+                                      **kwargs)
         hidden, state.hidden = state.hidden, None
         if shift_labels is None:  # tokens < n predict n, as transformers' ForCausalLMLoss
             labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)
@@ -136,6 +136,17 @@ def apply(model):
     model.loss_function = loss_function
     setattr(model, _STATE, state)
     return model
+
+
+def _model_loss(state):
+    """The loss function the model had (read lazily: transformers warns on reading it when
+    the config names no loss type)."""
+    if state.loss_function is not None:
+        return state.loss_function
+    from transformers.loss.loss_utils import LOSS_MAPPING
+
+    loss_type = getattr(state.model, "loss_type", None)
+    return LOSS_MAPPING.get(loss_type, LOSS_MAPPING["ForCausalLM"])
 
 
 def remove(model):

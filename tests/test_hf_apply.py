@@ -256,3 +256,16 @@ def test_output_layer_with_a_bias():
     torch.testing.assert_close(out_f.loss, out.loss, rtol=1e-5, atol=0)
     assert "lm_head.bias" in grads_f
     _assert_grads_close(grads_f, grads)
+
+
+def test_loss_function_outside_a_labelled_forward_is_the_models():
+    """``model.loss_function`` called directly (as some trainers do, on logits they hold) is
+    transformers' own loss."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    model = fusedce.hf.apply(_model("llama"))
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(2, 5, model.config.vocab_size, generator=gen)
+    labels = torch.randint(0, model.config.vocab_size, (2, 5), generator=gen)
+    got = model.loss_function(logits, labels, model.config.vocab_size)
+    assert torch.equal(got, ForCausalLMLoss(logits, labels, model.config.vocab_size))
