@@ -129,6 +129,8 @@ def apply(model):
             if cap is not None:
                 config.final_logit_softcapping = cap
         state.hidden = None  # (had the loss not been asked for)
+        if isinstance(out, tuple):  # return_dict=False: (loss, logits, ...), logits None
+            return out[:1] + (None,) + out[2:]
         return type(out)(**{k: v for k, v in out.items() if k != "logits"})
 
     model.forward = forward

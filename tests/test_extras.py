@@ -320,3 +320,40 @@ def test_split_rows(monkeypatch, options, inplace, reduction):
     opts = dict(OPTIONS[options])
     opts["return_aux"] = True
     _check(x, t, w, eps, reduction, "triton", opts, inplace=inplace)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("softcap", [30.0, 1e3, 1e5])
+def test_softcap_keeps_fp32_precision_for_any_cap(backend, softcap):
+    """``s tanh(x / s)`` for logits far below the cap: tanh's argument is small, where a
+    ``1 - exp(-2y)`` form loses tanh's relative precision (a cap of 1e5 was 1e-2 off)."""
+    gen = torch.Generator().manual_seed(21)
+    x = torch.randn(16, 1000, generator=gen) * 2
+    t = torch.randint(0, 1000, (16,), generator=gen)
+    xf = x.clone().requires_grad_()
+    out = fusedce.cross_entropy(xf, t, reduction="none", backend=backend, softcap=softcap)
+    upstream = torch.randn(16, generator=gen, dtype=torch.float64)
+    (out.double() * upstream).sum().backward()
+    xr = x.double().requires_grad_()
+    ref = reference(xr, t, reduction="none", softcap=softcap)[0]
+    (ref * upstream).sum().backward()
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(xf.grad.double(), xr.grad, rtol=0, atol=1e-6)
+
+
+def test_split_rows_with_a_split_of_minus_inf(monkeypatch):
+    """A split whose logits are all -inf (a padded vocabulary) adds +inf to the smoothing
+    term, as the unsplit kernel and PyTorch have it (its own partial sum is NaN)."""
+    from fusedce.kernels import split_rows
+
+    monkeypatch.setattr(split_rows, "FORCE_SPLITS", 3)
+    gen = torch.Generator().manual_seed(22)
+    x = torch.randn(5, 37, generator=gen) * 3
+    x[2] = float("-inf")
+    x[2, 30] = 1.0
+    x[3, :13] = float("-inf")
+    t = torch.tensor([1, -100, 30, 7, 0])
+    got = fusedce.cross_entropy(x, t, reduction="none", label_smoothing=0.1, backend="triton",
+                                return_aux=True)
+    want = F.cross_entropy(x.double(), t, reduction="none", label_smoothing=0.1)
+    torch.testing.assert_close(got.loss.double(), want)

@@ -269,3 +269,15 @@ def test_loss_function_outside_a_labelled_forward_is_the_models():
     labels = torch.randint(0, model.config.vocab_size, (2, 5), generator=gen)
     got = model.loss_function(logits, labels, model.config.vocab_size)
     assert torch.equal(got, ForCausalLMLoss(logits, labels, model.config.vocab_size))
+
+
+def test_return_dict_false():
+    """A tuple output (``return_dict=False``): the loss first, the logits None."""
+    model = _model("llama")
+    fused = fusedce.hf.apply(copy.deepcopy(model))
+    ids, labels = _batch(model.config.vocab_size)
+    with torch.no_grad():
+        want = model(input_ids=ids, labels=labels, return_dict=False)
+        got = fused(input_ids=ids, labels=labels, return_dict=False)
+    assert isinstance(got, tuple) and len(got) == len(want) and got[1] is None
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=0)

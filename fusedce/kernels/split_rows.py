@@ -162,7 +162,10 @@ def _split_merge_kernel(
         smooth_s = tl.load(slot + 2 * n_splits * n_rows, mask=live, other=0.0)
         w_s = tl.load(slot + 3 * n_splits * n_rows, mask=live, other=0.0)
         # a split of weight 0 adds nothing (and must not make 0 * inf)
-        rebased = tl.where(w_s == 0.0, smooth_s, smooth_s + w_s * (lse - lse_s))
+        # and a split of -inf logits only adds +inf, as its classes' -log p do (its smooth_s
+        # is NaN), as the vocab-parallel merge does
+        rebased = tl.where(w_s == 0.0, smooth_s, tl.where(
+            lse_s == float("-inf"), float("inf"), smooth_s + w_s * (lse - lse_s)))
         smooth = tl.sum(tl.where(live, rebased, 0.0), axis=0)
         loss += label_smoothing * (smooth / n_cols)
     loss = tl.where(ignored, 0.0, tl.where(valid, loss, float("nan")))
