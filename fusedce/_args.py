@@ -139,6 +139,11 @@ class Extras(NamedTuple):
     def any(self):
         return self.transform or self.z_loss or self.aux
 
+    def kwargs(self):
+        """The keyword arguments of a loss that give these extras (to call one again)."""
+        return dict(logit_scale=self.logit_scale, softcap=self.softcap,
+                    lse_square_scale=self.lse_square_scale, return_aux=self.aux)
+
 
 NO_EXTRAS = Extras()
 

@@ -20,6 +20,7 @@ from typing import NamedTuple
 import torch
 
 from . import _args
+from .cpu.extras import compute_dtype as extras_dtype
 from .cpu.strided import acc_dtype as _acc
 
 
@@ -142,6 +143,15 @@ def aux_outputs(loss, lse, aux, t, ignore_index, reduction, extras, loss_shape, 
                            aux[0].view(loss_shape))
 
 
+def one_token(out, reduction, extras):
+    """The result of a loss called on one row for a 1-d input: per-token values 0-d (the
+    loss itself only for 'none'; every per-token aux value)."""
+    if not extras.aux:
+        return out.squeeze(0) if reduction == "none" else out
+    per_token = ("lse", "entropy") + (("loss", "z_loss") if reduction == "none" else ())
+    return out._replace(**{k: getattr(out, k).squeeze(0) for k in per_token})
+
+
 def extras_rows(x):
     """``x`` (N, C, L) as (N * L, C) rows with unit class stride for the loss extras, which
     only the row-wise launchers compute: ``rows_view``, or a copy where no view is."""
@@ -154,7 +164,7 @@ def extras_rows(x):
 def extras_implementation(backend, x, weight):
     """The row-wise launchers for the loss extras: ``fusedce.cpu`` wherever the loss is
     computed in float64 (the kernels compute in float32), else ``backend``'s."""
-    if x.dtype == torch.float64 or (weight is not None and weight.dtype == torch.float64):
+    if extras_dtype(x, weight) == torch.float64:
         return _args.implementation("torch", x)
     return _args.implementation(backend, x)
 

@@ -382,8 +382,8 @@ def vocab_parallel_cross_entropy(logits_shard, target, *, group=None, vocab_star
         out = vocab_parallel_cross_entropy(
             logits_shard.unsqueeze(0), target.reshape(1), group=group, vocab_start=vocab_start,
             ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
-            weight=weight, backend=backend, **_extras_kwargs(extras))
-        return _one_token(out, reduction, extras)
+            weight=weight, backend=backend, **extras.kwargs())
+        return _loss.one_token(out, reduction, extras)
     reduction, label_smoothing, ignore_index, backend, weight = _check_call(
         "vocab_parallel_cross_entropy", target, logits_shard.shape[0], weight, reduction,
         label_smoothing, ignore_index, backend)
@@ -396,19 +396,6 @@ def vocab_parallel_cross_entropy(logits_shard, target, *, group=None, vocab_star
                                            ignore_index, label_smoothing, reduction, impl,
                                            extras)
     return _results(out, target, ignore_index, reduction, extras, logits_shard.dtype)
-
-
-def _extras_kwargs(extras):
-    return dict(logit_scale=extras.logit_scale, softcap=extras.softcap,
-                lse_square_scale=extras.lse_square_scale, return_aux=extras.aux)
-
-
-def _one_token(out, reduction, extras):
-    """The result of a (1, C_r) call for a (C_r,) input: per-token values 0-d."""
-    if not extras.aux:
-        return out.squeeze(0) if reduction == "none" else out
-    per_token = ("lse", "entropy") + (("loss", "z_loss") if reduction == "none" else ())
-    return out._replace(**{k: getattr(out, k).squeeze(0) for k in per_token})
 
 
 def _results(out, target, ignore_index, reduction, extras, dtype):

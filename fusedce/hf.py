@@ -77,6 +77,7 @@ def apply(model):
     state = _Applied(model, head)
     original_forward = model.forward
     original_head = head.forward
+    signature = inspect.signature(original_forward)  # once, not on every call
 
     def head_forward(hidden):
         if not state.active:
@@ -114,7 +115,7 @@ def apply(model):
 
     @functools.wraps(original_forward)  # Trainer reads the signature's argument names
     def forward(*args, **kwargs):
-        bound = inspect.signature(original_forward).bind_partial(*args, **kwargs)
+        bound = signature.bind_partial(*args, **kwargs)
         if bound.arguments.get("labels") is None:
             return original_forward(*args, **kwargs)
         config = model.config

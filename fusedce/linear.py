@@ -307,18 +307,13 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
         chunk_size = getattr(options, "batch_chunk_size", None)
     chunk_size = _args.chunk_size(chunk_size)
     extras = _args.extras(logit_scale, softcap, lse_square_scale, return_aux)
-    extra_kw = dict(logit_scale=extras.logit_scale, softcap=extras.softcap,
-                    lse_square_scale=extras.lse_square_scale, return_aux=extras.aux)
     if input.dim() == 1:
         out = linear_cross_entropy(input.unsqueeze(0), linear_weight, target.unsqueeze(0),
                                    linear_bias=linear_bias, weight=weight, reduction=reduction,
                                    ignore_index=ignore_index, label_smoothing=label_smoothing,
                                    options=options, backend=backend, chunk_size=chunk_size,
-                                   **extra_kw)
-        if not extras.aux:
-            return out.squeeze(0) if reduction == "none" else out
-        per_token = ("lse", "entropy") + (("loss", "z_loss") if reduction == "none" else ())
-        return out._replace(**{k: getattr(out, k).squeeze(0) for k in per_token})
+                                   **extras.kwargs())
+        return _loss.one_token(out, reduction, extras)
 
     # the CE kernels read target[row] at unit stride; an O(rows) copy
     target = target.contiguous()
