@@ -301,34 +301,47 @@ def ce_result_dtype(input, target, weight, soft):
 # linear_cross_entropy's and the vocab-parallel losses' shapes
 
 
-def linear_inputs(input, linear_weight, linear_bias, target):
-    """F.linear_cross_entropy's shape and dtype checks; returns the class count."""
+def linear_inputs(input, linear_weight, linear_bias, target, ignore_index_):
+    """F.linear_cross_entropy's checks, in its order and with its messages, then
+    ``cross_entropy``'s on the logits it would make. ``ignore_index_`` is as given (None:
+    PyTorch's -100, and the only value probability targets take).
+
+    Returns ``(logits_shape, t, loss_shape, soft, ignore_index)``: the shape of the logits
+    ``F.linear(input, linear_weight.flatten(0, -2))`` would have, reshaped as PyTorch does
+    ((N, C, d1, ..., dK), or (C,) for a 1-d input), the targets as (N, L) class indices or
+    (N, C, L) probabilities (``ce_inputs``), the shape of the unreduced loss, whether the
+    targets are probabilities, and the checked ``ignore_index``.
+    """
     if input.dim() < 1 or input.dim() > 2:
         raise RuntimeError(f"expected input with dimensionality 1 or 2, got {input.dim()}")
     if linear_weight.dim() < 2:
         raise RuntimeError("expected linear_weight with dimensionality at least 2, got "
                            f"{linear_weight.dim()}")
-    if linear_weight.dim() > 2:
-        raise NotImplementedError("fusedce.linear_cross_entropy: K-dimensional linear_weight "
-                                  "is not supported")
     if input.shape[-1] != linear_weight.shape[-1]:
         raise RuntimeError("expected equal input and linear_weight last dimensions "
                            f"(in_features), got {input.shape[-1]} and "
                            f"{linear_weight.shape[-1]}, respectively")
-    n_classes = linear_weight.shape[0]
-    if linear_bias is not None and tuple(linear_bias.shape) != (n_classes,):
-        raise RuntimeError(f"expected linear_bias shape {(n_classes,)}, got "
+    out_shape = tuple(linear_weight.shape[:-1])  # (C, d1, ..., dK)
+    if linear_bias is not None and tuple(linear_bias.shape) != out_shape:
+        raise RuntimeError(f"expected linear_bias shape {out_shape}, got "
                            f"{tuple(linear_bias.shape)}")
-    if target.is_floating_point() or target.shape == (*input.shape[:-1], n_classes):
-        raise NotImplementedError("fusedce.linear_cross_entropy: class-probability targets "
-                                  "are not supported")
-    if target.dtype not in (torch.int64, torch.uint8):
+    if len(out_shape) > 1 and input.dim() == 1:
+        raise RuntimeError(
+            f"K-dimensional loss defined by linear_weight shape {tuple(linear_weight.shape)} "
+            f"requires batched input, (N, {input.shape[-1]}), got unbatched input with shape "
+            f"{tuple(input.shape)}")
+    logits_shape = (*input.shape[:-1], *out_shape)
+    if tuple(target.shape) == logits_shape and ignore_index_ is not None:
+        raise RuntimeError("ignore_index cannot be specified when target contains "
+                           "probabilities")
+    ignore_index_ = ignore_index(ignore_index_, "linear_cross_entropy")
+    # cross_entropy's checks of the target against the logits, on a tensor without data
+    logits = torch.empty((), dtype=input.dtype, device="meta").expand(logits_shape)
+    _, t, loss_shape, soft = ce_inputs(logits, target, ignore_index_)
+    if not soft and target.dtype not in (torch.int64, torch.uint8):
         raise RuntimeError(f"expected target dtype to be Long or Byte, but got "
                            f"{str(target.dtype).replace('torch.', '').capitalize()}")
-    if target.shape != input.shape[:-1]:
-        raise ValueError(f"Expected target of shape {tuple(input.shape[:-1])} for input of "
-                         f"shape {tuple(input.shape)}, got {tuple(target.shape)}")
-    return n_classes
+    return logits_shape, t, loss_shape, soft, ignore_index_
 
 
 def chunk_size(value):

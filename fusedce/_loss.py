@@ -180,13 +180,15 @@ def z_denominator(target, ignore_index, reduction, dtype):
     return denominator(target, None, ignore_index, 0, reduction, dtype)
 
 
-def z_grad(grad, lse, target, ignore_index, reduction, extras):
+def z_grad(grad, lse, target, ignore_index, reduction, extras, denom=None):
     """Each row's z-loss gradient factor ``gz = 2 lse_square_scale lse`` times its upstream
-    gradient (over the count of rows not ignored, for 'mean'), 0 where ignored."""
+    gradient (over the count of rows not ignored, for 'mean': ``denom`` where given, the
+    count over more rows than ``target``'s), 0 where ignored."""
     kept = target.reshape(-1).long() != ignore_index
     g = grad.to(lse.dtype).reshape(-1).expand(lse.shape[0])
     if reduction == "mean":
-        g = g / z_denominator(target, ignore_index, reduction, lse.dtype)
+        g = g / (z_denominator(target, ignore_index, reduction, lse.dtype) if denom is None
+                 else denom)
     return torch.where(kept, g * (2.0 * extras.lse_square_scale) * lse, 0.0)
 
 
@@ -234,10 +236,12 @@ def forward(x, target, weight, ignore_index, label_smoothing, reduction, backend
 
 
 def backward(grad, x, target, weight, lse, s, denom, ignore_index, label_smoothing, reduction,
-             backend, need_dx, need_dtarget, extras=_args.NO_EXTRAS):
+             backend, need_dx, need_dtarget, extras=_args.NO_EXTRAS, out=None, z_denom=None):
     """Gradients ``(dx, dtarget)`` of the loss from ``forward``, given its upstream gradient
-    ``grad`` ((N, L) for 'none', else a scalar). ``dx`` is laid out like ``torch.empty_like(x)``;
-    an entry not asked for is an empty tensor."""
+    ``grad`` ((N, L) for 'none', else a scalar). ``dx`` is laid out like ``torch.empty_like(x)``,
+    or written into ``out`` (which may be ``x``); an entry not asked for is an empty tensor.
+    ``denom`` (and ``z_denom``, the z-loss's, where given) may count more rows than ``x``
+    has: the fused linear loss takes the gradient of one chunk of a mean at a time."""
     n, n_cols, l_len = x.shape
     acc = lse.dtype
     if reduction == "none":
@@ -248,12 +252,12 @@ def backward(grad, x, target, weight, lse, s, denom, ignore_index, label_smoothi
         if reduction == "mean":
             dloss = dloss / denom
         dloss = dloss.reshape(1, 1).expand(n, l_len)
-    dx = torch.empty_like(x) if need_dx else x.new_empty(0)
+    dx = (torch.empty_like(x) if out is None else out) if need_dx else x.new_empty(0)
     dy = target.new_empty(0)
     if extras.any:
         if need_dx:
             impl = extras_implementation(backend, x, weight)
-            zg = (z_grad(grad, lse, target, ignore_index, reduction, extras)
+            zg = (z_grad(grad, lse, target, ignore_index, reduction, extras, z_denom)
                   if extras.z_loss else None)
             dx_rows = rows_view(dx)
             out = impl.ce_bwd(extras_rows(x), target.reshape(-1).contiguous(), lse,

@@ -21,6 +21,8 @@ upstream gradient does not factor out of ``dlogits.T @ x``): its forward keeps t
 log-sum-exp, and its backward recomputes each chunk's logits and runs the CE backward on them.
 """
 
+import functools
+
 import torch
 from torch import nn
 
@@ -68,25 +70,26 @@ class GradAccumulator:
     """Turns each chunk's logit gradient into the input, weight and bias gradients.
 
     ``grad_input`` (N, H) in the input's dtype is written chunk by chunk; ``grad_weight``
-    (V, H) and ``grad_bias`` (V,) are fp32 sums over the chunks. On the GPU a low-precision
-    chunk product goes through one (V, H) scratch in the input dtype (cuBLAS accumulates
-    within the chunk in fp32); on the CPU the chunk is upcast and multiplied in fp32, as
-    fast as a bf16 product plus an fp32 add (docs/benchmarks.md) and without the (V, H)
-    scratch.
+    (V, H) and ``grad_bias`` (V,) are sums over the chunks in fp32 (fp64 for an fp64
+    weight). On the GPU a low-precision chunk product goes through one (V, H) scratch in the
+    input dtype (cuBLAS accumulates within the chunk in fp32); on the CPU the chunk is upcast
+    and multiplied in fp32, as fast as a bf16 product plus an fp32 add (docs/benchmarks.md)
+    and without the (V, H) scratch.
     """
 
     def __init__(self, x, linear_weight, need_input, need_weight, need_bias, upcast=None):
         """``upcast``: the CPU's fp32 product (default on CPU tensors) or the GPU's scratch."""
         n_classes, in_features = linear_weight.shape
+        acc = torch.promote_types(torch.float32, linear_weight.dtype)
         self.linear_weight = linear_weight
         self.grad_input = torch.empty_like(x, memory_format=torch.contiguous_format) \
             if need_input else None
-        self.grad_weight = torch.zeros(n_classes, in_features, dtype=torch.float32,
+        self.grad_weight = torch.zeros(n_classes, in_features, dtype=acc,
                                        device=x.device) if need_weight else None
-        self.grad_bias = torch.zeros(n_classes, dtype=torch.float32, device=x.device) \
+        self.grad_bias = torch.zeros(n_classes, dtype=acc, device=x.device) \
             if need_bias else None
         self._scratch = None
-        self._low_precision = x.dtype != torch.float32
+        self._low_precision = x.dtype in (torch.float16, torch.bfloat16)
         self._upcast = x.device.type == "cpu" if upcast is None else upcast
 
     def add(self, dlogits, x_c, start, end):
@@ -104,7 +107,7 @@ class GradAccumulator:
                 torch.mm(dlogits.t(), x_c, out=self._scratch)
                 self.grad_weight.add_(self._scratch)
         if self.grad_bias is not None:
-            self.grad_bias.add_(dlogits.sum(0, dtype=torch.float32))
+            self.grad_bias.add_(dlogits.sum(0, dtype=self.grad_bias.dtype))
 
 
 def _chunks(n_rows, rows):
@@ -112,102 +115,191 @@ def _chunks(n_rows, rows):
         yield start, min(start + rows, n_rows)
 
 
-def _logits_buffer(x, n_classes, rows):
-    return torch.empty(min(rows, x.shape[0]), n_classes, dtype=x.dtype, device=x.device)
+class _ChunkLoss:
+    """The cross-entropy of one chunk of logits, (R, C * L) as the product makes them, whose
+    classes are ``n_classes`` of L positions each (``L`` > 1 for a K-dimensional weight).
+
+    Class indices in float32 over whole rows (the language-model case) take the row-wise
+    launchers, which write the gradient over the logits in the pass that computes the loss;
+    everything else (probability targets, K-dimensional weights, a float64 operand) takes
+    ``_loss.forward`` / ``backward`` over the (R, C, L) view, a second pass for the gradient.
+    ``t`` is (N, L) class indices or (N, C, L) probabilities; every per-row result is
+    (R * L,) in the dtype the loss is computed in.
+    """
+
+    def __init__(self, x, t, weight, n_classes, ignore_index, label_smoothing, backend,
+                 extras):
+        self.t, self.weight, self.n_classes = t, weight, n_classes
+        self.options = (ignore_index, label_smoothing)
+        self.backend, self.extras = backend, extras
+        self.soft = t.is_floating_point()
+        self.positions = t.shape[-1]
+        self.acc = _loss.acc_dtype(x, t, weight)
+        self.rows = not self.soft and self.positions == 1 and self.acc == torch.float32
+        if self.rows:
+            self.t = t.reshape(-1).contiguous()  # the kernels read target[row] at unit stride
+            self.impl = (_loss.extras_implementation(backend, x, weight) if extras.any
+                         else _args.implementation(backend, x))
+
+    def view(self, logits):
+        return logits.view(logits.shape[0], self.n_classes, self.positions)
+
+    def forward(self, logits, s, e, aux=None, denom=None, z_scale=None, z_denom=None,
+                dtarget=None):
+        """``(loss, lse, s_sums)`` of rows ``s:e``; with ``denom`` (the reduction's
+        denominator, (1,)) the logits are overwritten by the gradient of the chunk's share
+        of the reduced loss (and ``dtarget[s:e]`` written, where given); ``z_scale`` and
+        ``z_denom`` are the z-loss's factor and denominator."""
+        ignore_index, smoothing = self.options
+        t_c = self.t[s:e]
+        if self.rows:
+            loss, lse = self.impl.ce_fwd(logits, t_c, weight=self.weight,
+                                         ignore_index=ignore_index, label_smoothing=smoothing,
+                                         grad_scale=None if denom is None else 1.0 / denom,
+                                         extras=self.extras,
+                                         aux_out=aux, z_scale=z_scale)
+            return loss, lse, None
+        x3 = self.view(logits)
+        loss, lse, sums, _, aux_c = _loss.forward(x3, t_c, self.weight, ignore_index,
+                                                  smoothing, "none", self.backend, False,
+                                                  self.extras)
+        if aux is not None:
+            aux.copy_(aux_c)
+        if denom is not None:
+            one = torch.ones((), dtype=self.acc, device=logits.device)
+            _, dy = _loss.backward(one, x3, t_c, self.weight, lse, sums, denom,
+                                   ignore_index, smoothing, "mean", self.backend, True,
+                                   dtarget is not None, self.extras, out=x3,
+                                   z_denom=z_denom)
+            if dtarget is not None:
+                dtarget[s:e] = dy
+        return loss.reshape(-1), lse, sums
+
+    def backward(self, logits, s, e, lse, sums, dloss, z_grad=None, dtarget=None):
+        """Overwrites the chunk's logits by the gradient of ``sum(loss * dloss)`` (dloss
+        (N * L,) for all rows), and writes ``dtarget[s:e]`` where given."""
+        ignore_index, smoothing = self.options
+        t_c = self.t[s:e]
+        rows = slice(s * self.positions, e * self.positions)
+        if self.rows:
+            self.impl.ce_bwd(logits, t_c, lse[rows], dloss[rows], weight=self.weight,
+                             ignore_index=ignore_index, label_smoothing=smoothing, dx=logits,
+                             extras=self.extras,
+                             z_grad=None if z_grad is None else z_grad[rows])
+            return
+        x3 = self.view(logits)
+        _, dy = _loss.backward(dloss[rows].view(e - s, self.positions), x3, t_c, self.weight,
+                               lse[rows], sums[rows] if self.soft else sums, None,
+                               ignore_index, smoothing, "none", self.backend, True,
+                               dtarget is not None, self.extras, out=x3)
+        if dtarget is not None:
+            dtarget[s:e] = dy
 
 
-def _aux_buffer(x, extras):
-    """The (2, N) entropy and correctness of ``extras.aux``, else None."""
-    return x.new_empty((2, x.shape[0]), dtype=torch.float32) if extras.aux else None
+def _logits_buffer(x, n_outputs, rows):
+    return torch.empty(min(rows, x.shape[0]), n_outputs, dtype=x.dtype, device=x.device)
 
 
-def _loss_only(x, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing,
-               impl, rows, extras=_args.NO_EXTRAS, aux=None):
-    """Per-row losses and log-sum-exps (fp32), one chunk of logits at a time; with
-    ``extras``, of the transformed logits, and each row's aux into ``aux`` (2, N)."""
-    n_rows = x.shape[0]
-    loss = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-    lse = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+def _aux_buffer(x, ce):
+    """The (2, rows) entropy and correctness of ``extras.aux``, else None."""
+    if not ce.extras.aux:
+        return None
+    return x.new_empty((2, x.shape[0] * ce.positions), dtype=ce.acc)
+
+
+def _row_buffers(x, ce):
+    """Per-row loss and log-sum-exp, and (probability targets) the sums ``s``."""
+    n = x.shape[0] * ce.positions
+    new = functools.partial(torch.empty, dtype=ce.acc, device=x.device)
+    return new(n), new(n), new(n if ce.soft else 0)
+
+
+def _loss_only(x, linear_weight, linear_bias, ce, rows, aux=None):
+    """Per-row losses, log-sum-exps and sums, one chunk of logits at a time; each row's aux
+    into ``aux`` (2, rows) where given."""
+    n_rows, positions = x.shape[0], ce.positions
+    loss, lse, sums = _row_buffers(x, ce)
     buf = _logits_buffer(x, linear_weight.shape[0], rows)
     for s, e in _chunks(n_rows, rows):
+        r = slice(s * positions, e * positions)
         logits = logits_into(buf[:e - s], x[s:e], linear_weight, linear_bias)
-        loss[s:e], lse[s:e] = impl.ce_fwd(logits, target[s:e], weight=weight,
-                                          ignore_index=ignore_index,
-                                          label_smoothing=label_smoothing, extras=extras,
-                                          aux_out=None if aux is None else aux[:, s:e])
-    return loss, lse
+        loss[r], lse[r], sums_c = ce.forward(logits, s, e,
+                                             aux=None if aux is None else aux[:, r])
+        if ce.soft:
+            sums[r] = sums_c
+    return loss, lse, sums
 
 
-def _reduced(loss, lse, target, weight, ignore_index, reduction, n_classes, extras):
-    """The per-row losses reduced, the z-loss of ``extras`` added (reduced the same way)."""
-    denom = _loss.denominator(target, weight, ignore_index, n_classes, reduction)
-    total = _loss.reduce(loss, denom, reduction)
-    if extras.z_loss:
-        total = _loss.add_z_loss(total, lse, target, ignore_index, reduction, extras,
-                                 loss.shape)
+def _reduced(loss, lse, ce, reduction, loss_shape):
+    """The per-row losses reduced, the z-loss of ``ce.extras`` added (reduced the same way);
+    'none' shaped as ``loss_shape``."""
+    ignore_index, _ = ce.options
+    denom = _loss.denominator(ce.t, ce.weight, ignore_index, ce.n_classes, reduction, ce.acc)
+    total = _loss.reduce(loss.view(loss_shape), denom, reduction)
+    if ce.extras.z_loss:
+        total = _loss.add_z_loss(total, lse, ce.t, ignore_index, reduction, ce.extras,
+                                 loss_shape)
     return total
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
-    """Cross-entropy of ``x @ W.T (+ b)`` (x: (N, H), W: (V, H)) against ``target`` (N,).
+    """Cross-entropy of ``x @ W.T (+ b)`` (x: (N, H), W: (V, H) with V = C * L) against
+    ``ce.t`` ((N, L) class indices or (N, C, L) probabilities; ``target`` is the same tensor,
+    an input so that probabilities get their gradient).
 
     'mean' / 'sum': the forward computes the gradients (scaled by 1 / denominator) and keeps
     them; the backward multiplies them in place by the upstream scalar, so a second backward
     through the same graph is an error (as with PyTorch's chunked path). 'none': the forward
     keeps the log-sum-exps; the backward recomputes the logits chunk by chunk.
 
-    With the loss ``extras`` (``fusedce._args.Extras``) each chunk's CE is of the
-    transformed logits, the z-loss is added, and with ``extras.aux`` the outputs are
-    ``(loss, lse, aux)``, the last two not differentiable (as ``CrossEntropyFunction``'s).
+    With the loss ``extras`` each chunk's CE is of the transformed logits, the z-loss is
+    added, and with ``extras.aux`` the outputs are ``(loss, lse, aux)``, the last two not
+    differentiable (as ``CrossEntropyFunction``'s).
     """
 
     @staticmethod
-    def forward(ctx, x, linear_weight, linear_bias, target, weight, ignore_index,
-                label_smoothing, reduction, impl, rows, extras):
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    def forward(ctx, x, linear_weight, linear_bias, target, ce, reduction, rows, loss_shape):
+        need_x, need_w, need_b, need_t = ctx.needs_input_grad[:4]
         need_b = need_b and linear_bias is not None
-        n_classes = linear_weight.shape[0]
-        ctx.options = (ignore_index, label_smoothing, reduction, impl, rows, extras)
-        ctx.needs = (need_x, need_w, need_b)
-        ctx.dtypes = (x.dtype, linear_weight.dtype,
-                      None if linear_bias is None else linear_bias.dtype)
-        aux = _aux_buffer(x, extras)
+        need_t = need_t and ce.soft
+        ctx.options = (ce, reduction, rows)
+        ctx.needs = (need_x, need_w, need_b, need_t)
+        ctx.dtypes = (linear_weight.dtype, None if linear_bias is None else linear_bias.dtype)
+        aux = _aux_buffer(x, ce)
         if reduction == "none":
-            loss, lse = _loss_only(x, linear_weight, linear_bias, target, weight, ignore_index,
-                                   label_smoothing, impl, rows, extras, aux)
-            ctx.save_for_backward(x, linear_weight, linear_bias, target, weight, lse)
-            loss = _reduced(loss, lse, target, weight, ignore_index, reduction, n_classes,
-                            extras)
-            return _outputs(ctx, loss, lse, aux)
+            loss, lse, sums = _loss_only(x, linear_weight, linear_bias, ce, rows, aux)
+            ctx.save_for_backward(x, linear_weight, linear_bias, lse, sums)
+            return _outputs(ctx, _reduced(loss, lse, ce, reduction, loss_shape), lse, aux)
         # 'mean' / 'sum': gradients of loss.sum() / denom (and of the z-loss), computed now
-        denom = _loss.denominator(target, weight, ignore_index, n_classes, reduction)
-        scale = 1.0 / denom
-        z_scale = None
-        if extras.z_loss:
-            z_scale = (2.0 * extras.lse_square_scale) / _loss.z_denominator(
-                target, ignore_index, reduction, torch.float32)
+        ignore_index, _ = ce.options
+        denom = _loss.denominator(ce.t, ce.weight, ignore_index, ce.n_classes, reduction,
+                                  ce.acc)
+        z_scale = z_denom = None
+        if ce.extras.z_loss:
+            z_denom = _loss.z_denominator(ce.t, ignore_index, reduction, ce.acc)
+            z_scale = (2.0 * ce.extras.lse_square_scale) / z_denom
         acc = GradAccumulator(x, linear_weight, need_x, need_w, need_b)
-        n_rows = x.shape[0]
-        loss = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-        lse = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-        buf = _logits_buffer(x, n_classes, rows)
-        for s, e in _chunks(n_rows, rows):
+        dtarget = torch.empty_like(ce.t) if need_t else None
+        loss, lse, _ = _row_buffers(x, ce)
+        positions = ce.positions
+        buf = _logits_buffer(x, linear_weight.shape[0], rows)
+        for s, e in _chunks(x.shape[0], rows):
+            r = slice(s * positions, e * positions)
             x_c = x[s:e]
             logits = logits_into(buf[:e - s], x_c, linear_weight, linear_bias)
-            loss[s:e], lse[s:e] = impl.ce_fwd(
-                logits, target[s:e], weight=weight, ignore_index=ignore_index,
-                label_smoothing=label_smoothing, grad_scale=scale, extras=extras,
-                aux_out=None if aux is None else aux[:, s:e], z_scale=z_scale)
+            loss[r], lse[r], _ = ce.forward(logits, s, e,
+                                            aux=None if aux is None else aux[:, r],
+                                            denom=denom, z_scale=z_scale,
+                                            z_denom=z_denom, dtarget=dtarget)
             acc.add(logits, x_c, s, e)  # ``logits`` now holds the logit gradient
         del buf
-        ctx.grads = (acc.grad_input, acc.grad_weight, acc.grad_bias)
-        loss = _reduced(loss, lse, target, weight, ignore_index, reduction, n_classes, extras)
-        return _outputs(ctx, loss, lse, aux)
+        ctx.grads = (acc.grad_input, acc.grad_weight, acc.grad_bias, dtarget)
+        return _outputs(ctx, _reduced(loss, lse, ce, reduction, loss_shape), lse, aux)
 
     @staticmethod
     def backward(ctx, grad_out, *_aux_grads):
-        ignore_index, label_smoothing, reduction, impl, rows, extras = ctx.options
-        need_x, need_w, need_b = ctx.needs
+        ce, reduction, rows = ctx.options
+        need_x, need_w, need_b, need_t = ctx.needs
         if reduction == "none":
             grads = _backward_none(ctx, grad_out)
         else:
@@ -222,12 +314,11 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             if not skip:
                 grads = tuple(t.mul_(g.to(t.dtype)) if t is not None else None
                               for t in grads)
-        x_dtype, w_dtype, b_dtype = ctx.dtypes
-        gx, gw, gb = grads
-        gx = gx if need_x else None
-        gw = gw.to(w_dtype) if need_w else None
-        gb = gb.to(b_dtype) if need_b else None
-        return gx, gw, gb, None, None, None, None, None, None, None, None
+        w_dtype, b_dtype = ctx.dtypes
+        gx, gw, gb, gt = grads
+        return (gx if need_x else None, gw.to(w_dtype) if need_w else None,
+                gb.to(b_dtype) if need_b else None, gt if need_t else None,
+                None, None, None, None)
 
 
 def _outputs(ctx, loss, lse, aux):
@@ -240,22 +331,23 @@ def _outputs(ctx, loss, lse, aux):
 
 def _backward_none(ctx, grad_out):
     """reduction='none': recompute each chunk's logits, then the CE backward over them."""
-    x, linear_weight, linear_bias, target, weight, lse = ctx.saved_tensors
-    ignore_index, label_smoothing, _, impl, rows, extras = ctx.options
-    need_x, need_w, need_b = ctx.needs
+    x, linear_weight, linear_bias, lse, sums = ctx.saved_tensors
+    ce, _, rows = ctx.options
+    need_x, need_w, need_b, need_t = ctx.needs
     acc = GradAccumulator(x, linear_weight, need_x, need_w, need_b)
-    dloss = grad_out.float()  # may be an expanded scalar (stride 0): slicing keeps that
-    z_grad = (_loss.z_grad(grad_out, lse, target, ignore_index, "none", extras)
-              if extras.z_loss else None)
+    dtarget = torch.empty_like(ce.t) if need_t else None
+    # may be an expanded scalar (stride 0): slicing keeps that
+    dloss = grad_out.to(ce.acc).reshape(-1)
+    ignore_index, _ = ce.options
+    z_grad = (_loss.z_grad(grad_out, lse, ce.t, ignore_index, "none", ce.extras)
+              if ce.extras.z_loss else None)
     buf = _logits_buffer(x, linear_weight.shape[0], rows)
     for s, e in _chunks(x.shape[0], rows):
         x_c = x[s:e]
         logits = logits_into(buf[:e - s], x_c, linear_weight, linear_bias)
-        impl.ce_bwd(logits, target[s:e], lse[s:e], dloss[s:e], weight=weight,
-                    ignore_index=ignore_index, label_smoothing=label_smoothing, dx=logits,
-                    extras=extras, z_grad=None if z_grad is None else z_grad[s:e])
+        ce.backward(logits, s, e, lse, sums, dloss, z_grad=z_grad, dtarget=dtarget)
         acc.add(logits, x_c, s, e)
-    return acc.grad_input, acc.grad_weight, acc.grad_bias
+    return acc.grad_input, acc.grad_weight, acc.grad_bias, dtarget
 
 
 def _autocast_dtype(device_type):
@@ -274,8 +366,10 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
 
     The arguments, their defaults and meaning are those of
     :func:`torch.nn.functional.linear_cross_entropy` (``ignore_index=None`` means -100):
-    ``input`` (N, H) or (H,), ``linear_weight`` (C, H), ``linear_bias`` (C,), ``target``
-    (N,) or () class indices (int64 or uint8), class ``weight`` (C,). ``options`` (a
+    ``input`` (N, H) or (H,), ``linear_weight`` (C, H) or (C, d1, ..., dK, H) (a
+    K-dimensional loss), ``linear_bias`` shaped like ``linear_weight`` without its last
+    dimension, ``target`` class indices ((N,), (), or (N, d1, ..., dK)) or class
+    probabilities (the logits' shape), class ``weight`` (C,). ``options`` (a
     :class:`torch.nn.LinearCrossEntropyOptions`) is accepted so that calls switch unchanged;
     only its ``batch_chunk_size`` is used (as ``chunk_size``): fusedce always chunks.
 
@@ -286,79 +380,79 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     chunk_size: tokens per chunk; by default :func:`chunk_rows` picks it from the shapes.
     logit_scale, softcap, lse_square_scale, return_aux: the loss extras, with the meaning
         they have in :func:`fusedce.cross_entropy`, applied to each chunk's logits in the
-        same pass (the aux outputs: ``fusedce.CrossEntropyAux``).
+        same pass (the aux outputs: ``fusedce.CrossEntropyAux``); class-index targets only.
 
-    Differences from PyTorch: class-probability targets and K-dimensional ``linear_weight``
-    are not supported (NotImplementedError); a target outside ``[0, C)`` that is not
-    ``ignore_index`` gives a NaN loss instead of an error (no host synchronisation); for
-    'mean'/'sum' the gradients are computed in the forward, so a second backward through the
-    same graph raises RuntimeError; a negative ``label_smoothing`` raises RuntimeError (as
+    Differences from PyTorch: a target outside ``[0, C)`` that is not ``ignore_index``
+    gives a NaN loss instead of an error (no host synchronisation); for 'mean'/'sum' the
+    gradients are computed in the forward, so a second backward through the same graph
+    raises RuntimeError; a negative ``label_smoothing`` raises RuntimeError (as
     :func:`fusedce.cross_entropy` does; PyTorch accepts it).
     """
     fn = "linear_cross_entropy"
     _args.tensors(fn, input=input, linear_weight=linear_weight, target=target,
                   linear_bias=linear_bias, weight=weight)
-    reduction, label_smoothing, ignore_index, backend = _args.loss_options(
+    reduction, label_smoothing, _, backend = _args.loss_options(
         fn, reduction, label_smoothing, ignore_index, backend)
-    n_classes = _args.linear_inputs(input, linear_weight, linear_bias, target)
+    logits_shape, t, loss_shape, soft, ignore_index = _args.linear_inputs(
+        input, linear_weight, linear_bias, target, ignore_index)
+    n_classes = linear_weight.shape[0]
     # shape, dtype, and no gradient (PyTorch raises for one); contiguous
     weight = _args.class_weight(weight, n_classes, fn="fusedce.linear_cross_entropy")
     if chunk_size is None and options is not None:
         chunk_size = getattr(options, "batch_chunk_size", None)
     chunk_size = _args.chunk_size(chunk_size)
     extras = _args.extras(logit_scale, softcap, lse_square_scale, return_aux)
-    if input.dim() == 1:
-        out = linear_cross_entropy(input.unsqueeze(0), linear_weight, target.unsqueeze(0),
-                                   linear_bias=linear_bias, weight=weight, reduction=reduction,
-                                   ignore_index=ignore_index, label_smoothing=label_smoothing,
-                                   options=options, backend=backend, chunk_size=chunk_size,
-                                   **extras.kwargs())
-        return _loss.one_token(out, reduction, extras)
-
-    # the CE kernels read target[row] at unit stride; an O(rows) copy
-    target = target.contiguous()
+    if soft and extras.any:
+        raise NotImplementedError("fusedce.linear_cross_entropy: logit_scale, softcap, "
+                                  "lse_square_scale and return_aux take class-index "
+                                  "targets, not class probabilities")
+    # (N, H) rows against (C * L, H) outputs: a K-dimensional weight is C * L outputs, the
+    # logits' (N, C, L) view is what cross_entropy would see
+    x = input.reshape(-1, input.shape[-1])
+    w2 = linear_weight.reshape(-1, linear_weight.shape[-1])
+    b2 = None if linear_bias is None else linear_bias.reshape(-1)
+    result_dtype = _args.ce_result_dtype(input, target, weight, soft)
     autocast_dtype = _autocast_dtype(input.device.type)
-    if autocast_dtype is None:
-        return _fused(input, linear_weight, linear_bias, target, weight, ignore_index,
-                      label_smoothing, reduction, backend, chunk_size, extras, input.dtype)
-    # what F.linear does under autocast; the loss then comes out in fp32 like F.cross_entropy
-    # (computed in fp32 and never rounded to the autocast dtype on the way)
-    with torch.autocast(input.device.type, enabled=False):
-        return _fused(input.to(autocast_dtype), linear_weight.to(autocast_dtype),
-                      None if linear_bias is None else linear_bias.to(autocast_dtype), target,
-                      weight, ignore_index, label_smoothing, reduction, backend, chunk_size,
-                      extras, torch.float32)
-
-
-def _fused(input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing,
-           reduction, backend, chunk_size, extras, result_dtype):
-    """``linear_cross_entropy`` of checked 2-d arguments, the loss in ``result_dtype`` (the
-    loss and z-loss are computed in fp32 and rounded to it once)."""
-    n_classes = linear_weight.shape[0]
-    impl = (_loss.extras_implementation(backend, input, weight) if extras.any
-            else _args.implementation(backend, input))
-    n_rows = input.shape[0]
-    rows = chunk_size
-    if rows is None:
-        rows = chunk_rows(n_rows, input.shape[1], n_classes, input.element_size(),
-                          input.device.type)
-    differentiable = (input, linear_weight) + ((linear_bias,) if linear_bias is not None else ())
-    if not (torch.is_grad_enabled() and any(t.requires_grad for t in differentiable)):
-        # no_grad / eval: the loss only, no gradient work and no autograd state
-        aux = _aux_buffer(input, extras)
-        loss, lse = _loss_only(input, linear_weight, linear_bias, target, weight, ignore_index,
-                               label_smoothing, impl, rows, extras, aux)
-        loss = _reduced(loss, lse, target, weight, ignore_index, reduction, n_classes, extras)
+    if autocast_dtype is not None:
+        # what F.linear does under autocast; the loss then comes out in fp32 like
+        # F.cross_entropy (computed in fp32 and never rounded to the autocast dtype)
+        with torch.autocast(input.device.type, enabled=False):
+            x, w2 = x.to(autocast_dtype), w2.to(autocast_dtype)
+            b2 = None if b2 is None else b2.to(autocast_dtype)
+            out = _fused(x, w2, b2, t, weight, n_classes, ignore_index, label_smoothing,
+                         reduction, backend, chunk_size, extras, loss_shape)
     else:
-        out = LinearCrossEntropyFunction.apply(input, linear_weight, linear_bias, target,
-                                               weight, ignore_index, label_smoothing,
-                                               reduction, impl, rows, extras)
-        loss, lse, aux = out if extras.aux else (out, None, None)
+        out = _fused(x, w2, b2, t, weight, n_classes, ignore_index, label_smoothing,
+                     reduction, backend, chunk_size, extras, loss_shape)
+    loss, lse, aux, ce = out
     loss = loss.to(result_dtype)
     if not extras.aux:
         return loss
-    return _loss.aux_outputs(loss, lse, aux, target, ignore_index, reduction, extras,
-                             (n_rows,), result_dtype)
+    return _loss.aux_outputs(loss, lse, aux, ce.t, ignore_index, reduction, extras,
+                             loss_shape, result_dtype)
+
+
+def _fused(x, linear_weight, linear_bias, t, weight, n_classes, ignore_index,
+           label_smoothing, reduction, backend, chunk_size, extras, loss_shape):
+    """``(loss, lse, aux, ce)`` of checked arguments: ``x`` (N, H), ``linear_weight``
+    (C * L, H), ``t`` as ``_ChunkLoss`` takes it; the loss (reduced, 'none' shaped as
+    ``loss_shape``) in the dtype it is computed in."""
+    ce = _ChunkLoss(x, t, weight, n_classes, ignore_index, label_smoothing, backend, extras)
+    rows = chunk_size
+    if rows is None:
+        rows = chunk_rows(x.shape[0], x.shape[1], linear_weight.shape[0], x.element_size(),
+                          x.device.type)
+    differentiable = (x, linear_weight, t) + ((linear_bias,) if linear_bias is not None
+                                             else ())
+    if not (torch.is_grad_enabled() and any(v.requires_grad for v in differentiable)):
+        # no_grad / eval: the loss only, no gradient work and no autograd state
+        aux = _aux_buffer(x, ce)
+        loss, lse, _ = _loss_only(x, linear_weight, linear_bias, ce, rows, aux)
+        return _reduced(loss, lse, ce, reduction, loss_shape), lse, aux, ce
+    out = LinearCrossEntropyFunction.apply(x, linear_weight, linear_bias, t, ce, reduction,
+                                           rows, loss_shape)
+    loss, lse, aux = out if extras.aux else (out, None, None)
+    return loss, lse, aux, ce
 
 
 class LinearCrossEntropyLoss(nn.Module):

@@ -287,6 +287,37 @@ def test_never_allocates_full_logits(reduction, bias):
     assert mode.largest <= chunk_rows(n, h, v, 4) * v * 4 + 4096
 
 
+@pytest.mark.parametrize("case", ["probabilities", "k-dim", "k-dim-probabilities", "float64"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_general_path_allocates_one_chunk(case, reduction, backend):
+    """The cases the row-wise launchers do not serve (probability targets, a K-dimensional
+    weight, float64) are chunked too: no allocation beyond two chunks of logits (the chunk
+    and its gradient), while the unreduced loss matches the unfused one in float64.
+    Probability targets do not require a gradient here: theirs is target-sized."""
+    n, h, c, k = 64, 8, 96, (4 if case.startswith("k-dim") else 1)
+    dtype = torch.float64 if case == "float64" else torch.float32
+    x = torch.randn(n, h, dtype=dtype, requires_grad=True)
+    w = torch.randn(c, *([k] if k > 1 else []), h, dtype=dtype, requires_grad=True)
+    shape = (n, c, k) if k > 1 else (n, c)
+    if "probabilities" in case:
+        target = torch.softmax(torch.randn(shape, dtype=dtype), 1)
+    else:
+        target = torch.randint(0, c, (n, k) if k > 1 else (n,))
+    chunk = 16
+    with LargestAllocation() as mode:
+        loss = fusedce.linear_cross_entropy(x, w, target, reduction=reduction,
+                                            chunk_size=chunk, backend=backend)
+        loss.backward(torch.randn_like(loss))
+    assert mode.largest <= 2 * chunk * c * k * x.element_size(), mode.largest
+    xd, wd = x.detach().double(), w.detach().double()
+    want = F.cross_entropy((xd @ wd.flatten(0, -2).t()).view(shape),
+                           target.double() if target.is_floating_point() else target,
+                           reduction=reduction)
+    torch.testing.assert_close(loss.detach().double(), want,
+                               **({} if dtype == torch.float64 else dict(atol=1e-4, rtol=1e-5)))
+
+
 def test_no_grad_computes_only_the_loss():
     """Under no_grad neither the logit gradient nor the (V, H) fp32 accumulator exists."""
     n, h, v = 64, 48, 512
@@ -416,10 +447,12 @@ def test_errors_match_pytorch(args, error):
         fusedce.linear_cross_entropy(x, w, t, linear_bias=b)
 
 
-def test_unsupported_targets_raise():
+def test_unsupported_arguments_raise():
+    """The loss extras take class indices (as in fusedce.cross_entropy); a bad reduction is
+    PyTorch's ValueError."""
     x, w = torch.randn(4, 3), torch.randn(5, 3)
-    with pytest.raises(NotImplementedError, match="probability"):
-        fusedce.linear_cross_entropy(x, w, torch.rand(4, 5))
+    with pytest.raises(NotImplementedError, match="probabilities"):
+        fusedce.linear_cross_entropy(x, w, torch.rand(4, 5), softcap=30.0)
     with pytest.raises(ValueError, match="reduction"):
         fusedce.linear_cross_entropy(x, w, torch.zeros(4, dtype=torch.long), reduction="avg")
 

@@ -1,9 +1,11 @@
 """PyTorch's own test samples drive the drop-in contract: every OpInfo sample of
-``nn.functional.cross_entropy`` and every ModuleInfo input of ``nn.CrossEntropyLoss``
-(``torch.testing._internal``), on both backends, give PyTorch's loss (value, dtype, shape)
-and gradients (with a random upstream gradient), and every ModuleInfo error input raises
-PyTorch's exception type with PyTorch's message. What PyTorch accepts is taken from PyTorch,
-not guessed."""
+``nn.functional.cross_entropy`` and of the three variants of
+``nn.functional.linear_cross_entropy`` (reference, chunked, chunked_none), and every
+ModuleInfo input of ``nn.CrossEntropyLoss`` (``torch.testing._internal``), on both backends,
+give PyTorch's loss (value, dtype, shape) and gradients (with a random upstream gradient,
+every differentiable argument: logits or input, linear weight and bias, probability
+targets), and every error input raises PyTorch's exception type with PyTorch's message. What
+PyTorch accepts is taken from PyTorch, not guessed."""
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ from torch.testing._internal import common_modules  # noqa: E402
 import fusedce
 
 OP = next(op for op in common.op_db if op.name == "nn.functional.cross_entropy")
+LINEAR_OPS = [op for op in common.op_db if op.name == "nn.functional.linear_cross_entropy"]
 MODULE = next(m for m in common_modules.module_db if m.module_cls is torch.nn.CrossEntropyLoss)
 BACKENDS = ["torch", "triton"]
 # float64: PyTorch's reference is exact; float32: what training runs in
@@ -44,11 +47,13 @@ def _clone(value):
     return value
 
 
-def _compare(fn_ours, fn_theirs, args, dtype):
+def _compare(fn_ours, fn_theirs, args, dtype, kwargs=None):
+    """Both functions on their own copies of ``args`` and ``kwargs``: the same result, and
+    the same gradients for every tensor among them that requires one."""
     atol, rtol = DTYPES[dtype]
-    ours_args, theirs_args = _clone(args), _clone(args)
-    want = fn_theirs(*theirs_args)
-    got = fn_ours(*ours_args)
+    ours_args, theirs_args = _clone((args, kwargs or {})), _clone((args, kwargs or {}))
+    want = fn_theirs(*theirs_args[0], **theirs_args[1])
+    got = fn_ours(*ours_args[0], **ours_args[1])
     assert got.dtype == want.dtype and got.shape == want.shape
     torch.testing.assert_close(got, want, atol=atol, rtol=rtol, equal_nan=True)
     leaves = [t for t in _tensors(theirs_args) if t.requires_grad]
@@ -83,6 +88,35 @@ def test_opinfo_samples(sample, dtype, backend):
     kwargs = dict(sample.kwargs)
     _compare(lambda *a: fusedce.cross_entropy(*a, **kwargs, backend=backend),
              lambda *a: F.cross_entropy(*a, **kwargs), args, dtype)
+
+
+def _linear_samples():
+    return [pytest.param(sample, dtype, backend,
+                         id=f"{op.variant_test_name or 'reference'}-{str(dtype)[6:]}-{i}-"
+                            f"{backend}")
+            for op in LINEAR_OPS for dtype in DTYPES
+            for i, sample in enumerate(op.sample_inputs("cpu", dtype, requires_grad=True))
+            for backend in BACKENDS]
+
+
+@pytest.mark.filterwarnings("ignore:linear_cross_entropy. ..options.. ignored")
+@pytest.mark.parametrize("sample, dtype, backend", _linear_samples())
+def test_linear_opinfo_samples(sample, dtype, backend):
+    """Probability targets, K-dimensional weights, 1-d inputs, class weights, biases, every
+    reduction; ``options`` (LinearCrossEntropyOptions) passed to both."""
+    _compare(lambda *a, **kw: fusedce.linear_cross_entropy(*a, **kw, backend=backend),
+             F.linear_cross_entropy, (sample.input, *sample.args), dtype, sample.kwargs)
+
+
+@pytest.mark.parametrize("error", list(LINEAR_OPS[0].error_inputs("cpu")),
+                         ids=lambda e: e.error_regex[:40])
+def test_linear_opinfo_error_inputs(error):
+    sample = error.sample_input
+    args = (sample.input, *sample.args)
+    with pytest.raises(error.error_type, match=error.error_regex):
+        F.linear_cross_entropy(*args, **sample.kwargs)
+    with pytest.raises(error.error_type, match=error.error_regex):
+        fusedce.linear_cross_entropy(*args, **sample.kwargs)
 
 
 def _module_errors():
