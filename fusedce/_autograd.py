@@ -21,13 +21,12 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from . import _args, _loss
+from . import _args, _higher, _loss
 
-DOUBLE_BACKWARD_ERROR = (
-    "fusedce.cross_entropy does not support double backward (create_graph=True followed by "
-    "a gradient of the gradient): its backward treats the saved log-sum-exp and denominator "
-    "as constants, so a second-order result would be wrong. Use "
-    "torch.nn.functional.cross_entropy for higher-order gradients.")
+INPLACE_DOUBLE_BACKWARD_ERROR = (
+    "fusedce.cross_entropy(inplace_backward=True) does not support double backward "
+    "(create_graph=True followed by a gradient of the gradient): the logits it would be "
+    "taken from were overwritten by the gradient. Use inplace_backward=False.")
 
 def no_graph_in_inference_mode(fn):
     """Runs the loss ``fn`` under no_grad when inference mode is on with grad mode on:
@@ -60,33 +59,67 @@ class _DoubleBackwardError(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *_):
-        raise RuntimeError(DOUBLE_BACKWARD_ERROR)
+        raise RuntimeError(INPLACE_DOUBLE_BACKWARD_ERROR)
 
 
-def first_order_only(backward):
-    """Decorates CrossEntropyFunction's backward (whose first saved tensor is the input
-    ``x``) like ``torch.autograd.function.once_differentiable``: it runs without building a
-    graph, and under ``create_graph=True`` each gradient it returns is tied to ``x`` through
-    a node that raises DOUBLE_BACKWARD_ERROR, so a gradient of the gradient fails loudly
-    (once_differentiable's node hangs off a detached copy: ``torch.autograd.grad`` of it
-    with respect to ``x`` would report the input unused instead)."""
+def differentiable_gradients(loss_fn, inputs, needs, grad):
+    """Under ``create_graph=True``: the gradients of ``loss_fn()`` (the loss recomputed by
+    ``fusedce._higher`` from the saved ``inputs``) with respect to those ``inputs`` whose
+    ``needs`` is set, given the upstream ``grad``, as tensors autograd can differentiate
+    again (in the inputs and in ``grad``). None where not needed."""
+    wanted = [t for t, need in zip(inputs, needs) if need]
+    with torch.enable_grad():
+        loss = loss_fn()
+        grads = iter(torch.autograd.grad(loss, wanted, grad.to(loss.dtype),
+                                         create_graph=True, allow_unused=True))
+    out = []
+    for t, need in zip(inputs, needs):
+        g = next(grads) if need else None
+        out.append(torch.zeros_like(t) if need and g is None else g)
+    return out
+
+
+def higher_order(backward):
+    """Decorates CrossEntropyFunction's backward: the fused backward, without a graph, for
+    a first-order gradient; under ``create_graph=True`` the differentiable formulation
+    (``_differentiable_backward``), except after an in-place forward, whose logits are gone:
+    there each gradient is tied to ``x`` through a node that raises
+    INPLACE_DOUBLE_BACKWARD_ERROR, so a gradient of the gradient fails loudly."""
 
     @functools.wraps(backward)
     def wrapper(ctx, *grads):
-        # (not after an in-place backward, whose second call raises anyway and whose x
-        # holds the gradient by then)
-        create_graph = (torch.is_grad_enabled() and any(ctx.needs_input_grad)
-                        and not (ctx.opts.mode == "inplace" and ctx.consumed))
-        # read before the backward: the in-place mode's backward bumps x's version
-        anchor = ctx.saved_tensors[0] if create_graph else None
+        if not (torch.is_grad_enabled() and any(ctx.needs_input_grad)):
+            with torch.no_grad():
+                return backward(ctx, *grads)
+        if ctx.opts.mode != "inplace":
+            return _differentiable_backward(ctx, grads[0])
+        if ctx.consumed:
+            raise RuntimeError(INPLACE_SECOND_BACKWARD_ERROR)
+        anchor = ctx.saved_tensors[0]  # before the backward bumps its version
         with torch.no_grad():
             outputs = backward(ctx, *grads)
-        if not create_graph:
-            return outputs
         return tuple(_DoubleBackwardError.apply(v, anchor) if isinstance(v, torch.Tensor)
                      else v for v in outputs)
 
     return wrapper
+
+
+def _differentiable_backward(ctx, grad_loss):
+    """CrossEntropyFunction's gradients under ``create_graph=True``, from ``fusedce._higher``
+    over the saved logits (and probability targets)."""
+    opts = ctx.opts
+    x, target, weight = ctx.saved_tensors[:3]
+    if opts.mode != "backward":  # the row modes saved the targets flattened
+        target = target.view(x.shape[0], x.shape[2])
+    needs = (ctx.needs_input_grad[0],
+             ctx.needs_input_grad[1] and target.is_floating_point())
+
+    def loss():
+        return _higher.cross_entropy(x, target, weight, opts.ignore_index,
+                                     opts.label_smoothing, opts.reduction, opts.extras)[0]
+
+    dx, dy = differentiable_gradients(loss, (x, target), needs, grad_loss)
+    return dx, dy, None, None
 
 
 # ------------------------------------------------------------------------------------------
@@ -216,7 +249,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         return _outputs(ctx, loss, lse, aux)
 
     @staticmethod
-    @first_order_only
+    @higher_order
     def backward(ctx, grad_loss, *_aux_grads):
         opts = ctx.opts
         if opts.mode == "backward":

@@ -10,7 +10,7 @@ view); this module decides where the gradient is computed and calls the one auto
 
 import torch
 
-from . import _args, _autograd, _loss, _route
+from . import _args, _autograd, _higher, _loss, _route
 from ._loss import CrossEntropyAux  # noqa: F401  (fusedce.CrossEntropyAux)
 
 _pytorch_loss = torch._C._nn.cross_entropy_loss
@@ -155,7 +155,11 @@ def _cross_entropy(input, target, weight, size_average, ignore_index, reduce, re
     weight = _args.class_weight(weight, x.shape[1])
     impl = _args.implementation(backend, input)
     validate = _validates_by_default(input, impl) if validate is None else bool(validate)
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (
+    if _higher.requested(input, target, weight):
+        # a forward tangent or a torch.func transform: PyTorch's differentiable ops
+        loss, lse, aux = _higher.cross_entropy(x, t, weight, ignore_index, label_smoothing,
+                                               reduction, extras)
+    elif torch.compiler.is_compiling() or (torch.is_grad_enabled() and (
             input.requires_grad or target.requires_grad)):
         opts = _autograd.Options(ignore_index, label_smoothing, reduction, backend, validate,
                                  _grad_mode(x, t, weight, impl, inplace_backward), extras)

@@ -26,7 +26,7 @@ import functools
 import torch
 from torch import nn
 
-from . import _args, _autograd, _loss
+from . import _args, _autograd, _higher, _loss
 
 # Chunk size heuristic (rows per chunk), see ``chunk_rows``.
 MIN_CHUNK_ROWS = 128  # fewer rows make the three matrix products inefficient
@@ -248,9 +248,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     an input so that probabilities get their gradient).
 
     'mean' / 'sum': the forward computes the gradients (scaled by 1 / denominator) and keeps
-    them; the backward multiplies them in place by the upstream scalar, so a second backward
-    through the same graph is an error (as with PyTorch's chunked path). 'none': the forward
-    keeps the log-sum-exps; the backward recomputes the logits chunk by chunk.
+    them; the backward multiplies them in place by the upstream scalar and hands them over,
+    so a second backward through the same graph recomputes them as 'none' does. 'none':
+    the forward keeps the log-sum-exps; the backward recomputes the logits chunk by chunk.
+    Under ``create_graph=True`` the backward is ``fusedce._higher``'s, differentiable.
 
     With the loss ``extras`` each chunk's CE is of the transformed logits, the z-loss is
     added, and with ``extras.aux`` the outputs are ``(loss, lse, aux)``, the last two not
@@ -264,12 +265,14 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         need_t = need_t and ce.soft
         ctx.options = (ce, reduction, rows)
         ctx.needs = (need_x, need_w, need_b, need_t)
+        ctx.loss_shape = loss_shape
         ctx.dtypes = (linear_weight.dtype, None if linear_bias is None else linear_bias.dtype)
         aux = _aux_buffer(x, ce)
         if reduction == "none":
             loss, lse, sums = _loss_only(x, linear_weight, linear_bias, ce, rows, aux)
-            ctx.save_for_backward(x, linear_weight, linear_bias, lse, sums)
+            ctx.save_for_backward(x, linear_weight, linear_bias, target, lse, sums)
             return _outputs(ctx, _reduced(loss, lse, ce, reduction, loss_shape), lse, aux)
+
         # 'mean' / 'sum': gradients of loss.sum() / denom (and of the z-loss), computed now
         ignore_index, _ = ce.options
         denom = _loss.denominator(ce.t, ce.weight, ignore_index, ce.n_classes, reduction,
@@ -280,34 +283,37 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             z_scale = (2.0 * ce.extras.lse_square_scale) / z_denom
         acc = GradAccumulator(x, linear_weight, need_x, need_w, need_b)
         dtarget = torch.empty_like(ce.t) if need_t else None
-        loss, lse, _ = _row_buffers(x, ce)
+        loss, lse, sums = _row_buffers(x, ce)
         positions = ce.positions
         buf = _logits_buffer(x, linear_weight.shape[0], rows)
         for s, e in _chunks(x.shape[0], rows):
             r = slice(s * positions, e * positions)
             x_c = x[s:e]
             logits = logits_into(buf[:e - s], x_c, linear_weight, linear_bias)
-            loss[r], lse[r], _ = ce.forward(logits, s, e,
-                                            aux=None if aux is None else aux[:, r],
-                                            denom=denom, z_scale=z_scale,
-                                            z_denom=z_denom, dtarget=dtarget)
+            loss[r], lse[r], sums_c = ce.forward(logits, s, e,
+                                                 aux=None if aux is None else aux[:, r],
+                                                 denom=denom, z_scale=z_scale,
+                                                 z_denom=z_denom, dtarget=dtarget)
+            if ce.soft:
+                sums[r] = sums_c
             acc.add(logits, x_c, s, e)  # ``logits`` now holds the logit gradient
         del buf
         ctx.grads = (acc.grad_input, acc.grad_weight, acc.grad_bias, dtarget)
+        # for a second backward, or one under create_graph=True (references, not copies)
+        ctx.save_for_backward(x, linear_weight, linear_bias, target, lse, sums)
         return _outputs(ctx, _reduced(loss, lse, ce, reduction, loss_shape), lse, aux)
 
     @staticmethod
     def backward(ctx, grad_out, *_aux_grads):
         ce, reduction, rows = ctx.options
         need_x, need_w, need_b, need_t = ctx.needs
-        if reduction == "none":
-            grads = _backward_none(ctx, grad_out)
+        if torch.is_grad_enabled():  # create_graph=True: a gradient autograd can differentiate
+            ctx.grads = None
+            return (*_differentiable_backward(ctx, grad_out), None, None, None, None)
+        if reduction == "none" or ctx.grads is None:
+            # (for 'mean' / 'sum' a second backward: the first handed its gradients over)
+            grads = _backward_recompute(ctx, grad_out)
         else:
-            if getattr(ctx, "grads", None) is None:
-                raise RuntimeError(
-                    "fusedce.linear_cross_entropy: the gradients of a 'mean'/'sum' loss are "
-                    "computed in the forward and consumed by the first backward; a second "
-                    "backward through the same graph (retain_graph=True) is not supported")
             grads, ctx.grads = ctx.grads, None  # give up our references: autograd may steal
             g = grad_out.reshape(())
             skip = g.device.type == "cpu" and bool(g == 1)  # a CPU read is no device sync
@@ -329,17 +335,38 @@ def _outputs(ctx, loss, lse, aux):
     return loss, lse, aux
 
 
-def _backward_none(ctx, grad_out):
-    """reduction='none': recompute each chunk's logits, then the CE backward over them."""
-    x, linear_weight, linear_bias, lse, sums = ctx.saved_tensors
-    ce, _, rows = ctx.options
+def _differentiable_backward(ctx, grad_out):
+    """The gradients under ``create_graph=True``: from ``fusedce._higher`` over the saved
+    inputs (they then hold a graph of all the logits, as PyTorch's unfused loss would)."""
+    x, linear_weight, linear_bias, target = ctx.saved_tensors[:4]
+    ce, reduction, rows = ctx.options
+    ignore_index, smoothing = ce.options
+
+    def loss():
+        return _higher.linear_cross_entropy(
+            x, linear_weight, linear_bias, target, ce.weight, ce.n_classes, ignore_index,
+            smoothing, reduction, ce.extras, rows, ctx.loss_shape)[0]
+
+    return _autograd.differentiable_gradients(
+        loss, (x, linear_weight, linear_bias, target), ctx.needs, grad_out)
+
+
+def _backward_recompute(ctx, grad_out):
+    """Recompute each chunk's logits, then the CE backward over them: every backward of
+    reduction='none', and a second one of 'mean' / 'sum'."""
+    x, linear_weight, linear_bias, _, lse, sums = ctx.saved_tensors
+    ce, reduction, rows = ctx.options
     need_x, need_w, need_b, need_t = ctx.needs
     acc = GradAccumulator(x, linear_weight, need_x, need_w, need_b)
     dtarget = torch.empty_like(ce.t) if need_t else None
-    # may be an expanded scalar (stride 0): slicing keeps that
-    dloss = grad_out.to(ce.acc).reshape(-1)
     ignore_index, _ = ce.options
-    z_grad = (_loss.z_grad(grad_out, lse, ce.t, ignore_index, "none", ce.extras)
+    if reduction == "none":
+        dloss = grad_out.to(ce.acc).reshape(-1)  # an expanded scalar (stride 0) stays one
+    else:
+        denom = _loss.denominator(ce.t, ce.weight, ignore_index, ce.n_classes, reduction,
+                                  ce.acc)
+        dloss = (grad_out.to(ce.acc).reshape(1) / denom).expand(lse.shape[0])
+    z_grad = (_loss.z_grad(grad_out, lse, ce.t, ignore_index, reduction, ce.extras)
               if ce.extras.z_loss else None)
     buf = _logits_buffer(x, linear_weight.shape[0], rows)
     for s, e in _chunks(x.shape[0], rows):
@@ -444,6 +471,12 @@ def _fused(x, linear_weight, linear_bias, t, weight, n_classes, ignore_index,
                           x.device.type)
     differentiable = (x, linear_weight, t) + ((linear_bias,) if linear_bias is not None
                                              else ())
+    if _higher.requested(*differentiable):
+        # a forward tangent or a torch.func transform: PyTorch's differentiable ops
+        loss, lse, aux = _higher.linear_cross_entropy(
+            x, linear_weight, linear_bias, t, weight, n_classes, ignore_index,
+            label_smoothing, reduction, extras, rows, loss_shape)
+        return loss, lse, aux, ce
     if not (torch.is_grad_enabled() and any(v.requires_grad for v in differentiable)):
         # no_grad / eval: the loss only, no gradient work and no autograd state
         aux = _aux_buffer(x, ce)

@@ -398,19 +398,20 @@ def test_unbatched_input():
             assert_close(g, ref_g, 2e-5, 2e-5, "grad")
 
 
-def test_second_backward_of_scalar_loss_raises():
-    """The 'mean'/'sum' gradients are consumed by the first backward (as in PyTorch's
-    chunked path); 'none' recomputes, so retain_graph works there."""
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_second_backward_recomputes(reduction):
+    """retain_graph=True: the 'mean'/'sum' gradients computed in the forward are handed to
+    the first backward, a second recomputes them (as 'none' always does), with another
+    upstream gradient."""
     x, w, target, _, _ = make_problem(8, 5, 7, torch.float32)
     x.requires_grad_()
-    loss = fusedce.linear_cross_entropy(x, w, target)
-    loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="second backward"):
-        loss.backward()
-    loss = fusedce.linear_cross_entropy(x, w, target, reduction="none")
-    (g1,) = torch.autograd.grad(loss.sum(), [x], retain_graph=True)
-    (g2,) = torch.autograd.grad(loss.sum(), [x])
-    assert torch.equal(g1, g2)
+    w.requires_grad_()
+    loss = fusedce.linear_cross_entropy(x, w, target, reduction=reduction, chunk_size=3)
+    first = torch.autograd.grad(loss, [x, w], torch.ones_like(loss), retain_graph=True)
+    up = torch.full_like(loss, 2.5)
+    second = torch.autograd.grad(loss, [x, w], up)
+    for a, b in zip(first, second):
+        torch.testing.assert_close(b, 2.5 * a)
 
 
 def test_autocast_matches_pytorch():

@@ -1,0 +1,218 @@
+"""Higher-order autodiff, as PyTorch's own OpInfo tests check it for ``F.cross_entropy``:
+over every float64 OpInfo sample of ``nn.functional.cross_entropy`` and of the three
+``nn.functional.linear_cross_entropy`` variants, on both backends, ``gradcheck`` with
+forward-mode AD (against finite differences of fusedce's own fused forward),
+``gradgradcheck`` (double backward: the gradient of the fused backward under
+``create_graph=True``), and forward-over-reverse. Then the ``torch.func`` transforms against
+PyTorch's own loss, and second-order results at GPT-2's vocabulary on a few rows.
+
+The fused first-order path is the one the finite differences run: these checks tie the
+differentiable formulation (``fusedce._higher``) to it.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.autograd import forward_ad as fwAD
+from torch.autograd import gradcheck, gradgradcheck
+
+# (these need expecttest, a test dependency in .[dev])
+from torch.testing._internal import common_methods_invocations as common  # noqa: E402
+
+import fusedce
+
+BACKENDS = ["torch", "triton"]
+CE = next(op for op in common.op_db if op.name == "nn.functional.cross_entropy")
+LINEAR = [op for op in common.op_db if op.name == "nn.functional.linear_cross_entropy"]
+
+
+def _differentiable(sample):
+    """``(fn, inputs)``: the sample's tensors that require a gradient as the inputs of a
+    function of them alone (the rest, targets and class weights, held fixed)."""
+    args = [sample.input, *sample.args]
+    kwargs = dict(sample.kwargs)
+    slots = [("arg", i) for i, a in enumerate(args)
+             if isinstance(a, torch.Tensor) and a.requires_grad]
+    slots += [("kw", k) for k, v in kwargs.items()
+              if isinstance(v, torch.Tensor) and v.requires_grad]
+
+    def call(fused, *tensors, **extra):
+        a, kw = list(args), dict(kwargs)
+        for (kind, key), t in zip(slots, tensors):
+            if kind == "arg":
+                a[key] = t
+            else:
+                kw[key] = t
+        return fused(*a, **kw, **extra)
+
+    inputs = [args[k] if kind == "arg" else kwargs[k] for kind, k in slots]
+    return call, [t.detach().clone().requires_grad_() for t in inputs]
+
+
+def _samples(ops):
+    """Every float64 sample on both backends; the chunked variants of linear_cross_entropy
+    (the same shapes as the reference variant, with other options) in the slow run, on the
+    PyTorch backend (the kernels see the same chunks as in the reference variant)."""
+    return [pytest.param(s, backend, id=f"{op.variant_test_name or 'reference'}-{i}-{backend}",
+                         marks=[pytest.mark.slow] if op.variant_test_name else [])
+            for op in ops for i, s in enumerate(op.sample_inputs("cpu", torch.float64,
+                                                                  requires_grad=True))
+            for backend in (BACKENDS if not op.variant_test_name else ["torch"])]
+
+
+def _check(fn, inputs):
+    """PyTorch's fast mode (a random projection of the Jacobians, as its OpInfo tests
+    run by default): the same checks at a few evaluations each."""
+    assert gradcheck(fn, inputs, check_forward_ad=True, check_backward_ad=True,
+                     check_batched_grad=False, fast_mode=True)
+    assert gradgradcheck(fn, inputs, check_fwd_over_rev=True, check_batched_grad=False,
+                         fast_mode=True)
+
+
+@pytest.mark.parametrize("sample, backend", _samples([CE]))
+def test_cross_entropy_opinfo_higher_order(sample, backend):
+    call, inputs = _differentiable(sample)
+    _check(lambda *t: call(fusedce.cross_entropy, *t, backend=backend), inputs)
+
+
+@pytest.mark.filterwarnings("ignore:linear_cross_entropy. ..options.. ignored")
+@pytest.mark.parametrize("sample, backend", _samples(LINEAR))
+def test_linear_opinfo_higher_order(sample, backend):
+    call, inputs = _differentiable(sample)
+    _check(lambda *t: call(fusedce.linear_cross_entropy, *t, backend=backend), inputs)
+
+
+# ------------------------------------------------------------------ torch.func transforms
+
+
+def _extras_loss(x, t, scale=0.5, cap=2.0, z=1e-2):
+    """logit_scale, softcap and z-loss written out with PyTorch's ops ('mean')."""
+    zl = torch.tanh(x * scale / cap) * cap
+    kept = t != -100
+    lse = torch.logsumexp(zl, -1)
+    return F.cross_entropy(zl, t) + (z * lse.square() * kept).sum() / kept.sum()
+
+
+CE_CASES = {
+    "plain": (lambda x, t, b: fusedce.cross_entropy(x, t, backend=b), F.cross_entropy),
+    "smoothing-sum": (
+        lambda x, t, b: fusedce.cross_entropy(x, t, backend=b, label_smoothing=0.2,
+                                              reduction="sum"),
+        lambda x, t: F.cross_entropy(x, t, label_smoothing=0.2, reduction="sum")),
+    "extras": (lambda x, t, b: fusedce.cross_entropy(x, t, backend=b, logit_scale=0.5,
+                                                     softcap=2.0, lse_square_scale=1e-2),
+               _extras_loss),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(CE_CASES))
+def test_func_transforms_match_pytorch(case, backend):
+    """grad, vmap of grad, jvp, jacfwd and hessian of fusedce.cross_entropy are those of
+    the same loss in PyTorch's ops."""
+    ours, theirs = CE_CASES[case]
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 9, dtype=torch.float64, generator=g) * 2
+    t = torch.tensor([0, 8, -100, 3])
+    v = torch.randn(x.shape, dtype=torch.float64, generator=g)
+    fo = lambda a: ours(a, t, backend)  # noqa: E731
+    ft = lambda a: theirs(a, t)  # noqa: E731
+    close = torch.testing.assert_close
+    close(torch.func.grad(fo)(x), torch.func.grad(ft)(x))
+    close(torch.func.jvp(fo, (x,), (v,)), torch.func.jvp(ft, (x,), (v,)))
+    close(torch.func.jacfwd(fo)(x), torch.func.jacfwd(ft)(x))
+    close(torch.func.hessian(fo)(x), torch.func.hessian(ft)(x))
+    xs = torch.stack([x, x.flip(0)])
+    close(torch.func.vmap(torch.func.grad(fo))(xs), torch.func.vmap(torch.func.grad(ft))(xs))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_func_transforms_match_pytorch(backend):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 5, dtype=torch.float64, generator=g)
+    w = torch.randn(11, 5, dtype=torch.float64, generator=g)
+    t = torch.tensor([0, 10, -100, 3, 3, 7])
+
+    def ours(w_):
+        return fusedce.linear_cross_entropy(x, w_, t, backend=backend, chunk_size=4)
+
+    def theirs(w_):
+        return F.linear_cross_entropy(x, w_, t)
+
+    v = torch.randn(w.shape, dtype=torch.float64, generator=g)
+    torch.testing.assert_close(torch.func.grad(ours)(w), torch.func.grad(theirs)(w))
+    torch.testing.assert_close(torch.func.jvp(ours, (w,), (v,)),
+                               torch.func.jvp(theirs, (w,), (v,)))
+    torch.testing.assert_close(torch.func.hessian(ours)(w), torch.func.hessian(theirs)(w))
+
+
+# ------------------------------------------------- second order at GPT-2's vocabulary
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hessian_vector_product_gpt2_vocab(backend):
+    """H v by double backward and by forward-over-reverse on 3 rows of 50,257 fp32 logits
+    (the fused first-order backward, the differentiable second order), against PyTorch's
+    float64 loss; one row ignored."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 50257, generator=g) * 3
+    t = torch.tensor([7, -100, 50256])
+    v = torch.randn(x.shape, generator=g)
+    up = torch.tensor([0.7, -1.3, 2.0])
+    xd = x.double().requires_grad_()
+    gd, = torch.autograd.grad(F.cross_entropy(xd, t, reduction="none"), xd, up.double(),
+                              create_graph=True)
+    want, = torch.autograd.grad(gd, xd, v.double())
+    xr = x.clone().requires_grad_()
+    gr, = torch.autograd.grad(fusedce.cross_entropy(xr, t, reduction="none", backend=backend),
+                              xr, up, create_graph=True)
+    got, = torch.autograd.grad(gr, xr, v)
+    torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=1e-4)
+    with fwAD.dual_level():  # forward-over-reverse: the tangent of the gradient
+        dual = fwAD.make_dual(x, v).requires_grad_()
+        gf, = torch.autograd.grad(
+            fusedce.cross_entropy(dual, t, reduction="none", backend=backend), dual, up)
+        torch.testing.assert_close(fwAD.unpack_dual(gf).tangent.double(), want, atol=1e-6,
+                                   rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_gradient_penalty_gpt2_vocab(backend):
+    """The gradient of |dL/dh|^2 with respect to the head's weight, GPT-2's vocabulary."""
+    g = torch.Generator().manual_seed(6)
+    h = torch.randn(4, 16, generator=g)
+    w = torch.randn(50257, 16, generator=g) * 0.2
+    t = torch.tensor([0, 50256, -100, 1234])
+    grads = []
+    for dtype, fn in ((torch.float64, F.linear_cross_entropy),
+                      (torch.float32, lambda *a: fusedce.linear_cross_entropy(
+                          *a, backend=backend, chunk_size=2))):
+        hh = h.to(dtype).requires_grad_()
+        ww = w.to(dtype).requires_grad_()
+        gh, = torch.autograd.grad(fn(hh, ww, t), hh, create_graph=True)
+        grads.append(torch.autograd.grad(gh.square().sum(), ww)[0])
+    torch.testing.assert_close(grads[1].double(), grads[0], atol=1e-7, rtol=1e-4)
+
+
+# --------------------------------------------- the first-order path stays the fused one
+
+
+def test_first_order_never_takes_the_differentiable_formulation(monkeypatch):
+    """Without create_graph, a tangent or a transform, neither loss calls fusedce._higher."""
+    from fusedce import _higher
+
+    def refuse(*_, **__):
+        raise AssertionError("the differentiable formulation was taken")
+
+    monkeypatch.setattr(_higher, "cross_entropy", refuse)
+    monkeypatch.setattr(_higher, "linear_cross_entropy", refuse)
+    x = torch.randn(64, 3000, requires_grad=True)
+    t = torch.randint(0, 3000, (64,))
+    for backend in BACKENDS:
+        fusedce.cross_entropy(x, t, backend=backend).backward()
+    h = torch.randn(8, 4, requires_grad=True)
+    fusedce.linear_cross_entropy(h, torch.randn(10, 4, requires_grad=True),
+                                 torch.randint(0, 10, (8,))).backward()
+    with pytest.raises(AssertionError, match="differentiable"):
+        torch.autograd.grad(fusedce.cross_entropy(x, t, backend="torch"), x,
+                            create_graph=True)
