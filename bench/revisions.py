@@ -1,4 +1,5 @@
-"""This checkout's ``fusedce.cross_entropy`` against another git revision's, in one process.
+"""This checkout's ``fusedce.cross_entropy`` (or ``linear_cross_entropy``) against another git
+revision's, in one process.
 
 The other revision is extracted with ``git archive`` and imported under another package name
 (``fusedce_<rev>``), so both run interleaved on the same machine state: the ratio of their
@@ -6,12 +7,15 @@ medians is what a change did to the speed, free of the drift between two runs.
 
     python -m bench.revisions HEAD~1                 # small calls and GPT-2's large one
     python -m bench.revisions main --shapes 1x50257,8x1000 --repeats 200
+    python -m bench.revisions HEAD~1 --loss linear   # ROWSxCLASSESxHIDDEN shapes
 
-Forward + backward (the default mode, then ``inplace_backward=True``), and the forward alone
-under ``no_grad``; CPU, fp32.
+Forward + backward (the default mode, then ``inplace_backward=True``; for the linear loss
+'mean', then 'none' with an upstream gradient of ones), and the forward alone under
+``no_grad``; CPU, fp32.
 """
 
 import argparse
+import functools
 import importlib
 import shutil
 import statistics
@@ -27,6 +31,7 @@ import fusedce
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPES = "1x50257,6x50257,64x50257,8x1000,512x32,4096x10,2048x50257"
+LINEAR_SHAPES = "256x50257x64,1024x50257x128"
 
 
 def load_revision(rev):
@@ -56,6 +61,16 @@ def step(module, x, target, no_grad=False, **kwargs):
     module.cross_entropy(x, target, **kwargs).backward()
 
 
+def linear_step(module, x, w, target, no_grad=False, **kwargs):
+    if no_grad:
+        with torch.no_grad():
+            module.linear_cross_entropy(x, w, target, **kwargs)
+        return
+    x, w = x.detach().requires_grad_(), w.detach().requires_grad_()
+    loss = module.linear_cross_entropy(x, w, target, **kwargs)
+    loss.backward(torch.ones_like(loss))
+
+
 def median_us(fn, repeats):
     times = []
     for _ in range(repeats):
@@ -68,7 +83,11 @@ def median_us(fn, repeats):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("rev", help="the git revision to compare against (e.g. HEAD~1, main)")
-    parser.add_argument("--shapes", default=SHAPES, help="ROWSxCLASSES,... (default: %(default)s)")
+    parser.add_argument("--loss", choices=("cross_entropy", "linear"), default="cross_entropy",
+                        help="the loss to time (default: %(default)s)")
+    parser.add_argument("--shapes", default=None,
+                        help=f"ROWSxCLASSES,... (default: {SHAPES}); for --loss linear "
+                             f"ROWSxCLASSESxHIDDEN,... (default: {LINEAR_SHAPES})")
     parser.add_argument("--repeats", type=int, default=50,
                         help="timed calls per round (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=5,
@@ -81,24 +100,34 @@ def main(argv=None):
     other, sha = load_revision(args.rev)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, CPU; "
           f"medians over {args.rounds} x {args.repeats} calls; ratio = this / {sha}")
-    print(f"{'shape':>12} {'mode':>8} {'this us':>10} {sha + ' us':>12} {'ratio':>7}")
-    for shape in args.shapes.split(","):
-        n, c = (int(v) for v in shape.split("x"))
+    print(f"{'shape':>14} {'mode':>8} {'this us':>10} {sha + ' us':>12} {'ratio':>7}")
+    linear = args.loss == "linear"
+    modes = ((("default", {}), ("none", {"reduction": "none"}), ("no_grad", {"no_grad": True}))
+             if linear else (("default", {}), ("inplace", {"inplace_backward": True}),
+                             ("no_grad", {"no_grad": True})))
+    for shape in (args.shapes or (LINEAR_SHAPES if linear else SHAPES)).split(","):
+        dims = [int(v) for v in shape.split("x")]
+        n, c = dims[:2]
         gen = torch.Generator().manual_seed(0)
-        x = torch.randn(n, c, generator=gen)
         target = torch.randint(0, c, (n,), generator=gen)
+        if linear:
+            x = torch.randn(n, dims[2], generator=gen)
+            w = torch.randn(c, dims[2], generator=gen) * dims[2] ** -0.5
+            run = functools.partial(linear_step, x=x, w=w, target=target)
+        else:
+            x = torch.randn(n, c, generator=gen)
+            run = functools.partial(step, x=x, target=target)
         repeats = max(3, args.repeats // max(1, n * c // (1 << 20)))
-        for mode, kwargs in (("default", {}), ("inplace", {"inplace_backward": True}),
-                             ("no_grad", {"no_grad": True})):
+        for mode, kwargs in modes:
             runs = {"this": [], "other": []}
             for module in (fusedce, other):
-                step(module, x, target, **kwargs)  # warm-up: pools, scripts, buffers
+                run(module, **kwargs)  # warm-up: pools, scripts, buffers
             for _ in range(args.rounds):
                 for module, key in ((fusedce, "this"), (other, "other")):
                     runs[key].append(median_us(
-                        lambda m=module, x=x, t=target, kw=kwargs: step(m, x, t, **kw), repeats))
+                        lambda m=module, kw=kwargs, r=run: r(m, **kw), repeats))
             this, that = statistics.median(runs["this"]), statistics.median(runs["other"])
-            print(f"{shape:>12} {mode:>8} {this:>10.0f} {that:>12.0f} {this / that:>7.3f}")
+            print(f"{shape:>14} {mode:>8} {this:>10.0f} {that:>12.0f} {this / that:>7.3f}")
 
 
 if __name__ == "__main__":

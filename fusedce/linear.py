@@ -145,17 +145,18 @@ class _ChunkLoss:
         return logits.view(logits.shape[0], self.n_classes, self.positions)
 
     def forward(self, logits, s, e, aux=None, denom=None, z_scale=None, z_denom=None,
-                dtarget=None):
+                dtarget=None, stored_scale=None):
         """``(loss, lse, s_sums)`` of rows ``s:e``; with ``denom`` (the reduction's
         denominator, (1,)) the logits are overwritten by the gradient of the chunk's share
-        of the reduced loss (and ``dtarget[s:e]`` written, where given); ``z_scale`` and
-        ``z_denom`` are the z-loss's factor and denominator."""
+        of the reduced loss (and ``dtarget[s:e]`` written, where given), times
+        ``stored_scale`` ((1,), where given); ``z_scale`` (scaled alike) and ``z_denom`` are
+        the z-loss's factor and denominator."""
         ignore_index, smoothing = self.options
         t_c = self.t[s:e]
         if self.rows:
             loss, lse = self.impl.ce_fwd(logits, t_c, weight=self.weight,
                                          ignore_index=ignore_index, label_smoothing=smoothing,
-                                         grad_scale=None if denom is None else 1.0 / denom,
+                                         grad_scale=_grad_scale(denom, stored_scale),
                                          extras=self.extras,
                                          aux_out=aux, z_scale=z_scale)
             return loss, lse, None
@@ -166,7 +167,8 @@ class _ChunkLoss:
         if aux is not None:
             aux.copy_(aux_c)
         if denom is not None:
-            one = torch.ones((), dtype=self.acc, device=logits.device)
+            one = (torch.ones((), dtype=self.acc, device=logits.device) if stored_scale is None
+                   else stored_scale.reshape(()).to(self.acc))
             _, dy = _loss.backward(one, x3, t_c, self.weight, lse, sums, denom,
                                    ignore_index, smoothing, "mean", self.backend, True,
                                    dtarget is not None, self.extras, out=x3,
@@ -194,6 +196,35 @@ class _ChunkLoss:
                                dtarget is not None, self.extras, out=x3)
         if dtarget is not None:
             dtarget[s:e] = dy
+
+
+def _grad_scale(denom, stored_scale):
+    if denom is None:
+        return None
+    return 1.0 / denom if stored_scale is None else stored_scale / denom
+
+
+def stored_scale(x, denom, reduction):
+    """The factor the gradients computed in the forward of a float16 'mean' are stored
+    with, ``2**floor(log2(denom))`` ((1,), on the device), else None: the mean's gradients
+    ``(p - y) / denom`` are stored as those of the sum ``(p - y)`` would be (within a factor
+    of 2), in float16's normal range: ``p / denom`` lies below it (6e-5) for most classes
+    of a long batch, and was flushed to zero before a loss scale could lift it."""
+    if x.dtype != torch.float16 or reduction != "mean":
+        return None
+    return torch.exp2(torch.floor(torch.log2(denom)))
+
+
+def _scale_(t, factor, rows=1 << 14):
+    """``t *= factor`` (a 0-d fp32 tensor), multiplied in fp32 where ``t`` is 16-bit (the
+    factor rounded to fp16 would lose digits or underflow), ``rows`` rows at a time."""
+    if t.dtype not in (torch.float16, torch.bfloat16):
+        return t.mul_(factor.to(t.dtype))
+    flat = t.view(t.shape[0], -1) if t.dim() else t.view(1, 1)
+    for s in range(0, flat.shape[0], rows):
+        part = flat[s:s + rows]
+        part.copy_(part.float().mul_(factor))
+    return t
 
 
 def _logits_buffer(x, n_outputs, rows):
@@ -277,10 +308,13 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         ignore_index, _ = ce.options
         denom = _loss.denominator(ce.t, ce.weight, ignore_index, ce.n_classes, reduction,
                                   ce.acc)
+        scale = stored_scale(x, denom, reduction)
         z_scale = z_denom = None
         if ce.extras.z_loss:
             z_denom = _loss.z_denominator(ce.t, ignore_index, reduction, ce.acc)
             z_scale = (2.0 * ce.extras.lse_square_scale) / z_denom
+            if scale is not None:
+                z_scale = z_scale * scale
         acc = GradAccumulator(x, linear_weight, need_x, need_w, need_b)
         dtarget = torch.empty_like(ce.t) if need_t else None
         loss, lse, sums = _row_buffers(x, ce)
@@ -293,12 +327,14 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             loss[r], lse[r], sums_c = ce.forward(logits, s, e,
                                                  aux=None if aux is None else aux[:, r],
                                                  denom=denom, z_scale=z_scale,
-                                                 z_denom=z_denom, dtarget=dtarget)
+                                                 z_denom=z_denom, dtarget=dtarget,
+                                                 stored_scale=scale)
             if ce.soft:
                 sums[r] = sums_c
             acc.add(logits, x_c, s, e)  # ``logits`` now holds the logit gradient
         del buf
         ctx.grads = (acc.grad_input, acc.grad_weight, acc.grad_bias, dtarget)
+        ctx.stored_scale = scale
         # for a second backward, or one under create_graph=True (references, not copies)
         ctx.save_for_backward(x, linear_weight, linear_bias, target, lse, sums)
         return _outputs(ctx, _reduced(loss, lse, ce, reduction, loss_shape), lse, aux)
@@ -316,10 +352,12 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         else:
             grads, ctx.grads = ctx.grads, None  # give up our references: autograd may steal
             g = grad_out.reshape(())
-            skip = g.device.type == "cpu" and bool(g == 1)  # a CPU read is no device sync
-            if not skip:
-                grads = tuple(t.mul_(g.to(t.dtype)) if t is not None else None
-                              for t in grads)
+            if ctx.stored_scale is not None:
+                g = g / ctx.stored_scale.reshape(())
+            elif g.device.type == "cpu" and bool(g == 1):  # a CPU read is no device sync
+                g = None
+            if g is not None:
+                grads = tuple(_scale_(t, g) if t is not None else None for t in grads)
         w_dtype, b_dtype = ctx.dtypes
         gx, gw, gb, gt = grads
         return (gx if need_x else None, gw.to(w_dtype) if need_w else None,
