@@ -141,6 +141,16 @@ class _ChunkLoss:
             self.impl = (_loss.extras_implementation(backend, x, weight) if extras.any
                          else _args.implementation(backend, x))
 
+    def target_grad_buffer(self):
+        """The probability targets' gradient, summed in the dtype the loss is computed in
+        (a 16-bit gradient would be rounded once more by the upstream gradient)."""
+        return torch.empty_like(self.t, dtype=self.acc)
+
+    def _targets(self, s, e):
+        """Rows ``s:e`` of the targets; 16-bit probabilities read in the loss's dtype, so
+        that their gradient is computed in it too (a chunk-sized copy)."""
+        return self.t[s:e].to(self.acc) if self.soft else self.t[s:e]
+
     def view(self, logits):
         return logits.view(logits.shape[0], self.n_classes, self.positions)
 
@@ -152,7 +162,7 @@ class _ChunkLoss:
         ``stored_scale`` ((1,), where given); ``z_scale`` (scaled alike) and ``z_denom`` are
         the z-loss's factor and denominator."""
         ignore_index, smoothing = self.options
-        t_c = self.t[s:e]
+        t_c = self._targets(s, e)
         if self.rows:
             loss, lse = self.impl.ce_fwd(logits, t_c, weight=self.weight,
                                          ignore_index=ignore_index, label_smoothing=smoothing,
@@ -181,7 +191,7 @@ class _ChunkLoss:
         """Overwrites the chunk's logits by the gradient of ``sum(loss * dloss)`` (dloss
         (N * L,) for all rows), and writes ``dtarget[s:e]`` where given."""
         ignore_index, smoothing = self.options
-        t_c = self.t[s:e]
+        t_c = self._targets(s, e)
         rows = slice(s * self.positions, e * self.positions)
         if self.rows:
             self.impl.ce_bwd(logits, t_c, lse[rows], dloss[rows], weight=self.weight,
@@ -297,7 +307,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         ctx.options = (ce, reduction, rows)
         ctx.needs = (need_x, need_w, need_b, need_t)
         ctx.loss_shape = loss_shape
-        ctx.dtypes = (linear_weight.dtype, None if linear_bias is None else linear_bias.dtype)
+        ctx.dtypes = (linear_weight.dtype, None if linear_bias is None else linear_bias.dtype,
+                      target.dtype)
         aux = _aux_buffer(x, ce)
         if reduction == "none":
             loss, lse, sums = _loss_only(x, linear_weight, linear_bias, ce, rows, aux)
@@ -316,7 +327,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             if scale is not None:
                 z_scale = z_scale * scale
         acc = GradAccumulator(x, linear_weight, need_x, need_w, need_b)
-        dtarget = torch.empty_like(ce.t) if need_t else None
+        dtarget = ce.target_grad_buffer() if need_t else None
         loss, lse, sums = _row_buffers(x, ce)
         positions = ce.positions
         buf = _logits_buffer(x, linear_weight.shape[0], rows)
@@ -358,10 +369,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 g = None
             if g is not None:
                 grads = tuple(_scale_(t, g) if t is not None else None for t in grads)
-        w_dtype, b_dtype = ctx.dtypes
+        w_dtype, b_dtype, t_dtype = ctx.dtypes
         gx, gw, gb, gt = grads
         return (gx if need_x else None, gw.to(w_dtype) if need_w else None,
-                gb.to(b_dtype) if need_b else None, gt if need_t else None,
+                gb.to(b_dtype) if need_b else None, gt.to(t_dtype) if need_t else None,
                 None, None, None, None)
 
 
@@ -396,7 +407,7 @@ def _backward_recompute(ctx, grad_out):
     ce, reduction, rows = ctx.options
     need_x, need_w, need_b, need_t = ctx.needs
     acc = GradAccumulator(x, linear_weight, need_x, need_w, need_b)
-    dtarget = torch.empty_like(ce.t) if need_t else None
+    dtarget = ce.target_grad_buffer() if need_t else None
     ignore_index, _ = ce.options
     if reduction == "none":
         dloss = grad_out.to(ce.acc).reshape(-1)  # an expanded scalar (stride 0) stays one

@@ -2,6 +2,12 @@
 
 TRITON_INTERPRET must be set before triton is imported; fusedce imports triton lazily, so
 setting it here, at collection, is early enough.
+
+The interpreter converts float32 to bfloat16 by dropping the low 16 bits (rounding toward
+zero, a bias of up to one ulp), where the GPU's conversion rounds to nearest even (Triton's
+default ``fp_downcast_rounding``) as PyTorch's does: ``round_bfloat16_like_the_gpu`` makes
+it round as the GPU does, so that bf16 results are held to what the GPU computes
+(``tests/test_kernels.py`` checks the patch against PyTorch's rounding).
 """
 
 import os
@@ -15,6 +21,32 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def round_bfloat16_like_the_gpu():
+    """Patch the interpreter's float conversion: float32 to bfloat16 rounds to nearest even
+    (through PyTorch's conversion); every other conversion is the interpreter's own."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    convert = interpreter._convert_float
+    if getattr(convert, "rounds_like_the_gpu", False):
+        return
+
+    def rounded(input, input_dtype, output_dtype, rounding_mode):
+        if input_dtype == tl.float32 and output_dtype == tl.bfloat16 and \
+                rounding_mode != interpreter._ir.ROUNDING_MODE.RTZ:
+            values = torch.from_numpy(np.ascontiguousarray(input).view(np.float32))
+            return values.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+        return convert(input, input_dtype, output_dtype, rounding_mode)
+
+    rounded.rounds_like_the_gpu = True
+    interpreter._convert_float = rounded
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    round_bfloat16_like_the_gpu()
 
 
 @pytest.fixture

@@ -216,3 +216,33 @@ def test_first_order_never_takes_the_differentiable_formulation(monkeypatch):
     with pytest.raises(AssertionError, match="differentiable"):
         torch.autograd.grad(fusedce.cross_entropy(x, t, backend="torch"), x,
                             create_graph=True)
+
+
+# ------------------------------------------------ ModuleInfo inputs of nn.CrossEntropyLoss
+
+
+def _module_inputs():
+    from torch.testing._internal import common_modules
+
+    info = next(m for m in common_modules.module_db
+                if m.module_cls is torch.nn.CrossEntropyLoss)
+    inputs = info.module_inputs_func(info, device="cpu", dtype=torch.float64,
+                                     requires_grad=True, training=True)
+    return [pytest.param(m, backend, id=f"{i}-{backend}") for i, m in enumerate(inputs)
+            for backend in BACKENDS]
+
+
+@pytest.mark.parametrize("module_input, backend", _module_inputs())
+def test_moduleinfo_higher_order(module_input, backend):
+    ctor, fwd = module_input.constructor_input, module_input.forward_input
+    module = fusedce.CrossEntropyLoss(*ctor.args, **ctor.kwargs, backend=backend)
+    args = list(fwd.args)
+    slots = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
+
+    def fn(*tensors):
+        a = list(args)
+        for i, t in zip(slots, tensors):
+            a[i] = t
+        return module(*a, **fwd.kwargs)
+
+    _check(fn, [args[i].detach().clone().requires_grad_() for i in slots])

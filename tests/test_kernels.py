@@ -142,3 +142,25 @@ def test_split_count_follows_the_device(monkeypatch):
     assert split_rows.split_count(1, 1_000, cuda) == 1  # too narrow to split
     assert split_rows.split_count(2, 10**7, cuda) == split_rows.MAX_SPLITS
     assert split_rows.split_count(1, 50_257, torch.device("cpu")) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the interpreter's conversion; "
+                    "a GPU rounds by itself")
+def test_interpreter_rounds_bfloat16_like_the_gpu():
+    """tests/conftest.py makes Triton's interpreter round float32 to bfloat16 to nearest
+    even, as the GPU and PyTorch do (it truncated): ties both ways, a carry into the
+    exponent, overflow to inf, inf, NaN, -0, subnormals."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def store(x_ptr, y_ptr, N: tl.constexpr):
+        offs = tl.arange(0, N)
+        tl.store(y_ptr + offs, tl.load(x_ptr + offs))
+
+    x = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, 1 + 2**-8 + 2**-20, 1.9999, -1.8084, 0.0835,
+                      3.4e38, float("inf"), float("-inf"), float("nan"), -0.0, 1e-40,
+                      -3e-39, 65504.0, 2**-133, 1.0])
+    y = torch.empty(16, dtype=torch.bfloat16)
+    store[(1,)](x, y, N=16)
+    assert torch.equal(y.view(torch.int16), x.bfloat16().view(torch.int16))

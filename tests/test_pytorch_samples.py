@@ -108,6 +108,60 @@ def test_linear_opinfo_samples(sample, dtype, backend):
              F.linear_cross_entropy, (sample.input, *sample.args), dtype, sample.kwargs)
 
 
+def _linear_low_precision_samples():
+    return [pytest.param(sample, dtype, backend,
+                         id=f"{op.variant_test_name or 'reference'}-{str(dtype)[6:]}-{i}-"
+                            f"{backend}",
+                         marks=[pytest.mark.slow] if backend == "triton" else [])
+            for op in LINEAR_OPS for dtype in (torch.float16, torch.bfloat16)
+            for i, sample in enumerate(op.sample_inputs("cpu", dtype, requires_grad=True))
+            for backend in BACKENDS]
+
+
+def _as(value, dtype):
+    """``value``'s tensors as ``dtype`` (floating ones only), fresh leaves."""
+    value = _clone(value)
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.detach().to(dtype).requires_grad_(value.requires_grad)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_as(v, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: _as(v, dtype) for k, v in value.items()}
+    return value
+
+
+@pytest.mark.filterwarnings("ignore:linear_cross_entropy. ..options.. ignored")
+@pytest.mark.parametrize("sample, dtype, backend", _linear_low_precision_samples())
+def test_linear_opinfo_low_precision(sample, dtype, backend):
+    """fp16 / bf16 samples: PyTorch's result dtype and shape, and a loss and gradients no
+    further from the float64 result than PyTorch's own (within 2x, plus 1e-3 of their
+    size): both round differently, so neither is the other's reference. PyTorch's own is
+    its reference path (``options=None``), which like fusedce makes the logits in the
+    input's dtype; its chunked path keeps them in float32 and is more accurate in 16 bits
+    (a documented difference)."""
+    args, kwargs = (sample.input, *sample.args), sample.kwargs
+    results = []
+    for fn, cast in ((lambda *a, **kw: fusedce.linear_cross_entropy(*a, **kw, backend=backend),
+                      None), (F.linear_cross_entropy, None), (F.linear_cross_entropy,
+                                                              torch.float64)):
+        a, kw = _clone((args, kwargs)) if cast is None else _as((args, kwargs), cast)
+        if fn is F.linear_cross_entropy:
+            kw.pop("options", None)  # PyTorch's reference path
+        out = fn(*a, **kw)
+        leaves = [t for t in _tensors((a, kw)) if t.requires_grad]
+        # 'none': a random upstream per row; a scalar loss: a power of two, as a loss scale
+        # (the gradients computed in the forward take any other factor with one more
+        # rounding to 16 bits, half an ulp)
+        up = (torch.randn(out.shape, generator=torch.Generator().manual_seed(0)) if out.dim()
+              else torch.tensor(4.0)).to(out.dtype)
+        results.append([out, *torch.autograd.grad(out, leaves, up)])
+    ours, theirs, exact = results
+    assert ours[0].dtype == theirs[0].dtype and ours[0].shape == theirs[0].shape
+    for o, t, e in zip(ours, theirs, exact):
+        err, torch_err = (o.double() - e).norm(), (t.double() - e).norm()
+        assert err <= 2 * torch_err + 1e-3 * e.norm(), (err, torch_err)
+
+
 @pytest.mark.parametrize("error", list(LINEAR_OPS[0].error_inputs("cpu")),
                          ids=lambda e: e.error_regex[:40])
 def test_linear_opinfo_error_inputs(error):
