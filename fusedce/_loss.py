@@ -31,28 +31,31 @@ def acc_dtype(x, target, weight):
                 weight.dtype if weight is not None else x.dtype)
 
 
-def denominator(target, weight, ignore_index, n_cols, reduction, dtype=torch.float32):
+def denominator(target, weight, ignore_index, n_cols, reduction, dtype=torch.float32,
+                nan_for_zero=True):
     """The divisor of the summed loss, as a device tensor of shape (1,).
 
     'mean' divides by the summed class weights of the rows not ignored (PyTorch's weighted
     mean; with no weights, their count). For class-probability targets PyTorch divides by
-    the number of rows, weights or not. A divisor of 0 is returned as NaN (``nan_if_zero``).
+    the number of rows, weights or not. A divisor of 0 is returned as NaN (``nan_if_zero``)
+    unless ``nan_for_zero`` is False (a part of a divisor summed over ranks).
     """
     device = target.device
+    finish = nan_if_zero if nan_for_zero else (lambda d: d)
     if reduction != "mean":
         return torch.ones(1, dtype=dtype, device=device)
     if target.is_floating_point():  # (N, C, L) probabilities: N * L rows
-        return nan_if_zero(torch.full(
+        return finish(torch.full(
             (1,), float(target.numel() // max(n_cols, 1)) if n_cols else 0.0, dtype=dtype,
             device=device))
     # int64: compared with a uint8 target, -100 would wrap to 156 and drop class 156's rows
     target = target.reshape(-1).long()
     kept = target != ignore_index
     if weight is None:
-        return nan_if_zero(kept.sum(dtype=dtype).reshape(1))
+        return finish(kept.sum(dtype=dtype).reshape(1))
     in_range = kept & (target >= 0) & (target < n_cols)
     w_t = weight.to(dtype)[torch.where(in_range, target, 0)]
-    return nan_if_zero(torch.where(in_range, w_t, 0.0).sum().reshape(1))
+    return finish(torch.where(in_range, w_t, 0.0).sum().reshape(1))
 
 
 def nan_if_zero(denom):

@@ -10,7 +10,7 @@ view); this module decides where the gradient is computed and calls the one auto
 
 import torch
 
-from . import _args, _autograd, _higher, _loss, _route
+from . import _args, _autograd, _dtensor, _higher, _loss, _route
 from ._loss import CrossEntropyAux  # noqa: F401  (fusedce.CrossEntropyAux)
 
 _pytorch_loss = torch._C._nn.cross_entropy_loss
@@ -112,6 +112,11 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     to 32M logits by mode and dtype, see ``fusedce/_route.py``) are served by PyTorch's own
     loss, with the same results; ``inplace_backward`` then leaves the logits intact.
     """
+    if type(input) is not torch.Tensor and _dtensor.is_dtensor(input):
+        return _dtensor.cross_entropy(
+            cross_entropy, input, target, weight, ignore_index,
+            _args.reduction(reduction, size_average, reduce), label_smoothing, backend,
+            _args.extras(logit_scale, softcap, lse_square_scale, return_aux))
     # The hand-off to PyTorch's loss (fusedce/_route.py). It runs before every call, so the
     # usual small call (int64 targets, no weight, no legacy arguments) is decided inline
     # from the fewest reads; an argument of an odd type raises in there and the call goes

@@ -13,9 +13,9 @@ Patching replaces
   names for the original, e.g. ``import ... as ce``, are not touched).
 
 ``unpatch()`` (or leaving the ``with`` block, also by an exception) puts back exactly what
-was replaced. Calls with tensor subclasses (anything but ``torch.Tensor`` and
-``nn.Parameter``: DTensor, tensors with ``__torch_function__``) go to PyTorch's own
-implementation.
+was replaced. DTensor logits go to fusedce (``fusedce/_dtensor.py``: inside
+``loss_parallel()`` too); other tensor subclasses (anything but ``torch.Tensor`` and
+``nn.Parameter``: tensors with ``__torch_function__``) go to PyTorch's own implementation.
 """
 
 import contextlib
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _route
+from . import _dtensor, _route
 from .functional import cross_entropy
 
 _lock = threading.RLock()
@@ -46,7 +46,7 @@ def _patched_cross_entropy(input, target, weight=None, size_average=None, ignore
     if not (isinstance(input, torch.Tensor) and isinstance(target, torch.Tensor)):
         return _ORIGINAL_CE(input, target, weight, size_average, ignore_index, reduce,
                             reduction, label_smoothing)  # PyTorch's TypeError
-    if not _plain_tensors(input, target, weight):
+    if not _plain_tensors(input, target, weight) and not _dtensor.is_dtensor(input):
         return _route.pytorch_cross_entropy(input, target, weight, size_average, ignore_index,
                                             reduce, reduction, label_smoothing)
     return cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction,

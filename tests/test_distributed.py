@@ -59,6 +59,10 @@ class Case:
     tol: float = 0.0  # overrides the dtype's loss and grad tolerances (with the reason)
     loss_tol: float = 0.0  # then overrides the loss's alone
     extras: tuple = ()  # (name, value) pairs of the loss extras (logit_scale, softcap, ...)
+    placement: str = "vocab"  # "dtensor-ce": "vocab" Shard(1), "batch" Shard(0), "replicate"
+    dtensor_target: bool = False  # "dtensor-ce": the target a DTensor too
+    patched: bool = False  # "dtensor-ce": F.cross_entropy under fusedce.patched() and
+    # loss_parallel()
 
     @property
     def vocab(self):
@@ -164,6 +168,32 @@ CASES_4 = [
          label_smoothing=0.1, weight=True, reduction="sum"),
     Case("extras-empty-slice", (3, 0, 5, 2), extras=EXTRAS, label_smoothing=0.1, rows=8,
          targets="boundaries", pass_vocab_start=False),
+]
+
+# Three ranks, fusedce.cross_entropy on DTensor logits: GPT-2's vocabulary split unevenly by
+# DTensor (16,753 x 2 and 16,751), batches of rows split unevenly (7 rows: 3, 3, 1).
+GPT2_3 = (16_753, 16_753, 16_751)
+CASES_3 = [
+    Case("dt-vocab-mean", GPT2_3, kind="dtensor-ce", ignored_every=3, targets="boundaries"),
+    Case("dt-vocab-weight-smoothing-none", GPT2_3, kind="dtensor-ce", weight=True,
+         label_smoothing=0.1, reduction="none", dtensor_target=True),
+    Case("dt-vocab-all-ignored", GPT2_3, kind="dtensor-ce", ignored_every=1),
+    Case("dt-vocab-bf16-sum", GPT2_3, kind="dtensor-ce", dtype="bfloat16", reduction="sum"),
+    Case("dt-vocab-extras", GPT2_3, kind="dtensor-ce", extras=EXTRAS, label_smoothing=0.1),
+    Case("dt-vocab-patched-loss-parallel", GPT2_3, kind="dtensor-ce", patched=True,
+         weight=True, ignored_every=4),
+    Case("dt-batch-mean", (4, 4, 3), kind="dtensor-ce", placement="batch", rows=7,
+         weight=True, ignored_every=3, label_smoothing=0.1),
+    Case("dt-batch-sum-dtensor-target", (4, 4, 3), kind="dtensor-ce", placement="batch",
+         rows=7, reduction="sum", dtensor_target=True),
+    Case("dt-batch-none", (4, 4, 3), kind="dtensor-ce", placement="batch", rows=7,
+         reduction="none", dtensor_target=True, ignored_every=2),
+    Case("dt-batch-all-ignored-mean", (4, 4, 3), kind="dtensor-ce", placement="batch",
+         rows=7, ignored_every=1, label_smoothing=0.1),
+    Case("dt-batch-triton-bf16", (4, 4, 3), kind="dtensor-ce", placement="batch", rows=7,
+         backend="triton", dtype="bfloat16"),
+    Case("dt-replicate", (4, 4, 3), kind="dtensor-ce", placement="replicate", rows=5),
+    Case("dt-errors", (4, 4, 3), kind="dtensor-errors"),
 ]
 
 # (dtype, loss rtol, grad atol relative to the largest reference gradient)
@@ -397,7 +427,7 @@ def _run_dtensor(case, rank, counter):
     hidden states' gradient is summed over the ranks by DTensor itself."""
     import torch.nn.functional as F
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor import DTensor, Replicate, Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
     from fusedce.distributed import even_vocab_shard, vocab_parallel_cross_entropy
@@ -429,8 +459,19 @@ def _run_dtensor(case, rank, counter):
     loss.backward(upstream)
     w_grad = lm_head.weight.grad.to_local()
     cols = slice(vocab_start, vocab_start + n_local)
+    # the README's shorter recipe: the DTensor logits, flattened, to fusedce.cross_entropy
+    lm_head.weight.grad = None
+    h2 = hidden.clone().requires_grad_()
+    import fusedce
+
+    loss2 = fusedce.cross_entropy(lm_head(h2).flatten(0, 1), target.flatten(),
+                                  ignore_index=case.ignore_index)
+    loss2.backward(DTensor.from_local(upstream, mesh, [Replicate()]))
     counter.take()
     return {
+        "front_loss_err": _rel_err(loss2.full_tensor().detach(), ref.detach()),
+        "weight_grad_err": _rel_err(lm_head.weight.grad.full_tensor(), ref_dw),
+        "input_grad_err_front": _rel_err(h2.grad, ref_dh),
         "loss": loss.detach().double(),
         "loss_err": _rel_err(loss.detach(), ref.detach()),
         "grad_err": _rel_err(w_grad, ref_dw[cols]),
@@ -438,6 +479,101 @@ def _run_dtensor(case, rank, counter):
         "local_shape_ok": tuple(local.shape) == (2, case.rows // 2, n_local)
                           and n_local == case.sizes[rank],
     }
+
+
+def _run_dtensor_ce(case, rank, counter):
+    """``fusedce.cross_entropy`` (or, patched, ``F.cross_entropy`` inside ``loss_parallel()``)
+    on DTensor logits placed as ``case.placement``; the loss and the full gradient against
+    float64 PyTorch, the gradient's placements, the collectives of forward and backward."""
+    import contextlib
+
+    import torch.nn.functional as F
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.debug import CommDebugMode
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    import fusedce
+
+    gen = torch.Generator().manual_seed(_seed(case))
+    dtype = getattr(torch, case.dtype)
+    logits = (torch.randn(case.rows, case.vocab, generator=gen) * 3).to(dtype)
+    target = _targets(case, gen)
+    weight = torch.rand(case.vocab, generator=gen) + 0.5 if case.weight else None
+    upstream = torch.randn((case.rows,) if case.reduction == "none" else (), generator=gen)
+    opts = dict(ignore_index=case.ignore_index, reduction=case.reduction,
+                label_smoothing=case.label_smoothing)
+    extras = dict(case.extras)
+    full = logits.double().requires_grad_()
+    ref_all = _reference(full, target, weight, opts, extras)
+    (ref_grad,) = torch.autograd.grad(ref_all[0], full, upstream.double())
+
+    mesh = init_device_mesh("cpu", (len(case.sizes),))
+    placement = {"vocab": Shard(1), "batch": Shard(0), "replicate": Replicate()}[
+        case.placement]
+    x = distribute_tensor(logits, mesh, [placement]).requires_grad_()
+    t = target
+    if case.dtensor_target:
+        t = distribute_tensor(target, mesh, [Shard(0) if case.placement == "batch"
+                                             else Replicate()])
+    counter.take()
+    context = contextlib.ExitStack()
+    if case.patched:
+        context.enter_context(loss_parallel())
+        context.enter_context(fusedce.patched())
+    with context, CommDebugMode() as fwd_comm:
+        fn = F.cross_entropy if case.patched else fusedce.cross_entropy
+        out = fn(x, t, weight=weight, **opts, **(extras if not case.patched else {}))
+    fwd_calls = counter.take()
+    loss = out.loss if extras.get("return_aux") else out
+    up = distribute_tensor(upstream.to(dtype), mesh, list(loss.placements))
+    with CommDebugMode() as bwd_comm:
+        (grad,) = torch.autograd.grad(loss, x, up)
+    bwd_calls = counter.take()
+    if extras.get("return_aux"):
+        out = out._replace(**{k: v.full_tensor() for k, v in out._asdict().items()})
+    return {
+        **_aux_errors(out, ref_all, extras, False),
+        "loss": loss.full_tensor().detach().double(),
+        "loss_err": _rel_err(loss.full_tensor().detach(), ref_all[0].detach()),
+        "grad_err": _rel_err(grad.full_tensor(), ref_grad),
+        "grad_placements_ok": tuple(grad.placements) == (placement,),
+        "loss_placements": str(tuple(loss.placements)),
+        # torch.distributed's collectives called, and every collective op dispatched (those
+        # of DTensor's redistributions, and the ones under the former)
+        "fwd_calls": fwd_calls,
+        "bwd_calls": bwd_calls,
+        "comm_counts": (fwd_comm.get_total_counts(), bwd_comm.get_total_counts()),
+    }
+
+
+def _run_dtensor_errors(case, rank, counter):
+    """What fusedce.cross_entropy refuses on DTensor logits, and the messages."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Shard, distribute_tensor
+
+    import fusedce
+
+    mesh = init_device_mesh("cpu", (len(case.sizes),))
+    mesh_2d = init_device_mesh("cpu", (len(case.sizes), 1), mesh_dim_names=("a", "b"))
+    t = torch.zeros(6, dtype=torch.long)
+    attempts = {
+        "partial": lambda: DTensor.from_local(torch.zeros(6, 11), mesh, [Partial()]),
+        "mesh-2d": lambda: distribute_tensor(torch.zeros(6, 11), mesh_2d, [Shard(1), Shard(0)]),
+        "shard-2": lambda: distribute_tensor(torch.zeros(6, 11, 3), mesh, [Shard(2)]),
+        "z-loss-batch-mean": lambda: distribute_tensor(torch.zeros(6, 11), mesh, [Shard(0)]),
+    }
+    out = {}
+    for name, make in attempts.items():
+        kwargs = {"lse_square_scale": 1e-2} if name == "z-loss-batch-mean" else {}
+        target = t.view(6, 1).expand(6, 3) if name == "shard-2" else t
+        try:
+            fusedce.cross_entropy(make(), target, **kwargs)
+            out[name] = "no error"
+        except Exception as e:  # noqa: BLE001 - the type and message are the result
+            out[name] = f"{type(e).__name__}: {e}"
+    counter.take()
+    return {"errors": out}
 
 
 def _run_subgroups(case, rank, counter):
@@ -470,7 +606,8 @@ def _worker(rank, world, cases, init_file, out_dir):
     counter = CollectiveCounter()
     counter.install()
     runners = {"ce": _run_ce, "linear": _run_linear, "dtensor": _run_dtensor,
-               "subgroups": _run_subgroups}
+               "subgroups": _run_subgroups, "dtensor-ce": _run_dtensor_ce,
+               "dtensor-errors": _run_dtensor_errors}
     results = {"_startup_seconds": time.perf_counter() - began}
     for case in cases:
         began = time.perf_counter()
@@ -514,6 +651,11 @@ def results_4():
     return _run_group(4, CASES_4)
 
 
+@pytest.fixture(scope="module")
+def results_3():
+    return _run_group(3, CASES_3)
+
+
 def _check(case, per_rank):
     for rank, res in enumerate(per_rank):
         assert "error" not in res, f"rank {rank}:\n{res['error']}"
@@ -534,7 +676,7 @@ def _check(case, per_rank):
         assert res["grad_err"] <= grad_atol, (rank, res["grad_err"])
         for key in ("loss_err_vs_fused", "grad_err_vs_fused", "weight_grad_err",
                     "bias_grad_err", "input_grad_err", "z_loss_err", "lse_err",
-                    "entropy_err", "accuracy_err"):
+                    "entropy_err", "accuracy_err", "front_loss_err", "input_grad_err_front"):
             if key in res:
                 assert res[key] <= max(loss_rtol, grad_atol), (rank, key, res[key])
 
@@ -555,6 +697,48 @@ def test_four_ranks(case, results_4):
     _check(case, per_rank)
     if case.kind == "dtensor":
         assert all(res["local_shape_ok"] for res in per_rank)
+
+
+DTENSOR_CE_CASES = [c for c in CASES_3 if c.kind == "dtensor-ce"]
+
+
+@pytest.mark.slow
+def test_dtensor_unsupported_layouts_raise(results_3):
+    """Partial logits, a mesh of two dimensions, logits sharded on neither the batch nor the
+    class dimension, and a z-loss on a batch-sharded mean: NotImplementedError, saying why."""
+    for res in results_3:
+        errors = res["dt-errors"]["errors"]
+        assert errors["partial"].startswith("NotImplementedError") and "Partial" in \
+            errors["partial"], errors
+        assert errors["mesh-2d"].startswith("NotImplementedError") and "1-d device mesh" in \
+            errors["mesh-2d"], errors
+        assert errors["shard-2"].startswith("NotImplementedError") and "(N, C)" in \
+            errors["shard-2"], errors
+        assert errors["z-loss-batch-mean"].startswith("NotImplementedError"), errors
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", DTENSOR_CE_CASES, ids=_ids(DTENSOR_CE_CASES))
+def test_dtensor_logits_three_ranks(case, results_3):
+    """fusedce.cross_entropy on DTensor logits: PyTorch's loss on the full logits, the
+    gradient a DTensor with the logits' placements; collectives: vocabulary-sharded, one
+    all-gather in the forward; batch-sharded 'mean'/'sum', one all-reduce; none in any
+    backward."""
+    per_rank = [res[case.id] for res in results_3]
+    _check(case, per_rank)
+    gather = ("all_gather_single" if hasattr(torch.distributed, "all_gather_single")
+              else "all_gather_into_tensor")
+    for res in per_rank:
+        assert res["grad_placements_ok"]
+        assert res["bwd_calls"] == [] and res["comm_counts"][1] == 0, res["bwd_calls"]
+        if case.placement == "vocab":
+            assert res["fwd_calls"] == [gather] and res["comm_counts"][0] == 1, res
+            assert res["loss_placements"] == "(Replicate(),)"
+        elif case.placement == "batch" and case.reduction != "none":
+            assert res["fwd_calls"] == [] and res["comm_counts"][0] == 1, res
+            assert res["loss_placements"] == "(Replicate(),)"
+        else:
+            assert res["fwd_calls"] == [] and res["comm_counts"][0] == 0, res
 
 
 def _calls(results, case_id):
@@ -728,3 +912,18 @@ def test_weight_of_the_wrong_length_raises_pytorchs_error(tmp_path):
     out = subprocess.run([sys.executable, "-c", WEIGHT_LENGTH_SCRIPT, str(tmp_path / "rdzv")],
                          capture_output=True, text=True, timeout=SPAWN_TIMEOUT_S)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+def test_losses_never_import_the_distributed_engine():
+    """``import fusedce`` and losses on plain tensors and parameters import nothing of
+    torch.distributed.tensor (the DTensor check reads sys.modules) and initialise no
+    process group."""
+    code = ("import sys, torch, fusedce\n"
+            "p = torch.nn.Parameter(torch.randn(4, 5))\n"
+            "fusedce.cross_entropy(p, torch.tensor([0, 1, 2, 3]), backend='torch').backward()\n"
+            "fusedce.linear_cross_entropy(torch.randn(2, 3), p[:, :3], torch.tensor([0, 1]))\n"
+            "print('torch.distributed.tensor' in sys.modules,\n"
+            "      torch.distributed.is_available() and torch.distributed.is_initialized())")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.stdout.split() == ["False", "False"], done.stderr[-2000:]
