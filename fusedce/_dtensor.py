@@ -130,3 +130,43 @@ def cross_entropy(ce, input, target, weight, ignore_index, reduction, label_smoo
     summed = _wrap(parts, mesh, Partial()).redistribute(mesh, [Replicate()]).to_local()
     loss = summed[0] if reduction == "sum" else summed[0] / _loss.nan_if_zero(summed[1:])[0]
     return _wrap(loss.to(total.dtype), mesh, Replicate())
+
+
+def linear_cross_entropy(input, linear_weight, target, *, linear_bias, weight, reduction,
+                         ignore_index, label_smoothing, backend, chunk_size, extras):
+    """``fusedce.linear_cross_entropy`` with a DTensor head ``linear_weight`` (C, H) on a
+    1-d mesh: ``Shard(0)`` (vocabulary-sharded) runs
+    ``fusedce.distributed.vocab_parallel_linear_cross_entropy`` on this rank's rows (the
+    bias, if a DTensor, sharded alike); the input plain (the same on every rank: its
+    gradient is all-reduced) or a ``Replicate()`` DTensor (its gradient left ``Partial``
+    for DTensor to sum). The loss is a ``Replicate()`` DTensor; the weight's gradient a
+    ``Shard(0)`` DTensor."""
+    from torch.distributed.tensor import Partial, Replicate, Shard
+
+    fn = "fusedce.linear_cross_entropy"
+    mesh = linear_weight.device_mesh
+    if mesh.ndim != 1:
+        raise NotImplementedError(f"{fn}: a DTensor linear_weight on a 1-d device mesh only, "
+                                  f"got a {mesh.ndim}-d mesh {tuple(mesh.shape)}")
+    (placement,) = linear_weight.placements
+    if linear_weight.dim() != 2 or not (isinstance(placement, Shard) and placement.dim == 0):
+        raise NotImplementedError(
+            f"{fn}: a DTensor linear_weight must be (C, H) placed Shard(0) (a vocabulary-"
+            f"sharded head), got shape {tuple(linear_weight.shape)} placed {placement}")
+    if is_dtensor(input):
+        if tuple(input.placements) != (Replicate(),):
+            raise NotImplementedError(f"{fn}: a DTensor input must be placed Replicate(), "
+                                      f"got {input.placements}")
+        x, reduce_input_grad = input.to_local(grad_placements=[Partial()]), False
+    else:
+        x, reduce_input_grad = input, True
+    bias = linear_bias.to_local() if is_dtensor(linear_bias) else linear_bias
+    from .distributed import even_vocab_shard, vocab_parallel_linear_cross_entropy
+
+    start, _ = even_vocab_shard(linear_weight.shape[0], mesh.get_local_rank(), mesh.size())
+    out = vocab_parallel_linear_cross_entropy(
+        x, linear_weight.to_local(), _full(target), linear_bias=bias,
+        group=mesh.get_group(), vocab_start=start, weight=_full(weight), reduction=reduction,
+        ignore_index=ignore_index, label_smoothing=label_smoothing, chunk_size=chunk_size,
+        reduce_input_grad=reduce_input_grad, backend=backend, **extras.kwargs())
+    return _wrap_out(out, mesh, Replicate(), extras)

@@ -26,7 +26,7 @@ import functools
 import torch
 from torch import nn
 
-from . import _args, _autograd, _higher, _loss
+from . import _args, _autograd, _dtensor, _higher, _loss
 
 # Chunk size heuristic (rows per chunk), see ``chunk_rows``.
 MIN_CHUNK_ROWS = 128  # fewer rows make the three matrix products inefficient
@@ -465,6 +465,16 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     :func:`fusedce.cross_entropy` does; PyTorch accepts it).
     """
     fn = "linear_cross_entropy"
+    if type(linear_weight) is not torch.Tensor and _dtensor.is_dtensor(linear_weight):
+        reduction, label_smoothing, ignore_index, backend = _args.loss_options(
+            fn, reduction, label_smoothing, ignore_index, backend)
+        if chunk_size is None and options is not None:
+            chunk_size = getattr(options, "batch_chunk_size", None)
+        return _dtensor.linear_cross_entropy(
+            input, linear_weight, target, linear_bias=linear_bias, weight=weight,
+            reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
+            backend=backend, chunk_size=_args.chunk_size(chunk_size),
+            extras=_args.extras(logit_scale, softcap, lse_square_scale, return_aux))
     _args.tensors(fn, input=input, linear_weight=linear_weight, target=target,
                   linear_bias=linear_bias, weight=weight)
     reduction, label_smoothing, _, backend = _args.loss_options(

@@ -194,6 +194,10 @@ CASES_3 = [
          backend="triton", dtype="bfloat16"),
     Case("dt-replicate", (4, 4, 3), kind="dtensor-ce", placement="replicate", rows=5),
     Case("dt-errors", (4, 4, 3), kind="dtensor-errors"),
+    Case("dt-linear-head-mean", GPT2_3, kind="dtensor-linear", hidden=16, rows=6,
+         chunk_size=4, ignored_every=3, bias=True),
+    Case("dt-linear-head-replicated-input", GPT2_3, kind="dtensor-linear", hidden=16, rows=6,
+         weight=True, label_smoothing=0.1, reduction="sum", dtensor_target=True),
 ]
 
 # (dtype, loss rtol, grad atol relative to the largest reference gradient)
@@ -547,6 +551,52 @@ def _run_dtensor_ce(case, rank, counter):
     }
 
 
+def _run_dtensor_linear(case, rank, counter):
+    """``fusedce.linear_cross_entropy`` with a Shard(0) DTensor head (and bias), the input
+    plain or (``dtensor_target``) a Replicate() DTensor, against float64 PyTorch."""
+    import torch.nn.functional as F
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    import fusedce
+
+    gen = torch.Generator().manual_seed(_seed(case))
+    h = torch.randn(case.rows, case.hidden, generator=gen)
+    w = torch.randn(case.vocab, case.hidden, generator=gen) * case.hidden ** -0.5
+    b = torch.randn(case.vocab, generator=gen) if case.bias else None
+    target = _targets(case, gen)
+    weight = torch.rand(case.vocab, generator=gen) + 0.5 if case.weight else None
+    upstream = torch.randn((), generator=gen)
+    opts = dict(ignore_index=case.ignore_index, reduction=case.reduction,
+                label_smoothing=case.label_smoothing)
+    refs = [t.double().requires_grad_() for t in (h, w) + ((b,) if case.bias else ())]
+    ref = F.cross_entropy(F.linear(*refs), target,
+                          weight=None if weight is None else weight.double(), **opts)
+    ref_grads = torch.autograd.grad(ref, refs, upstream.double())
+
+    mesh = init_device_mesh("cpu", (len(case.sizes),))
+    wd = distribute_tensor(w, mesh, [Shard(0)]).requires_grad_()
+    bd = distribute_tensor(b, mesh, [Shard(0)]).requires_grad_() if case.bias else None
+    hp = h.clone().requires_grad_()
+    x = DTensor.from_local(hp, mesh, [Replicate()]) if case.dtensor_target else hp
+    counter.take()
+    loss = fusedce.linear_cross_entropy(x, wd, target, linear_bias=bd, weight=weight,
+                                        chunk_size=case.chunk_size or None, **opts)
+    grads = torch.autograd.grad(loss, [hp, wd] + ([bd] if case.bias else []),
+                                distribute_tensor(upstream, mesh, [Replicate()]))
+    counter.take()
+    out = {
+        "loss": loss.full_tensor().detach().double(),
+        "loss_err": _rel_err(loss.full_tensor().detach(), ref.detach()),
+        "grad_err": _rel_err(grads[1].full_tensor(), ref_grads[1]),
+        "input_grad_err": _rel_err(grads[0], ref_grads[0]),
+        "grad_placements_ok": tuple(grads[1].placements) == (Shard(0),),
+    }
+    if case.bias:
+        out["bias_grad_err"] = _rel_err(grads[2].full_tensor(), ref_grads[2])
+    return out
+
+
 def _run_dtensor_errors(case, rank, counter):
     """What fusedce.cross_entropy refuses on DTensor logits, and the messages."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -607,7 +657,7 @@ def _worker(rank, world, cases, init_file, out_dir):
     counter.install()
     runners = {"ce": _run_ce, "linear": _run_linear, "dtensor": _run_dtensor,
                "subgroups": _run_subgroups, "dtensor-ce": _run_dtensor_ce,
-               "dtensor-errors": _run_dtensor_errors}
+               "dtensor-errors": _run_dtensor_errors, "dtensor-linear": _run_dtensor_linear}
     results = {"_startup_seconds": time.perf_counter() - began}
     for case in cases:
         began = time.perf_counter()
@@ -700,6 +750,17 @@ def test_four_ranks(case, results_4):
 
 
 DTENSOR_CE_CASES = [c for c in CASES_3 if c.kind == "dtensor-ce"]
+DTENSOR_LINEAR_CASES = [c for c in CASES_3 if c.kind == "dtensor-linear"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", DTENSOR_LINEAR_CASES, ids=_ids(DTENSOR_LINEAR_CASES))
+def test_dtensor_head_three_ranks(case, results_3):
+    """linear_cross_entropy with a vocabulary-sharded DTensor head: PyTorch's loss and
+    gradients (input, weight, bias), the weight's gradient a Shard(0) DTensor."""
+    per_rank = [res[case.id] for res in results_3]
+    _check(case, per_rank)
+    assert all(res["grad_placements_ok"] for res in per_rank)
 
 
 @pytest.mark.slow
