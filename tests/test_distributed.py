@@ -143,6 +143,17 @@ CASES_2 = [
          bias=True, extras=EXTRAS, reduction="none", ignored_every=4),
     Case("extras-linear-triton", (9, 14), kind="linear", hidden=13, rows=10, chunk_size=4,
          backend="triton", extras=EXTRAS, label_smoothing=0.1),
+    # DTensor logits on 2 ranks (DTensor splits 11 classes 6 + 5, 7 rows 4 + 3)
+    Case("dt2-vocab-smoothing-weight", (6, 5), kind="dtensor-ce", label_smoothing=0.1,
+         weight=True, ignored_every=3),
+    Case("dt2-vocab-triton-bf16-none", (6, 5), kind="dtensor-ce", backend="triton",
+         dtype="bfloat16", reduction="none"),
+    Case("dt2-batch-mean", (4, 3), kind="dtensor-ce", placement="batch", rows=7,
+         ignored_every=2, weight=True),
+    Case("dt2-batch-bf16-sum", (4, 3), kind="dtensor-ce", placement="batch", rows=7,
+         dtype="bfloat16", reduction="sum", dtensor_target=True),
+    Case("dt2-linear-head", (6, 5), kind="dtensor-linear", hidden=8, rows=6, bias=True,
+         label_smoothing=0.1),
 ]
 
 # Four ranks: the GPT-2 vocabulary split as DTensor/torch.chunk does (12,565 x 3 and
@@ -731,8 +742,11 @@ def _check(case, per_rank):
                 assert res[key] <= max(loss_rtol, grad_atol), (rank, key, res[key])
 
 
+PLAIN_2 = [c for c in CASES_2 if not c.kind.startswith("dtensor")]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("case", CASES_2, ids=_ids(CASES_2))
+@pytest.mark.parametrize("case", PLAIN_2, ids=_ids(PLAIN_2))
 def test_two_ranks(case, results_2):
     per_rank = [res[case.id] for res in results_2]
     _check(case, per_rank)
@@ -751,6 +765,18 @@ def test_four_ranks(case, results_4):
 
 DTENSOR_CE_CASES = [c for c in CASES_3 if c.kind == "dtensor-ce"]
 DTENSOR_LINEAR_CASES = [c for c in CASES_3 if c.kind == "dtensor-linear"]
+DTENSOR_2 = [c for c in CASES_2 if c.kind.startswith("dtensor")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", DTENSOR_2, ids=_ids(DTENSOR_2))
+def test_dtensor_two_ranks(case, results_2):
+    per_rank = [res[case.id] for res in results_2]
+    if case.kind == "dtensor-ce":
+        _check_dtensor_ce(case, per_rank)
+    else:
+        _check(case, per_rank)
+        assert all(res["grad_placements_ok"] for res in per_rank)
 
 
 @pytest.mark.slow
@@ -785,7 +811,10 @@ def test_dtensor_logits_three_ranks(case, results_3):
     gradient a DTensor with the logits' placements; collectives: vocabulary-sharded, one
     all-gather in the forward; batch-sharded 'mean'/'sum', one all-reduce; none in any
     backward."""
-    per_rank = [res[case.id] for res in results_3]
+    _check_dtensor_ce(case, [res[case.id] for res in results_3])
+
+
+def _check_dtensor_ce(case, per_rank):
     _check(case, per_rank)
     gather = ("all_gather_single" if hasattr(torch.distributed, "all_gather_single")
               else "all_gather_into_tensor")
