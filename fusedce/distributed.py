@@ -53,7 +53,7 @@ import torch
 import torch.distributed as dist
 
 from . import _args, _autograd, _loss
-from .linear import GradAccumulator, chunk_rows, logits_into
+from ._chunks import GradAccumulator, chunk_rows, logits_into
 
 __all__ = [
     "vocab_parallel_cross_entropy",
