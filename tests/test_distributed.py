@@ -590,13 +590,21 @@ def _run_dtensor_linear(case, rank, counter):
     bd = distribute_tensor(b, mesh, [Shard(0)]).requires_grad_() if case.bias else None
     hp = h.clone().requires_grad_()
     x = DTensor.from_local(hp, mesh, [Replicate()]) if case.dtensor_target else hp
+    from torch.distributed.tensor.debug import CommDebugMode
+
     counter.take()
-    loss = fusedce.linear_cross_entropy(x, wd, target, linear_bias=bd, weight=weight,
-                                        chunk_size=case.chunk_size or None, **opts)
-    grads = torch.autograd.grad(loss, [hp, wd] + ([bd] if case.bias else []),
-                                distribute_tensor(upstream, mesh, [Replicate()]))
-    counter.take()
+    with CommDebugMode() as fwd_comm:
+        loss = fusedce.linear_cross_entropy(x, wd, target, linear_bias=bd, weight=weight,
+                                            chunk_size=case.chunk_size or None, **opts)
+    fwd_calls = counter.take()
+    up = distribute_tensor(upstream, mesh, [Replicate()])
+    with CommDebugMode() as bwd_comm:
+        grads = torch.autograd.grad(loss, [hp, wd] + ([bd] if case.bias else []), up)
+    bwd_calls = counter.take()
     out = {
+        "fwd_calls": fwd_calls,
+        "bwd_calls": bwd_calls,
+        "comm_counts": (fwd_comm.get_total_counts(), bwd_comm.get_total_counts()),
         "loss": loss.full_tensor().detach().double(),
         "loss_err": _rel_err(loss.full_tensor().detach(), ref.detach()),
         "grad_err": _rel_err(grads[1].full_tensor(), ref_grads[1]),
@@ -775,8 +783,7 @@ def test_dtensor_two_ranks(case, results_2):
     if case.kind == "dtensor-ce":
         _check_dtensor_ce(case, per_rank)
     else:
-        _check(case, per_rank)
-        assert all(res["grad_placements_ok"] for res in per_rank)
+        _check_dtensor_linear(case, per_rank)
 
 
 @pytest.mark.slow
@@ -784,9 +791,21 @@ def test_dtensor_two_ranks(case, results_2):
 def test_dtensor_head_three_ranks(case, results_3):
     """linear_cross_entropy with a vocabulary-sharded DTensor head: PyTorch's loss and
     gradients (input, weight, bias), the weight's gradient a Shard(0) DTensor."""
-    per_rank = [res[case.id] for res in results_3]
+    _check_dtensor_linear(case, [res[case.id] for res in results_3])
+
+
+def _check_dtensor_linear(case, per_rank):
+    """Collectives: one all-gather in the forward; in the backward one all-reduce of the
+    input's gradient, by fusedce for a plain input, by DTensor (its Partial gradient summed)
+    for a Replicate() one."""
     _check(case, per_rank)
-    assert all(res["grad_placements_ok"] for res in per_rank)
+    gather = ("all_gather_single" if hasattr(torch.distributed, "all_gather_single")
+              else "all_gather_into_tensor")
+    for res in per_rank:
+        assert res["grad_placements_ok"]
+        assert res["fwd_calls"] == [gather] and res["comm_counts"][0] == 1, res
+        assert res["bwd_calls"] == ([] if case.dtensor_target else ["all_reduce"]), res
+        assert res["comm_counts"][1] == 1, res
 
 
 @pytest.mark.slow
