@@ -57,6 +57,16 @@ def _layout(x, fn):
     return "vocab" if placement.dim % 2 == 1 else "batch"
 
 
+def serves(x):
+    """Whether fusedce takes these DTensor logits (``fusedce.patched()`` leaves the others,
+    which ``fusedce.cross_entropy`` refuses, to PyTorch's own loss)."""
+    try:
+        _layout(x, "")
+    except NotImplementedError:
+        return False
+    return True
+
+
 def _full(t):
     """A target or class-weight argument as a plain tensor holding all of it."""
     return t.full_tensor() if is_dtensor(t) else t

@@ -13,9 +13,10 @@ Patching replaces
   names for the original, e.g. ``import ... as ce``, are not touched).
 
 ``unpatch()`` (or leaving the ``with`` block, also by an exception) puts back exactly what
-was replaced. DTensor logits go to fusedce (``fusedce/_dtensor.py``: inside
-``loss_parallel()`` too); other tensor subclasses (anything but ``torch.Tensor`` and
-``nn.Parameter``: tensors with ``__torch_function__``) go to PyTorch's own implementation.
+was replaced. DTensor logits of the layouts fusedce takes go to fusedce
+(``fusedce/_dtensor.py``: inside ``loss_parallel()`` too); other DTensors and other tensor
+subclasses (anything but ``torch.Tensor`` and ``nn.Parameter``: tensors with
+``__torch_function__``) go to PyTorch's own implementation.
 """
 
 import contextlib
@@ -46,7 +47,8 @@ def _patched_cross_entropy(input, target, weight=None, size_average=None, ignore
     if not (isinstance(input, torch.Tensor) and isinstance(target, torch.Tensor)):
         return _ORIGINAL_CE(input, target, weight, size_average, ignore_index, reduce,
                             reduction, label_smoothing)  # PyTorch's TypeError
-    if not _plain_tensors(input, target, weight) and not _dtensor.is_dtensor(input):
+    if not _plain_tensors(input, target, weight) and not (
+            _dtensor.is_dtensor(input) and _dtensor.serves(input)):
         return _route.pytorch_cross_entropy(input, target, weight, size_average, ignore_index,
                                             reduce, reduction, label_smoothing)
     return cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction,

@@ -619,7 +619,7 @@ def _run_dtensor_linear(case, rank, counter):
 def _run_dtensor_errors(case, rank, counter):
     """What fusedce.cross_entropy refuses on DTensor logits, and the messages."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor, Partial, Shard, distribute_tensor
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
     import fusedce
 
@@ -641,6 +641,15 @@ def _run_dtensor_errors(case, rank, counter):
             out[name] = "no error"
         except Exception as e:  # noqa: BLE001 - the type and message are the result
             out[name] = f"{type(e).__name__}: {e}"
+    # fusedce.patched() leaves what fusedce refuses to PyTorch's own loss
+    import torch.nn.functional as F
+
+    logits = torch.randn(6, 11, generator=torch.Generator().manual_seed(0))
+    with fusedce.patched():
+        patched = F.cross_entropy(distribute_tensor(logits, mesh_2d, [Shard(1), Shard(0)]),
+                                  distribute_tensor(t, mesh_2d, [Replicate(), Replicate()]))
+    out["patched-mesh-2d-err"] = float((patched.full_tensor() - F.cross_entropy(logits, t))
+                                       .abs().max())
     counter.take()
     return {"errors": out}
 
@@ -811,7 +820,8 @@ def _check_dtensor_linear(case, per_rank):
 @pytest.mark.slow
 def test_dtensor_unsupported_layouts_raise(results_3):
     """Partial logits, a mesh of two dimensions, logits sharded on neither the batch nor the
-    class dimension, and a z-loss on a batch-sharded mean: NotImplementedError, saying why."""
+    class dimension, and a z-loss on a batch-sharded mean: NotImplementedError, saying why;
+    under fusedce.patched(), F.cross_entropy leaves such logits to PyTorch's own loss."""
     for res in results_3:
         errors = res["dt-errors"]["errors"]
         assert errors["partial"].startswith("NotImplementedError") and "Partial" in \
@@ -821,6 +831,7 @@ def test_dtensor_unsupported_layouts_raise(results_3):
         assert errors["shard-2"].startswith("NotImplementedError") and "(N, C)" in \
             errors["shard-2"], errors
         assert errors["z-loss-batch-mean"].startswith("NotImplementedError"), errors
+        assert errors["patched-mesh-2d-err"] < 1e-6, errors
 
 
 @pytest.mark.slow
