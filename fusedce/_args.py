@@ -309,11 +309,10 @@ def linear_inputs(input, linear_weight, linear_bias, target, ignore_index_):
     ``cross_entropy``'s on the logits it would make. ``ignore_index_`` is as given (None:
     PyTorch's -100, and the only value probability targets take).
 
-    Returns ``(logits_shape, t, loss_shape, soft, ignore_index)``: the shape of the logits
-    ``F.linear(input, linear_weight.flatten(0, -2))`` would have, reshaped as PyTorch does
-    ((N, C, d1, ..., dK), or (C,) for a 1-d input), the targets as (N, L) class indices or
-    (N, C, L) probabilities (``ce_inputs``), the shape of the unreduced loss, whether the
-    targets are probabilities, and the checked ``ignore_index``.
+    Returns ``(t, loss_shape, soft, ignore_index)``: the targets as (N, L) class indices or
+    (N, C, L) probabilities (``ce_inputs`` on the logits PyTorch would make, (N, C, d1, ...,
+    dK) or (C,) for a 1-d input), the shape of the unreduced loss, whether the targets are
+    probabilities, and the checked ``ignore_index``.
     """
     if input.dim() < 1 or input.dim() > 2:
         raise RuntimeError(f"expected input with dimensionality 1 or 2, got {input.dim()}")
@@ -344,7 +343,7 @@ def linear_inputs(input, linear_weight, linear_bias, target, ignore_index_):
     if not soft and target.dtype not in (torch.int64, torch.uint8):
         raise RuntimeError(f"expected target dtype to be Long or Byte, but got "
                            f"{str(target.dtype).replace('torch.', '').capitalize()}")
-    return logits_shape, t, loss_shape, soft, ignore_index_
+    return t, loss_shape, soft, ignore_index_
 
 
 def chunk_size(value):

@@ -111,6 +111,7 @@ def _differentiable_backward(ctx, grad_loss):
     x, target, weight = ctx.saved_tensors[:3]
     if opts.mode != "backward":  # the row modes saved the targets flattened
         target = target.view(x.shape[0], x.shape[2])
+        ctx.grad = None  # the gradient computed in the forward: not this backward's
     needs = (ctx.needs_input_grad[0],
              ctx.needs_input_grad[1] and target.is_floating_point())
 

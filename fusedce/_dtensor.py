@@ -134,7 +134,7 @@ def cross_entropy(ce, input, target, weight, ignore_index, reduction, label_smoo
     parts = total.float().reshape(1)
     if reduction == "mean":
         n_cols = input.shape[1]
-        denom = _loss.denominator(t.reshape(-1, 1), weight, ignore_index, n_cols, "mean",
+        denom = _loss.denominator(t, weight, ignore_index, n_cols, "mean",
                                   nan_for_zero=False)
         parts = torch.cat([parts, denom])
     summed = _wrap(parts, mesh, Partial()).redistribute(mesh, [Replicate()]).to_local()

@@ -23,8 +23,6 @@ import torch.autograd.forward_ad as _fwad
 
 from . import _loss, _route
 
-_pytorch_loss = torch._C._nn.cross_entropy_loss
-
 
 def requested(*tensors):
     """Whether this call needs the differentiable formulation: a ``torch.func`` transform
@@ -67,8 +65,8 @@ def rows(x, target, weight, ignore_index, label_smoothing, extras):
     z = _transformed(x.to(acc), extras)
     t = target.to(acc) if soft else target.long()
     w = None if weight is None else weight.to(acc)
-    loss = _pytorch_loss(z, t, w, _route.REDUCTION_ENUMS["none"], ignore_index,
-                         label_smoothing)
+    loss = _route.pytorch_cross_entropy(z, t, w, None, ignore_index, None, "none",
+                                        label_smoothing)
     if not (extras.z_loss or extras.aux):
         return loss, None, None, None
     lse = torch.logsumexp(z, 1)
@@ -96,9 +94,10 @@ def cross_entropy(x, target, weight, ignore_index, label_smoothing, reduction, e
     if not extras.any:
         acc = _loss.acc_dtype(x, target, weight)
         soft = target.is_floating_point()
-        loss = _pytorch_loss(x.to(acc), target.to(acc) if soft else target.long(),
-                             None if weight is None else weight.to(acc),
-                             _route.REDUCTION_ENUMS[reduction], ignore_index, label_smoothing)
+        loss = _route.pytorch_cross_entropy(
+            x.to(acc), target.to(acc) if soft else target.long(),
+            None if weight is None else weight.to(acc), None, ignore_index, None, reduction,
+            label_smoothing)
         return loss, None, None
     loss, z_loss, lse, aux = rows(x, target, weight, ignore_index, label_smoothing, extras)
     total = reduce(loss, z_loss, target, weight, ignore_index, x.shape[1], reduction)

@@ -22,6 +22,7 @@ log-sum-exp, and its backward recomputes each chunk's logits and runs the CE bac
 """
 
 import functools
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -76,21 +77,18 @@ class _ChunkLoss:
     def view(self, logits):
         return logits.view(logits.shape[0], self.n_classes, self.positions)
 
-    def forward(self, logits, s, e, aux=None, denom=None, z_scale=None, z_denom=None,
-                dtarget=None, stored_scale=None):
-        """``(loss, lse, s_sums)`` of rows ``s:e``; with ``denom`` (the reduction's
-        denominator, (1,)) the logits are overwritten by the gradient of the chunk's share
-        of the reduced loss (and ``dtarget[s:e]`` written, where given), times
-        ``stored_scale`` ((1,), where given); ``z_scale`` (scaled alike) and ``z_denom`` are
-        the z-loss's factor and denominator."""
+    def forward(self, logits, s, e, aux=None, grad=None, dtarget=None):
+        """``(loss, lse, s_sums)`` of rows ``s:e``; with ``grad`` (a ``ForwardGrad``) the
+        logits are overwritten by the gradient of the chunk's share of the reduced loss
+        (and ``dtarget[s:e]`` written, where given), times ``grad.stored``."""
         ignore_index, smoothing = self.options
         t_c = self._targets(s, e)
         if self.rows:
             loss, lse = self.impl.ce_fwd(logits, t_c, weight=self.weight,
                                          ignore_index=ignore_index, label_smoothing=smoothing,
-                                         grad_scale=_grad_scale(denom, stored_scale),
-                                         extras=self.extras,
-                                         aux_out=aux, z_scale=z_scale)
+                                         grad_scale=None if grad is None else grad.scale,
+                                         extras=self.extras, aux_out=aux,
+                                         z_scale=None if grad is None else grad.z_scale)
             return loss, lse, None
         x3 = self.view(logits)
         loss, lse, sums, _, aux_c = _loss.forward(x3, t_c, self.weight, ignore_index,
@@ -98,13 +96,11 @@ class _ChunkLoss:
                                                   self.extras)
         if aux is not None:
             aux.copy_(aux_c)
-        if denom is not None:
-            one = (torch.ones((), dtype=self.acc, device=logits.device) if stored_scale is None
-                   else stored_scale.reshape(()).to(self.acc))
-            _, dy = _loss.backward(one, x3, t_c, self.weight, lse, sums, denom,
-                                   ignore_index, smoothing, "mean", self.backend, True,
-                                   dtarget is not None, self.extras, out=x3,
-                                   z_denom=z_denom)
+        if grad is not None:
+            _, dy = _loss.backward(grad.upstream, x3, t_c, self.weight, lse, sums,
+                                   grad.denom, ignore_index, smoothing, "mean", self.backend,
+                                   True, dtarget is not None, self.extras, out=x3,
+                                   z_denom=grad.z_denom)
             if dtarget is not None:
                 dtarget[s:e] = dy
         return loss.reshape(-1), lse, sums
@@ -130,21 +126,39 @@ class _ChunkLoss:
             dtarget[s:e] = dy
 
 
-def _grad_scale(denom, stored_scale):
-    if denom is None:
-        return None
-    return 1.0 / denom if stored_scale is None else stored_scale / denom
+class ForwardGrad(NamedTuple):
+    """What the forward of a 'mean' / 'sum' loss takes its gradients with, computed once per
+    call (device tensors: no host sync). ``denom`` (1,): the reduction's denominator;
+    ``stored`` (1,) or None: the factor the gradients are stored with; ``scale`` (1,):
+    ``stored / denom`` for the row-wise launchers, whose gradient is of ``loss * scale``;
+    ``upstream`` (0-d): ``stored`` (or 1) as ``_loss.backward``'s upstream gradient of the
+    mean; ``z_scale`` and ``z_denom``: the z-loss's factor (times ``stored``) and divisor."""
+
+    denom: torch.Tensor
+    stored: Optional[torch.Tensor]
+    scale: torch.Tensor
+    upstream: torch.Tensor
+    z_scale: Optional[torch.Tensor]
+    z_denom: Optional[torch.Tensor]
 
 
-def stored_scale(x, denom, reduction):
-    """The factor the gradients computed in the forward of a float16 'mean' are stored
-    with, ``2**floor(log2(denom))`` ((1,), on the device), else None: the mean's gradients
-    ``(p - y) / denom`` are stored as those of the sum ``(p - y)`` would be (within a factor
-    of 2), in float16's normal range: ``p / denom`` lies below it (6e-5) for most classes
-    of a long batch, and was flushed to zero before a loss scale could lift it."""
-    if x.dtype != torch.float16 or reduction != "mean":
-        return None
-    return torch.exp2(torch.floor(torch.log2(denom)))
+def _forward_grad(x, ce, reduction):
+    """The ``ForwardGrad`` of a call. With float16 and 'mean' the gradients are stored times
+    ``2**floor(log2(denom))``: the mean's ``(p - y) / denom`` as the sum's ``(p - y)`` would
+    be (within a factor of 2), in float16's normal range, where ``p / denom`` lies below it
+    (6e-5) for most classes of a long batch and was flushed to zero before a loss scale
+    could lift it. The backward divides it out."""
+    ignore_index, _ = ce.options
+    denom = _loss.denominator(ce.t, ce.weight, ignore_index, ce.n_classes, reduction, ce.acc)
+    stored = None
+    if x.dtype == torch.float16 and reduction == "mean":
+        stored = torch.exp2(torch.floor(torch.log2(denom)))
+    factor = torch.ones(1, dtype=ce.acc, device=x.device) if stored is None else stored
+    z_scale = z_denom = None
+    if ce.extras.z_loss:
+        z_denom = _loss.z_denominator(ce.t, ignore_index, reduction, ce.acc)
+        z_scale = (2.0 * ce.extras.lse_square_scale) * factor / z_denom
+    return ForwardGrad(denom, stored, factor / denom, factor.reshape(()), z_scale, z_denom)
 
 
 def _scale_(t, factor, rows=1 << 14):
@@ -238,16 +252,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             return _outputs(ctx, _reduced(loss, lse, ce, reduction, loss_shape), lse, aux)
 
         # 'mean' / 'sum': gradients of loss.sum() / denom (and of the z-loss), computed now
-        ignore_index, _ = ce.options
-        denom = _loss.denominator(ce.t, ce.weight, ignore_index, ce.n_classes, reduction,
-                                  ce.acc)
-        scale = stored_scale(x, denom, reduction)
-        z_scale = z_denom = None
-        if ce.extras.z_loss:
-            z_denom = _loss.z_denominator(ce.t, ignore_index, reduction, ce.acc)
-            z_scale = (2.0 * ce.extras.lse_square_scale) / z_denom
-            if scale is not None:
-                z_scale = z_scale * scale
+        grad = _forward_grad(x, ce, reduction)
         acc = GradAccumulator(x, linear_weight, need_x, need_w, need_b)
         dtarget = ce.target_grad_buffer() if need_t else None
         loss, lse, sums = _row_buffers(x, ce)
@@ -259,15 +264,13 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             logits = logits_into(buf[:e - s], x_c, linear_weight, linear_bias)
             loss[r], lse[r], sums_c = ce.forward(logits, s, e,
                                                  aux=None if aux is None else aux[:, r],
-                                                 denom=denom, z_scale=z_scale,
-                                                 z_denom=z_denom, dtarget=dtarget,
-                                                 stored_scale=scale)
+                                                 grad=grad, dtarget=dtarget)
             if ce.soft:
                 sums[r] = sums_c
             acc.add(logits, x_c, s, e)  # ``logits`` now holds the logit gradient
         del buf
         ctx.grads = (acc.grad_input, acc.grad_weight, acc.grad_bias, dtarget)
-        ctx.stored_scale = scale
+        ctx.stored_scale = grad.stored
         # for a second backward, or one under create_graph=True (references, not copies)
         ctx.save_for_backward(x, linear_weight, linear_bias, target, lse, sums)
         return _outputs(ctx, _reduced(loss, lse, ce, reduction, loss_shape), lse, aux)
@@ -380,36 +383,35 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
         they have in :func:`fusedce.cross_entropy`, applied to each chunk's logits in the
         same pass (the aux outputs: ``fusedce.CrossEntropyAux``); class-index targets only.
 
+    A ``Shard(0)`` DTensor ``linear_weight`` (a vocabulary-sharded head) runs the
+    vocab-parallel loss (``fusedce/_dtensor.py``).
+
     Differences from PyTorch: a target outside ``[0, C)`` that is not ``ignore_index``
-    gives a NaN loss instead of an error (no host synchronisation); for 'mean'/'sum' the
-    gradients are computed in the forward, so a second backward through the same graph
-    raises RuntimeError; a negative ``label_smoothing`` raises RuntimeError (as
-    :func:`fusedce.cross_entropy` does; PyTorch accepts it).
+    gives a NaN loss instead of an error (no host synchronisation); a negative
+    ``label_smoothing`` raises RuntimeError (as :func:`fusedce.cross_entropy` does; PyTorch
+    accepts it).
     """
     fn = "linear_cross_entropy"
-    if type(linear_weight) is not torch.Tensor and _dtensor.is_dtensor(linear_weight):
-        reduction, label_smoothing, ignore_index, backend = _args.loss_options(
-            fn, reduction, label_smoothing, ignore_index, backend)
-        if chunk_size is None and options is not None:
-            chunk_size = getattr(options, "batch_chunk_size", None)
-        return _dtensor.linear_cross_entropy(
-            input, linear_weight, target, linear_bias=linear_bias, weight=weight,
-            reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
-            backend=backend, chunk_size=_args.chunk_size(chunk_size),
-            extras=_args.extras(logit_scale, softcap, lse_square_scale, return_aux))
     _args.tensors(fn, input=input, linear_weight=linear_weight, target=target,
                   linear_bias=linear_bias, weight=weight)
-    reduction, label_smoothing, _, backend = _args.loss_options(
+    reduction, label_smoothing, checked_ignore_index, backend = _args.loss_options(
         fn, reduction, label_smoothing, ignore_index, backend)
-    logits_shape, t, loss_shape, soft, ignore_index = _args.linear_inputs(
-        input, linear_weight, linear_bias, target, ignore_index)
-    n_classes = linear_weight.shape[0]
-    # shape, dtype, and no gradient (PyTorch raises for one); contiguous
-    weight = _args.class_weight(weight, n_classes, fn="fusedce.linear_cross_entropy")
     if chunk_size is None and options is not None:
         chunk_size = getattr(options, "batch_chunk_size", None)
     chunk_size = _args.chunk_size(chunk_size)
     extras = _args.extras(logit_scale, softcap, lse_square_scale, return_aux)
+    if type(linear_weight) is not torch.Tensor and _dtensor.is_dtensor(linear_weight):
+        return _dtensor.linear_cross_entropy(
+            input, linear_weight, target, linear_bias=linear_bias, weight=weight,
+            reduction=reduction, ignore_index=checked_ignore_index,
+            label_smoothing=label_smoothing, backend=backend, chunk_size=chunk_size,
+            extras=extras)
+    # (PyTorch's checks tell ignore_index=None from -100: the argument as given)
+    t, loss_shape, soft, ignore_index = _args.linear_inputs(
+        input, linear_weight, linear_bias, target, ignore_index)
+    n_classes = linear_weight.shape[0]
+    # shape, dtype, and no gradient (PyTorch raises for one); contiguous
+    weight = _args.class_weight(weight, n_classes, fn="fusedce.linear_cross_entropy")
     if soft and extras.any:
         raise NotImplementedError("fusedce.linear_cross_entropy: logit_scale, softcap, "
                                   "lse_square_scale and return_aux take class-index "
