@@ -12,6 +12,7 @@ For each extra of ``fusedce.cross_entropy`` (``logit_scale``, ``softcap``, the z
 
     python -m bench.extras                             # 2,048 x 50,257, fp32 and bf16
     python -m bench.extras --tokens 512 --vocab 128256 --dtypes bf16
+    python -m bench.extras --targets probabilities     # class probabilities (the strided path)
 """
 
 import argparse
@@ -50,7 +51,8 @@ def pytorch_loss(x, target, logit_scale=1.0, softcap=None, lse_square_scale=0.0,
             with torch.no_grad():
                 logp = z - lse[:, None]
                 entropy = -(logp.exp() * logp).sum(1)
-                accuracy = (z.argmax(1) == target).float().mean()
+                wanted = target.argmax(1) if target.is_floating_point() else target
+                accuracy = (z.argmax(1) == wanted).float().mean()
             return loss, lse.detach(), entropy, accuracy
     return loss
 
@@ -73,7 +75,11 @@ def run(args):
     results = []
     for dname in args.dtypes.split(","):
         x = (torch.randn(args.tokens, args.vocab, generator=gen) * 4).to(DTYPES[dname])
-        target = torch.randint(0, args.vocab, (args.tokens,), generator=gen)
+        if args.targets == "probabilities":
+            target = torch.softmax(torch.randn(args.tokens, args.vocab, generator=gen), 1)
+            target = target.to(x.dtype)
+        else:
+            target = torch.randint(0, args.vocab, (args.tokens,), generator=gen)
         plain = make_step(fusedce.cross_entropy, x, target, {})
         for name in args.options.split(","):
             kw = OPTIONS[name]
@@ -81,7 +87,8 @@ def run(args):
             t_ours, t_plain = time_pair(ours, plain, args.samples, args.sample_ms / 1e3)
             t_ours2, t_torch = time_pair(ours, make_step(pytorch_loss, x, target, kw),
                                          args.samples, args.sample_ms / 1e3)
-            row = dict(dtype=dname, option=name, tokens=args.tokens, vocab=args.vocab,
+            row = dict(dtype=dname, targets=args.targets, option=name, tokens=args.tokens,
+                       vocab=args.vocab,
                        fusedce_ms=t_ours * 1e3, plain_ms=t_plain * 1e3,
                        vs_plain=t_ours / t_plain, pytorch_ms=t_torch * 1e3,
                        vs_pytorch=t_ours2 / t_torch)
@@ -94,10 +101,10 @@ def run(args):
 
 
 def table(results):
-    out = ["| dtype | option | fusedce ms | / fusedce plain | PyTorch ops ms | / PyTorch ops |",
-           "|---|---|---|---|---|---|"]
+    out = ["| dtype | targets | option | fusedce ms | / fusedce plain | PyTorch ops ms | "
+           "/ PyTorch ops |", "|---|---|---|---|---|---|---|"]
     for r in results:
-        out.append(f"| {r['dtype']} | {r['option']} | {r['fusedce_ms']:.1f} | "
+        out.append(f"| {r['dtype']} | {r['targets']} | {r['option']} | {r['fusedce_ms']:.1f} | "
                    f"{r['vs_plain']:.2f} | {r['pytorch_ms']:.1f} | {r['vs_pytorch']:.2f} |")
     return "\n".join(out)
 
@@ -109,6 +116,8 @@ def main(argv=None):
     parser.add_argument("--vocab", type=int, default=50257)
     parser.add_argument("--dtypes", default="fp32,bf16")
     parser.add_argument("--options", default=",".join(OPTIONS))
+    parser.add_argument("--targets", choices=("indices", "probabilities"), default="indices",
+                        help="class indices (default) or class probabilities")
     parser.add_argument("--samples", type=int, default=7)
     parser.add_argument("--sample-ms", type=float, default=200.0)
     add_out_argument(parser, "extras_cpu.csv")

@@ -224,7 +224,9 @@ def _reference(torch, F, x64, target, weight, ignore_index, reduction, smoothing
     lse = torch.logsumexp(z, 1)
     scale = opts.get("lse_square_scale", 0.0)
     if scale:
-        kept = target != ignore_index
+        # probabilities ignore no row
+        kept = (torch.ones_like(lse, dtype=torch.bool) if target.is_floating_point()
+                else target != ignore_index)
         zl = torch.where(kept, scale * lse ** 2, 0.0)
         loss = loss + {"none": zl, "sum": zl.sum(), "mean": zl.sum() / kept.sum()}[reduction]
     if not opts.get("return_aux"):
@@ -294,6 +296,68 @@ def check_correctness(torch, F, fusedce, dev, max_rows=None):
         failures += not ok
         print(f"  {'ok  ' if ok else 'FAIL'} {dt:<4} {n:>3}x{c:<6} {name:<30} {detail}")
     split_rows.FORCE_SPLITS = None
+    return failures
+
+
+def _strided_cases(torch, gen, device, c):
+    """``(name, x, target)`` for the strided kernels: (N, C, d) logits, a 2-d view with
+    strided classes, class probabilities (2-d and (N, C, d)); logits spread 3."""
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device=device) * 3
+
+    def probs(*shape):
+        return torch.softmax(randn(*shape), 1)
+
+    t3 = torch.randint(0, c, (4, 3), generator=gen, device=device)
+    t3[0, 1] = -100
+    return [("(N,C,d)", randn(4, c, 3), t3),
+            ("x[:,:,k]", randn(6, c, 2)[:, :, 1],
+             torch.randint(0, c, (6,), generator=gen, device=device)),
+            ("probabilities", randn(6, c), probs(6, c)),
+            ("probabilities-(N,C,d)", randn(3, c, 2), probs(3, c, 2))]
+
+
+def check_strided(torch, F, fusedce, dev, vocab=None):
+    """The strided kernels (classes not contiguous, probability targets), plain and with
+    every loss extra, fp32 and bf16, against float64 autograd of the definitions: the loss
+    and the gradients of the logits (and of the probabilities). Returns the failures."""
+    device = dev.device
+    gen = torch.Generator(device=device).manual_seed(1)
+    c = vocab or V
+    failures = 0
+    print(f"strided kernels and probability targets, C = {c}")
+    for opts_name, opts in (("plain", {}), ("all-extras", EXTRAS)):
+        for dt in ("fp32", "bf16"):
+            for name, x, target in _strided_cases(torch, gen, device, c):
+                soft = target.is_floating_point()
+                x = x.to(_dtype(dt))
+                target = target.to(_dtype(dt)) if soft else target
+                kw = dict(opts, label_smoothing=0.1, reduction="sum")
+                x64 = x.detach().double().requires_grad_(True)
+                t64 = target.detach().double().requires_grad_(True) if soft else target
+                rows = (lambda a: a.movedim(1, -1).reshape(-1, c)) if x.dim() > 2 else None
+                ref, _, _ = _reference(
+                    torch, F, rows(x64) if rows else x64,
+                    (rows(t64) if soft else t64.reshape(-1)) if rows else t64, None, -100,
+                    "sum", 0.1, opts)
+                refs = torch.autograd.grad(ref, [x64, t64] if soft else [x64])
+                xin = x.detach().clone().requires_grad_(True)
+                tin = target.detach().clone().requires_grad_(True) if soft else target
+                try:
+                    out = fusedce.cross_entropy(xin, tin, **kw, **dev.fused_kwargs)
+                    loss = out.loss if opts.get("return_aux") else out
+                    grads = torch.autograd.grad(loss, [xin, tin] if soft else [xin])
+                    dev.sync()
+                    errs = {"loss": _rel_err(loss, ref), "grad": _rel_err(grads[0], refs[0])}
+                    if soft:
+                        errs["dtarget"] = _rel_err(grads[1], refs[1])
+                    ok = all(e <= TOL[dt] for e in errs.values())
+                    detail = " ".join(f"{k} {v:.1e}" for k, v in errs.items())
+                except Exception as e:  # a crash is a failed case, not the end of the check
+                    ok, detail = False, f"{type(e).__name__}: {e}"
+                failures += not ok
+                print(f"  {'ok  ' if ok else 'FAIL'} {dt:<4} {name:<22} {opts_name:<11} "
+                      f"{detail}")
     return failures
 
 
@@ -689,6 +753,7 @@ def main(argv=None):
         return 1 if failures else 0
     if not args.sweep_only:
         failures += check_correctness(torch, F, fusedce, dev, 8 if args.dry_run else None)
+        failures += check_strided(torch, F, fusedce, dev, 300 if args.dry_run else None)
         print(f"correctness: {failures} failure(s)")
         tokens = [int(t) for t in args.tokens.split(",")]
         dtypes = args.dtypes.split(",")

@@ -48,11 +48,14 @@ def _transformed(x, extras):
 
 def _aux(z, lse, t, ignore_index):
     """``(2, rows)``: each row's entropy of softmax(z) and whether its (first) argmax is a
-    target not ignored; no gradient."""
+    target not ignored (of probabilities ``t``: the first argmax of ``t``); no gradient."""
     with torch.no_grad():
         p = torch.exp(z - lse.unsqueeze(1))
         pz = torch.where(p > 0, p * z, 0.0).sum(1)
-        correct = (z.argmax(1) == t) & (t != ignore_index)
+        if t.is_floating_point():
+            correct = z.argmax(1) == t.argmax(1)
+        else:
+            correct = (z.argmax(1) == t) & (t != ignore_index)
         return torch.stack([(lse - pz).reshape(-1), correct.reshape(-1).to(lse.dtype)])
 
 
@@ -72,7 +75,9 @@ def rows(x, target, weight, ignore_index, label_smoothing, extras):
     lse = torch.logsumexp(z, 1)
     z_loss = None
     if extras.z_loss:
-        z_loss = torch.where(t != ignore_index, extras.lse_square_scale * lse.square(), 0.0)
+        z_loss = extras.lse_square_scale * lse.square()
+        if not soft:
+            z_loss = torch.where(t != ignore_index, z_loss, 0.0)
     aux = _aux(z, lse, t, ignore_index) if extras.aux else None
     return loss, z_loss, lse, aux
 

@@ -20,7 +20,6 @@ from typing import NamedTuple
 import torch
 
 from . import _args
-from .cpu.extras import compute_dtype as extras_dtype
 from .cpu.strided import acc_dtype as _acc
 
 
@@ -155,39 +154,41 @@ def one_token(out, reduction, extras):
     return out._replace(**{k: getattr(out, k).squeeze(0) for k in per_token})
 
 
-def extras_rows(x):
-    """``x`` (N, C, L) as (N * L, C) rows with unit class stride for the loss extras, which
-    only the row-wise launchers compute: ``rows_view``, or a copy where no view is."""
-    rows = rows_view(x)
-    if rows is None:
-        rows = x.transpose(1, 2).reshape(-1, x.shape[1])  # a view still, where L is 1
-    return rows if rows.stride(1) == 1 else rows.contiguous()
-
-
-def extras_implementation(backend, x, weight):
-    """The row-wise launchers for the loss extras: ``fusedce.cpu`` wherever the loss is
-    computed in float64 (the kernels compute in float32), else ``backend``'s."""
-    if extras_dtype(x, weight) == torch.float64:
+def extras_implementation(backend, x, target, weight):
+    """The launchers for a call with loss extras: ``fusedce.cpu`` wherever the loss is
+    computed in float64 (the kernels transform logits in float32), else ``backend``'s."""
+    if acc_dtype(x, target, weight) == torch.float64:
         return _args.implementation("torch", x)
     return _args.implementation(backend, x)
 
 
+def kept_rows(target, ignore_index):
+    """The rows (a bool (rows,) tensor) that the z-loss and the accuracy count: those whose
+    class index is not ``ignore_index``; every row of (N, C, ...) probability targets."""
+    if target.is_floating_point():
+        n_rows = target.numel() // target.shape[1] if target.shape[1] else 0
+        return torch.ones(n_rows, dtype=torch.bool, device=target.device)
+    return target.reshape(-1).long() != ignore_index
+
+
 def z_loss_rows(lse, target, ignore_index, extras):
     """Each row's z-loss ``lse_square_scale * lse**2``, 0 where the target is ignored."""
-    kept = target.reshape(-1).long() != ignore_index
-    return torch.where(kept, extras.lse_square_scale * lse.square(), 0.0)
+    return torch.where(kept_rows(target, ignore_index), extras.lse_square_scale * lse.square(),
+                       0.0)
 
 
 def z_denominator(target, ignore_index, reduction, dtype):
-    """The z-loss's 'mean' divisor: the number of rows not ignored (no class weights)."""
-    return denominator(target, None, ignore_index, 0, reduction, dtype)
+    """The z-loss's 'mean' divisor: the number of rows not ignored (no class weights);
+    for probability targets, of rows."""
+    n_cols = target.shape[1] if target.is_floating_point() else 0
+    return denominator(target, None, ignore_index, n_cols, reduction, dtype)
 
 
 def z_grad(grad, lse, target, ignore_index, reduction, extras, denom=None):
     """Each row's z-loss gradient factor ``gz = 2 lse_square_scale lse`` times its upstream
     gradient (over the count of rows not ignored, for 'mean': ``denom`` where given, the
     count over more rows than ``target``'s), 0 where ignored."""
-    kept = target.reshape(-1).long() != ignore_index
+    kept = kept_rows(target, ignore_index)
     g = grad.to(lse.dtype).reshape(-1).expand(lse.shape[0])
     if reduction == "mean":
         g = g / (z_denominator(target, ignore_index, reduction, lse.dtype) if denom is None
@@ -204,36 +205,33 @@ def add_z_loss(loss, lse, target, ignore_index, reduction, extras, shape):
 
 
 def forward(x, target, weight, ignore_index, label_smoothing, reduction, backend, validate,
-            extras=_args.NO_EXTRAS):
+            extras=_args.NO_EXTRAS, add_z_loss_=True):
     """Reduced loss of ``x`` (N, C, L) against ``target`` ((N, L) indices or (N, C, L)
     probabilities). Returns ``(loss, lse, s, denom, aux)``: loss (N, L) for 'none' else a
     scalar, in the accumulation dtype; lse and s (O(rows) state for the backward); denom
     (1,); aux (2, N * L) each row's entropy and correctness where ``extras.aux`` (else
-    empty). With loss ``extras`` the loss is of the transformed logits, z-loss included."""
+    empty). With loss ``extras`` the loss is of the transformed logits, z-loss included
+    unless ``add_z_loss_`` is False (a caller that adds it itself)."""
     n, n_cols, l_len = x.shape
     soft = target.is_floating_point()
     acc = acc_dtype(x, target, weight)
     if validate and not soft:
         check_targets(target, n_cols, ignore_index)
     aux = x.new_empty((2, n * l_len) if extras.aux else (0,), dtype=acc)
+    options = dict(weight=weight, ignore_index=ignore_index, label_smoothing=label_smoothing)
     if extras.any:
-        impl = extras_implementation(backend, x, weight)
-        loss, lse = impl.ce_fwd(extras_rows(x), target.reshape(-1).contiguous(), weight,
-                                ignore_index, label_smoothing, extras=extras,
-                                aux_out=aux if extras.aux else None)
-        s = lse.new_empty(0)
-    elif use_rows(x, target, weight):
+        options.update(extras=extras, aux_out=aux if extras.aux else None)
+    if use_rows(x, target, weight):
         impl = _args.implementation(backend, x)
-        loss, lse = impl.ce_fwd(rows_view(x), target.reshape(-1).contiguous(), weight=weight,
-                                ignore_index=ignore_index, label_smoothing=label_smoothing)
+        loss, lse = impl.ce_fwd(rows_view(x), target.reshape(-1).contiguous(), **options)
         s = lse.new_empty(0)
     else:
-        impl = _args.implementation(backend, x)
-        loss, lse, s = impl.ce_strided_fwd(x, target, weight=weight, ignore_index=ignore_index,
-                                           label_smoothing=label_smoothing)
+        impl = (extras_implementation(backend, x, target, weight) if extras.any
+                else _args.implementation(backend, x))
+        loss, lse, s = impl.ce_strided_fwd(x, target, **options)
     denom = denominator(target, weight, ignore_index, n_cols, reduction, dtype=acc)
     loss = reduce(loss.view(n, l_len), denom, reduction)
-    if extras.z_loss:
+    if extras.z_loss and add_z_loss_:
         loss = add_z_loss(loss, lse, target, ignore_index, reduction, extras, (n, l_len))
     return loss, lse, s, denom, aux
 
@@ -257,32 +255,25 @@ def backward(grad, x, target, weight, lse, s, denom, ignore_index, label_smoothi
         dloss = dloss.reshape(1, 1).expand(n, l_len)
     dx = (torch.empty_like(x) if out is None else out) if need_dx else x.new_empty(0)
     dy = target.new_empty(0)
-    if extras.any:
-        if need_dx:
-            impl = extras_implementation(backend, x, weight)
-            zg = (z_grad(grad, lse, target, ignore_index, reduction, extras, z_denom)
-                  if extras.z_loss else None)
-            dx_rows = rows_view(dx)
-            out = impl.ce_bwd(extras_rows(x), target.reshape(-1).contiguous(), lse,
-                              dloss.reshape(-1), weight, ignore_index, label_smoothing,
-                              dx=dx_rows, extras=extras, z_grad=zg)
-            if dx_rows is None:
-                dx.copy_(from_rows(out, x))
+    need_dtarget = need_dtarget and target.is_floating_point()
+    if not (need_dx or need_dtarget):
         return dx, dy
+    options = dict(weight=weight, ignore_index=ignore_index, label_smoothing=label_smoothing)
+    if extras.any:
+        zg = (z_grad(grad, lse, target, ignore_index, reduction, extras, z_denom)
+              if extras.z_loss else None)
+        options.update(extras=extras, z_grad=zg)
     dx_rows = rows_view(dx) if need_dx and use_rows(x, target, weight) else None
     if dx_rows is not None:
         impl = _args.implementation(backend, x)
         impl.ce_bwd(rows_view(x), target.reshape(-1).contiguous(), lse, dloss.reshape(-1),
-                    weight=weight, ignore_index=ignore_index, label_smoothing=label_smoothing,
-                    dx=dx_rows)
+                    dx=dx_rows, **options)
         return dx, dy
-    if need_dx or need_dtarget:
-        impl = _args.implementation(backend, x)
-        dx_out, dy_out = impl.ce_strided_bwd(
-            x, target, lse, s, dloss, weight=weight, ignore_index=ignore_index,
-            label_smoothing=label_smoothing, dx=dx if need_dx else None, need_dx=need_dx,
-            need_dtarget=need_dtarget and target.is_floating_point())
-        if dy_out is not None:
-            dy = dy_out
+    impl = (extras_implementation(backend, x, target, weight) if extras.any
+            else _args.implementation(backend, x))
+    dx_out, dy_out = impl.ce_strided_bwd(
+        x, target, lse, s, dloss, dx=dx if need_dx else None, need_dx=need_dx,
+        need_dtarget=need_dtarget, **options)
+    if dy_out is not None:
+        dy = dy_out
     return dx, dy
-

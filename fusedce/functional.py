@@ -94,8 +94,8 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         on the host, a synchronisation the GPU path avoids (also with ``backend="torch"``);
         there such a row's loss and gradient are NaN instead.
 
-    The losses of current LLMs (class-index targets; ``x`` a token's logits, ``t`` its
-    target), computed in the same pass over the logits:
+    The losses of current LLMs (``x`` a token's logits, ``t`` its target), computed in the
+    same pass over the logits, for class indices and class probabilities alike:
 
     logit_scale: ``z = logit_scale * x`` (muP, Gemma).
     softcap: when a float ``s > 0``, ``z = s * tanh(z / s)`` after ``logit_scale``
@@ -106,7 +106,8 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         token (0 where ignored), 'mean' divides their sum by the number of tokens not
         ignored (class weights do not enter it).
     return_aux: return a ``CrossEntropyAux`` ``(loss, z_loss, lse, accuracy, entropy)``
-        instead of the loss alone.
+        instead of the loss alone. With class probabilities no token is ignored, and a
+        token is accurate where the first argmax of ``z`` is the first of its target's.
 
     With ``backend="auto"``, CPU calls too small for fusedce's path to be faster (under 8M
     to 32M logits by mode and dtype, see ``fusedce/_route.py``) are served by PyTorch's own
@@ -152,10 +153,6 @@ def _cross_entropy(input, target, weight, size_average, ignore_index, reduce, re
     label_smoothing = _args.label_smoothing(label_smoothing)
     _args.same_device(input, target=target, weight=weight)
     x, t, loss_shape, soft = _args.ce_inputs(input, target, ignore_index)
-    if soft and extras.any:
-        raise NotImplementedError("fusedce.cross_entropy: logit_scale, softcap, "
-                                  "lse_square_scale and return_aux take class-index "
-                                  "targets, not class probabilities")
     out_dtype = _args.ce_result_dtype(input, target, weight, soft)
     weight = _args.class_weight(weight, x.shape[1])
     impl = _args.implementation(backend, input)

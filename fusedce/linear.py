@@ -61,7 +61,7 @@ class _ChunkLoss:
         self.rows = not self.soft and self.positions == 1 and self.acc == torch.float32
         if self.rows:
             self.t = t.reshape(-1).contiguous()  # the kernels read target[row] at unit stride
-            self.impl = (_loss.extras_implementation(backend, x, weight) if extras.any
+            self.impl = (_loss.extras_implementation(backend, x, t, weight) if extras.any
                          else _args.implementation(backend, x))
 
     def target_grad_buffer(self):
@@ -91,9 +91,10 @@ class _ChunkLoss:
                                          z_scale=None if grad is None else grad.z_scale)
             return loss, lse, None
         x3 = self.view(logits)
+        # the z-loss is added once, over all rows (``_reduced``)
         loss, lse, sums, _, aux_c = _loss.forward(x3, t_c, self.weight, ignore_index,
                                                   smoothing, "none", self.backend, False,
-                                                  self.extras)
+                                                  self.extras, add_z_loss_=False)
         if aux is not None:
             aux.copy_(aux_c)
         if grad is not None:
@@ -381,7 +382,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     chunk_size: tokens per chunk; by default :func:`chunk_rows` picks it from the shapes.
     logit_scale, softcap, lse_square_scale, return_aux: the loss extras, with the meaning
         they have in :func:`fusedce.cross_entropy`, applied to each chunk's logits in the
-        same pass (the aux outputs: ``fusedce.CrossEntropyAux``); class-index targets only.
+        same pass (the aux outputs: ``fusedce.CrossEntropyAux``).
 
     A ``Shard(0)`` DTensor ``linear_weight`` (a vocabulary-sharded head) runs the
     vocab-parallel loss (``fusedce/_dtensor.py``).
@@ -412,10 +413,6 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     n_classes = linear_weight.shape[0]
     # shape, dtype, and no gradient (PyTorch raises for one); contiguous
     weight = _args.class_weight(weight, n_classes, fn="fusedce.linear_cross_entropy")
-    if soft and extras.any:
-        raise NotImplementedError("fusedce.linear_cross_entropy: logit_scale, softcap, "
-                                  "lse_square_scale and return_aux take class-index "
-                                  "targets, not class probabilities")
     # (N, H) rows against (C * L, H) outputs: a K-dimensional weight is C * L outputs, the
     # logits' (N, C, L) view is what cross_entropy would see
     x = input.reshape(-1, input.shape[-1])

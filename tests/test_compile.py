@@ -189,6 +189,8 @@ def _op_samples():
                      id="rows-extras"),
         pytest.param((x3, t3, w, 2, 0.0, "none", "torch", True, *extras),
                      id="strided-extras-none"),
+        pytest.param((x3, y3, w, -100, 0.1, "mean", "torch", False, *extras),
+                     id="probabilities-extras-mean"),
     ]
 
 

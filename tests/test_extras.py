@@ -34,22 +34,26 @@ VARIANTS = {"plain": (False, 0.0, False), "weighted": (True, 0.1, True)}
 
 def reference(x, t, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
               logit_scale=1.0, softcap=None, lse_square_scale=0.0):
-    """``(loss, z_loss, lse, accuracy, entropy)`` in float64, from the definitions."""
+    """``(loss, z_loss, lse, accuracy, entropy)`` in float64, from the definitions, for
+    class indices ``t`` (N,) or class probabilities (N, C): these ignore no row, and a row
+    is accurate where the first argmax of ``z`` is the first argmax of its probabilities."""
     z = x.double() * logit_scale
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
     w = None if weight is None else weight.double()
-    ce = F.cross_entropy(z, t, w, ignore_index=ignore_index, reduction=reduction,
-                         label_smoothing=label_smoothing)
+    soft = t.is_floating_point()
+    ce = F.cross_entropy(z, t.double() if soft else t, w, ignore_index=ignore_index,
+                         reduction=reduction, label_smoothing=label_smoothing)
     lse = torch.logsumexp(z, 1)
-    kept = t != ignore_index
+    kept = torch.ones(lse.shape, dtype=torch.bool) if soft else t != ignore_index
     per_token = torch.where(kept, lse_square_scale * lse ** 2, 0.0)
     z_loss = {"none": per_token, "sum": per_token.sum(),
               "mean": per_token.sum() / kept.sum().double()}[reduction]
     logp = torch.log_softmax(z, 1)
     p = logp.exp()
     entropy = -torch.where(p > 0, p * logp, 0.0).sum(1)
-    accuracy = ((z.argmax(1) == t) & kept).double().sum() / kept.sum().double()
+    wanted = t.argmax(1) if soft else t
+    accuracy = ((z.argmax(1) == wanted) & kept).double().sum() / kept.sum().double()
     return ce + z_loss, z_loss, lse, accuracy, entropy
 
 
@@ -64,13 +68,21 @@ def _inputs(n, c, dtype, seed, spread=6.0, variant="plain"):
     return x, t, w, eps
 
 
+def _rows(a):
+    """(N, C, d...) logits or probabilities as (N * d..., C) rows; (N, C) unchanged."""
+    return a.movedim(1, -1).reshape(-1, a.shape[1]) if a.dim() > 2 else a
+
+
 def _check(x, t, w, eps, reduction, backend, options, inplace=False, seed=0):
-    """Runs fusedce and the reference; compares the loss, the aux outputs and the gradient
-    of the loss (random upstream gradient) with tolerances for the input dtype."""
+    """Runs fusedce and the reference on ``x`` (N, C) or (N, C, d...) against class indices
+    or class probabilities ``t``; compares the loss, the aux outputs and the gradients of
+    the loss (random upstream gradient) with tolerances for the input dtype."""
     fp32 = x.dtype == torch.float32
+    soft = t.is_floating_point()
     xf = x.clone().requires_grad_()
+    tf = t.clone().requires_grad_() if soft else t
     # in place writes the gradient over its input: give it a copy made in the graph
-    out = fusedce.cross_entropy(xf * 1 if inplace else xf, t, w, reduction=reduction,
+    out = fusedce.cross_entropy(xf * 1 if inplace else xf, tf, w, reduction=reduction,
                                 label_smoothing=eps, backend=backend, inplace_backward=inplace,
                                 **options)
     aux = options.get("return_aux", False)
@@ -81,25 +93,32 @@ def _check(x, t, w, eps, reduction, backend, options, inplace=False, seed=0):
     (loss.double() * upstream).sum().backward()
 
     xr = x.double().requires_grad_()
+    tr = t.double().requires_grad_() if soft else t
     kw = {k: v for k, v in options.items() if k != "return_aux"}
-    ref = reference(xr, t, w, reduction=reduction, label_smoothing=eps, **kw)
-    (ref[0] * upstream).sum().backward()
+    ref = reference(_rows(xr), _rows(tr) if soft else t.reshape(-1), w, reduction=reduction,
+                    label_smoothing=eps, **kw)
+    (ref[0] * upstream.reshape(-1)).sum().backward()
 
     rtol = 2e-5 if fp32 else 1e-2
-    torch.testing.assert_close(loss.double(), ref[0].detach(), rtol=rtol, atol=rtol)
-    scale = xr.grad.abs().max().item()
-    torch.testing.assert_close(xf.grad.double(), xr.grad, rtol=0, atol=rtol * scale)
+    torch.testing.assert_close(loss.double().reshape(-1), ref[0].detach().reshape(-1),
+                               rtol=rtol, atol=rtol)
+    for got, want in ((xf, xr), (tf, tr)) if soft else ((xf, xr),):
+        scale = want.grad.abs().max().item()
+        torch.testing.assert_close(got.grad.double(), want.grad, rtol=0, atol=rtol * scale)
     if aux:
         assert set(out._fields) == {"loss", "z_loss", "lse", "accuracy", "entropy"}
         for name in ("z_loss", "lse", "accuracy", "entropy"):
             assert not getattr(out, name).requires_grad, name
-        torch.testing.assert_close(out.z_loss.double(), ref[1], rtol=rtol, atol=1e-6)
+        torch.testing.assert_close(out.z_loss.double().reshape(-1), ref[1].reshape(-1),
+                                   rtol=rtol, atol=1e-6)
         # lse and entropy are fp32 whatever the input dtype: of the same rounded logits
-        torch.testing.assert_close(out.lse.double(), ref[2].detach(), rtol=2e-6, atol=2e-5)
-        torch.testing.assert_close(out.entropy.double(), ref[4].detach(), rtol=2e-5,
-                                   atol=2e-5)
+        torch.testing.assert_close(out.lse.double().reshape(-1),
+                                   ref[2].detach(), rtol=2e-6, atol=2e-5)
+        torch.testing.assert_close(out.entropy.double().reshape(-1),
+                                   ref[4].detach(), rtol=2e-5, atol=2e-5)
         torch.testing.assert_close(out.accuracy.double(), ref[3], rtol=0, atol=1e-7)
-        assert out.lse.shape == out.entropy.shape == (x.shape[0],)
+        unreduced = (x.shape[0],) + tuple(x.shape[2:])
+        assert out.lse.shape == out.entropy.shape == unreduced
         assert out.accuracy.shape == ()
 
 
@@ -144,9 +163,9 @@ def test_softcap_padded_lanes(backend, n_cols):
 @pytest.mark.parametrize("options", ["all", "zloss"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_layouts_and_float64(backend, options):
-    """(N, C, d) logits (classes not contiguous: served through a copy into rows) and
-    float64 (computed in float64, on the PyTorch implementation), with every extra, and
-    with the z-loss alone (which the CPU's row path serves in float32, but not float64)."""
+    """(N, C, d) logits (classes not contiguous: the strided launchers) and float64
+    (computed in float64, on the PyTorch implementation), with every extra, and with the
+    z-loss alone."""
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(3, 50, 4, generator=gen) * 5
     t = torch.randint(0, 50, (3, 4), generator=gen)
@@ -169,6 +188,61 @@ def test_layouts_and_float64(backend, options):
         torch.testing.assert_close(xf.grad.double(), xr.grad, rtol=tol, atol=tol)
         torch.testing.assert_close(out.entropy.double().reshape(-1), ref[4].detach(),
                                    rtol=tol * 10, atol=tol * 10)
+
+
+LAYOUTS = {
+    # (N, C, d): classes d apart
+    "nc_d": lambda x: x,
+    # a 2-d view whose classes are strided: x[:, :, k] of an (N, C, K) tensor
+    "strided_classes": lambda x: x[:, :, 1],
+    # classes last, then moved to dim 1 (a view: classes contiguous, rows not one apart)
+    "classes_last": lambda x: x.movedim(1, -1).contiguous().movedim(-1, 1)[:, :, :2],
+}
+
+
+@pytest.mark.parametrize("backend,layout,options", combine(
+    BACKENDS, list(LAYOUTS), ["all", "zloss", "softcap"]))
+def test_strided_layouts_read_in_place(monkeypatch, backend, layout, options):
+    """Logits whose classes are not one row of a (rows, C) view take the strided launchers
+    with the extras on the caller's own memory (no copy: the launchers get the input's
+    storage), forward and backward, and match the reference."""
+    from fusedce import _args
+
+    impl = _args.implementation(backend, torch.empty(0))
+    seen = []
+    for name in ("ce_strided_fwd", "ce_strided_bwd"):
+        real = getattr(impl, name)
+
+        def spy(x, *args, _real=real, _name=name, **kwargs):
+            seen.append((_name, x.untyped_storage().data_ptr()))
+            return _real(x, *args, **kwargs)
+
+        monkeypatch.setattr(impl, name, spy)
+    gen = torch.Generator().manual_seed(8)
+    base = torch.randn(4, 70, 3, generator=gen) * 5
+    x = LAYOUTS[layout](base)
+    t = torch.randint(0, 70, (4,) + tuple(x.shape[2:]), generator=gen)
+    t.view(-1)[1] = -100
+    w = torch.rand(70, generator=gen) + 0.5
+    xf = x.detach().requires_grad_()
+    ptr = xf.untyped_storage().data_ptr()
+    opts = dict(OPTIONS[options], return_aux=True)
+    out = fusedce.cross_entropy(xf, t, w, label_smoothing=0.1, reduction="none",
+                                backend=backend, **opts)
+    upstream = torch.randn(out.loss.shape, generator=gen, dtype=torch.float64)
+    (out.loss.double() * upstream).sum().backward()
+    assert [name for name, _ in seen] == ["ce_strided_fwd", "ce_strided_bwd"]
+    assert all(p == ptr for _, p in seen)
+    xr = x.double().requires_grad_()
+    kw = {k: v for k, v in OPTIONS[options].items() if k != "return_aux"}
+    ref = reference(_rows(xr), t.reshape(-1), w, reduction="none", label_smoothing=0.1, **kw)
+    (ref[0] * upstream.reshape(-1)).sum().backward()
+    torch.testing.assert_close(out.loss.double().reshape(-1), ref[0].detach(), rtol=2e-5,
+                               atol=2e-5)
+    torch.testing.assert_close(xf.grad.double(), xr.grad, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(out.entropy.double().reshape(-1), ref[4].detach(), rtol=2e-5,
+                               atol=2e-5)
+    torch.testing.assert_close(out.accuracy.double(), ref[3], rtol=0, atol=1e-7)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -218,13 +292,33 @@ def test_bad_extras_raise(kwargs, error):
         fusedce.cross_entropy(x, t, **kwargs)
 
 
-def test_probability_targets_refuse_the_extras():
-    x = torch.randn(4, 20)
-    y = torch.softmax(torch.randn(4, 20), 1)
-    with pytest.raises(NotImplementedError, match="class-index targets"):
-        fusedce.cross_entropy(x, y, softcap=30.0)
-    # without extras they are served as before
-    torch.testing.assert_close(fusedce.cross_entropy(x, y), F.cross_entropy(x, y))
+def _probabilities(shape, dtype, seed, sharp=3.0):
+    """Logits (spread 6) and class probabilities of ``shape`` (N, C, d...): softmax of
+    the logits plus noise, so that some rows' argmaxes agree and others not; row 0 one-hot
+    at the logits' argmax (accurate whatever the noise)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=gen) * 6.0).to(dtype)
+    y = torch.softmax((x.float() + torch.randn(shape, generator=gen) * 2.0) * sharp, 1)
+    y[0] = torch.nn.functional.one_hot(x[0].float().argmax(0), shape[1]).movedim(-1, 0)
+    return x, y.to(dtype)
+
+
+PROBABILITY_SHAPES = {"rows": (6, 1000), "nc_d": (3, 300, 2)}
+
+
+@pytest.mark.parametrize("backend,dtype,options,reduction,shape", combine(
+    BACKENDS, [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")],
+    list(OPTIONS), ["mean", "sum", "none"], list(PROBABILITY_SHAPES)))
+def test_probability_targets(backend, dtype, options, reduction, shape):
+    """Class-probability targets with each extra and all together, with class weights and
+    smoothing, on (N, C) rows and (N, C, d) logits (classes strided): the loss, the aux
+    outputs, and the gradients of the logits and of the probabilities."""
+    x, y = _probabilities(PROBABILITY_SHAPES[shape], dtype, seed=len(options) + len(reduction))
+    w = (torch.rand(x.shape[1], generator=torch.Generator().manual_seed(1)) + 0.5).to(dtype)
+    _check(x, y, w, 0.1, reduction, backend, OPTIONS[options])
+    if options == "all":  # accuracy is of z: argmaxes of the logits, as the scale and cap
+        rows = _rows(x.double())  # keep the order; neither all nor none agree
+        assert 0 < (rows.argmax(1) == _rows(y.double()).argmax(1)).double().mean() < 1
 
 
 def test_defaults_change_nothing():
@@ -279,6 +373,69 @@ def test_linear_cross_entropy(backend, dtype, options, reduction):
         torch.testing.assert_close(out.lse.double(), ref[2].detach(), rtol=tol, atol=tol)
         torch.testing.assert_close(out.entropy.double(), ref[4].detach(), rtol=tol, atol=tol)
         if dtype == torch.float32:  # bf16 logits round differently from the reference's
+            torch.testing.assert_close(out.accuracy.double(), ref[3], rtol=0, atol=1e-7)
+
+
+LINEAR_CASES = {
+    # (target kind, dtype, weight's extra dims): probabilities; a K-dimensional weight
+    # (classes of 3 positions each); float64 (computed in float64 on fusedce.cpu)
+    "probabilities": ("soft", torch.float32, ()),
+    "probabilities-bf16": ("soft", torch.bfloat16, ()),
+    "k_dim": ("index", torch.float32, (3,)),
+    "fp64": ("index", torch.float64, ()),
+    "fp64-probabilities": ("soft", torch.float64, ()),
+}
+
+
+@pytest.mark.parametrize("backend,case,options,reduction", combine(
+    BACKENDS, list(LINEAR_CASES), ["zloss", "all"], ["mean", "none"]))
+def test_linear_cross_entropy_other_chunks(backend, case, options, reduction):
+    """The extras on the chunks that are not float32 rows of class indices (probability
+    targets, K-dimensional weights, float64): loss, aux outputs and the gradients of the
+    input, the weight, the bias and the probabilities, in chunks of 4 rows over 10. The
+    z-loss is counted once (float64 added it twice: 12.89 for 9.03)."""
+    kind, dtype, extra_dims = LINEAR_CASES[case]
+    gen = torch.Generator().manual_seed(13)
+    n, h, c = 10, 16, 40
+    x = torch.randn(n, h, generator=gen).to(dtype)
+    lw = (torch.randn((c,) + extra_dims + (h,), generator=gen) * 0.8).to(dtype)
+    lb = torch.randn((c,) + extra_dims, generator=gen).to(dtype)
+    if kind == "soft":
+        t = torch.softmax(torch.randn((n, c) + extra_dims, generator=gen) * 3, 1).to(dtype)
+    else:
+        t = torch.randint(0, c, (n,) + extra_dims, generator=gen)
+        t.view(-1)[::4] = -100
+    leaves = [v.clone().requires_grad_() for v in (x, lw, lb)]
+    tf = t.clone().requires_grad_() if kind == "soft" else t
+    out = fusedce.linear_cross_entropy(leaves[0], leaves[1], tf, linear_bias=leaves[2],
+                                       reduction=reduction, label_smoothing=0.1,
+                                       backend=backend, chunk_size=4, **OPTIONS[options])
+    aux = OPTIONS[options].get("return_aux", False)
+    loss = out.loss if aux else out
+    upstream = torch.randn(loss.shape, generator=gen, dtype=torch.float64)
+    (loss.double() * upstream).sum().backward()
+    refs = [v.double().requires_grad_() for v in (x, lw, lb)]
+    tr = t.double().requires_grad_() if kind == "soft" else t
+    logits = torch.einsum("nh,c...h->nc...", refs[0], refs[1]) + refs[2]
+    ref = reference(_rows(logits), _rows(tr) if kind == "soft" else t.reshape(-1),
+                    reduction=reduction, label_smoothing=0.1,
+                    **{k: v for k, v in OPTIONS[options].items() if k != "return_aux"})
+    (ref[0] * upstream.reshape(-1)).sum().backward()
+    tol = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(loss.double().reshape(-1), ref[0].detach().reshape(-1),
+                               rtol=tol, atol=tol)
+    pairs = list(zip(leaves, refs)) + ([(tf, tr)] if kind == "soft" else [])
+    for got, want in pairs:
+        scale = want.grad.abs().max().item()
+        torch.testing.assert_close(got.grad.double(), want.grad, rtol=0, atol=tol * scale)
+    if aux:
+        torch.testing.assert_close(out.z_loss.double().reshape(-1), ref[1].reshape(-1),
+                                   rtol=tol, atol=tol)
+        torch.testing.assert_close(out.lse.double().reshape(-1), ref[2].detach(), rtol=tol,
+                                   atol=tol)
+        torch.testing.assert_close(out.entropy.double().reshape(-1), ref[4].detach(),
+                                   rtol=tol, atol=tol)
+        if dtype != torch.bfloat16:  # bf16 logits round differently from the reference's
             torch.testing.assert_close(out.accuracy.double(), ref[3], rtol=0, atol=1e-7)
 
 

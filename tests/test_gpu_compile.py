@@ -97,6 +97,7 @@ def _launch_cases(dtype_name):
 
     extras = Extras(logit_scale=2.0, softcap=30.0, lse_square_scale=1e-4, aux=True)
     aux = torch.zeros(2, n)
+    aux3 = torch.zeros(2, 6)
     part6 = torch.zeros(6 * n)
 
     def split(fn):  # few long rows: the split-row kernels, 4 programs per row
@@ -131,6 +132,15 @@ def _launch_cases(dtype_name):
         ("ce_strided_bwd", lambda: st.ce_strided_bwd(x3, t3, lse3, lse3, dloss3)),
         ("ce_strided_bwd-soft", lambda: st.ce_strided_bwd(
             x3, p3, lse3, lse3, dloss3, label_smoothing=0.1, need_dtarget=True)),
+        ("ce_strided_fwd-extras", lambda: st.ce_strided_fwd(
+            x3, t3, label_smoothing=0.1, extras=extras, aux_out=aux3)),
+        ("ce_strided_fwd-soft-extras", lambda: st.ce_strided_fwd(
+            x3, p3, label_smoothing=0.1, extras=extras, aux_out=aux3)),
+        ("ce_strided_bwd-extras", lambda: st.ce_strided_bwd(
+            x3, t3, lse3, lse3, dloss3, label_smoothing=0.1, extras=extras, z_grad=lse3)),
+        ("ce_strided_bwd-soft-extras", lambda: st.ce_strided_bwd(
+            x3, p3, lse3, lse3, dloss3, label_smoothing=0.1, need_dtarget=True,
+            extras=extras, z_grad=lse3)),
         ("vp_partials", lambda: vp.vp_partials(x, t, None, 0.0, part)),
         ("vp_partials-weight-smoothing", lambda: vp.vp_partials(x, t, w, 0.1, part)),
         ("vp_grad", lambda: vp.vp_grad(x, t, lse, g, g, consts, 0.0, None, dx)),
@@ -456,14 +466,19 @@ import fusedce.kernels.strided as K
 POINTERS = {"x_ptr": "*bf16", "weight_ptr": "*fp32", "dx_ptr": "*bf16", "dy_ptr": "*fp32"}
 for kernel in (K._ce_strided_fwd_kernel, K._ce_strided_bwd_kernel):
     names = list(inspect.signature(kernel.fn).parameters)
-    for soft, fp64 in ((True, False), (False, True)):
+    # (probabilities, fp64, the loss extras: transform with softcap, aux, z-loss)
+    for soft, fp64, extras in ((True, False, False), (False, True, False),
+                               (True, False, True), (False, False, True)):
         acc = "*fp64" if fp64 else "*fp32"
         flags = {"SOFT": soft, "HAS_WEIGHT": True, "HAS_SMOOTHING": True, "NEED_DX": True,
-                 "NEED_DY": soft, "IS_FP64": fp64, "BLOCK_R": 16, "BLOCK_C": 256}
+                 "NEED_DY": soft, "IS_FP64": fp64, "BLOCK_R": 16, "BLOCK_C": 256,
+                 "TRANSFORM": extras, "HAS_CAP": extras, "AUX": extras, "HAS_Z": extras}
         signature = {}
         for name in names:
             if name in flags:
                 signature[name] = "constexpr"
+            elif name in ("scale", "softcap"):
+                signature[name] = "fp32"
             elif name == "target_ptr":
                 signature[name] = "*fp32" if soft else "*i64"
             elif name.endswith("_ptr"):

@@ -127,6 +127,30 @@ def test_func_transforms_match_pytorch(case, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_func_transforms_with_probabilities_and_extras(backend):
+    """grad, jvp and hessian with class-probability targets and every loss extra, against
+    the same loss in PyTorch's ops (the z-loss of every row: none is ignored)."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 7, dtype=torch.float64, generator=g) * 2
+    y = torch.softmax(torch.randn(3, 7, dtype=torch.float64, generator=g), 1)
+    v = torch.randn(x.shape, dtype=torch.float64, generator=g)
+
+    def ours(a):
+        return fusedce.cross_entropy(a, y, backend=backend, label_smoothing=0.1,
+                                     logit_scale=0.5, softcap=2.0, lse_square_scale=1e-2)
+
+    def theirs(a):
+        z = torch.tanh(a * 0.5 / 2.0) * 2.0
+        return (F.cross_entropy(z, y, label_smoothing=0.1)
+                + 1e-2 * torch.logsumexp(z, 1).square().mean())
+
+    close = torch.testing.assert_close
+    close(torch.func.grad(ours)(x), torch.func.grad(theirs)(x))
+    close(torch.func.jvp(ours, (x,), (v,)), torch.func.jvp(theirs, (x,), (v,)))
+    close(torch.func.hessian(ours)(x), torch.func.hessian(theirs)(x))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_linear_func_transforms_match_pytorch(backend):
     g = torch.Generator().manual_seed(4)
     x = torch.randn(6, 5, dtype=torch.float64, generator=g)

@@ -40,13 +40,14 @@ class _Scratch:
         return buf[:rows]
 
 
-def _transformed(x, extras, acc, scratch):
+def transformed(x, extras, acc, scratch):
     """``(z, dz/dx)`` of a chunk ``x`` in ``acc`` (``dz`` a float when constant; ``z`` is
     ``x`` itself when untransformed and already in ``acc``: read, never written).
+    ``scratch.get(name, rows)`` gives the buffers, shaped like ``x``.
 
     The softcap's derivative ``1 - tanh(u)**2`` is PyTorch's own ``tanh_backward``'s."""
     rows = x.shape[0]
-    if not extras.transform:
+    if extras is None or not extras.transform:
         return (x if x.dtype == acc else scratch.get("z", rows).copy_(x)), 1.0
     z = scratch.get("z", rows)
 
@@ -137,7 +138,7 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_
         scratch = _new_scratch(end - start, n_cols, acc, dev)
         for s, e in chunks.chunk_ranges(end, n_cols, start):
             rows, r = slice(s, e), e - s
-            z, dz = _transformed(x[rows], extras, acc, scratch)
+            z, dz = transformed(x[rows], extras, acc, scratch)
             if aux_out is not None:
                 m, arg = z.max(1)  # the first index of the max, as argmax
             else:
@@ -202,7 +203,7 @@ def ce_bwd(x, target, lse, dloss, weight=None, ignore_index=-100, label_smoothin
         scratch = _new_scratch(end - start, n_cols, acc, x.device)
         for s, e in chunks.chunk_ranges(end, n_cols, start):
             rows = slice(s, e)
-            z, dz = _transformed(x[rows], extras, acc, scratch)
+            z, dz = transformed(x[rows], extras, acc, scratch)
             p = torch.sub(z, lse[rows, None], out=scratch.get("p", e - s)).exp_()
             _chunk_grad(dz, p, t_safe[rows], *[c if c is None else c[rows] for c in coef], w,
                         dx[rows])
@@ -238,7 +239,7 @@ def vp_partials(x, t_local, w_shard, smoothing, part, extras):
     def work(start, end):
         scratch = _new_scratch(end - start, n_cols, torch.float32, x.device)
         for s, e in chunks.chunk_ranges(end, n_cols, start):
-            z, _ = _transformed(x[s:e], extras, torch.float32, scratch)
+            z, _ = transformed(x[s:e], extras, torch.float32, scratch)
             m = z.amax(1, keepdim=True)
             ref = torch.where(m == float("-inf"), 0.0, m)
             shifted = z - ref
@@ -279,7 +280,7 @@ def vp_grad(x, t_local, lse, g, w_t, consts, eps, w_shard, dx, extras, z_grad):
     def work(start, end):
         scratch = _new_scratch(end - start, n_cols, torch.float32, x.device)
         for s, e in chunks.chunk_ranges(end, n_cols, start):
-            z, dz = _transformed(x[s:e], extras, torch.float32, scratch)
+            z, dz = transformed(x[s:e], extras, torch.float32, scratch)
             p = torch.sub(z, lse[s:e, None], out=scratch.get("p", e - s)).exp_()
             _chunk_grad(dz, p, t_safe[s:e], gA[s:e], gB[s:e],
                         None if gk is None else gk[s:e], w, dx[s:e])

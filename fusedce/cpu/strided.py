@@ -13,6 +13,8 @@ Shapes: ``x`` (N, C, L); a class-index ``target`` (N, L) integer; a class-probab
 
 import torch
 
+from . import extras as _extras
+
 # Elements per chunk: 2**18 values (1 MiB in fp32) stay in L2 while a chunk is worked on.
 CHUNK_ELEMENTS = 1 << 18
 
@@ -22,16 +24,39 @@ def acc_dtype(*dtypes):
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-def _shifted(xc):
-    """``(d, log_sum)`` of a (n, C, l) chunk: ``d = x - m`` (m the row max over classes)
-    and ``log(sum_c exp(d_c))``, so that ``lse = m + log_sum`` and ``lse - x_c = log_sum -
-    d_c``: sums against the logits taken from ``d`` lose nothing to cancellation where the
-    logits lie far from 0. A row holding +inf (m = inf) or only -inf gives NaN, as
-    PyTorch's ``log_softmax`` (x - max) does; ``torch.logsumexp`` would give +inf for the
-    first, hence a loss of +inf and part of the gradient finite."""
+def _shifted(xc, entropy=False):
+    """``(d, m, log_sum, h)`` of a (n, C, l) chunk: ``d = x - m`` (m the row max over
+    classes), ``log(sum_c exp(d_c))`` and, where asked, the entropy ``h`` of the rows'
+    softmax (else None), so that ``lse = m + log_sum`` and ``lse - x_c = log_sum - d_c``:
+    sums against the logits taken from ``d`` lose nothing to cancellation where the logits
+    lie far from 0. A row holding +inf (m = inf) or only -inf gives NaN, as PyTorch's
+    ``log_softmax`` (x - max) does; ``torch.logsumexp`` would give +inf for the first, hence
+    a loss of +inf and part of the gradient finite."""
     m = xc.amax(1, keepdim=True)
     d = xc - m
-    return d, m.squeeze(1), torch.exp(d).sum(1).log_()
+    e = torch.exp(d)
+    total = e.sum(1)
+    log_sum = total.log()
+    h = None
+    if entropy:  # log d - sum p (x - m); a -inf logit adds 0 (the limit of p log p)
+        h = log_sum - torch.where(e > 0, e * d, 0.0).sum(1) / total
+    return d, m.squeeze(1), log_sum, h
+
+
+class _Fresh:
+    """Scratch for ``extras.transformed`` that allocates a chunk-shaped tensor per use."""
+
+    def __init__(self, shape, acc, device):
+        self.shape, self.acc, self.device = shape, acc, device
+
+    def get(self, name, rows):
+        return torch.empty(self.shape, dtype=self.acc, device=self.device)
+
+
+def _logits(x, acc, extras):
+    """``(z, dz/dx)`` of a (n, C, l) chunk of logits in ``acc``: ``extras``' transform
+    (``dz`` 1.0 without one); ``z`` may be ``x`` itself (never written)."""
+    return _extras.transformed(x, extras, acc, _Fresh(x.shape, acc, x.device))
 
 
 def _chunks(n, c, l_len):
@@ -72,12 +97,16 @@ def _soft_weights(yc, weight, eps, n_cols, acc):
     return y  # may be the target itself: never written
 
 
-def ce_strided_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0):
+def ce_strided_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0,
+                   extras=None, aux_out=None):
     """Per-row ``(loss, lse, s)``, each (N * L,) in the accumulation dtype.
 
     ``s`` is ``sum_c w_c y'_c`` for probability targets (the backward needs it) and an
     empty tensor for class indices. A class index outside ``[0, C)`` that is not
     ``ignore_index`` gives a NaN loss (the caller decides whether to raise first).
+    With ``extras`` the loss and lse are of the transformed logits ``z``; ``aux_out`` (2,
+    N * L) receives each row's entropy of ``softmax(z)`` and whether the first argmax of
+    ``z`` is its target (for probabilities: the first argmax of the target).
     """
     n, n_cols, l_len = x.shape
     soft = target.is_floating_point()
@@ -87,46 +116,59 @@ def ce_strided_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.
     loss = torch.empty(n, l_len, dtype=acc, device=x.device)
     lse = torch.empty(n, l_len, dtype=acc, device=x.device)
     s = torch.empty(n, l_len, dtype=acc, device=x.device) if soft else lse.new_empty(0)
-    if soft:
-        for n0, n1, l0, l1 in _chunks(n, n_cols, l_len):
-            d, m, log_sum = _shifted(x[n0:n1, :, l0:l1].to(acc))
+    aux = None if aux_out is None else aux_out.view(2, n, l_len)
+    if not soft:
+        t_safe, ignored, valid, w_t = _hard_rows(target, weight, ignore_index, n_cols, acc)
+        w_sum = ((weight.to(acc).sum() if weight is not None else float(n_cols)) if eps > 0
+                 else 0)
+    for n0, n1, l0, l1 in _chunks(n, n_cols, l_len):
+        block = (slice(n0, n1), slice(l0, l1))
+        z, _ = _logits(x[n0:n1, :, l0:l1], acc, extras)
+        d, m, log_sum, h = _shifted(z, entropy=aux is not None)
+        lse[block] = m + log_sum
+        if aux is not None:
+            aux[0][block] = h
+            wanted = (target[n0:n1, :, l0:l1].argmax(1) if soft
+                      else torch.where(valid[block], t_safe[block], -1))
+            aux[1][block] = (z.argmax(1) == wanted).to(acc)
+        if soft:
             wy = _soft_weights(target[n0:n1, :, l0:l1], weight, eps, n_cols, acc)
             # -(log_softmax * w * y').sum over classes, log_softmax = (x - m) - log_sum
             logp = d.sub_(log_sum[:, None])
-            loss[n0:n1, l0:l1] = -logp.mul_(wy).sum(1)
-            lse[n0:n1, l0:l1] = m + log_sum
-            s[n0:n1, l0:l1] = wy.sum(1)
-        return loss.reshape(-1), lse.reshape(-1), s.reshape(-1)
-    t_safe, ignored, valid, w_t = _hard_rows(target, weight, ignore_index, n_cols, acc)
-    w_sum = (weight.to(acc).sum() if weight is not None else float(n_cols)) if eps > 0 else 0
-    for n0, n1, l0, l1 in _chunks(n, n_cols, l_len):
-        d, m, log_sum = _shifted(x[n0:n1, :, l0:l1].to(acc))
+            loss[block] = -logp.mul_(wy).sum(1)
+            s[block] = wy.sum(1)
+            continue
         d_t = d.gather(1, t_safe[n0:n1, None, l0:l1]).squeeze(1)
         # lse - x_t = log_sum - (x_t - m): PyTorch's log_softmax rounds the same way
-        part = (1.0 - eps) * w_t[n0:n1, l0:l1] * (log_sum - d_t)
+        part = (1.0 - eps) * w_t[block] * (log_sum - d_t)
         if eps > 0:
             # W lse - sum_c w_c x_c = W log_sum - sum_c w_c (x_c - m), each part >= 0
             wd = d.sum(1) if weight is None else (d * weight.to(acc)[None, :, None]).sum(1)
             part = part + eps * ((w_sum * log_sum - wd) / n_cols)
-        loss[n0:n1, l0:l1] = part
-        lse[n0:n1, l0:l1] = m + log_sum
+        loss[block] = part
+    if soft:
+        return loss.reshape(-1), lse.reshape(-1), s.reshape(-1)
     loss = torch.where(ignored, 0.0, torch.where(valid, loss, float("nan")))
     return loss.reshape(-1), lse.reshape(-1), s
 
 
 def ce_strided_bwd(x, target, lse, s, dloss, weight=None, ignore_index=-100,
-                   label_smoothing=0.0, dx=None, need_dx=True, need_dtarget=False):
+                   label_smoothing=0.0, dx=None, need_dx=True, need_dtarget=False, extras=None,
+                   z_grad=None):
     """Gradients of ``sum(loss * dloss)``: ``(dx, dtarget)`` (``None`` where not asked).
 
     ``dloss`` is (N, L), any strides (an expanded scalar has strides 0). ``dx`` may be given
     (it may be ``x`` itself: each chunk is read before it is written). The target gradient
-    exists for probability targets only: ``dy_c = g * (1 - eps) * w_c * (lse - x_c)``.
+    exists for probability targets only: ``dy_c = g * (1 - eps) * w_c * (lse - z_c)``.
+    With ``extras`` the gradient goes through the logit transform (``z`` for ``x``), plus
+    the z-loss's ``z_grad`` (N * L,) times ``p``, where given.
     """
     n, n_cols, l_len = x.shape
     soft = target.is_floating_point()
     eps = float(label_smoothing)
     acc = lse.dtype
     lse = lse.reshape(n, l_len)
+    gz_all = None if z_grad is None else z_grad.to(acc).reshape(n, l_len)
     if need_dx and dx is None:
         dx = torch.empty_like(x)
     dy = torch.empty_like(target) if (soft and need_dtarget) else None
@@ -141,27 +183,34 @@ def ce_strided_bwd(x, target, lse, s, dloss, weight=None, ignore_index=-100,
             A = B + eps * w_sum / n_cols
         g_all = torch.where(ignored, 0.0, torch.where(valid, dloss.to(acc), float("nan")))
     for n0, n1, l0, l1 in _chunks(n, n_cols, l_len):
-        xc = x[n0:n1, :, l0:l1].to(acc)
+        z, dz = _logits(x[n0:n1, :, l0:l1], acc, extras)
         lse_c = lse[n0:n1, l0:l1, None].transpose(1, 2)  # (n, 1, l)
         if soft:
             g = dloss[n0:n1, l0:l1].to(acc)[:, None, :]
-            wy = _soft_weights(target[n0:n1, :, l0:l1], weight, eps, n_cols, acc)
             if dy is not None:
                 wd = g * (1.0 - eps)
                 if weight is not None:
                     wd = wd * weight.to(acc)[None, :, None]
-                dy[n0:n1, :, l0:l1] = wd * (lse_c - xc)
-            if need_dx:
-                grad = torch.sub(xc, lse_c).exp_().mul_(s[n0:n1, None, l0:l1]).sub_(wy)
-                dx[n0:n1, :, l0:l1] = grad.mul_(g)
-            continue
-        g = g_all[n0:n1, l0:l1]
-        grad = torch.exp(xc - lse_c) * A[n0:n1, None, l0:l1]
-        grad.scatter_add_(1, t_safe[n0:n1, None, l0:l1], -B[n0:n1, None, l0:l1])
-        if eps > 0:
-            if weight is None:
-                grad.sub_(eps / n_cols)
-            else:
-                grad.sub_(weight.to(acc)[None, :, None], alpha=eps / n_cols)
-        dx[n0:n1, :, l0:l1] = grad * g[:, None, :]
+                dy[n0:n1, :, l0:l1] = wd * (lse_c - z)
+            if not need_dx:
+                continue
+            p = torch.sub(z, lse_c).exp_()
+            wy = _soft_weights(target[n0:n1, :, l0:l1], weight, eps, n_cols, acc)
+            grad = torch.mul(p, s[n0:n1, None, l0:l1]).sub_(wy).mul_(g)
+        else:
+            g = g_all[n0:n1, None, l0:l1]
+            p = torch.sub(z, lse_c).exp_()
+            grad = p * A[n0:n1, None, l0:l1]
+            grad.scatter_add_(1, t_safe[n0:n1, None, l0:l1], -B[n0:n1, None, l0:l1])
+            if eps > 0:
+                if weight is None:
+                    grad.sub_(eps / n_cols)
+                else:
+                    grad.sub_(weight.to(acc)[None, :, None], alpha=eps / n_cols)
+            grad.mul_(g)
+        if gz_all is not None:
+            grad.addcmul_(p, gz_all[n0:n1, None, l0:l1])
+        if not isinstance(dz, float) or dz != 1.0:
+            grad.mul_(dz)
+        dx[n0:n1, :, l0:l1] = grad
     return dx, dy

@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .cross_entropy import _logits, extras_warps, transform_args
+
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) == exp2(x * LOG2E); a constexpr: the GPU
 # compiler rejects plain globals in @triton.jit (the interpreter does not)
 MAX_TILE = 4096  # logits per tile (BLOCK_R * BLOCK_C)
@@ -75,14 +77,18 @@ def _ce_strided_fwd_kernel(
     target_ptr, target_stride_n, target_stride_c, target_stride_l,
     weight_ptr,
     loss_ptr, lse_ptr, s_ptr,
+    aux_ptr, aux_stride,
     eps_ptr,
-    n_rows, n_l, n_cols, ignore_index,
+    n_rows, n_l, n_cols, ignore_index, scale, softcap,
     SOFT: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
     IS_FP64: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    TRANSFORM: tl.constexpr = False,
+    HAS_CAP: tl.constexpr = False,
+    AUX: tl.constexpr = False,
 ):
     """Per-row loss, log-sum-exp and (soft targets) ``S``; one program per BLOCK_R rows.
 
@@ -91,7 +97,12 @@ def _ce_strided_fwd_kernel(
                 or (N, C, L) float class probabilities (SOFT=True), any strides
     weight_ptr: (C,) class weights, read only if HAS_WEIGHT
     loss_ptr, lse_ptr, s_ptr: (N * L,) out, fp32 (fp64 if IS_FP64); s only if SOFT
+    aux_ptr:    (2, N * L) fp32 out with AUX, row stride ``aux_stride``: each row's entropy,
+                and 1.0 where the first column of its max is its target (for probabilities:
+                the first column of the target's max), else 0.0
     eps_ptr:    (1,) label smoothing, fp32 (fp64 if IS_FP64)
+    scale, softcap: the logit transform with TRANSFORM (and HAS_CAP): every formula holds
+                with ``z`` (``cross_entropy._logits``) for ``x``; fp32 only (not IS_FP64)
     """
     ACC: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
     # read from memory: a float kernel argument would be fp32, too coarse for fp64
@@ -108,6 +119,10 @@ def _ce_strided_fwd_kernel(
     s = tl.zeros((BLOCK_R,), ACC)  # soft: sum w y'; hard: sum w (scalar per row)
     q = tl.zeros((BLOCK_R,), ACC)  # soft: sum w y' (x - ref); hard: sum w (x - ref)
     x_t = tl.zeros((BLOCK_R,), ACC)
+    s1 = tl.zeros((BLOCK_R,), ACC)  # AUX: sum exp(x - ref) (x - ref), for the entropy
+    arg = tl.zeros((BLOCK_R,), tl.int32) + n_cols  # AUX: first column of the max so far
+    y_m = tl.full((BLOCK_R,), float("-inf"), ACC)  # AUX and SOFT: the target's max, and
+    y_arg = tl.zeros((BLOCK_R,), tl.int32) + n_cols  # the first column holding it
     for start in range(0, n_cols, BLOCK_C):
         cols = start + tl.arange(0, BLOCK_C)
         col_mask = cols < n_cols
@@ -115,12 +130,25 @@ def _ce_strided_fwd_kernel(
         # -inf in masked lanes: exp of it adds nothing to d
         x = tl.load(x_ptr + x_offs[:, None] + cols[None, :].to(tl.int64) * x_stride_c,
                     mask=mask, other=float("-inf")).to(ACC)
-        m_new = tl.maximum(m, tl.max(x, axis=1))
+        if TRANSFORM:
+            x, _dz = _logits(x, mask, scale, softcap, TRANSFORM, HAS_CAP)
+        b_max = tl.max(x, axis=1)
+        m_new = tl.maximum(m, b_max)
         ref_new = tl.where(m_new == float("-inf"), 0.0, m_new)
         # every exp argument <= 0: while m is -inf, d is 0 and ref (0) may lie above the new
         # reference (a row far below zero: exp(0 - (-92)) overflows fp32, and 0 * inf = NaN)
-        scale = tl.where(m == float("-inf"), 0.0, _exp(ref - ref_new, IS_FP64))
-        d = d * scale + tl.sum(_exp(x - ref_new[:, None], IS_FP64), 1)
+        rescale = tl.where(m == float("-inf"), 0.0, _exp(ref - ref_new, IS_FP64))
+        e = _exp(x - ref_new[:, None], IS_FP64)
+        if AUX:
+            # sum e (x - ref) re-referenced: exp(ref - ref') (s1 + (ref - ref') d); a -inf
+            # logit adds 0 (the limit of p log p)
+            s1 = rescale * (s1 + (ref - ref_new) * d)
+            s1 += tl.sum(tl.where(x > float("-inf"), e * (x - ref_new[:, None]), 0.0), 1)
+            # blocks come in column order: a later block's max wins only if greater (the
+            # first block always: a row of -inf has its argmax at column 0, as torch's)
+            b_arg = tl.min(tl.where(x == b_max[:, None], cols[None, :], n_cols), axis=1)
+            arg = tl.where((b_max > m) | (arg == n_cols), b_arg, arg)
+        d = d * rescale + tl.sum(e, 1)
         if SOFT or HAS_SMOOTHING:
             if HAS_WEIGHT:
                 w = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
@@ -130,6 +158,13 @@ def _ce_strided_fwd_kernel(
                 y = tl.load(target_ptr + t_offs[:, None]
                             + cols[None, :].to(tl.int64) * target_stride_c,
                             mask=mask, other=0.0).to(ACC)
+                if AUX:
+                    y_in = tl.where(mask, y, float("-inf"))
+                    yb_max = tl.max(y_in, axis=1)
+                    yb_arg = tl.min(tl.where(y_in == yb_max[:, None], cols[None, :], n_cols),
+                                    axis=1)
+                    y_arg = tl.where((yb_max > y_m) | (y_arg == n_cols), yb_arg, y_arg)
+                    y_m = tl.maximum(y_m, yb_max)
                 if HAS_SMOOTHING:
                     y = y * (1.0 - label_smoothing) + label_smoothing / n_cols
                 w = w * y
@@ -153,6 +188,13 @@ def _ce_strided_fwd_kernel(
         loss = tl.where(ignored, 0.0, tl.where(valid, loss, float("nan")))
     tl.store(loss_ptr + rows, loss, mask=row_mask)
     tl.store(lse_ptr + rows, lse, mask=row_mask)
+    if AUX:
+        if SOFT:
+            correct = arg == y_arg
+        else:
+            correct = valid & (arg == t)
+        tl.store(aux_ptr + rows, log_d - s1 / d, mask=row_mask)
+        tl.store(aux_ptr + aux_stride + rows, tl.where(correct, 1.0, 0.0), mask=row_mask)
 
 
 @triton.jit
@@ -164,8 +206,8 @@ def _ce_strided_bwd_kernel(
     dloss_ptr, dloss_stride_n, dloss_stride_l,
     dx_ptr, dx_stride_n, dx_stride_c, dx_stride_l,
     dy_ptr, dy_stride_n, dy_stride_c, dy_stride_l,
-    eps_ptr,
-    n_rows, n_l, n_cols, ignore_index,
+    eps_ptr, zgrad_ptr,
+    n_rows, n_l, n_cols, ignore_index, scale, softcap,
     SOFT: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
@@ -174,6 +216,9 @@ def _ce_strided_bwd_kernel(
     IS_FP64: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    TRANSFORM: tl.constexpr = False,
+    HAS_CAP: tl.constexpr = False,
+    HAS_Z: tl.constexpr = False,
 ):
     """Gradients of the per-row losses; one program per BLOCK_R rows.
 
@@ -185,6 +230,10 @@ def _ce_strided_bwd_kernel(
                 before it is written); written if NEED_DX
     dy_ptr:     (N, C, L) out, the target's dtype; written if NEED_DY (soft only)
     eps_ptr:    (1,) label smoothing, fp32 (fp64 if IS_FP64)
+    zgrad_ptr:  (N * L,) fp32 with HAS_Z: each row's z-loss ``gz`` (0 where ignored), whose
+                gradient ``gz p_c`` is added
+    scale, softcap: the logit transform with TRANSFORM (and HAS_CAP), as in the forward;
+                the gradient with respect to ``z`` is multiplied by ``dz/dx``
     """
     ACC: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
     # read from memory: a float kernel argument would be fp32, too coarse for fp64
@@ -192,6 +241,8 @@ def _ce_strided_bwd_kernel(
     rows, row_mask, n, l_idx = _rows(tl.program_id(0), n_rows, n_l, BLOCK_R)
     x_offs = n * x_stride_n + l_idx * x_stride_l
     t_offs = n * target_stride_n + l_idx * target_stride_l
+    if HAS_Z:
+        gz = tl.load(zgrad_ptr + rows, mask=row_mask, other=0.0).to(ACC)
     dx_offs = n * dx_stride_n + l_idx * dx_stride_l
     dy_offs = n * dy_stride_n + l_idx * dy_stride_l
     g = tl.load(dloss_ptr + n * dloss_stride_n + l_idx * dloss_stride_l, mask=row_mask,
@@ -218,6 +269,8 @@ def _ce_strided_bwd_kernel(
         c_offs = cols[None, :].to(tl.int64)
         x = tl.load(x_ptr + x_offs[:, None] + c_offs * x_stride_c, mask=mask,
                     other=0.0).to(ACC)
+        if TRANSFORM:  # z in x (-inf in masked lanes: p = 0 there)
+            x, dz = _logits(x, mask, scale, softcap, TRANSFORM, HAS_CAP)
         if HAS_WEIGHT:
             w = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
         else:
@@ -234,6 +287,8 @@ def _ce_strided_bwd_kernel(
                     y = y * (1.0 - label_smoothing) + label_smoothing / n_cols
                 p = _exp(x - lse[:, None], IS_FP64)
                 dx = (p * s[:, None] - w * y) * g[:, None]
+                dx = _through_extras(dx, p, gz if HAS_Z else 0.0, dz if TRANSFORM else 1.0,
+                                     TRANSFORM, HAS_Z)
                 tl.store(dx_ptr + dx_offs[:, None] + c_offs * dx_stride_c,
                          dx.to(dx_ptr.dtype.element_ty), mask=mask)
         else:
@@ -243,8 +298,21 @@ def _ce_strided_bwd_kernel(
             if HAS_SMOOTHING:
                 dx -= label_smoothing / n_cols * w
             dx = dx * g[:, None]
+            dx = _through_extras(dx, p, gz if HAS_Z else 0.0, dz if TRANSFORM else 1.0,
+                                 TRANSFORM, HAS_Z)
             tl.store(dx_ptr + dx_offs[:, None] + c_offs * dx_stride_c,
                      dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _through_extras(dx, p, gz, dz, TRANSFORM: tl.constexpr, HAS_Z: tl.constexpr):
+    """The gradient ``dx`` with respect to ``z`` plus the z-loss's ``gz p`` (``gz`` per
+    row), times ``dz/dx``."""
+    if HAS_Z:
+        dx += gz[:, None] * p
+    if TRANSFORM:
+        dx = dx * dz
+    return dx
 
 
 def _blocks(x, n_rows):
@@ -266,11 +334,22 @@ def _target_strides(target, soft):
     return target.stride(0), 0, target.stride(1)
 
 
-def ce_strided_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0):
+def _fp32_extras(extras, is_fp64):
+    """The launch arguments of ``extras``' transform; the kernels' transform is fp32 only."""
+    if extras is not None and extras.transform and is_fp64:
+        raise ValueError("the strided kernels transform logits in float32 only; float64 "
+                         "goes to fusedce.cpu")
+    return transform_args(extras)
+
+
+def ce_strided_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0,
+                   extras=None, aux_out=None):
     """Per-row ``(loss, lse, s)`` of ``x`` (N, C, L): each (N * L,), fp32 (fp64 if the
     logits or probabilities are fp64); ``s`` is empty for class-index targets.
 
-    ``target`` is (N, L) integer class indices or (N, C, L) float probabilities.
+    ``target`` is (N, L) integer class indices or (N, C, L) float probabilities. With
+    ``extras`` (fp32 only) the loss and lse are of the transformed logits; ``aux_out`` (2,
+    N * L), where given, receives each row's entropy and correctness.
     """
     n, n_cols, l_len = x.shape
     soft = target.is_floating_point()
@@ -290,21 +369,27 @@ def ce_strided_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.
                                        "target_stride_l"), _target_strides(target, soft))),
         weight_ptr=weight if weight is not None else loss,
         loss_ptr=loss, lse_ptr=lse, s_ptr=s if soft else loss,
+        aux_ptr=aux_out if aux_out is not None else loss,
+        aux_stride=aux_out.stride(0) if aux_out is not None else 0,
         eps_ptr=torch.full((1,), float(label_smoothing), dtype=acc, device=x.device),
         n_rows=n_rows, n_l=l_len, n_cols=n_cols, ignore_index=int(ignore_index),
         SOFT=soft, HAS_WEIGHT=weight is not None, HAS_SMOOTHING=label_smoothing > 0,
-        IS_FP64=is_fp64, BLOCK_R=block_r, BLOCK_C=block_c,
-        num_warps=NUM_WARPS,
+        IS_FP64=is_fp64, BLOCK_R=block_r, BLOCK_C=block_c, AUX=aux_out is not None,
+        **_fp32_extras(extras, is_fp64),
+        num_warps=extras_warps(NUM_WARPS, extras),
     )
     return loss, lse, s
 
 
 def ce_strided_bwd(x, target, lse, s, dloss, weight=None, ignore_index=-100,
-                   label_smoothing=0.0, dx=None, need_dx=True, need_dtarget=False):
+                   label_smoothing=0.0, dx=None, need_dx=True, need_dtarget=False,
+                   extras=None, z_grad=None):
     """Gradients of ``sum(loss * dloss)``: ``(dx, dtarget)``, ``None`` where not asked.
 
     ``dloss`` is (N, L) with any strides (0 for a broadcast scalar). ``dx`` may be given,
-    and may be ``x`` itself. ``dtarget`` exists for probability targets only.
+    and may be ``x`` itself. ``dtarget`` exists for probability targets only. With
+    ``extras`` (fp32 only) the gradient goes through the logit transform, and the z-loss's
+    per-row ``z_grad`` (N * L,) adds ``z_grad * p``.
     """
     n, n_cols, l_len = x.shape
     soft = target.is_floating_point()
@@ -334,10 +419,12 @@ def ce_strided_bwd(x, target, lse, s, dloss, weight=None, ignore_index=-100,
         dy_ptr=dy_arg, dy_stride_n=dy_arg.stride(0), dy_stride_c=dy_arg.stride(1),
         dy_stride_l=dy_arg.stride(2),
         eps_ptr=torch.full((1,), float(label_smoothing), dtype=lse.dtype, device=x.device),
+        zgrad_ptr=z_grad if z_grad is not None else lse,
         n_rows=n_rows, n_l=l_len, n_cols=n_cols, ignore_index=int(ignore_index),
         SOFT=soft, HAS_WEIGHT=has_weight, HAS_SMOOTHING=label_smoothing > 0,
         NEED_DX=need_dx, NEED_DY=dy is not None, IS_FP64=is_fp64,
-        BLOCK_R=block_r, BLOCK_C=block_c,
-        num_warps=NUM_WARPS,
+        BLOCK_R=block_r, BLOCK_C=block_c, HAS_Z=z_grad is not None,
+        **_fp32_extras(extras, is_fp64),
+        num_warps=extras_warps(NUM_WARPS, extras),
     )
     return dx, dy
