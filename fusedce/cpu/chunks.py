@@ -53,8 +53,7 @@ def fwd_chunks(x: torch.Tensor, dst: Optional[torch.Tensor], row_max: torch.Tens
                 coef: Optional[torch.Tensor], smooth: Optional[torch.Tensor],
                 scratch: Optional[torch.Tensor], chunks: list[int], step: int,
                 direct: bool, inplace: bool, shifted: bool, x_t: Optional[torch.Tensor],
-                lo_bound: float, g_lo: list[float], g_hi: list[float],
-                t_col: Optional[torch.Tensor] = None) -> list[int]:
+                lo_bound: float, g_lo: list[float], g_hi: list[float]) -> list[int]:
     """Works through the row chunks ``chunks`` (``step`` rows each) of ``ce_fwd``: their
     row sums of ``exp(x - shift)`` into ``row_sum`` and the shift into ``row_max``,
     ``sum_c w_c (x_c - shift)`` into ``sum_wx`` where given, and with ``dst`` the chunk's gradient
@@ -74,15 +73,6 @@ def fwd_chunks(x: torch.Tensor, dst: Optional[torch.Tensor], row_max: torch.Tens
     ``g_lo``, ``g_hi``: per chunk, the smallest and largest finite nonzero ``|gA|`` of
     its rows (with a gradient; else empty).
 
-    ``t_col`` (rows, 1) the target columns, where given (fp32 ``x`` read directly, neither a
-    smoothing sum nor a z-loss; with ``shifted`` False): each chunk takes PyTorch's softmax
-    (its vectorised max, exp and sum cost less than ``exp`` alone), ``p`` into the
-    gradient's chunk (else the scratch; in place too), and stores ``(x_t, 1 / p_t)`` as the
-    row's shift and sum (``sum_c exp(x_c - x_t) = 1 / p_t``). A chunk with a ``p_t`` not
-    above 2**-100 (0 or subnormal in fp32, or NaN: a NaN or +inf logit, a row of -inf) is
-    returned as failed, for the shifted pass. (The row max or ``p``'s max instead of ``p_t``
-    would need two more passes, which cost what the softmax saves.)
-
     Written in the subset of Python that TorchScript compiles (``script``): run as a
     script, the loop holds no GIL, which the worker threads otherwise contend for between
     the many short ops."""
@@ -99,24 +89,6 @@ def fwd_chunks(x: torch.Tensor, dst: Optional[torch.Tensor], row_max: torch.Tens
         sc: Optional[torch.Tensor] = None
         if scratch is not None:
             sc = scratch.narrow(0, 0, rows)
-        if t_col is not None and not shifted:
-            # p into the gradient's chunk, else (no gradient, or in place: x must survive
-            # until the chunk passed) into the scratch
-            out = dc if dc is not None and not inplace else sc
-            assert out is not None
-            assert x_t is not None and t_col is not None
-            p = torch._softmax(xc, 1, False, out=out)
-            p_t = torch.gather(p, 1, t_col.narrow(0, r0, rows),
-                               out=row_sum.narrow(0, r0, rows))
-            if not float(torch.amin(p_t)) > 7.8886e-31:  # 2**-100; NaN fails too
-                failed.append(k)
-                continue
-            p_t.reciprocal_()
-            row_max.narrow(0, r0, rows).copy_(x_t.narrow(0, r0, rows))
-            if dc is not None:
-                assert gA is not None
-                torch.mul(p, gA.narrow(0, r0, rows), out=dc)
-            continue
         # buf: exp(x - shift) of the chunk, in the gradient, x itself or the scratch
         if direct:
             src = xc

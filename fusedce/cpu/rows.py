@@ -31,9 +31,6 @@ from . import extras as _extras
 # The forward's sum(exp(x)) without the max shift where that provably changes nothing
 # (checked per chunk, ``chunks._sums_fail``): saves a pass over every chunk.
 UNSHIFTED_EXP = True
-# The forward's first pass over a chunk is PyTorch's softmax where it can be
-# (``chunks.fwd_chunks``' ``t_col``); False: exp and the sum, as before.
-SOFTMAX_FIRST = True
 # The same in the backward (exp(x) * g A exp(-lse)): faster, but its different rounding of
 # near-zero gradients flips the signs that Adam's first step amplifies (tests/test_hf.py
 # compares parameters after a step at 1e-6), so it is off.
@@ -159,19 +156,13 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_
     # inline, with no other worker to contend for the GIL, plain Python costs less per call
     chunk_loop = chunks.script(chunks.fwd_chunks) if pool.n_workers(n_rows, n_cols, dev) > 1 \
         else chunks.fwd_chunks
-    # PyTorch's softmax first (``chunks.fwd_chunks``' ``t_col``), where nothing but
-    # p, the row max and the sum is needed of a chunk
-    normalized = (SOFTMAX_FIRST and unshifted and direct and eps == 0
-                  and not (grad and zs is not None))
-    g_lo, g_hi = (_chunk_bounds(gA, step) if unshifted and grad and not normalized
-                  else ([], []))
+    g_lo, g_hi = _chunk_bounds(gA, step) if unshifted and grad else ([], [])
     args = dict(x=x.detach(), dst=dst.detach() if grad else None, row_max=row_max,
                 row_sum=row_sum, sum_wx=sum_wx, w=w, gA=gA if grad else None,
                 zs=zs if grad else None,
                 coef=coef if grad else None, smooth=smooth if grad else None, step=step,
                 direct=direct, inplace=inplace, x_t=x_t[:, None].contiguous(),
-                lo_bound=lo_bound, g_lo=g_lo, g_hi=g_hi,
-                t_col=t_safe[:, None].contiguous() if normalized else None)
+                lo_bound=lo_bound, g_lo=g_lo, g_hi=g_hi)
 
     def work(start, end):
         scratch = None
