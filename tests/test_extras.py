@@ -143,14 +143,18 @@ def test_inplace_backward(backend, dtype, reduction):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("n_cols", [1000, pytest.param(50257, id="gpt2")])
-def test_softcap_padded_lanes(backend, n_cols):
+@pytest.mark.parametrize("layout", ["rows", "strided"])
+def test_softcap_padded_lanes(backend, n_cols, layout):
     """Every real logit far below ``-softcap``: each caps to -30, so the row's softmax is
     uniform over its C classes and the loss is log C. A padded lane of a block capped to
-    -30 instead of left out would add probability (and lower the accuracy of a tie)."""
+    -30 instead of left out would add probability (and lower the accuracy of a tie). Rows
+    of (rows, C), and the same rows as a view with strided classes (the strided kernels'
+    tiles are padded along the classes too)."""
     x = torch.full((3, n_cols), -1e4)
     x[1, 7] = 0.0  # one real class above the rest
     t = torch.tensor([0, 7, 5])
-    out = fusedce.cross_entropy(x, t, reduction="none", backend=backend, softcap=30.0,
+    xin = x if layout == "rows" else x[:, :, None].expand(3, n_cols, 2).contiguous()[:, :, 1]
+    out = fusedce.cross_entropy(xin, t, reduction="none", backend=backend, softcap=30.0,
                                 return_aux=True)
     ref = reference(x, t, reduction="none", softcap=30.0)
     torch.testing.assert_close(out.loss.double(), ref[0], rtol=1e-6, atol=1e-6)
