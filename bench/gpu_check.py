@@ -157,8 +157,9 @@ def _dtype(name):
 # 1. Correctness
 
 
-def _rel_err(a, b):
-    """max |a - b| / max |b|: one number per tensor, NaN positions required to agree."""
+def _rel_err(a, b, floor=1e-30):
+    """max |a - b| / max(max |b|, floor): one number per tensor, NaN positions required to
+    agree (``floor``: the scale below which ``b`` counts as 0)."""
     a, b = a.double(), b.double()
     nan_a, nan_b = a.isnan(), b.isnan()
     if not bool((nan_a == nan_b).all()):
@@ -166,7 +167,7 @@ def _rel_err(a, b):
     a, b = a[~nan_b], b[~nan_b]
     if b.numel() == 0:
         return 0.0
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+    return float((a - b).abs().max() / b.abs().max().clamp_min(floor))
 
 
 TOL = {"fp32": 2e-5, "bf16": 2e-2, "fp16": 4e-3}  # relative to the largest reference value
@@ -460,8 +461,62 @@ def check_odd_launches(torch, dev):
             if not ok:
                 print(f"  FAIL odd launch {dt} {n}x{c} pad {pad} offset {offset}: "
                       f"errors {errs}, ignored/out-of-range rows right: {bool(bad_rows)}")
+    f, n_launches = _odd_strided_launches(torch, dev, gen)
+    failures += f
+    launches += n_launches
     print(f"odd-shape launches: {launches} kernel launches, {failures} failure(s)")
     return failures
+
+
+def _odd_strided_launches(torch, dev, gen):
+    """The strided kernels on odd (N, C, L) shapes, class indices (ignored, out of range,
+    negative) and probabilities, plain and with every loss extra (aux outputs, z-loss
+    gradient), against ``fusedce.cpu`` in float64. Returns ``(failures, launches)``."""
+    from fusedce import cpu
+    from fusedce._args import Extras
+    from fusedce.kernels import strided as st
+
+    device = dev.device
+    extras = Extras(logit_scale=0.7, softcap=30.0, lse_square_scale=1e-4, aux=True)
+    failures = launches = 0
+    for dt in ("fp32", "bf16"):
+        for n, c, l_len in ((3, 1, 2), (2, 7, 3), (3, 33, 5), (2, 1001, 3)):
+            x = (torch.randn(n, c, l_len, generator=gen, device=device) * 3).to(_dtype(dt))
+            t = torch.randint(0, c, (n, l_len), generator=gen, device=device)
+            t[0, 0], t[-1, -1] = -100, c  # ignored; out of range (NaN, never read)
+            y = torch.softmax(torch.randn(n, c, l_len, generator=gen, device=device), 1)
+            dloss = torch.randn(n, l_len, generator=gen, device=device)
+            zg = torch.randn(n * l_len, generator=gen, device=device)
+            for target in (t, y):
+                for ex in (None, extras):
+                    aux = torch.empty(2, n * l_len, device=device) if ex else None
+                    loss, lse, s_ = st.ce_strided_fwd(x, target, label_smoothing=0.1,
+                                                      extras=ex, aux_out=aux)
+                    dx, _ = st.ce_strided_bwd(x, target, lse, s_, dloss, label_smoothing=0.1,
+                                              extras=ex, z_grad=zg if ex else None)
+                    launches += 2
+                    ref_aux = torch.empty(2, n * l_len, dtype=torch.float64,
+                                          device=device) if ex else None
+                    tgt64 = target.double() if target.is_floating_point() else target
+                    ref_loss, ref_lse, ref_s = cpu.ce_strided_fwd(
+                        x.double(), tgt64, label_smoothing=0.1, extras=ex, aux_out=ref_aux)
+                    ref_dx, _ = cpu.ce_strided_bwd(x.double(), tgt64, ref_lse, ref_s,
+                                                   dloss.double(), label_smoothing=0.1,
+                                                   extras=ex, z_grad=zg.double() if ex else None)
+                    dev.sync()
+                    # the gradient against the upstream's scale: with one class it is 0
+                    # (p = 1), and fp32's rounding of 0 is no relative error
+                    errs = [_rel_err(loss, ref_loss),
+                            _rel_err(dx, ref_dx, float(dloss.abs().max()))]
+                    if ex:
+                        errs.append(_rel_err(aux[0], ref_aux[0]))
+                    ok = all(e <= TOL[dt] for e in errs)
+                    failures += not ok
+                    if not ok:
+                        kind = "probabilities" if target.is_floating_point() else "indices"
+                        print(f"  FAIL odd strided launch {dt} {n}x{c}x{l_len} {kind} "
+                              f"extras {ex is not None}: errors {errs}")
+    return failures, launches
 
 
 # ----------------------------------------------------------------------------------------
