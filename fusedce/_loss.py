@@ -205,13 +205,13 @@ def add_z_loss(loss, lse, target, ignore_index, reduction, extras, shape):
 
 
 def forward(x, target, weight, ignore_index, label_smoothing, reduction, backend, validate,
-            extras=_args.NO_EXTRAS, add_z_loss_=True):
+            extras=_args.NO_EXTRAS, with_z_loss=True):
     """Reduced loss of ``x`` (N, C, L) against ``target`` ((N, L) indices or (N, C, L)
     probabilities). Returns ``(loss, lse, s, denom, aux)``: loss (N, L) for 'none' else a
     scalar, in the accumulation dtype; lse and s (O(rows) state for the backward); denom
     (1,); aux (2, N * L) each row's entropy and correctness where ``extras.aux`` (else
     empty). With loss ``extras`` the loss is of the transformed logits, z-loss included
-    unless ``add_z_loss_`` is False (a caller that adds it itself)."""
+    unless ``with_z_loss`` is False (a caller that adds it once over more rows)."""
     n, n_cols, l_len = x.shape
     soft = target.is_floating_point()
     acc = acc_dtype(x, target, weight)
@@ -231,7 +231,7 @@ def forward(x, target, weight, ignore_index, label_smoothing, reduction, backend
         loss, lse, s = impl.ce_strided_fwd(x, target, **options)
     denom = denominator(target, weight, ignore_index, n_cols, reduction, dtype=acc)
     loss = reduce(loss.view(n, l_len), denom, reduction)
-    if extras.z_loss and add_z_loss_:
+    if extras.z_loss and with_z_loss:
         loss = add_z_loss(loss, lse, target, ignore_index, reduction, extras, (n, l_len))
     return loss, lse, s, denom, aux
 

@@ -94,7 +94,7 @@ class _ChunkLoss:
         # the z-loss is added once, over all rows (``_reduced``)
         loss, lse, sums, _, aux_c = _loss.forward(x3, t_c, self.weight, ignore_index,
                                                   smoothing, "none", self.backend, False,
-                                                  self.extras, add_z_loss_=False)
+                                                  self.extras, with_z_loss=False)
         if aux is not None:
             aux.copy_(aux_c)
         if grad is not None:

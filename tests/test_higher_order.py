@@ -13,6 +13,7 @@ differentiable formulation (``fusedce._higher``) to it.
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import combine
 from torch.autograd import forward_ad as fwAD
 from torch.autograd import gradcheck, gradgradcheck
 
@@ -252,8 +253,7 @@ def _module_inputs():
                 if m.module_cls is torch.nn.CrossEntropyLoss)
     inputs = info.module_inputs_func(info, device="cpu", dtype=torch.float64,
                                      requires_grad=True, training=True)
-    return [pytest.param(m, backend, id=f"{i}-{backend}") for i, m in enumerate(inputs)
-            for backend in BACKENDS]
+    return combine([pytest.param(m, id=str(i)) for i, m in enumerate(inputs)], BACKENDS)
 
 
 @pytest.mark.parametrize("module_input, backend", _module_inputs())

@@ -10,6 +10,7 @@ PyTorch accepts is taken from PyTorch, not guessed."""
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import combine
 
 # (these need expecttest, a test dependency in .[dev])
 from torch.testing._internal import common_methods_invocations as common  # noqa: E402
@@ -176,8 +177,7 @@ def test_linear_opinfo_error_inputs(error):
 def _module_errors():
     errors = MODULE.module_error_inputs_func(MODULE, device="cpu", dtype=torch.float32,
                                              requires_grad=False, training=True)
-    return [pytest.param(e, backend, id=f"{i}-{backend}") for i, e in enumerate(errors)
-            for backend in BACKENDS]
+    return combine([pytest.param(e, id=str(i)) for i, e in enumerate(errors)], BACKENDS)
 
 
 @pytest.mark.parametrize("error, backend", _module_errors())

@@ -40,13 +40,25 @@ class _Scratch:
         return buf[:rows]
 
 
-def transformed(x, extras, acc, scratch):
+class _Fresh:
+    """Buffers shaped like one chunk ``x``, new at each use (chunks of any shape)."""
+
+    def __init__(self, x, acc):
+        self.x, self.acc = x, acc
+
+    def get(self, name, rows):
+        return torch.empty(self.x.shape, dtype=self.acc, device=self.x.device)
+
+
+def transformed(x, extras, acc, scratch=None):
     """``(z, dz/dx)`` of a chunk ``x`` in ``acc`` (``dz`` a float when constant; ``z`` is
     ``x`` itself when untransformed and already in ``acc``: read, never written).
-    ``scratch.get(name, rows)`` gives the buffers, shaped like ``x``.
+    ``scratch.get(name, rows)`` gives the buffers; ``scratch`` None: new ones like ``x``.
 
     The softcap's derivative ``1 - tanh(u)**2`` is PyTorch's own ``tanh_backward``'s."""
     rows = x.shape[0]
+    if scratch is None:
+        scratch = _Fresh(x, acc)
     if extras is None or not extras.transform:
         return (x if x.dtype == acc else scratch.get("z", rows).copy_(x)), 1.0
     z = scratch.get("z", rows)

@@ -43,22 +43,6 @@ def _shifted(xc, entropy=False):
     return d, m.squeeze(1), log_sum, h
 
 
-class _Fresh:
-    """Scratch for ``extras.transformed`` that allocates a chunk-shaped tensor per use."""
-
-    def __init__(self, shape, acc, device):
-        self.shape, self.acc, self.device = shape, acc, device
-
-    def get(self, name, rows):
-        return torch.empty(self.shape, dtype=self.acc, device=self.device)
-
-
-def _logits(x, acc, extras):
-    """``(z, dz/dx)`` of a (n, C, l) chunk of logits in ``acc``: ``extras``' transform
-    (``dz`` 1.0 without one); ``z`` may be ``x`` itself (never written)."""
-    return _extras.transformed(x, extras, acc, _Fresh(x.shape, acc, x.device))
-
-
 def _chunks(n, c, l_len):
     """``(n0, n1, l0, l1)`` blocks of about CHUNK_ELEMENTS logits each."""
     if l_len == 0:
@@ -123,7 +107,7 @@ def ce_strided_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.
                  else 0)
     for n0, n1, l0, l1 in _chunks(n, n_cols, l_len):
         block = (slice(n0, n1), slice(l0, l1))
-        z, _ = _logits(x[n0:n1, :, l0:l1], acc, extras)
+        z, _ = _extras.transformed(x[n0:n1, :, l0:l1], extras, acc)
         d, m, log_sum, h = _shifted(z, entropy=aux is not None)
         lse[block] = m + log_sum
         if aux is not None:
@@ -183,7 +167,7 @@ def ce_strided_bwd(x, target, lse, s, dloss, weight=None, ignore_index=-100,
             A = B + eps * w_sum / n_cols
         g_all = torch.where(ignored, 0.0, torch.where(valid, dloss.to(acc), float("nan")))
     for n0, n1, l0, l1 in _chunks(n, n_cols, l_len):
-        z, dz = _logits(x[n0:n1, :, l0:l1], acc, extras)
+        z, dz = _extras.transformed(x[n0:n1, :, l0:l1], extras, acc)
         lse_c = lse[n0:n1, l0:l1, None].transpose(1, 2)  # (n, 1, l)
         if soft:
             g = dloss[n0:n1, l0:l1].to(acc)[:, None, :]
@@ -196,11 +180,13 @@ def ce_strided_bwd(x, target, lse, s, dloss, weight=None, ignore_index=-100,
                 continue
             p = torch.sub(z, lse_c).exp_()
             wy = _soft_weights(target[n0:n1, :, l0:l1], weight, eps, n_cols, acc)
-            grad = torch.mul(p, s[n0:n1, None, l0:l1]).sub_(wy).mul_(g)
+            # p itself is kept only for the z-loss's term
+            grad = (p.mul_ if gz_all is None else p.mul)(s[n0:n1, None, l0:l1])
+            grad = grad.sub_(wy).mul_(g)
         else:
             g = g_all[n0:n1, None, l0:l1]
             p = torch.sub(z, lse_c).exp_()
-            grad = p * A[n0:n1, None, l0:l1]
+            grad = (p.mul_ if gz_all is None else p.mul)(A[n0:n1, None, l0:l1])
             grad.scatter_add_(1, t_safe[n0:n1, None, l0:l1], -B[n0:n1, None, l0:l1])
             if eps > 0:
                 if weight is None:
