@@ -467,6 +467,23 @@ class TestBench:
         assert abs(x.mean().item()) < 0.1 and abs(x.std().item() - 2) < 0.1
         assert t.dtype == torch.int64
 
+    def test_floor_times_the_passes_beside_the_losses(self, capsys):
+        """``python -m bench.floor`` on a tiny shape: a positive median for copy, exp, exp2 and
+        each loss; the 4x line needs torch.compile's time (not run here: it compiles)."""
+        from bench import floor
+
+        times = floor.run(tokens=8, vocab=300, repeats=2, losses=("fusedce", "eager"))
+        assert list(times) == ["copy", "exp", "exp2", "fusedce", "eager"]
+        assert all(t > 0 for t in times.values())
+        text = floor.report(times, 8, 300, 2)
+        assert "| exp | g = exp(x) |" in text and "4x torch.compile" not in text
+        text = floor.report({**times, "compile": 4 * times["exp"]}, 8, 300, 2)
+        assert "| compile | fwd+bwd |" in text and "| exp | g = exp(x) |" in text
+        assert f"at most {times['exp'] * 1e3:.1f} ms" in text
+        with pytest.raises(SystemExit):
+            floor.main(["--repeats", "0"])
+        assert "--repeats must be at least 1" in capsys.readouterr().err
+
     def test_script_ablation_runs_and_restores_the_scripts(self, monkeypatch):
         """``python -m bench.script_ablation`` on a tiny shape run by 2 workers: a row per dtype
         and mode with both timings, and the scripted loops in place again afterwards."""

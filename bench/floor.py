@@ -1,0 +1,103 @@
+"""``python -m bench.floor``: the large case beside what no forward + backward can beat.
+
+A cross-entropy's forward + backward that returns the logits' gradient must read the logits
+and write a logits-sized gradient, and that gradient is ``exp(x - lse)`` (less the target's
+one-hot) for every logit: one exponential per logit. Two ops of PyTorch measure those costs
+on the machine at hand:
+
+- ``copy``: ``g.copy_(x)``, reading the logits and writing a logits-sized buffer: the
+  memory traffic of the pass (a separate gradient; ``inplace_backward`` writes over ``x``);
+- ``exp``: ``torch.exp(x, out=g)``: the same traffic with PyTorch's exponential, the one
+  fusedce's CPU path takes (the precise one), on every logit;
+- ``exp2``: ``torch.exp2(x, out=g)``: PyTorch's cheaper base-2 exponential, for reference
+  (fusedce does not take it: ``exp(d) = 2**(d log2 e)`` rounds ``d log2 e``, which costs the
+  gradient a relative error of about ``|d| 1e-7``; docs/benchmarks.md).
+
+They run interleaved with forward + backward of ``fusedce``, ``compile`` and ``eager`` (as in
+``python -m bench``; the logits restored untimed before every call) on one machine state, in
+one process, on as many threads as PyTorch's own ops use. Medians; ``x compile`` is
+``torch.compile``'s median over the row's. fp32 logits ~ N(0, 2), GPT-2's vocabulary.
+
+    python -m bench.floor                        # 2,048 x 50,257
+    python -m bench.floor --tokens 4096 --repeats 15
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from bench.ce import device_name, loss_fn, make_inputs, step
+
+LOSSES = ("fusedce", "compile", "eager")
+PASSES = {
+    "copy": lambda x, g: g.copy_(x),
+    "exp": lambda x, g: torch.exp(x, out=g),
+    "exp2": lambda x, g: torch.exp2(x, out=g),
+}
+
+
+def run(tokens=2048, vocab=50_257, repeats=9, warmup=1, losses=LOSSES):
+    """``{case: median seconds}`` over ``repeats`` interleaved rounds after ``warmup``."""
+    pristine, target = make_inputs(tokens, vocab)
+    step.target = target
+    work = torch.empty_like(pristine)
+    out = torch.empty_like(pristine).fill_(0.0)  # resident, as a reused gradient buffer is
+    fns = {case: loss_fn(case, "cpu") for case in losses}
+    times = {case: [] for case in (*PASSES, *losses)}
+    for r in range(warmup + repeats):
+        for case in times:
+            x = work.detach()
+            x.copy_(pristine)  # untimed: fresh logits, the same start for every case
+            start = time.perf_counter()
+            if case in PASSES:
+                PASSES[case](x, out)
+            else:
+                keep = step(fns[case], "fwd_bwd", x)
+                del keep
+            elapsed = time.perf_counter() - start
+            if r >= warmup:
+                times[case].append(elapsed)
+    return {case: statistics.median(ts) for case, ts in times.items()}
+
+
+def report(times, tokens, vocab, repeats):
+    """A Markdown table of ``times`` and what 4x ``torch.compile`` would need."""
+    lines = [f"{device_name('cpu')}; torch {torch.__version__}; {tokens} x {vocab} fp32; "
+             f"medians of {repeats} interleaved rounds",
+             "", "| case | what it does | ms | x compile |", "|---|---|---|---|"]
+    what = {"copy": "read x, write g", "exp": "g = exp(x)", "exp2": "g = exp2(x)",
+            "fusedce": "fwd+bwd", "compile": "fwd+bwd", "eager": "fwd+bwd"}
+    compiled = times.get("compile")
+    for case, sec in times.items():
+        ratio = f"{compiled / sec:.2f}" if compiled else ""
+        lines.append(f"| {case} | {what[case]} | {sec * 1e3:.2f} | {ratio} |")
+    if compiled:
+        lines += ["", f"4x torch.compile means at most {compiled / 4 * 1e3:.1f} ms a step; "
+                      f"exp over the logits alone takes {times['exp'] * 1e3:.1f} ms"]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench.floor", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=2048, help="rows (default: %(default)s)")
+    p.add_argument("--vocab", type=int, default=50_257,
+                   help="classes (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=9,
+                   help="timed rounds (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="untimed rounds first (default: %(default)s)")
+    args = p.parse_args(argv)
+    for name in ("tokens", "vocab", "repeats"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1")
+    if args.warmup < 0:
+        p.error("--warmup must be at least 0")
+    times = run(args.tokens, args.vocab, args.repeats, args.warmup)
+    print(report(times, args.tokens, args.vocab, args.repeats))
+
+
+if __name__ == "__main__":
+    main()
