@@ -29,6 +29,7 @@ import time
 import torch
 
 from bench.ce import device_name, loss_fn, make_inputs, step
+from bench.output import add_shape_arguments
 
 LOSSES = ("fusedce", "compile", "eager")
 PASSES = {
@@ -82,20 +83,9 @@ def report(times, tokens, vocab, repeats):
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.floor", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokens", type=int, default=2048, help="rows (default: %(default)s)")
-    p.add_argument("--vocab", type=int, default=50_257,
-                   help="classes (default: %(default)s)")
-    p.add_argument("--repeats", type=int, default=9,
-                   help="timed rounds (default: %(default)s)")
-    p.add_argument("--warmup", type=int, default=1,
-                   help="untimed rounds first (default: %(default)s)")
+    add_shape_arguments(p, repeats=9)
     args = p.parse_args(argv)
-    for name in ("tokens", "vocab", "repeats"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be at least 1")
-    if args.warmup < 0:
-        p.error("--warmup must be at least 0")
-    times = run(args.tokens, args.vocab, args.repeats, args.warmup)
+    times = run(args.tokens, args.vocab, args.repeats)
     print(report(times, args.tokens, args.vocab, args.repeats))
 
 

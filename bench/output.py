@@ -2,6 +2,7 @@
 untracked ``bench/out/``, so a run never overwrites ``bench/results/`` (the figures the README
 cites) unless that folder is named with ``--out``."""
 
+import argparse
 import os
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -41,6 +42,28 @@ def missing_extras(modules=("tqdm", "matplotlib")):
         except ImportError:
             missing.append(name)
     return missing
+
+
+def positive_int(text):
+    """An argparse ``type``: an integer of at least 1 (a usage error otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def add_shape_arguments(parser, repeats):
+    """``--tokens``, ``--vocab`` and ``--repeats`` of a benchmark of one logits shape, GPT-2's
+    2,048 x 50,257 by default."""
+    parser.add_argument("--tokens", type=positive_int, default=2048,
+                        help="rows of the logits (default: %(default)s)")
+    parser.add_argument("--vocab", type=positive_int, default=50_257,
+                        help="vocabulary size, the logits' width (default: %(default)s)")
+    parser.add_argument("--repeats", type=positive_int, default=repeats,
+                        help="timed rounds after a warm-up (default: %(default)s)")
 
 
 def add_out_argument(parser, files):

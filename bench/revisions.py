@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 import fusedce
+from bench.output import positive_int
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPES = "1x50257,6x50257,64x50257,8x1000,512x32,4096x10,2048x50257"
@@ -88,9 +89,9 @@ def main(argv=None):
     parser.add_argument("--shapes", default=None,
                         help=f"ROWSxCLASSES,... (default: {SHAPES}); for --loss linear "
                              f"ROWSxCLASSESxHIDDEN,... (default: {LINEAR_SHAPES})")
-    parser.add_argument("--repeats", type=int, default=50,
+    parser.add_argument("--repeats", type=positive_int, default=50,
                         help="timed calls per round (default: %(default)s)")
-    parser.add_argument("--rounds", type=int, default=5,
+    parser.add_argument("--rounds", type=positive_int, default=5,
                         help="alternating rounds of each version (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (default: PyTorch's choice)")

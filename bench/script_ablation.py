@@ -20,7 +20,7 @@ import torch
 
 import fusedce
 from bench.ce import device_name, make_inputs, step
-from bench.output import add_out_argument, parse_checked
+from bench.output import add_out_argument, add_shape_arguments, parse_checked
 from fusedce.cpu import chunks
 
 CASES = {"fusedce": {}, "fusedce_inplace": {"inplace_backward": True}}
@@ -87,12 +87,7 @@ def report(rows, tokens, vocab, repeats):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.script_ablation", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokens", type=int, default=2048,
-                   help="rows of the logits (default: %(default)s)")
-    p.add_argument("--vocab", type=int, default=50_257,
-                   help="vocabulary size, the logits' width (default: %(default)s)")
-    p.add_argument("--repeats", type=int, default=9,
-                   help="timed rounds after a warm-up (default: %(default)s)")
+    add_shape_arguments(p, repeats=9)
     add_out_argument(p, "script_ablation.md")
     args = parse_checked(p, argv)
     return args

@@ -482,7 +482,7 @@ class TestBench:
         assert f"at most {times['exp'] * 1e3:.1f} ms" in text
         with pytest.raises(SystemExit):
             floor.main(["--repeats", "0"])
-        assert "--repeats must be at least 1" in capsys.readouterr().err
+        assert "--repeats: must be at least 1, got 0" in capsys.readouterr().err
 
     def test_script_ablation_runs_and_restores_the_scripts(self, monkeypatch):
         """``python -m bench.script_ablation`` on a tiny shape run by 2 workers: a row per dtype
