@@ -72,3 +72,14 @@ def own_path(monkeypatch):
 
     monkeypatch.setattr(_route, "HAND_OFF", False)
     monkeypatch.setattr(_route, "SMALLEST", 0)  # as _route.set_hand_off(False)
+
+
+@pytest.fixture(params=["own", "hand-off"])
+def either_route(request):
+    """Both routes a default-backend CPU call can take: fusedce's own path (``own_path``) and
+    the hand-off of a small call to PyTorch's loss. For behaviour every call must have
+    (PyTorch's errors and warnings, the module's arguments): on the hand-off route alone a
+    comparison with PyTorch compares PyTorch with itself."""
+    if request.param == "own":
+        request.getfixturevalue("own_path")
+    return request.param

@@ -149,7 +149,9 @@ class TestDemo:
                          "tiny", id="padded"),
         ],
     )
-    def test_figures_match_float64(self, offline_tokenizer, texts, size):
+    def test_figures_match_float64(self, offline_tokenizer, texts, size, own_path):
+        # own_path: the demo's calls are small enough to be handed to PyTorch's loss, which
+        # would make its fusedce-against-PyTorch figures compare PyTorch with itself
         lines = []
         res = run_demo(texts, device="cpu", size=size, repeats=2, out=lines.append)
         ref_loss, ref_p = _reference(texts, size, offline_tokenizer)
@@ -227,7 +229,8 @@ class TestTrain:
         assert text.count(" the ") > 1_000
 
     @pytest.mark.parametrize("inplace", [False, True], ids=["fusedce", "fusedce-inplace"])
-    def test_curves_agree_and_loss_goes_down(self, tokens, torch_run, inplace):
+    def test_curves_agree_and_loss_goes_down(self, tokens, torch_run, inplace, own_path):
+        # own_path: a step's 64 x 50,257 logits would be handed to PyTorch's loss
         run = train(tokens, loss="fusedce", inplace=inplace, **RUN)
         ref = torch_run["loss"]
         assert len(run["loss"]) == len(ref) == RUN["steps"]

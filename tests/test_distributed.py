@@ -310,7 +310,9 @@ def _run_ce(case, rank, counter, group=None):
     ref = ref_all[0]
     (ref_grad,) = torch.autograd.grad(ref, full, upstream.double())
     full_same = logits.clone().requires_grad_()
-    fused = fusedce.cross_entropy(full_same, target, weight=weight, **opts, **extras)
+    # the case's backend: "auto" would hand these small logits to PyTorch's loss
+    fused = fusedce.cross_entropy(full_same, target, weight=weight, backend=case.backend,
+                                  **opts, **extras)
     fused = fused.loss if case.extras else fused
     (fused_grad,) = torch.autograd.grad(fused, full_same, upstream.to(dtype))
 
@@ -537,8 +539,11 @@ def _run_dtensor_ce(case, rank, counter):
         context.enter_context(loss_parallel())
         context.enter_context(fusedce.patched())
     with context, CommDebugMode() as fwd_comm:
-        fn = F.cross_entropy if case.patched else fusedce.cross_entropy
-        out = fn(x, t, weight=weight, **opts, **(extras if not case.patched else {}))
+        if case.patched:  # patched: F.cross_entropy sends the call to fusedce ("auto")
+            out = F.cross_entropy(x, t, weight=weight, **opts)
+        else:  # the case's backend: "auto" would hand a rank's small slice to PyTorch
+            out = fusedce.cross_entropy(x, t, weight=weight, backend=case.backend, **opts,
+                                        **extras)
     fwd_calls = counter.take()
     loss = out.loss if extras.get("return_aux") else out
     up = distribute_tensor(upstream.to(dtype), mesh, list(loss.placements))

@@ -255,7 +255,7 @@ def test_probability_targets_mixed_dtypes(backend):
 @pytest.mark.parametrize("size_average, reduce", [
     (None, False), (True, None), (False, None), (False, True), (True, False), (None, True),
 ])
-def test_legacy_size_average_reduce(size_average, reduce):
+def test_legacy_size_average_reduce(size_average, reduce, either_route):
     x, target = logits((4, 6)), indices((4,), 6)
     with pytest.warns(UserWarning, match="size_average and reduce args will be deprecated"):
         ref = F.cross_entropy(x, target, size_average=size_average, reduce=reduce)
@@ -267,7 +267,7 @@ def test_legacy_size_average_reduce(size_average, reduce):
     torch.testing.assert_close(module(x, target), ref)
 
 
-def test_elementwise_mean_is_mean_with_a_warning():
+def test_elementwise_mean_is_mean_with_a_warning(either_route):
     x, target = logits((4, 6)), indices((4,), 6)
     with pytest.warns(UserWarning, match="elementwise_mean"):
         loss = fusedce.cross_entropy(x, target, reduction="elementwise_mean")
@@ -321,7 +321,7 @@ def test_empty_inputs(soft, backend):
 
 # ------------------------------------------------------------------- out-of-range targets
 
-def test_out_of_range_target_cpu_raises_like_pytorch():
+def test_out_of_range_target_cpu_raises_like_pytorch(either_route):
     x = logits((2, 5, 3))
     target = torch.tensor([[0, 1, 7], [0, -3, 0]])
     with pytest.raises(IndexError) as ref:
@@ -356,7 +356,7 @@ def test_out_of_range_target_kernel_path_is_nan_or_raises(soft_smoothing):
         fusedce.cross_entropy(x, target, backend="triton", validate=True)
 
 
-def test_uint8_target_out_of_range_raises_like_pytorch():
+def test_uint8_target_out_of_range_raises_like_pytorch(either_route):
     x = torch.randn(3, 100)
     t = torch.tensor([156, 1, 2], dtype=torch.uint8)
     with pytest.raises(IndexError, match="156"):
@@ -438,7 +438,7 @@ BAD_INPUT = [
 
 
 @pytest.mark.parametrize("call", BAD_INPUT)
-def test_bad_input_raises_what_pytorch_raises(call):
+def test_bad_input_raises_what_pytorch_raises(call, either_route):
     ref = _error(lambda: call(F.cross_entropy))
     ours = _error(lambda: call(fusedce.cross_entropy))
     assert ref is not None, "PyTorch accepts this input: not a bad-input case"
@@ -450,7 +450,7 @@ def test_bad_input_raises_what_pytorch_raises(call):
     {"reduction": "avg"},
     {"label_smoothing": 1.5},
 ], ids=repr)
-def test_bad_arguments_raise_like_pytorch(kwargs):
+def test_bad_arguments_raise_like_pytorch(kwargs, either_route):
     """The exception type is whatever PyTorch raises for the same call."""
     x, target, _ = make_inputs(2, 5, torch.float32)
     with pytest.raises(Exception) as theirs:
@@ -467,7 +467,7 @@ def test_unknown_backend():
 
 @pytest.mark.parametrize("ignore_index", [np.int64(1), np.int32(1), torch.tensor(1)],
                          ids=["np.int64", "np.int32", "0-d-tensor"])
-def test_ignore_index_integer_types(ignore_index):
+def test_ignore_index_integer_types(ignore_index, own_path):
     x = torch.randn(3, 5)
     t = torch.tensor([0, 1, 2])
     ref = F.cross_entropy(x.double(), t, ignore_index=ignore_index)
@@ -541,7 +541,7 @@ def test_double_backward_of_inplace_raises(backend):
         torch.autograd.grad((g * g).sum(), x)
 
 
-def test_first_backward_unchanged_under_create_graph():
+def test_first_backward_unchanged_under_create_graph(own_path):
     x = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
     t = torch.randint(0, 5, (2, 3))
     g, = torch.autograd.grad(fusedce.cross_entropy(x, t), x, create_graph=True)
@@ -549,7 +549,7 @@ def test_first_backward_unchanged_under_create_graph():
 
 
 @pytest.mark.parametrize("inplace", [False, True])
-def test_inference_mode_with_grad_enabled(inplace):
+def test_inference_mode_with_grad_enabled(inplace, own_path):
     """``torch.enable_grad()`` inside ``torch.inference_mode()``: PyTorch records no graph;
     fusedce raised ("Inference tensors cannot be saved for backward") or returned a loss
     with a graph, and the fused linear loss returned one too."""
@@ -571,7 +571,7 @@ def test_inference_mode_with_grad_enabled(inplace):
 
 # ----------------------------------------------------------------------------- the module
 
-def test_module_matches_functional():
+def test_module_matches_functional(either_route):
     x, target, gen = make_inputs(5, 40, torch.float32, seed=12)
     w = torch.rand(40, generator=gen)
     module = fusedce.CrossEntropyLoss(weight=w, ignore_index=3, reduction="sum",

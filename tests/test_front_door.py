@@ -96,7 +96,7 @@ GOOD = {"reduction": "sum", "label_smoothing": 0.25, "ignore_index": 2,
 
 
 @pytest.mark.parametrize("loss", [name for name in _losses() if "vocab" not in name])
-def test_good_options_reach_the_loss(loss):
+def test_good_options_reach_the_loss(loss, either_route):
     """The same options, valid, give every single-process loss float64 F.cross_entropy."""
     _, _, logits, target = _inputs()
     want = F.cross_entropy(logits.double(), target,

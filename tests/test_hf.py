@@ -86,7 +86,7 @@ def spy(monkeypatch):
         pytest.param({"inplace_backward": True}, {}, id="inplace"),
     ],
 )
-def test_training_step_same_inside_patched(spy, options, loss_kwargs):
+def test_training_step_same_inside_patched(spy, options, loss_kwargs, own_path):
     model = _gpt2()
     ids, labels, mask = _batch()
     upstream = torch.rand(()) + 0.5

@@ -55,8 +55,9 @@ def test_launch_config_allocates_nothing(monkeypatch):
     assert ce.launch_config(torch.float32, 50_257) == (8192, 16, 4)
 
 
-def test_auto_backend_on_cpu_is_torch(monkeypatch):
-    """'auto' never touches the kernels for CPU tensors (no Triton needed on the CPU)."""
+def test_auto_backend_on_cpu_is_torch(monkeypatch, own_path):
+    """'auto' never touches the kernels for CPU tensors (no Triton needed on the CPU); on
+    fusedce's own path, where a call this small is not handed to PyTorch."""
     from fusedce import _args
 
     monkeypatch.setattr(_args, "_kernels", lambda: pytest.fail("kernels used on CPU"))
