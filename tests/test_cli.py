@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from helpers import REPO_ROOT, checkout_env
 
+from fusedce import _route
 from fusedce.app import cli, tokenizer
 from fusedce.app.demo import DEFAULT_TEXTS, batch_from_texts, run_demo
 from fusedce.app.model import build_model
@@ -139,6 +140,20 @@ class TestDemo:
             "largest |difference|",
         ):
             assert step in printed, step
+        # 6 x 50,257 logits: "auto" hands the call to PyTorch's loss, and the demo says so
+        assert "'auto' -> PyTorch's own loss (a call this small" in printed
+
+    @pytest.mark.parametrize("route", ["backend-torch", "hand-off-off"])
+    def test_header_names_fusedce_s_own_path_where_it_runs(self, offline_tokenizer, route,
+                                                           monkeypatch):
+        if route == "hand-off-off":
+            monkeypatch.setattr(_route, "HAND_OFF", False)
+            args = dict(backend="auto")
+        else:
+            args = dict(backend="torch")
+        lines = []
+        run_demo(DEFAULT_TEXTS, device="cpu", repeats=1, out=lines.append, **args)
+        assert f"'{args['backend']}' -> fusedce's PyTorch implementation, chunked" in lines[1]
 
     @pytest.mark.parametrize(
         "texts, size",

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import fusedce
+from fusedce import _route
 
 from .model import SIZES, UsageError, build_model
 from .tokenizer import EOT_ID, TokenizerUnavailable, gpt2_encoding
@@ -150,6 +151,15 @@ def time_losses(loss_fns, logits, targets, repeats):
     return {name: (*results[name], statistics.median(times[name])) for name in loss_fns}
 
 
+def _handed_off(n_rows, vocab):
+    """Whether ``backend="auto"`` hands the demo's CPU call (fp32 logits (n_rows, vocab) that
+    need a gradient, class indices) to PyTorch's own loss, as ``fusedce.cross_entropy``
+    decides it."""
+    x = torch.zeros((), dtype=torch.float32).expand(n_rows, vocab).requires_grad_()
+    with torch.enable_grad():
+        return _route.pytorch_serves(x, torch.zeros(n_rows, dtype=torch.long), None, 0.0)
+
+
 def _fmt_token(enc, token_id):
     return repr(enc.decode([token_id]))
 
@@ -182,7 +192,9 @@ def run_demo(
             f"{n_ctx + 1}: use {hint}a shorter text"
         )
     on_gpu = backend == "triton" or (backend == "auto" and torch.device(device).type == "cuda")
-    impl = "Triton kernels" if on_gpu else "PyTorch, chunked"
+    impl = "Triton kernels" if on_gpu else "fusedce's PyTorch implementation, chunked"
+    if backend == "auto" and not on_gpu and _handed_off(inputs.numel(), vocab):
+        impl = "PyTorch's own loss (a call this small: fusedce/_route.py)"
     model = build_model(size, seed=seed, device=device)
     cfg = model.config
     n_params = sum(p.numel() for p in model.parameters())
