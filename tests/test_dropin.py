@@ -477,7 +477,7 @@ def test_ignore_index_integer_types(ignore_index, own_path):
 
 @pytest.mark.parametrize("ignore_index", [1.0, True, torch.tensor(1.0)],
                          ids=["float", "bool", "float-tensor"])
-def test_ignore_index_non_integer_raises_type_error(ignore_index):
+def test_ignore_index_non_integer_raises_type_error(ignore_index, either_route):
     x, t = torch.randn(3, 5), torch.tensor([0, 1, 2])
     with pytest.raises(TypeError, match="ignore_index"):
         F.cross_entropy(x, t, ignore_index=ignore_index)

@@ -65,7 +65,7 @@ WRONG_LENGTH = pytest.param({"weight": torch.ones(C + 1)}, "weight", id="weight-
 
 @pytest.mark.parametrize("bad, word", BAD)
 @pytest.mark.parametrize("loss", list(_losses()))
-def test_bad_option_raises_pytorchs_exception_type(loss, bad, word):
+def test_bad_option_raises_pytorchs_exception_type(loss, bad, word, either_route):
     expected = _pytorch_raises(**bad)
     with pytest.raises(expected, match=word):
         _losses()[loss](**bad)
@@ -73,7 +73,7 @@ def test_bad_option_raises_pytorchs_exception_type(loss, bad, word):
 
 @pytest.mark.parametrize("bad, word", [WRONG_LENGTH])
 @pytest.mark.parametrize("loss", [name for name in _losses() if "vocab" not in name])
-def test_wrong_weight_length_raises_pytorchs_exception_type(loss, bad, word):
+def test_wrong_weight_length_raises_pytorchs_exception_type(loss, bad, word, either_route):
     expected = _pytorch_raises(**bad)
     with pytest.raises(expected, match=word):
         _losses()[loss](**bad)

@@ -343,6 +343,10 @@ def test_chunk_rows_heuristic(device_type):
     assert chunk_rows(5, 768, 50_257, 4, device_type) == 5  # never more rows than tokens
     assert chunk_rows(10**6, 16, 10**8, 4, device_type) == 1  # a row above the byte cap
     assert chunk_rows(0, 8, 8, 4, device_type) == 1
+    # README: at least 128 rows (1/8 of 512 tokens is 64), a power of two
+    assert chunk_rows(512, 768, 1000, 4, device_type) == 128
+    assert chunk_rows(1000, 768, 1000, 4, device_type) == 128
+    assert chunk_rows(4096, 768, 1000, 4, device_type) == 512
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
@@ -485,6 +489,29 @@ def test_linear_label_smoothing_out_of_range_raises_runtime_error(smoothing):
         fusedce.cross_entropy(x @ W.t(), t, label_smoothing=smoothing, backend="torch")
     with pytest.raises(RuntimeError, match="label_smoothing"):
         fusedce.linear_cross_entropy(x, W, t, label_smoothing=smoothing)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_out_of_range_target_gives_nan_rows(backend):
+    """README: an out-of-range target gives a NaN loss (no host sync), where PyTorch's CPU
+    loss raises; the other rows keep PyTorch's values and gradients."""
+    gen = torch.Generator().manual_seed(8)
+    h, w = torch.randn(5, 8, generator=gen), torch.randn(10, 8, generator=gen)
+    t = torch.tensor([1, 10, 2, -3, 9])  # rows 1 and 3 out of range (-3 is not ignore_index)
+    with pytest.raises(IndexError):
+        F.linear_cross_entropy(h, w, t)
+    hf = h.clone().requires_grad_()
+    loss = fusedce.linear_cross_entropy(hf, w, t, reduction="none", backend=backend)
+    upstream = torch.randn(5, generator=gen)
+    loss.backward(upstream)
+    bad, ok = torch.tensor([1, 3]), torch.tensor([0, 2, 4])
+    assert loss[bad].isnan().all() and hf.grad[bad].isnan().all()
+    h64 = h[ok].double().requires_grad_()
+    ref = F.cross_entropy(F.linear(h64, w.double()), t[ok], reduction="none")
+    ref.backward(upstream[ok].double())
+    torch.testing.assert_close(loss[ok].double(), ref.detach(), atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(hf.grad[ok].double(), h64.grad, atol=2e-5, rtol=2e-5)
+    assert fusedce.linear_cross_entropy(h, w, t, backend=backend).isnan()  # 'mean'
 
 
 def test_uint8_target_156_linear():

@@ -54,19 +54,38 @@ def test_small_calls_get_pytorchs_results_bit_for_bit(dtype):
         assert torch.equal(got, want) and torch.equal(g_got, g_want)
 
 
-@pytest.mark.parametrize("grad", [True, False])
-def test_the_threshold_is_where_fusedce_takes_over(grad):
-    """One row short of the threshold: PyTorch's; at it: fusedce's (and the same numbers)."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+def test_the_threshold_is_where_fusedce_takes_over(grad, dtype, monkeypatch):
+    """One row short of the threshold: PyTorch's; at it: fusedce's (and the same numbers).
+    Which ran is read from the calls of PyTorch's loss (without a gradient there is no
+    graph to read)."""
+    from fusedce import functional
+
+    calls = []
+    pytorch_loss = functional._pytorch_loss
+    monkeypatch.setattr(functional, "_pytorch_loss",
+                        lambda *args: calls.append(args) or pytorch_loss(*args))
     c = 4096
-    rows = _threshold(grad, torch.float32) // c
+    rows = _threshold(grad, dtype) // c
     for n, own in ((rows - 1, False), (rows, True)):
-        x, target = _problem(n, c)
+        x, target = _problem(n, c, dtype)
+        calls.clear()
         with torch.set_grad_enabled(grad):
             got = fusedce.cross_entropy(x if grad else x.detach(), target)
+        assert (not calls) == own, n
         if grad:
             assert _ran_fusedce(got) == own, n
         ref = F.cross_entropy(x.detach().double(), target)
-        torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-5)
+        atol, rtol = (1e-5, 1e-5) if dtype == torch.float32 else (0, 2.0 ** -7)  # a bf16 ulp
+        torch.testing.assert_close(got.double(), ref, atol=atol, rtol=rtol)
+
+
+def test_the_thresholds_the_readme_gives():
+    """README: "under 8M logits in fp32, 16M in bf16, twice that under no_grad"."""
+    assert _route.MIN_LOGITS_GRAD == {torch.float32: 1 << 23, torch.bfloat16: 1 << 24}
+    for dtype, logits in _route.MIN_LOGITS_GRAD.items():
+        assert _route.MIN_LOGITS_NO_GRAD[dtype] == 2 * logits
 
 
 def test_fusedces_own_path_where_asked_or_needed():
