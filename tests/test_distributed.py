@@ -230,6 +230,7 @@ class CollectiveCounter:
 
     def __init__(self):
         self.calls = []
+        self.sent = []  # per outermost call: (name, elements, dtype) of the tensor it sends
         self._depth = 0
 
     def install(self):
@@ -244,6 +245,7 @@ class CollectiveCounter:
         def counted(*args, **kwargs):
             if self._depth == 0:
                 self.calls.append(name)
+                self.sent.append(_sent(name, args, kwargs))
             self._depth += 1
             try:
                 return fn(*args, **kwargs)
@@ -255,6 +257,20 @@ class CollectiveCounter:
     def take(self):
         calls, self.calls = self.calls, []
         return calls
+
+    def take_sent(self):
+        sent, self.sent = self.sent, []
+        return sent
+
+
+def _sent(name, args, kwargs):
+    """``(name, elements, dtype)`` of the tensor a collective sends (the input of a gather,
+    the tensor of an all-reduce); elements None where it is not a single tensor."""
+    key, pos = ("input_tensor", 1) if name.startswith("all_gather") else ("tensor", 0)
+    tensor = kwargs.get(key, args[pos] if len(args) > pos else None)
+    if isinstance(tensor, torch.Tensor):
+        return name, tensor.numel(), str(tensor.dtype)
+    return name, None, None
 
 
 def _targets(case, gen):
@@ -323,6 +339,7 @@ def _run_ce(case, rank, counter, group=None):
     if case.one_d:
         x, t = shard[0], target[0]
     counter.take()
+    counter.take_sent()
     threads = torch.get_num_threads()
     torch.set_num_threads(case.threads)
     try:
@@ -330,6 +347,7 @@ def _run_ce(case, rank, counter, group=None):
             x, t, vocab_start=start if case.pass_vocab_start else None, weight=weight,
             backend=case.backend, group=group, **opts, **extras)
         loss = out.loss if extras.get("return_aux") else out
+        fwd_sent = counter.take_sent()
         fwd_calls = counter.take()
         (grad,) = torch.autograd.grad(loss, shard, upstream.to(dtype).reshape(loss.shape))
         bwd_calls = counter.take()
@@ -354,6 +372,7 @@ def _run_ce(case, rank, counter, group=None):
         "grad_err": _rel_err(grad, ref_grad[:, cols]),
         "grad_err_vs_fused": _rel_err(grad, fused_grad[:, cols]),
         "fwd_calls": fwd_calls,
+        "fwd_sent": fwd_sent,
         "bwd_calls": bwd_calls,
     }
 
@@ -901,6 +920,20 @@ def test_collectives_per_step(results_2, results_4):
         assert _calls(results, case_id) == [(gather * 2, [])] * len(results), case_id
     for results, case_id in [(results_2, "linear-mean"), (results_4, "linear-gpt2-vocab")]:
         assert _calls(results, case_id) == [(gather, ["all_reduce"])] * len(results), case_id
+
+
+def test_what_the_forward_all_gather_sends(results_2, results_4):
+    """README: the forward's one all-gather sends 2N + 2 fp32 values per rank (3N + 2 with
+    label smoothing), N the rows, whatever the logits' dtype."""
+    for results, case_id, per_row in [(results_2, "mean", 2), (results_4, "gpt2-vocab-mean", 2),
+                                      (results_2, "weight-smoothing-none", 3),
+                                      (results_2, "triton-bf16", 3)]:
+        case = next(c for c in CASES_2 + CASES_4 if c.id == case_id)
+        assert (case.label_smoothing > 0) == (per_row == 3), case_id
+        for rank in results:
+            (name, elements, dtype), = rank[case_id]["fwd_sent"]
+            assert name.startswith("all_gather"), (case_id, name)
+            assert (elements, dtype) == (per_row * case.rows + 2, "torch.float32"), case_id
 
 
 GPU_CHECK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
