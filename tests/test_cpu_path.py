@@ -303,6 +303,21 @@ def test_cache_off(cache, monkeypatch):
     assert cache.entries == []
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("value, reused", [(None, True), ("0", False), ("1", True)])
+def test_cache_follows_the_environment(value, reused):
+    """README: ``FUSEDCE_GRAD_CACHE=0`` turns the reuse off (read once, at import)."""
+    env = checkout_env()
+    env.pop("FUSEDCE_GRAD_CACHE", None)
+    if value is not None:
+        env["FUSEDCE_GRAD_CACHE"] = value
+    code = "from fusedce.cpu import buffers; print(buffers.GRAD_CACHE)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, cwd=REPO_ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == [str(reused)]
+
+
 def test_shared_memory_buffer_is_never_reused(cache):
     """A gradient moved to shared memory (as torch.multiprocessing does to send it) may be
     mapped by another process, which no reference count here shows: never reused."""

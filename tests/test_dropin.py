@@ -569,6 +569,26 @@ def test_inference_mode_with_grad_enabled(inplace, own_path):
     torch.testing.assert_close(lin, lin_ref, atol=1e-6, rtol=1e-6)
 
 
+def test_autocast_makes_no_cast_copy(own_path):
+    """README: under torch.autocast the bf16 logits are read as they are, where PyTorch's
+    loss (an fp32 op under autocast) first copies them to fp32. The largest new storage of
+    forward and backward stays below an fp32 copy of the logits (the bf16 gradient and an
+    fp32 chunk are smaller); the same detector sees PyTorch's copy. Inline-sized (the worker
+    threads' ops would not pass through this thread's dispatch mode)."""
+    from test_linear import LargestAllocation
+
+    x = logits((200, 4096), torch.bfloat16)
+    t = indices((200,), 4096)
+    fp32_copy = x.numel() * 4
+    for fn, copies in ((F.cross_entropy, True), (fusedce.cross_entropy, False)):
+        xr = x.clone().requires_grad_()
+        with LargestAllocation() as mode, torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = fn(xr, t)
+            loss.backward()
+        assert loss.dtype == torch.float32 and xr.grad.dtype == torch.bfloat16
+        assert (mode.largest >= fp32_copy) == copies, (fn, mode.largest, fp32_copy)
+
+
 # ----------------------------------------------------------------------------- the module
 
 def test_module_matches_functional(either_route):
