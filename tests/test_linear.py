@@ -198,6 +198,29 @@ def test_matches_torch_linear_cross_entropy(reduction, chunked):
         assert_close(g, ref_g, 2e-5, 2e-5, "grad")
 
 
+def test_options_only_batch_chunk_size_is_used():
+    """README: of ``options=`` only ``batch_chunk_size`` is used, as ``chunk_size``: it bounds
+    the chunk's logits (the largest new storage), and the other fields change nothing (the
+    results equal those of ``chunk_size=`` bit for bit)."""
+    gen = torch.Generator().manual_seed(11)
+    n, h, v = 64, 2, 1000
+    x, w = torch.randn(n, h, generator=gen), torch.randn(v, h, generator=gen)
+    t = torch.randint(0, v, (n,), generator=gen)
+    for k in (4, 16):
+        results = []
+        for kw in (dict(options=torch.nn.LinearCrossEntropyOptions(
+                        batch_chunk_size=k, allow_retain_graph=True, acc_dtype=torch.float64)),
+                   dict(chunk_size=k)):
+            xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+            with LargestAllocation() as mode:
+                loss = fusedce.linear_cross_entropy(xr, wr, t, reduction="sum", **kw)
+                loss.backward()
+            assert k * v * 4 <= mode.largest <= 2 * k * v * 4, (k, kw, mode.largest)
+            results.append((loss, xr.grad, wr.grad))
+        for a, b in zip(*results):
+            assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_tied_embedding(reduction):
     """GPT-2 ties the head to the token embedding: the weight gradient is the sum of the
