@@ -6,6 +6,8 @@ registration is the same for CUDA). ``torch.library.opcheck`` checks the ops' re
 schema, fake (meta) implementations against the real ones.
 """
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -87,6 +89,51 @@ def test_training_step_options(kwargs):
     torch.testing.assert_close(loss_c, loss_e)
     for gc, ge in zip(grads_c, grads_e):
         torch.testing.assert_close(gc, ge)
+
+
+@pytest.mark.slow
+def test_legacy_arguments_warn_in_eager_mode_only():
+    """README: PyTorch's deprecation warning for ``size_average``/``reduce``, none inside
+    torch.compile (where PyTorch's own loss warns while it is traced), with the same loss."""
+    x = torch.randn(4, 7, generator=torch.Generator().manual_seed(4))
+    t = torch.tensor([0, 3, 6, 1])
+
+    def step(x, t):
+        return fusedce.cross_entropy(x * 2.0, t, size_average=False)
+
+    results = {}
+    for name, fn in (("eager", step),
+                     ("compiled", torch.compile(step, fullgraph=True, backend="aot_eager"))):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            results[name] = fn(x, t)
+        said = [w for w in caught if "size_average and reduce args" in str(w.message)]
+        assert len(said) == (1 if name == "eager" else 0), (name, said)
+    torch.testing.assert_close(results["compiled"], results["eager"])
+    torch.testing.assert_close(results["eager"], F.cross_entropy(x * 2.0, t, reduction="sum"))
+
+
+@pytest.mark.slow
+def test_inplace_backward_has_no_effect_under_compile():
+    """README: under torch.compile ``inplace_backward`` is accepted and changes nothing: the
+    logits a compiled step returns are intact (in eager mode the gradient overwrites them),
+    and the gradient is eager mode's."""
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(4, 7, generator=gen)
+    t = torch.tensor([0, 3, 6, 1])
+
+    def step(x, t):
+        logits = x * 2.0
+        return fusedce.cross_entropy(logits, t, inplace_backward=True), logits
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    grads = {}
+    for name, fn in (("eager", step), ("compiled", compiled)):
+        xr = x.clone().requires_grad_()
+        loss, logits = fn(xr, t)
+        assert torch.equal(logits.detach(), x * 2.0) == (name == "compiled"), name
+        (grads[name],) = torch.autograd.grad(loss, xr)
+    torch.testing.assert_close(grads["compiled"], grads["eager"])
 
 
 class _no_warning:
