@@ -28,6 +28,7 @@ mmap threshold is fixed at 1 MiB there so that no buffer hides in memory freed e
 CUDA: ``torch.cuda.max_memory_allocated`` above the inputs, less the same.
 """
 
+import functools
 import gc
 import json
 import os
@@ -135,28 +136,29 @@ def step(fn, pass_, x):
 
 
 def time_cases(cases, pass_, tokens, vocab=VOCAB, dtype="fp32", device="cpu", repeats=5,
-               warmup=1, seed=0):
+               warmup=1, seed=0, others=None):
     """Median seconds of each runnable case, interleaved; ``{case: seconds}`` and
-    ``{case: reason}`` for the cases skipped."""
+    ``{case: reason}`` for the cases skipped. ``others``: ``{name: fn(x)}`` timed first
+    among them on the same fresh logits (``bench.floor``'s passes)."""
     pristine, target = make_inputs(tokens, vocab, dtype, device, seed)
     step.target = target
-    fns, skipped = {}, {}
+    runs, skipped = dict(others or {}), {}
     for case in cases:
         if not applies(case, pass_):
             continue
         try:
-            fns[case] = loss_fn(case, device)
+            runs[case] = functools.partial(step, loss_fn(case, device), pass_)
         except Unavailable as e:
             skipped[case] = str(e)
-    times = {case: [] for case in fns}
+    times = {case: [] for case in runs}
     work = torch.empty_like(pristine)
     for r in range(warmup + repeats):
-        for case, fn in fns.items():
+        for case, run in runs.items():
             x = work.detach()
             x.copy_(pristine)  # untimed: the same start for every case, fresh logits
             _sync(device)
             start = time.perf_counter()
-            keep = step(fn, pass_, x)
+            keep = run(x)
             _sync(device)
             elapsed = time.perf_counter() - start
             del keep, x

@@ -23,12 +23,11 @@ one process, on as many threads as PyTorch's own ops use. Medians; ``x compile``
 """
 
 import argparse
-import statistics
-import time
+import functools
 
 import torch
 
-from bench.ce import device_name, loss_fn, make_inputs, step
+from bench.ce import device_name, time_cases
 from bench.output import add_shape_arguments
 
 LOSSES = ("fusedce", "compile", "eager")
@@ -40,27 +39,12 @@ PASSES = {
 
 
 def run(tokens=2048, vocab=50_257, repeats=9, warmup=1, losses=LOSSES):
-    """``{case: median seconds}`` over ``repeats`` interleaved rounds after ``warmup``."""
-    pristine, target = make_inputs(tokens, vocab)
-    step.target = target
-    work = torch.empty_like(pristine)
-    out = torch.empty_like(pristine).fill_(0.0)  # resident, as a reused gradient buffer is
-    fns = {case: loss_fn(case, "cpu") for case in losses}
-    times = {case: [] for case in (*PASSES, *losses)}
-    for r in range(warmup + repeats):
-        for case in times:
-            x = work.detach()
-            x.copy_(pristine)  # untimed: fresh logits, the same start for every case
-            start = time.perf_counter()
-            if case in PASSES:
-                PASSES[case](x, out)
-            else:
-                keep = step(fns[case], "fwd_bwd", x)
-                del keep
-            elapsed = time.perf_counter() - start
-            if r >= warmup:
-                times[case].append(elapsed)
-    return {case: statistics.median(ts) for case, ts in times.items()}
+    """``{case: median seconds}``: the passes, then the losses' forward + backward."""
+    out = torch.empty(tokens, vocab).fill_(0.0)  # resident, as a reused gradient buffer is
+    passes = {name: functools.partial(fn, g=out) for name, fn in PASSES.items()}
+    times, _ = time_cases(losses, "fwd_bwd", tokens, vocab, repeats=repeats, warmup=warmup,
+                          others=passes)
+    return times
 
 
 def report(times, tokens, vocab, repeats):

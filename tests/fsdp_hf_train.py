@@ -5,11 +5,10 @@ half of the batch. Prints the losses of the whole batch (the ranks' mean: their 
 are equal)."""
 
 import argparse
-import os
-import sys
 
 import torch
 import transformers
+from helpers import leave_rank
 
 import fusedce.hf
 
@@ -56,11 +55,7 @@ def main():
         print("losses", " ".join(f"{v:.6f}" for v in (losses / dist.get_world_size()).tolist()))
     dist.barrier()  # every rank done before any tears the group down (gloo aborts else)
     dist.destroy_process_group()
-    # FSDP2 keeps the gloo group's threads alive into interpreter finalization, where one
-    # may abort the process (examples/fsdp_vocab_parallel.py, leave_without_finalizing)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave_rank()
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import time
 import traceback
 import zlib
 
+import helpers
 import nan_fill
 import pytest
 import torch
@@ -720,12 +721,7 @@ def _worker(rank, world, cases, init_file, out_dir):
         results[case.id]["seconds"] = time.perf_counter() - began
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
-    # DTensor's caches keep the mesh, and the gloo group's threads, alive into interpreter
-    # finalization, where one may abort the process after the work is done
-    # (examples/fsdp_vocab_parallel.py, leave_without_finalizing): leave at once instead
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    helpers.leave_rank()
 
 
 # ------------------------------------------------------------------------ in pytest
