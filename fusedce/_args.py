@@ -153,7 +153,8 @@ def _finite_float(name, value):
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value):
+    if not -math.inf < value < math.inf:  # not math.isfinite: torch.compile(dynamic=True)
+        # traces this and cannot put the bool math.isfinite returns in its graph
         raise ValueError(f"{name} must be finite, got {value}")
     return value
 

@@ -267,3 +267,33 @@ def test_double_backward_raises_under_compile():
     g, = torch.autograd.grad(loss, x, create_graph=True)
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad((g * g).sum(), x)
+
+
+@pytest.mark.slow
+def test_dynamic_shapes_fullgraph():
+    """torch.compile(dynamic=True) traces the argument checks with symbolic sizes and
+    floats: no graph break (math.isfinite broke it), and one graph serves two batch sizes
+    and two vocabularies with F.cross_entropy's results and gradients (float64 reference),
+    the extras included. (fusedce.linear_cross_entropy is not one graph: its forward calls
+    back into Python, and compiles with graph breaks.)"""
+    kw = dict(label_smoothing=0.1, logit_scale=0.5, softcap=8.0, ignore_index=1)
+    compiled = torch.compile(lambda x, t: fusedce.cross_entropy(x, t, **kw), fullgraph=True,
+                             dynamic=True, backend="aot_eager")
+    linear = torch.compile(lambda h, w, t: fusedce.linear_cross_entropy(h, w, t),
+                           dynamic=True, backend="aot_eager")
+    gen = torch.Generator().manual_seed(8)
+    for rows, classes in [(5, 11), (9, 23)]:
+        x = torch.randn(rows, classes, generator=gen, requires_grad=True)
+        h = torch.randn(rows, 4, generator=gen, requires_grad=True)
+        w = torch.randn(classes, 4, generator=gen, requires_grad=True)
+        target = torch.randint(0, classes, (rows,), generator=gen)
+        target[0] = 1  # ignored by the first loss
+        losses = compiled(x, target), linear(h, w, target)
+        grads = torch.autograd.grad(losses[0] + losses[1], (x, h, w))
+        x64, h64, w64 = (t.detach().double().requires_grad_() for t in (x, h, w))
+        z = kw["softcap"] * torch.tanh(kw["logit_scale"] * x64 / kw["softcap"])
+        refs = (F.cross_entropy(z, target, label_smoothing=0.1, ignore_index=1),
+                F.cross_entropy(h64 @ w64.t(), target))
+        ref_grads = torch.autograd.grad(refs[0] + refs[1], (x64, h64, w64))
+        for got, want in zip(losses + grads, refs + ref_grads):
+            torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=1e-6)
