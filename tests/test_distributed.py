@@ -26,6 +26,7 @@ import helpers
 import nan_fill
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 if not torch.cuda.is_available():
     # the workers inherit the environment; Triton must see this before it is imported
@@ -272,6 +273,22 @@ def _sent(name, args, kwargs):
     if isinstance(tensor, torch.Tensor):
         return name, tensor.numel(), str(tensor.dtype)
     return name, None, None
+
+
+class FunctionalCollectives(TorchDispatchMode):
+    """Records ``(op, elements, dtype)`` of each functional collective dispatched (those
+    DTensor's redistributions issue), the sizes CommDebugMode does not give."""
+
+    def __init__(self):
+        super().__init__()
+        self.sent = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        if func.namespace == "_c10d_functional" and not name.startswith(("wait", "_")):
+            tensor = args[0]  # not waits, nor the autograd wrapper of a result
+            self.sent.append((name, tensor.numel(), str(tensor.dtype)))
+        return func(*args, **(kwargs or {}))
 
 
 def _targets(case, gen):
@@ -558,7 +575,7 @@ def _run_dtensor_ce(case, rank, counter):
     if case.patched:
         context.enter_context(loss_parallel())
         context.enter_context(fusedce.patched())
-    with context, CommDebugMode() as fwd_comm:
+    with context, CommDebugMode() as fwd_comm, FunctionalCollectives() as fwd_functional:
         if case.patched:  # patched: F.cross_entropy sends the call to fusedce ("auto")
             out = F.cross_entropy(x, t, weight=weight, **opts)
         else:  # the case's backend: "auto" would hand a rank's small slice to PyTorch
@@ -584,6 +601,7 @@ def _run_dtensor_ce(case, rank, counter):
         "fwd_calls": fwd_calls,
         "bwd_calls": bwd_calls,
         "comm_counts": (fwd_comm.get_total_counts(), bwd_comm.get_total_counts()),
+        "fwd_functional_sent": fwd_functional.sent,
     }
 
 
@@ -883,6 +901,10 @@ def _check_dtensor_ce(case, per_rank):
         elif case.placement == "batch" and case.reduction != "none":
             assert res["fwd_calls"] == [] and res["comm_counts"][0] == 1, res
             assert res["loss_placements"] == "(Replicate(),)"
+            # README: "plus one all-reduce of 2 numbers" (the sum and, for 'mean', the count)
+            numbers = 2 if case.reduction == "mean" else 1
+            assert res["fwd_functional_sent"] == [("all_reduce", numbers, "torch.float32")], \
+                res["fwd_functional_sent"]
         else:
             assert res["fwd_calls"] == [] and res["comm_counts"][0] == 0, res
 
