@@ -163,15 +163,32 @@ def _forward_grad(x, ce, reduction):
 
 
 def _scale_(t, factor, rows=1 << 14):
-    """``t *= factor`` (a 0-d fp32 tensor), multiplied in fp32 where ``t`` is 16-bit (the
-    factor rounded to fp16 would lose digits or underflow), ``rows`` rows at a time."""
+    """``t *= factor`` (a 0-d fp32 tensor, or one per row of ``t``: (rows, 1)), multiplied in
+    fp32 where ``t`` is 16-bit (the factor rounded to fp16 would lose digits or underflow),
+    ``rows`` rows at a time."""
     if t.dtype not in (torch.float16, torch.bfloat16):
         return t.mul_(factor.to(t.dtype))
     flat = t.view(t.shape[0], -1) if t.dim() else t.view(1, 1)
     for s in range(0, flat.shape[0], rows):
         part = flat[s:s + rows]
-        part.copy_(part.float().mul_(factor))
+        part.copy_(part.float().mul_(factor if factor.dim() == 0 else factor[s:s + rows]))
     return t
+
+
+def _upstream_of_kept_rows(ce, g, n_rows):
+    """The upstream gradient ``g`` (0-d) of a 'mean' / 'sum' loss as the weight's and the
+    bias's factor, and the input's per row ((n_rows, 1)), so that what PyTorch never
+    multiplies stays 0 when ``g`` is inf or NaN (a sum over 0 items, as Hugging Face's
+    ``loss / num_items_in_batch`` is when no label counts): a row whose targets are all
+    ignored has a zero input gradient, and with every row ignored so have the weight and
+    the bias. Device ops, no host sync."""
+    if ce.soft:  # probability targets ignore no row
+        return g, g
+    ignore_index, _ = ce.options
+    kept = (ce.t.reshape(n_rows, -1) != ignore_index).any(1) if n_rows else \
+        torch.zeros(0, dtype=torch.bool, device=g.device)
+    zero = torch.zeros((), dtype=g.dtype, device=g.device)
+    return torch.where(kept.any(), g, zero), torch.where(kept, g, zero).reshape(n_rows, 1)
 
 
 def _logits_buffer(x, n_outputs, rows):
@@ -272,6 +289,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         del buf
         ctx.grads = (acc.grad_input, acc.grad_weight, acc.grad_bias, dtarget)
         ctx.stored_scale = grad.stored
+        ctx.x_rows = x.shape[0]
         # for a second backward, or one under create_graph=True (references, not copies)
         ctx.save_for_backward(x, linear_weight, linear_bias, target, lse, sums)
         return _outputs(ctx, _reduced(loss, lse, ce, reduction, loss_shape), lse, aux)
@@ -294,7 +312,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             elif g.device.type == "cpu" and bool(g == 1):  # a CPU read is no device sync
                 g = None
             if g is not None:
-                grads = tuple(_scale_(t, g) if t is not None else None for t in grads)
+                g, g_rows = _upstream_of_kept_rows(ce, g, ctx.x_rows)
+                gx, gw, gb, gt = grads
+                grads = (None if gx is None else _scale_(gx, g_rows),
+                         *(None if t is None else _scale_(t, g) for t in (gw, gb, gt)))
         w_dtype, b_dtype, t_dtype = ctx.dtypes
         gx, gw, gb, gt = grads
         return (gx if need_x else None, gw.to(w_dtype) if need_w else None,

@@ -414,6 +414,40 @@ def test_every_row_ignored_and_empty_batch(reduction):
             torch.testing.assert_close(g.double(), ref_g, equal_nan=True)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("upstream", [math.inf, math.nan], ids=["inf", "nan"])
+def test_non_finite_upstream_leaves_ignored_rows_zero(backend, dtype, reduction, upstream):
+    """Hugging Face's loss is ``linear CE 'sum' / num_items_in_batch``: a batch whose labels
+    are all -100 divides by 0, so the upstream gradient is inf (NaN through a NaN mean).
+    PyTorch never multiplies it into an ignored row, so its gradients are then all 0 (one
+    NaN would spread to every parameter by the optimizer step); with some rows counted,
+    the ignored rows' input gradient is 0 and the others' not finite, as PyTorch's."""
+    x, w, target, kwargs, _ = make_problem(6, 5, 11, dtype, bias=True, seed=3)
+    kwargs.pop("ignore_index", None)
+    for ignored in (slice(None), slice(0, 6, 2)):
+        t = target.clone()
+        t[ignored] = -100
+        grads = {}
+        for name, fn, kw in [("pytorch", F.linear_cross_entropy, {}),
+                             ("fusedce", fusedce.linear_cross_entropy, {"backend": backend})]:
+            xs = [a.detach().clone().requires_grad_() for a in (x, w, kwargs["linear_bias"])]
+            loss = fn(xs[0], xs[1], t, linear_bias=xs[2], reduction=reduction,
+                      ignore_index=-100, **kw)
+            grads[name] = torch.autograd.grad(loss * upstream, xs)
+        if ignored == slice(None):
+            for got, want in zip(grads["fusedce"], grads["pytorch"]):
+                assert not want.any() and not got.any(), got
+        else:
+            rows = torch.zeros(6, dtype=torch.bool)
+            rows[ignored] = True
+            assert not grads["pytorch"][0][rows].any()
+            assert not grads["fusedce"][0][rows].any(), grads["fusedce"][0]
+            assert not grads["fusedce"][0][~rows].isfinite().any()
+
+
 def test_unbatched_input():
     x, w, target, kwargs, _ = make_problem(1, 7, 13, torch.float32, bias=True)
     for reduction in ["mean", "none"]:
