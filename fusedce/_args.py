@@ -17,7 +17,7 @@ import torch
 
 REDUCTIONS = ("none", "mean", "sum")
 BACKENDS = ("auto", "triton", "torch")
-INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+INDEX_DTYPES = (torch.int64, torch.int32, torch.uint8)  # PyTorch's Long and Byte, and int32
 _LOW_PRECISION = (torch.float16, torch.bfloat16)  # what autocast computes the loss in fp32 for
 
 
@@ -47,19 +47,27 @@ def reduction(value, size_average=None, reduce=None):
     return value
 
 
-def label_smoothing(value):
-    """``label_smoothing`` as a float in [0, 1]; RuntimeError outside, as F.cross_entropy
-    (F.linear_cross_entropy accepts a negative value; fusedce raises for it everywhere)."""
+def label_smoothing(value, fn="cross_entropy"):
+    """``label_smoothing`` as a float in [0, 1]: what PyTorch's argument parser takes for a
+    float (a real number, bool, a 0-d tensor), TypeError for anything else (a str, None);
+    RuntimeError outside [0, 1], as F.cross_entropy, and for NaN and a negative value, which
+    F.cross_entropy ignores and F.linear_cross_entropy applies."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dim() == 0:
+        value = value.item()
+    if not isinstance(value, numbers.Real):
+        raise TypeError(f"{fn}(): argument 'label_smoothing' must be float, "
+                        f"not {type(value).__name__}")
     value = float(value)
     if not 0.0 <= value <= 1.0:
         raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {value}")
     return value
 
 
-def ignore_index(value, fn="cross_entropy", default=-100):
+def ignore_index(value, fn="cross_entropy", default=None):
     """``ignore_index`` as an int: any integer (numpy.int64, a 0-d integer tensor), not
-    bool, TypeError otherwise; None gives ``default`` (F.linear_cross_entropy's None)."""
-    if value is None:
+    bool, TypeError otherwise; None gives ``default`` where there is one (-100 for
+    F.linear_cross_entropy's None; F.cross_entropy refuses None)."""
+    if value is None and default is not None:
         return default
     try:
         if isinstance(value, bool):
@@ -178,8 +186,9 @@ def extras(logit_scale=1.0, softcap=None, lse_square_scale=0.0, return_aux=False
 def loss_options(fn, reduction_, label_smoothing_, ignore_index_, backend_):
     """The four options every loss takes, checked: ``(reduction, label_smoothing,
     ignore_index, backend)``."""
-    return (reduction(reduction_), label_smoothing(label_smoothing_),
-            ignore_index(ignore_index_, fn), backend(backend_))
+    return (reduction(reduction_), label_smoothing(label_smoothing_, fn),
+            ignore_index(ignore_index_, fn, -100 if fn == "linear_cross_entropy" else None),
+            backend(backend_))
 
 
 # ------------------------------------------------------------------------------------------
@@ -337,7 +346,7 @@ def linear_inputs(input, linear_weight, linear_bias, target, ignore_index_):
     if tuple(target.shape) == logits_shape and ignore_index_ is not None:
         raise RuntimeError("ignore_index cannot be specified when target contains "
                            "probabilities")
-    ignore_index_ = ignore_index(ignore_index_, "linear_cross_entropy")
+    ignore_index_ = ignore_index(ignore_index_, "linear_cross_entropy", -100)
     # cross_entropy's checks of the target against the logits, on a tensor without data
     logits = torch.empty((), dtype=input.dtype, device="meta").expand(logits_shape)
     _, t, loss_shape, soft = ce_inputs(logits, target, ignore_index_)

@@ -9,6 +9,7 @@ TRITON_INTERPRET=1 without a GPU) and the PyTorch implementation run every value
 Targeted numerical cases (extreme logits, shifts, ignored rows) are in test_numerics.py.
 """
 
+import math
 import warnings
 from functools import partial
 
@@ -431,6 +432,12 @@ BAD_INPUT = [
     pytest.param(lambda f: f(X, [0, 1, 2, 3]), id="target-list"),
     pytest.param(lambda f: f(X, T, ignore_index=1.5), id="ignore-index-float"),
     pytest.param(lambda f: f(X, T, ignore_index=True), id="ignore-index-bool"),
+    pytest.param(lambda f: f(X, T, ignore_index=None), id="ignore-index-none"),
+    pytest.param(lambda f: f(X, T, label_smoothing="0.1"), id="smoothing-str"),
+    pytest.param(lambda f: f(X, T, label_smoothing=None), id="smoothing-none"),
+    pytest.param(lambda f: f(X, T, label_smoothing=math.inf), id="smoothing-inf"),
+    pytest.param(lambda f: f(X, T.to(torch.int16)), id="int16-target"),
+    pytest.param(lambda f: f(X, T.to(torch.int8)), id="int8-target"),
     pytest.param(lambda f: f(X, T.to("meta")), id="target-other-device"),
     pytest.param(lambda f: f(X, torch.tensor([0, 1, 2, 5])), id="target-out-of-range"),
     pytest.param(lambda f: f(logits((3, 0)), torch.zeros(3).long()), id="no-classes"),
@@ -512,14 +519,20 @@ def test_signature_matches_pytorch():
 
 def test_documented_differences_from_pytorch():
     """Where fusedce deliberately differs (README, Drop-in): int32 class indices and a
-    weight of another float dtype are accepted; a negative label_smoothing (PyTorch
+    weight of another float dtype are accepted; a negative or NaN label_smoothing (PyTorch
     silently treats it as 0) raises."""
     torch.testing.assert_close(fusedce.cross_entropy(X, T.int()), F.cross_entropy(X, T))
     torch.testing.assert_close(
         fusedce.cross_entropy(X.bfloat16(), T, weight=torch.ones(5)).float(),
         F.cross_entropy(X.bfloat16(), T).float())
-    with pytest.raises(RuntimeError, match="label_smoothing must be between 0.0 and 1.0"):
-        fusedce.cross_entropy(X, T, label_smoothing=-0.1)
+    for smoothing in (-0.1, math.nan):
+        F.cross_entropy(X, T, label_smoothing=smoothing)  # PyTorch takes it
+        with pytest.raises(RuntimeError, match="label_smoothing must be between 0.0 and 1.0"):
+            fusedce.cross_entropy(X, T, label_smoothing=smoothing)
+    # what PyTorch's parser takes for a float, fusedce takes too
+    for smoothing in (True, np.float32(0.25), torch.tensor(0.25), 1):
+        torch.testing.assert_close(fusedce.cross_entropy(X, T, label_smoothing=smoothing),
+                                   F.cross_entropy(X, T, label_smoothing=smoothing))
 
 
 # -------------------------------- autograd: create_graph, double backward, inference mode
