@@ -110,6 +110,28 @@ def test_masked_vocabulary(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("fill", ["finfo.min", -1e30], ids=["finfo-min", "-1e30"])
+@pytest.mark.parametrize("n_cols", [300, 50_257])
+def test_masked_padding_row_ignored(backend, dtype, fill, n_cols):
+    """A padding row masked whole (every logit finfo.min, as ``masked_fill`` with
+    ``torch.finfo(dtype).min`` makes) and ignored: loss and gradient 0 as PyTorch's, the
+    others unchanged. The kernels' forward took x * log2(e) - m * log2(e), both -inf beyond
+    |x| = 2.4e38: NaN, and 0 * NaN in the ignored row's gradient, which an optimizer step
+    spreads to every parameter."""
+    x, target, _ = make_inputs(3, n_cols, dtype, seed=11)
+    x[1] = torch.finfo(dtype).min if fill == "finfo.min" else fill
+    target[1] = -100
+    for reduction in ("none", "mean"):
+        ref_loss, ref_grad, upstream = reference(x, target, reduction=reduction)
+        loss, grad = fused(x, target, upstream, reduction=reduction, backend=backend)
+        atol, rtol = (2e-5, 2e-5) if dtype == torch.float32 else (1e-6, 2**-7 + 1e-5)
+        assert_close(loss, ref_loss, atol, rtol, "loss")
+        assert_close(grad, ref_grad, atol, rtol, "grad")
+        assert not grad[1].any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_nan_and_inf_propagate(backend):
     """A NaN or +inf logit makes that row's loss NaN, as PyTorch's does; others stay finite."""
     x, target, _ = make_inputs(3, 100, torch.float32, seed=8)

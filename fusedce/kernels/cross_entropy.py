@@ -97,8 +97,15 @@ def _lse_step(x, w_ptrs, mask, m, d, q, w_seen, HAS_WEIGHT: tl.constexpr,
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
     # x * LOG2E - m_ref * LOG2E: one FFMA per element instead of FADD + FMUL (the forward
     # loop is near the issue rate an H200 needs for bf16). The rounding of m_ref * LOG2E is
-    # shared by the whole block: it moves lse by about one ulp of m, no more.
-    d = d * tl.exp2((m - m_ref) * LOG2E) + tl.sum(tl.exp2(x * LOG2E - m_ref * LOG2E), axis=0)
+    # shared by the whole block: it moves lse by about one ulp of m, no more. Beyond
+    # |m| = 2e38, m_ref * LOG2E overflows (a row masked with finfo.min: -inf - -inf = NaN,
+    # which reached the gradient of an ignored row as 0 * NaN): there the subtraction
+    # first, a branch every thread of the program takes alike.
+    if tl.abs(m_ref) < 2.0e38:
+        e = tl.exp2(x * LOG2E - m_ref * LOG2E)
+    else:
+        e = tl.exp2((x - m_ref) * LOG2E)
+    d = d * tl.exp2((m - m_ref) * LOG2E) + tl.sum(e, axis=0)
     if HAS_SMOOTHING:
         if HAS_WEIGHT:
             w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
