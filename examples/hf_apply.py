@@ -6,7 +6,8 @@ never the (tokens x vocab) logits.
 The model is small and randomly initialised (no download); ``GPT2LMHeadModel.from_pretrained
 ("gpt2")`` works the same way, and so do Llama, Mistral, Qwen2, Gemma-2 and Phi-3 models.
 A few AdamW steps on one repeated batch: the loss falls, as with the unpatched model, whose
-losses are printed beside (same start, same data). ``generate`` is the model's own.
+losses are printed beside (same start, same data). ``generate`` is the model's own, and so
+is a labelled call under ``torch.no_grad()`` (evaluation: it returns the logits).
 """
 
 import copy

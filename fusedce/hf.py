@@ -1,12 +1,15 @@
 """Hugging Face causal LMs whose training loss never holds the logits: ``fusedce.hf.apply``.
 
-``apply(model)`` makes an instantiated ``transformers`` causal LM compute its loss, when its
-forward gets ``labels``, with :func:`fusedce.linear_cross_entropy` straight from the final
-hidden states and the output embedding, one chunk of tokens at a time. Nothing else of the
-model changes: the same ``forward`` runs (the base model, ``logits_to_keep``, the model's own
-arguments), except that while a labelled forward runs, the output layer hands its input to
-the loss instead of computing the (tokens x vocab) logits, and the loss function is
-fusedce's. What the model's own loss does is kept:
+``apply(model)`` makes an instantiated ``transformers`` causal LM of one of the ``CLASSES``
+(``GPT2LMHeadModel``, ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``,
+``Gemma2ForCausalLM``, ``Phi3ForCausalLM``, or a subclass that keeps their ``forward``)
+compute its loss, when its forward gets ``labels`` with gradients enabled (training), with
+:func:`fusedce.linear_cross_entropy` straight from the final hidden states and the output
+embedding, one chunk of tokens at a time. Nothing else of the model changes: the same
+``forward`` runs (the base model, ``logits_to_keep``, the model's own arguments), except that
+while such a forward runs, the output layer hands its input to the loss instead of computing
+the (tokens x vocab) logits, and the loss function is fusedce's. What the model's own loss
+does is kept:
 
 - the one-token label shift (``labels`` padded with ``-100``, or ``shift_labels`` as given),
   ``ignore_index=-100``;
@@ -14,91 +17,243 @@ fusedce's. What the model's own loss does is kept:
 - Gemma-2's ``final_logit_softcapping`` (fusedce's ``softcap``);
 - the output embedding tied to the input one or not, with its bias where it has one.
 
-Without ``labels`` (inference, ``generate``) the model returns exactly its own logits. With
-them, the output's ``logits`` is None: none were made. ``remove(model)`` undoes ``apply``.
+With ``labels`` and gradients enabled the output's ``logits`` is None: none were made.
+Without ``labels`` (inference, ``generate``), or with gradients disabled (``torch.no_grad``,
+``torch.inference_mode``: ``Trainer.evaluate`` and ``predict``, which hand the logits to
+``compute_metrics``), the model's own forward runs unchanged: its logits, its own loss.
+``remove(model)`` undoes ``apply``.
 
-``import fusedce`` never imports ``transformers``; this module needs it only in ``apply``.
+What is kept on the model is plain objects in its ``__dict__`` (no closures):
+``copy.deepcopy`` of a patched model is an independent patched model (its loss reads its own
+weights), and ``torch.save(model)`` / ``pickle`` work (loading it needs ``fusedce``; the
+loaded model is patched). The patch follows the output layer: a new one (e.g. made by
+``resize_token_embeddings`` after ``apply``, tied or not) is patched at the next labelled
+forward with gradients, and the old one is restored.
+
+Not supported:
+
+- using one patched model from several threads while one of them runs a labelled forward
+  with gradients (that forward's state is kept on the model and its output layer, and
+  Gemma-2's softcap is lifted from its config while it runs); so neither is
+  ``torch.nn.DataParallel``, whose replicas share the original's patched forward (which
+  reads the original's output layer). Labelled calls without gradients are the model's own
+  and may run concurrently, as the unpatched model's may;
+- an output layer sharded as its own FSDP unit (FSDP2's ``fully_shard(model.lm_head)``, or
+  an FSDP1 wrapper of it): its weight is resharded before the loss would read it, so a
+  labelled forward with gradients raises ``NotImplementedError``. Shard the output layer
+  with the root module (``fully_shard`` on the blocks, then on the whole model), as
+  ``tests/fsdp_hf_train.py`` does.
+
+``import fusedce`` never imports ``transformers``; this module imports it only when used on
+a model, and imports nothing of ``torch.distributed`` (it looks in ``sys.modules``).
 """
 
-import functools
 import inspect
+import sys
 
 import torch
 
 from .linear import linear_cross_entropy
 
-# model_type -> how its logits come from the output layer (all: ``lm_head(hidden)``;
-# "softcap": then Gemma-2's ``cap * tanh(logits / cap)``)
-FAMILIES = {
-    "gpt2": "plain",
-    "llama": "plain",
-    "mistral": "plain",
-    "qwen2": "plain",
-    "gemma2": "softcap",
-    "phi3": "plain",
+# The causal-LM classes whose forward the patch understands (all: ``logits =
+# lm_head(hidden)``, then ``self.loss_function(logits, labels, vocab_size, **kwargs)``;
+# "softcap": in between, Gemma-2's ``cap * tanh(logits / cap)``), by qualified name, so
+# that checking a model imports no other model's code.
+CLASSES = {
+    "transformers.models.gpt2.modeling_gpt2.GPT2LMHeadModel": "plain",
+    "transformers.models.llama.modeling_llama.LlamaForCausalLM": "plain",
+    "transformers.models.mistral.modeling_mistral.MistralForCausalLM": "plain",
+    "transformers.models.qwen2.modeling_qwen2.Qwen2ForCausalLM": "plain",
+    "transformers.models.gemma2.modeling_gemma2.Gemma2ForCausalLM": "softcap",
+    "transformers.models.phi3.modeling_phi3.Phi3ForCausalLM": "plain",
 }
 
 _STATE = "_fusedce_hf"
 
 
-class _Applied:
-    """What ``apply`` changed on one model, and the hidden states of the forward running."""
+def _supported_names():
+    return ", ".join(name.rsplit(".", 1)[1] for name in CLASSES)
 
-    def __init__(self, model, head):
-        self.model, self.head = model, head
+
+def _kind(model):
+    """'plain' or 'softcap' for a model of a supported class; ValueError otherwise."""
+    cls = type(model)
+    for base in cls.__mro__:
+        kind = CLASSES.get(f"{base.__module__}.{base.__qualname__}")
+        if kind is None:
+            continue
+        if cls.forward is not base.forward:
+            raise ValueError(f"fusedce.hf.apply: {cls.__name__} overrides the forward of "
+                             f"{base.__name__}, which fusedce.hf does not know; it supports "
+                             f"{_supported_names()} and subclasses that keep their forward")
+        return kind
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    raise ValueError(f"fusedce.hf.apply does not support {cls.__name__} (config.model_type "
+                     f"{model_type!r}): it supports the causal LMs {_supported_names()} "
+                     f"(and subclasses that keep their forward)")
+
+
+def _own_fsdp_unit(module):
+    """Whether ``module`` was passed to FSDP2's ``fully_shard`` or is an FSDP1 wrapper.
+    Imports nothing: while ``torch.distributed.fsdp`` is not imported, neither can be."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    if fsdp is None:
+        return False
+    kinds = tuple(k for k in (getattr(fsdp, "FSDPModule", None),
+                              getattr(fsdp, "FullyShardedDataParallel", None)) if k is not None)
+    return bool(kinds) and isinstance(module, kinds)
+
+
+class _Capture:
+    """Shared by a patched model and its output layer: whether a fused labelled forward is
+    running, and the hidden states the output layer got in it. (An output layer copied on
+    its own gets its own, never active: the copy computes its logits.)"""
+
+    def __init__(self):
         self.active = False
         self.hidden = None
+
+
+class _HeadForward:
+    """The patched output layer's ``forward``: its own, except in a fused labelled forward
+    of its model, where it keeps its input for the loss and returns placeholder logits."""
+
+    def __init__(self, head, capture, saved):
+        self.head, self.capture = head, capture
+        self.saved = saved  # an instance attribute ``forward`` it had, or None
+
+    def original(self):
+        return self.saved if self.saved is not None else type(self.head).forward.__get__(
+            self.head)
+
+    def __call__(self, hidden):
+        if not self.capture.active:
+            return self.original()(hidden)
+        self.capture.hidden = hidden
+        # what the model reads as its logits: the right shape, one element of memory
+        return hidden.new_zeros(()).expand(*hidden.shape[:-1], self.head.out_features)
+
+
+class _Applied:
+    """What ``apply`` changed on one model (kept on it as ``model._fusedce_hf``), and the
+    state of the fused labelled forward running."""
+
+    def __init__(self, model, kind):
+        self.model, self.kind = model, kind
+        self.capture = _Capture()
         self.softcap = None  # the running forward's final logit softcap (lifted from config)
         self.forward = model.__dict__.get("forward")  # an instance attribute already there
-        self.head_forward = head.__dict__.get("forward")
         self.loss_function = model.__dict__.get("_loss_function")
+        self.head = None  # the output layer patched, its class then
+        self.head_class = None
+        # where ``labels`` may come positionally (Trainer passes it by name)
+        names = [name for name, p in inspect.signature(self.original_forward()).parameters
+                 .items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        self.labels_at = names.index("labels") if "labels" in names else None
+
+    def original_forward(self):
+        model = self.model
+        return self.forward if self.forward is not None else type(model).forward.__get__(model)
+
+    def follow_head(self):
+        """Patches the model's current output layer if it is not the one patched (replaced,
+        e.g. by ``resize_token_embeddings``, or its class changed, e.g. by ``fully_shard``);
+        refuses one fusedce cannot read the weight of."""
+        head = self.model.get_output_embeddings()
+        if head is self.head and type(head) is self.head_class:
+            return head
+        if _own_fsdp_unit(head):
+            raise NotImplementedError(
+                f"fusedce.hf: the output layer of this {type(self.model).__name__} is sharded "
+                f"as its own FSDP unit ({type(head).__name__}): its weight is resharded "
+                f"before the loss reads it. Shard it together with the root module (call "
+                f"fully_shard on the blocks and then on the whole model, not on the output "
+                f"layer), or call fusedce.hf.remove(model)")
+        if not isinstance(head, torch.nn.Linear):
+            raise ValueError(f"fusedce.hf needs an nn.Linear output embedding, got "
+                             f"{type(head).__name__}")
+        self.unpatch_head()
+        saved = head.__dict__.get("forward")
+        if isinstance(saved, _HeadForward):  # a copy of another patched model's layer
+            saved = saved.saved
+        head.forward = _HeadForward(head, self.capture, saved)
+        self.head, self.head_class = head, type(head)
+        return head
+
+    def unpatch_head(self):
+        head, self.head, self.head_class = self.head, None, None
+        patched = None if head is None else head.__dict__.get("forward")
+        if isinstance(patched, _HeadForward) and patched.capture is self.capture:
+            if patched.saved is None:
+                del head.__dict__["forward"]
+            else:
+                head.__dict__["forward"] = patched.saved
 
 
-def _family(model):
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in FAMILIES:
-        raise ValueError(f"fusedce.hf.apply supports the causal LMs of {sorted(FAMILIES)} "
-                         f"(config.model_type); got {model_type!r} "
-                         f"({type(model).__name__})")
-    return FAMILIES[model_type]
+def _labels(state, args, kwargs):
+    if "labels" in kwargs:
+        return kwargs["labels"]
+    at = state.labels_at
+    return args[at] if at is not None and len(args) > at else None
 
 
-def apply(model):
-    """Makes ``model`` (a ``transformers`` causal LM of a family in ``FAMILIES``) compute
-    its labelled loss with ``fusedce.linear_cross_entropy``; returns ``model``. Applying
-    twice is a no-op; ``remove`` undoes it."""
-    family = _family(model)
-    if getattr(model, _STATE, None) is not None:
-        return model
-    head = model.get_output_embeddings()
-    if not isinstance(head, torch.nn.Linear):
-        raise ValueError(f"fusedce.hf.apply needs an nn.Linear output embedding, got "
-                         f"{type(head).__name__}")
-    state = _Applied(model, head)
-    original_forward = model.forward
-    original_head = head.forward
-    signature = inspect.signature(original_forward)  # once, not on every call
+class _Forward:
+    """The patched model's ``forward``. ``inspect.signature`` of it is the model's own
+    (``Trainer`` reads the argument names), through ``__wrapped__``."""
 
-    def head_forward(hidden):
-        if not state.active:
-            return original_head(hidden)
-        state.hidden = hidden
-        # what the model reads as its logits: the right shape, one element of memory
-        return hidden.new_zeros(()).expand(*hidden.shape[:-1], head.out_features)
+    def __init__(self, state):
+        self.state = state
 
-    def loss_function(logits, labels, vocab_size=None, num_items_in_batch=None,
-                      ignore_index=-100, shift_labels=None, **kwargs):
-        if not state.active or state.hidden is None:  # called outside a labelled forward
+    @property
+    def __wrapped__(self):
+        return self.state.original_forward()
+
+    def __call__(self, *args, **kwargs):
+        state = self.state
+        original = state.original_forward()
+        if _labels(state, args, kwargs) is None or not torch.is_grad_enabled():
+            return original(*args, **kwargs)
+        state.follow_head()
+        config = state.model.config
+        cap = (getattr(config, "final_logit_softcapping", None) if state.kind == "softcap"
+               else None)
+        capture = state.capture
+        capture.active, capture.hidden, state.softcap = True, None, cap
+        if cap is not None:
+            config.final_logit_softcapping = None  # the loss applies it, per chunk
+        try:
+            out = original(*args, **kwargs)
+        finally:
+            capture.active, capture.hidden = False, None
+            if cap is not None:
+                config.final_logit_softcapping = cap
+        if isinstance(out, tuple):  # return_dict=False: (loss, logits, ...), logits None
+            return out[:1] + (None,) + out[2:]
+        return type(out)(**{k: v for k, v in out.items() if k != "logits"})
+
+
+class _LossFunction:
+    """The patched model's ``loss_function``: fusedce's linear loss in a fused labelled
+    forward, the model's own loss otherwise (on logits the caller holds)."""
+
+    def __init__(self, state):
+        self.state = state
+
+    def __call__(self, logits, labels, vocab_size=None, num_items_in_batch=None,
+                 ignore_index=-100, shift_labels=None, **kwargs):
+        state = self.state
+        capture = state.capture
+        if not capture.active or capture.hidden is None:  # outside a fused labelled forward
             return _model_loss(state)(logits, labels, vocab_size,
                                       num_items_in_batch=num_items_in_batch,
                                       ignore_index=ignore_index, shift_labels=shift_labels,
                                       **kwargs)
-        hidden, state.hidden = state.hidden, None
+        hidden, capture.hidden = capture.hidden, None
+        head = state.head
         if shift_labels is None:  # tokens < n predict n, as transformers' ForCausalLMLoss
             labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)
             shift_labels = labels[..., 1:]
         target = shift_labels.reshape(-1).to(hidden.device)
-        softcap = state.softcap
         reduction = "mean" if num_items_in_batch is None else "sum"
         # a 16-bit model: the loss in fp32, as transformers upcasts its logits (fusedce's
         # linear loss under autocast computes in fp32 and returns fp32, never rounded)
@@ -106,37 +261,26 @@ def apply(model):
         with torch.autocast(hidden.device.type, dtype=hidden.dtype, enabled=low):
             loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight,
                                         target, linear_bias=head.bias, reduction=reduction,
-                                        ignore_index=ignore_index, softcap=softcap)
+                                        ignore_index=ignore_index, softcap=state.softcap)
         if num_items_in_batch is not None:
             if torch.is_tensor(num_items_in_batch):
                 num_items_in_batch = num_items_in_batch.to(loss.device)
             loss = loss / num_items_in_batch
         return loss
 
-    @functools.wraps(original_forward)  # Trainer reads the signature's argument names
-    def forward(*args, **kwargs):
-        bound = signature.bind_partial(*args, **kwargs)
-        if bound.arguments.get("labels") is None:
-            return original_forward(*args, **kwargs)
-        config = model.config
-        cap = getattr(config, "final_logit_softcapping", None) if family == "softcap" else None
-        state.active, state.hidden, state.softcap = True, None, cap
-        if cap is not None:
-            config.final_logit_softcapping = None  # the loss applies it, per chunk
-        try:
-            out = original_forward(*args, **kwargs)
-        finally:
-            state.active = False
-            if cap is not None:
-                config.final_logit_softcapping = cap
-        state.hidden = None  # (had the loss not been asked for)
-        if isinstance(out, tuple):  # return_dict=False: (loss, logits, ...), logits None
-            return out[:1] + (None,) + out[2:]
-        return type(out)(**{k: v for k, v in out.items() if k != "logits"})
 
-    model.forward = forward
-    head.forward = head_forward
-    model.loss_function = loss_function
+def apply(model):
+    """Makes ``model`` (a ``transformers`` causal LM of one of the ``CLASSES``, or a
+    subclass keeping its forward) compute its labelled loss with gradients enabled with
+    ``fusedce.linear_cross_entropy``; returns ``model``. Raises ValueError for another
+    model. Applying twice is a no-op; ``remove`` undoes it."""
+    kind = _kind(model)
+    if getattr(model, _STATE, None) is not None:
+        return model
+    state = _Applied(model, kind)
+    state.follow_head()  # (raises for an output layer it cannot read, changing nothing)
+    model.forward = _Forward(state)
+    model.loss_function = _LossFunction(state)
     setattr(model, _STATE, state)
     return model
 
@@ -157,12 +301,11 @@ def remove(model):
     state = getattr(model, _STATE, None)
     if state is None:
         return model
-    for obj, name, saved in ((model, "forward", state.forward),
-                             (state.head, "forward", state.head_forward)):
-        if saved is None:
-            obj.__dict__.pop(name, None)
-        else:
-            obj.__dict__[name] = saved
+    state.unpatch_head()
+    if state.forward is None:
+        model.__dict__.pop("forward", None)
+    else:
+        model.__dict__["forward"] = state.forward
     if state.loss_function is None:
         model.__dict__.pop("_loss_function", None)
     else:

@@ -4,7 +4,8 @@
 Each supported family is built from a tiny random configuration (no download) with its real
 vocabulary size, and compared with an unpatched copy of itself in fp32: the loss (relative
 1e-5) and every parameter's gradient (relative 1e-4 of its largest entry), with labels
-partly -100 and with ``num_items_in_batch``; without labels the logits are identical.
+partly -100 and with ``num_items_in_batch``; without labels, or with gradients disabled
+(evaluation), the outputs are identical.
 """
 
 import copy
@@ -117,10 +118,9 @@ def test_gemma2_softcap_is_applied_and_restored():
     ids, labels = _batch(model.config.vocab_size)
     uncapped = copy.deepcopy(model)
     uncapped.config.final_logit_softcapping = None
-    with torch.no_grad():
-        want = model(input_ids=ids, labels=labels).loss
-        got = fused(input_ids=ids, labels=labels).loss
-        other = uncapped(input_ids=ids, labels=labels).loss
+    want = model(input_ids=ids, labels=labels).loss.detach()
+    got = fused(input_ids=ids, labels=labels).loss.detach()  # with gradients: fused
+    other = uncapped(input_ids=ids, labels=labels).loss.detach()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
     assert abs(other - want) > 1e-2
     assert fused.config.final_logit_softcapping == 0.5
@@ -158,7 +158,8 @@ def test_unsupported_family_and_remove():
     cfg = transformers.OPTConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1,
                                  ffn_dim=32, num_attention_heads=2, word_embed_proj_dim=16,
                                  max_position_embeddings=32)
-    with pytest.raises(ValueError, match="gpt2.*llama"):
+    with pytest.raises(ValueError, match="OPTForCausalLM.*"
+                                         "GPT2LMHeadModel.*LlamaForCausalLM"):
         fusedce.hf.apply(transformers.OPTForCausalLM(cfg))
     model = fusedce.hf.apply(_model("llama"))
     assert fusedce.hf.apply(model) is model  # twice: a no-op
@@ -231,9 +232,8 @@ def test_16_bit_model_loss_is_fp32(dtype):
     model = _model("llama").to(dtype)
     fused = fusedce.hf.apply(copy.deepcopy(model))
     ids, labels = _batch(model.config.vocab_size)
-    with torch.no_grad():
-        want = model(input_ids=ids, labels=labels).loss
-        got = fused(input_ids=ids, labels=labels).loss
+    want = model(input_ids=ids, labels=labels).loss.detach()
+    got = fused(input_ids=ids, labels=labels).loss.detach()  # with gradients: fused
     assert got.dtype == want.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=2e-3, atol=0)
 
@@ -276,8 +276,181 @@ def test_return_dict_false():
     model = _model("llama")
     fused = fusedce.hf.apply(copy.deepcopy(model))
     ids, labels = _batch(model.config.vocab_size)
-    with torch.no_grad():
-        want = model(input_ids=ids, labels=labels, return_dict=False)
-        got = fused(input_ids=ids, labels=labels, return_dict=False)
+    want = model(input_ids=ids, labels=labels, return_dict=False)
+    got = fused(input_ids=ids, labels=labels, return_dict=False)  # with gradients: fused
     assert isinstance(got, tuple) and len(got) == len(want) and got[1] is None
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=0)
+
+
+def _clm_trainer(model, data, out_dir, seen):
+    """A ``Trainer`` evaluating as transformers' ``run_clm.py`` example: the predictions
+    (argmax of the logits) to ``compute_metrics``, which ``seen`` collects."""
+    def preprocess_logits_for_metrics(logits, labels):
+        if isinstance(logits, tuple):
+            logits = logits[0]
+        return logits.argmax(dim=-1)
+
+    def compute_metrics(eval_preds):
+        preds, labels = eval_preds
+        seen.append(preds)
+        labels, preds = labels[:, 1:].reshape(-1), preds[:, :-1].reshape(-1)
+        kept = labels != -100
+        return {"accuracy": float((preds[kept] == labels[kept]).mean())}
+
+    args = transformers.TrainingArguments(output_dir=str(out_dir), per_device_eval_batch_size=2,
+                                          report_to=[], use_cpu=True, dataloader_num_workers=0)
+    return transformers.Trainer(model=model, args=args, eval_dataset=data,
+                                compute_metrics=compute_metrics,
+                                preprocess_logits_for_metrics=preprocess_logits_for_metrics)
+
+
+def test_evaluate_with_compute_metrics_gets_the_models_logits(tmp_path):
+    """With gradients disabled (``Trainer.evaluate``, ``predict``) a labelled call is the
+    model's own (its logits and loss: ``compute_metrics`` gets the predictions); with
+    gradients enabled it is fused and makes no logits."""
+    pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
+    model = _model("gpt2")
+    fused = fusedce.hf.apply(copy.deepcopy(model))
+    ids, labels = _batch(model.config.vocab_size, batch=4)
+    data = [{"input_ids": i, "labels": t} for i, t in zip(ids, labels)]
+    results, seen = [], []
+    for m in (model, fused):
+        results.append(_clm_trainer(m, data, tmp_path / str(len(results)), seen).evaluate())
+    assert seen[1].shape == seen[0].shape == ids.shape
+    assert (seen[1] == seen[0]).all()
+    assert results[1]["eval_accuracy"] == results[0]["eval_accuracy"]
+    assert results[1]["eval_loss"] == pytest.approx(results[0]["eval_loss"], rel=1e-6)
+    for no_grad in (torch.no_grad, torch.inference_mode):
+        with no_grad():
+            got, want = fused(input_ids=ids, labels=labels), model(input_ids=ids, labels=labels)
+        assert torch.equal(got.logits, want.logits) and torch.equal(got.loss, want.loss)
+    out = fused(input_ids=ids, labels=labels)
+    assert out.logits is None and out.loss.requires_grad
+
+
+def test_deepcopy_is_an_independent_patched_model():
+    """A deep copy of a patched model is patched on its own weights: its loss and gradients
+    are those of an unpatched model with them, and the original's gradients stay None."""
+    import inspect
+
+    model = _model("llama")
+    fused = fusedce.hf.apply(copy.deepcopy(model))
+    twin, ref = copy.deepcopy(fused), copy.deepcopy(model)
+    with torch.no_grad():
+        for m in (twin, ref):
+            m.lm_head.weight.mul_(3.0)
+    ids, labels = _batch(model.config.vocab_size)
+    out, grads = _step(ref, ids, labels)
+    out_t, grads_t = _step(twin, ids, labels)
+    assert out_t.logits is None
+    torch.testing.assert_close(out_t.loss, out.loss, rtol=1e-5, atol=0)
+    _assert_grads_close(grads_t, grads)
+    assert all(p.grad is None for p in fused.parameters())
+    with torch.no_grad():
+        assert torch.equal(twin(input_ids=ids).logits, ref(input_ids=ids).logits)
+    # Trainer reads the argument names of the forward
+    assert inspect.signature(twin.forward) == inspect.signature(model.forward)
+    fusedce.hf.remove(twin)
+    assert twin(input_ids=ids, labels=labels).logits is not None
+    assert fused(input_ids=ids, labels=labels).logits is None  # still patched
+
+
+def test_torch_save_and_load_a_patched_model():
+    """``torch.save`` of a patched model loads as a patched model of its own."""
+    import io
+
+    model = _model("gpt2")
+    fused = fusedce.hf.apply(copy.deepcopy(model))
+    buffer = io.BytesIO()
+    torch.save(fused, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    ids, labels = _batch(model.config.vocab_size)
+    out, grads = _step(model, ids, labels)
+    out_l, grads_l = _step(loaded, ids, labels)
+    assert out_l.logits is None
+    torch.testing.assert_close(out_l.loss, out.loss, rtol=1e-5, atol=0)
+    _assert_grads_close(grads_l, grads)
+    assert all(p.grad is None for p in fused.parameters())
+
+
+def test_only_the_supported_classes():
+    """The class decides, not ``config.model_type``: GPT-2's double-heads model (model_type
+    'gpt2', whose LM loss would be computed on placeholder logits) and a subclass with its
+    own forward are refused; a subclass keeping the forward is accepted."""
+    cfg = transformers.GPT2Config(vocab_size=100, n_positions=16, n_embd=16, n_layer=1,
+                                  n_head=2)
+    with pytest.raises(ValueError, match="GPT2DoubleHeadsModel.*GPT2LMHeadModel"):
+        fusedce.hf.apply(transformers.GPT2DoubleHeadsModel(cfg))
+
+    class Overridden(transformers.GPT2LMHeadModel):
+        def forward(self, *args, **kwargs):
+            return super().forward(*args, **kwargs)
+
+    class Kept(transformers.GPT2LMHeadModel):
+        pass
+
+    with pytest.raises(ValueError, match="Overridden overrides the forward of GPT2LMHeadModel"):
+        fusedce.hf.apply(Overridden(cfg))
+    kept = fusedce.hf.apply(Kept(cfg))
+    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    assert kept(input_ids=ids, labels=ids).logits is None
+
+
+def test_the_patch_follows_a_new_output_layer(monkeypatch):
+    """``resize_token_embeddings`` after ``apply`` (a new output layer): the loss is still
+    fusedce's, and the model's own with the new layer; ``remove`` unpatches both layers."""
+    model = fusedce.hf.apply(_model("llama"))
+    old_head = model.lm_head
+    model.resize_token_embeddings(128_300, mean_resizing=False)
+    assert model.lm_head is not old_head and model.lm_head.out_features == 128_300
+    ref = fusedce.hf.remove(copy.deepcopy(model))
+    calls = []
+    real = fusedce.hf.linear_cross_entropy
+    monkeypatch.setattr(fusedce.hf, "linear_cross_entropy",
+                        lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    ids, labels = _batch(128_300)
+    out, grads = _step(ref, ids, labels)
+    out_f, grads_f = _step(model, ids, labels)
+    assert calls and out_f.logits is None
+    torch.testing.assert_close(out_f.loss, out.loss, rtol=1e-5, atol=0)
+    _assert_grads_close(grads_f, grads)
+    assert "forward" not in old_head.__dict__
+    fusedce.hf.remove(model)
+    assert "forward" not in model.lm_head.__dict__ and "forward" not in model.__dict__
+
+
+def test_output_layer_sharded_as_its_own_fsdp_unit_is_refused(tmp_path):
+    """FSDP2 with the output layer its own ``fully_shard`` unit: its weight is resharded
+    before the loss would read it, so a labelled forward with gradients raises; sharded
+    with the root it is fused and right. One rank of gloo, in this process."""
+    dist = torch.distributed
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = _model("llama")
+    ids, labels = _batch(model.config.vocab_size)
+    want = model(input_ids=ids, labels=labels).loss.detach()
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0,
+                            world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        own_unit, with_root = (fusedce.hf.apply(copy.deepcopy(model)) for _ in range(2))
+        for m in (own_unit, with_root):
+            for layer in m.model.layers:
+                fully_shard(layer, mesh=mesh)
+        fully_shard(own_unit.lm_head, mesh=mesh)
+        for m in (own_unit, with_root):
+            fully_shard(m, mesh=mesh)
+        with pytest.raises(NotImplementedError, match="own FSDP unit"):
+            own_unit(input_ids=ids, labels=labels)
+        with torch.no_grad():  # evaluation: the model's own forward
+            got = own_unit(input_ids=ids, labels=labels).loss
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+        out = with_root(input_ids=ids, labels=labels)
+        assert out.logits is None
+        torch.testing.assert_close(out.loss.detach(), want, rtol=1e-5, atol=0)
+    finally:
+        dist.destroy_process_group()
