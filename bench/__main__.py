@@ -74,7 +74,7 @@ def _parse_args(argv):
         missing = missing_extras()
         if missing:
             p.error(f"needs {' and '.join(missing)}, not installed: "
-                    'pip install "fusedce[bench]" (the "bench" extra)')
+                    f"pip install {' '.join(missing)} (or: pip install -e \".[bench]\")")
     if args.tokens is None:
         args.tokens = "512,2048" if args.quick else "256,512,1024,2048"
     if args.repeats is None:

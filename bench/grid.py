@@ -157,7 +157,7 @@ def main(argv=None):
     p.add_argument("--samples", type=int, default=9,
                    help="samples per implementation and cell (default: %(default)s)")
     p.add_argument("--sample-ms", type=float, default=20.0,
-                   help="length of a sample, in calls (default: %(default)s ms)")
+                   help="length of a sample, in ms (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="default: %(default)s")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--own", action="store_true",

@@ -102,7 +102,8 @@ def timing(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.hf",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--hidden", type=int, default=256)

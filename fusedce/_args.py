@@ -10,6 +10,7 @@ everywhere, with the exception type PyTorch raises for it (``torch/nn/functional
 import math
 import numbers
 import operator
+import os
 import warnings
 from typing import NamedTuple, Optional
 
@@ -222,6 +223,11 @@ def implementation(backend_, x):
     same signatures. ``"auto"``: Triton for CUDA tensors, PyTorch elsewhere."""
     if backend_ == "auto":
         backend_ = "triton" if x.is_cuda else "torch"
+    elif backend_ == "triton" and not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        # else Triton's own "0 active drivers ([]). There should only be one."
+        raise RuntimeError(f"backend='triton' on {x.device.type} tensors runs the kernels "
+                           f"under Triton's interpreter: set TRITON_INTERPRET=1 before triton "
+                           f"is imported, or use backend='auto' (PyTorch's CPU path)")
     return _launchers(backend_)
 
 

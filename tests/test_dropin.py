@@ -481,6 +481,18 @@ def test_bad_arguments_raise_like_pytorch(kwargs, either_route):
         fusedce.cross_entropy(x, target, **kwargs)
 
 
+@pytest.mark.parametrize("loss", ["cross_entropy", "linear_cross_entropy"])
+def test_triton_on_cpu_tensors_without_the_interpreter_says_how(loss, monkeypatch):
+    """Without TRITON_INTERPRET=1 Triton itself raised "0 active drivers ([]). There should
+    only be one.", which tells a user nothing about what to do."""
+    monkeypatch.delenv("TRITON_INTERPRET")
+    x, target, _ = make_inputs(4, 10, torch.float32)
+    args = (x, target) if loss == "cross_entropy" else (x, torch.randn(10, 10), target)
+    with pytest.raises(RuntimeError, match="set TRITON_INTERPRET=1 before triton is "
+                                           "imported, or use backend='auto'"):
+        getattr(fusedce, loss)(*args, backend="triton")
+
+
 def test_unknown_backend():
     x, target, _ = make_inputs(2, 5, torch.float32)
     with pytest.raises(ValueError, match="backend"):

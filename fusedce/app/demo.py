@@ -193,7 +193,8 @@ def run_demo(
         )
     on_gpu = backend == "triton" or (backend == "auto" and torch.device(device).type == "cuda")
     impl = "Triton kernels" if on_gpu else "fusedce's PyTorch implementation, chunked"
-    if backend == "auto" and not on_gpu and _handed_off(inputs.numel(), vocab):
+    handed_off = backend == "auto" and not on_gpu and _handed_off(inputs.numel(), vocab)
+    if handed_off:
         impl = "PyTorch's own loss (a call this small: fusedce/_route.py)"
     model = build_model(size, seed=seed, device=device)
     cfg = model.config
@@ -267,6 +268,9 @@ def run_demo(
     out("   (on a shared or busy machine, timings of a few rows are noisy):")
     out(f"   fusedce.cross_entropy  {float(loss_f):.6f}   {t_f * 1e3:9.3f} ms")
     out(f"   F.cross_entropy        {float(loss_t):.6f}   {t_t * 1e3:9.3f} ms")
+    if handed_off:
+        out("   (both rows are PyTorch's loss here, their difference noise; --backend torch "
+            "times fusedce's own path)")
     out(f"   |fusedce - by hand (float64)|          {abs(float(loss_f) - float(ce)):.3e}")
     out(f"   |fusedce - F.cross_entropy|            {abs(float(loss_f) - float(loss_t)):.3e}")
     out(f"   largest |difference| of d loss/d logits {grad_diff:.3e}")

@@ -195,7 +195,7 @@ def check_extras():
     if missing:
         raise UsageError(
             f"fusedce train needs {' and '.join(missing)}, not installed: "
-            'pip install "fusedce[demo]" (the "demo" extra)'
+            f"pip install {' '.join(missing)} (in a checkout: pip install -e \".[demo]\")"
         )
 
 
