@@ -98,12 +98,12 @@ def _set_threads(args):
 
 COLUMNS = ["device", "dtype", "tokens", "vocab", "pass", "case", "time_ms", "speedup_vs_eager",
            "speedup_vs_compile", "model_bytes", "gbps", "pct_of_copy", "extra_mib",
-           "extra_pct_of_logits"]
+           "extra_pct_of_logits", "served_by"]
 
 HEADS = {"time_ms": "time (ms)", "speedup_vs_eager": "x eager", "speedup_vs_compile":
          "x compile", "gbps": "GB/s (byte model)", "pct_of_copy": "% of copy",
          "extra_mib": "peak above inputs+grad (MiB)",
-         "extra_pct_of_logits": "... % of logits"}
+         "extra_pct_of_logits": "... % of logits", "served_by": "served by"}
 
 
 def _fmt(v):
@@ -131,6 +131,8 @@ def write_markdown(path, rows, meta, skipped, linear_md=None):
             "speedup_vs_compile", "gbps", "pct_of_copy", "extra_mib", "extra_pct_of_logits"]
     if all(r["pct_of_copy"] is None for r in rows):
         cols.remove("pct_of_copy")
+    if any(r.get("served_by") for r in rows):  # fusedce rows that are PyTorch's loss
+        cols.insert(cols.index("case") + 1, "served_by")
     out = [f"# Cross-entropy benchmark: {meta['device']}", "",
            f"- machine: {meta['device']}; torch {meta['torch']}; {meta['date']}",
            f"- command: `{meta['command']}`",

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 import fusedce
 from bench.byte_model import ce_bytes, copy_bytes
+from fusedce import _route
 
 CASES = ("eager", "compile", "fusedce", "fusedce_inplace", "liger", "quack")
 PASSES = ("fwd", "fwd_bwd")
@@ -199,10 +200,25 @@ def _reset_peak_rss():
         f.write("5")
 
 
+def served_by_pytorch(case, pass_, tokens, vocab=VOCAB, dtype="fp32", device="cpu"):
+    """Whether a fusedce case's call is one ``backend="auto"`` hands to PyTorch's own loss
+    (a CPU call this small: ``fusedce/_route.py``), as ``fusedce.cross_entropy`` decides it
+    for the step's logits and class-index targets."""
+    if not case.startswith("fusedce") or torch.device(device).type != "cpu":
+        return False
+    x = torch.zeros((), dtype=DTYPES[dtype]).expand(tokens, vocab)
+    grad = pass_ != "fwd"
+    with torch.set_grad_enabled(grad):
+        return _route.pytorch_serves(x.requires_grad_(grad), torch.zeros(tokens, dtype=torch.long),
+                                     None, 0.0)
+
+
 def grad_bytes(case, pass_, tokens, vocab, dtype):
     """The gradient a step must produce: logits-sized for ``fwd_bwd`` (the in-place case
-    writes it over the logits, so it costs nothing more)."""
-    if pass_ == "fwd" or case == "fusedce_inplace":
+    writes it over the logits, so it costs nothing more, unless PyTorch's loss serves the
+    call: then in place has no effect)."""
+    if pass_ == "fwd" or (case == "fusedce_inplace"
+                          and not served_by_pytorch(case, pass_, tokens, vocab, dtype)):
         return 0
     return tokens * vocab * torch.empty((), dtype=DTYPES[dtype]).element_size()
 
@@ -295,6 +311,9 @@ def run_case_set(tokens, dtype, pass_, cases=CASES, vocab=VOCAB, device="cpu", r
         rows.append({
             "device": device_name(device), "dtype": dtype, "tokens": tokens, "vocab": vocab,
             "pass": pass_, "case": case, "time_ms": round(sec * 1e3, 2),
+            # a fusedce case whose call PyTorch's own loss serves (small, on the CPU)
+            "served_by": ("PyTorch" if served_by_pytorch(case, pass_, tokens, vocab, dtype,
+                                                         device) else ""),
             "speedup_vs_eager": round(times["eager"] / sec, 2) if "eager" in times else None,
             "speedup_vs_compile": (round(times["compile"] / sec, 2) if "compile" in times
                                    else None),

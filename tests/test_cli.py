@@ -472,7 +472,26 @@ class TestBench:
         assert all(float(r["time_ms"]) > 0 and r["extra_mib"] != "" for r in rows)
         md = (tmp_path / "ce_cpu.md").read_text()
         assert "logits ~ N(-60.0, 3.0)" in md and "| fusedce_inplace |" in md
+        # 8 x 300 logits: every fusedce call is one PyTorch's loss serves, and says so
+        assert {(r["case"], r["served_by"]) for r in rows} == {
+            ("eager", ""), ("fusedce", "PyTorch"), ("fusedce_inplace", "PyTorch")}
+        assert "| served by |" in md
         assert (tmp_path / "ce_cpu.png").stat().st_size > 0
+
+    def test_a_handed_off_in_place_call_counts_its_gradient(self):
+        """Where PyTorch's loss serves the call (small, on the CPU), inplace_backward has no
+        effect: the step makes a logits-sized gradient, which the memory column subtracts
+        as it does for the other cases, not counted as the in-place case's overhead."""
+        from bench.ce import grad_bytes, served_by_pytorch
+
+        for tokens, dtype, served in [(256, "bf16", True), (512, "fp32", False)]:
+            logits = tokens * 50_257 * (2 if dtype == "bf16" else 4)
+            assert served_by_pytorch("fusedce_inplace", "fwd_bwd", tokens, 50_257, dtype) \
+                is served
+            assert grad_bytes("fusedce_inplace", "fwd_bwd", tokens, 50_257, dtype) == \
+                (logits if served else 0)
+            assert grad_bytes("fusedce", "fwd_bwd", tokens, 50_257, dtype) == logits
+        assert not served_by_pytorch("eager", "fwd_bwd", 8, 300)
 
     def test_make_inputs_follows_the_logits_level(self, monkeypatch):
         from bench.ce import make_inputs
