@@ -20,6 +20,7 @@ import fusedce.hf
 torch.manual_seed(0)
 config = GPT2Config(n_layer=2, n_head=2, n_embd=64, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)
 plain = GPT2LMHeadModel(config)
+plain.loss_type = "ForCausalLM"  # the loss it computes; unset, transformers 5 warns
 fused = fusedce.hf.apply(copy.deepcopy(plain))
 ids = torch.randint(0, config.vocab_size, (4, 64))
 labels = ids.clone()

@@ -16,7 +16,10 @@ torch.manual_seed(0)
 # vocab 50,257; no dropout, so that the two steps below see the same network
 config = GPT2Config(n_layer=2, n_head=2, n_embd=64, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)
 model = GPT2LMHeadModel(config)
-ids = torch.randint(0, model.config.vocab_size, (2, 32))
+model.loss_type = "ForCausalLM"  # the loss it computes; unset, transformers 5 warns
+# 4 x 64 tokens: 252 x 50,257 fp32 logits, past the size from which fusedce's own CPU path
+# serves a call (smaller ones go to PyTorch's loss, which would compare PyTorch with itself)
+ids = torch.randint(0, model.config.vocab_size, (4, 64))
 
 
 def step():

@@ -116,3 +116,25 @@ def test_loss_is_the_causal_lm_cross_entropy():
     kept = target != -100
     expected = -logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)[kept].mean()
     torch.testing.assert_close(out.loss.double(), expected, atol=1e-5, rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_example_script():
+    """examples/hf_patched.py runs without a warning, its losses agree, and its gradients
+    differ in the last bits: its call (252 x 50,257 logits) is one fusedce's own path
+    serves; a call PyTorch's loss served would give a difference of exactly 0."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "examples", "hf_patched.py")
+    done = subprocess.run([sys.executable, script], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and not done.stderr, done.stderr[-2000:]
+    ref, ours = map(float, re.search(r"PyTorch ([0-9.]+), fusedce ([0-9.]+)",
+                                     done.stdout).groups())
+    assert abs(ref - ours) <= 1e-5 * ref
+    diff = float(re.search(r"gradient: ([0-9.e+-]+)", done.stdout).group(1))
+    assert 0 < diff < 1e-6, done.stdout
