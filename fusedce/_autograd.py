@@ -238,8 +238,13 @@ class CrossEntropyFunction(torch.autograd.Function):
             torch.autograd.graph.increment_version(x)
             ctx.save_for_backward(x, t)
         else:
-            ctx.save_for_backward(x, t, weight, lse, denom)
+            ctx.save_for_backward(x, t, weight, lse, denom)  # for a second backward
             ctx.grad = grad  # held until the backward hands it over (or the graph is freed)
+            # what the first backward reads, without unpacking the saved logits: they may
+            # be changed in place after the loss, as PyTorch's loss (which saves its
+            # log-softmax) allows; the targets are checked as a saved tensor would be
+            ctx.first = (t, t._version)
+        ctx.x_shape = x.shape
         ctx.impl = impl
         ctx.consumed = False
         shape = (x.shape[0], x.shape[2])
@@ -283,7 +288,15 @@ def _rows_grad(ctx, grad_loss):
     opts = ctx.opts
     if opts.mode == "inplace" and ctx.consumed:
         raise RuntimeError(INPLACE_SECOND_BACKWARD_ERROR)
-    x, t = ctx.saved_tensors[:2]
+    if opts.mode == "forward" and not ctx.consumed:
+        t, version = ctx.first
+        if t._version != version:
+            raise RuntimeError("one of the variables needed for gradient computation has been "
+                               "modified by an inplace operation: the target of "
+                               "fusedce.cross_entropy")
+        x = None
+    else:
+        x, t = ctx.saved_tensors[:2]
     n_rows = t.shape[0]
     if opts.reduction == "none":
         dloss = grad_loss.float().reshape(-1)  # may be an expanded scalar: stride 0 honoured
@@ -302,7 +315,7 @@ def _rows_grad(ctx, grad_loss):
         else:
             dx = ctx.impl.ce_scale_(ctx.grad, dloss)
             ctx.grad = None
-        return _loss.from_rows(dx, x)
+        return _loss.from_rows(dx, ctx.x_shape)
     x, t, weight, lse, denom = ctx.saved_tensors
     extras = opts.extras
     zg = (_loss.z_grad(grad_loss, lse, t, opts.ignore_index, opts.reduction, extras)
@@ -310,4 +323,4 @@ def _rows_grad(ctx, grad_loss):
     dx = ctx.impl.ce_bwd(_loss.rows_view(x), t, lse, dloss / denom,
                          weight=weight, ignore_index=opts.ignore_index,
                          label_smoothing=opts.label_smoothing, extras=extras, z_grad=zg)
-    return _loss.from_rows(dx, x)
+    return _loss.from_rows(dx, ctx.x_shape)

@@ -93,9 +93,9 @@ def _has_rows(x):
     return x.stride(1) == 1 and (l_len == 1 or n == 1 or x.stride(0) == l_len * x.stride(2))
 
 
-def from_rows(rows, x):
-    """The inverse of ``rows_view``: ``rows`` (N * L, C) as a view shaped like ``x`` (N, C, L)."""
-    n, n_cols, l_len = x.shape
+def from_rows(rows, shape):
+    """The inverse of ``rows_view``: ``rows`` (N * L, C) as a view of ``shape`` (N, C, L)."""
+    n, n_cols, l_len = shape
     if l_len == 1:
         return rows.unsqueeze(2)
     if n == 1:

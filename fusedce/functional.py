@@ -112,6 +112,12 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     With ``backend="auto"``, CPU calls too small for fusedce's path to be faster (under 8M
     to 32M logits by mode and dtype, see ``fusedce/_route.py``) are served by PyTorch's own
     loss, with the same results; ``inplace_backward`` then leaves the logits intact.
+
+    PyTorch's loss saves its log-softmax, so its caller may change the logits in place
+    before the backward. fusedce's CPU path allows it too (the gradient is made in the
+    forward); where the backward re-reads the logits (the kernels, ``torch.compile``,
+    saved-tensor hooks, float16) such a change raises autograd's "modified by an inplace
+    operation" error instead of giving a wrong gradient.
     """
     if type(input) is not torch.Tensor and _dtensor.is_dtensor(input):
         return _dtensor.cross_entropy(

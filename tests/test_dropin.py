@@ -652,3 +652,28 @@ def test_module_kdim_soft_and_weight_buffer(backend):
     for target in (indices((2, 4), 5), probabilities((2, 5, 4))):
         torch.testing.assert_close(module(x, target), reference(x, target))
     assert "weight" in module.state_dict()
+
+
+def test_logits_changed_in_place_after_the_loss(own_path):
+    """PyTorch's loss saves its log-softmax, so the logits may change in place between the
+    loss and its backward (a temperature divided in, a buffer reused). On the CPU, fusedce's
+    default mode has the gradient from the forward and reads nothing else: the same
+    gradient, no error. A changed target still raises, as PyTorch's saved target does."""
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(6, 33, generator=gen, requires_grad=True)
+    t = torch.randint(0, 33, (6,), generator=gen)
+    t[1] = -100
+    upstream = torch.randn(6, generator=gen)
+    grads = []
+    for fn in (F.cross_entropy, fusedce.cross_entropy):
+        z = x * 2
+        loss = fn(z, t, reduction="none", label_smoothing=0.1)
+        z.mul_(0.5)
+        grads.append(torch.autograd.grad(loss, x, upstream)[0])
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)
+    for fn in (F.cross_entropy, fusedce.cross_entropy):
+        t2 = t.clone()
+        loss = fn(x * 2, t2)
+        t2[0] = -100
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
