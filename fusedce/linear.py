@@ -185,7 +185,8 @@ def _upstream_of_kept_rows(ce, g, n_rows):
     if ce.soft:  # probability targets ignore no row
         return g, g
     ignore_index, _ = ce.options
-    kept = (ce.t.reshape(n_rows, -1) != ignore_index).any(1) if n_rows else \
+    # (int64: compared with a uint8 target, -100 would wrap to 156 and drop class 156)
+    kept = (ce.t.reshape(n_rows, -1).long() != ignore_index).any(1) if n_rows else \
         torch.zeros(0, dtype=torch.bool, device=g.device)
     zero = torch.zeros((), dtype=g.dtype, device=g.device)
     return torch.where(kept.any(), g, zero), torch.where(kept, g, zero).reshape(n_rows, 1)

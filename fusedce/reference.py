@@ -27,8 +27,8 @@ def _rows(x, target, weight, ignore_index, label_smoothing):
     if target.is_floating_point():  # class probabilities
         y = w * ((1 - eps) * target.double() + eps / c)
         return (y * (lse - x)).sum(1), y.sum(1, keepdim=True), y, float(n)
-    kept = target != ignore_index
-    t = torch.where(kept, target, 0).long()
+    kept = target.long() != ignore_index  # a uint8 target would compare -100 as 156
+    t = torch.where(kept, target.long(), 0)
     w_t = w[t] * kept
     loss = (1 - eps) * w_t * (lse - x).gather(1, t[:, None]).squeeze(1)
     loss = loss + kept * eps / c * (w * (lse - x)).sum(1)

@@ -571,12 +571,24 @@ def test_out_of_range_target_gives_nan_rows(backend):
     assert fusedce.linear_cross_entropy(h, w, t, backend=backend).isnan()  # 'mean'
 
 
-def test_uint8_target_156_linear():
-    h, W = torch.randn(3, 8), torch.randn(200, 8)
-    t = torch.tensor([156, 1, 2], dtype=torch.uint8)
-    ref = F.cross_entropy((h @ W.t()).double(), t)
-    out = fusedce.linear_cross_entropy(h, W, t)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_uint8_target_156_linear(backend, reduction):
+    """A uint8 class index 156 is a class, not ignore_index -100 wrapped to uint8, in the
+    loss and in the gradients (with an upstream gradient other than 1, which the backward
+    multiplies in per row)."""
+    gen = torch.Generator().manual_seed(13)
+    h, W = torch.randn(4, 8, generator=gen), torch.randn(200, 8, generator=gen)
+    t = torch.tensor([156, 1, 156, 2], dtype=torch.uint8)
+    h64, W64 = h.double().requires_grad_(), W.double().requires_grad_()
+    ref = F.cross_entropy(h64 @ W64.t(), t.long(), reduction=reduction)
+    ref_grads = torch.autograd.grad(ref * 2.5, (h64, W64))
+    hf, Wf = h.clone().requires_grad_(), W.clone().requires_grad_()
+    out = fusedce.linear_cross_entropy(hf, Wf, t, reduction=reduction, backend=backend)
+    grads = torch.autograd.grad(out * 2.5, (hf, Wf))
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), r, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -51,6 +51,22 @@ def test_reference_is_pytorchs_loss_and_gradient(opts, reduction, soft):
     torch.testing.assert_close(got_dx, want_dx, rtol=1e-12, atol=1e-12)
 
 
+def test_reference_uint8_class_156_is_a_class():
+    """-100 compared with a uint8 target wraps to 156: the reference must compare in int64,
+    as PyTorch does, or class 156's rows would be taken for ignored ones."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 200, dtype=torch.float64, generator=gen)
+    target = torch.tensor([156, 3, 156, 199], dtype=torch.uint8)
+    xr = x.clone().requires_grad_()
+    want = F.cross_entropy(xr, target, reduction="none")
+    grad = torch.randn(4, dtype=torch.float64, generator=gen)
+    (want_dx,) = torch.autograd.grad(want, xr, grad)
+    torch.testing.assert_close(reference.cross_entropy(x, target, reduction="none"),
+                               want.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(reference.cross_entropy_grad(x, target, grad, reduction="none"),
+                               want_dx, rtol=1e-12, atol=1e-12)
+
+
 # (rows, classes): odd and tiny; a row longer than one Triton block (8,192); GPT-2's vocab
 SHAPES = [pytest.param(5, 13, id="5x13"), pytest.param(3, 8195, id="3x8195"),
           pytest.param(2, 50257, id="2x50257")]
