@@ -32,6 +32,14 @@ ATOL, RTOL = 2e-5, 2e-5  # fp32 results against float64 ones: accumulation order
 _PARAM = type(pytest.param())  # what pytest.param returns
 
 
+def kernel_share(i, backend, every=8):
+    """The marks of the ``i``-th of PyTorch's own samples on ``backend``: under Triton's
+    interpreter (a second or more per sample) every ``every``-th sample is in the quick
+    spec (``-m "not slow"``) and the others only in the full run; on the PyTorch path
+    every sample is in both."""
+    return [pytest.mark.slow] if backend == "triton" and i % every else []
+
+
 def combine(*lists, slow=None):
     """The cross product of parameter lists, as one list for one ``parametrize``.
 

@@ -13,7 +13,7 @@ differentiable formulation (``fusedce._higher``) to it.
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import combine
+from helpers import kernel_share
 from torch.autograd import forward_ad as fwAD
 from torch.autograd import gradcheck, gradgradcheck
 
@@ -51,11 +51,13 @@ def _differentiable(sample):
 
 
 def _samples(ops):
-    """Every float64 sample on both backends; the chunked variants of linear_cross_entropy
+    """Every float64 sample on both backends (an eighth of the kernels' in the quick spec:
+    ``helpers.kernel_share``); the chunked variants of linear_cross_entropy
     (the same shapes as the reference variant, with other options) in the slow run, on the
     PyTorch backend (the kernels see the same chunks as in the reference variant)."""
     return [pytest.param(s, backend, id=f"{op.variant_test_name or 'reference'}-{i}-{backend}",
-                         marks=[pytest.mark.slow] if op.variant_test_name else [])
+                         marks=[pytest.mark.slow] if op.variant_test_name
+                         else kernel_share(i, backend))
             for op in ops for i, s in enumerate(op.sample_inputs("cpu", torch.float64,
                                                                   requires_grad=True))
             for backend in (BACKENDS if not op.variant_test_name else ["torch"])]
@@ -253,7 +255,8 @@ def _module_inputs():
                 if m.module_cls is torch.nn.CrossEntropyLoss)
     inputs = info.module_inputs_func(info, device="cpu", dtype=torch.float64,
                                      requires_grad=True, training=True)
-    return combine([pytest.param(m, id=str(i)) for i, m in enumerate(inputs)], BACKENDS)
+    return [pytest.param(m, backend, id=f"{i}-{backend}", marks=kernel_share(i, backend))
+            for i, m in enumerate(inputs) for backend in BACKENDS]
 
 
 @pytest.mark.parametrize("module_input, backend", _module_inputs())

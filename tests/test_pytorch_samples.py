@@ -10,7 +10,7 @@ PyTorch accepts is taken from PyTorch, not guessed."""
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import combine
+from helpers import combine, kernel_share
 
 # (these need expecttest, a test dependency in .[dev])
 from torch.testing._internal import common_methods_invocations as common  # noqa: E402
@@ -72,8 +72,10 @@ def _compare(fn_ours, fn_theirs, args, dtype, kwargs=None):
 
 
 def _per_dtype_and_backend(inputs_for):
-    """One parameter per input of ``inputs_for(dtype)``, dtype and backend."""
-    return [pytest.param(item, dtype, backend, id=f"{str(dtype)[6:]}-{i}-{backend}")
+    """One parameter per input of ``inputs_for(dtype)``, dtype and backend (an eighth of
+    the kernels' in the quick spec: ``helpers.kernel_share``)."""
+    return [pytest.param(item, dtype, backend, id=f"{str(dtype)[6:]}-{i}-{backend}",
+                         marks=kernel_share(i, backend))
             for dtype in DTYPES for i, item in enumerate(inputs_for(dtype))
             for backend in BACKENDS]
 
@@ -94,7 +96,7 @@ def test_opinfo_samples(sample, dtype, backend):
 def _linear_samples():
     return [pytest.param(sample, dtype, backend,
                          id=f"{op.variant_test_name or 'reference'}-{str(dtype)[6:]}-{i}-"
-                            f"{backend}")
+                            f"{backend}", marks=kernel_share(i, backend))
             for op in LINEAR_OPS for dtype in DTYPES
             for i, sample in enumerate(op.sample_inputs("cpu", dtype, requires_grad=True))
             for backend in BACKENDS]
