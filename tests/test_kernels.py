@@ -165,3 +165,38 @@ def test_interpreter_rounds_bfloat16_like_the_gpu():
     y = torch.empty(16, dtype=torch.bfloat16)
     store[(1,)](x, y, N=16)
     assert torch.equal(y.view(torch.int16), x.bfloat16().view(torch.int16))
+
+
+def test_launchers_run_on_the_tensors_device(monkeypatch):
+    """Triton launches on the current CUDA device: every launcher sets it to the first
+    argument's device where that is another one (no GPU here: a stand-in tensor that says
+    it is on cuda:1 while cuda:0 is current, and a recording torch.cuda.device)."""
+    import contextlib
+    from types import SimpleNamespace
+
+    import fusedce.kernels as kernels
+
+    entered, current = [], {"index": 0}
+
+    @contextlib.contextmanager
+    def device(d):
+        entered.append(d)
+        saved, current["index"] = current["index"], d.index
+        try:
+            yield
+        finally:
+            current["index"] = saved
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current["index"])
+    monkeypatch.setattr(torch.cuda, "device", device)
+    seen = []
+    launch = kernels._on_the_tensors_device(lambda x, *a, **k: seen.append(current["index"]))
+    on_1 = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 1))
+    on_0 = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0))
+    launch(on_1, 2, k=3)
+    launch(on_0)
+    launch(torch.zeros(1))
+    assert seen == [1, 0, 0] and entered == [torch.device("cuda", 1)]
+    wrapped = ["ce_fwd", "ce_bwd", "ce_scale_", "ce_strided_fwd", "ce_strided_bwd",
+               "vp_partials", "vp_grad"]
+    assert all(getattr(kernels, name).__wrapped__ is not None for name in wrapped)

@@ -193,7 +193,9 @@ def _row_lse(x_ptr, row_start, n_cols, t_col, weight_ptr, scale, softcap,
     q = tl.zeros((), tl.float32)
     w_seen = tl.zeros((), tl.float32)
     s1 = tl.zeros((), tl.float32)
-    arg = n_cols.to(tl.int32)
+    # (not n_cols.to(): Triton passes an integer argument equal to 1 as a constexpr int,
+    # which has no .to, and one class (C = 1, a width-1 vocab shard) failed to compile)
+    arg = tl.zeros((), tl.int32) + n_cols
     # head and tail: -inf in the masked lanes, exp of it is 0, so they add nothing to d
     e_cols, e_valid = _edge_cols(head, body_len, n_cols, VEC)
     e_x = tl.load(x_ptr + row_start + e_cols, mask=e_valid, other=float("-inf"))
@@ -386,7 +388,7 @@ def _ce_fwd_kernel(
         if HAS_WEIGHT:
             W = tl.load(wsum_ptr).to(tl.float32)
         else:
-            W = n_cols.to(tl.float32)
+            W = tl.zeros((), tl.float32) + n_cols  # (no .to(): C == 1 is a constexpr)
         # smooth = W * lse - sum_c w_c x_c; eps * (smooth / C): eps / C would flush a
         # subnormal eps to 0, and 0 * inf (a -inf logit) is NaN where PyTorch has +inf
         loss += label_smoothing * (smooth / n_cols)
@@ -468,7 +470,7 @@ def _grad_row_state(row, target_ptr, weight_ptr, wsum_ptr, lse_ptr, dloss_ptr, d
         if HAS_WEIGHT:
             W = tl.load(wsum_ptr).to(tl.float32)
         else:
-            W = n_cols.to(tl.float32)
+            W = tl.zeros((), tl.float32) + n_cols  # (no .to(): C == 1 is a constexpr)
     return t, w_t, g, lse, W
 
 
