@@ -100,6 +100,25 @@ def _launch_cases(dtype_name):
     aux3 = torch.zeros(2, 6)
     part6 = torch.zeros(6 * n)
 
+    # float64 (computed in float64, the strided kernels only) with class weights and label
+    # smoothing, in the tiles the launcher picks: once, with the fp32 cases
+    fp64 = []
+    if dtype_name == "float32":
+        x64 = torch.randn(2, 5000, 3, generator=gen, dtype=torch.float64)
+        p64 = torch.softmax(torch.randn(2, 5000, 3, generator=gen, dtype=torch.float64), 1)
+        xc64, tc = x64[:, :, :1].contiguous(), torch.zeros(2, 1, dtype=torch.long)
+        w64, lse64 = torch.rand(5000, generator=gen, dtype=torch.float64), torch.zeros(6)
+        d64 = torch.ones(1, 1, dtype=torch.float64)
+        fp64 = [
+            ("ce_strided_fwd-fp64-soft-weight-smoothing",
+             lambda: st.ce_strided_fwd(x64, p64, w64, label_smoothing=0.1)),
+            ("ce_strided_bwd-fp64-soft-weight-smoothing", lambda: st.ce_strided_bwd(
+                x64, p64, lse64.double(), lse64.double(), d64.expand(2, 3), w64,
+                label_smoothing=0.1, need_dtarget=True)),
+            ("ce_strided_fwd-fp64-contiguous-weight-smoothing",
+             lambda: st.ce_strided_fwd(xc64, tc, w64, label_smoothing=0.1)),
+        ]
+
     def split(fn):  # few long rows: the split-row kernels, 4 programs per row
         def run():
             from fusedce.kernels import split_rows
@@ -169,7 +188,7 @@ def _launch_cases(dtype_name):
                                                         z_grad=g))),
         ("vp_partials-extras", lambda: vp.vp_partials(x, t, w, 0.1, part6, extras)),
         ("vp_grad-extras", lambda: vp.vp_grad(x, t, lse, g, g, consts, 0.1, w, dx, extras, g)),
-    ]
+    ] + fp64
 
 
 def _kernel_modules():
