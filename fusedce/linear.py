@@ -27,7 +27,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
-from . import _args, _autograd, _dtensor, _higher, _loss
+from . import _args, _autograd, _dtensor, _higher, _linear_compile, _loss
 from ._chunks import MAX_CHUNK_BYTES, GradAccumulator, chunk_rows, logits_into  # noqa: F401
 
 # (chunk_rows, GradAccumulator and MAX_CHUNK_BYTES stay importable from here, where they were)
@@ -252,10 +252,19 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     With the loss ``extras`` each chunk's CE is of the transformed logits, the z-loss is
     added, and with ``extras.aux`` the outputs are ``(loss, lse, aux)``, the last two not
     differentiable (as ``CrossEntropyFunction``'s).
+
+    While torch.compile traces it, ``ce`` is a ``_linear_compile.Options`` (the class
+    ``weight`` given beside it) and forward and backward run the opaque ops of
+    ``fusedce/_linear_compile.py``, as ``CrossEntropyFunction`` runs ``fusedce::ce_*``.
     """
 
     @staticmethod
-    def forward(ctx, x, linear_weight, linear_bias, target, ce, reduction, rows, loss_shape):
+    def forward(ctx, x, linear_weight, linear_bias, target, weight, ce, reduction, rows,
+                loss_shape):
+        ctx.compiled = None
+        if isinstance(ce, _linear_compile.Options):
+            return _linear_compile.forward(ctx, x, linear_weight, linear_bias, target, weight,
+                                           ce)
         need_x, need_w, need_b, need_t = ctx.needs_input_grad[:4]
         need_b = need_b and linear_bias is not None
         need_t = need_t and ce.soft
@@ -297,11 +306,14 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, *_aux_grads):
+        if ctx.compiled is not None:
+            return (*_linear_compile.backward(ctx, grad_out), None, None, None, None, None,
+                    None)
         ce, reduction, rows = ctx.options
         need_x, need_w, need_b, need_t = ctx.needs
         if torch.is_grad_enabled():  # create_graph=True: a gradient autograd can differentiate
             ctx.grads = None
-            return (*_differentiable_backward(ctx, grad_out), None, None, None, None)
+            return (*_differentiable_backward(ctx, grad_out), None, None, None, None, None)
         if reduction == "none" or ctx.grads is None:
             # (for 'mean' / 'sum' a second backward: the first handed its gradients over)
             grads = _backward_recompute(ctx, grad_out)
@@ -321,7 +333,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         gx, gw, gb, gt = grads
         return (gx if need_x else None, gw.to(w_dtype) if need_w else None,
                 gb.to(b_dtype) if need_b else None, gt.to(t_dtype) if need_t else None,
-                None, None, None, None)
+                None, None, None, None, None)
 
 
 def _outputs(ctx, loss, lse, aux):
@@ -407,7 +419,9 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
         same pass (the aux outputs: ``fusedce.CrossEntropyAux``).
 
     A ``Shard(0)`` DTensor ``linear_weight`` (a vocabulary-sharded head) runs the
-    vocab-parallel loss (``fusedce/_dtensor.py``).
+    vocab-parallel loss (``fusedce/_dtensor.py``). Under ``torch.compile`` the loss is the
+    opaque ops of ``fusedce/_linear_compile.py`` (no graph break) for class-index targets in
+    float32 or bfloat16 without ``return_aux``; other calls break the graph.
 
     Differences from PyTorch: a target outside ``[0, C)`` that is not ``ignore_index``
     gives a NaN loss instead of an error (no host synchronisation); a negative
@@ -466,6 +480,17 @@ def _fused(x, linear_weight, linear_bias, t, weight, n_classes, ignore_index,
     """``(loss, lse, aux, ce)`` of checked arguments: ``x`` (N, H), ``linear_weight``
     (C * L, H), ``t`` as ``_ChunkLoss`` takes it; the loss (reduced, 'none' shaped as
     ``loss_shape``) in the dtype it is computed in."""
+    if _linear_compile.serves(x, t, extras):  # torch.compile: opaque ops, no graph break
+        opts = _linear_compile.Options(
+            n_classes, ignore_index, label_smoothing, reduction, backend, chunk_size,
+            extras.logit_scale, extras.softcap, extras.lse_square_scale, tuple(loss_shape))
+        inputs = (x, linear_weight, linear_bias)
+        if torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in inputs):
+            loss = LinearCrossEntropyFunction.apply(x, linear_weight, linear_bias, t, weight,
+                                                    opts, reduction, None, loss_shape)
+        else:
+            loss = _linear_compile.loss_only(x, linear_weight, linear_bias, t, weight, opts)
+        return loss, None, None, None
     ce = _ChunkLoss(x, t, weight, n_classes, ignore_index, label_smoothing, backend, extras)
     rows = chunk_size
     if rows is None:
@@ -484,10 +509,14 @@ def _fused(x, linear_weight, linear_bias, t, weight, n_classes, ignore_index,
         aux = _aux_buffer(x, ce)
         loss, lse, _ = _loss_only(x, linear_weight, linear_bias, ce, rows, aux)
         return _reduced(loss, lse, ce, reduction, loss_shape), lse, aux, ce
-    out = LinearCrossEntropyFunction.apply(x, linear_weight, linear_bias, t, ce, reduction,
+    out = LinearCrossEntropyFunction.apply(x, linear_weight, linear_bias, t, weight, ce,
+                                           reduction,
                                            rows, loss_shape)
     loss, lse, aux = out if extras.aux else (out, None, None)
     return loss, lse, aux, ce
+
+
+_linear_compile.EAGER_LOSS = _fused  # what its ops run
 
 
 class LinearCrossEntropyLoss(nn.Module):

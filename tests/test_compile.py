@@ -6,6 +6,7 @@ registration is the same for CUDA). ``torch.library.opcheck`` checks the ops' re
 schema, fake (meta) implementations against the real ones.
 """
 
+import math
 import warnings
 
 import pytest
@@ -274,13 +275,12 @@ def test_dynamic_shapes_fullgraph():
     """torch.compile(dynamic=True) traces the argument checks with symbolic sizes and
     floats: no graph break (math.isfinite broke it), and one graph serves two batch sizes
     and two vocabularies with F.cross_entropy's results and gradients (float64 reference),
-    the extras included. (fusedce.linear_cross_entropy is not one graph: its forward calls
-    back into Python, and compiles with graph breaks.)"""
+    the extras included; fusedce.linear_cross_entropy too."""
     kw = dict(label_smoothing=0.1, logit_scale=0.5, softcap=8.0, ignore_index=1)
     compiled = torch.compile(lambda x, t: fusedce.cross_entropy(x, t, **kw), fullgraph=True,
                              dynamic=True, backend="aot_eager")
     linear = torch.compile(lambda h, w, t: fusedce.linear_cross_entropy(h, w, t),
-                           dynamic=True, backend="aot_eager")
+                           fullgraph=True, dynamic=True, backend="aot_eager")
     gen = torch.Generator().manual_seed(8)
     for rows, classes in [(5, 11), (9, 23)]:
         x = torch.randn(rows, classes, generator=gen, requires_grad=True)
@@ -297,3 +297,131 @@ def test_dynamic_shapes_fullgraph():
         ref_grads = torch.autograd.grad(refs[0] + refs[1], (x64, h64, w64))
         for got, want in zip(losses + grads, refs + ref_grads):
             torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------
+# fusedce.linear_cross_entropy: the ops fusedce::linear_ce / linear_ce_grad (_linear_compile)
+
+def _linear_case(name):
+    """``(input, linear_weight, linear_bias, target, kwargs)`` of a named case."""
+    gen = torch.Generator().manual_seed(9)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=gen)
+
+    t = torch.randint(0, 40, (12,), generator=gen)
+    t[::4] = 3  # ignored where ignore_index=3
+    cases = {
+        "plain": (r(12, 16), r(40, 16) * 0.3, None, t, {}),
+        "options": (r(12, 16), r(40, 16) * 0.3, r(40), t,
+                    dict(weight=torch.rand(40, generator=gen) + 0.5, label_smoothing=0.1,
+                         ignore_index=3, softcap=5.0, lse_square_scale=1e-3, chunk_size=5)),
+        "k-dim": (r(4, 8), r(7, 3, 8), r(7, 3), torch.randint(0, 7, (4, 3), generator=gen), {}),
+        "unbatched": (r(8), r(7, 8), None, torch.tensor(2), {}),
+    }
+    return cases[name]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("case", ["plain", "options", "k-dim", "unbatched"])
+def test_linear_cross_entropy_compiles_fullgraph(case, reduction):
+    """One graph (fullgraph=True, inductor): the loss and the gradients of the input, the
+    weight and the bias equal eager mode's and float64 PyTorch's, with a random upstream."""
+    x, w, b, t, kw = _linear_case(case)
+    leaves = [v.clone().requires_grad_() for v in (x, w) + ((b,) if b is not None else ())]
+
+    def step(x, w, b):
+        return fusedce.linear_cross_entropy(x, w, t, linear_bias=b, reduction=reduction, **kw)
+
+    compiled = torch.compile(step, fullgraph=True, backend="inductor")
+    results = []
+    for fn in (step, compiled):
+        loss = fn(leaves[0], leaves[1], leaves[2] if b is not None else None)
+        if not results:
+            upstream = torch.randn(loss.shape, generator=torch.Generator().manual_seed(4))
+        results.append((loss, torch.autograd.grad(loss, leaves, upstream)))
+    (eager, eager_grads), (got, grads) = results
+    torch.testing.assert_close(got, eager)
+    for g, e in zip(grads, eager_grads):
+        torch.testing.assert_close(g, e)
+    with torch.no_grad():  # evaluation: the loss alone, one graph too
+        torch.testing.assert_close(compiled(*leaves[:2], leaves[2] if b is not None else None),
+                                   eager.detach())
+    # and PyTorch's loss on the float64 logits
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    b64 = b.double().requires_grad_() if b is not None else None
+    z = F.linear(x64, w64.flatten(0, -2), None if b64 is None else b64.flatten())
+    z = z.view(*x.shape[:-1], *w.shape[:-1])  # (N, C, d1...) for a K-dimensional weight
+    if kw.get("softcap"):
+        z = kw["softcap"] * torch.tanh(z / kw["softcap"])
+    ref_kw = {k: kw[k] for k in ("label_smoothing", "ignore_index") if k in kw}
+    if "weight" in kw:
+        ref_kw["weight"] = kw["weight"].double()
+    ref = F.cross_entropy(z, t, reduction=reduction, **ref_kw)
+    if kw.get("lse_square_scale"):
+        kept = t != kw.get("ignore_index", -100)
+        zl = kw["lse_square_scale"] * torch.logsumexp(z, -1).square() * kept
+        ref = ref + (zl.sum() / kept.sum() if reduction == "mean" else
+                     zl.sum() if reduction == "sum" else zl)
+    ref_grads = torch.autograd.grad(ref, [v for v in (x64, w64, b64) if v is not None],
+                                    upstream.double())
+    torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-5)
+    for g, e in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), e, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("upstream", [math.inf, math.nan], ids=["inf", "nan"])
+def test_linear_compiled_non_finite_upstream_leaves_ignored_rows_zero(upstream):
+    """As in eager mode (tests/test_linear.py): a sum over no item divided by 0 gives an inf
+    upstream, which PyTorch never multiplies into an ignored row; bf16, one graph."""
+    x, w, b, t, _ = _linear_case("plain")
+    t = t.clone()
+    t[: t.shape[0] // 2] = -100
+    def step(a, c, d, target):
+        return fusedce.linear_cross_entropy(a, c, target, linear_bias=d, reduction="sum")
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for ignored in (slice(None), slice(0, t.shape[0] // 2)):
+        tt = t.clone()
+        tt[ignored] = -100
+        leaves = [v.bfloat16().requires_grad_() for v in (x, w, torch.randn(40))]
+        gx, gw, gb = torch.autograd.grad(compiled(*leaves, tt) * upstream, leaves)
+        rows = tt == -100
+        assert not gx[rows].any()
+        if rows.all():
+            assert not gw.any() and not gb.any()
+        else:
+            assert not gx[~rows].isfinite().any()
+
+
+def _linear_op_args():
+    from fusedce import _args
+
+    x, w, b, t, _ = _linear_case("options")
+    t, loss_shape, _, _ = _args.linear_inputs(x, w, b, t, 3)  # the targets as checked
+    weight = torch.rand(40, generator=torch.Generator().manual_seed(2)) + 0.5
+    common = (40, 3, 0.1)  # n_classes, ignore_index, label_smoothing
+    extras = ("torch", 5, 1.0, 5.0, 1e-3)  # backend, chunk_size, scale, softcap, z-loss
+    shape = list(loss_shape)
+    return [
+        pytest.param((x, w, b, t, weight, *common, "mean", *extras, shape, True, True, True),
+                     id="mean-all-grads"),
+        pytest.param((x, w, None, t, None, *common, "sum", *extras, shape, False, True, False),
+                     id="sum-weight-grad-only"),
+        pytest.param((x, w, b, t, weight, *common, "none", *extras, shape, True, True, True),
+                     id="none"),
+    ]
+
+
+@pytest.mark.parametrize("args", _linear_op_args())
+def test_linear_opcheck(args):
+    """Schema, fake tensors against the real ops, AOT dispatch: fusedce::linear_ce, and for
+    'none' fusedce::linear_ce_grad fed with a random upstream."""
+    torch.library.opcheck(torch.ops.fusedce.linear_ce.default, args)
+    if args[8] == "none":
+        loss = torch.ops.fusedce.linear_ce(*args)[0]
+        dloss = torch.randn(loss.shape, generator=torch.Generator().manual_seed(6))
+        grad_args = (dloss, *args[:8], *args[9:])
+        torch.library.opcheck(torch.ops.fusedce.linear_ce_grad.default, grad_args)
