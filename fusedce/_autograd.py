@@ -111,7 +111,10 @@ def _differentiable_backward(ctx, grad_loss):
     x, target, weight = ctx.saved_tensors[:3]
     if opts.mode != "backward":  # the row modes saved the targets flattened
         target = target.view(x.shape[0], x.shape[2])
-        ctx.grad = None  # the gradient computed in the forward: not this backward's
+        # the gradient computed in the forward: not this backward's, nor a later one's (a
+        # gradient penalty backpropagates through the loss again: recompute it there)
+        ctx.grad = None
+        ctx.consumed = True
     needs = (ctx.needs_input_grad[0],
              ctx.needs_input_grad[1] and target.is_floating_point())
 

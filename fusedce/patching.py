@@ -13,14 +13,17 @@ Patching replaces
   names for the original, e.g. ``import ... as ce``, are not touched).
 
 ``unpatch()`` (or leaving the ``with`` block, also by an exception) puts back exactly what
-was replaced. DTensor logits of the layouts fusedce takes go to fusedce
-(``fusedce/_dtensor.py``: inside ``loss_parallel()`` too); other DTensors and other tensor
-subclasses (anything but ``torch.Tensor`` and ``nn.Parameter``: tensors with
-``__torch_function__``) go to PyTorch's own implementation.
+was replaced, and rebinds the ``cross_entropy`` of modules imported inside the block. While
+patched, pickling an object that holds PyTorch's own function fails (pickle finds fusedce's
+under its name): save it outside the block.
+
+DTensor logits of the layouts fusedce takes go to fusedce (``fusedce/_dtensor.py``: inside
+``loss_parallel()`` too); other DTensors and other tensor subclasses (anything but
+``torch.Tensor`` and ``nn.Parameter``: tensors with ``__torch_function__``) go to PyTorch's
+own implementation.
 """
 
 import contextlib
-import functools
 import sys
 import threading
 
@@ -41,7 +44,6 @@ def _plain_tensors(*tensors):
     return all(type(t) in (torch.Tensor, nn.Parameter) for t in tensors if t is not None)
 
 
-@functools.wraps(_ORIGINAL_CE)
 def _patched_cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100,
                            reduce=None, reduction="mean", label_smoothing=0.0):
     if not (isinstance(input, torch.Tensor) and isinstance(target, torch.Tensor)):
@@ -61,13 +63,18 @@ def _patched_forward(self, input, target):
                                   label_smoothing=self.label_smoothing)
 
 
+# PyTorch's docstring and (through __wrapped__) signature, but its own name and module: with
+# functools.wraps' ``torch.nn.functional.cross_entropy`` pickle took it for PyTorch's, and a
+# model holding it could not be saved (``not the same object as``) once the block was left
+_patched_cross_entropy.__doc__ = _ORIGINAL_CE.__doc__
+_patched_cross_entropy.__wrapped__ = _ORIGINAL_CE
 _patched_cross_entropy.__fusedce_patch__ = True
 _patched_forward.__fusedce_patch__ = True
 
 
-def _module_aliases():
+def _module_aliases(function=_ORIGINAL_CE):
     """``(module, "cross_entropy")`` for the modules outside torch and fusedce whose global
-    ``cross_entropy`` is the original function (``from torch.nn.functional import
+    ``cross_entropy`` is ``function`` (the original: ``from torch.nn.functional import
     cross_entropy``). Other names bound to it are left alone: code that keeps the original
     under a name of its own (to wrap or compare it) keeps it."""
     found = []
@@ -78,7 +85,7 @@ def _module_aliases():
             namespace = vars(mod)
         except Exception:  # noqa: BLE001 - not a module with a namespace: nothing to patch
             continue
-        if namespace.get("cross_entropy") is _ORIGINAL_CE:
+        if namespace.get("cross_entropy") is function:
             found.append((mod, "cross_entropy"))
     return found
 
@@ -105,7 +112,7 @@ def patch(*, scan_modules=True, backend="auto", inplace_backward=False, validate
             return
         aliases = _module_aliases() if scan_modules else []
         _state["saved"] = (F.cross_entropy, nn.CrossEntropyLoss.__dict__.get("forward"),
-                           aliases)
+                           aliases, scan_modules)
         _state["options"] = {"backend": backend, "inplace_backward": inplace_backward,
                              "validate": validate}
         F.cross_entropy = _patched_cross_entropy
@@ -122,9 +129,11 @@ def unpatch():
         _state["depth"] -= 1
         if _state["depth"] > 0:
             return
-        functional_ce, forward, aliases = _state["saved"]
+        functional_ce, forward, aliases, scan_modules = _state["saved"]
         F.cross_entropy = functional_ce
         nn.CrossEntropyLoss.forward = forward
+        if scan_modules:  # also the modules imported inside the block, which took fusedce's
+            aliases = _module_aliases(_patched_cross_entropy)
         for mod, name in aliases:
             if vars(mod).get(name) is _patched_cross_entropy:
                 setattr(mod, name, functional_ce)

@@ -450,6 +450,89 @@ def test_workers_under_inference_mode(monkeypatch, dtype):
                                torch.float32 else 2**-8)
 
 
+def test_another_default_device(cache, own_path):
+    """Under ``torch.set_default_device`` / ``with torch.device(...)`` (here "meta"), the
+    cache made its buffer on the default device, not the CPU logits' one, and the step
+    failed ('copy from device cpu to device meta'); the bad buffer then stayed cached."""
+    gen = torch.Generator().manual_seed(15)
+    x = torch.randn(9, 300, generator=gen, requires_grad=True)
+    t = torch.randint(0, 300, (9,), generator=gen)
+    with torch.device("meta"):
+        loss = fusedce.cross_entropy(x, t)
+        loss.backward()
+    ref = x.detach().double().requires_grad_()
+    F.cross_entropy(ref, t).backward()
+    torch.testing.assert_close(x.grad.double(), ref.grad, atol=ATOL, rtol=RTOL)
+    assert all(e[0].device.type == "cpu" for e in cache.entries) and cache.entries
+
+
+def test_pool_growing_while_another_call_submits(monkeypatch):
+    """A call that grows the pool shut the old executor down; another thread that had just
+    got that executor then failed to submit ('cannot schedule new futures after
+    shutdown'). Getting the executor and submitting are one step now: a thread that
+    grows the pool between them (its window widened here) waits for it."""
+    import threading
+
+    monkeypatch.setattr(pool, "_POOL", pool._Pool())
+    start, in_window = pool._Pool._start, threading.Event()
+
+    def slow_start(n):
+        executor = start(n)
+        if n == 2:  # the first call: let the second grow the pool before it submits
+            in_window.set()
+            threading.Event().wait(0.3)
+        return executor
+
+    monkeypatch.setattr(pool._Pool, "_start", staticmethod(slow_start))
+    results, errors = [], []
+
+    def call(n):
+        try:
+            futures = pool._POOL.submit(n, lambda s, e: (s, e), [(0, 1), (1, 2)])
+            results.append([f.result() for f in futures])
+        except Exception as e:  # noqa: BLE001 - what the test reports
+            errors.append(e)
+
+    first = threading.Thread(target=call, args=(2,))
+    first.start()
+    assert in_window.wait(10)
+    second = threading.Thread(target=call, args=(4,))
+    second.start()
+    first.join(10)
+    second.join(10)
+    assert not errors and results == [[(0, 1), (1, 2)]] * 2, (errors, results)
+
+
+@pytest.mark.slow
+def test_calls_after_interpreter_shutdown_began_run_inline(tmp_path):
+    """Once the interpreter shuts down, concurrent.futures takes no new work: a training
+    thread the main thread left running and an atexit handler failed ('cannot schedule new
+    futures after interpreter shutdown'). They run in the calling thread now."""
+    script = tmp_path / "late.py"
+    script.write_text(
+        "import atexit, threading, torch, fusedce\n"
+        "import torch.nn.functional as F\n"
+        "x = torch.randn(8192, 1100, generator=torch.Generator().manual_seed(0))\n"
+        "t = torch.randint(0, 1100, (8192,), generator=torch.Generator().manual_seed(1))\n"
+        "ref = F.cross_entropy(x.double(), t).item()\n"
+        "def check(where):\n"
+        "    xr = x.clone().requires_grad_()\n"
+        "    loss = fusedce.cross_entropy(xr, t)\n"
+        "    loss.backward()\n"
+        "    assert abs(loss.item() - ref) < 1e-5 and xr.grad.isfinite().all()\n"
+        "    print(where, 'ok', flush=True)\n"
+        "def late():\n"
+        "    threading.Event().wait(0.5)  # the main thread has returned by now\n"
+        "    check('thread')\n"
+        "atexit.register(check, 'atexit')\n"
+        "threading.Thread(target=late).start()\n"
+        "check('main')\n")
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=120, env=checkout_env())
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["main", "ok", "thread", "ok", "atexit", "ok"], run.stdout
+
+
 # ------------------ the chunk loops, scripted with TorchScript (no GIL between their ops)
 
 @pytest.mark.parametrize("loop", ["fwd_chunks", "bwd_chunks"])

@@ -677,3 +677,23 @@ def test_logits_changed_in_place_after_the_loss(own_path):
         t2[0] = -100
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             loss.backward()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_gradient_penalty_backpropagates_through_the_loss_again(reduction, own_path):
+    """A gradient penalty: g = dL/dx with create_graph=True, then (L + |g|^2).backward()
+    goes through the loss's backward a second time. The CPU path's forward-computed
+    gradient was dropped by the first and the second took it for still there (an
+    AttributeError on None); PyTorch's gradient, float64."""
+    gen = torch.Generator().manual_seed(14)
+    x = torch.randn(6, 37, generator=gen)
+    t = torch.randint(0, 37, (6,), generator=gen)
+    t[2] = -100
+    grads = []
+    for fn, dtype in ((F.cross_entropy, torch.float64), (fusedce.cross_entropy, torch.float32)):
+        xr = x.to(dtype).requires_grad_()
+        loss = fn(xr * 1.5, t, reduction=reduction, label_smoothing=0.1).sum()
+        g, = torch.autograd.grad(loss, xr, create_graph=True)
+        (loss + g.square().sum()).backward()
+        grads.append(xr.grad)
+    torch.testing.assert_close(grads[1].double(), grads[0], atol=1e-6, rtol=1e-5)

@@ -193,3 +193,42 @@ def test_patched_under_torch_compile(third_party):
     torch._dynamo.reset()
     torch.testing.assert_close(compiled, eager)
     torch.testing.assert_close(eager, loss_fn(idx, labels))
+
+
+def test_module_imported_inside_the_block_is_restored():
+    """A module imported inside the block binds fusedce's function to ``cross_entropy``;
+    leaving the block rebinds it to PyTorch's, as for the modules imported before."""
+    module = types.ModuleType("imported_inside")
+    with fusedce.patched():
+        sys.modules[module.__name__] = module
+        exec(compile(THIRD_PARTY_SOURCE, "imported_inside.py", "exec"), vars(module))
+        assert module.cross_entropy is not ORIGINAL_CE
+    try:
+        assert module.cross_entropy is ORIGINAL_CE
+    finally:
+        del sys.modules[module.__name__]
+
+
+def test_a_model_holding_the_patched_function_pickles():
+    """functools.wraps gave the patched function PyTorch's module and name, so pickle took
+    it for torch.nn.functional.cross_entropy and refused it ('not the same object'); a
+    model that kept it (built inside the block) could not be saved. Saved after the block,
+    it loads with fusedce's function, which still computes PyTorch's loss."""
+    import io
+    import pickle
+
+    class Holder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(4, 7)
+            self.loss_fn = F.cross_entropy
+
+    with fusedce.patched():
+        inside = Holder()
+    x, t = torch.randn(5, 4), torch.randint(0, 7, (5,))
+    loaded = pickle.loads(pickle.dumps(inside.loss_fn))
+    torch.testing.assert_close(loaded(inside.head(x), t), ORIGINAL_CE(inside.head(x), t))
+    torch.save({"loss_fn": inside.loss_fn, "head": inside.head}, io.BytesIO())
+    import inspect
+
+    assert inspect.signature(inside.loss_fn) == inspect.signature(ORIGINAL_CE)

@@ -82,7 +82,7 @@ class GradCache:
             # free buffers that do not fit are released first (a changed shape keeps no
             # stale buffer alive); when every entry is in use the new buffer is not kept
             self.entries = [e for e in self.entries if not self._is_free(e)]
-            buf = torch.empty(nbytes, dtype=torch.uint8)
+            buf = torch.empty(nbytes, dtype=torch.uint8, device="cpu")  # whatever the default
             if len(self.entries) < self.MAX_ENTRIES:
                 self.entries.append([buf, self._signature(buf)])
             return self._view(buf, nbytes, x), True

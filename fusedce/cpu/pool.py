@@ -27,14 +27,23 @@ class _Pool:
         self.executor = None
         self.size = 0
 
-    def get(self, n):
+    def submit(self, n, fn, ranges):
+        """Futures of ``fn(s, e)`` for each range on a pool of at least ``n`` threads; None
+        for a range no thread can take (interpreter shutdown has begun: no new work is
+        scheduled, as for an ``atexit`` handler or a thread the main thread left running).
+        Under the lock: a call that grows the pool shuts the old executor down, which must
+        not happen between another call's getting it and submitting to it."""
         with self.lock:
-            if self.executor is None or self.size < n:
-                if self.executor is not None:
-                    self.executor.shutdown(wait=False)
-                self.executor = self._start(n)
-                self.size = n
-            return self.executor
+            try:
+                if self.executor is None or self.size < n:
+                    if self.executor is not None:
+                        self.executor.shutdown(wait=False)  # its queued work still runs
+                        self.executor, self.size = None, 0
+                    self.executor = self._start(n)
+                    self.size = n
+                return [self.executor.submit(fn, s, e) for s, e in ranges]
+            except RuntimeError:  # "cannot schedule new futures after (interpreter) shutdown"
+                return [None] * len(ranges)
 
     @staticmethod
     def _start(n):
@@ -105,9 +114,12 @@ def parallel_rows(n_rows, n_cols, device, work):
     # whole chunks per worker keep the chunks the same wherever the boundary falls
     step = chunks.rows_per_chunk(n_cols)
     per_worker = chunks.cdiv(chunks.cdiv(n_rows, step), workers) * step
-    executor = _POOL.get(workers)
-    futures = [executor.submit(task, s, min(s + per_worker, n_rows))
-               for s in range(0, n_rows, per_worker)]
+    ranges = [(s, min(s + per_worker, n_rows)) for s in range(0, n_rows, per_worker)]
+    futures = _POOL.submit(workers, task, ranges)
+    if None in futures:  # nothing scheduled (interpreter shutdown): every range here
+        with torch.no_grad():
+            work(0, n_rows)
+        return
     for f in futures:
         f.result()
 
