@@ -206,11 +206,7 @@ def served_by_pytorch(case, pass_, tokens, vocab=VOCAB, dtype="fp32", device="cp
     for the step's logits and class-index targets."""
     if not case.startswith("fusedce") or torch.device(device).type != "cpu":
         return False
-    x = torch.zeros((), dtype=DTYPES[dtype]).expand(tokens, vocab)
-    grad = pass_ != "fwd"
-    with torch.set_grad_enabled(grad):
-        return _route.pytorch_serves(x.requires_grad_(grad), torch.zeros(tokens, dtype=torch.long),
-                                     None, 0.0)
+    return _route.serves_shape(tokens, vocab, DTYPES[dtype], grad=pass_ != "fwd")
 
 
 def grad_bytes(case, pass_, tokens, vocab, dtype):

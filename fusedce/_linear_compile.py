@@ -142,14 +142,8 @@ def backward(ctx, grad):
                                   list(opts.loss_shape), *needs)
     else:
         dx, dw, db, t = ctx.saved_tensors
-        # what PyTorch never multiplies stays 0 when the upstream is inf or NaN (a sum over
-        # no item): rows all ignored, and with every row ignored the weight's and bias's
-        # gradients (as linear._upstream_of_kept_rows in eager mode)
-        n_rows = ctx.n_rows
-        kept = (t.reshape(n_rows, -1).long() != opts.ignore_index).any(1)
-        zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
-        g = torch.where(kept.any(), grad, zero)
-        g_rows = torch.where(kept, grad, zero).reshape(n_rows, *([1] * (dx.dim() - 1)))
+        # ignored rows stay 0 under an inf or NaN upstream, as in eager mode
+        g, g_rows = _loss.upstream_of_kept_rows(t, opts.ignore_index, grad, ctx.n_rows)
         grads = ((dx.float() * g_rows).to(dx.dtype) if needs[0] else None,
                  (dw.float() * g).to(dw.dtype) if needs[1] else None,
                  (db.float() * g).to(db.dtype) if needs[2] else None)

@@ -171,6 +171,20 @@ def kept_rows(target, ignore_index):
     return target.reshape(-1).long() != ignore_index
 
 
+def upstream_of_kept_rows(target, ignore_index, g, n_rows):
+    """The 0-d upstream gradient ``g`` of a 'mean' / 'sum' linear loss as ``(the factor of
+    the weight's and bias's gradients, the input's per row ((n_rows, 1)))``, so that what
+    PyTorch never multiplies stays 0 when ``g`` is inf or NaN (a sum over no item, as
+    Hugging Face's ``loss / num_items_in_batch`` is when no label counts): a row whose class
+    indices are all ignored has a zero input gradient, and with every row ignored so have
+    the weight and the bias. ``target``: class indices, ``n_rows`` rows of positions.
+    Device ops, no host sync."""
+    kept = (kept_rows(target, ignore_index).view(n_rows, -1).any(1) if n_rows else
+            torch.zeros(0, dtype=torch.bool, device=g.device))
+    zero = torch.zeros((), dtype=g.dtype, device=g.device)
+    return torch.where(kept.any(), g, zero), torch.where(kept, g, zero).reshape(n_rows, 1)
+
+
 def z_loss_rows(lse, target, ignore_index, extras):
     """Each row's z-loss ``lse_square_scale * lse**2``, 0 where the target is ignored."""
     return torch.where(kept_rows(target, ignore_index), extras.lse_square_scale * lse.square(),

@@ -77,6 +77,17 @@ def pytorch_serves(input, target, weight, label_smoothing):
         return False
 
 
+def serves_shape(n_rows, n_cols, dtype=torch.float32, grad=True):
+    """Whether PyTorch's loss serves a ``backend="auto"`` call on CPU logits (n_rows, n_cols)
+    of ``dtype`` against int64 class indices, no weight nor smoothing, with a gradient or
+    without: what the demo and the benchmarks report beside their figures."""
+    if n_rows * n_cols < SMALLEST:  # decided inline, as cross_entropy decides it
+        return True
+    x = torch.zeros((), dtype=dtype).expand(n_rows, n_cols).requires_grad_(grad)
+    with torch.set_grad_enabled(grad):
+        return pytorch_serves(x, torch.zeros(n_rows, dtype=torch.long), None, 0.0)
+
+
 def set_hand_off(enabled):
     """Turns the hand-off on (the default) or off (every call runs fusedce's own path:
     ``bench.grid --own``, and the tests of that path)."""

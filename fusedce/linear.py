@@ -175,23 +175,6 @@ def _scale_(t, factor, rows=1 << 14):
     return t
 
 
-def _upstream_of_kept_rows(ce, g, n_rows):
-    """The upstream gradient ``g`` (0-d) of a 'mean' / 'sum' loss as the weight's and the
-    bias's factor, and the input's per row ((n_rows, 1)), so that what PyTorch never
-    multiplies stays 0 when ``g`` is inf or NaN (a sum over 0 items, as Hugging Face's
-    ``loss / num_items_in_batch`` is when no label counts): a row whose targets are all
-    ignored has a zero input gradient, and with every row ignored so have the weight and
-    the bias. Device ops, no host sync."""
-    if ce.soft:  # probability targets ignore no row
-        return g, g
-    ignore_index, _ = ce.options
-    # (int64: compared with a uint8 target, -100 would wrap to 156 and drop class 156)
-    kept = (ce.t.reshape(n_rows, -1).long() != ignore_index).any(1) if n_rows else \
-        torch.zeros(0, dtype=torch.bool, device=g.device)
-    zero = torch.zeros((), dtype=g.dtype, device=g.device)
-    return torch.where(kept.any(), g, zero), torch.where(kept, g, zero).reshape(n_rows, 1)
-
-
 def _logits_buffer(x, n_outputs, rows):
     return torch.empty(min(rows, x.shape[0]), n_outputs, dtype=x.dtype, device=x.device)
 
@@ -325,7 +308,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             elif g.device.type == "cpu" and bool(g == 1):  # a CPU read is no device sync
                 g = None
             if g is not None:
-                g, g_rows = _upstream_of_kept_rows(ce, g, ctx.x_rows)
+                # probability targets ignore no row
+                g, g_rows = (g, g) if ce.soft else _loss.upstream_of_kept_rows(
+                    ce.t, ce.options[0], g, ctx.x_rows)
                 gx, gw, gb, gt = grads
                 grads = (None if gx is None else _scale_(gx, g_rows),
                          *(None if t is None else _scale_(t, g) for t in (gw, gb, gt)))

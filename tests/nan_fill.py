@@ -6,6 +6,11 @@ pytest's fixtures do not reach (the distributed tests' spawned workers).
 """
 
 import torch
+import torch._dynamo  # noqa: F401
+
+# (torch._dynamo first: imported later, e.g. by a TorchDispatchMode entered while torch.empty
+# is replaced, its trace rules would take the replacement for torch.empty, and a later
+# torch.compile would refuse the real one: "Attempted to call function marked as skipped")
 
 
 def _nan_filled(empty_fn):

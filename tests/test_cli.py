@@ -146,8 +146,9 @@ class TestDemo:
     @pytest.mark.parametrize("route", ["backend-torch", "hand-off-off"])
     def test_header_names_fusedce_s_own_path_where_it_runs(self, offline_tokenizer, route,
                                                            monkeypatch):
-        if route == "hand-off-off":
+        if route == "hand-off-off":  # as _route.set_hand_off(False): the inline test too
             monkeypatch.setattr(_route, "HAND_OFF", False)
+            monkeypatch.setattr(_route, "SMALLEST", 0)
             args = dict(backend="auto")
         else:
             args = dict(backend="torch")

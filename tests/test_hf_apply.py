@@ -328,6 +328,17 @@ def test_evaluate_with_compute_metrics_gets_the_models_logits(tmp_path):
     assert out.logits is None and out.loss.requires_grad
 
 
+def _assert_patched_on_its_own(patched, ref, original, ids, labels):
+    """``patched`` makes no logits and has the loss and gradients of the unpatched ``ref``
+    (same weights), and the ``original`` it was copied from got no gradient."""
+    out, grads = _step(ref, ids, labels)
+    out_p, grads_p = _step(patched, ids, labels)
+    assert out_p.logits is None
+    torch.testing.assert_close(out_p.loss, out.loss, rtol=1e-5, atol=0)
+    _assert_grads_close(grads_p, grads)
+    assert all(p.grad is None for p in original.parameters())
+
+
 def test_deepcopy_is_an_independent_patched_model():
     """A deep copy of a patched model is patched on its own weights: its loss and gradients
     are those of an unpatched model with them, and the original's gradients stay None."""
@@ -340,12 +351,7 @@ def test_deepcopy_is_an_independent_patched_model():
         for m in (twin, ref):
             m.lm_head.weight.mul_(3.0)
     ids, labels = _batch(model.config.vocab_size)
-    out, grads = _step(ref, ids, labels)
-    out_t, grads_t = _step(twin, ids, labels)
-    assert out_t.logits is None
-    torch.testing.assert_close(out_t.loss, out.loss, rtol=1e-5, atol=0)
-    _assert_grads_close(grads_t, grads)
-    assert all(p.grad is None for p in fused.parameters())
+    _assert_patched_on_its_own(twin, ref, fused, ids, labels)
     with torch.no_grad():
         assert torch.equal(twin(input_ids=ids).logits, ref(input_ids=ids).logits)
     # Trainer reads the argument names of the forward
@@ -366,12 +372,7 @@ def test_torch_save_and_load_a_patched_model():
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=False)
     ids, labels = _batch(model.config.vocab_size)
-    out, grads = _step(model, ids, labels)
-    out_l, grads_l = _step(loaded, ids, labels)
-    assert out_l.logits is None
-    torch.testing.assert_close(out_l.loss, out.loss, rtol=1e-5, atol=0)
-    _assert_grads_close(grads_l, grads)
-    assert all(p.grad is None for p in fused.parameters())
+    _assert_patched_on_its_own(loaded, model, fused, ids, labels)
 
 
 def test_only_the_supported_classes():

@@ -155,9 +155,7 @@ def _handed_off(n_rows, vocab):
     """Whether ``backend="auto"`` hands the demo's CPU call (fp32 logits (n_rows, vocab) that
     need a gradient, class indices) to PyTorch's own loss, as ``fusedce.cross_entropy``
     decides it."""
-    x = torch.zeros((), dtype=torch.float32).expand(n_rows, vocab).requires_grad_()
-    with torch.enable_grad():
-        return _route.pytorch_serves(x, torch.zeros(n_rows, dtype=torch.long), None, 0.0)
+    return _route.serves_shape(n_rows, vocab)
 
 
 def _fmt_token(enc, token_id):
