@@ -16,9 +16,13 @@ from typing import Optional
 
 import torch
 
-# Elements per chunk: 3 * 2**16 fp32 values (768 KiB, 3 rows of 50,257) stay in L2 together
-# with their gradient or scratch chunk while the chunk is worked on.
-CHUNK_ELEMENTS = 3 << 16
+# Elements per chunk: 12 * 2**16 fp32 values (3 MiB, 15 rows of 50,257), which stay in the
+# last-level cache with their gradient or scratch chunk while the chunk is worked on; fewer,
+# larger chunks pay each op's fixed cost less often. Measured against 3, 6 and 24 * 2**16
+# (docs/benchmarks.md).
+CHUNK_ELEMENTS = 12 << 16
+# log2(e) rounded to fp32 (the value fp32 ops take)
+LOG2E = 1.4426950216293335
 
 
 def cdiv(a, b):
@@ -46,140 +50,101 @@ def _smoothing_term(out: torch.Tensor, c: torch.Tensor, w: Optional[torch.Tensor
 
 
 
+def exp_argument(src: torch.Tensor, shift: torch.Tensor, out: torch.Tensor,
+                 neg: Optional[torch.Tensor] = None,
+                 shift_out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``out = (src - s) log2(e)`` for each row's shift ``s`` (a column) within a rounding
+    of ``shift``, so that ``exp2(out)`` is ``exp(src - s)``; ``out`` may be ``src``.
+    ``shift_out`` (float64), where given, receives ``s``.
+
+    One fused multiply-add, ``src LOG2E + neg`` with ``neg = -shift LOG2E`` rounded once
+    (``torch.add`` with ``alpha`` rounds once): the argument's rounding is relative to
+    ``src - s``, as a subtraction's would be, and ``s = -neg / LOG2E``. PyTorch's base-2
+    exponential then costs a third of its ``exp`` on the CPUs measured
+    (docs/benchmarks.md). ``neg``: where the caller has it rounded from float64.
+
+    ``s`` differs from ``shift`` by up to half an ulp of ``neg``: a factor common to the
+    row's terms (it cancels in ``p = e / sum(e)``), below 2**0.5 while ``|neg| < 2**24``.
+    Beyond that (rows far from 0, or beyond 2.3e38 where ``neg`` overflows), and off the
+    CPU (the test would sync), the chunk subtracts ``shift`` first (``s = shift``)."""
+    log2e = 1.4426950216293335  # LOG2E (TorchScript takes no float globals)
+    if neg is None:
+        neg = shift * -log2e
+    if src.device.type != "cpu" or bool((neg.abs() >= 16777216.0).any()):
+        if shift_out is not None:
+            shift_out.copy_(shift)
+        return torch.sub(src, shift, out=out).mul_(log2e)
+    if shift_out is not None:
+        shift_out.copy_(neg).div_(-log2e)
+    return torch.add(neg, src, alpha=log2e, out=out)
+
+
 def fwd_chunks(x: torch.Tensor, dst: Optional[torch.Tensor], row_max: torch.Tensor,
-                row_sum: torch.Tensor, sum_wx: Optional[torch.Tensor],
-                w: Optional[torch.Tensor], gA: Optional[torch.Tensor],
-                zs: Optional[torch.Tensor],
-                coef: Optional[torch.Tensor], smooth: Optional[torch.Tensor],
-                scratch: Optional[torch.Tensor], chunks: list[int], step: int,
-                direct: bool, inplace: bool, shifted: bool, x_t: Optional[torch.Tensor],
-                lo_bound: float, g_lo: list[float], g_hi: list[float]) -> list[int]:
-    """Works through the row chunks ``chunks`` (``step`` rows each) of ``ce_fwd``: their
-    row sums of ``exp(x - shift)`` into ``row_sum`` and the shift into ``row_max``,
-    ``sum_c w_c (x_c - shift)`` into ``sum_wx`` where given, and with ``dst`` the chunk's gradient
-    ``coef p - smooth w`` into it, ``coef = gA / sum`` (``(gA + zs lse) / sum`` with a
-    z-loss's per-row ``zs``; only with ``shifted``, where the shift is the row max).
+               row_shift: torch.Tensor, row_sum: torch.Tensor, sum_wx: Optional[torch.Tensor],
+               w: Optional[torch.Tensor], gA: Optional[torch.Tensor],
+               zs: Optional[torch.Tensor], coef: Optional[torch.Tensor],
+               smooth: Optional[torch.Tensor], scratch: Optional[torch.Tensor],
+               start: int, end: int, step: int, direct: bool):
+    """``ce_fwd``'s loop over the chunks of rows ``[start, end)``: each row's max into
+    ``row_max``, the shift ``s`` it stands for into ``row_shift`` (float64,
+    ``exp_argument``), ``sum_c exp(x_c - s)`` into ``row_sum``, ``sum_c w_c (x_c - s)``
+    into ``sum_wx`` where given, and with
+    ``dst`` the chunk's gradient ``coef p - smooth w`` into it, ``coef = gA / sum``
+    (``(gA + zs lse) / sum`` with a z-loss's per-row ``zs``).
 
-    ``shifted``: the shift is the row max. Else none at first (``row_max`` holds 0), and
-    each chunk is tested (``_sums_fail``) before its gradient is written (x survives until
-    then): the chunks that fail are left unwritten and returned, for a shifted pass, and
-    from the first failure on the target logits ``x_t`` (a column), when given, are the
-    shift (their own terms make every sum at least 1: logits all far below 0, as a
-    pretrained GPT-2's near -60, fail without a shift but pass with it).
-
-    ``direct``: ``x`` is fp32 and is read as it is, else through the fp32 ``scratch``
-    chunk; ``inplace``: ``dst`` is ``x`` (``exp`` then goes to the scratch, and the gradient
-    over ``x`` once the chunk passed its test).
-    ``g_lo``, ``g_hi``: per chunk, the smallest and largest finite nonzero ``|gA|`` of
-    its rows (with a gradient; else empty).
+    ``direct``: ``x`` is fp32 and is read as it is: ``exp`` is formed in ``dst``'s chunk
+    (over ``x`` itself in place; in the fp32 ``scratch`` chunk without ``dst``); else
+    through ``scratch``, converted once (mixed-dtype ops are slow).
 
     Written in the subset of Python that TorchScript compiles (``script``): run as a
     script, the loop holds no GIL, which the worker threads otherwise contend for between
     the many short ops."""
-    failed: list[int] = []
-    n_rows = x.shape[0]
-    by_target = False
-    for k in chunks:
-        r0 = k * step
-        rows = min(step, n_rows - r0)
+    for r0 in range(start, end, step):
+        rows = min(step, end - r0)
         xc = x.narrow(0, r0, rows)
         dc: Optional[torch.Tensor] = None
         if dst is not None:
             dc = dst.narrow(0, r0, rows)
-        sc: Optional[torch.Tensor] = None
-        if scratch is not None:
-            sc = scratch.narrow(0, 0, rows)
-        # buf: exp(x - shift) of the chunk, in the gradient, x itself or the scratch
-        if direct:
+        if direct and dc is not None:
             src = xc
+            buf = dc
         else:
-            assert sc is not None
-            src = sc.copy_(xc)  # one vectorised conversion: mixed-dtype ops are slow
-        m: Optional[torch.Tensor] = None
-        if shifted:
-            m = torch.amax(src, 1, keepdim=True, out=row_max.narrow(0, r0, rows))
-        elif by_target:
-            assert x_t is not None
-            m = row_max.narrow(0, r0, rows).copy_(x_t.narrow(0, r0, rows))
-        # where exp(x - shift) goes: the gradient's chunk, else the scratch (also in place:
-        # x must survive until the chunk's test, and the gradient is written over it last)
-        target: Optional[torch.Tensor] = sc
-        if direct and dc is not None and not inplace:
-            target = dc
-        if not direct:
-            buf = src
-            if m is not None:
-                buf.sub_(m)
-        else:
-            assert target is not None
-            buf = xc if m is None else torch.sub(xc, m, out=target)
+            assert scratch is not None
+            buf = scratch.narrow(0, 0, rows)
+            src = xc if direct else buf.copy_(xc)
+        m = torch.amax(src, 1, keepdim=True, out=row_max.narrow(0, r0, rows))
+        exp_argument(src, m, buf, shift_out=row_shift.narrow(0, r0, rows))
         if sum_wx is not None:  # relative to the shift: no cancellation against lse
             out = sum_wx.narrow(0, r0, rows)
             if w is None:
                 torch.sum(buf, 1, out=out)
             else:
                 torch.mv(buf, w, out=out)
-        if buf is xc:
-            assert target is not None
-            buf = torch.exp(xc, out=target)
-        else:
-            buf.exp_()
+            out.div_(1.4426950216293335)  # LOG2E
+        buf.exp2_()
         sums = torch.sum(buf, 1, keepdim=True, out=row_sum.narrow(0, r0, rows))
-        if not shifted and _sums_fail(sums, lo_bound, g_lo, g_hi, k, by_target):
-            failed.append(k)
-            by_target = x_t is not None
-            continue
         if dc is not None:
             assert gA is not None and coef is not None
             gA_c = gA.narrow(0, r0, rows)
             if zs is not None:  # the z-loss's gz = zs lse, lse = shift + log(sum)
-                assert m is not None
                 gA_c = gA_c + zs.narrow(0, r0, rows) * (m + torch.log(sums))
-            scale = torch.div(gA_c, sums, out=coef.narrow(0, r0, rows))
-            if direct and buf is not dc:  # in place: from the scratch over x, one pass
-                buf = torch.mul(buf, scale, out=dc)
-            else:
-                buf.mul_(scale)
+            buf.mul_(torch.div(gA_c, sums, out=coef.narrow(0, r0, rows)))
             if smooth is not None:
                 _smoothing_term(buf, smooth.narrow(0, r0, rows), w)
             if not direct:
                 dc.copy_(buf)
-    return failed
-
-
-def _sums_fail(sums: torch.Tensor, lo_bound: float, g_lo: list[float], g_hi: list[float],
-               k: int, by_target: bool) -> bool:
-    """Whether chunk ``k``, taken without the max shift, must be redone with it: a row sum
-    outside (``lo_bound``, 1e30) (an overflow, inf or NaN, or so small a sum that the
-    terms fp32 flushes, below 2**-126 each with denormals flushed, weigh in it), or, with a
-    gradient, a scale ``|gA| / sum`` that could fall below fp32's normal range (the
-    gradient would lose its precision) or exceed 1 (exp(x) is subnormal or 0 below x =
-    -87.3, where the gradient, scaled up, could be a normal number). Bounds per chunk:
-    one reduction and scalar tests (each small op costs microseconds, even scripted).
-
-    ``by_target`` (the shift is the target logit, at most the row max): a scale above 1
-    is no reason to redo, the max shift would flush at least the same terms (heavy class
-    weights under reduction 'sum' would otherwise redo nearly every chunk)."""
-    lo_hi = torch.aminmax(sums)
-    lo = float(lo_hi[0])
-    hi = float(lo_hi[1])
-    if not (lo > lo_bound and hi < 1e30):
-        return True
-    if len(g_hi) > 0:
-        return not (g_lo[k] / hi >= 1.2e-38 and (by_target or g_hi[k] <= lo))
-    return False
 
 
 def bwd_chunks(x: torch.Tensor, dx: torch.Tensor, shift: torch.Tensor,
-                sign: Optional[torch.Tensor], scale: Optional[torch.Tensor],
-                smooth: Optional[torch.Tensor], w: Optional[torch.Tensor],
-                scratch: Optional[torch.Tensor], skip: list[bool], fast: list[bool],
-                start: int, end: int, step: int, direct: bool):
+               neg_shift: torch.Tensor, sign: Optional[torch.Tensor],
+               smooth: Optional[torch.Tensor], w: Optional[torch.Tensor],
+               scratch: Optional[torch.Tensor], skip: list[bool],
+               start: int, end: int, step: int, direct: bool):
     """``ce_bwd``'s loop over the chunks of rows ``[start, end)``: ``dx = sign exp(x -
-    shift)`` (``shift = lse - log|g A|``), or with ``fast`` (rows flagged from ``start``)
-    ``scale exp(x)``; minus ``smooth w`` where given. Rows flagged in ``skip`` are zeroed,
-    not computed. ``direct``: fp32 in and out, else through the fp32 ``scratch``. Runs as a
-    script like ``fwd_chunks``."""
+    shift)`` (``shift = lse - log|g A|``, ``neg_shift`` its ``-shift log2(e)`` rounded
+    once), minus ``smooth w`` where given. Rows flagged in
+    ``skip`` (from ``start``) are zeroed, not computed. ``direct``: fp32 in and out, else
+    through the fp32 ``scratch``. Runs as a script like ``fwd_chunks``."""
     for s in range(start, end, step):
         e = min(s + step, end)
         rows = e - s
@@ -193,38 +158,21 @@ def bwd_chunks(x: torch.Tensor, dx: torch.Tensor, shift: torch.Tensor,
         if len(zero) == rows:
             dxc.zero_()
             continue
-        all_fast = len(fast) > 0
-        if all_fast:
-            for i in range(s, e):
-                if not fast[i - start]:
-                    all_fast = False
         if direct:
-            buf = dxc
+            buf = exp_argument(xc, shift.narrow(0, s, rows), dxc, neg_shift.narrow(0, s, rows))
         else:
             assert scratch is not None
             buf = scratch.narrow(0, 0, rows).copy_(xc)
-        if all_fast:  # exp straight from x: one pass fewer
-            assert scale is not None
-            if direct:
-                torch.exp(xc, out=buf)
-            else:
-                buf.exp_()
-            buf.mul_(scale.narrow(0, s, rows))  # the sign of g A included
-        else:
-            if direct:
-                torch.sub(xc, shift.narrow(0, s, rows), out=buf)
-            else:
-                buf.sub_(shift.narrow(0, s, rows))
-            buf.exp_()
-            if sign is not None:
-                buf.mul_(sign.narrow(0, s, rows))
+            exp_argument(buf, shift.narrow(0, s, rows), buf, neg_shift.narrow(0, s, rows))
+        buf.exp2_()
+        if sign is not None:
+            buf.mul_(sign.narrow(0, s, rows))
         if smooth is not None:
             _smoothing_term(buf, smooth.narrow(0, s, rows), w)
         if not direct:
             dxc.copy_(buf)
         for i in zero:
             dx[i].zero_()
-
 
 
 _SCRIPTED = {}

@@ -11,30 +11,22 @@ How it is fast on a CPU (figures in docs/benchmarks.md):
 
 - cache-sized row chunks (``chunks``), spread over worker threads (``pool``), each worker's
   loop a TorchScript function that holds no GIL;
+- each exponential is PyTorch's base-2 one of a fused multiply-add,
+  ``exp(x - m) = exp2(x log2(e) - m log2(e))`` (``chunks.exp_argument``): a third of the
+  cost of its ``exp``, with an argument rounded as the subtraction's would be;
 - where the gradient is computed in the backward, the upstream gradient and A fold into
-  the exponent, ``g A p = exp(x - (lse - log(g A)))``: one subtract into the gradient and
-  one in-cache exp; the target's entry, where ``A p_t - B`` may cancel, is written
+  the exponent, ``g A p = exp(x - (lse - log(g A)))``: one multiply-add into the gradient
+  and one in-cache exp; the target's entry, where ``A p_t - B`` may cancel, is written
   afterwards from a per-row fp32 formula (one rounding, as in the kernels);
 - with ``grad_scale``, ``ce_fwd`` writes the gradient of the reduced loss in the same pass
   as the loss, into ``grad_out`` (a reused buffer from ``buffers.grad_buffer``) or over
-  ``x``; the backward then only rescales rows whose upstream gradient is not 1;
-- no max pass where none is needed: where ``x`` survives the pass, the forward takes
-  ``exp(x)`` without the row max and tests each chunk (``chunks._sums_fail``) before its
-  gradient is written; a chunk that fails is redone with a shift.
+  ``x``; the backward then only rescales rows whose upstream gradient is not 1.
 """
 
 import torch
 
 from . import buffers, chunks, pool
 from . import extras as _extras
-
-# The forward's sum(exp(x)) without the max shift where that provably changes nothing
-# (checked per chunk, ``chunks._sums_fail``): saves a pass over every chunk.
-UNSHIFTED_EXP = True
-# The same in the backward (exp(x) * g A exp(-lse)): faster, but its different rounding of
-# near-zero gradients flips the signs that Adam's first step amplifies (tests/test_hf.py
-# compares parameters after a step at 1e-6), so it is off.
-UNSHIFTED_EXP_BWD = False
 
 
 def _extras_serve(x, weight, extras, aux):
@@ -77,9 +69,10 @@ def _grad_coefficients(w_t, weight, eps, n_cols):
     return B, B
 
 
-def _target_grad(x_t, lse, gA, gB, g, w, eps, n_cols, t_safe):
-    """The gradient at each row's target, ``gA p_t - gB - g eps / C w_t``, in fp32."""
-    d = torch.exp(x_t - lse) * gA - gB
+def _target_grad(log_p_t, gA, gB, g, w, eps, n_cols, t_safe):
+    """The gradient at each row's target, ``gA p_t - gB - g eps / C w_t``, in fp32, from
+    ``log_p_t = x_t - lse``."""
+    d = torch.exp(log_p_t) * gA - gB
     if eps > 0:
         w_tt = 1.0 if w is None else w[t_safe]
         d = d - g * (eps / n_cols) * w_tt
@@ -90,20 +83,6 @@ def _target_grad(x_t, lse, gA, gB, g, w, eps, n_cols, t_safe):
 def _write_target_grad(dx, t_safe, d):
     dx[torch.arange(dx.shape[0], device=dx.device), t_safe] = d.to(dx.dtype)
 
-
-
-def _chunk_bounds(gA, step):
-    """Per chunk of ``step`` rows: the smallest and largest finite nonzero ``|gA|`` (inf
-    and 0 for a chunk with none), as lists for ``chunks._sums_fail``."""
-    a = gA.abs().reshape(-1)
-    n_chunks = chunks.cdiv(a.numel(), step)
-    pad = n_chunks * step - a.numel()
-    finite = torch.isfinite(a)
-    hi = torch.nn.functional.pad(torch.where(finite, a, 0.0), (0, pad), value=0.0)
-    lo = torch.nn.functional.pad(torch.where(finite & (a > 0), a, float("inf")), (0, pad),
-                                 value=float("inf"))
-    return (lo.view(n_chunks, step).amin(1).tolist(),
-            hi.view(n_chunks, step).amax(1).tolist())
 
 
 def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_scale=None,
@@ -130,7 +109,8 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_
         t_safe, ignored, valid, w_t = _row_targets(target, weight, ignore_index, n_cols)
         w = weight.float() if weight is not None else None
         x_t = x.gather(1, t_safe[:, None]).squeeze(1).float()  # before x is overwritten
-        row_max = torch.zeros(n_rows, 1, dtype=torch.float32, device=dev)  # the shift
+        row_max = torch.empty(n_rows, 1, dtype=torch.float32, device=dev)
+        row_shift = torch.empty(n_rows, 1, dtype=torch.float64, device=dev)
         row_sum = torch.empty(n_rows, 1, dtype=torch.float32, device=dev)
         sum_wx = torch.empty(n_rows, dtype=torch.float32, device=dev) if eps > 0 else None
         if grad:
@@ -143,52 +123,39 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_
                 zs = torch.where(ignored, 0.0, z_scale.float())[:, None].contiguous()
             smooth = (g * (eps / n_cols)).contiguous() if eps > 0 else None
     direct = x.dtype == torch.float32  # else: through an fp32 scratch chunk
-    inplace = dst is x
     step = chunks.rows_per_chunk(n_cols)
-    # No max pass where x survives the pass, so that the chunks it fails for can be redone
-    # (``chunks.fwd_chunks``; in place, exp goes to a scratch chunk first); not on a GPU
-    # (each chunk's check would sync)
-    # (not with a z-loss gradient: its g A + gz is known only once the chunk's lse is)
-    unshifted = UNSHIFTED_EXP and dev.type == "cpu" and not (grad and zs is not None)
-    # below this a sum could be off by the terms fp32 flushes (2**-126 each, denormals
-    # flushed; 2**-102 V is 2**24 of them)
-    lo_bound = max(1e-30, n_cols * 2.0 ** -102)
     # inline, with no other worker to contend for the GIL, plain Python costs less per call
     chunk_loop = chunks.script(chunks.fwd_chunks) if pool.n_workers(n_rows, n_cols, dev) > 1 \
         else chunks.fwd_chunks
-    g_lo, g_hi = _chunk_bounds(gA, step) if unshifted and grad else ([], [])
-    args = dict(x=x.detach(), dst=dst.detach() if grad else None, row_max=row_max,
-                row_sum=row_sum, sum_wx=sum_wx, w=w, gA=gA if grad else None,
-                zs=zs if grad else None,
-                coef=coef if grad else None, smooth=smooth if grad else None, step=step,
-                direct=direct, inplace=inplace, x_t=x_t[:, None].contiguous(),
-                lo_bound=lo_bound, g_lo=g_lo, g_hi=g_hi)
+    dst_ = dst.detach() if grad else None
 
     def work(start, end):
         scratch = None
-        if not direct or dst is None or inplace:
+        if not direct or dst is None:
             scratch = torch.empty(min(step, end - start), n_cols, dtype=torch.float32,
                                   device=dev)
         if fault_in and grad_out is not None and buffers.PAGE_ADVICE == "populate":
             buffers.populate_rows(dst, start, end)
-        # worker ranges are whole chunks (``pool.parallel_rows``)
-        todo = list(range(start // step, chunks.cdiv(end, step)))
-        if unshifted:
-            todo = chunk_loop(scratch=scratch, chunks=todo, shifted=False, **args)
-        if todo:
-            chunk_loop(scratch=scratch, chunks=todo, shifted=True, **args)
+        chunk_loop(x.detach(), dst_, row_max, row_shift, row_sum, sum_wx, w,
+                   gA if grad else None, zs if grad else None, coef if grad else None,
+                   smooth if grad else None, scratch, start, end, step, direct)
 
     if n_rows > 0 and n_cols > 0:
         pool.parallel_rows(n_rows, n_cols, dev, work)
     with torch.no_grad():
         if n_cols > 0:
             log_sum = row_sum.log().squeeze(1)
-            lse = row_max.squeeze(1) + log_sum
+            # in float64, rounded once: lse = m + log_sum, and lse - x_t as (m - x_t) +
+            # log_sum, which keeps log_sum where m is far from 0 (PyTorch's order)
+            shift = row_shift.squeeze(1)
+            lse = (shift + log_sum.double()).float()
+            nll = ((shift - x_t.double()) + log_sum.double()).float()
         else:
             lse = log_sum = torch.full((n_rows,), float("-inf"), device=dev)
-        loss = (1.0 - eps) * w_t * (lse - x_t)
+            nll = lse - x_t
+        loss = (1.0 - eps) * w_t * nll
         if eps > 0:
-            # sum_wx is relative to the shift m: W lse - sum w x = W log_sum - sum w (x - m),
+            # sum_wx is relative to the shift s: W lse - sum w x = W log_sum - sum w (x - s),
             # no cancellation where the logits lie far from 0
             loss = loss + eps * ((_smoothing_sum(weight, n_cols) * log_sum - sum_wx) / n_cols)
         loss = torch.where(ignored, 0.0, torch.where(valid, loss, float("nan")))
@@ -196,7 +163,7 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_
             gA = gA.squeeze(1)
             if zs is not None:
                 gA = gA + zs.squeeze(1) * lse
-            d = _target_grad(x_t, lse, gA, g * B, g, w, eps, n_cols, t_safe)
+            d = _target_grad(-nll, gA, g * B, g, w, eps, n_cols, t_safe)
             _write_target_grad(dst, t_safe, d)
     return loss, lse
 
@@ -234,25 +201,16 @@ def ce_bwd(x, target, lse, dloss, weight=None, ignore_index=-100, label_smoothin
         # a row whose lse is NaN or infinite (a NaN or +inf logit, or only -inf) has an
         # all-NaN gradient whatever its g A, as PyTorch's: a NaN shift gives exactly that
         finite = lse.isfinite()
-        shift = torch.where(finite, lse - gA.abs().log(), float("nan"))
+        shift64 = torch.where(finite, lse.double() - gA.abs().double().log(), float("nan"))
         skip, sign = None, torch.where(gA < 0, -1.0, 1.0).contiguous()
         if dev.type == "cpu":
             zero_rows = (gA == 0) & finite
             skip = zero_rows.tolist()
-            shift = torch.where(zero_rows, lse, shift)
+            shift64 = torch.where(zero_rows, lse.double(), shift64)
             if not bool((gA < 0).any()):
                 sign = None
-        shift = shift.contiguous()
-        # rows whose gradient is gA exp(-lse) * exp(x) without overflow or underflow:
-        # lse < 80 bounds exp(x) <= exp(lse); lse > -15 keeps exp(x) normal where p > 1e-30;
-        # a scale |gA| exp(-lse) <= 1 keeps the gradient subnormal where exp(x) is, and
-        # one of fp32's normal range keeps its precision
-        fast = None
-        if UNSHIFTED_EXP_BWD and dev.type == "cpu":
-            scale = (gA * torch.exp(-lse)).contiguous()
-            scale_abs = scale.abs()
-            fast = ((lse > -15.0) & (lse < 80.0) & (scale_abs <= 1.0)
-                    & ((scale_abs >= 1.2e-38) | (gA == 0))).tolist()
+        shift = shift64.float()[:, None].contiguous()
+        neg_shift = (shift64 * -chunks.LOG2E).float()[:, None].contiguous()
         smooth = (g * (eps / n_cols)).contiguous() if eps > 0 else None
         x_t = x.gather(1, t_safe[:, None]).squeeze(1).float()
     direct = dx.dtype == torch.float32 and x.dtype == torch.float32
@@ -260,9 +218,7 @@ def ce_bwd(x, target, lse, dloss, weight=None, ignore_index=-100, label_smoothin
 
     chunk_loop = chunks.script(chunks.bwd_chunks) if pool.n_workers(n_rows, n_cols, dev) > 1 \
         else chunks.bwd_chunks
-    shift2 = shift[:, None]
     sign2 = sign[:, None] if sign is not None else None
-    scale2 = scale[:, None] if fast is not None else None
 
     def work(start, end):
         scratch = None
@@ -271,13 +227,12 @@ def ce_bwd(x, target, lse, dloss, weight=None, ignore_index=-100, label_smoothin
                                   device=dev)
         if buffers.PAGE_ADVICE == "populate" and dev.type == "cpu":
             buffers.populate_rows(dx, start, end)
-        chunk_loop(x.detach(), dx.detach(), shift2, sign2, scale2, smooth, w, scratch,
-                   [] if skip is None else skip[start:end],
-                   [] if fast is None else fast[start:end], start, end, step, direct)
+        chunk_loop(x.detach(), dx.detach(), shift, neg_shift, sign2, smooth, w, scratch,
+                   [] if skip is None else skip[start:end], start, end, step, direct)
 
     pool.parallel_rows(n_rows, n_cols, dev, work)
     with torch.no_grad():
-        d = _target_grad(x_t, lse, gA, g * B, g, w, eps, n_cols, t_safe)
+        d = _target_grad(x_t - lse, gA, g * B, g, w, eps, n_cols, t_safe)
         _write_target_grad(dx, t_safe, d)
     return dx
 
