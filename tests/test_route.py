@@ -82,10 +82,9 @@ def test_the_threshold_is_where_fusedce_takes_over(grad, dtype, monkeypatch):
 
 
 def test_the_thresholds_the_readme_gives():
-    """README: "under 8M logits in fp32, 16M in bf16, twice that under no_grad"."""
+    """README: "under 8M logits in fp32, 16M in bf16, 10M and 32M under no_grad"."""
     assert _route.MIN_LOGITS_GRAD == {torch.float32: 1 << 23, torch.bfloat16: 1 << 24}
-    for dtype, logits in _route.MIN_LOGITS_GRAD.items():
-        assert _route.MIN_LOGITS_NO_GRAD[dtype] == 2 * logits
+    assert _route.MIN_LOGITS_NO_GRAD == {torch.float32: 10 << 20, torch.bfloat16: 1 << 25}
 
 
 def test_fusedces_own_path_where_asked_or_needed():

@@ -51,44 +51,49 @@ def _smoothing_term(out: torch.Tensor, c: torch.Tensor, w: Optional[torch.Tensor
 
 
 def exp_argument(src: torch.Tensor, shift: torch.Tensor, out: torch.Tensor,
-                 neg: Optional[torch.Tensor] = None,
-                 shift_out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 neg: torch.Tensor, fill_neg: bool) -> torch.Tensor:
     """``out = (src - s) log2(e)`` for each row's shift ``s`` (a column) within a rounding
     of ``shift``, so that ``exp2(out)`` is ``exp(src - s)``; ``out`` may be ``src``.
-    ``shift_out`` (float64), where given, receives ``s``.
 
     One fused multiply-add, ``src LOG2E + neg`` with ``neg = -shift LOG2E`` rounded once
     (``torch.add`` with ``alpha`` rounds once): the argument's rounding is relative to
     ``src - s``, as a subtraction's would be, and ``s = -neg / LOG2E``. PyTorch's base-2
     exponential then costs a third of its ``exp`` on the CPUs measured
-    (docs/benchmarks.md). ``neg``: where the caller has it rounded from float64.
+    (docs/benchmarks.md). ``neg`` (an fp32 column) is computed here with ``fill_neg``, else
+    given (rounded once from float64 by the caller).
 
     ``s`` differs from ``shift`` by up to half an ulp of ``neg``: a factor common to the
     row's terms (it cancels in ``p = e / sum(e)``), below 2**0.5 while ``|neg| < 2**24``.
     Beyond that (rows far from 0, or beyond 2.3e38 where ``neg`` overflows), and off the
-    CPU (the test would sync), the chunk subtracts ``shift`` first (``s = shift``)."""
+    CPU (the test would sync), the chunk subtracts ``shift`` first (``s = shift``) and
+    sets its ``neg`` to +inf to say so."""
     log2e = 1.4426950216293335  # LOG2E (TorchScript takes no float globals)
-    if neg is None:
-        neg = shift * -log2e
-    if src.device.type != "cpu" or bool((neg.abs() >= 16777216.0).any()):
-        if shift_out is not None:
-            shift_out.copy_(shift)
+    if fill_neg:
+        torch.mul(shift, -log2e, out=neg)
+    # one reduction and one read (a NaN max reads as NaN: the multiply-add passes it on)
+    if (src.device.type != "cpu"
+            or float(torch.linalg.vector_norm(neg, float("inf"))) >= 16777216.0):
+        neg.fill_(float("inf"))
         return torch.sub(src, shift, out=out).mul_(log2e)
-    if shift_out is not None:
-        shift_out.copy_(neg).div_(-log2e)
     return torch.add(neg, src, alpha=log2e, out=out)
 
 
+def row_shift(row_max, row_neg):
+    """In float64, the shift that ``chunks.exp_argument`` took for rows of max ``row_max``
+    where it left ``row_neg``: ``-row_neg / LOG2E``, or the max where it subtracted that."""
+    return torch.where(row_neg.isinf(), row_max.double(), row_neg.double() / -LOG2E)
+
+
 def fwd_chunks(x: torch.Tensor, dst: Optional[torch.Tensor], row_max: torch.Tensor,
-               row_shift: torch.Tensor, row_sum: torch.Tensor, sum_wx: Optional[torch.Tensor],
+               row_neg: torch.Tensor, row_sum: torch.Tensor, sum_wx: Optional[torch.Tensor],
                w: Optional[torch.Tensor], gA: Optional[torch.Tensor],
                zs: Optional[torch.Tensor], coef: Optional[torch.Tensor],
                smooth: Optional[torch.Tensor], scratch: Optional[torch.Tensor],
                start: int, end: int, step: int, direct: bool):
     """``ce_fwd``'s loop over the chunks of rows ``[start, end)``: each row's max into
-    ``row_max``, the shift ``s`` it stands for into ``row_shift`` (float64,
-    ``exp_argument``), ``sum_c exp(x_c - s)`` into ``row_sum``, ``sum_c w_c (x_c - s)``
-    into ``sum_wx`` where given, and with
+    ``row_max``, ``exp_argument``'s ``neg`` into ``row_neg`` (``row_shift`` gives
+    the shift ``s`` they stand for), ``sum_c exp(x_c - s)`` into ``row_sum``,
+    ``sum_c w_c (x_c - s)`` into ``sum_wx`` where given, and with
     ``dst`` the chunk's gradient ``coef p - smooth w`` into it, ``coef = gA / sum``
     (``(gA + zs lse) / sum`` with a z-loss's per-row ``zs``).
 
@@ -113,7 +118,7 @@ def fwd_chunks(x: torch.Tensor, dst: Optional[torch.Tensor], row_max: torch.Tens
             buf = scratch.narrow(0, 0, rows)
             src = xc if direct else buf.copy_(xc)
         m = torch.amax(src, 1, keepdim=True, out=row_max.narrow(0, r0, rows))
-        exp_argument(src, m, buf, shift_out=row_shift.narrow(0, r0, rows))
+        exp_argument(src, m, buf, row_neg.narrow(0, r0, rows), True)
         if sum_wx is not None:  # relative to the shift: no cancellation against lse
             out = sum_wx.narrow(0, r0, rows)
             if w is None:
@@ -159,11 +164,13 @@ def bwd_chunks(x: torch.Tensor, dx: torch.Tensor, shift: torch.Tensor,
             dxc.zero_()
             continue
         if direct:
-            buf = exp_argument(xc, shift.narrow(0, s, rows), dxc, neg_shift.narrow(0, s, rows))
+            buf = exp_argument(xc, shift.narrow(0, s, rows), dxc,
+                               neg_shift.narrow(0, s, rows), False)
         else:
             assert scratch is not None
             buf = scratch.narrow(0, 0, rows).copy_(xc)
-            exp_argument(buf, shift.narrow(0, s, rows), buf, neg_shift.narrow(0, s, rows))
+            exp_argument(buf, shift.narrow(0, s, rows), buf, neg_shift.narrow(0, s, rows),
+                         False)
         buf.exp2_()
         if sign is not None:
             buf.mul_(sign.narrow(0, s, rows))

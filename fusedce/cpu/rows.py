@@ -110,7 +110,7 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_
         w = weight.float() if weight is not None else None
         x_t = x.gather(1, t_safe[:, None]).squeeze(1).float()  # before x is overwritten
         row_max = torch.empty(n_rows, 1, dtype=torch.float32, device=dev)
-        row_shift = torch.empty(n_rows, 1, dtype=torch.float64, device=dev)
+        row_neg = torch.empty(n_rows, 1, dtype=torch.float32, device=dev)
         row_sum = torch.empty(n_rows, 1, dtype=torch.float32, device=dev)
         sum_wx = torch.empty(n_rows, dtype=torch.float32, device=dev) if eps > 0 else None
         if grad:
@@ -136,7 +136,7 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_
                                   device=dev)
         if fault_in and grad_out is not None and buffers.PAGE_ADVICE == "populate":
             buffers.populate_rows(dst, start, end)
-        chunk_loop(x.detach(), dst_, row_max, row_shift, row_sum, sum_wx, w,
+        chunk_loop(x.detach(), dst_, row_max, row_neg, row_sum, sum_wx, w,
                    gA if grad else None, zs if grad else None, coef if grad else None,
                    smooth if grad else None, scratch, start, end, step, direct)
 
@@ -147,7 +147,7 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_
             log_sum = row_sum.log().squeeze(1)
             # in float64, rounded once: lse = m + log_sum, and lse - x_t as (m - x_t) +
             # log_sum, which keeps log_sum where m is far from 0 (PyTorch's order)
-            shift = row_shift.squeeze(1)
+            shift = chunks.row_shift(row_max, row_neg).squeeze(1)
             lse = (shift + log_sum.double()).float()
             nll = ((shift - x_t.double()) + log_sum.double()).float()
         else:

@@ -13,8 +13,8 @@ def vp_partials(x, t_local, w_shard, smoothing, part, extras=None):
     (rows, C_r), as ``fusedce.kernels.vp_partials`` does (with loss ``extras``,
     ``extras.vp_partials``, the module's, serves the call).
 
-    Cache-sized row chunks (max, subtract into an fp32 scratch, exp in cache, sum), spread
-    over fusedce's single-threaded worker threads."""
+    Cache-sized row chunks (max, ``exp(x - max)`` as ``chunks.exp_argument`` and ``exp2``
+    into an fp32 scratch, sum), spread over fusedce's single-threaded worker threads."""
     if extras is not None and extras.any:
         return _extras.vp_partials(x, t_local, w_shard, smoothing, part, extras)
     n_rows, n_cols = x.shape
@@ -33,20 +33,22 @@ def vp_partials(x, t_local, w_shard, smoothing, part, extras=None):
     def work(start, end):
         scratch = torch.empty(min(step, end - start), n_cols, dtype=torch.float32,
                               device=x.device)
+        neg = torch.empty(min(step, end - start), 1, dtype=torch.float32, device=x.device)
         for s, e in chunks.chunk_ranges(end, n_cols, start=start):
-            xc = x[s:e]
-            m = lse[s:e]  # the row max first, then the log-sum-exp over it
-            torch.amax(xc, 1, out=m) if direct else m.copy_(xc.amax(1))
+            buf = scratch[:e - s]
+            src = x[s:e] if direct else buf.copy_(x[s:e])
+            m = torch.amax(src, 1, keepdim=True)
             m.masked_fill_(m == float("-inf"), 0.0)  # all -inf: no (-inf) - (-inf)
-            buf = torch.sub(xc, m[:, None], out=scratch[:e - s])
+            chunks.exp_argument(src, m, buf, neg[:e - s], True)
+            shift = chunks.row_shift(m, neg[:e - s]).squeeze(1)  # float64
             wd = None
-            if smoothing:  # sum w (x - m), taken before exp overwrites buf
-                wd = buf.sum(1) if w is None else torch.mv(buf, w)
-            log_sum = buf.exp_().sum(1).log_()
+            if smoothing:  # sum w (x - shift), taken before exp overwrites buf
+                wd = (buf.sum(1) if w is None else torch.mv(buf, w)) / chunks.LOG2E
+            log_sum = buf.exp2_().sum(1).log_()
             if wd is not None:
-                # sm_r = sum w (lse_r - x) = W_r log_sum - sum w (x - m): both parts >= 0
+                # sm_r = sum w (lse_r - x) = W_r log_sum - sum w (x - shift): both >= 0
                 torch.sub(w_r * log_sum, wd, out=smooth[s:e])
-            m.add_(log_sum)
+            lse[s:e] = shift + log_sum.double()
 
     if n_rows > 0:
         pool.parallel_rows(n_rows, n_cols, x.device, work)
@@ -60,9 +62,9 @@ def vp_grad(x, t_local, lse, g, w_t, consts, eps, w_shard, dx=None, extras=None,
     """The shard's gradient into ``dx``, as ``fusedce.kernels.vp_grad`` writes it (with
     loss ``extras``, ``extras.vp_grad`` serves the call).
 
-    Per cache-sized chunk, ``a p = sign(a) exp(x - (lse - log|a|))`` is one subtract into
-    the gradient and one in-cache exp (``a = 0`` gives exp(-inf) = 0), then the target's
-    one-hot term (O(rows)) and the smoothing term."""
+    Per cache-sized chunk, ``a p = sign(a) exp(x - (lse - log|a|))`` is one multiply-add
+    into the gradient and one in-cache ``exp2`` (``chunks.exp_argument``; ``a = 0`` gives
+    exp(-inf) = 0), then the target's one-hot term (O(rows)) and the smoothing term."""
     if extras is not None and extras.any:
         return _extras.vp_grad(x, t_local, lse, g, w_t, consts, eps, w_shard, dx, extras,
                                z_grad)
@@ -76,7 +78,9 @@ def vp_grad(x, t_local, lse, g, w_t, consts, eps, w_shard, dx=None, extras=None,
     b = (1.0 - eps) * w_t * g
     a = b + eps * consts[0] / consts[1] * g if smoothing else b
     k = (eps / consts[1] * g).contiguous() if smoothing else None
-    shift = (lse - a.abs().log()).contiguous()
+    shift64 = lse.double() - a.abs().double().log()
+    shift = shift64.float()[:, None].contiguous()
+    neg_shift = (shift64 * -chunks.LOG2E).float()[:, None].contiguous()
     negative = a < 0
     sign = torch.where(negative, -1.0, 1.0).contiguous()
     # skip the sign pass when no row needs it, read on the CPU only (on a GPU: a host sync)
@@ -94,8 +98,9 @@ def vp_grad(x, t_local, lse, g, w_t, consts, eps, w_shard, dx=None, extras=None,
                                                   dtype=torch.float32, device=dx.device)
         for s, e in chunks.chunk_ranges(end, n_cols, start=start):
             out = dx[s:e] if direct else scratch[:e - s]
-            torch.sub(x[s:e], shift[s:e, None], out=out)  # fp32 math from any dtype
-            out.exp_()
+            src = x[s:e] if direct else out.copy_(x[s:e])  # fp32 math from any dtype
+            chunks.exp_argument(src, shift[s:e], out, neg_shift[s:e], False)
+            out.exp2_()
             if sign is not None:
                 out.mul_(sign[s:e, None])
             out.scatter_add_(1, t_safe[s:e, None], -b[s:e, None])
