@@ -86,9 +86,10 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         separate buffer (the logits stay intact) that fusedce reuses once nothing refers to
         it any more (``fusedce.empty_cache()`` frees it); the graph holds that gradient
         from the forward to the backward, where PyTorch's holds its log-softmax. Both modes
-        read the logits once and write one logits-sized gradient, so on the CPU in place is
-        as fast as the default mode, not faster (measured: docs/benchmarks.md); what it
-        saves there is that reused buffer.
+        read the logits once and write one logits-sized gradient; in float32 in place is
+        faster on the CPU (it writes the lines it has just read, where the default mode
+        also fetches its buffer's), in bfloat16 (through an fp32 scratch chunk either
+        way) as fast (measured: docs/benchmarks.md); it also saves that reused buffer.
     validate: raise PyTorch's ``IndexError`` for a class index outside ``[0, C)``. ``None``
         (default) checks CPU tensors on the PyTorch path only: the check reads the targets
         on the host, a synchronisation the GPU path avoids (also with ``backend="torch"``);

@@ -738,3 +738,59 @@ def test_row_max_beyond_the_range_of_its_product(monkeypatch, inplace):
     dx = cpu.ce_bwd(x, t, lse, up)
     rows = [0, 1, 2, 3, 4, 5, 7]
     torch.testing.assert_close(dx.double()[rows], want[1][rows], atol=ATOL, rtol=RTOL)
+
+
+def test_a_nan_row_does_not_hide_a_far_row_in_its_chunk():
+    """The chunk's test of ``|m log2 e| < 2**24`` read a NaN row's NaN as "small", so a row
+    at 3e9 beside it took the multiply-add, whose per-row rounding (256 in the exponent)
+    overflowed: loss -inf where PyTorch's is log 8 (found in review). Forward, backward
+    from the lse (``ce_bwd``, where the rounding does not cancel: a row at 1e8 gave
+    p = 177.6) and the vocab-parallel passes."""
+    t = torch.tensor([1, 2])
+    x = torch.zeros(2, 8)
+    x[0, 3] = float("nan")
+    x[1] = 3000000512.0
+    want = _run(F.cross_entropy, x.double(), t, "none", None)
+    got = _run(_OWN, x, t, "none", None)
+    assert got[0][0].isnan() and got[1][0].isnan().all()
+    torch.testing.assert_close(got[0][1], want[0][1], atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(got[1][1], want[1][1], atol=ATOL, rtol=RTOL)
+    x = torch.zeros(2, 8)
+    x[0, 3] = float("nan")
+    x[1] = 1e8
+    x[1, 7] = 1e8 + 1792.0  # p = 1 at 7
+    _, lse = cpu.ce_fwd(x, t)
+    dx = cpu.ce_bwd(x, t, lse, torch.ones(2))
+    expected = torch.zeros(8)
+    expected[7], expected[2] = 1.0, -1.0
+    torch.testing.assert_close(dx[1], expected, atol=ATOL, rtol=RTOL)
+    part = torch.empty(6)
+    cpu.vp_partials(x, t, None, False, part)
+    assert part[1].item() == pytest.approx(1e8 + 1792.0, rel=1e-7)
+
+
+@pytest.mark.slow
+def test_without_a_fused_multiply_add_rows_far_from_0_keep_their_precision():
+    """Under ``ATEN_CPU_CAPABILITY=default`` PyTorch's CPU kernels have no fused
+    multiply-add: ``torch.add(c, x, alpha=a)`` rounds ``a x`` first, an error relative to
+    ``x``, not ``x - m`` (1.7e-3 in the gradient at logits near 1e5, found in review).
+    ``chunks.fma_fused()`` says so, and the chunks subtract the max first: the gradient of
+    rows near 1e5 stays within fp32's precision of float64 PyTorch."""
+    code = (
+        "import torch, torch.nn.functional as F, fusedce\n"
+        "from fusedce.cpu import chunks\n"
+        "assert not chunks.fma_fused()\n"
+        "torch.manual_seed(0)\n"
+        "x = torch.randn(16, 1000) * 3 + 1e5\n"
+        "t = torch.randint(0, 1000, (16,))\n"
+        "x64 = x.double().requires_grad_()\n"
+        "F.cross_entropy(x64, t).backward()\n"
+        "xr = x.clone().requires_grad_()\n"
+        "fusedce.cross_entropy(xr, t, backend='torch').backward()\n"
+        "err = (xr.grad.double() - x64.grad).abs().max().item()\n"
+        "assert err < 1e-8, err\n"
+        "print('ok', err)\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, env=checkout_env(ATEN_CPU_CAPABILITY="default"))
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.startswith("ok"), run.stdout

@@ -23,6 +23,22 @@ import torch
 CHUNK_ELEMENTS = 12 << 16
 # log2(e) rounded to fp32 (the value fp32 ops take)
 LOG2E = 1.4426950216293335
+_FUSED = None
+
+
+def fma_fused():
+    """Whether ``torch.add(c, x, alpha=a)`` rounds once (a fused multiply-add) on this
+    PyTorch's CPU kernels, as ``exp_argument`` uses it (a column broadcast over rows, the
+    vectorised body and the scalar tail): so on x86 builds with FMA (AVX2, AVX-512), not
+    under ``ATEN_CPU_CAPABILITY=default``. ``(1 + 2**-12)**2 - (1 + 2**-11)`` is 2**-24
+    rounded once, 0 rounded twice."""
+    global _FUSED
+    if _FUSED is None:
+        a = 1.0 + 2.0 ** -12
+        got = torch.add(torch.full((2, 1), -(1.0 + 2.0 ** -11)), torch.full((2, 37), a),
+                        alpha=a)
+        _FUSED = bool((got == 2.0 ** -24).all())
+    return _FUSED
 
 
 def cdiv(a, b):
@@ -51,7 +67,7 @@ def _smoothing_term(out: torch.Tensor, c: torch.Tensor, w: Optional[torch.Tensor
 
 
 def exp_argument(src: torch.Tensor, shift: torch.Tensor, out: torch.Tensor,
-                 neg: torch.Tensor, fill_neg: bool) -> torch.Tensor:
+                 neg: torch.Tensor, fill_neg: bool, fused: bool) -> torch.Tensor:
     """``out = (src - s) log2(e)`` for each row's shift ``s`` (a column) within a rounding
     of ``shift``, so that ``exp2(out)`` is ``exp(src - s)``; ``out`` may be ``src``.
 
@@ -64,15 +80,17 @@ def exp_argument(src: torch.Tensor, shift: torch.Tensor, out: torch.Tensor,
 
     ``s`` differs from ``shift`` by up to half an ulp of ``neg``: a factor common to the
     row's terms (it cancels in ``p = e / sum(e)``), below 2**0.5 while ``|neg| < 2**24``.
-    Beyond that (rows far from 0, or beyond 2.3e38 where ``neg`` overflows), and off the
-    CPU (the test would sync), the chunk subtracts ``shift`` first (``s = shift``) and
-    sets its ``neg`` to +inf to say so."""
+    Beyond that (rows far from 0, or beyond 2.3e38 where ``neg`` overflows; a NaN row in
+    the chunk, which hides the others' size), off the CPU (the test would sync) and
+    without a fused multiply-add (``fused``, ``fma_fused()``: two roundings, the second
+    relative to ``src``), the chunk subtracts ``shift`` first (``s = shift``) and sets its
+    ``neg`` to +inf to say so."""
     log2e = 1.4426950216293335  # LOG2E (TorchScript takes no float globals)
     if fill_neg:
         torch.mul(shift, -log2e, out=neg)
-    # one reduction and one read (a NaN max reads as NaN: the multiply-add passes it on)
-    if (src.device.type != "cpu"
-            or float(torch.linalg.vector_norm(neg, float("inf"))) >= 16777216.0):
+    # one reduction and one read
+    if (not fused or src.device.type != "cpu"
+            or not float(torch.linalg.vector_norm(neg, float("inf"))) < 16777216.0):
         neg.fill_(float("inf"))
         return torch.sub(src, shift, out=out).mul_(log2e)
     return torch.add(neg, src, alpha=log2e, out=out)
@@ -89,7 +107,7 @@ def fwd_chunks(x: torch.Tensor, dst: Optional[torch.Tensor], row_max: torch.Tens
                w: Optional[torch.Tensor], gA: Optional[torch.Tensor],
                zs: Optional[torch.Tensor], coef: Optional[torch.Tensor],
                smooth: Optional[torch.Tensor], scratch: Optional[torch.Tensor],
-               start: int, end: int, step: int, direct: bool):
+               start: int, end: int, step: int, direct: bool, fused: bool):
     """``ce_fwd``'s loop over the chunks of rows ``[start, end)``: each row's max into
     ``row_max``, ``exp_argument``'s ``neg`` into ``row_neg`` (``row_shift`` gives
     the shift ``s`` they stand for), ``sum_c exp(x_c - s)`` into ``row_sum``,
@@ -118,7 +136,7 @@ def fwd_chunks(x: torch.Tensor, dst: Optional[torch.Tensor], row_max: torch.Tens
             buf = scratch.narrow(0, 0, rows)
             src = xc if direct else buf.copy_(xc)
         m = torch.amax(src, 1, keepdim=True, out=row_max.narrow(0, r0, rows))
-        exp_argument(src, m, buf, row_neg.narrow(0, r0, rows), True)
+        exp_argument(src, m, buf, row_neg.narrow(0, r0, rows), True, fused)
         if sum_wx is not None:  # relative to the shift: no cancellation against lse
             out = sum_wx.narrow(0, r0, rows)
             if w is None:
@@ -144,7 +162,7 @@ def bwd_chunks(x: torch.Tensor, dx: torch.Tensor, shift: torch.Tensor,
                neg_shift: torch.Tensor, sign: Optional[torch.Tensor],
                smooth: Optional[torch.Tensor], w: Optional[torch.Tensor],
                scratch: Optional[torch.Tensor], skip: list[bool],
-               start: int, end: int, step: int, direct: bool):
+               start: int, end: int, step: int, direct: bool, fused: bool):
     """``ce_bwd``'s loop over the chunks of rows ``[start, end)``: ``dx = sign exp(x -
     shift)`` (``shift = lse - log|g A|``, ``neg_shift`` its ``-shift log2(e)`` rounded
     once), minus ``smooth w`` where given. Rows flagged in
@@ -165,12 +183,12 @@ def bwd_chunks(x: torch.Tensor, dx: torch.Tensor, shift: torch.Tensor,
             continue
         if direct:
             buf = exp_argument(xc, shift.narrow(0, s, rows), dxc,
-                               neg_shift.narrow(0, s, rows), False)
+                               neg_shift.narrow(0, s, rows), False, fused)
         else:
             assert scratch is not None
             buf = scratch.narrow(0, 0, rows).copy_(xc)
             exp_argument(buf, shift.narrow(0, s, rows), buf, neg_shift.narrow(0, s, rows),
-                         False)
+                         False, fused)
         buf.exp2_()
         if sign is not None:
             buf.mul_(sign.narrow(0, s, rows))

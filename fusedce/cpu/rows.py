@@ -138,7 +138,8 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_
             buffers.populate_rows(dst, start, end)
         chunk_loop(x.detach(), dst_, row_max, row_neg, row_sum, sum_wx, w,
                    gA if grad else None, zs if grad else None, coef if grad else None,
-                   smooth if grad else None, scratch, start, end, step, direct)
+                   smooth if grad else None, scratch, start, end, step, direct,
+                   chunks.fma_fused())
 
     if n_rows > 0 and n_cols > 0:
         pool.parallel_rows(n_rows, n_cols, dev, work)
@@ -228,7 +229,8 @@ def ce_bwd(x, target, lse, dloss, weight=None, ignore_index=-100, label_smoothin
         if buffers.PAGE_ADVICE == "populate" and dev.type == "cpu":
             buffers.populate_rows(dx, start, end)
         chunk_loop(x.detach(), dx.detach(), shift, neg_shift, sign2, smooth, w, scratch,
-                   [] if skip is None else skip[start:end], start, end, step, direct)
+                   [] if skip is None else skip[start:end], start, end, step, direct,
+                   chunks.fma_fused())
 
     pool.parallel_rows(n_rows, n_cols, dev, work)
     with torch.no_grad():

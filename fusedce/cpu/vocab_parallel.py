@@ -39,7 +39,7 @@ def vp_partials(x, t_local, w_shard, smoothing, part, extras=None):
             src = x[s:e] if direct else buf.copy_(x[s:e])
             m = torch.amax(src, 1, keepdim=True)
             m.masked_fill_(m == float("-inf"), 0.0)  # all -inf: no (-inf) - (-inf)
-            chunks.exp_argument(src, m, buf, neg[:e - s], True)
+            chunks.exp_argument(src, m, buf, neg[:e - s], True, chunks.fma_fused())
             shift = chunks.row_shift(m, neg[:e - s]).squeeze(1)  # float64
             wd = None
             if smoothing:  # sum w (x - shift), taken before exp overwrites buf
@@ -98,8 +98,10 @@ def vp_grad(x, t_local, lse, g, w_t, consts, eps, w_shard, dx=None, extras=None,
                                                   dtype=torch.float32, device=dx.device)
         for s, e in chunks.chunk_ranges(end, n_cols, start=start):
             out = dx[s:e] if direct else scratch[:e - s]
-            src = x[s:e] if direct else out.copy_(x[s:e])  # fp32 math from any dtype
-            chunks.exp_argument(src, shift[s:e], out, neg_shift[s:e], False)
+            # fp32 math from any dtype, through ``out`` (no mixed-dtype multiply-add)
+            src = x[s:e] if x.dtype == torch.float32 else out.copy_(x[s:e])
+            chunks.exp_argument(src, shift[s:e], out, neg_shift[s:e], False,
+                                chunks.fma_fused())
             out.exp2_()
             if sign is not None:
                 out.mul_(sign[s:e, None])
