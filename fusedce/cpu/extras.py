@@ -78,6 +78,19 @@ def transformed(x, extras, acc, scratch=None):
     return z, dz
 
 
+def _shifted(z, shift, out, exp2):
+    """``(out, s, unit)``: ``out = (z - s) unit`` for each row's shift ``s`` (float64, per
+    row) within a rounding of ``shift`` (rows,), so that ``exp(z - s)`` is ``exp2(out)``
+    with ``exp2`` (fp32: ``chunks.exp_argument``'s multiply-add, ``unit`` log2(e)), else
+    ``exp(out)`` (``out = z - shift``, ``unit`` 1)."""
+    col = shift[:, None]
+    if not exp2:
+        return torch.sub(z, col, out=out), shift.double(), 1.0
+    neg = torch.empty_like(col)
+    chunks.exp_argument(z, col, out, neg, True, chunks.fma_fused())
+    return out, chunks.row_shift(col, neg).squeeze(1), chunks.LOG2E
+
+
 def _targets(target, weight, ignore_index, n_cols, acc):
     """``(t_safe, ignored, valid, w_t)`` as in ``rows._row_targets``, in ``acc``."""
     t = target.long()
@@ -145,6 +158,7 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_
             g = g.expand(n_rows)
             zs = z_scale.to(acc) if (extras.z_loss and z_scale is not None) else None
     lowest = torch.finfo(acc).min
+    exp2 = acc == torch.float32
 
     def work(start, end):
         scratch = _new_scratch(end - start, n_cols, acc, dev)
@@ -156,23 +170,26 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_
             else:
                 m = z.amax(1)
             ref = torch.where(m == float("-inf"), 0.0, m)  # a row of -inf: no NaN shift
-            shifted = torch.sub(z, ref[:, None], out=scratch.get("s", r))
+            # shifted: z minus the row's shift s, in units of 1 / unit (exp2 in fp32)
+            shifted, shift, unit = _shifted(z, ref, scratch.get("s", r), exp2)
             wz = None
-            if eps > 0:  # W lse - sum w z = W log d - sum w (z - m): no cancellation
-                wz = shifted.sum(1) if w is None else shifted @ w
-            p = torch.exp(shifted, out=scratch.get("p", r))
+            if eps > 0:  # W lse - sum w z = W log d - sum w (z - s): no cancellation
+                wz = (shifted.sum(1) if w is None else shifted @ w) / unit
+            p = (torch.exp2 if exp2 else torch.exp)(shifted, out=scratch.get("p", r))
             d = p.sum(1)
             log_d = d.log()
-            lse_c = ref + log_d
+            lse_c = (shift + log_d.double()).to(acc)
             lse[rows] = lse_c
             z_t = z.gather(1, t_safe[rows, None]).squeeze(1).to(acc)
-            row_loss = (1.0 - eps) * w_t[rows] * (lse_c - z_t)
+            # (s - z_t) + log d: keeps log d where s is far from 0
+            nll = ((shift - z_t.double()) + log_d.double()).to(acc)
+            row_loss = (1.0 - eps) * w_t[rows] * nll
             if wz is not None:
                 row_loss = row_loss + eps * ((W * log_d - wz) / n_cols)
             loss[rows] = row_loss
             if aux_out is not None:
-                # sum p (z - m) with p = 0 where z = -inf: clamp -inf so 0 * it stays 0
-                plogp = torch.linalg.vecdot(p, shifted.clamp_(min=lowest))
+                # sum p (z - s) with p = 0 where z = -inf: clamp -inf so 0 * it stays 0
+                plogp = torch.linalg.vecdot(p, shifted.clamp_(min=lowest)) / unit
                 aux_out[0, rows] = log_d - plogp / d
                 aux_out[1, rows] = (valid[rows] & (arg == t_safe[rows])).to(aux_out.dtype)
             if grad:
@@ -210,13 +227,15 @@ def ce_bwd(x, target, lse, dloss, weight=None, ignore_index=-100, label_smoothin
         gz = z_grad.to(acc) if z_grad is not None else None
         W = float(n_cols) if w is None else w.sum()
         coef = _coefficients(g, w_t, gz, W, eps, n_cols)
+    exp2 = acc == torch.float32
 
     def work(start, end):
         scratch = _new_scratch(end - start, n_cols, acc, x.device)
         for s, e in chunks.chunk_ranges(end, n_cols, start):
             rows = slice(s, e)
             z, dz = transformed(x[rows], extras, acc, scratch)
-            p = torch.sub(z, lse[rows, None], out=scratch.get("p", e - s)).exp_()
+            shifted = _shifted(z, lse[rows], scratch.get("p", e - s), exp2)[0]
+            p = shifted.exp2_() if exp2 else shifted.exp_()
             _chunk_grad(dz, p, t_safe[rows], *[c if c is None else c[rows] for c in coef], w,
                         dx[rows])
 
