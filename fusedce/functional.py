@@ -16,6 +16,10 @@ from ._loss import CrossEntropyAux  # noqa: F401  (fusedce.CrossEntropyAux)
 _pytorch_loss = torch._C._nn.cross_entropy_loss
 _INT64 = torch.int64
 _ENUMS = _route.REDUCTION_ENUMS
+# the defaults of ``logit_scale`` and ``lse_square_scale``: an argument left out is these
+# objects, which the hand-off tests by identity before anything slower
+_ONE, _ZERO = 1.0, 0.0
+_TENSOR = torch.Tensor
 
 
 def _validates_by_default(input, impl):
@@ -58,8 +62,8 @@ def _grad_mode(x, t, weight, impl, inplace_backward):
 
 def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100,
                   reduce=None, reduction="mean", label_smoothing=0.0, *, backend="auto",
-                  inplace_backward=False, validate=None, logit_scale=1.0, softcap=None,
-                  lse_square_scale=0.0, return_aux=False):
+                  inplace_backward=False, validate=None, logit_scale=_ONE, softcap=None,
+                  lse_square_scale=_ZERO, return_aux=False):
     """Cross-entropy between logits ``input`` and class indices or class probabilities
     ``target``.
 
@@ -120,7 +124,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     saved-tensor hooks, float16) such a change raises autograd's "modified by an inplace
     operation" error instead of giving a wrong gradient.
     """
-    if type(input) is not torch.Tensor and _dtensor.is_dtensor(input):
+    if type(input) is not _TENSOR and _dtensor.is_dtensor(input):
         return _dtensor.cross_entropy(
             cross_entropy, input, target, weight, ignore_index,
             _args.reduction(reduction, size_average, reduce), label_smoothing, backend,
@@ -130,7 +134,8 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     # from the fewest reads; an argument of an odd type raises in there and the call goes
     # on to the general test, then PyTorch's loss or fusedce's front door raise for it.
     if backend == "auto" and validate is not False and softcap is None and \
-            return_aux is False and _route.plain_scales(logit_scale, lse_square_scale):
+            return_aux is False and (logit_scale is _ONE and lse_square_scale is _ZERO
+                                     or _route.plain_scales(logit_scale, lse_square_scale)):
         try:
             if (input.is_cpu and input.numel() < _route.SMALLEST and weight is None
                     and target.dtype is _INT64 and label_smoothing >= 0.0
