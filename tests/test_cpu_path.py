@@ -25,7 +25,6 @@ by worker threads for large inputs, in loops compiled with TorchScript. What mus
 Values at extreme logits (overflow, underflow, denormals) are in test_numerics.py.
 """
 
-import functools
 import gc
 import json
 import os
@@ -36,7 +35,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import ATOL, REPO_ROOT, RTOL, checkout_env, logits_and_targets, reference
+from helpers import ATOL, REPO_ROOT, RTOL, checkout_env, fused, logits_and_targets, reference
 
 import fusedce
 from fusedce import _loss, cpu
@@ -657,20 +656,18 @@ def test_interrupted_scripting_is_tried_again(monkeypatch):
 
 # ------------------------ the base-2 exponential: its precision, and shifts beyond 2.3e38
 
-_OWN = functools.partial(fusedce.cross_entropy, backend="torch")  # fusedce's own CPU path
-
-
-def _run(fn, x, t, reduction, upstream):
-    """Loss and gradient of ``x`` (as float64) by ``fn``."""
-    x = x.detach().requires_grad_()
-    loss = fn(x, t, reduction=reduction)
-    (loss if upstream is None else loss * upstream.to(loss.dtype)).sum().backward()
-    return loss.detach().double(), x.grad.double()
+def _pytorch_fp32(x, t, upstream, **kwargs):
+    """Loss and gradient of PyTorch's own fp32 loss (``helpers.fused``'s, for PyTorch)."""
+    x = x.detach().clone().requires_grad_()
+    loss = F.cross_entropy(x, t, **kwargs)
+    (grad,) = torch.autograd.grad(loss, x, upstream.to(loss.dtype))
+    return loss.detach(), grad
 
 
 def _errors(loss, grad, loss64, grad64):
     """Largest relative error of the loss, of the gradient's entries above 1e-6 of their
     row's largest, and the gradient's normwise relative error."""
+    loss, grad = loss.double(), grad.double()
     big = grad64.abs() > 1e-6 * grad64.abs().amax(1, keepdim=True)
     return (((loss - loss64).abs() / loss64.abs()).max().item(),
             ((grad - grad64).abs() / grad64.abs())[big].max().item(),
@@ -694,10 +691,11 @@ def test_exp2_keeps_the_precision_of_pytorch(level, spread, reduction):
     n, c = 64, 50_257
     x = torch.randn(n, c) * spread + level
     t = torch.randint(0, c, (n,))
-    up = torch.randn(n) if reduction == "none" else None
-    want = _run(F.cross_entropy, x.double(), t, reduction, up)
-    loss_err, entry_err, norm_err = _errors(*_run(_OWN, x, t, reduction, up), *want)
-    _, pytorch_entry_err, _ = _errors(*_run(F.cross_entropy, x, t, reduction, up), *want)
+    up = torch.randn(n) if reduction == "none" else torch.ones(())
+    want = reference(x, t, up, reduction=reduction)[:2]
+    got = fused(x, t, up, reduction=reduction, backend="torch")
+    loss_err, entry_err, norm_err = _errors(*got, *want)
+    _, pytorch_entry_err, _ = _errors(*_pytorch_fp32(x, t, up, reduction=reduction), *want)
     assert entry_err <= min(pytorch_entry_err, 1.5e-6), (entry_err, pytorch_entry_err)
     assert loss_err <= 2.5e-7 and norm_err <= 1e-7, (loss_err, norm_err)
 
@@ -721,20 +719,17 @@ def test_row_max_beyond_the_range_of_its_product(monkeypatch, inplace):
     t = torch.randint(0, 1000, (8,))
     t[2] = 999  # the max: loss 0
     up = torch.randn(8)
-    want = _run(F.cross_entropy, x.double(), t, "none", up)
-    xi = x.clone().requires_grad_()
-    loss = fusedce.cross_entropy(xi, t, reduction="none", backend="torch",
-                                 inplace_backward=inplace)
-    (loss * up).sum().backward()
-    assert xi.grad.isfinite().all()
+    want = reference(x, t, up, reduction="none")
+    loss, grad = fused(x, t, up, reduction="none", backend="torch", inplace_backward=inplace)
+    assert grad.isfinite().all()
     torch.testing.assert_close(loss.double(), want[0], atol=ATOL, rtol=RTOL)
-    torch.testing.assert_close(xi.grad.double(), want[1], atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(grad.double(), want[1], atol=ATOL, rtol=RTOL)
     # from the lse alone, one fp32 number (2.5e38 for row 6, which loses its log 500; and
     # log|g| is lost in lse - log|g| at such a level), the backward gives PyTorch's gradient
     # for the rows with a single max and an upstream gradient of +-1
     _, lse = cpu.ce_fwd(x, t)
     up = up.sign()
-    want = _run(F.cross_entropy, x.double(), t, "none", up)
+    want = reference(x, t, up, reduction="none")
     dx = cpu.ce_bwd(x, t, lse, up)
     rows = [0, 1, 2, 3, 4, 5, 7]
     torch.testing.assert_close(dx.double()[rows], want[1][rows], atol=ATOL, rtol=RTOL)
@@ -750,11 +745,12 @@ def test_a_nan_row_does_not_hide_a_far_row_in_its_chunk():
     x = torch.zeros(2, 8)
     x[0, 3] = float("nan")
     x[1] = 3000000512.0
-    want = _run(F.cross_entropy, x.double(), t, "none", None)
-    got = _run(_OWN, x, t, "none", None)
+    up = torch.ones(2)
+    want = reference(x, t, up, reduction="none")
+    got = fused(x, t, up, reduction="none", backend="torch")
     assert got[0][0].isnan() and got[1][0].isnan().all()
-    torch.testing.assert_close(got[0][1], want[0][1], atol=ATOL, rtol=RTOL)
-    torch.testing.assert_close(got[1][1], want[1][1], atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(got[0][1].double(), want[0][1], atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(got[1][1].double(), want[1][1], atol=ATOL, rtol=RTOL)
     x = torch.zeros(2, 8)
     x[0, 3] = float("nan")
     x[1] = 1e8
