@@ -399,6 +399,58 @@ def test_only_a_fresh_buffer_is_faulted_in(cache, monkeypatch):
     assert calls == [(0, 4)]  # reused: not again
 
 
+def test_fresh_buffer_is_offered_whole_huge_pages_once(cache, monkeypatch):
+    """The default advice: MADV_HUGEPAGE over the whole 2 MiB pages inside a fresh buffer's
+    own storage (never beyond it: the allocator may share the pages around it), once, before
+    it is faulted in; a reused buffer gets neither call again."""
+    advised = []
+    monkeypatch.setattr(buffers, "PAGE_ADVICE", "hugepage")
+    monkeypatch.setattr(buffers, "HUGEPAGE_MIN_BYTES", 0)
+    monkeypatch.setattr(buffers, "_thp", True)
+    monkeypatch.setattr(buffers, "_madvise",
+                        lambda addr, n, advice: advised.append((addr, n, advice)) or 0)
+    x, t = logits_and_targets(64, 16411, seed=23)  # 4 MiB: one to two whole huge pages
+    grad = _step(x, t)
+    storage = grad.untyped_storage()
+    lo, hi = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+    huge = [(a, n) for a, n, advice in advised if advice == buffers._MADV_HUGEPAGE]
+    populate = [(a, n) for a, n, advice in advised if advice == buffers._MADV_POPULATE_WRITE]
+    assert len(huge) == 1 and populate  # advised first, then faulted in
+    a, n = huge[0]
+    assert a % (2 << 20) == 0 and n % (2 << 20) == 0 and n > 0
+    assert lo <= a and a + n <= hi
+    assert advised.index((a, n, buffers._MADV_HUGEPAGE)) < advised.index(
+        (*populate[0], buffers._MADV_POPULATE_WRITE))
+    del grad, storage
+    _step(x, t)
+    assert len(advised) == 1 + len(populate)  # reused: no call at all
+
+
+@pytest.mark.parametrize("advice", ["hugepage", "populate", "none"])
+def test_page_advice_changes_no_result(cache, monkeypatch, advice):
+    """The advice is real here (Linux's madvise where it exists) and only changes how pages
+    are faulted in: loss and gradient equal PyTorch's under each, at a size that gets it."""
+    monkeypatch.setattr(buffers, "PAGE_ADVICE", advice)
+    monkeypatch.setattr(buffers, "HUGEPAGE_MIN_BYTES", 0)
+    x, t = logits_and_targets(160, 16411, seed=24)  # 10 MiB: whole huge pages inside
+    want_loss, want_grad, g = reference(x, t, reduction="none")
+    got_loss, got_grad = fused(x, t, g, reduction="none")
+    torch.testing.assert_close(got_loss.double(), want_loss, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(got_grad.double(), want_grad, rtol=RTOL, atol=ATOL)
+
+
+def test_populate_needs_no_transparent_huge_pages(cache, monkeypatch):
+    """Where Linux has transparent huge pages off, only the huge-page advice is dropped."""
+    calls = []
+    monkeypatch.setattr(buffers, "PAGE_ADVICE", "hugepage")
+    monkeypatch.setattr(buffers, "_thp", False)
+    monkeypatch.setattr(buffers, "HUGEPAGE_MIN_BYTES", 0)
+    monkeypatch.setattr(buffers, "_madvise", lambda *a: calls.append(a[2]) or 0)
+    x, t = logits_and_targets(4, 4096, seed=25)  # 64 KiB: whole 4 KiB pages, inline
+    _step(x, t)
+    assert calls == [buffers._MADV_POPULATE_WRITE]
+
+
 # ------------------------------------------------------------------------- worker threads
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

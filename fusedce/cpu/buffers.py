@@ -5,8 +5,9 @@ First-touch faults of a new logits-sized buffer cost more than an exp pass over 
 PyTorch's CPU allocator hands such a buffer back to the kernel when it is freed, so every
 step would pay them again. ``grad_buffer`` reuses a buffer once nothing refers to it any more
 (``GradCache``, like the CUDA caching allocator; ``fusedce.empty_cache()``,
-``FUSEDCE_GRAD_CACHE=0``). A buffer that is new anyway is faulted in by each worker for its
-own rows with one ``MADV_POPULATE_WRITE`` call (``PAGE_ADVICE``).
+``FUSEDCE_GRAD_CACHE=0``). A buffer that is new anyway is offered 2 MiB pages when it is made
+(``advise_fresh``), then faulted in by each worker for its own rows with one
+``MADV_POPULATE_WRITE`` call (``fault_in_rows``); ``PAGE_ADVICE`` says which of the two.
 """
 
 import ctypes
@@ -17,10 +18,11 @@ import threading
 
 import torch
 
-# How a fresh gradient's pages are faulted in: "populate" (MADV_POPULATE_WRITE, each worker
-# its own rows, one call instead of a fault per 4 KiB page), "hugepage" (MADV_HUGEPAGE: 2 MiB
-# pages) or "none"; docs/benchmarks.md has the measurements. Environment: FUSEDCE_PAGE_ADVICE.
-PAGE_ADVICE = os.environ.get("FUSEDCE_PAGE_ADVICE", "populate")
+# How a fresh gradient buffer's pages are faulted in: "hugepage" (MADV_HUGEPAGE over its
+# whole 2 MiB pages when it is made, then MADV_POPULATE_WRITE by each worker for its rows),
+# "populate" (the second step alone: 4 KiB pages) or "none" (a fault per page on first
+# touch); docs/benchmarks.md has the measurements. Environment: FUSEDCE_PAGE_ADVICE.
+PAGE_ADVICE = os.environ.get("FUSEDCE_PAGE_ADVICE", "hugepage")
 # Fresh buffers at least this large are offered to transparent huge pages.
 HUGEPAGE_MIN_BYTES = 8 << 20
 
@@ -127,6 +129,7 @@ def grad_buffer(x):
     new from the allocator is remembered as fresh until ``take_fresh`` claims it."""
     out, fresh = _GRADS.empty_like(x)
     if fresh:
+        advise_fresh(out)
         _FRESH.add(out.data_ptr())
     return out
 
@@ -153,6 +156,34 @@ def empty_cache():
 _MADV_HUGEPAGE = 14
 _HUGEPAGE = 2 << 20
 _madvise = None
+_thp = None
+
+
+def advise_fresh(t):
+    """The advice for a buffer new from the allocator, before anything touches it: 2 MiB
+    pages under ``PAGE_ADVICE == "hugepage"`` (fewer faults when it is faulted in, and fewer
+    TLB misses on every pass over it while it is reused)."""
+    if PAGE_ADVICE == "hugepage":
+        advise_hugepages(t)
+
+
+def fault_in_rows(t, start, end):
+    """Faults in rows [start, end) of a fresh ``t`` (each worker its own), unless
+    ``PAGE_ADVICE`` is "none"."""
+    if PAGE_ADVICE != "none":
+        populate_rows(t, start, end)
+
+
+def _thp_available():
+    """Whether Linux offers transparent huge pages to a region that asks for them."""
+    global _thp
+    if _thp is None:
+        try:
+            with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+                _thp = "[never]" not in f.read()
+        except OSError:
+            _thp = False
+    return _thp
 
 
 def _load_madvise():
@@ -161,9 +192,6 @@ def _load_madvise():
         _madvise = False
         if sys.platform.startswith("linux"):
             try:
-                with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-                    if "[never]" in f.read():
-                        return False
                 libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
                 fn = libc.madvise
                 fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -198,7 +226,7 @@ def advise_hugepages(t):
     allocator shares with anything else is never touched; failures are ignored (the advice
     only changes how pages are faulted in, never the data)."""
     nbytes = t.untyped_storage().nbytes()
-    if t.device.type != "cpu" or nbytes < HUGEPAGE_MIN_BYTES:
+    if t.device.type != "cpu" or nbytes < HUGEPAGE_MIN_BYTES or not _thp_available():
         return
     madvise = _load_madvise()
     if not madvise:

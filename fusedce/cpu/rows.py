@@ -134,8 +134,8 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_
         if not direct or dst is None:
             scratch = torch.empty(min(step, end - start), n_cols, dtype=torch.float32,
                                   device=dev)
-        if fault_in and grad_out is not None and buffers.PAGE_ADVICE == "populate":
-            buffers.populate_rows(dst, start, end)
+        if fault_in and grad_out is not None:
+            buffers.fault_in_rows(dst, start, end)
         chunk_loop(x.detach(), dst_, row_max, row_neg, row_sum, sum_wx, w,
                    gA if grad else None, zs if grad else None, coef if grad else None,
                    smooth if grad else None, scratch, start, end, step, direct,
@@ -184,8 +184,7 @@ def ce_bwd(x, target, lse, dloss, weight=None, ignore_index=-100, label_smoothin
         dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     # usually a buffer just allocated (here or by the caller), not yet touched; advice on
     # one that was is harmless (the kernel may merge its pages later)
-    if buffers.PAGE_ADVICE == "hugepage":
-        buffers.advise_hugepages(dx)
+    buffers.advise_fresh(dx)
     if n_rows == 0 or n_cols == 0:
         return dx
     with torch.no_grad():
@@ -226,8 +225,8 @@ def ce_bwd(x, target, lse, dloss, weight=None, ignore_index=-100, label_smoothin
         if not direct:
             scratch = torch.empty(min(step, end - start), n_cols, dtype=torch.float32,
                                   device=dev)
-        if buffers.PAGE_ADVICE == "populate" and dev.type == "cpu":
-            buffers.populate_rows(dx, start, end)
+        if dev.type == "cpu":
+            buffers.fault_in_rows(dx, start, end)
         chunk_loop(x.detach(), dx.detach(), shift, neg_shift, sign2, smooth, w, scratch,
                    [] if skip is None else skip[start:end], start, end, step, direct,
                    chunks.fma_fused())

@@ -70,7 +70,7 @@ def vp_grad(x, t_local, lse, g, w_t, consts, eps, w_shard, dx=None, extras=None,
                                z_grad)
     if dx is None:
         dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-        buffers.advise_hugepages(dx)  # fresh: first-touch faults cost more than a pass
+        buffers.advise_fresh(dx)  # fresh: first-touch faults cost more than a pass
     n_rows, n_cols = x.shape
     if n_rows == 0 or n_cols == 0:
         return dx
