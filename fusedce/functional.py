@@ -8,6 +8,8 @@ view); this module decides where the gradient is computed and calls the one auto
 ``fusedce._autograd.CrossEntropyFunction``.
 """
 
+import inspect
+
 import torch
 
 from . import _args, _autograd, _dtensor, _higher, _loss, _route
@@ -16,10 +18,14 @@ from ._loss import CrossEntropyAux  # noqa: F401  (fusedce.CrossEntropyAux)
 _pytorch_loss = torch._C._nn.cross_entropy_loss
 _INT64 = torch.int64
 _ENUMS = _route.REDUCTION_ENUMS
-# the defaults of ``logit_scale`` and ``lse_square_scale``: an argument left out is these
-# objects, which the hand-off tests by identity before anything slower
-_ONE, _ZERO = 1.0, 0.0
 _TENSOR = torch.Tensor
+# fusedce's keyword-only options of ``cross_entropy`` and their defaults. The function takes
+# them as ``**options`` (its ``__signature__`` shows them as keyword-only parameters): Python
+# fills every keyword-only parameter left out from a dict lookup on each call, about 70 ns
+# for these seven, a quarter of what a small call handed to PyTorch may add to it
+# (docs/benchmarks.md, "The hand-off's cost per call").
+OPTIONS = {"backend": "auto", "inplace_backward": False, "validate": None,
+           "logit_scale": 1.0, "softcap": None, "lse_square_scale": 0.0, "return_aux": False}
 
 
 def _validates_by_default(input, impl):
@@ -60,10 +66,19 @@ def _grad_mode(x, t, weight, impl, inplace_backward):
     return "backward"
 
 
+def _options(options):
+    """``cross_entropy``'s keyword-only options, the defaults filled in; Python's TypeError
+    for a keyword it does not take."""
+    if not options:
+        return OPTIONS
+    for name in options:
+        if name not in OPTIONS:
+            raise TypeError(f"cross_entropy() got an unexpected keyword argument '{name}'")
+    return {**OPTIONS, **options}
+
+
 def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100,
-                  reduce=None, reduction="mean", label_smoothing=0.0, *, backend="auto",
-                  inplace_backward=False, validate=None, logit_scale=_ONE, softcap=None,
-                  lse_square_scale=_ZERO, return_aux=False):
+                  reduce=None, reduction="mean", label_smoothing=0.0, **options):
     """Cross-entropy between logits ``input`` and class indices or class probabilities
     ``target``.
 
@@ -124,33 +139,49 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     saved-tensor hooks, float16) such a change raises autograd's "modified by an inplace
     operation" error instead of giving a wrong gradient.
     """
+    # The hand-off to PyTorch's loss (fusedce/_route.py). It runs before every call, so the
+    # usual small call (a plain tensor, int64 targets, no weight, no legacy arguments, no
+    # option) is decided inline from the fewest reads; an argument of an odd type raises in
+    # there and the call goes on to the general test, then PyTorch's loss or fusedce's
+    # front door raise for it.
+    if type(input) is _TENSOR and not options:
+        try:
+            if (input.is_cpu and input.numel() < _route.SMALLEST and weight is None
+                    and target.dtype is _INT64 and size_average is None and reduce is None):
+                if ignore_index == -100 and label_smoothing == 0.0:
+                    # PyTorch's defaults, left to it: its parser takes 0.2-0.4 us to read
+                    # these two arguments
+                    return _pytorch_loss(input, target, None, _ENUMS[reduction])
+                if label_smoothing >= 0.0:
+                    return _pytorch_loss(input, target, None, _ENUMS[reduction],
+                                         ignore_index, label_smoothing)
+        except (AttributeError, TypeError, KeyError):
+            pass
+    opts = _options(options)
+    backend, validate = opts["backend"], opts["validate"]
+    extras = (opts["logit_scale"], opts["softcap"], opts["lse_square_scale"],
+              opts["return_aux"])
     if type(input) is not _TENSOR and _dtensor.is_dtensor(input):
         return _dtensor.cross_entropy(
             cross_entropy, input, target, weight, ignore_index,
             _args.reduction(reduction, size_average, reduce), label_smoothing, backend,
-            _args.extras(logit_scale, softcap, lse_square_scale, return_aux))
-    # The hand-off to PyTorch's loss (fusedce/_route.py). It runs before every call, so the
-    # usual small call (int64 targets, no weight, no legacy arguments) is decided inline
-    # from the fewest reads; an argument of an odd type raises in there and the call goes
-    # on to the general test, then PyTorch's loss or fusedce's front door raise for it.
-    if backend == "auto" and validate is not False and softcap is None and \
-            return_aux is False and (logit_scale is _ONE and lse_square_scale is _ZERO
-                                     or _route.plain_scales(logit_scale, lse_square_scale)):
-        try:
-            if (input.is_cpu and input.numel() < _route.SMALLEST and weight is None
-                    and target.dtype is _INT64 and label_smoothing >= 0.0
-                    and size_average is None and reduce is None):
-                return _pytorch_loss(input, target, None, _ENUMS[reduction], ignore_index,
-                                     label_smoothing)
-        except (AttributeError, TypeError, KeyError):
-            pass
-        if _route.pytorch_serves(input, target, weight, label_smoothing):
-            return _pytorch_loss(input, target, weight,
-                                 _route.reduction_enum(reduction, size_average, reduce),
-                                 ignore_index, label_smoothing)
+            _args.extras(*extras))
+    if (backend == "auto" and validate is not False and extras[1] is None
+            and extras[3] is False and _route.plain_scales(extras[0], extras[2])
+            and _route.pytorch_serves(input, target, weight, label_smoothing)):
+        return _pytorch_loss(input, target, weight,
+                             _route.reduction_enum(reduction, size_average, reduce),
+                             ignore_index, label_smoothing)
     return _cross_entropy(input, target, weight, size_average, ignore_index, reduce,
-                          reduction, label_smoothing, backend, inplace_backward, validate,
-                          _args.extras(logit_scale, softcap, lse_square_scale, return_aux))
+                          reduction, label_smoothing, backend, opts["inplace_backward"],
+                          validate, _args.extras(*extras))
+
+
+cross_entropy.__signature__ = inspect.Signature(
+    [p for p in inspect.signature(cross_entropy).parameters.values()
+     if p.kind is not p.VAR_KEYWORD]
+    + [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
+       for name, default in OPTIONS.items()])
 
 
 @_autograd.no_graph_in_inference_mode

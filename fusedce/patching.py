@@ -32,12 +32,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _dtensor, _route
-from .functional import cross_entropy
+from .functional import OPTIONS, cross_entropy
 
 _lock = threading.RLock()
 _state = {"depth": 0, "saved": None, "options": {}}
 _ORIGINAL_CE = F.cross_entropy
 _ORIGINAL_FORWARD = nn.CrossEntropyLoss.forward
+_TENSOR = torch.Tensor
 
 
 def _plain_tensors(*tensors):
@@ -46,6 +47,12 @@ def _plain_tensors(*tensors):
 
 def _patched_cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100,
                            reduce=None, reduction="mean", label_smoothing=0.0):
+    options = _state["options"]
+    if type(input) is _TENSOR and type(target) is _TENSOR and weight is None and not options:
+        # the usual call, in as few steps as possible: fusedce.cross_entropy's first test
+        # hands a small one to PyTorch's loss
+        return cross_entropy(input, target, None, size_average, ignore_index, reduce,
+                             reduction, label_smoothing)
     if not (isinstance(input, torch.Tensor) and isinstance(target, torch.Tensor)):
         return _ORIGINAL_CE(input, target, weight, size_average, ignore_index, reduce,
                             reduction, label_smoothing)  # PyTorch's TypeError
@@ -54,7 +61,7 @@ def _patched_cross_entropy(input, target, weight=None, size_average=None, ignore
         return _route.pytorch_cross_entropy(input, target, weight, size_average, ignore_index,
                                             reduce, reduction, label_smoothing)
     return cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction,
-                         label_smoothing, **_state["options"])
+                         label_smoothing, **options)
 
 
 def _patched_forward(self, input, target):
@@ -113,8 +120,12 @@ def patch(*, scan_modules=True, backend="auto", inplace_backward=False, validate
         aliases = _module_aliases() if scan_modules else []
         _state["saved"] = (F.cross_entropy, nn.CrossEntropyLoss.__dict__.get("forward"),
                            aliases, scan_modules)
-        _state["options"] = {"backend": backend, "inplace_backward": inplace_backward,
-                             "validate": validate}
+        # only those that differ from cross_entropy's defaults: none is the usual call
+        given = {"backend": backend, "inplace_backward": inplace_backward,
+                 "validate": validate}
+        _state["options"] = {name: value for name, value in given.items()
+                             if not (type(value) is type(OPTIONS[name])
+                                     and value == OPTIONS[name])}
         F.cross_entropy = _patched_cross_entropy
         nn.CrossEntropyLoss.forward = _patched_forward
         for mod, name in aliases:

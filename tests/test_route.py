@@ -54,6 +54,68 @@ def test_small_calls_get_pytorchs_results_bit_for_bit(dtype):
         assert torch.equal(got, want) and torch.equal(g_got, g_want)
 
 
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_small_calls_with_pytorchs_defaults_are_pytorchs_bit_for_bit(dtype, grad):
+    """The inline test's shortest hand-off (ignore_index and label_smoothing at PyTorch's
+    defaults, left for PyTorch to fill in), for every reduction and input form, an ignored
+    target included; and the same values given as other objects (an int 0 smoothing, a 0-d
+    tensor) take it too, with the same results."""
+    x, target = _problem(7, 10, dtype)
+    target[2] = -100
+    shapes = [(x, target), (x[0], target[0]),  # (N, C) and (C,)
+              (x.detach().reshape(7, 5, 2).transpose(1, 2).contiguous().transpose(1, 2)
+               .requires_grad_(grad), torch.randint(0, 5, (7, 2)))]  # (N, C, d)
+    for inp, tgt in shapes:
+        for reduction in ("mean", "sum", "none"):
+            for extra in ({}, dict(label_smoothing=0), dict(ignore_index=torch.tensor(-100))):
+                with torch.set_grad_enabled(grad):
+                    got = fusedce.cross_entropy(inp, tgt, reduction=reduction, **extra)
+                    want = F.cross_entropy(inp, tgt, reduction=reduction)
+                assert not grad or not _ran_fusedce(got)
+                assert torch.equal(got, want), (inp.shape, reduction, extra)
+                if grad:
+                    upstream = torch.rand_like(want)
+                    g_got, = torch.autograd.grad(got, inp, upstream)
+                    g_want, = torch.autograd.grad(want, inp, upstream)
+                    assert torch.equal(g_got, g_want)
+
+
+def test_options_are_keyword_only_with_pythons_errors():
+    """fusedce's options are taken as keywords only, as the signature says; an unknown
+    keyword or one positional argument too many get Python's TypeError, on the small path
+    and on fusedce's own; the options given at their defaults still hand a small call off."""
+    x, target = _problem(4, 10)
+    for hand_off in (True, False):
+        try:
+            _route.set_hand_off(hand_off)
+            with pytest.raises(TypeError, match="unexpected keyword argument 'inplace'"):
+                fusedce.cross_entropy(x, target, inplace=True)
+            with pytest.raises(TypeError, match="positional arguments but 9 were given"):
+                fusedce.cross_entropy(x, target, None, None, -100, None, "mean", 0.0, "auto")
+        finally:
+            _route.set_hand_off(True)
+    explicit = dict(fusedce.functional.OPTIONS)
+    assert not _ran_fusedce(fusedce.cross_entropy(x, target, **explicit))
+    assert _ran_fusedce(fusedce.cross_entropy(x, target, **{**explicit, "validate": False}))
+
+
+def test_patch_options_reach_every_patched_call():
+    """patch() passes only the options that differ from the defaults; the usual patched
+    call goes straight on to fusedce.cross_entropy, the others keep their options."""
+    x, target = _problem(4, 10)
+    with fusedce.patched(backend="auto", validate=None, inplace_backward=False):
+        assert not _ran_fusedce(F.cross_entropy(x, target))
+    with fusedce.patched(backend="torch"):
+        assert _ran_fusedce(F.cross_entropy(x, target))
+        assert _ran_fusedce(torch.nn.CrossEntropyLoss()(x, target))
+    with fusedce.patched(validate=False):
+        bad = target.clone()
+        bad[0] = 10
+        loss = F.cross_entropy(x, bad, reduction="none")
+        assert _ran_fusedce(loss) and loss[0].isnan()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
 def test_the_threshold_is_where_fusedce_takes_over(grad, dtype, monkeypatch):
