@@ -9,6 +9,7 @@ view); this module decides where the gradient is computed and calls the one auto
 """
 
 import inspect
+import types
 
 import torch
 
@@ -24,8 +25,9 @@ _TENSOR = torch.Tensor
 # fills every keyword-only parameter left out from a dict lookup on each call, about 70 ns
 # for these seven, a quarter of what a small call handed to PyTorch may add to it
 # (docs/benchmarks.md, "The hand-off's cost per call").
-OPTIONS = {"backend": "auto", "inplace_backward": False, "validate": None,
-           "logit_scale": 1.0, "softcap": None, "lse_square_scale": 0.0, "return_aux": False}
+OPTIONS = types.MappingProxyType({
+    "backend": "auto", "inplace_backward": False, "validate": None, "logit_scale": 1.0,
+    "softcap": None, "lse_square_scale": 0.0, "return_aux": False})
 
 
 def _validates_by_default(input, impl):
