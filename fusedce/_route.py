@@ -61,7 +61,7 @@ def pytorch_serves(input, target, weight, label_smoothing):
     docstring). ``fusedce.cross_entropy`` decides the usual small calls inline first (below
     ``SMALLEST`` logits, int64 targets, no weight); this is every other case."""
     try:
-        if not (HAND_OFF and input.is_cpu and type(label_smoothing) is float
+        if not (HAND_OFF and input.is_cpu and type(label_smoothing) in (float, int)
                 and label_smoothing >= 0.0):
             return False  # fusedce refuses a negative label_smoothing, PyTorch ignores it
         dtype, t_dtype = input.dtype, target.dtype

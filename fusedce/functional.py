@@ -25,6 +25,8 @@ _TENSOR = torch.Tensor
 # fills every keyword-only parameter left out from a dict lookup on each call, about 70 ns
 # for these seven, a quarter of what a small call handed to PyTorch may add to it
 # (docs/benchmarks.md, "The hand-off's cost per call").
+# the defaults of ``ignore_index`` and ``label_smoothing`` (PyTorch's), tested by identity
+_IGNORE_INDEX, _SMOOTHING = -100, 0.0
 OPTIONS = types.MappingProxyType({
     "backend": "auto", "inplace_backward": False, "validate": None, "logit_scale": 1.0,
     "softcap": None, "lse_square_scale": 0.0, "return_aux": False})
@@ -79,8 +81,8 @@ def _options(options):
     return {**OPTIONS, **options}
 
 
-def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100,
-                  reduce=None, reduction="mean", label_smoothing=0.0, **options):
+def cross_entropy(input, target, weight=None, size_average=None, ignore_index=_IGNORE_INDEX,
+                  reduce=None, reduction="mean", label_smoothing=_SMOOTHING, **options):
     """Cross-entropy between logits ``input`` and class indices or class probabilities
     ``target``.
 
@@ -146,13 +148,14 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     # option) is decided inline from the fewest reads; an argument of an odd type raises in
     # there and the call goes on to the general test, then PyTorch's loss or fusedce's
     # front door raise for it.
-    if type(input) is _TENSOR and not options:
+    if not options and (type(input) is _TENSOR or not _dtensor.is_dtensor(input)):
         try:
             if (input.is_cpu and input.numel() < _route.SMALLEST and weight is None
                     and target.dtype is _INT64 and size_average is None and reduce is None):
-                if ignore_index == -100 and label_smoothing == 0.0:
-                    # PyTorch's defaults, left to it: its parser takes 0.2-0.4 us to read
-                    # these two arguments
+                if ignore_index is _IGNORE_INDEX and label_smoothing is _SMOOTHING:
+                    # both left out (these very objects: no other value or type can pass
+                    # for them), so left to PyTorch's defaults: its parser takes 0.2-0.4 us
+                    # to read these two arguments
                     return _pytorch_loss(input, target, None, _ENUMS[reduction])
                 if label_smoothing >= 0.0:
                     return _pytorch_loss(input, target, None, _ENUMS[reduction],

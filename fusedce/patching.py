@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _dtensor, _route
-from .functional import OPTIONS, cross_entropy
+from .functional import _IGNORE_INDEX, _SMOOTHING, OPTIONS, cross_entropy
 
 _lock = threading.RLock()
 _state = {"depth": 0, "saved": None, "options": {}}
@@ -45,8 +45,9 @@ def _plain_tensors(*tensors):
     return all(type(t) in (torch.Tensor, nn.Parameter) for t in tensors if t is not None)
 
 
-def _patched_cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100,
-                           reduce=None, reduction="mean", label_smoothing=0.0):
+def _patched_cross_entropy(input, target, weight=None, size_average=None,
+                           ignore_index=_IGNORE_INDEX, reduce=None, reduction="mean",
+                           label_smoothing=_SMOOTHING):
     options = _state["options"]
     if type(input) is _TENSOR and type(target) is _TENSOR and weight is None and not options:
         # the usual call, in as few steps as possible: fusedce.cross_entropy's first test

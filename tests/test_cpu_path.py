@@ -26,6 +26,7 @@ Values at extreme logits (overflow, underflow, denormals) are in test_numerics.p
 """
 
 import gc
+import io
 import json
 import os
 import subprocess
@@ -426,6 +427,25 @@ def test_fresh_buffer_is_offered_whole_huge_pages_once(cache, monkeypatch):
     assert len(advised) == 1 + len(populate)  # reused: no call at all
 
 
+def test_backward_advises_only_a_buffer_of_its_own(monkeypatch):
+    """ce_bwd advises and faults in a gradient buffer new from the allocator, not one written
+    over the logits (the fused linear loss's chunk, resident already)."""
+    advised = []
+    monkeypatch.setattr(buffers, "PAGE_ADVICE", "hugepage")
+    monkeypatch.setattr(buffers, "HUGEPAGE_MIN_BYTES", 0)
+    monkeypatch.setattr(buffers, "_thp", True)
+    monkeypatch.setattr(buffers, "_madvise", lambda a, n, advice: advised.append(advice) or 0)
+    x, t = logits_and_targets(256, 8192, seed=26)  # 8 MiB: whole huge pages inside
+    _, lse = cpu.ce_fwd(x, t)
+    dloss = torch.full((256,), 1 / 256)
+    want = cpu.ce_bwd(x, t, lse, dloss)
+    assert buffers._MADV_HUGEPAGE in advised and buffers._MADV_POPULATE_WRITE in advised
+    advised.clear()
+    got = cpu.ce_bwd(x, t, lse, dloss, dx=x)
+    assert advised == [] and got.data_ptr() == x.data_ptr()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("advice", ["hugepage", "populate", "none"])
 def test_page_advice_changes_no_result(cache, monkeypatch, advice):
     """The advice is real here (Linux's madvise where it exists) and only changes how pages
@@ -440,7 +460,18 @@ def test_page_advice_changes_no_result(cache, monkeypatch, advice):
 
 
 def test_populate_needs_no_transparent_huge_pages(cache, monkeypatch):
-    """Where Linux has transparent huge pages off, only the huge-page advice is dropped."""
+    """Where Linux has transparent huge pages off, only the huge-page advice is dropped:
+    madvise itself still loads (the sysfs file read as "never"), and only the populate call
+    is made."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("madvise is Linux's")
+    real_open = open
+    monkeypatch.setattr(buffers, "_madvise", None)
+    monkeypatch.setattr(buffers, "_thp", None)
+    monkeypatch.setattr(
+        buffers, "open", lambda path, *a, **k: io.StringIO("always madvise [never]\n")
+        if "transparent_hugepage" in str(path) else real_open(path, *a, **k), raising=False)
+    assert callable(buffers._load_madvise()) and not buffers._thp_available()
     calls = []
     monkeypatch.setattr(buffers, "PAGE_ADVICE", "hugepage")
     monkeypatch.setattr(buffers, "_thp", False)

@@ -4,6 +4,9 @@ there, that they give PyTorch's results, and that everything else keeps fusedce'
 Which implementation ran is read from the autograd graph: PyTorch's loss leaves its own
 nodes (``NllLossBackward0``, ``LogSoftmaxBackward0``, ...), fusedce's its Function's."""
 
+from decimal import Decimal
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -103,8 +106,11 @@ def test_options_are_keyword_only_with_pythons_errors():
 def test_patch_options_reach_every_patched_call():
     """patch() passes only the options that differ from the defaults; the usual patched
     call goes straight on to fusedce.cross_entropy, the others keep their options."""
+    from fusedce import patching
+
     x, target = _problem(4, 10)
     with fusedce.patched(backend="auto", validate=None, inplace_backward=False):
+        assert patching._state["options"] == {}
         assert not _ran_fusedce(F.cross_entropy(x, target))
     with fusedce.patched(backend="torch"):
         assert _ran_fusedce(F.cross_entropy(x, target))
@@ -186,15 +192,36 @@ def test_patched_small_calls_reach_pytorch_without_recursion():
 def test_bad_arguments_raise_pytorchs_errors_on_the_small_path():
     """A small call raises what PyTorch raises: it is PyTorch's call."""
     x, target = _problem(3, 5)
-    for kwargs in (dict(reduction="bogus"), dict(label_smoothing=2.0), dict(ignore_index=1.5),
-                   dict(weight=torch.ones(4))):
+    # values equal to PyTorch's defaults but of types its parser refuses: the shortest
+    # hand-off, which leaves those two arguments out, must not take them
+    default_lookalikes = [dict(ignore_index=-100.0), dict(ignore_index=np.float64(-100)),
+                          dict(ignore_index=torch.tensor(-100.0)),
+                          dict(ignore_index=torch.tensor([-100, 1])),
+                          dict(label_smoothing=0j), dict(label_smoothing=Decimal(0)),
+                          dict(label_smoothing=torch.tensor([0.0]))]
+    for kwargs in [dict(reduction="bogus"), dict(label_smoothing=2.0), dict(ignore_index=1.5),
+                   dict(weight=torch.ones(4))] + default_lookalikes:
         try:
             F.cross_entropy(x, target, **kwargs)
         except Exception as error:  # noqa: BLE001 - the same type from fusedce
             with pytest.raises(type(error)):
                 fusedce.cross_entropy(x, target, **kwargs)
+            with fusedce.patched(), pytest.raises(type(error)):
+                F.cross_entropy(x, target, **kwargs)
         else:
             pytest.fail(f"PyTorch accepted {kwargs}")
+
+
+def test_parameters_and_int_smoothing_are_handed_off_too():
+    """Logits that are an nn.Parameter, and an int label_smoothing beside an explicit
+    option, take the hand-off as a plain tensor and a float do."""
+    x, target = _problem(4, 10)
+    param = torch.nn.Parameter(x.detach().clone())
+    assert not _ran_fusedce(fusedce.cross_entropy(param, target, label_smoothing=0))
+    assert not _ran_fusedce(fusedce.cross_entropy(x, target, label_smoothing=0,
+                                                  backend="auto"))
+    assert torch.equal(fusedce.cross_entropy(param, target, label_smoothing=0),
+                       F.cross_entropy(param, target))
 
 
 def test_set_hand_off_turns_both_tests_off_and_on():

@@ -182,9 +182,11 @@ def ce_bwd(x, target, lse, dloss, weight=None, ignore_index=-100, label_smoothin
     dev = x.device
     if dx is None:
         dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-    # usually a buffer just allocated (here or by the caller), not yet touched; advice on
-    # one that was is harmless (the kernel may merge its pages later)
-    buffers.advise_fresh(dx)
+    # a buffer just allocated (here or by the caller) is advised and faulted in; one written
+    # over the logits (the fused linear loss's chunk, resident already) is not
+    fresh = dev.type == "cpu" and dx.data_ptr() != x.data_ptr()
+    if fresh:
+        buffers.advise_fresh(dx)
     if n_rows == 0 or n_cols == 0:
         return dx
     with torch.no_grad():
@@ -225,7 +227,7 @@ def ce_bwd(x, target, lse, dloss, weight=None, ignore_index=-100, label_smoothin
         if not direct:
             scratch = torch.empty(min(step, end - start), n_cols, dtype=torch.float32,
                                   device=dev)
-        if dev.type == "cpu":
+        if fresh:
             buffers.fault_in_rows(dx, start, end)
         chunk_loop(x.detach(), dx.detach(), shift, neg_shift, sign2, smooth, w, scratch,
                    [] if skip is None else skip[start:end], start, end, step, direct,
