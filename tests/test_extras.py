@@ -518,3 +518,28 @@ def test_split_rows_with_a_split_of_minus_inf(monkeypatch):
                                 return_aux=True)
     want = F.cross_entropy(x.double(), t, reduction="none", label_smoothing=0.1)
     torch.testing.assert_close(got.loss.double(), want)
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"),
+                                   pytest.param(torch.bfloat16, id="bf16")])
+@pytest.mark.parametrize("inplace", [False, True], ids=["buffer", "inplace"])
+def test_positive_scale_alone_runs_the_row_loops(monkeypatch, dtype, inplace):
+    """A positive ``logit_scale`` without a softcap or aux outputs is folded into the CPU
+    row path's multiply-add (``exp2(x fp32(a log2 e) + n)``), z-loss, weights, smoothing and
+    ignored rows included; ``extras.py`` serves a scale that is negative or too far from 1
+    for that, with the same results. 256 x 4,099 logits: two workers, the loops scripted."""
+    from fusedce.cpu import extras as cpu_extras
+
+    served = []
+    ce_fwd = cpu_extras.ce_fwd
+    monkeypatch.setattr(cpu_extras, "ce_fwd",
+                        lambda *a, **k: served.append(1) or ce_fwd(*a, **k))
+    x, t, w, eps = _inputs(256, 4099, dtype, seed=41, spread=4.0, variant="weighted")
+    for scale, plain in ((0.37, True), (3.0, True), (2.0 ** -60, True), (-0.5, False),
+                         (2.0 ** 70, False)):
+        served.clear()
+        # an absurd scale's logits are all far apart: keep them finite in the reference
+        xs = x if abs(scale) < 2.0 ** 60 else (x * 2.0 ** -66).to(dtype)
+        _check(xs, t, w, eps, "mean", "torch",
+               dict(logit_scale=scale, lse_square_scale=1e-3), inplace=inplace)
+        assert bool(served) != plain, scale

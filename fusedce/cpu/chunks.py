@@ -67,13 +67,16 @@ def _smoothing_term(out: torch.Tensor, c: torch.Tensor, w: Optional[torch.Tensor
 
 
 def exp_argument(src: torch.Tensor, shift: torch.Tensor, out: torch.Tensor,
-                 neg: torch.Tensor, fill_neg: bool, fused: bool) -> torch.Tensor:
-    """``out = (src - s) log2(e)`` for each row's shift ``s`` (a column) within a rounding
-    of ``shift``, so that ``exp2(out)`` is ``exp(src - s)``; ``out`` may be ``src``.
+                 neg: torch.Tensor, fill_neg: bool, fused: bool,
+                 k: float = 1.4426950216293335) -> torch.Tensor:
+    """``out = (src - s) k`` for each row's shift ``s`` (a column) within a rounding of
+    ``shift``, ``k`` an fp32 value: with ``k = LOG2E`` (the default) ``exp2(out)`` is
+    ``exp(src - s)``, with ``k = fp32(a LOG2E)`` it is ``exp(a (src - s))`` (a logit scale
+    ``a > 0``); ``out`` may be ``src``.
 
-    One fused multiply-add, ``src LOG2E + neg`` with ``neg = -shift LOG2E`` rounded once
+    One fused multiply-add, ``src k + neg`` with ``neg = -shift k`` rounded once
     (``torch.add`` with ``alpha`` rounds once): the argument's rounding is relative to
-    ``src - s``, as a subtraction's would be, and ``s = -neg / LOG2E``. PyTorch's base-2
+    ``src - s``, as a subtraction's would be, and ``s = -neg / k``. PyTorch's base-2
     exponential then costs a third of its ``exp`` on the CPUs measured
     (docs/benchmarks.md). ``neg`` (an fp32 column) is computed here with ``fill_neg``, else
     given (rounded once from float64 by the caller).
@@ -85,21 +88,28 @@ def exp_argument(src: torch.Tensor, shift: torch.Tensor, out: torch.Tensor,
     without a fused multiply-add (``fused``, ``fma_fused()``: two roundings, the second
     relative to ``src``), the chunk subtracts ``shift`` first (``s = shift``) and sets its
     ``neg`` to +inf to say so."""
-    log2e = 1.4426950216293335  # LOG2E (TorchScript takes no float globals)
     if fill_neg:
-        torch.mul(shift, -log2e, out=neg)
+        torch.mul(shift, -k, out=neg)
     # one reduction and one read
     if (not fused or src.device.type != "cpu"
             or not float(torch.linalg.vector_norm(neg, float("inf"))) < 16777216.0):
         neg.fill_(float("inf"))
-        return torch.sub(src, shift, out=out).mul_(log2e)
-    return torch.add(neg, src, alpha=log2e, out=out)
+        return torch.sub(src, shift, out=out).mul_(k)
+    return torch.add(neg, src, alpha=k, out=out)
 
 
-def row_shift(row_max, row_neg):
+def exp2_factor(scale):
+    """``exp_argument``'s ``k`` for a logit scale ``scale > 0``: ``scale LOG2E`` rounded to
+    fp32 (the value an fp32 op takes), ``LOG2E`` itself for 1."""
+    if scale == 1.0:
+        return LOG2E
+    return float(torch.tensor(scale * LOG2E, dtype=torch.float32))
+
+
+def row_shift(row_max, row_neg, k=LOG2E):
     """In float64, the shift that ``chunks.exp_argument`` took for rows of max ``row_max``
-    where it left ``row_neg``: ``-row_neg / LOG2E``, or the max where it subtracted that."""
-    return torch.where(row_neg.isinf(), row_max.double(), row_neg.double() / -LOG2E)
+    where it left ``row_neg``: ``-row_neg / k``, or the max where it subtracted that."""
+    return torch.where(row_neg.isinf(), row_max.double(), row_neg.double() / -k)
 
 
 def fwd_chunks(x: torch.Tensor, dst: Optional[torch.Tensor], row_max: torch.Tensor,
@@ -107,13 +117,16 @@ def fwd_chunks(x: torch.Tensor, dst: Optional[torch.Tensor], row_max: torch.Tens
                w: Optional[torch.Tensor], gA: Optional[torch.Tensor],
                zs: Optional[torch.Tensor], coef: Optional[torch.Tensor],
                smooth: Optional[torch.Tensor], scratch: Optional[torch.Tensor],
-               start: int, end: int, step: int, direct: bool, fused: bool):
-    """``ce_fwd``'s loop over the chunks of rows ``[start, end)``: each row's max into
-    ``row_max``, ``exp_argument``'s ``neg`` into ``row_neg`` (``row_shift`` gives
-    the shift ``s`` they stand for), ``sum_c exp(x_c - s)`` into ``row_sum``,
-    ``sum_c w_c (x_c - s)`` into ``sum_wx`` where given, and with
-    ``dst`` the chunk's gradient ``coef p - smooth w`` into it, ``coef = gA / sum``
-    (``(gA + zs lse) / sum`` with a z-loss's per-row ``zs``).
+               start: int, end: int, step: int, direct: bool, fused: bool,
+               scale: float, k: float):
+    """``ce_fwd``'s loop over the chunks of rows ``[start, end)``, for the logits ``z = scale
+    x`` (``scale > 0``; ``k = exp2_factor(scale)``): each row's max of ``x`` into
+    ``row_max``, ``exp_argument``'s ``neg`` into ``row_neg`` (``row_shift`` gives the shift
+    ``s`` of ``x`` they stand for), ``sum_c exp(z_c - scale s)`` into ``row_sum``, ``sum_c
+    w_c (z_c - scale s)`` into ``sum_wx`` where given, and with ``dst`` the chunk's
+    gradient ``coef p - smooth w`` into it, ``coef = gA / sum`` (``(gA + zs lse) / sum``
+    with a z-loss's per-row ``zs``; ``gA``, ``zs`` and ``smooth`` already carry the factor
+    ``scale`` of the gradient with respect to ``x``).
 
     ``direct``: ``x`` is fp32 and is read as it is: ``exp`` is formed in ``dst``'s chunk
     (over ``x`` itself in place; in the fp32 ``scratch`` chunk without ``dst``); else
@@ -136,7 +149,7 @@ def fwd_chunks(x: torch.Tensor, dst: Optional[torch.Tensor], row_max: torch.Tens
             buf = scratch.narrow(0, 0, rows)
             src = xc if direct else buf.copy_(xc)
         m = torch.amax(src, 1, keepdim=True, out=row_max.narrow(0, r0, rows))
-        exp_argument(src, m, buf, row_neg.narrow(0, r0, rows), True, fused)
+        exp_argument(src, m, buf, row_neg.narrow(0, r0, rows), True, fused, k)
         if sum_wx is not None:  # relative to the shift: no cancellation against lse
             out = sum_wx.narrow(0, r0, rows)
             if w is None:
@@ -149,8 +162,8 @@ def fwd_chunks(x: torch.Tensor, dst: Optional[torch.Tensor], row_max: torch.Tens
         if dc is not None:
             assert gA is not None and coef is not None
             gA_c = gA.narrow(0, r0, rows)
-            if zs is not None:  # the z-loss's gz = zs lse, lse = shift + log(sum)
-                gA_c = gA_c + zs.narrow(0, r0, rows) * (m + torch.log(sums))
+            if zs is not None:  # the z-loss's gz = zs lse, lse = scale shift + log(sum)
+                gA_c = gA_c + zs.narrow(0, r0, rows) * (m * scale + torch.log(sums))
             buf.mul_(torch.div(gA_c, sums, out=coef.narrow(0, r0, rows)))
             if smooth is not None:
                 _smoothing_term(buf, smooth.narrow(0, r0, rows), w)

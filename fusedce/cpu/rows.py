@@ -28,14 +28,31 @@ import torch
 from . import buffers, chunks, pool
 from . import extras as _extras
 
+# The logit scales ``ce_fwd`` folds into its multiply-add (``z = scale x``); others (0,
+# negative, or so far from 1 that ``scale log2(e)`` nears fp32's range) go to ``extras.py``
+_SCALES = (2.0 ** -60, 2.0 ** 60)
 
-def _extras_serve(x, weight, extras, aux):
-    """Whether ``extras.py`` serves a call with loss ``extras``: with a logit transform or
-    ``aux`` outputs, or in float64 (this path computes in float32); a z-loss alone is
-    this path's."""
+
+def _plain_scale(extras):
+    """The logit scale ``ce_fwd`` applies itself: 1 without extras; None where
+    ``extras.py`` must serve the call's transform."""
+    if extras is None or not extras.transform:
+        return 1.0
+    scale = extras.logit_scale
+    if extras.softcap is None and _SCALES[0] <= scale <= _SCALES[1]:
+        return scale
+    return None
+
+
+def _extras_serve(x, weight, extras, aux, scales=False):
+    """Whether ``extras.py`` serves a call with loss ``extras``: with a logit transform
+    (but a positive scale alone where ``scales``: ``ce_fwd`` folds it in) or ``aux``
+    outputs, or in float64 (this path computes in float32); a z-loss alone is this
+    path's."""
     if extras is None or not extras.any:
         return False
-    return extras.transform or aux or _extras.compute_dtype(x, weight) == torch.float64
+    transform = extras.transform and not (scales and _plain_scale(extras) is not None)
+    return transform or aux or _extras.compute_dtype(x, weight) == torch.float64
 
 
 def _row_targets(target, weight, ignore_index, n_cols):
@@ -96,9 +113,11 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_
     With a logit transform or aux outputs in ``extras``, ``extras.ce_fwd`` (the module)
     serves the call; a z-loss alone is this path's, its gradient's ``gz = z_scale * lse``
     added to ``g A`` once each chunk's lse is known."""
-    if _extras_serve(x, weight, extras, extras is not None and extras.aux):
+    if _extras_serve(x, weight, extras, extras is not None and extras.aux, scales=True):
         return _extras.ce_fwd(x, target, weight, ignore_index, label_smoothing, grad_scale,
                               grad_out, extras, aux_out, z_scale)
+    scale = _plain_scale(extras)  # z = scale x, folded into the exp's multiply-add
+    k = chunks.exp2_factor(scale)
     n_rows, n_cols = x.shape
     eps = float(label_smoothing)
     dev = x.device
@@ -115,12 +134,15 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_
         sum_wx = torch.empty(n_rows, dtype=torch.float32, device=dev) if eps > 0 else None
         if grad:
             A, B = _grad_coefficients(w_t, weight, eps, n_cols)
-            g = _row_scale(grad_scale.float().expand(n_rows), ignored, valid)
+            # d/dx = scale d/dz: every gradient term carries the scale
+            g_out = grad_scale.float().expand(n_rows)
+            g = _row_scale(g_out if scale == 1.0 else g_out * scale, ignored, valid)
             gA = (g * A)[:, None].contiguous()
             coef = torch.empty_like(gA)
             zs = None
             if extras is not None and extras.z_loss and z_scale is not None:
-                zs = torch.where(ignored, 0.0, z_scale.float())[:, None].contiguous()
+                zs = torch.where(ignored, 0.0, z_scale.float() * scale)[:, None]
+                zs = zs.contiguous()
             smooth = (g * (eps / n_cols)).contiguous() if eps > 0 else None
     direct = x.dtype == torch.float32  # else: through an fp32 scratch chunk
     step = chunks.rows_per_chunk(n_cols)
@@ -139,7 +161,7 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_
         chunk_loop(x.detach(), dst_, row_max, row_neg, row_sum, sum_wx, w,
                    gA if grad else None, zs if grad else None, coef if grad else None,
                    smooth if grad else None, scratch, start, end, step, direct,
-                   chunks.fma_fused())
+                   chunks.fma_fused(), scale, k)
 
     if n_rows > 0 and n_cols > 0:
         pool.parallel_rows(n_rows, n_cols, dev, work)
@@ -148,12 +170,13 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_
             log_sum = row_sum.log().squeeze(1)
             # in float64, rounded once: lse = m + log_sum, and lse - x_t as (m - x_t) +
             # log_sum, which keeps log_sum where m is far from 0 (PyTorch's order)
-            shift = chunks.row_shift(row_max, row_neg).squeeze(1)
-            lse = (shift + log_sum.double()).float()
-            nll = ((shift - x_t.double()) + log_sum.double()).float()
+            # (the shift of x; that of z is scale times it)
+            shift = chunks.row_shift(row_max, row_neg, k).squeeze(1)
+            lse = (shift * scale + log_sum.double()).float()
+            nll = ((shift - x_t.double()) * scale + log_sum.double()).float()
         else:
             lse = log_sum = torch.full((n_rows,), float("-inf"), device=dev)
-            nll = lse - x_t
+            nll = lse - x_t * scale
         loss = (1.0 - eps) * w_t * nll
         if eps > 0:
             # sum_wx is relative to the shift s: W lse - sum w x = W log_sum - sum w (x - s),
