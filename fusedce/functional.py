@@ -20,13 +20,13 @@ _pytorch_loss = torch._C._nn.cross_entropy_loss
 _INT64 = torch.int64
 _ENUMS = _route.REDUCTION_ENUMS
 _TENSOR = torch.Tensor
+# the defaults of ``ignore_index`` and ``label_smoothing`` (PyTorch's), tested by identity
+_IGNORE_INDEX, _SMOOTHING = -100, 0.0
 # fusedce's keyword-only options of ``cross_entropy`` and their defaults. The function takes
 # them as ``**options`` (its ``__signature__`` shows them as keyword-only parameters): Python
 # fills every keyword-only parameter left out from a dict lookup on each call, about 70 ns
 # for these seven, a quarter of what a small call handed to PyTorch may add to it
 # (docs/benchmarks.md, "The hand-off's cost per call").
-# the defaults of ``ignore_index`` and ``label_smoothing`` (PyTorch's), tested by identity
-_IGNORE_INDEX, _SMOOTHING = -100, 0.0
 OPTIONS = types.MappingProxyType({
     "backend": "auto", "inplace_backward": False, "validate": None, "logit_scale": 1.0,
     "softcap": None, "lse_square_scale": 0.0, "return_aux": False})
@@ -164,22 +164,22 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=_I
             pass
     opts = _options(options)
     backend, validate = opts["backend"], opts["validate"]
-    extras = (opts["logit_scale"], opts["softcap"], opts["lse_square_scale"],
-              opts["return_aux"])
+    scale, softcap, square, aux = (opts["logit_scale"], opts["softcap"],
+                                   opts["lse_square_scale"], opts["return_aux"])
     if type(input) is not _TENSOR and _dtensor.is_dtensor(input):
         return _dtensor.cross_entropy(
             cross_entropy, input, target, weight, ignore_index,
             _args.reduction(reduction, size_average, reduce), label_smoothing, backend,
-            _args.extras(*extras))
-    if (backend == "auto" and validate is not False and extras[1] is None
-            and extras[3] is False and _route.plain_scales(extras[0], extras[2])
+            _args.extras(scale, softcap, square, aux))
+    if (backend == "auto" and validate is not False and softcap is None and aux is False
+            and _route.plain_scales(scale, square)
             and _route.pytorch_serves(input, target, weight, label_smoothing)):
         return _pytorch_loss(input, target, weight,
                              _route.reduction_enum(reduction, size_average, reduce),
                              ignore_index, label_smoothing)
     return _cross_entropy(input, target, weight, size_average, ignore_index, reduce,
                           reduction, label_smoothing, backend, opts["inplace_backward"],
-                          validate, _args.extras(*extras))
+                          validate, _args.extras(scale, softcap, square, aux))
 
 
 cross_entropy.__signature__ = inspect.Signature(

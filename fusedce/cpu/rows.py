@@ -44,14 +44,14 @@ def _plain_scale(extras):
     return None
 
 
-def _extras_serve(x, weight, extras, aux, scales=False):
+def _extras_serve(x, weight, extras, aux, scale=None):
     """Whether ``extras.py`` serves a call with loss ``extras``: with a logit transform
-    (but a positive scale alone where ``scales``: ``ce_fwd`` folds it in) or ``aux``
-    outputs, or in float64 (this path computes in float32); a z-loss alone is this
-    path's."""
+    other than the ``scale`` this path applies itself (``ce_fwd``'s ``_plain_scale``;
+    None: none), with ``aux`` outputs, or in float64 (this path computes in float32); a
+    z-loss alone is this path's."""
     if extras is None or not extras.any:
         return False
-    transform = extras.transform and not (scales and _plain_scale(extras) is not None)
+    transform = extras.transform and scale is None
     return transform or aux or _extras.compute_dtype(x, weight) == torch.float64
 
 
@@ -113,10 +113,10 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_
     With a logit transform or aux outputs in ``extras``, ``extras.ce_fwd`` (the module)
     serves the call; a z-loss alone is this path's, its gradient's ``gz = z_scale * lse``
     added to ``g A`` once each chunk's lse is known."""
-    if _extras_serve(x, weight, extras, extras is not None and extras.aux, scales=True):
+    scale = _plain_scale(extras)  # z = scale x, folded into the exp's multiply-add
+    if _extras_serve(x, weight, extras, extras is not None and extras.aux, scale):
         return _extras.ce_fwd(x, target, weight, ignore_index, label_smoothing, grad_scale,
                               grad_out, extras, aux_out, z_scale)
-    scale = _plain_scale(extras)  # z = scale x, folded into the exp's multiply-add
     k = chunks.exp2_factor(scale)
     n_rows, n_cols = x.shape
     eps = float(label_smoothing)
@@ -141,8 +141,7 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_
             coef = torch.empty_like(gA)
             zs = None
             if extras is not None and extras.z_loss and z_scale is not None:
-                zs = torch.where(ignored, 0.0, z_scale.float() * scale)[:, None]
-                zs = zs.contiguous()
+                zs = torch.where(ignored, 0.0, z_scale.float() * scale)[:, None].contiguous()
             smooth = (g * (eps / n_cols)).contiguous() if eps > 0 else None
     direct = x.dtype == torch.float32  # else: through an fp32 scratch chunk
     step = chunks.rows_per_chunk(n_cols)
