@@ -8,6 +8,7 @@ medians is what a change did to the speed, free of the drift between two runs.
     python -m bench.revisions HEAD~1                 # small calls and GPT-2's large one
     python -m bench.revisions main --shapes 1x50257,8x1000 --repeats 200
     python -m bench.revisions HEAD~1 --loss linear   # ROWSxCLASSESxHIDDEN shapes
+    python -m bench.revisions HEAD~1 --after-matmul 512  # a parallel op before each call
 
 Forward + backward (the default mode, then ``inplace_backward=True``; for the linear loss
 'mean', then 'none' with an upstream gradient of ones), and the forward alone under
@@ -72,9 +73,12 @@ def linear_step(module, x, w, target, no_grad=False, **kwargs):
     loss.backward(torch.ones_like(loss))
 
 
-def median_us(fn, repeats):
+def median_us(fn, repeats, before=None):
+    """Median microseconds of ``fn()``; ``before()``, untimed, ahead of each call."""
     times = []
     for _ in range(repeats):
+        if before is not None:
+            before()
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
@@ -95,6 +99,10 @@ def main(argv=None):
                         help="alternating rounds of each version (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (default: PyTorch's choice)")
+    parser.add_argument("--after-matmul", type=positive_int, default=None, metavar="N",
+                        help="an untimed N x N torch.mm before each call, as a model's last "
+                             "layer runs before its loss (PyTorch's OpenMP threads are "
+                             "then still spinning); default: none")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -119,6 +127,10 @@ def main(argv=None):
             x = torch.randn(n, c, generator=gen)
             run = functools.partial(step, x=x, target=target)
         repeats = max(3, args.repeats // max(1, n * c // (1 << 20)))
+        before = None
+        if args.after_matmul:
+            a = torch.randn(args.after_matmul, args.after_matmul, generator=gen)
+            before = functools.partial(torch.mm, a, a)
         for mode, kwargs in modes:
             runs = {"this": [], "other": []}
             for module in (fusedce, other):
@@ -126,7 +138,7 @@ def main(argv=None):
             for _ in range(args.rounds):
                 for module, key in ((fusedce, "this"), (other, "other")):
                     runs[key].append(median_us(
-                        lambda m=module, kw=kwargs, r=run: r(m, **kw), repeats))
+                        lambda m=module, kw=kwargs, r=run: r(m, **kw), repeats, before))
             this, that = statistics.median(runs["this"]), statistics.median(runs["other"])
             print(f"{shape:>14} {mode:>8} {this:>10.0f} {that:>12.0f} {this / that:>7.3f}")
 

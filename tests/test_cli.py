@@ -522,6 +522,24 @@ class TestBench:
             floor.main(["--repeats", "0"])
         assert "--repeats: must be at least 1, got 0" in capsys.readouterr().err
 
+    def test_revisions_compares_against_a_revision_after_a_matmul(self, capsys, monkeypatch):
+        """``python -m bench.revisions HEAD --after-matmul N`` on a tiny shape: a row per
+        mode with both medians and their ratio, the matmul run before every timed call."""
+        from bench import revisions
+
+        if not (REPO_ROOT / ".git").exists():
+            pytest.skip("needs a git checkout (git archive)")
+        calls = []
+        mm = torch.mm
+        monkeypatch.setattr(torch, "mm", lambda a, b: calls.append(a.shape) or mm(a, b))
+        revisions.main(["HEAD", "--shapes", "4x10", "--repeats", "3", "--rounds", "1",
+                        "--after-matmul", "8"])
+        out = capsys.readouterr().out.splitlines()
+        rows = [line.split() for line in out if line.split()[:1] == ["4x10"]]
+        assert [r[1] for r in rows] == ["default", "inplace", "no_grad"]
+        assert all(float(r[2]) > 0 and float(r[3]) > 0 and float(r[4]) > 0 for r in rows)
+        assert calls and set(calls) == {(8, 8)} and len(calls) == 3 * 2 * 3  # before each
+
     def test_script_ablation_runs_and_restores_the_scripts(self, monkeypatch):
         """``python -m bench.script_ablation`` on a tiny shape run by 2 workers: a row per dtype
         and mode with both timings, and the scripted loops in place again afterwards."""

@@ -516,6 +516,143 @@ def test_worker_split_matches_inline(monkeypatch, dtype):
     assert (split[2][[3, 4, 5, 7, 20]] == 0).all()  # rows zeroed, not computed
 
 
+@pytest.mark.parametrize("n_rows, step, workers", [(137, 15, 2), (1000, 1, 3), (5, 15, 2),
+                                                   (64, 7, 4)])
+def test_claims_cover_every_row_once_in_whole_chunks(n_rows, step, workers):
+    """GPT-2's 2,048 rows in chunks of 15 (137 chunks, a partial last one), one row per
+    chunk on 3 workers, fewer rows than a chunk, more workers than the first claims need."""
+    claims = pool.Claims(n_rows, step, workers)
+    got = []
+    while (r := claims.take()) is not None:
+        got.append(r)
+    assert got[0][0] == 0 and got[-1][1] == n_rows
+    assert all(a[1] == b[0] for a, b in zip(got, got[1:]))  # in order, no gap, no overlap
+    assert all(s % step == 0 for s, _ in got)  # the chunks are the same whoever works them
+    sizes = [e - s for s, e in got]
+    assert sizes == sorted(sizes, reverse=True) or sizes[-1] < step  # shrinking
+    assert sizes[0] >= min(n_rows, step * max(1, chunks.cdiv(n_rows, step) // (2 * workers)))
+    assert not claims.done.is_set()  # handed out, not yet worked
+    for _ in got:
+        claims.finish()
+    assert claims.done.is_set() and claims.error is None
+
+
+def _busy_pool(monkeypatch, workers):
+    """A fresh pool of ``workers`` threads, one of them held until the returned event is
+    set, and ``parallel_rows`` set to use ``workers``."""
+    import threading
+
+    monkeypatch.setattr(pool, "_POOL", pool._Pool())
+    monkeypatch.setattr(pool, "PARALLEL_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(pool, "max_workers", lambda: workers)
+    release, held = threading.Event(), threading.Event()
+
+    def hold():
+        held.set()
+        release.wait(30)
+
+    pool._POOL.submit(workers, hold, [()])
+    assert held.wait(10)
+    return release
+
+
+def test_a_worker_that_has_not_started_holds_up_no_call(monkeypatch):
+    """A worker whose core is taken (the caller's OpenMP threads spin for milliseconds after
+    each parallel op; another process) used to hold its fixed share of the rows until it
+    ran, and the call waited for it. The others claim its rows now, and the call returns
+    without waiting for it; it finds nothing left when it starts."""
+    import threading
+
+    monkeypatch.setattr(chunks, "CHUNK_ELEMENTS", 10_000)  # 30 chunks of 10 rows of 1,000
+    release = _busy_pool(monkeypatch, 2)
+    worked, threads = [], set()
+
+    def work(s, e):
+        worked.append((s, e))
+        threads.add(threading.get_ident())
+
+    try:
+        done = threading.Thread(target=pool.parallel_rows,
+                                args=(300, 1000, torch.device("cpu"), work))
+        done.start()
+        done.join(10)
+        assert not done.is_alive(), "the call waited for the held worker"
+    finally:
+        release.set()
+    assert sorted(worked)[0][0] == 0 and sum(e - s for s, e in worked) == 300
+    assert len(threads) == 1 and threading.get_ident() not in threads  # the free worker
+
+
+def test_a_failing_range_raises_after_the_ranges_in_flight(monkeypatch):
+    """One worker's error is raised in the caller, but only once the ranges other workers
+    were working on are finished (none is written to after the call returns), and no new
+    range is handed out after it."""
+    import threading
+    import time
+
+    monkeypatch.setattr(pool, "_POOL", pool._Pool())
+    monkeypatch.setattr(pool, "PARALLEL_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(pool, "max_workers", lambda: 2)
+    monkeypatch.setattr(chunks, "CHUNK_ELEMENTS", 10_000)  # 30 chunks of 10 rows
+    started, finished = [], []
+    first = threading.Event()
+
+    def work(s, e):
+        started.append(s)
+        if s == 0:  # the first range: slow, and still running when the other one fails
+            first.set()
+            time.sleep(0.3)
+            finished.append(s)
+            return
+        assert first.wait(10)
+        raise ValueError("bad range")
+
+    with pytest.raises(ValueError, match="bad range"):
+        pool.parallel_rows(300, 1000, torch.device("cpu"), work)
+    assert finished == [0]
+    assert len(started) == 2  # nothing handed out after the failure
+
+
+def test_results_do_not_depend_on_who_works_which_chunk(monkeypatch):
+    """Claims change from call to call with the workers' timing; each chunk's ops are the
+    same wherever it runs, so the results are bitwise the same however rows are claimed:
+    one chunk per claim, the default shares, and every row to one of two workers."""
+    torch.manual_seed(5)
+    n, c = 45, 4099
+    x = torch.randn(n, c) * 4
+    t = torch.randint(0, c, (n,))
+    t[[2, 30]] = -100
+    monkeypatch.setattr(pool, "PARALLEL_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(pool, "max_workers", lambda: 2)
+
+    def run():
+        xr = x.clone().requires_grad_()
+        loss = fusedce.cross_entropy(xr, t, reduction="none", backend="torch")
+        loss.backward(torch.linspace(-1, 1, n))
+        return loss.detach(), xr.grad
+
+    monkeypatch.setattr(chunks, "CHUNK_ELEMENTS", 4 * c)  # 12 chunks of 4 rows
+    ref = run()
+    monkeypatch.setattr(pool.Claims, "__init__", _claims_with_parts(10 ** 6))  # a chunk each
+    one_each = run()
+    release = _busy_pool(monkeypatch, 2)  # every claim to the one free worker
+    try:
+        one_worker = run()
+    finally:
+        release.set()
+    for got in (one_each, one_worker):
+        assert all(torch.equal(a, b) for a, b in zip(ref, got))
+
+
+def _claims_with_parts(parts):
+    init = pool.Claims.__init__
+
+    def patched(self, n_rows, step, workers):
+        init(self, n_rows, step, workers)
+        self.parts = parts
+    return patched
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_workers_under_inference_mode(monkeypatch, dtype):
     """Under torch.inference_mode() the per-row buffers are inference tensors, which the

@@ -1,9 +1,12 @@
-"""Worker threads for the CPU path: the rows of a call are split into whole chunks, one
-contiguous range per worker, each worker running single-threaded PyTorch ops.
+"""Worker threads for the CPU path: each worker claims whole chunks of rows, a shrinking
+number at a time, and works through them with single-threaded PyTorch ops.
 
 Intra-op threading of many cache-sized ops pays a barrier per op, which collapses when the
-cores are shared with other processes; independent workers degrade gracefully.
-``torch.get_num_threads()`` sets the number of workers; small inputs run inline.
+cores are shared with other processes; independent workers degrade gracefully. Claims
+rather than fixed shares: a worker that starts late (its core still held by the caller's
+OpenMP threads, which spin for milliseconds after each parallel op, or by another process)
+leaves its rows to the others instead of finishing last. ``torch.get_num_threads()`` sets
+the number of workers; small inputs run inline.
 """
 
 import os
@@ -27,10 +30,11 @@ class _Pool:
         self.executor = None
         self.size = 0
 
-    def submit(self, n, fn, ranges):
-        """Futures of ``fn(s, e)`` for each range on a pool of at least ``n`` threads; None
-        for a range no thread can take (interpreter shutdown has begun: no new work is
-        scheduled, as for an ``atexit`` handler or a thread the main thread left running).
+    def submit(self, n, fn, calls):
+        """Futures of ``fn(*args)`` for each ``args`` of ``calls`` on a pool of at least
+        ``n`` threads; None for a call no thread can take (interpreter shutdown has begun:
+        no new work is scheduled, as for an ``atexit`` handler or a thread the main thread
+        left running).
         Under the lock: a call that grows the pool shuts the old executor down, which must
         not happen between another call's getting it and submitting to it."""
         with self.lock:
@@ -41,9 +45,9 @@ class _Pool:
                         self.executor, self.size = None, 0
                     self.executor = self._start(n)
                     self.size = n
-                return [self.executor.submit(fn, s, e) for s, e in ranges]
+                return [self.executor.submit(fn, *args) for args in calls]
             except RuntimeError:  # "cannot schedule new futures after (interpreter) shutdown"
-                return [None] * len(ranges)
+                return [None] * len(calls)
 
     @staticmethod
     def _start(n):
@@ -94,9 +98,50 @@ def n_workers(n_rows, n_cols, device):
                       n_rows))
 
 
+class Claims:
+    """Row ranges of whole chunks, handed out in order to whichever worker asks: each claim
+    a share of what is left (``1 / (2 workers)`` of it, at least one chunk), so the first
+    claims are long and the last ones short. Every range starts at a multiple of the chunk
+    from row 0, so the chunks, and with them the results, are the same whoever works
+    them. ``done`` is set once every range handed out has been worked and none is left (or
+    a worker failed: nothing more is handed out, and ``error`` holds the first failure)."""
+
+    def __init__(self, n_rows, step, workers):
+        self.lock = threading.Lock()
+        self.n_rows, self.step, self.parts = n_rows, step, 2 * workers
+        self.next = 0
+        self.working = 0  # ranges handed out and not yet finished
+        self.error = None
+        self.done = threading.Event()
+
+    def take(self):
+        """The next ``(start, end)``, or None once every row is handed out."""
+        with self.lock:
+            start = self.next
+            if start >= self.n_rows:
+                return None
+            left = chunks.cdiv(self.n_rows - start, self.step)
+            end = min(start + max(1, left // self.parts) * self.step, self.n_rows)
+            self.next = end
+            self.working += 1
+            return start, end
+
+    def finish(self, error=None):
+        """A range handed out is worked (``error``: it failed with that exception)."""
+        with self.lock:
+            self.working -= 1
+            if error is not None:
+                self.error = self.error or error
+                self.next = self.n_rows  # hand out nothing more
+            if self.working == 0 and self.next >= self.n_rows:
+                self.done.set()
+
+
 def parallel_rows(n_rows, n_cols, device, work):
     """Runs ``work(start, end)`` over row ranges covering ``[0, n_rows)``: inline for small
-    inputs, else one contiguous range per worker thread. ``work`` runs under no_grad."""
+    inputs, else on the worker threads, each calling it for the ranges it claims
+    (``Claims``). Returns once every range is worked, not waiting for a worker that has
+    not started by then (it finds nothing left). ``work`` runs under no_grad."""
     workers = n_workers(n_rows, n_cols, device)
     if workers <= 1:
         with torch.no_grad():
@@ -106,20 +151,23 @@ def parallel_rows(n_rows, n_cols, device, work):
     # grad and inference mode are thread-local: a worker has grad on and inference off, and
     # outside inference mode the buffers made in it (inference tensors) cannot be written
     inference = torch.is_inference_mode_enabled()
+    claims = Claims(n_rows, chunks.rows_per_chunk(n_cols), workers)
 
-    def task(s, e):
+    def task():
         with torch.inference_mode(inference), torch.no_grad():
-            work(s, e)
+            while (rows := claims.take()) is not None:
+                try:
+                    work(*rows)
+                except BaseException as e:  # noqa: BLE001 - raised in the calling thread
+                    claims.finish(e)
+                    return
+                claims.finish()
 
-    # whole chunks per worker keep the chunks the same wherever the boundary falls
-    step = chunks.rows_per_chunk(n_cols)
-    per_worker = chunks.cdiv(chunks.cdiv(n_rows, step), workers) * step
-    ranges = [(s, min(s + per_worker, n_rows)) for s in range(0, n_rows, per_worker)]
-    futures = _POOL.submit(workers, task, ranges)
+    futures = _POOL.submit(workers, task, [()] * workers)
     if None in futures:  # nothing scheduled (interpreter shutdown): every range here
         with torch.no_grad():
             work(0, n_rows)
         return
-    for f in futures:
-        f.result()
-
+    claims.done.wait()
+    if claims.error is not None:
+        raise claims.error
