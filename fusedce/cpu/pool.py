@@ -131,17 +131,32 @@ class Claims:
         with self.lock:
             self.working -= 1
             if error is not None:
-                self.error = self.error or error
-                self.next = self.n_rows  # hand out nothing more
-            if self.working == 0 and self.next >= self.n_rows:
-                self.done.set()
+                self._stop(error)
+            self._check_done()
+
+    def stop(self, error=None):
+        """Hands out nothing more (``error``: a failure outside any range, kept like a
+        range's); ``done`` follows once the ranges already handed out are worked."""
+        with self.lock:
+            self._stop(error)
+            self._check_done()
+
+    def _stop(self, error):
+        if error is not None and self.error is None:
+            self.error = error
+        self.next = self.n_rows
+
+    def _check_done(self):
+        if self.working == 0 and self.next >= self.n_rows:
+            self.done.set()
 
 
 def parallel_rows(n_rows, n_cols, device, work):
     """Runs ``work(start, end)`` over row ranges covering ``[0, n_rows)``: inline for small
     inputs, else on the worker threads, each calling it for the ranges it claims
     (``Claims``). Returns once every range is worked, not waiting for a worker that has
-    not started by then (it finds nothing left). ``work`` runs under no_grad."""
+    not started by then (it finds nothing left); nothing is written after it returns or
+    raises, a KeyboardInterrupt in the caller included. ``work`` runs under no_grad."""
     workers = n_workers(n_rows, n_cols, device)
     if workers <= 1:
         with torch.no_grad():
@@ -154,20 +169,28 @@ def parallel_rows(n_rows, n_cols, device, work):
     claims = Claims(n_rows, chunks.rows_per_chunk(n_cols), workers)
 
     def task():
-        with torch.inference_mode(inference), torch.no_grad():
-            while (rows := claims.take()) is not None:
-                try:
-                    work(*rows)
-                except BaseException as e:  # noqa: BLE001 - raised in the calling thread
-                    claims.finish(e)
-                    return
-                claims.finish()
+        try:
+            with torch.inference_mode(inference), torch.no_grad():
+                while (rows := claims.take()) is not None:
+                    try:
+                        work(*rows)
+                    except BaseException as e:  # noqa: BLE001 - raised in the caller
+                        claims.finish(e)
+                        return
+                    claims.finish()
+        except BaseException as e:  # noqa: BLE001 - outside any range: raised in the caller
+            claims.stop(e)
 
     futures = _POOL.submit(workers, task, [()] * workers)
-    if None in futures:  # nothing scheduled (interpreter shutdown): every range here
-        with torch.no_grad():
-            work(0, n_rows)
-        return
-    claims.done.wait()
+    if None in futures:
+        # not every task was scheduled (interpreter shutdown began): this thread claims
+        # rows too, beside any task that was
+        task()
+    try:
+        claims.done.wait()
+    except BaseException:  # e.g. KeyboardInterrupt: the ranges being worked end first
+        claims.stop()
+        claims.done.wait()
+        raise
     if claims.error is not None:
         raise claims.error
