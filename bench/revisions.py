@@ -49,6 +49,13 @@ def load_revision(rev):
     shutil.move(str(tmp / "fusedce"), pkg)
     if (tmp / "kernels").is_dir():  # older layout: kernels/ installed as fusedce.kernels
         shutil.move(str(tmp / "kernels"), pkg / "kernels")
+    # its torch.library ops under their own namespace: defined again as "fusedce::...",
+    # they would replace this checkout's in the process (torch.compile would then run the
+    # other revision, through ops whose first definition's library was destroyed)
+    for source in pkg.rglob("*.py"):
+        text = source.read_text()
+        if '"fusedce::' in text:
+            source.write_text(text.replace('"fusedce::', f'"{name}::'))
     sys.path.insert(0, str(tmp))
     return importlib.import_module(name), sha
 

@@ -522,23 +522,51 @@ class TestBench:
             floor.main(["--repeats", "0"])
         assert "--repeats: must be at least 1, got 0" in capsys.readouterr().err
 
-    def test_revisions_compares_against_a_revision_after_a_matmul(self, capsys, monkeypatch):
-        """``python -m bench.revisions HEAD --after-matmul N`` on a tiny shape: a row per
-        mode with both medians and their ratio, the matmul run before every timed call."""
+    def test_revisions_runs_the_matmul_before_each_timed_call(self):
+        """``bench.revisions --after-matmul``: ``median_us`` runs ``before`` ahead of every
+        call, outside the time it takes."""
+        import time
+
         from bench import revisions
 
+        events = []
+        revisions.median_us(lambda: events.append("call"), 3,
+                            lambda: (events.append("before"), time.sleep(0.05)))
+        assert events == ["before", "call"] * 3
+        assert revisions.median_us(lambda: None, 3, lambda: time.sleep(0.05)) < 0.04e6
+
+    def test_revisions_leaves_this_checkouts_ops_in_place(self, tmp_path):
+        """``python -m bench.revisions HEAD --after-matmul 8`` on a tiny shape: a row per mode
+        with both medians and their ratio. The other revision is imported in the same
+        process; its torch.library ops, defined again as ``fusedce::...``, replaced this
+        checkout's (and destroyed their library, which crashed a later ``torch.compile``
+        in the test run). They live under the revision's own namespace now."""
         if not (REPO_ROOT / ".git").exists():
             pytest.skip("needs a git checkout (git archive)")
-        calls = []
-        mm = torch.mm
-        monkeypatch.setattr(torch, "mm", lambda a, b: calls.append(a.shape) or mm(a, b))
-        revisions.main(["HEAD", "--shapes", "4x10", "--repeats", "3", "--rounds", "1",
-                        "--after-matmul", "8"])
-        out = capsys.readouterr().out.splitlines()
-        rows = [line.split() for line in out if line.split()[:1] == ["4x10"]]
+        script = tmp_path / "rev.py"
+        script.write_text(
+            "import sys, torch, fusedce\n"
+            "from fusedce import _loss\n"
+            "from bench import revisions\n"
+            "revisions.main(['HEAD', '--shapes', '4x10', '--repeats', '3', '--rounds', '1',\n"
+            "                '--after-matmul', '8'])\n"
+            "calls, forward = [], _loss.forward\n"
+            "_loss.forward = lambda *a: calls.append(1) or forward(*a)\n"
+            "x = torch.randn(4, 10, 1)\n"
+            "t = torch.randint(0, 10, (4, 1))\n"
+            "torch.ops.fusedce.ce_forward(x, t, None, -100, 0.0, 'mean', 'torch', True,\n"
+            "                             1.0, None, 0.0, False)\n"
+            "print('this checkout ops:', len(calls))\n"
+            "print('namespaces:', sorted(n for n in dir(torch.ops) if n.startswith('fusedce')))\n")
+        out = subprocess.run([sys.executable, str(script)], cwd=REPO_ROOT, env=checkout_env(),
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        rows = [line.split() for line in out.stdout.splitlines() if line.split()[:1] == ["4x10"]]
         assert [r[1] for r in rows] == ["default", "inplace", "no_grad"]
         assert all(float(r[2]) > 0 and float(r[3]) > 0 and float(r[4]) > 0 for r in rows)
-        assert calls and set(calls) == {(8, 8)} and len(calls) == 3 * 2 * 3  # before each
+        assert "this checkout ops: 1" in out.stdout
+        spaces = out.stdout.split("namespaces:")[1]
+        assert "'fusedce'" in spaces and "'fusedce_" in spaces
 
     def test_script_ablation_runs_and_restores_the_scripts(self, monkeypatch):
         """``python -m bench.script_ablation`` on a tiny shape run by 2 workers: a row per dtype
