@@ -268,6 +268,28 @@ class TestTrain:
         assert max(gaps) <= LOSS_ATOL, gaps
         assert _max_weight_diff(run["model"], ref["model"]) <= WEIGHT_ATOL
 
+    def test_runs_trained_together_alternate_and_match_alone(self, tokens, monkeypatch):
+        """``--loss both`` steps its two runs in turn (fusedce first on even steps, PyTorch
+        first on odd ones), so that a busy stretch of the machine, which used to fall on
+        whichever run it met (one run of 30 steps, then the other), falls on both. Each run
+        keeps its own model, optimizer and batches: its losses are those it has alone."""
+        from fusedce.app import train as train_mod
+
+        small = dict(batch_size=2, seq_len=8, lr=3e-3, seed=3)
+        alone = [train(tokens, steps=4, loss=k, **small)["loss"] for k in ("fusedce", "torch")]
+        order, step = [], train_mod.Run.step
+
+        def recording(self):
+            order.append(self.loss_fn)
+            return step(self)
+
+        monkeypatch.setattr(train_mod.Run, "step", recording)
+        runs = train_mod.train_together(
+            tokens, [dict(small, loss="fusedce"), dict(small, loss="torch")], steps=4)
+        assert [r["loss"] for r in runs] == alone
+        a, b = order[0], order[1]
+        assert a is not b and order == [a, b, b, a, a, b, b, a]
+
     def test_inplace_requires_fusedce(self, tokens):
         with pytest.raises(ValueError, match="inplace"):
             train(tokens, loss="torch", inplace=True, **dict(RUN, steps=1))

@@ -5,7 +5,8 @@ list of Python standard-library modules (or a UTF-8 file named with ``--text-fil
 tokenized with GPT-2's encoding. Each step takes a batch of random windows of the token
 stream and minimises the next-token cross-entropy, computed by ``fusedce.cross_entropy``
 (``--loss fusedce``, optionally ``--inplace``) or ``torch.nn.functional.cross_entropy``
-(``--loss torch``); ``--loss both`` trains twice from the same seed and plots both curves.
+(``--loss torch``); ``--loss both`` trains twice from the same seed, the two runs' steps in
+turn, and plots both curves.
 Writes ``loss.csv`` and ``loss.png`` (matplotlib) into ``--out``.
 
 This is the usual way in: the model returns logits (batch, tokens, vocab) and the loop calls
@@ -233,58 +234,85 @@ def check_windows(n, seq_len):
         )
 
 
-def train(
-    tokens,
-    steps=200,
-    batch_size=8,
-    seq_len=64,
-    size="tiny",
-    loss="fusedce",
-    inplace=False,
-    backend="auto",
-    lr=3e-3,
-    seed=0,
-    device="cpu",
-    progress=False,
-    model_overrides=None,
-):
-    """Train from ``seed``; returns ``{"loss": [per-step losses], "seconds": [...], "model"}``.
+class Run:
+    """One training run, a step at a time (``step()``): the model, its AdamW optimizer and
+    its own batch generator, all from ``seed``, so two runs that differ in the loss
+    function see the same data and start from the same model, however their steps are
+    interleaved. ``losses`` and ``seconds`` grow by one per step."""
 
-    The batches and the initial weights depend on ``seed`` only, so two runs that differ
-    in the loss function see the same data and start from the same model.
-    """
-    for name, value in (("steps", steps), ("batch_size", batch_size), ("seq_len", seq_len)):
-        if value < 1:
-            raise UsageError(f"{name} must be at least 1, got {value}")
-    if not lr > 0:
-        raise UsageError(f"lr must be above 0, got {lr}")
-    check_windows(tokens.numel(), seq_len)
-    loss_fn = make_loss_fn(loss, inplace, backend)
-    model = build_model(
-        size, seed=seed, device=device, **{"n_ctx": max(seq_len, 16), **(model_overrides or {})}
-    )
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    gen = torch.Generator().manual_seed(seed)
-    losses, seconds = [], []
+    def __init__(self, tokens, batch_size=8, seq_len=64, size="tiny", loss="fusedce",
+                 inplace=False, backend="auto", lr=3e-3, seed=0, device="cpu",
+                 model_overrides=None):
+        for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
+            if value < 1:
+                raise UsageError(f"{name} must be at least 1, got {value}")
+        if not lr > 0:
+            raise UsageError(f"lr must be above 0, got {lr}")
+        check_windows(tokens.numel(), seq_len)
+        self.tokens, self.batch_size, self.seq_len, self.device = (
+            tokens, batch_size, seq_len, device)
+        self.loss_fn = make_loss_fn(loss, inplace, backend)
+        self.model = build_model(
+            size, seed=seed, device=device, **{"n_ctx": max(seq_len, 16),
+                                               **(model_overrides or {})}
+        )
+        self.model.train()
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr, betas=(0.9, 0.95),
+                                     weight_decay=0.0)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.losses, self.seconds = [], []
+
+    def step(self):
+        """One optimizer step; returns its loss (a 0-d tensor, not synced)."""
+        x, y = sample_batch(self.tokens, self.batch_size, self.seq_len, self.gen)
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        t0 = time.perf_counter()
+        step_loss = self.loss_fn(self.model(x), y)
+        self.opt.zero_grad(set_to_none=True)
+        step_loss.backward()
+        self.opt.step()
+        self.losses.append(step_loss.detach())
+        self.seconds.append(time.perf_counter() - t0)  # without a sync: indicative on CUDA
+        return self.losses[-1]
+
+    def result(self):
+        return {"loss": torch.stack(self.losses).tolist(), "seconds": self.seconds,
+                "model": self.model}
+
+
+def run_label(loss, inplace):
+    return f"{loss} (inplace)" if inplace else loss
+
+
+def train(tokens, steps=200, progress=False, **run_args):
+    """Train from ``seed``; returns ``{"loss": [per-step losses], "seconds": [...], "model"}``.
+    ``run_args``: those of :class:`Run`."""
+    return train_together(tokens, [run_args], steps, progress)[0]
+
+
+def train_together(tokens, runs, steps=200, progress=False):
+    """Trains one :class:`Run` per dict of arguments in ``runs``, their steps interleaved
+    (the order turning each step), so that whatever else the machine does at a moment
+    (another process, a frequency change) falls on every run alike; returns each run's
+    ``train`` result."""
+    if steps < 1:
+        raise UsageError(f"steps must be at least 1, got {steps}")
+    names = ", ".join(run_label(args.get("loss", "fusedce"), args.get("inplace", False))
+                      for args in runs)
+    runs = [Run(tokens, **args) for args in runs]
     bar = range(steps)
     if progress:
         from tqdm import tqdm  # the "demo" extra
 
-        bar = tqdm(bar, desc=f"train ({loss}{', inplace' if inplace else ''})", unit="step")
+        bar = tqdm(bar, desc=f"train ({names})", unit="step")
     for step in bar:
-        x, y = sample_batch(tokens, batch_size, seq_len, gen)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        t0 = time.perf_counter()
-        step_loss = loss_fn(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        step_loss.backward()
-        opt.step()
-        losses.append(step_loss.detach())
+        order = runs if step % 2 == 0 else runs[::-1]
+        for run in order:
+            run.step()
         if progress and (step % 10 == 0 or step == steps - 1):
-            bar.set_postfix(loss=f"{step_loss.item():.3f}")  # a host sync, every 10 steps
-        seconds.append(time.perf_counter() - t0)  # without a sync: indicative on CUDA
-    return {"loss": torch.stack(losses).tolist(), "seconds": seconds, "model": model}
+            # a host sync, every 10 steps
+            bar.set_postfix(loss=" / ".join(f"{r.losses[-1].item():.3f}" for r in runs))
+    return [run.result() for run in runs]
 
 
 def write_curves(curves, out_dir, title=""):
@@ -361,7 +389,7 @@ def add_arguments(parser):
         "--loss",
         default="fusedce",
         choices=LOSSES,
-        help="the loss function; both: train twice, same seed, and compare "
+        help="the loss function; both: train twice, same seed, steps in turn, and compare "
         "(default: %(default)s)",
     )
     parser.add_argument(
@@ -422,24 +450,17 @@ def main(args):
         f"batch {args.batch_size} x {args.seq_len} tokens, {args.steps} steps on {device}"
     )
     kinds = ("fusedce", "torch") if args.loss == "both" else (args.loss,)
+    specs = [
+        dict(batch_size=args.batch_size, seq_len=args.seq_len, size=args.size, loss=kind,
+             inplace=args.inplace and kind == "fusedce", backend=args.backend, lr=args.lr,
+             seed=args.seed, device=device)
+        for kind in kinds
+    ]
+    # with both losses, their steps alternate: a busy moment of the machine falls on both
+    runs = train_together(tokens, specs, steps=args.steps, progress=True)
     curves = {}
-    for kind in kinds:
-        inplace = args.inplace and kind == "fusedce"
-        run = train(
-            tokens,
-            steps=args.steps,
-            batch_size=args.batch_size,
-            seq_len=args.seq_len,
-            size=args.size,
-            loss=kind,
-            inplace=inplace,
-            backend=args.backend,
-            lr=args.lr,
-            seed=args.seed,
-            device=device,
-            progress=True,
-        )
-        label = f"{kind} (inplace)" if inplace else kind
+    for spec, run in zip(specs, runs):
+        label = run_label(spec["loss"], spec["inplace"])
         curves[label] = run["loss"]
         ms = 1e3 * sorted(run["seconds"])[len(run["seconds"]) // 2]
         print(
