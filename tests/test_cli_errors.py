@@ -34,7 +34,9 @@ def no_work(monkeypatch):
         raise AssertionError("the long work started before the error")
 
     monkeypatch.setattr(demo, "build_model", work)
+    monkeypatch.setattr(train, "build_model", work)
     monkeypatch.setattr(train, "train", work)
+    monkeypatch.setattr(train, "train_together", work)
 
 
 def run(argv, capsys):

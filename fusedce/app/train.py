@@ -251,6 +251,7 @@ class Run:
         check_windows(tokens.numel(), seq_len)
         self.tokens, self.batch_size, self.seq_len, self.device = (
             tokens, batch_size, seq_len, device)
+        self.label = run_label(loss, inplace)
         self.loss_fn = make_loss_fn(loss, inplace, backend)
         self.model = build_model(
             size, seed=seed, device=device, **{"n_ctx": max(seq_len, 16),
@@ -284,10 +285,15 @@ def run_label(loss, inplace):
     return f"{loss} (inplace)" if inplace else loss
 
 
-def train(tokens, steps=200, progress=False, **run_args):
-    """Train from ``seed``; returns ``{"loss": [per-step losses], "seconds": [...], "model"}``.
-    ``run_args``: those of :class:`Run`."""
-    return train_together(tokens, [run_args], steps, progress)[0]
+def train(tokens, steps=200, batch_size=8, seq_len=64, size="tiny", loss="fusedce",
+          inplace=False, backend="auto", lr=3e-3, seed=0, device="cpu", progress=False,
+          model_overrides=None):
+    """Train from ``seed``; returns ``{"loss": [per-step losses], "seconds": [...], "model"}``
+    (one :class:`Run`)."""
+    run = dict(batch_size=batch_size, seq_len=seq_len, size=size, loss=loss, inplace=inplace,
+               backend=backend, lr=lr, seed=seed, device=device,
+               model_overrides=model_overrides)
+    return train_together(tokens, [run], steps, progress)[0]
 
 
 def train_together(tokens, runs, steps=200, progress=False):
@@ -297,13 +303,12 @@ def train_together(tokens, runs, steps=200, progress=False):
     ``train`` result."""
     if steps < 1:
         raise UsageError(f"steps must be at least 1, got {steps}")
-    names = ", ".join(run_label(args.get("loss", "fusedce"), args.get("inplace", False))
-                      for args in runs)
     runs = [Run(tokens, **args) for args in runs]
     bar = range(steps)
     if progress:
         from tqdm import tqdm  # the "demo" extra
 
+        names = ", ".join(run.label for run in runs)
         bar = tqdm(bar, desc=f"train ({names})", unit="step")
     for step in bar:
         order = runs if step % 2 == 0 else runs[::-1]
