@@ -278,7 +278,7 @@ class Run:
 
     def result(self):
         return {"loss": torch.stack(self.losses).tolist(), "seconds": self.seconds,
-                "model": self.model}
+                "model": self.model, "label": self.label}
 
 
 def run_label(loss, inplace):
@@ -288,8 +288,8 @@ def run_label(loss, inplace):
 def train(tokens, steps=200, batch_size=8, seq_len=64, size="tiny", loss="fusedce",
           inplace=False, backend="auto", lr=3e-3, seed=0, device="cpu", progress=False,
           model_overrides=None):
-    """Train from ``seed``; returns ``{"loss": [per-step losses], "seconds": [...], "model"}``
-    (one :class:`Run`)."""
+    """Train from ``seed``; returns ``{"loss": [per-step losses], "seconds": [...], "model",
+    "label"}`` (one :class:`Run`)."""
     run = dict(batch_size=batch_size, seq_len=seq_len, size=size, loss=loss, inplace=inplace,
                backend=backend, lr=lr, seed=seed, device=device,
                model_overrides=model_overrides)
@@ -464,8 +464,8 @@ def main(args):
     # with both losses, their steps alternate: a busy moment of the machine falls on both
     runs = train_together(tokens, specs, steps=args.steps, progress=True)
     curves = {}
-    for spec, run in zip(specs, runs):
-        label = run_label(spec["loss"], spec["inplace"])
+    for run in runs:
+        label = run["label"]
         curves[label] = run["loss"]
         ms = 1e3 * sorted(run["seconds"])[len(run["seconds"]) // 2]
         print(
