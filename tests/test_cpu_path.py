@@ -909,6 +909,7 @@ def test_script_and_python_agree(monkeypatch, dtype):
     x = (torch.randn(n, c) * 3).to(dtype)
     x[1] += 200.0
     x[10] -= 250.0
+    x[7, 4000] = 150.0  # far beyond the first columns: its range is done again
     target = torch.randint(0, c, (n,))
     target[4] = -100
     weight = torch.rand(c) + 0.5
@@ -1031,6 +1032,125 @@ def test_exp2_keeps_the_precision_of_pytorch(level, spread, reduction):
     _, pytorch_entry_err, _ = _errors(*_pytorch_fp32(x, t, up, reduction=reduction), *want)
     assert entry_err <= min(pytorch_entry_err, 1.5e-6), (entry_err, pytorch_entry_err)
     assert loss_err <= 2.5e-7 and norm_err <= 1e-7, (loss_err, norm_err)
+
+
+def _spy_ranges(monkeypatch):
+    """Runs the chunk loops as Python and records each ``chunks.fwd_chunks`` call as
+    ``(shift estimated from the first columns, the estimate held)``."""
+    calls, inner = [], chunks.fwd_chunks
+
+    def spy(*args):
+        held = inner(*args)
+        calls.append((args[-1] < args[0].shape[1], held))
+        return held
+
+    monkeypatch.setattr(chunks, "fwd_chunks", spy)
+    monkeypatch.setattr(chunks, "_SCRIPTED", {spy: spy, chunks.bwd_chunks: chunks.bwd_chunks})
+    return calls
+
+
+@pytest.mark.parametrize("gap, redone", [(0.0, False), (30.0, False), (60.0, True),
+                                         (150.0, True)])
+def test_a_shift_from_the_first_columns_keeps_the_precision(monkeypatch, gap, redone):
+    """Where the logits stay intact (the default mode, no_grad), a row's shift is the max
+    of its first ``SHIFT_PREFIX`` columns, not of the whole row (one pass fewer over the
+    chunk). A shift below the max only makes every ``exp`` larger: rows of GPT-2's
+    vocabulary whose max lies ``gap`` (plus up to 6) beyond their first 1,024 columns keep
+    the precision bounds of the exact max (``test_exp2_keeps_the_precision_of_pytorch``)
+    against float64, with a random upstream gradient; and where a sum passes 2**64 (gap 60)
+    or overflows (150), the range is done again with the exact max, and only there."""
+    calls = _spy_ranges(monkeypatch)
+    torch.manual_seed(3)
+    n, c = 4, 50_257
+    x = torch.randn(n, c).clamp(-3.0, 3.0)
+    x[:, 30_000] = gap + 3.0
+    t = torch.randint(0, c, (n,))
+    up = torch.rand(()) + 0.5
+    want = reference(x, t, up)[:2]
+    got = fused(x, t, up, backend="torch")
+    loss_err, entry_err, norm_err = _errors(got[0][None], got[1], want[0][None], want[1])
+    assert entry_err <= 1.5e-6 and loss_err <= 2.5e-7 and norm_err <= 1e-7, \
+        (entry_err, loss_err, norm_err)
+    assert calls[0][0], calls  # the estimate was taken
+    assert any(est and not held for est, held in calls) == redone, calls
+
+
+def test_a_near_certain_row_under_an_estimated_shift(monkeypatch):
+    """A row whose target, 30 above its first columns' max, holds all but 1e-9 of its
+    probability: under the estimated shift its sum is e**30 (1 + 1e-9), whose fp32
+    rounding (6e-8) is all its loss can know, where the exact max's sum rounds to 1 (loss
+    0). The loss stays within 1e-7 of float64's (the log is taken in float64, not fp32's
+    4e-6 at 30) and never below 0; the gradient within 1e-7 of its scale (the 'sum'
+    reduction's upstream gradient), as PyTorch's fp32 is."""
+    calls = _spy_ranges(monkeypatch)
+    torch.manual_seed(6)
+    n, c = 8, 50_257
+    x = torch.randn(n, c).clamp(-3.0, 3.0)
+    t = torch.randint(0, c, (n,))
+    x[torch.arange(n), t] = 33.0 + torch.rand(n)
+    up = torch.rand(n) + 0.5
+    want = reference(x, t, up, reduction="none")
+    loss, _ = fused(x, t, up, reduction="none", backend="torch")
+    assert (loss >= 0).all()
+    assert (loss.double() - want[0]).abs().max() <= 1e-7
+    g = torch.rand(()) + 0.5
+    want = reference(x, t, g, reduction="sum")
+    _, grad = fused(x, t, g, reduction="sum", backend="torch")
+    assert (grad.double() - want[1]).abs().max() <= 1e-7 * g
+    assert calls[0] == (True, True), calls
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+def test_nan_and_inf_beyond_the_first_columns(monkeypatch, reduction):
+    """A NaN or +inf logit beyond the first columns, or a row of -inf, under the estimated
+    shift: PyTorch's NaN for that row (loss and gradient), the other rows untouched."""
+    calls = _spy_ranges(monkeypatch)
+    torch.manual_seed(4)
+    n, c = 5, 3000
+    x = torch.randn(n, c) * 2
+    x[0, 2500] = float("nan")
+    x[1, 2000] = float("inf")
+    x[2] = float("-inf")
+    t = torch.randint(0, c, (n,))
+    up = torch.randn(n) if reduction == "none" else torch.rand(()) + 0.5
+    want = reference(x, t, up, reduction=reduction)[:2]
+    got = fused(x, t, up, reduction=reduction, backend="torch")
+    torch.testing.assert_close(got[0].double(), want[0], atol=ATOL, rtol=RTOL, equal_nan=True)
+    torch.testing.assert_close(got[1].double(), want[1], atol=ATOL, rtol=RTOL, equal_nan=True)
+    assert got[1][:3].isnan().all() and got[1][3:].isfinite().all()
+    assert calls[0][0] and any(est and not held for est, held in calls), calls
+
+
+@pytest.mark.parametrize("case", ["in place", "z-loss", "tiny weight", "short rows"])
+def test_exact_max_where_an_estimate_could_lose(monkeypatch, case):
+    """No estimated shift where a range could not be done again (in place: the logits are
+    gone), with a z-loss (its gradient factor ``g A + z lse`` may cancel), where a row's
+    ``g A`` below 2**-60 (here a class weight of 2**-70) divided by a sum up to 2**64 could
+    leave fp32's normal range, or where the row is no longer than the prefix; the results
+    are float64 PyTorch's (that row's gradient too, relative to its size)."""
+    calls = _spy_ranges(monkeypatch)
+    torch.manual_seed(5)
+    n, c = 6, 1024 if case == "short rows" else 2500
+    x = torch.randn(n, c) * 2
+    t = torch.randint(0, c, (n,))
+    up = torch.rand(()) + 0.5
+    kw = {"inplace_backward": case == "in place"}
+    if case == "tiny weight":
+        kw["weight"] = torch.ones(c)
+        kw["weight"][t[0]] = 2.0 ** -70
+        t[1:] = torch.where(t[1:] == t[0], (t[0] + 1) % c, t[1:])
+        want = reference(x, t, up, weight=kw["weight"])[:2]
+    elif case == "z-loss":
+        kw["lse_square_scale"] = 1e-3
+        x64 = x.double().requires_grad_()
+        loss64 = F.cross_entropy(x64, t) + 1e-3 * torch.logsumexp(x64, 1).pow(2).mean()
+        want = (loss64.detach(), torch.autograd.grad(loss64 * up.double(), x64)[0])
+    elif case != "tiny weight":
+        want = reference(x, t, up)[:2]
+    got = fused(x, t, up, backend="torch", **kw)
+    torch.testing.assert_close(got[0].double(), want[0], atol=0, rtol=RTOL)
+    torch.testing.assert_close(got[1].double(), want[1], atol=0, rtol=RTOL)
+    assert calls and not any(est for est, _ in calls), calls
 
 
 @pytest.mark.parametrize("inplace", [False, True])

@@ -118,7 +118,7 @@ def fwd_chunks(x: torch.Tensor, dst: Optional[torch.Tensor], row_max: torch.Tens
                zs: Optional[torch.Tensor], coef: Optional[torch.Tensor],
                smooth: Optional[torch.Tensor], scratch: Optional[torch.Tensor],
                start: int, end: int, step: int, direct: bool, fused: bool,
-               scale: float, k: float):
+               scale: float, k: float, prefix: int) -> bool:
     """``ce_fwd``'s loop over the chunks of rows ``[start, end)``, for the logits ``z = scale
     x`` (``scale > 0``; ``k = exp2_factor(scale)``): each row's max of ``x`` into
     ``row_max``, ``exp_argument``'s ``neg`` into ``row_neg`` (``row_shift`` gives the shift
@@ -132,43 +132,88 @@ def fwd_chunks(x: torch.Tensor, dst: Optional[torch.Tensor], row_max: torch.Tens
     (over ``x`` itself in place; in the fp32 ``scratch`` chunk without ``dst``); else
     through ``scratch``, converted once (mixed-dtype ops are slow).
 
+    ``prefix`` below the row length (only where ``x`` stays intact: ``dst`` is not ``x``):
+    each row's shift is the max of its first ``prefix`` values, not of the whole row, which
+    spares a pass over each chunk while it is read from memory; the range's shifts are
+    taken at once, before its chunks. A shift at most the max loses nothing: every term's
+    exponent only grows, the largest is at least 1. Where a sum of the range exceeds 2**64
+    (the shift more than 44 below its row's max, or an overflow, a NaN or +inf), or the
+    shifts are too far from 0 for ``exp_argument``'s multiply-add, the range is done again
+    with the exact max. ``exp`` is then formed in ``scratch`` and written into ``dst``'s
+    chunk by the exp itself, whose arithmetic hides the fetch of ``dst``'s lines. Returns
+    whether the estimate held throughout (False: the range was done twice, or once with
+    the exact max after the shifts' test).
+
     Written in the subset of Python that TorchScript compiles (``script``): run as a
     script, the loop holds no GIL, which the worker threads otherwise contend for between
     the many short ops."""
-    for r0 in range(start, end, step):
-        rows = min(step, end - r0)
-        xc = x.narrow(0, r0, rows)
-        dc: Optional[torch.Tensor] = None
-        if dst is not None:
-            dc = dst.narrow(0, r0, rows)
-        if direct and dc is not None:
-            src = xc
-            buf = dc
-        else:
-            assert scratch is not None
-            buf = scratch.narrow(0, 0, rows)
-            src = xc if direct else buf.copy_(xc)
-        m = torch.amax(src, 1, keepdim=True, out=row_max.narrow(0, r0, rows))
-        exp_argument(src, m, buf, row_neg.narrow(0, r0, rows), True, fused, k)
-        if sum_wx is not None:  # relative to the shift: no cancellation against lse
-            out = sum_wx.narrow(0, r0, rows)
-            if w is None:
-                torch.sum(buf, 1, out=out)
+    n = end - start
+    # each chunk's views, made in one op per tensor, not one per chunk
+    xs = x.narrow(0, start, n).split(step)
+    maxs = row_max.narrow(0, start, n).split(step)
+    negs = row_neg.narrow(0, start, n).split(step)
+    sums_ = row_sum.narrow(0, start, n).split(step)
+    dsts: list[torch.Tensor] = []
+    if dst is not None:
+        dsts = dst.narrow(0, start, n).split(step)
+    estimate = prefix < x.size(1)
+    if estimate:
+        heads = x.narrow(0, start, n).narrow(1, 0, prefix)
+        row_max.narrow(0, start, n).copy_(torch.amax(heads, 1, keepdim=True))
+        neg = torch.mul(row_max.narrow(0, start, n), -k, out=row_neg.narrow(0, start, n))
+        # as exp_argument's: the multiply-add's shift stays within a rounding of the max
+        estimate = fused and float(torch.linalg.vector_norm(neg, float("inf"))) < 16777216.0
+    held = estimate
+    for attempt in range(2):  # the second with the exact max, where the estimate failed
+        if attempt == 1:
+            if not estimate or bool(torch.all(row_sum.narrow(0, start, n)
+                                              <= 18446744073709551616.0)):  # 2**64
+                break
+            estimate = False
+            held = False
+        for i in range(len(xs)):
+            xc = xs[i]
+            rows = xc.size(0)
+            r0 = start + i * step
+            dc: Optional[torch.Tensor] = None
+            if dst is not None:
+                dc = dsts[i]
+            if direct and dc is not None and not estimate:
+                src = xc
+                buf = dc
             else:
-                torch.mv(buf, w, out=out)
-            out.div_(1.4426950216293335)  # LOG2E
-        buf.exp2_()
-        sums = torch.sum(buf, 1, keepdim=True, out=row_sum.narrow(0, r0, rows))
-        if dc is not None:
-            assert gA is not None and coef is not None
-            gA_c = gA.narrow(0, r0, rows)
-            if zs is not None:  # the z-loss's gz = zs lse, lse = scale shift + log(sum)
-                gA_c = gA_c + zs.narrow(0, r0, rows) * (m * scale + torch.log(sums))
-            buf.mul_(torch.div(gA_c, sums, out=coef.narrow(0, r0, rows)))
-            if smooth is not None:
-                _smoothing_term(buf, smooth.narrow(0, r0, rows), w)
-            if not direct:
-                dc.copy_(buf)
+                assert scratch is not None
+                buf = scratch.narrow(0, 0, rows)
+                src = xc if direct else buf.copy_(xc)
+            if estimate:
+                m = maxs[i]
+                torch.add(negs[i], src, alpha=k, out=buf)
+            else:
+                m = torch.amax(src, 1, keepdim=True, out=maxs[i])
+                exp_argument(src, m, buf, negs[i], True, fused, k)
+            if sum_wx is not None:  # relative to the shift: no cancellation against lse
+                out = sum_wx.narrow(0, r0, rows)
+                if w is None:
+                    torch.sum(buf, 1, out=out)
+                else:
+                    torch.mv(buf, w, out=out)
+                out.div_(1.4426950216293335)  # LOG2E
+            if direct and dc is not None and estimate:
+                buf = torch.exp2(buf, out=dc)
+            else:
+                buf.exp2_()
+            sums = torch.sum(buf, 1, keepdim=True, out=sums_[i])
+            if dc is not None:
+                assert gA is not None and coef is not None
+                gA_c = gA.narrow(0, r0, rows)
+                if zs is not None:  # the z-loss's gz = zs lse, lse = scale shift + log(sum)
+                    gA_c = gA_c + zs.narrow(0, r0, rows) * (m * scale + torch.log(sums))
+                buf.mul_(torch.div(gA_c, sums, out=coef.narrow(0, r0, rows)))
+                if smooth is not None:
+                    _smoothing_term(buf, smooth.narrow(0, r0, rows), w)
+                if not direct:
+                    dc.copy_(buf)
+    return held
 
 
 def bwd_chunks(x: torch.Tensor, dx: torch.Tensor, shift: torch.Tensor,

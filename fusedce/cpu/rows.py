@@ -18,6 +18,11 @@ How it is fast on a CPU (figures in docs/benchmarks.md):
   the exponent, ``g A p = exp(x - (lse - log(g A)))``: one multiply-add into the gradient
   and one in-cache exp; the target's entry, where ``A p_t - B`` may cancel, is written
   afterwards from a per-row fp32 formula (one rounding, as in the kernels);
+- where the logits stay intact (not in place), a row's shift is the max of its first
+  ``SHIFT_PREFIX`` values, not of the whole row: no max pass of its own over each chunk
+  (a shift below the max only makes every ``exp`` larger; a range whose sums pass 2**64 is
+  done again with the exact max), and the exp writes the gradient buffer, whose fetch its
+  arithmetic hides;
 - with ``grad_scale``, ``ce_fwd`` writes the gradient of the reduced loss in the same pass
   as the loss, into ``grad_out`` (a reused buffer from ``buffers.grad_buffer``) or over
   ``x``; the backward then only rescales rows whose upstream gradient is not 1.
@@ -31,6 +36,9 @@ from . import extras as _extras
 # The logit scales ``ce_fwd`` folds into its multiply-add (``z = scale x``); others (0,
 # negative, or so far from 1 that ``scale log2(e)`` nears fp32's range) go to ``extras.py``
 _SCALES = (2.0 ** -60, 2.0 ** 60)
+# Columns whose max is a row's shift where the whole row is not read first (``fwd_chunks``'s
+# ``prefix``): 4 KiB of fp32, measured in docs/benchmarks.md.
+SHIFT_PREFIX = 1024
 
 
 def _plain_scale(extras):
@@ -102,6 +110,26 @@ def _write_target_grad(dx, t_safe, d):
 
 
 
+def _shift_prefix(x, dst, gA, zs):
+    """``fwd_chunks``'s ``prefix``: ``SHIFT_PREFIX`` columns where each row's shift may
+    come from its first columns, else the row length (the exact max).
+
+    Only where ``x`` stays intact for a range to be done again (not in place, where the
+    exact max measured faster: docs/benchmarks.md); not with a z-loss, whose gradient
+    factor may cancel to anything; and not where a nonzero ``g A`` is below 2**-60, whose
+    ``g A / sum`` (the sum up to 2**64 under an estimated shift) could leave fp32's normal
+    range."""
+    n_cols = x.shape[1]
+    if (n_cols <= SHIFT_PREFIX or dst is x or x.device.type != "cpu"
+            or zs is not None):
+        return n_cols
+    if gA is not None:
+        mag = gA.abs()
+        if bool(((mag < 2.0 ** -60) & (mag > 0)).any()):
+            return n_cols
+    return SHIFT_PREFIX
+
+
 def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_scale=None,
            grad_out=None, extras=None, aux_out=None, z_scale=None):
     """Per-row ``(loss, lse)`` in fp32 of ``x`` (rows, C) against ``target`` (rows,).
@@ -145,6 +173,7 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_
             smooth = (g * (eps / n_cols)).contiguous() if eps > 0 else None
     direct = x.dtype == torch.float32  # else: through an fp32 scratch chunk
     step = chunks.rows_per_chunk(n_cols)
+    prefix = _shift_prefix(x, dst, gA if grad else None, zs if grad else None)
     # inline, with no other worker to contend for the GIL, plain Python costs less per call
     chunk_loop = chunks.script(chunks.fwd_chunks) if pool.n_workers(n_rows, n_cols, dev) > 1 \
         else chunks.fwd_chunks
@@ -152,7 +181,7 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_
 
     def work(start, end):
         scratch = None
-        if not direct or dst is None:
+        if not direct or dst is None or prefix < n_cols:
             scratch = torch.empty(min(step, end - start), n_cols, dtype=torch.float32,
                                   device=dev)
         if fault_in and grad_out is not None:
@@ -160,19 +189,22 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_
         chunk_loop(x.detach(), dst_, row_max, row_neg, row_sum, sum_wx, w,
                    gA if grad else None, zs if grad else None, coef if grad else None,
                    smooth if grad else None, scratch, start, end, step, direct,
-                   chunks.fma_fused(), scale, k)
+                   chunks.fma_fused(), scale, k, prefix)
 
     if n_rows > 0 and n_cols > 0:
         pool.parallel_rows(n_rows, n_cols, dev, work)
     with torch.no_grad():
         if n_cols > 0:
-            log_sum = row_sum.log().squeeze(1)
             # in float64, rounded once: lse = m + log_sum, and lse - x_t as (m - x_t) +
             # log_sum, which keeps log_sum where m is far from 0 (PyTorch's order)
-            # (the shift of x; that of z is scale times it)
+            # (the shift of x; that of z is scale times it). The log too: under a shift
+            # estimated below the max, log_sum is up to 55, where an fp32 log would add
+            # its rounding (4e-6) to the sum's own; and where such a row's target holds all
+            # but 1e-7 of its probability, that sum's rounding could take nll below 0
+            log_sum = row_sum.double().log().squeeze(1)
             shift = chunks.row_shift(row_max, row_neg, k).squeeze(1)
-            lse = (shift * scale + log_sum.double()).float()
-            nll = ((shift - x_t.double()) * scale + log_sum.double()).float()
+            lse = (shift * scale + log_sum).float()
+            nll = ((shift - x_t.double()) * scale + log_sum).clamp(min=0.0).float()
         else:
             lse = log_sum = torch.full((n_rows,), float("-inf"), device=dev)
             nll = lse - x_t * scale
@@ -180,7 +212,8 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_
         if eps > 0:
             # sum_wx is relative to the shift s: W lse - sum w x = W log_sum - sum w (x - s),
             # no cancellation where the logits lie far from 0
-            loss = loss + eps * ((_smoothing_sum(weight, n_cols) * log_sum - sum_wx) / n_cols)
+            loss = loss + eps * ((_smoothing_sum(weight, n_cols) * log_sum - sum_wx)
+                                 / n_cols).float()
         loss = torch.where(ignored, 0.0, torch.where(valid, loss, float("nan")))
         if grad and n_rows > 0 and n_cols > 0:
             gA = gA.squeeze(1)
