@@ -109,10 +109,14 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=_I
         separate buffer (the logits stay intact) that fusedce reuses once nothing refers to
         it any more (``fusedce.empty_cache()`` frees it); the graph holds that gradient
         from the forward to the backward, where PyTorch's holds its log-softmax. Both modes
-        read the logits once and write one logits-sized gradient; in float32 in place is
-        faster on the CPU (it writes the lines it has just read, where the default mode
-        also fetches its buffer's), in bfloat16 (through an fp32 scratch chunk either
-        way) as fast (measured: docs/benchmarks.md); it also saves that reused buffer.
+        read the logits once and write one logits-sized gradient, and on the CPU they take
+        about the same time (in place / default 0.90-1.00 in float32, 0.97-1.05 in
+        bfloat16, 512 to 4,096 x 50,257: docs/benchmarks.md). In place cannot gain more: the
+        default mode's one extra fetch, of its buffer's lines, is hidden under the exp,
+        and in float32 in place takes each row's exact max, a pass the default mode skips
+        (its shift from the first columns needs the logits until a chunk's sums are
+        tested, and keeping them in a scratch chunk costs more than that pass). So the
+        flag keeps its own path, as fast, for what it saves: the reused buffer.
     validate: raise PyTorch's ``IndexError`` for a class index outside ``[0, C)``. ``None``
         (default) checks CPU tensors on the PyTorch path only: the check reads the targets
         on the host, a synchronisation the GPU path avoids (also with ``backend="torch"``);

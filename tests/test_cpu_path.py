@@ -1100,6 +1100,28 @@ def test_a_near_certain_row_under_an_estimated_shift(monkeypatch):
     assert calls[0] == (True, True), calls
 
 
+def test_bf16_in_place_tests_each_chunk_before_writing_it(monkeypatch):
+    """In place, bf16 logits go through an fp32 scratch chunk anyway, and take the shift
+    from the first columns too; a chunk whose sums pass 2**64 is done again with the exact
+    max before anything is written over its logits (which that needs), and so is the rest
+    of the range. Rows 0-5 ordinary, rows 6-7 with a logit 150 beyond their first
+    columns, rows 8-11 ordinary again, in 2-row chunks on one worker: loss and gradient
+    within bf16's rounding of float64 PyTorch's, the estimate dropped once."""
+    calls = _spy_ranges(monkeypatch)
+    monkeypatch.setattr(chunks, "CHUNK_ELEMENTS", 2 * 3000)
+    torch.manual_seed(7)
+    n, c = 12, 3000
+    x = (torch.randn(n, c) * 2).to(torch.bfloat16)
+    x[6:8, 2500] = 150.0
+    t = torch.randint(0, c, (n,))
+    up = torch.rand(()) + 0.5
+    want = reference(x, t, up)[:2]
+    got = fused(x, t, up, backend="torch", inplace_backward=True)
+    torch.testing.assert_close(got[0].double(), want[0], atol=1e-6, rtol=2**-7 + 1e-5)
+    torch.testing.assert_close(got[1].double(), want[1], atol=1e-6, rtol=2**-7 + 1e-5)
+    assert calls == [(True, False)], calls
+
+
 @pytest.mark.parametrize("reduction", ["none", "sum"])
 def test_nan_and_inf_beyond_the_first_columns(monkeypatch, reduction):
     """A NaN or +inf logit beyond the first columns, or a row of -inf, under the estimated

@@ -132,17 +132,18 @@ def fwd_chunks(x: torch.Tensor, dst: Optional[torch.Tensor], row_max: torch.Tens
     (over ``x`` itself in place; in the fp32 ``scratch`` chunk without ``dst``); else
     through ``scratch``, converted once (mixed-dtype ops are slow).
 
-    ``prefix`` below the row length (only where ``x`` stays intact: ``dst`` is not ``x``):
-    each row's shift is the max of its first ``prefix`` values, not of the whole row, which
-    spares a pass over each chunk while it is read from memory; the range's shifts are
-    taken at once, before its chunks. A shift at most the max loses nothing: every term's
-    exponent only grows, the largest is at least 1. Where a sum of the range exceeds 2**64
-    (the shift more than 44 below its row's max, or an overflow, a NaN or +inf), or the
-    shifts are too far from 0 for ``exp_argument``'s multiply-add, the range is done again
-    with the exact max. ``exp`` is then formed in ``scratch`` and written into ``dst``'s
-    chunk by the exp itself, whose arithmetic hides the fetch of ``dst``'s lines. Returns
-    whether the estimate held throughout (False: the range was done twice, or once with
-    the exact max after the shifts' test).
+    ``prefix`` below the row length: each row's shift is the max of its first ``prefix``
+    values, not of the whole row, which spares a pass over each chunk while it is read from
+    memory; the range's shifts are taken at once, before its chunks. A shift at most the
+    max loses nothing: every term's exponent only grows, the largest is at least 1. Where
+    a sum exceeds 2**64 (the shift more than 44 below its row's max, or an overflow, a NaN
+    or +inf), or the shifts are too far from 0 for ``exp_argument``'s multiply-add, the
+    exact max is taken instead: for the whole range again where ``x`` stays intact (its
+    sums tested once, at the end), and in place (``dst`` is ``x``) for that chunk and the
+    rest, each chunk's sums tested before it is written. ``exp`` is then formed in
+    ``scratch``: into a separate ``dst`` the exp itself writes, whose arithmetic hides the
+    fetch of ``dst``'s lines; in place the scale writes it. Returns whether the estimate
+    held throughout.
 
     Written in the subset of Python that TorchScript compiles (``script``): run as a
     script, the loop holds no GIL, which the worker threads otherwise contend for between
@@ -163,15 +164,18 @@ def fwd_chunks(x: torch.Tensor, dst: Optional[torch.Tensor], row_max: torch.Tens
         neg = torch.mul(row_max.narrow(0, start, n), -k, out=row_neg.narrow(0, start, n))
         # as exp_argument's: the multiply-add's shift stays within a rounding of the max
         estimate = fused and float(torch.linalg.vector_norm(neg, float("inf"))) < 16777216.0
+    # in place, a chunk's logits are gone once written: its sums are tested first
+    in_place = dst is not None and dst.is_set_to(x)
     held = estimate
     for attempt in range(2):  # the second with the exact max, where the estimate failed
         if attempt == 1:
-            if not estimate or bool(torch.all(row_sum.narrow(0, start, n)
-                                              <= 18446744073709551616.0)):  # 2**64
-                break
+            if in_place or not estimate or bool(torch.all(row_sum.narrow(0, start, n)
+                                                          <= 18446744073709551616.0)):
+                break  # 2**64
             estimate = False
             held = False
-        for i in range(len(xs)):
+        i = 0
+        while i < len(xs):
             xc = xs[i]
             rows = xc.size(0)
             r0 = start + i * step
@@ -198,21 +202,30 @@ def fwd_chunks(x: torch.Tensor, dst: Optional[torch.Tensor], row_max: torch.Tens
                 else:
                     torch.mv(buf, w, out=out)
                 out.div_(1.4426950216293335)  # LOG2E
-            if direct and dc is not None and estimate:
+            if direct and dc is not None and estimate and not in_place:
                 buf = torch.exp2(buf, out=dc)
             else:
                 buf.exp2_()
             sums = torch.sum(buf, 1, keepdim=True, out=sums_[i])
+            if in_place and estimate and not bool(torch.all(sums <= 18446744073709551616.0)):
+                estimate = False  # this chunk again, and the rest, with the exact max
+                held = False
+                continue
             if dc is not None:
                 assert gA is not None and coef is not None
                 gA_c = gA.narrow(0, r0, rows)
                 if zs is not None:  # the z-loss's gz = zs lse, lse = scale shift + log(sum)
                     gA_c = gA_c + zs.narrow(0, r0, rows) * (m * scale + torch.log(sums))
-                buf.mul_(torch.div(gA_c, sums, out=coef.narrow(0, r0, rows)))
+                factor = torch.div(gA_c, sums, out=coef.narrow(0, r0, rows))
+                if direct and estimate and in_place:  # over the logits, once tested
+                    buf = torch.mul(buf, factor, out=dc)
+                else:
+                    buf.mul_(factor)
                 if smooth is not None:
                     _smoothing_term(buf, smooth.narrow(0, r0, rows), w)
                 if not direct:
                     dc.copy_(buf)
+            i += 1
     return held
 
 

@@ -18,11 +18,10 @@ How it is fast on a CPU (figures in docs/benchmarks.md):
   the exponent, ``g A p = exp(x - (lse - log(g A)))``: one multiply-add into the gradient
   and one in-cache exp; the target's entry, where ``A p_t - B`` may cancel, is written
   afterwards from a per-row fp32 formula (one rounding, as in the kernels);
-- where the logits stay intact (not in place), a row's shift is the max of its first
-  ``SHIFT_PREFIX`` values, not of the whole row: no max pass of its own over each chunk
-  (a shift below the max only makes every ``exp`` larger; a range whose sums pass 2**64 is
-  done again with the exact max), and the exp writes the gradient buffer, whose fetch its
-  arithmetic hides;
+- a row's shift is the max of its first ``SHIFT_PREFIX`` values, not of the whole row
+  (not in place in fp32): no max pass of its own over each chunk (a shift below the max
+  only makes every ``exp`` larger; where a sum passes 2**64 the exact max is taken
+  instead), and the exp writes the gradient buffer, whose fetch its arithmetic hides;
 - with ``grad_scale``, ``ce_fwd`` writes the gradient of the reduced loss in the same pass
   as the loss, into ``grad_out`` (a reused buffer from ``buffers.grad_buffer``) or over
   ``x``; the backward then only rescales rows whose upstream gradient is not 1.
@@ -114,14 +113,15 @@ def _shift_prefix(x, dst, gA, zs):
     """``fwd_chunks``'s ``prefix``: ``SHIFT_PREFIX`` columns where each row's shift may
     come from its first columns, else the row length (the exact max).
 
-    Only where ``x`` stays intact for a range to be done again (not in place, where the
-    exact max measured faster: docs/benchmarks.md); not with a z-loss, whose gradient
+    Not in place in float32, where the exact max measured faster (the exp then works over
+    the logits themselves, where the estimate must keep them until a chunk's sums are
+    tested: docs/benchmarks.md); not with a z-loss, whose gradient
     factor may cancel to anything; and not where a nonzero ``g A`` is below 2**-60, whose
     ``g A / sum`` (the sum up to 2**64 under an estimated shift) could leave fp32's normal
     range."""
     n_cols = x.shape[1]
-    if (n_cols <= SHIFT_PREFIX or dst is x or x.device.type != "cpu"
-            or zs is not None):
+    if (n_cols <= SHIFT_PREFIX or (dst is x and x.dtype == torch.float32)
+            or x.device.type != "cpu" or zs is not None):
         return n_cols
     if gA is not None:
         mag = gA.abs()
