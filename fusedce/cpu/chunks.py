@@ -21,8 +21,9 @@ import torch
 # larger chunks pay each op's fixed cost less often. Measured against 3, 6 and 24 * 2**16
 # (docs/benchmarks.md).
 CHUNK_ELEMENTS = 12 << 16
-# log2(e) rounded to fp32 (the value fp32 ops take)
+# log2(e) rounded to fp32 (the value fp32 ops take), and in float64
 LOG2E = 1.4426950216293335
+LOG2E_EXACT = 1.4426950408889634
 _FUSED = None
 
 
@@ -118,7 +119,8 @@ def fwd_chunks(x: torch.Tensor, dst: Optional[torch.Tensor], row_max: torch.Tens
                zs: Optional[torch.Tensor], coef: Optional[torch.Tensor],
                smooth: Optional[torch.Tensor], scratch: Optional[torch.Tensor],
                start: int, end: int, step: int, direct: bool, fused: bool,
-               scale: float, k: float, prefix: int) -> bool:
+               scale: float, k: float, prefix: int,
+               floor: Optional[torch.Tensor] = None) -> bool:
     """``ce_fwd``'s loop over the chunks of rows ``[start, end)``, for the logits ``z = scale
     x`` (``scale > 0``; ``k = exp2_factor(scale)``): each row's max of ``x`` into
     ``row_max``, ``exp_argument``'s ``neg`` into ``row_neg`` (``row_shift`` gives the shift
@@ -133,17 +135,18 @@ def fwd_chunks(x: torch.Tensor, dst: Optional[torch.Tensor], row_max: torch.Tens
     through ``scratch``, converted once (mixed-dtype ops are slow).
 
     ``prefix`` below the row length: each row's shift is the max of its first ``prefix``
-    values, not of the whole row, which spares a pass over each chunk while it is read from
+    values and of its ``floor`` (a column of values of the row known already: the target's
+    logit), not of the whole row, which spares a pass over each chunk while it is read from
     memory; the range's shifts are taken at once, before its chunks. A shift at most the
-    max loses nothing: every term's exponent only grows, the largest is at least 1. Where
-    a sum exceeds 2**64 (the shift more than 44 below its row's max, or an overflow, a NaN
-    or +inf), or the shifts are too far from 0 for ``exp_argument``'s multiply-add, the
-    exact max is taken instead: for the whole range again where ``x`` stays intact (its
-    sums tested once, at the end), and in place (``dst`` is ``x``) for that chunk and the
-    rest, each chunk's sums tested before it is written. ``exp`` is then formed in
-    ``scratch``: into a separate ``dst`` the exp itself writes, whose arithmetic hides the
-    fetch of ``dst``'s lines; in place the scale writes it. Returns whether the estimate
-    held throughout.
+    max loses no term: every exponent only grows, the largest is at least 1. A row whose sum
+    exceeds 2**32 (its max more than 22 above its shift, whose exponent fp32 would round
+    coarsely; an overflow, a NaN or +inf), or whose shift is too far from 0 for
+    ``exp_argument``'s multiply-add, is done again with the exact max before its chunk's
+    gradient is written (its logits are still there, in place too: there ``scratch`` holds
+    the chunk until then); where more than an eighth of the range's rows so far needed it,
+    the rest of the range takes the exact max from the start. ``exp`` is then formed in
+    ``scratch``; into a separate ``dst`` the exp itself writes, whose arithmetic hides the
+    fetch of ``dst``'s lines. Returns whether no row needed the exact max.
 
     Written in the subset of Python that TorchScript compiles (``script``): run as a
     script, the loop holds no GIL, which the worker threads otherwise contend for between
@@ -157,76 +160,105 @@ def fwd_chunks(x: torch.Tensor, dst: Optional[torch.Tensor], row_max: torch.Tens
     dsts: list[torch.Tensor] = []
     if dst is not None:
         dsts = dst.narrow(0, start, n).split(step)
-    estimate = prefix < x.size(1)
+    # without a fused multiply-add, exp_argument subtracts the max first
+    estimate = prefix < x.size(1) and fused
     if estimate:
-        heads = x.narrow(0, start, n).narrow(1, 0, prefix)
-        row_max.narrow(0, start, n).copy_(torch.amax(heads, 1, keepdim=True))
+        heads = torch.amax(x.narrow(0, start, n).narrow(1, 0, prefix), 1, keepdim=True)
+        if floor is not None:
+            heads = torch.maximum(heads, floor.narrow(0, start, n))
+        row_max.narrow(0, start, n).copy_(heads)
         neg = torch.mul(row_max.narrow(0, start, n), -k, out=row_neg.narrow(0, start, n))
-        # as exp_argument's: the multiply-add's shift stays within a rounding of the max
-        estimate = fused and float(torch.linalg.vector_norm(neg, float("inf"))) < 16777216.0
-    # in place, a chunk's logits are gone once written: its sums are tested first
+        # as exp_argument's test, the multiply-add's shift within a rounding of the max: a
+        # row beyond it takes an infinite shift, whose sum fails the test below
+        neg.masked_fill_(torch.logical_not(neg.abs() < 16777216.0), float("inf"))
     in_place = dst is not None and dst.is_set_to(x)
     held = estimate
-    for attempt in range(2):  # the second with the exact max, where the estimate failed
-        if attempt == 1:
-            if in_place or not estimate or bool(torch.all(row_sum.narrow(0, start, n)
-                                                          <= 18446744073709551616.0)):
-                break  # 2**64
-            estimate = False
-            held = False
-        i = 0
-        while i < len(xs):
-            xc = xs[i]
-            rows = xc.size(0)
-            r0 = start + i * step
-            dc: Optional[torch.Tensor] = None
-            if dst is not None:
-                dc = dsts[i]
-            if direct and dc is not None and not estimate:
-                src = xc
-                buf = dc
-            else:
-                assert scratch is not None
-                buf = scratch.narrow(0, 0, rows)
-                src = xc if direct else buf.copy_(xc)
-            if estimate:
-                m = maxs[i]
-                torch.add(negs[i], src, alpha=k, out=buf)
-            else:
-                m = torch.amax(src, 1, keepdim=True, out=maxs[i])
-                exp_argument(src, m, buf, negs[i], True, fused, k)
-            if sum_wx is not None:  # relative to the shift: no cancellation against lse
-                out = sum_wx.narrow(0, r0, rows)
-                if w is None:
-                    torch.sum(buf, 1, out=out)
-                else:
-                    torch.mv(buf, w, out=out)
-                out.div_(1.4426950216293335)  # LOG2E
-            if direct and dc is not None and estimate and not in_place:
-                buf = torch.exp2(buf, out=dc)
-            else:
-                buf.exp2_()
-            sums = torch.sum(buf, 1, keepdim=True, out=sums_[i])
-            if in_place and estimate and not bool(torch.all(sums <= 18446744073709551616.0)):
-                estimate = False  # this chunk again, and the rest, with the exact max
+    seen, redone = 0, 0
+    for i in range(len(xs)):
+        xc = xs[i]
+        rows = xc.size(0)
+        r0 = start + i * step
+        seen += rows
+        dc: Optional[torch.Tensor] = None
+        if dst is not None:
+            dc = dsts[i]
+        buf = _exp_rows(xc, dc, scratch, maxs[i], negs[i], sums_[i], sum_wx, w, r0, direct,
+                        fused, k, estimate, in_place)
+        sums = sums_[i]
+        # 2**32: the largest exponent is then below 32, which fp32 rounds to within 2**-20
+        # (an exp within 6.6e-7); a NaN or +inf fails the test too
+        if estimate and not float(torch.amax(sums)) <= 4294967296.0:
+            far = torch.logical_not(sums <= 4294967296.0).squeeze(1)
+            if bool(far.any()):
                 held = False
-                continue
-            if dc is not None:
-                assert gA is not None and coef is not None
-                gA_c = gA.narrow(0, r0, rows)
-                if zs is not None:  # the z-loss's gz = zs lse, lse = scale shift + log(sum)
-                    gA_c = gA_c + zs.narrow(0, r0, rows) * (m * scale + torch.log(sums))
-                factor = torch.div(gA_c, sums, out=coef.narrow(0, r0, rows))
-                if direct and estimate and in_place:  # over the logits, once tested
-                    buf = torch.mul(buf, factor, out=dc)
-                else:
-                    buf.mul_(factor)
-                if smooth is not None:
-                    _smoothing_term(buf, smooth.narrow(0, r0, rows), w)
-                if not direct:
-                    dc.copy_(buf)
-            i += 1
+                again: list[int] = far.nonzero().squeeze(1).tolist()
+                redone += len(again)
+                for j in again:
+                    dc_j: Optional[torch.Tensor] = None
+                    if dc is not None:
+                        dc_j = dc.narrow(0, j, 1)
+                    s_j: Optional[torch.Tensor] = None
+                    if scratch is not None:
+                        s_j = scratch.narrow(0, j, 1)
+                    _exp_rows(xc.narrow(0, j, 1), dc_j, s_j, maxs[i].narrow(0, j, 1),
+                              negs[i].narrow(0, j, 1), sums.narrow(0, j, 1), sum_wx, w,
+                              r0 + j, direct, fused, k, False, in_place)
+        if dc is not None:
+            assert gA is not None and coef is not None
+            gA_c = gA.narrow(0, r0, rows)
+            if zs is not None:  # the z-loss's gz = zs lse, lse = scale shift + log(sum)
+                gA_c = gA_c + zs.narrow(0, r0, rows) * (maxs[i] * scale + torch.log(sums))
+            factor = torch.div(gA_c, sums, out=coef.narrow(0, r0, rows))
+            if direct and estimate and in_place:  # over the logits, from scratch
+                buf = torch.mul(buf, factor, out=dc)
+            else:
+                buf.mul_(factor)
+            if smooth is not None:
+                _smoothing_term(buf, smooth.narrow(0, r0, rows), w)
+            if not direct:
+                dc.copy_(buf)
+        if estimate and redone * 8 > seen:
+            # a row done again costs about 6 times what the estimate saves on one: where
+            # more than an eighth need it, the rest of the range takes the exact max
+            estimate = False
     return held
+
+
+def _exp_rows(xc: torch.Tensor, dc: Optional[torch.Tensor], scratch: Optional[torch.Tensor],
+              m_out: torch.Tensor, neg_out: torch.Tensor, sum_out: torch.Tensor,
+              sum_wx: Optional[torch.Tensor], w: Optional[torch.Tensor], r0: int,
+              direct: bool, fused: bool, k: float, estimate: bool,
+              in_place: bool) -> torch.Tensor:
+    """``fwd_chunks``'s exp of the rows ``xc`` (from row ``r0``): ``exp2`` of the shifted
+    exponent where the exp lives (``dc``, or the first rows of ``scratch``), which it
+    returns, with the rows' max (exact, unless ``estimate``: ``m_out`` and ``neg_out`` hold
+    the estimated shift already), ``neg``, sum and ``sum_wx``."""
+    rows = xc.size(0)
+    if direct and dc is not None and not estimate:
+        src = xc
+        buf = dc
+    else:
+        assert scratch is not None
+        buf = scratch.narrow(0, 0, rows)
+        src = xc if direct else buf.copy_(xc)
+    if estimate:
+        torch.add(neg_out, src, alpha=k, out=buf)
+    else:
+        m = torch.amax(src, 1, keepdim=True, out=m_out)
+        exp_argument(src, m, buf, neg_out, True, fused, k)
+    if sum_wx is not None:  # relative to the shift: no cancellation against lse
+        out = sum_wx.narrow(0, r0, rows)
+        if w is None:
+            torch.sum(buf, 1, out=out)
+        else:
+            torch.mv(buf, w, out=out)
+        out.div_(1.4426950216293335)  # LOG2E
+    if direct and dc is not None and estimate and not in_place:
+        buf = torch.exp2(buf, out=dc)
+    else:
+        buf.exp2_()
+    torch.sum(buf, 1, keepdim=True, out=sum_out)
+    return buf
 
 
 def bwd_chunks(x: torch.Tensor, dx: torch.Tensor, shift: torch.Tensor,

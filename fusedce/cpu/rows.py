@@ -18,10 +18,11 @@ How it is fast on a CPU (figures in docs/benchmarks.md):
   the exponent, ``g A p = exp(x - (lse - log(g A)))``: one multiply-add into the gradient
   and one in-cache exp; the target's entry, where ``A p_t - B`` may cancel, is written
   afterwards from a per-row fp32 formula (one rounding, as in the kernels);
-- a row's shift is the max of its first ``SHIFT_PREFIX`` values, not of the whole row
-  (not in place in fp32): no max pass of its own over each chunk (a shift below the max
-  only makes every ``exp`` larger; where a sum passes 2**64 the exact max is taken
-  instead), and the exp writes the gradient buffer, whose fetch its arithmetic hides;
+- a row's shift is the max of its first ``SHIFT_PREFIX`` values and its target's logit,
+  not of the whole row (not in place in fp32): no max pass of its own over each chunk (a
+  shift below the max only makes every ``exp`` larger; a row whose sum passes 2**32 is done
+  again with the exact max), and the exp writes the gradient buffer, whose fetch its
+  arithmetic hides;
 - with ``grad_scale``, ``ce_fwd`` writes the gradient of the reduced loss in the same pass
   as the loss, into ``grad_out`` (a reused buffer from ``buffers.grad_buffer``) or over
   ``x``; the backward then only rescales rows whose upstream gradient is not 1.
@@ -116,8 +117,8 @@ def _shift_prefix(x, dst, gA, zs):
     Not in place in float32, where the exact max measured faster (the exp then works over
     the logits themselves, where the estimate must keep them until a chunk's sums are
     tested: docs/benchmarks.md); not with a z-loss, whose gradient
-    factor may cancel to anything; and not where a nonzero ``g A`` is below 2**-60, whose
-    ``g A / sum`` (the sum up to 2**64 under an estimated shift) could leave fp32's normal
+    factor may cancel to anything; and not where a nonzero ``g A`` is below 2**-90, whose
+    ``g A / sum`` (the sum up to 2**32 under an estimated shift) could leave fp32's normal
     range."""
     n_cols = x.shape[1]
     if (n_cols <= SHIFT_PREFIX or (dst is x and x.dtype == torch.float32)
@@ -125,7 +126,7 @@ def _shift_prefix(x, dst, gA, zs):
         return n_cols
     if gA is not None:
         mag = gA.abs()
-        if bool(((mag < 2.0 ** -60) & (mag > 0)).any()):
+        if bool(((mag < 2.0 ** -90) & (mag > 0)).any()):
             return n_cols
     return SHIFT_PREFIX
 
@@ -174,6 +175,7 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_
     direct = x.dtype == torch.float32  # else: through an fp32 scratch chunk
     step = chunks.rows_per_chunk(n_cols)
     prefix = _shift_prefix(x, dst, gA if grad else None, zs if grad else None)
+    x_t_col = x_t[:, None] if prefix < n_cols else None  # a shift floor known already
     # inline, with no other worker to contend for the GIL, plain Python costs less per call
     chunk_loop = chunks.script(chunks.fwd_chunks) if pool.n_workers(n_rows, n_cols, dev) > 1 \
         else chunks.fwd_chunks
@@ -189,7 +191,7 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_
         chunk_loop(x.detach(), dst_, row_max, row_neg, row_sum, sum_wx, w,
                    gA if grad else None, zs if grad else None, coef if grad else None,
                    smooth if grad else None, scratch, start, end, step, direct,
-                   chunks.fma_fused(), scale, k, prefix)
+                   chunks.fma_fused(), scale, k, prefix, x_t_col)
 
     if n_rows > 0 and n_cols > 0:
         pool.parallel_rows(n_rows, n_cols, dev, work)
@@ -198,10 +200,14 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_
             # in float64, rounded once: lse = m + log_sum, and lse - x_t as (m - x_t) +
             # log_sum, which keeps log_sum where m is far from 0 (PyTorch's order)
             # (the shift of x; that of z is scale times it). The log too: under a shift
-            # estimated below the max, log_sum is up to 55, where an fp32 log would add
-            # its rounding (4e-6) to the sum's own; and where such a row's target holds all
-            # but 1e-7 of its probability, that sum's rounding could take nll below 0
-            log_sum = row_sum.double().log().squeeze(1)
+            # estimated below the max, log_sum is up to 23, where an fp32 log would add
+            # its rounding (1e-6) to the sum's own. The sum is of exp2((x - s) k), k
+            # scale log2(e) rounded to fp32: of exp(a (1 + d)), a = scale (x - s), with
+            # d = k / (scale log2 e) - 1 up to 6e-8. Its log is f(1 + d) for f(t) = log
+            # sum exp(a t), about f(1) + d E_p[a], off by d times the mean shifted logit,
+            # which grows as the shift falls below the max; divided by 1 + d it is off by
+            # d (E_p[a] - f(1)) = -d H instead, H the row's entropy (at most log C)
+            log_sum = row_sum.double().log().squeeze(1) * (scale * chunks.LOG2E_EXACT / k)
             shift = chunks.row_shift(row_max, row_neg, k).squeeze(1)
             lse = (shift * scale + log_sum).float()
             nll = ((shift - x_t.double()) * scale + log_sum).clamp(min=0.0).float()
