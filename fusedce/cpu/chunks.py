@@ -21,9 +21,8 @@ import torch
 # larger chunks pay each op's fixed cost less often. Measured against 3, 6 and 24 * 2**16
 # (docs/benchmarks.md).
 CHUNK_ELEMENTS = 12 << 16
-# log2(e) rounded to fp32 (the value fp32 ops take), and in float64
+# log2(e) rounded to fp32 (the value fp32 ops take)
 LOG2E = 1.4426950216293335
-LOG2E_EXACT = 1.4426950408889634
 _FUSED = None
 
 

@@ -201,13 +201,8 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_
             # log_sum, which keeps log_sum where m is far from 0 (PyTorch's order)
             # (the shift of x; that of z is scale times it). The log too: under a shift
             # estimated below the max, log_sum is up to 23, where an fp32 log would add
-            # its rounding (1e-6) to the sum's own. The sum is of exp2((x - s) k), k
-            # scale log2(e) rounded to fp32: of exp(a (1 + d)), a = scale (x - s), with
-            # d = k / (scale log2 e) - 1 up to 6e-8. Its log is f(1 + d) for f(t) = log
-            # sum exp(a t), about f(1) + d E_p[a], off by d times the mean shifted logit,
-            # which grows as the shift falls below the max; divided by 1 + d it is off by
-            # d (E_p[a] - f(1)) = -d H instead, H the row's entropy (at most log C)
-            log_sum = row_sum.double().log().squeeze(1) * (scale * chunks.LOG2E_EXACT / k)
+            # its rounding (1e-6) to the sum's own
+            log_sum = row_sum.double().log().squeeze(1)
             shift = chunks.row_shift(row_max, row_neg, k).squeeze(1)
             lse = (shift * scale + log_sum).float()
             nll = ((shift - x_t.double()) * scale + log_sum).clamp(min=0.0).float()
