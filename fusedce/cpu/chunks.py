@@ -141,11 +141,12 @@ def fwd_chunks(x: torch.Tensor, dst: Optional[torch.Tensor], row_max: torch.Tens
     exceeds 2**32 (its max more than 22 above its shift, whose exponent fp32 would round
     coarsely; an overflow, a NaN or +inf), or whose shift is too far from 0 for
     ``exp_argument``'s multiply-add, is done again with the exact max before its chunk's
-    gradient is written (its logits are still there, in place too: there ``scratch`` holds
-    the chunk until then); where more than an eighth of the range's rows so far needed it,
-    the rest of the range takes the exact max from the start. ``exp`` is then formed in
-    ``scratch``; into a separate ``dst`` the exp itself writes, whose arithmetic hides the
-    fetch of ``dst``'s lines. Returns whether no row needed the exact max.
+    gradient is written (its logits are still there, in place too: bf16 only, where
+    ``scratch`` holds the chunk until then); where more than an eighth of the range's rows
+    so far needed it, the rest of the range takes the exact max from the start. ``exp`` is
+    then formed in ``scratch``; into a separate ``dst`` the exp itself writes, whose
+    arithmetic hides the fetch of ``dst``'s lines. Returns whether no row needed the exact
+    max.
 
     Written in the subset of Python that TorchScript compiles (``script``): run as a
     script, the loop holds no GIL, which the worker threads otherwise contend for between
@@ -170,7 +171,9 @@ def fwd_chunks(x: torch.Tensor, dst: Optional[torch.Tensor], row_max: torch.Tens
         # as exp_argument's test, the multiply-add's shift within a rounding of the max: a
         # row beyond it takes an infinite shift, whose sum fails the test below
         neg.masked_fill_(torch.logical_not(neg.abs() < 16777216.0), float("inf"))
-    in_place = dst is not None and dst.is_set_to(x)
+    # in place, the estimate needs the logits kept until a chunk's sums are tested: fp32
+    # in place forms exp over them, so it takes the exact max (``rows._shift_prefix``)
+    assert not (estimate and direct and dst is not None and dst.is_set_to(x))
     held = estimate
     seen, redone = 0, 0
     for i in range(len(xs)):
@@ -182,36 +185,31 @@ def fwd_chunks(x: torch.Tensor, dst: Optional[torch.Tensor], row_max: torch.Tens
         if dst is not None:
             dc = dsts[i]
         buf = _exp_rows(xc, dc, scratch, maxs[i], negs[i], sums_[i], sum_wx, w, r0, direct,
-                        fused, k, estimate, in_place)
+                        fused, k, estimate)
         sums = sums_[i]
         # 2**32: the largest exponent is then below 32, which fp32 rounds to within 2**-20
         # (an exp within 6.6e-7); a NaN or +inf fails the test too
         if estimate and not float(torch.amax(sums)) <= 4294967296.0:
+            held = False
             far = torch.logical_not(sums <= 4294967296.0).squeeze(1)
-            if bool(far.any()):
-                held = False
-                again: list[int] = far.nonzero().squeeze(1).tolist()
-                redone += len(again)
-                for j in again:
-                    dc_j: Optional[torch.Tensor] = None
-                    if dc is not None:
-                        dc_j = dc.narrow(0, j, 1)
-                    s_j: Optional[torch.Tensor] = None
-                    if scratch is not None:
-                        s_j = scratch.narrow(0, j, 1)
-                    _exp_rows(xc.narrow(0, j, 1), dc_j, s_j, maxs[i].narrow(0, j, 1),
-                              negs[i].narrow(0, j, 1), sums.narrow(0, j, 1), sum_wx, w,
-                              r0 + j, direct, fused, k, False, in_place)
+            again: list[int] = far.nonzero().squeeze(1).tolist()
+            redone += len(again)
+            for j in again:
+                dc_j: Optional[torch.Tensor] = None
+                if dc is not None:
+                    dc_j = dc.narrow(0, j, 1)
+                s_j: Optional[torch.Tensor] = None
+                if scratch is not None:
+                    s_j = scratch.narrow(0, j, 1)
+                _exp_rows(xc.narrow(0, j, 1), dc_j, s_j, maxs[i].narrow(0, j, 1),
+                          negs[i].narrow(0, j, 1), sums.narrow(0, j, 1), sum_wx, w, r0 + j,
+                          direct, fused, k, False)
         if dc is not None:
             assert gA is not None and coef is not None
             gA_c = gA.narrow(0, r0, rows)
             if zs is not None:  # the z-loss's gz = zs lse, lse = scale shift + log(sum)
                 gA_c = gA_c + zs.narrow(0, r0, rows) * (maxs[i] * scale + torch.log(sums))
-            factor = torch.div(gA_c, sums, out=coef.narrow(0, r0, rows))
-            if direct and estimate and in_place:  # over the logits, from scratch
-                buf = torch.mul(buf, factor, out=dc)
-            else:
-                buf.mul_(factor)
+            buf.mul_(torch.div(gA_c, sums, out=coef.narrow(0, r0, rows)))
             if smooth is not None:
                 _smoothing_term(buf, smooth.narrow(0, r0, rows), w)
             if not direct:
@@ -226,8 +224,7 @@ def fwd_chunks(x: torch.Tensor, dst: Optional[torch.Tensor], row_max: torch.Tens
 def _exp_rows(xc: torch.Tensor, dc: Optional[torch.Tensor], scratch: Optional[torch.Tensor],
               m_out: torch.Tensor, neg_out: torch.Tensor, sum_out: torch.Tensor,
               sum_wx: Optional[torch.Tensor], w: Optional[torch.Tensor], r0: int,
-              direct: bool, fused: bool, k: float, estimate: bool,
-              in_place: bool) -> torch.Tensor:
+              direct: bool, fused: bool, k: float, estimate: bool) -> torch.Tensor:
     """``fwd_chunks``'s exp of the rows ``xc`` (from row ``r0``): ``exp2`` of the shifted
     exponent where the exp lives (``dc``, or the first rows of ``scratch``), which it
     returns, with the rows' max (exact, unless ``estimate``: ``m_out`` and ``neg_out`` hold
@@ -252,7 +249,7 @@ def _exp_rows(xc: torch.Tensor, dc: Optional[torch.Tensor], scratch: Optional[to
         else:
             torch.mv(buf, w, out=out)
         out.div_(1.4426950216293335)  # LOG2E
-    if direct and dc is not None and estimate and not in_place:
+    if direct and dc is not None and estimate:
         buf = torch.exp2(buf, out=dc)
     else:
         buf.exp2_()

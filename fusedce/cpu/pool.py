@@ -30,11 +30,10 @@ class _Pool:
         self.executor = None
         self.size = 0
 
-    def submit(self, n, fn, calls):
-        """Futures of ``fn(*args)`` for each ``args`` of ``calls`` on a pool of at least
-        ``n`` threads; None for a call no thread can take (interpreter shutdown has begun:
-        no new work is scheduled, as for an ``atexit`` handler or a thread the main thread
-        left running).
+    def submit(self, n, fn, count):
+        """Futures of ``count`` calls of ``fn()`` on a pool of at least ``n`` threads; None
+        for a call no thread can take (interpreter shutdown has begun: no new work is
+        scheduled, as for an ``atexit`` handler or a thread the main thread left running).
         Under the lock: a call that grows the pool shuts the old executor down, which must
         not happen between another call's getting it and submitting to it."""
         with self.lock:
@@ -45,9 +44,9 @@ class _Pool:
                         self.executor, self.size = None, 0
                     self.executor = self._start(n)
                     self.size = n
-                return [self.executor.submit(fn, *args) for args in calls]
+                return [self.executor.submit(fn) for _ in range(count)]
             except RuntimeError:  # "cannot schedule new futures after (interpreter) shutdown"
-                return [None] * len(calls)
+                return [None] * count
 
     @staticmethod
     def _start(n):
@@ -181,7 +180,7 @@ def parallel_rows(n_rows, n_cols, device, work):
         except BaseException as e:  # noqa: BLE001 - outside any range: raised in the caller
             claims.stop(e)
 
-    futures = _POOL.submit(workers, task, [()] * workers)
+    futures = _POOL.submit(workers, task, workers)
     if None in futures:
         # not every task was scheduled (interpreter shutdown began): this thread claims
         # rows too, beside any task that was
