@@ -146,7 +146,7 @@ def _(x, target, weight, ignore_index, label_smoothing, reduction, backend, vali
     n, _, l_len = x.shape
     acc = _loss.acc_dtype(x, target, weight)
     loss = x.new_empty((n, l_len) if reduction == "none" else (), dtype=acc)
-    lse = x.new_empty((n * l_len,), dtype=acc)
+    lse = x.new_empty((n * l_len,), dtype=torch.float64)
     s = x.new_empty((n * l_len,) if target.is_floating_point() else (0,), dtype=acc)
     denom = x.new_empty((1,), dtype=acc)
     aux_out = x.new_empty((2, n * l_len) if aux else (0,), dtype=acc)

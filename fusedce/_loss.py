@@ -138,9 +138,11 @@ class CrossEntropyAux(NamedTuple):
 def aux_outputs(loss, lse, aux, t, ignore_index, reduction, extras, loss_shape, out_dtype):
     """``CrossEntropyAux`` from the loss (reduced, in ``out_dtype``), the per-row lse and
     ``forward``'s aux (2, rows): entropy and correctness (O(rows) work, no host sync)."""
+    acc = aux.dtype  # the launchers' lse may be float64 where the loss is not
+    lse = lse.to(acc)
     z_loss = reduce(z_loss_rows(lse, t, ignore_index, extras).view(loss_shape),
-                    z_denominator(t, ignore_index, reduction, lse.dtype), reduction)
-    accuracy = aux[1].sum() / z_denominator(t, ignore_index, "mean", lse.dtype)[0]
+                    z_denominator(t, ignore_index, reduction, acc), reduction)
+    accuracy = aux[1].sum() / z_denominator(t, ignore_index, "mean", acc)[0]
     return CrossEntropyAux(loss, z_loss.to(out_dtype), lse.view(loss_shape), accuracy,
                            aux[0].view(loss_shape))
 
@@ -201,20 +203,22 @@ def z_denominator(target, ignore_index, reduction, dtype):
 def z_grad(grad, lse, target, ignore_index, reduction, extras, denom=None):
     """Each row's z-loss gradient factor ``gz = 2 lse_square_scale lse`` times its upstream
     gradient (over the count of rows not ignored, for 'mean': ``denom`` where given, the
-    count over more rows than ``target``'s), 0 where ignored."""
+    count over more rows than ``target``'s), 0 where ignored; in ``grad``'s dtype (the
+    loss's: the launchers' lse may be float64 where the loss is not)."""
     kept = kept_rows(target, ignore_index)
-    g = grad.to(lse.dtype).reshape(-1).expand(lse.shape[0])
+    acc = grad.dtype
+    g = grad.reshape(-1).expand(lse.shape[0])
     if reduction == "mean":
-        g = g / (z_denominator(target, ignore_index, reduction, lse.dtype) if denom is None
+        g = g / (z_denominator(target, ignore_index, reduction, acc) if denom is None
                  else denom)
-    return torch.where(kept, g * (2.0 * extras.lse_square_scale) * lse, 0.0)
+    return torch.where(kept, g * (2.0 * extras.lse_square_scale) * lse.to(acc), 0.0)
 
 
 def add_z_loss(loss, lse, target, ignore_index, reduction, extras, shape):
     """``loss`` (already reduced) plus the z-loss reduced the same way (rows as ``shape``
     for 'none')."""
-    zl = z_loss_rows(lse, target, ignore_index, extras).view(shape)
-    return loss + reduce(zl, z_denominator(target, ignore_index, reduction, lse.dtype),
+    zl = z_loss_rows(lse.to(loss.dtype), target, ignore_index, extras).view(shape)
+    return loss + reduce(zl, z_denominator(target, ignore_index, reduction, loss.dtype),
                          reduction)
 
 
@@ -222,7 +226,8 @@ def forward(x, target, weight, ignore_index, label_smoothing, reduction, backend
             extras=_args.NO_EXTRAS, with_z_loss=True):
     """Reduced loss of ``x`` (N, C, L) against ``target`` ((N, L) indices or (N, C, L)
     probabilities). Returns ``(loss, lse, s, denom, aux)``: loss (N, L) for 'none' else a
-    scalar, in the accumulation dtype; lse and s (O(rows) state for the backward); denom
+    scalar, in the accumulation dtype; lse (float64, each row's offset and log-sum apart,
+    rounded once) and s (O(rows) state for the backward); denom
     (1,); aux (2, N * L) each row's entropy and correctness where ``extras.aux`` (else
     empty). With loss ``extras`` the loss is of the transformed logits, z-loss included
     unless ``with_z_loss`` is False (a caller that adds it once over more rows)."""
@@ -238,7 +243,7 @@ def forward(x, target, weight, ignore_index, label_smoothing, reduction, backend
     if use_rows(x, target, weight):
         impl = _args.implementation(backend, x)
         loss, lse = impl.ce_fwd(rows_view(x), target.reshape(-1).contiguous(), **options)
-        s = lse.new_empty(0)
+        s = x.new_empty(0, dtype=acc)
     else:
         impl = (extras_implementation(backend, x, target, weight) if extras.any
                 else _args.implementation(backend, x))
@@ -258,7 +263,7 @@ def backward(grad, x, target, weight, lse, s, denom, ignore_index, label_smoothi
     ``denom`` (and ``z_denom``, the z-loss's, where given) may count more rows than ``x``
     has: the fused linear loss takes the gradient of one chunk of a mean at a time."""
     n, n_cols, l_len = x.shape
-    acc = lse.dtype
+    acc = acc_dtype(x, target, weight)
     if reduction == "none":
         dloss = grad.to(acc)
     else:

@@ -114,6 +114,39 @@ def test_split_rows_match_pytorch(monkeypatch, dtype, n_cols, splits, options, i
     torch.testing.assert_close(grad.double(), ref_grad, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("shift", [1e4, -1e8])
+def test_split_rows_far_from_zero(monkeypatch, shift):
+    """Split rows far from 0: each split's partial keeps its max and log-sum apart (their
+    fp32 sum, at 1e4, lost log-sum to 5e-4 and at 1e8 entirely), merged into the row's
+    loss, float64 lse, gradient and aux outputs; weights and smoothing ride on the same
+    sums. Splits of 4, 4 and 3 columns (one holding the max, the target elsewhere)."""
+    from fusedce.kernels import split_rows
+
+    monkeypatch.setattr(split_rows, "FORCE_SPLITS", 3)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 11, generator=gen) * 6 + shift
+    x[0] = shift  # every class equal
+    target = torch.tensor([0, 10, 4])
+    weight = torch.rand(11, generator=gen) + 0.5
+    upstream = torch.rand(3, generator=gen, dtype=torch.float64)
+    for kwargs in ({}, dict(weight=weight, label_smoothing=0.2)):
+        leaf = x.clone().requires_grad_()
+        out = fusedce.cross_entropy(leaf, target, reduction="none", backend="triton",
+                                    return_aux=True, **kwargs)
+        grad, = torch.autograd.grad(out.loss, leaf, upstream.float())
+        x64 = x.double().requires_grad_()
+        ref = F.cross_entropy(x64, target, reduction="none",
+                              **{k: v.double() if torch.is_tensor(v) else v
+                                 for k, v in kwargs.items()})
+        ref_grad, = torch.autograd.grad(ref, x64, upstream)
+        assert_close(out.loss, ref.detach(), 2e-5, 2e-5, "loss")
+        assert_close(out.lse, torch.logsumexp(x64, 1).detach(), 2e-5, 2e-5, "lse")
+        p = torch.softmax(x64.detach(), 1)
+        entropy = -(p * torch.log_softmax(x64.detach(), 1)).sum(1)
+        assert_close(out.entropy, entropy, 2e-5, 2e-5, "entropy")
+        assert_close(grad, ref_grad, 2e-5, 2e-5, "gradient")
+
+
 def test_split_rows_sum_and_mean_equal_the_row_kernels(monkeypatch):
     """Split or not, the same reduced loss and gradient (up to the order of fp32 sums)."""
     from fusedce.kernels import split_rows

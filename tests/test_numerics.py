@@ -10,6 +10,7 @@ outside fp32's normal range, flushed denormals): those run on the CPU path, the 
 CPU tensors. The drop-in contract over every option, dtype and shape is in test_dropin.py.
 """
 
+import contextlib
 import math
 
 import pytest
@@ -410,6 +411,79 @@ def test_rows_far_from_zero(dtype, atol, rtol, backend, layout, shift):
     for reduction in ("none", "mean"):
         run_both(x, target, atol=atol, rtol=rtol, backend=backend, reduction=reduction,
                  check_target_grad=target.is_floating_point())
+
+
+# Further out, the lse itself is the trouble: at |x| ~ 1e4 an fp32 lse keeps log-sum to 5e-4,
+# at 1e8 not at all (ulp 8), and every gradient rebuilt from it (p = exp(x - lse): the
+# kernels' backward, the CPU path under saved-tensor hooks or on a second backward, the
+# strided and probability-target paths) was off, all of it at 1e8 (a row of equal logits
+# got p = 1 for every class). The lse is saved in float64 now, and the losses are taken as
+# (max - x_t) + log-sum; fp32 holds such rows exactly only at the spacing of its values
+# there (8 at 1e8), which is what the float64 reference sees too.
+_FAR = [1e4, -3e6, 1e8]
+
+
+def _very_far(layout, shift, dtype):
+    gen = torch.Generator().manual_seed(11)
+    if layout == "NCd":
+        x = torch.randn(2, 6, 3, generator=gen) * 6 + shift
+        return x.to(dtype), torch.randint(0, 6, (2, 3), generator=gen)
+    x = torch.randn(4, 9, generator=gen) * 6 + shift
+    x[0] = shift  # every class equal: p = 1/9 each
+    if layout == "probabilities":
+        return x.to(dtype), torch.softmax(torch.randn(4, 9, generator=gen), 1).to(dtype)
+    return x.to(dtype), torch.randint(0, 9, (4,), generator=gen)
+
+
+@pytest.mark.parametrize("shift", _FAR)
+@pytest.mark.parametrize("route", ["default", "saved-tensor-hooks"])
+@pytest.mark.parametrize("layout", ["rows", "NCd", "probabilities"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rows_very_far_from_zero_every_route(backend, layout, route, shift):
+    """Loss and gradient against float64 on every route a gradient takes: on the CPU path
+    the default one computes it in the forward, under saved-tensor hooks it is rebuilt from
+    the saved lse in the backward (as the kernels always do); with label smoothing and
+    class weights, whose sums ride on log-sum too."""
+    x, target = _very_far(layout, shift, torch.float32)
+    weight = torch.linspace(0.5, 2.0, x.shape[1])
+    hooks = (torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+             if route == "saved-tensor-hooks" else contextlib.nullcontext())
+    with hooks:
+        for options in ({}, dict(label_smoothing=0.2, weight=weight)):
+            run_both(x, target, backend=backend, reduction="none",
+                     check_target_grad=target.is_floating_point(), **options)
+
+
+@pytest.mark.parametrize("shift", _FAR)
+def test_rows_very_far_from_zero_second_backward_and_aux(shift):
+    """The CPU path's default route, backward a second time through a retained graph (the
+    gradient rebuilt from the saved lse), and the lse and z-loss it returns."""
+    x, target = _very_far("rows", shift, torch.float32)
+    x64 = x.double().requires_grad_()
+    want_lse = torch.logsumexp(x64, 1)
+    want = F.cross_entropy(x64, target, reduction="sum") + 1e-3 * (want_lse ** 2).sum()
+    (want_grad,) = torch.autograd.grad(want, x64)
+    xf = x.clone().requires_grad_()
+    out = fusedce.cross_entropy(xf, target, reduction="sum", backend="torch",
+                                lse_square_scale=1e-3, return_aux=True)
+    first = torch.autograd.grad(out.loss, xf, retain_graph=True)[0]
+    second = torch.autograd.grad(out.loss, xf)[0]
+    assert_close(out.lse, want_lse.detach(), ATOL, RTOL, "lse")
+    assert_close(out.loss, want.detach(), ATOL, RTOL, "loss with its z-loss")
+    for grad in (first, second):
+        torch.testing.assert_close(grad.double(), want_grad, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_smoothing_gradient_of_a_row_without_a_target_term(backend):
+    """Class weights summing to 0 and a target of weight 0: the row's ``g A`` is 0 but its
+    smoothing term ``g eps / C w`` is not (the CPU backward zeroed such a row whole)."""
+    weight = torch.tensor([1.0, -1.0, 2.0, -2.0, 0.0])
+    x = logits((3, 5), seed=4)
+    target = torch.tensor([4, 0, 2])
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        run_both(x, target, backend=backend, reduction="none", weight=weight,
+                 label_smoothing=0.3)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

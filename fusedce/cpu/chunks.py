@@ -257,16 +257,18 @@ def _exp_rows(xc: torch.Tensor, dc: Optional[torch.Tensor], scratch: Optional[to
     return buf
 
 
-def bwd_chunks(x: torch.Tensor, dx: torch.Tensor, shift: torch.Tensor,
-               neg_shift: torch.Tensor, sign: Optional[torch.Tensor],
+def bwd_chunks(x: torch.Tensor, dx: torch.Tensor, anchor: torch.Tensor, neg: torch.Tensor,
+               coef_fma: torch.Tensor, coef_sub: torch.Tensor,
                smooth: Optional[torch.Tensor], w: Optional[torch.Tensor],
                scratch: Optional[torch.Tensor], skip: list[bool],
                start: int, end: int, step: int, direct: bool, fused: bool):
-    """``ce_bwd``'s loop over the chunks of rows ``[start, end)``: ``dx = sign exp(x -
-    shift)`` (``shift = lse - log|g A|``, ``neg_shift`` its ``-shift log2(e)`` rounded
-    once), minus ``smooth w`` where given. Rows flagged in
-    ``skip`` (from ``start``) are zeroed, not computed. ``direct``: fp32 in and out, else
-    through the fp32 ``scratch``. Runs as a script like ``fwd_chunks``."""
+    """``ce_bwd``'s loop over the chunks of rows ``[start, end)``: ``dx = exp(x - s) coef``
+    for each row's ``anchor`` (``neg`` its ``-anchor log2(e)`` rounded once), ``s`` the
+    shift ``exp_argument`` took and ``coef`` the row's ``coef_fma`` where that was its
+    multiply-add, else ``coef_sub`` (``s`` = ``anchor``), minus ``smooth w`` where given.
+    Rows flagged in ``skip`` (from ``start``) are zeroed, not computed. ``direct``: fp32
+    in and out, else through the fp32 ``scratch``. Runs as a script like
+    ``fwd_chunks``."""
     for s in range(start, end, step):
         e = min(s + step, end)
         rows = e - s
@@ -280,17 +282,17 @@ def bwd_chunks(x: torch.Tensor, dx: torch.Tensor, shift: torch.Tensor,
         if len(zero) == rows:
             dxc.zero_()
             continue
+        neg_c = neg.narrow(0, s, rows)
         if direct:
-            buf = exp_argument(xc, shift.narrow(0, s, rows), dxc,
-                               neg_shift.narrow(0, s, rows), False, fused)
+            buf = exp_argument(xc, anchor.narrow(0, s, rows), dxc, neg_c, False, fused)
         else:
             assert scratch is not None
             buf = scratch.narrow(0, 0, rows).copy_(xc)
-            exp_argument(buf, shift.narrow(0, s, rows), buf, neg_shift.narrow(0, s, rows),
-                         False, fused)
+            exp_argument(buf, anchor.narrow(0, s, rows), buf, neg_c, False, fused)
         buf.exp2_()
-        if sign is not None:
-            buf.mul_(sign.narrow(0, s, rows))
+        # exp_argument sets the chunk's neg to +inf where it subtracted the anchor instead
+        coef = coef_sub if float(neg_c[0, 0]) == float("inf") else coef_fma
+        buf.mul_(coef.narrow(0, s, rows))
         if smooth is not None:
             _smoothing_term(buf, smooth.narrow(0, s, rows), w)
         if not direct:

@@ -137,16 +137,16 @@ def _new_scratch(n_rows, n_cols, acc, device):
 def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_scale=None,
            grad_out=None, extras=None, aux_out=None, z_scale=None):
     """``rows.ce_fwd`` with the extras: per-row ``(loss, lse)`` of the transformed logits,
-    in float32 (float64 for float64 ``x``); ``aux_out`` (2, rows) receives the entropy and
-    the correctness of each row; with ``grad_scale`` the gradient of ``loss * grad_scale``
-    plus the z-loss's (``gz = z_scale * lse``, 0 where ignored) goes into ``grad_out``, or
-    over ``x`` when it is None."""
+    the loss in float32 (float64 for float64 ``x``), the lse in float64; ``aux_out`` (2,
+    rows) receives the entropy and the correctness of each row; with ``grad_scale`` the
+    gradient of ``loss * grad_scale`` plus the z-loss's (``gz = z_scale * lse``, 0 where
+    ignored) goes into ``grad_out``, or over ``x`` when it is None."""
     n_rows, n_cols = x.shape
     acc = compute_dtype(x, weight)
     eps = float(label_smoothing)
     dev = x.device
     loss = torch.empty(n_rows, dtype=acc, device=dev)
-    lse = torch.empty(n_rows, dtype=acc, device=dev)
+    lse = torch.empty(n_rows, dtype=torch.float64, device=dev)
     grad = grad_scale is not None
     dst = (x if grad_out is None else grad_out) if grad else None
     with torch.no_grad():
@@ -178,7 +178,7 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_
             p = (torch.exp2 if exp2 else torch.exp)(shifted, out=scratch.get("p", r))
             d = p.sum(1)
             log_d = d.log()
-            lse_c = (shift + log_d.double()).to(acc)
+            lse_c = shift + log_d.double()
             lse[rows] = lse_c
             z_t = z.gather(1, t_safe[rows, None]).squeeze(1).to(acc)
             # (s - z_t) + log d: keeps log d where s is far from 0
@@ -193,7 +193,8 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_
                 aux_out[0, rows] = log_d - plogp / d
                 aux_out[1, rows] = (valid[rows] & (arg == t_safe[rows])).to(aux_out.dtype)
             if grad:
-                gz = None if zs is None else torch.where(ignored[rows], 0.0, zs * lse_c)
+                gz = None if zs is None else torch.where(ignored[rows], 0.0,
+                                                         zs * lse_c.to(acc))
                 coef = _coefficients(g[rows] / d, w_t[rows], None if gz is None else gz / d,
                                      W, eps, n_cols)
                 # p is unnormalised here: gA / d, gz / d; the constant terms take d back
@@ -223,7 +224,10 @@ def ce_bwd(x, target, lse, dloss, weight=None, ignore_index=-100, label_smoothin
         w = weight.to(acc) if weight is not None else None
         g = torch.where(ignored, 0.0, torch.where(valid, dloss.to(acc).expand(n_rows),
                                                   float("nan")))
-        lse = lse.to(acc)
+        lse = lse.double()
+        # each row's exp is anchored at its lse rounded to acc; the shift s it took comes
+        # back exactly in gA's factor exp(s - lse) (rows.ce_bwd)
+        anchor = lse.to(acc)
         gz = z_grad.to(acc) if z_grad is not None else None
         W = float(n_cols) if w is None else w.sum()
         coef = _coefficients(g, w_t, gz, W, eps, n_cols)
@@ -234,10 +238,11 @@ def ce_bwd(x, target, lse, dloss, weight=None, ignore_index=-100, label_smoothin
         for s, e in chunks.chunk_ranges(end, n_cols, start):
             rows = slice(s, e)
             z, dz = transformed(x[rows], extras, acc, scratch)
-            shifted = _shifted(z, lse[rows], scratch.get("p", e - s), exp2)[0]
+            shifted, shift, _ = _shifted(z, anchor[rows], scratch.get("p", e - s), exp2)
             p = shifted.exp2_() if exp2 else shifted.exp_()
-            _chunk_grad(dz, p, t_safe[rows], *[c if c is None else c[rows] for c in coef], w,
-                        dx[rows])
+            gA = coef[0][rows] * torch.exp(shift - lse[rows]).to(acc)
+            _chunk_grad(dz, p, t_safe[rows], gA, coef[1][rows],
+                        None if coef[2] is None else coef[2][rows], w, dx[rows])
 
     pool.parallel_rows(n_rows, n_cols, x.device, work)
     return dx

@@ -14,10 +14,12 @@ How it is fast on a CPU (figures in docs/benchmarks.md):
 - each exponential is PyTorch's base-2 one of a fused multiply-add,
   ``exp(x - m) = exp2(x log2(e) - m log2(e))`` (``chunks.exp_argument``): a third of the
   cost of its ``exp``, with an argument rounded as the subtraction's would be;
-- where the gradient is computed in the backward, the upstream gradient and A fold into
-  the exponent, ``g A p = exp(x - (lse - log(g A)))``: one multiply-add into the gradient
-  and one in-cache exp; the target's entry, where ``A p_t - B`` may cancel, is written
-  afterwards from a per-row fp32 formula (one rounding, as in the kernels);
+- where the gradient is computed in the backward, from the forward's lse (kept in
+  float64), each row's exp is anchored at its lse rounded to fp32 and a per-row factor
+  (``g A`` and the rest of the lse, taken back exactly) scales it: one multiply-add into
+  the gradient, one in-cache exp and one in-cache product, exact however far the row lies
+  from 0; the target's entry, where ``A p_t - B`` may cancel, is written afterwards from a
+  per-row formula (one rounding, as in the kernels);
 - a row's shift is the max of its first ``SHIFT_PREFIX`` values and its target's logit,
   not of the whole row (not in place in fp32): no max pass of its own over each chunk (a
   shift below the max only makes every ``exp`` larger; a row whose sum passes 2**32 is done
@@ -133,7 +135,9 @@ def _shift_prefix(x, dst, gA, zs):
 
 def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_scale=None,
            grad_out=None, extras=None, aux_out=None, z_scale=None):
-    """Per-row ``(loss, lse)`` in fp32 of ``x`` (rows, C) against ``target`` (rows,).
+    """Per-row ``(loss, lse)`` of ``x`` (rows, C) against ``target`` (rows,): the loss in
+    fp32, the lse in float64 (what ``ce_bwd`` takes back: the row's offset and its log-sum
+    apart, rounded once).
 
     With ``grad_scale`` (a (1,) fp32 tensor) also writes the gradient of ``loss *
     grad_scale``: into ``grad_out`` (a contiguous tensor of ``x``'s shape and dtype; ``x``
@@ -204,11 +208,14 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_
             # its rounding (1e-6) to the sum's own
             log_sum = row_sum.double().log().squeeze(1)
             shift = chunks.row_shift(row_max, row_neg, k).squeeze(1)
-            lse = (shift * scale + log_sum).float()
+            # kept in float64 for the backward (``ce_bwd``): rounded to fp32, a row far
+            # from 0 (|lse| ~ 1e8) would lose its log_sum
+            lse = shift * scale + log_sum
             nll = ((shift - x_t.double()) * scale + log_sum).clamp(min=0.0).float()
         else:
-            lse = log_sum = torch.full((n_rows,), float("-inf"), device=dev)
-            nll = lse - x_t * scale
+            lse = log_sum = torch.full((n_rows,), float("-inf"), dtype=torch.float64,
+                                       device=dev)
+            nll = (lse - x_t * scale).float()
         loss = (1.0 - eps) * w_t * nll
         if eps > 0:
             # sum_wx is relative to the shift s: W lse - sum w x = W log_sum - sum w (x - s),
@@ -251,32 +258,38 @@ def ce_bwd(x, target, lse, dloss, weight=None, ignore_index=-100, label_smoothin
         A, B = _grad_coefficients(w_t, weight, eps, n_cols)
         g = _row_scale(dloss.float().expand(n_rows), ignored, valid)
         gA = g * A if z_grad is None else g * A + z_grad.float()
-        lse = lse.float()
-        # g A p = sign(g A) exp(x - (lse - log|g A|)); g A = 0 gives exp(-inf) = 0
-        # rows with g A = 0 (ignored, or no upstream gradient) are zeroed, not computed:
-        # exp(-inf) takes a slow path in PyTorch's CPU exp, about 20x an ordinary value
-        # (on the CPU only: reading the rows' flags on a GPU would be a host sync)
-        # a row whose lse is NaN or infinite (a NaN or +inf logit, or only -inf) has an
-        # all-NaN gradient whatever its g A, as PyTorch's: a NaN shift gives exactly that
+        lse = lse.double()
+        # g A p_c = exp(x_c - s) c, c = g A exp(s - lse): each row's exp is anchored at
+        # its lse rounded to fp32, a (every exponent then <= ~0); s is the shift the
+        # exponent took (chunks.exp_argument: -neg / log2(e) under its multiply-add, else a
+        # itself), and c, per row in float64, takes the rest back exactly, however far the
+        # row lies from 0. (Folding g A into the exponent, s = lse - log|g A|, saves the
+        # product but rounds s to fp32 with the row's offset: a relative error of the
+        # gradient of |s| 4e-8, all of it at |s| = 1e8.)
+        # rows with g A = 0 and nothing else (ignored, or no upstream gradient) are zeroed,
+        # not computed: exp(-inf) takes a slow path in PyTorch's CPU exp, about 20x an
+        # ordinary value (on the CPU only: reading the rows' flags on a GPU would be a host
+        # sync). A row whose lse is NaN or infinite (a NaN or +inf logit, or only -inf) has
+        # an all-NaN gradient whatever its g A, as PyTorch's: a NaN anchor gives exactly that
         finite = lse.isfinite()
-        shift64 = torch.where(finite, lse.double() - gA.abs().double().log(), float("nan"))
-        skip, sign = None, torch.where(gA < 0, -1.0, 1.0).contiguous()
+        anchor = torch.where(finite, lse, float("nan")).float()[:, None].contiguous()
+        neg = torch.mul(anchor, -chunks.LOG2E)  # the multiply-add's own (exp_argument)
+        gA64 = gA.double()[:, None]
+        coef_fma = (gA64 * torch.exp(neg.double() / -chunks.LOG2E - lse[:, None])).float()
+        coef_sub = (gA64 * torch.exp(anchor.double() - lse[:, None])).float()
+        skip = None
         if dev.type == "cpu":
             zero_rows = (gA == 0) & finite
+            if eps > 0:  # the smoothing term stays where g does (class weights summing to 0)
+                zero_rows &= g == 0
             skip = zero_rows.tolist()
-            shift64 = torch.where(zero_rows, lse.double(), shift64)
-            if not bool((gA < 0).any()):
-                sign = None
-        shift = shift64.float()[:, None].contiguous()
-        neg_shift = (shift64 * -chunks.LOG2E).float()[:, None].contiguous()
         smooth = (g * (eps / n_cols)).contiguous() if eps > 0 else None
-        x_t = x.gather(1, t_safe[:, None]).squeeze(1).float()
+        x_t = x.gather(1, t_safe[:, None]).squeeze(1).double()
     direct = dx.dtype == torch.float32 and x.dtype == torch.float32
     step = chunks.rows_per_chunk(n_cols)
 
     chunk_loop = chunks.script(chunks.bwd_chunks) if pool.n_workers(n_rows, n_cols, dev) > 1 \
         else chunks.bwd_chunks
-    sign2 = sign[:, None] if sign is not None else None
 
     def work(start, end):
         scratch = None
@@ -285,8 +298,8 @@ def ce_bwd(x, target, lse, dloss, weight=None, ignore_index=-100, label_smoothin
                                   device=dev)
         if fresh:
             buffers.fault_in_rows(dx, start, end)
-        chunk_loop(x.detach(), dx.detach(), shift, neg_shift, sign2, smooth, w, scratch,
-                   [] if skip is None else skip[start:end], start, end, step, direct,
+        chunk_loop(x.detach(), dx.detach(), anchor, neg, coef_fma, coef_sub, smooth, w,
+                   scratch, [] if skip is None else skip[start:end], start, end, step, direct,
                    chunks.fma_fused())
 
     pool.parallel_rows(n_rows, n_cols, dev, work)

@@ -83,7 +83,9 @@ def _soft_weights(yc, weight, eps, n_cols, acc):
 
 def ce_strided_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0,
                    extras=None, aux_out=None):
-    """Per-row ``(loss, lse, s)``, each (N * L,) in the accumulation dtype.
+    """Per-row ``(loss, lse, s)``, each (N * L,): loss and ``s`` in the accumulation
+    dtype, lse in float64 (``m + log_sum`` rounded once: the backward rebuilds ``p`` from
+    it, also where the row lies far from 0).
 
     ``s`` is ``sum_c w_c y'_c`` for probability targets (the backward needs it) and an
     empty tensor for class indices. A class index outside ``[0, C)`` that is not
@@ -98,8 +100,8 @@ def ce_strided_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.
     acc = acc_dtype(x.dtype, target.dtype if soft else x.dtype,
                     weight.dtype if weight is not None else x.dtype)
     loss = torch.empty(n, l_len, dtype=acc, device=x.device)
-    lse = torch.empty(n, l_len, dtype=acc, device=x.device)
-    s = torch.empty(n, l_len, dtype=acc, device=x.device) if soft else lse.new_empty(0)
+    lse = torch.empty(n, l_len, dtype=torch.float64, device=x.device)
+    s = torch.empty(n, l_len, dtype=acc, device=x.device) if soft else loss.new_empty(0)
     aux = None if aux_out is None else aux_out.view(2, n, l_len)
     if not soft:
         t_safe, ignored, valid, w_t = _hard_rows(target, weight, ignore_index, n_cols, acc)
@@ -109,7 +111,7 @@ def ce_strided_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.
         block = (slice(n0, n1), slice(l0, l1))
         z, _ = _extras.transformed(x[n0:n1, :, l0:l1], extras, acc)
         d, m, log_sum, h = _shifted(z, entropy=aux is not None)
-        lse[block] = m + log_sum
+        lse[block] = m.double() + log_sum.double()
         if aux is not None:
             aux[0][block] = h
             wanted = (target[n0:n1, :, l0:l1].argmax(1) if soft
@@ -150,8 +152,13 @@ def ce_strided_bwd(x, target, lse, s, dloss, weight=None, ignore_index=-100,
     n, n_cols, l_len = x.shape
     soft = target.is_floating_point()
     eps = float(label_smoothing)
-    acc = lse.dtype
+    acc = acc_dtype(x.dtype, target.dtype if soft else x.dtype,
+                    weight.dtype if weight is not None else x.dtype)
+    # z - lse as (z - hi) - lo, hi + lo = lse: hi rounded to acc, lo the rest (z - hi is
+    # exact near the row's max, however far the row lies from 0)
     lse = lse.reshape(n, l_len)
+    hi = lse.to(acc)
+    lo = (lse - hi.double()).to(acc)
     gz_all = None if z_grad is None else z_grad.to(acc).reshape(n, l_len)
     if need_dx and dx is None:
         dx = torch.empty_like(x)
@@ -168,24 +175,25 @@ def ce_strided_bwd(x, target, lse, s, dloss, weight=None, ignore_index=-100,
         g_all = torch.where(ignored, 0.0, torch.where(valid, dloss.to(acc), float("nan")))
     for n0, n1, l0, l1 in _chunks(n, n_cols, l_len):
         z, dz = _extras.transformed(x[n0:n1, :, l0:l1], extras, acc)
-        lse_c = lse[n0:n1, l0:l1, None].transpose(1, 2)  # (n, 1, l)
+        hi_c = hi[n0:n1, l0:l1, None].transpose(1, 2)  # (n, 1, l)
+        lo_c = lo[n0:n1, l0:l1, None].transpose(1, 2)
         if soft:
             g = dloss[n0:n1, l0:l1].to(acc)[:, None, :]
             if dy is not None:
                 wd = g * (1.0 - eps)
                 if weight is not None:
                     wd = wd * weight.to(acc)[None, :, None]
-                dy[n0:n1, :, l0:l1] = wd * (lse_c - z)
+                dy[n0:n1, :, l0:l1] = wd * ((hi_c - z) + lo_c)
             if not need_dx:
                 continue
-            p = torch.sub(z, lse_c).exp_()
+            p = torch.sub(z, hi_c).sub_(lo_c).exp_()
             wy = _soft_weights(target[n0:n1, :, l0:l1], weight, eps, n_cols, acc)
             # p itself is kept only for the z-loss's term
             grad = (p.mul_ if gz_all is None else p.mul)(s[n0:n1, None, l0:l1])
             grad = grad.sub_(wy).mul_(g)
         else:
             g = g_all[n0:n1, None, l0:l1]
-            p = torch.sub(z, lse_c).exp_()
+            p = torch.sub(z, hi_c).sub_(lo_c).exp_()
             grad = (p.mul_ if gz_all is None else p.mul)(A[n0:n1, None, l0:l1])
             grad.scatter_add_(1, t_safe[n0:n1, None, l0:l1], -B[n0:n1, None, l0:l1])
             if eps > 0:

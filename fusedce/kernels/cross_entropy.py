@@ -95,16 +95,10 @@ def _lse_step(x, w_ptrs, mask, m, d, q, w_seen, HAS_WEIGHT: tl.constexpr,
     m_new = tl.maximum(m, tl.max(x, axis=0))
     # a block of -inf only (masked vocab) must not make (-inf) - (-inf) = NaN
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-    # x * LOG2E - m_ref * LOG2E: one FFMA per element instead of FADD + FMUL (the forward
-    # loop is near the issue rate an H200 needs for bf16). The rounding of m_ref * LOG2E is
-    # shared by the whole block: it moves lse by about one ulp of m, no more. Beyond
-    # |m| = 2e38, m_ref * LOG2E overflows (a row masked with finfo.min: -inf - -inf = NaN,
-    # which reached the gradient of an ignored row as 0 * NaN): there the subtraction
-    # first, a branch every thread of the program takes alike.
-    if tl.abs(m_ref) < 2.0e38:
-        e = tl.exp2(x * LOG2E - m_ref * LOG2E)
-    else:
-        e = tl.exp2((x - m_ref) * LOG2E)
+    # the subtraction first: x - m_ref is exact near the max, so d is the sum relative to
+    # m itself, however far the row lies from 0. (x * LOG2E - m_ref * LOG2E, one FFMA,
+    # shifted every term by the rounding of m_ref * LOG2E, about one ulp of m: 4 at 1e8.)
+    e = tl.exp2((x - m_ref) * LOG2E)
     d = d * tl.exp2((m - m_ref) * LOG2E) + tl.sum(e, axis=0)
     if HAS_SMOOTHING:
         if HAS_WEIGHT:
@@ -177,7 +171,9 @@ def _row_lse(x_ptr, row_start, n_cols, t_col, weight_ptr, scale, softcap,
              HAS_SMOOTHING: tl.constexpr, TRANSFORM: tl.constexpr, HAS_CAP: tl.constexpr,
              AUX: tl.constexpr):
     """One pass over the row at ``x_ptr + row_start``: returns ``(lse, x_t, smooth,
-    w_seen, entropy, arg, m)``, fp32, where with smoothing ``smooth = sum_c w_c (lse - x_c)``
+    w_seen, entropy, arg, m, log_d)``, fp32, ``lse = m + log_d`` rounded (``m`` the max,
+    or 0 where it is -inf, and ``log_d`` kept apart where the sum must not lose ``log_d``
+    to ``m``'s size), where with smoothing ``smooth = sum_c w_c (lse - x_c)``
     (a sum of terms >= 0, so ``W lse - sum w x`` without its cancellation) and ``w_seen =
     sum_c w_c`` over the row (0 without smoothing). With AUX, the row's entropy and the
     first column of its max (``_aux_step``; else 0 and ``n_cols``); ``m`` is the max.
@@ -225,7 +221,7 @@ def _row_lse(x_ptr, row_start, n_cols, t_col, weight_ptr, scale, softcap,
     log_d = tl.log(d)
     lse = tl.where(m == float("-inf"), 0.0, m) + log_d
     smooth = w_seen * log_d - q
-    return lse, x_t, smooth, w_seen, log_d - s1 / d, arg, m
+    return lse, x_t, smooth, w_seen, log_d - s1 / d, arg, m, log_d
 
 
 @triton.jit
@@ -258,15 +254,16 @@ def _target_col(t, n_cols):
 
 
 @triton.jit
-def _grad_block(x, hit, w_ptrs, mask, lse, g, A, B, n_cols, label_smoothing, gz,
+def _grad_block(x, hit, w_ptrs, mask, hi, lo2, g, A, B, n_cols, label_smoothing, gz,
                 HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_Z: tl.constexpr):
     """``dx = (p * A - B * onehot(t) - eps / C * w) * g`` (``+ gz * p`` with HAS_Z, the
-    z-loss) for one block, fp32.
+    z-loss) for one block, fp32; ``p = exp(x - lse)`` for the row's ``lse = hi + lo2 /
+    log2(e)`` (``_lse_parts``): ``x - hi`` is exact near the row's max.
 
     ``hit`` is the block's one-hot of the target; ``w_ptrs`` the class weights' addresses
     (read only with smoothing and weights).
     """
-    p = tl.exp2((x - lse) * LOG2E)
+    p = tl.exp2((x - hi) * LOG2E - lo2)
     # p * A - B stays exact when A == B and p is near 1 (confident bf16 predictions)
     dx = p * A - tl.where(hit, B, 0.0)
     if HAS_SMOOTHING:
@@ -282,14 +279,15 @@ def _grad_block(x, hit, w_ptrs, mask, lse, g, A, B, n_cols, label_smoothing, gz,
 
 
 @triton.jit
-def _row_grad(x_ptr, x_row_start, dx_ptr, dx_row_start, n_cols, t, lse, g, w_t, weight_ptr,
-              W, label_smoothing, scale, softcap, gz, BLOCK_SIZE: tl.constexpr,
+def _row_grad(x_ptr, x_row_start, dx_ptr, dx_row_start, n_cols, t, hi, lo2, g, w_t,
+              weight_ptr, W, label_smoothing, scale, softcap, gz, BLOCK_SIZE: tl.constexpr,
               VEC: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
               SAME_LAYOUT: tl.constexpr, TRANSFORM: tl.constexpr, HAS_CAP: tl.constexpr,
               HAS_Z: tl.constexpr):
-    """One pass over a row: reads each logit once and writes each gradient element once.
-    With TRANSFORM the gradient is that of the transformed logits times ``dz/dx``; with
-    HAS_Z the z-loss's ``gz * p`` is added (``_grad_block``).
+    """One pass over a row: reads each logit once and writes each gradient element once;
+    ``(hi, lo2)`` the row's lse (``_grad_block``). With TRANSFORM the gradient is that of
+    the transformed logits times ``dz/dx``; with HAS_Z the z-loss's ``gz * p`` is added
+    (``_grad_block``).
 
     The loop is aligned to ``x``'s row. With SAME_LAYOUT (``dx`` rows start where ``x``
     rows do: same row stride, e.g. ``dx`` made by ``empty_like(x)`` or ``x`` itself) the
@@ -311,7 +309,7 @@ def _row_grad(x_ptr, x_row_start, dx_ptr, dx_row_start, n_cols, t, lse, g, w_t, 
     e_cols, e_valid = _edge_cols(head, body_len, n_cols, VEC)
     e_x = tl.load(x_ptr + x_row_start + e_cols, mask=e_valid, other=0.0).to(tl.float32)
     e_x, e_dz = _logits(e_x, e_valid, scale, softcap, TRANSFORM, HAS_CAP)
-    e_dx = _grad_block(e_x, e_cols == t_col, weight_ptr + e_cols, e_valid, lse, g, A, B,
+    e_dx = _grad_block(e_x, e_cols == t_col, weight_ptr + e_cols, e_valid, hi, lo2, g, A, B,
                        n_cols, label_smoothing, gz, HAS_WEIGHT, HAS_SMOOTHING, HAS_Z)
     if TRANSFORM:
         e_dx *= e_dz
@@ -326,8 +324,8 @@ def _row_grad(x_ptr, x_row_start, dx_ptr, dx_row_start, n_cols, t, lse, g, w_t, 
         x = tl.load(x_body_ptr + k, mask=mask, other=0.0).to(tl.float32)
         x, dz = _logits(x, mask, scale, softcap, TRANSFORM, HAS_CAP)
         # lanes == t_body - start: one 32-bit compare against a loop-invariant register
-        dx = _grad_block(x, lanes == t_body - start, w_body_ptr + k, mask, lse, g, A, B,
-                         n_cols, label_smoothing, gz, HAS_WEIGHT, HAS_SMOOTHING, HAS_Z)
+        dx = _grad_block(x, lanes == t_body - start, w_body_ptr + k, mask, hi, lo2, g, A,
+                         B, n_cols, label_smoothing, gz, HAS_WEIGHT, HAS_SMOOTHING, HAS_Z)
         if TRANSFORM:
             dx *= dz
         tl.store(dx_body_ptr + k, dx.to(out_ty), mask=mask)
@@ -360,7 +358,8 @@ def _ce_fwd_kernel(
     target_ptr: (rows,) int64 or int32
     weight_ptr: (n_cols,) class weights (read only if HAS_WEIGHT); wsum_ptr: (1,) fp32, W
     loss_ptr:   (rows,) fp32 out, the row's loss (0 if ignored, NaN if target out of range)
-    lse_ptr:    (rows,) fp32 out, log-sum-exp of the row
+    lse_ptr:    (rows,) fp64 out, log-sum-exp of the row (its max and log-sum rounded
+                once: the backward's ``p`` keeps log-sum where the row lies far from 0)
     gscale_ptr: (1,) fp32, read only if HAS_GRAD: the gradient's scale (1 / denominator),
                 with which the row's gradient is written into the row of ``dx``
     dx_ptr:     (rows, n_cols) out if HAS_GRAD, dtype of x, unit column stride (may be x
@@ -379,10 +378,12 @@ def _ce_fwd_kernel(
     t, ignored, valid, w_t = _row_target(target_ptr, row, weight_ptr, n_cols, ignore_index,
                                          HAS_WEIGHT)
     t_col = _target_col(t, n_cols)
-    lse, x_t, smooth, _, entropy, arg, _ = _row_lse(
+    lse, x_t, smooth, _, entropy, arg, m, log_d = _row_lse(
         x_ptr, row_start, n_cols, t_col, weight_ptr, scale, softcap, BLOCK_SIZE, VEC,
         HAS_WEIGHT, HAS_SMOOTHING, TRANSFORM, HAS_CAP, AUX)
-    loss = (1.0 - label_smoothing) * w_t * (lse - x_t)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    # lse - x_t as (m - x_t) + log_d: keeps log_d where m is far from 0 (PyTorch's order)
+    loss = (1.0 - label_smoothing) * w_t * ((m - x_t) + log_d)
     W = 0.0
     if HAS_SMOOTHING:
         if HAS_WEIGHT:
@@ -395,7 +396,7 @@ def _ce_fwd_kernel(
     nan = float("nan")
     loss = tl.where(ignored, 0.0, tl.where(valid, loss, nan))
     tl.store(loss_ptr + row, loss)
-    tl.store(lse_ptr + row, lse)
+    tl.store(lse_ptr + row, m.to(tl.float64) + log_d.to(tl.float64))
     if AUX:
         tl.store(aux_ptr + row, entropy)
         tl.store(aux_ptr + aux_stride + row, tl.where(valid & (arg == t_col), 1.0, 0.0))
@@ -406,9 +407,10 @@ def _ce_fwd_kernel(
         if HAS_Z:
             gz = tl.where(ignored, 0.0, tl.load(zscale_ptr).to(tl.float32) * lse)
         # the row was just streamed through: on a GPU this second read comes from L2
-        _row_grad(x_ptr, row_start, dx_ptr, row * dx_row_stride, n_cols, t, lse, g, w_t,
-                  weight_ptr, W, label_smoothing, scale, softcap, gz, BLOCK_SIZE, VEC,
-                  HAS_WEIGHT, HAS_SMOOTHING, SAME_LAYOUT, TRANSFORM, HAS_CAP, HAS_Z)
+        _row_grad(x_ptr, row_start, dx_ptr, row * dx_row_stride, n_cols, t, m,
+                  log_d * LOG2E, g, w_t, weight_ptr, W, label_smoothing, scale, softcap, gz,
+                  BLOCK_SIZE, VEC, HAS_WEIGHT, HAS_SMOOTHING, SAME_LAYOUT, TRANSFORM, HAS_CAP,
+                  HAS_Z)
 
 
 @triton.jit
@@ -436,21 +438,21 @@ def _ce_bwd_kernel(
     dx_ptr:     (rows, n_cols) out, same dtype as x, unit column stride; SAME_LAYOUT when
                 ``dx_row_stride == x_row_stride`` (then 16-byte stores, see ``_row_grad``)
     target_ptr: (rows,) int64/int32; weight_ptr: (n_cols,); wsum_ptr: (1,) fp32
-    lse_ptr:    (rows,) fp32 from the forward
+    lse_ptr:    (rows,) fp64 from the forward
     dloss_ptr:  (rows,) fp32 upstream gradient of each row's loss, the reduction's
                 denominator folded in; ``dloss_stride`` is 0 for a broadcast scalar
     zgrad_ptr:  (rows,) fp32 with HAS_Z: each row's z-loss ``gz`` (0 where ignored)
     scale, softcap: the logit transform, with TRANSFORM (and HAS_CAP), see ``_logits``
     """
     row = tl.program_id(0).to(tl.int64)
-    t, w_t, g, lse, W = _grad_row_state(row, target_ptr, weight_ptr, wsum_ptr, lse_ptr,
-                                        dloss_ptr, dloss_stride, n_cols, ignore_index,
-                                        HAS_WEIGHT, HAS_SMOOTHING)
+    t, w_t, g, hi, lo2, W = _grad_row_state(row, target_ptr, weight_ptr, wsum_ptr, lse_ptr,
+                                            dloss_ptr, dloss_stride, n_cols, ignore_index,
+                                            HAS_WEIGHT, HAS_SMOOTHING)
     gz = 0.0
     if HAS_Z:
         gz = tl.load(zgrad_ptr + row)
-    _row_grad(x_ptr, row * x_row_stride, dx_ptr, row * dx_row_stride, n_cols, t, lse, g, w_t,
-              weight_ptr, W, _fp32(label_smoothing), scale, softcap, gz, BLOCK_SIZE, VEC,
+    _row_grad(x_ptr, row * x_row_stride, dx_ptr, row * dx_row_stride, n_cols, t, hi, lo2, g,
+              w_t, weight_ptr, W, _fp32(label_smoothing), scale, softcap, gz, BLOCK_SIZE, VEC,
               HAS_WEIGHT, HAS_SMOOTHING, SAME_LAYOUT, TRANSFORM, HAS_CAP, HAS_Z)
 
 
@@ -459,19 +461,29 @@ def _grad_row_state(row, target_ptr, weight_ptr, wsum_ptr, lse_ptr, dloss_ptr, d
                     n_cols, ignore_index, HAS_WEIGHT: tl.constexpr,
                     HAS_SMOOTHING: tl.constexpr):
     """What a backward needs of a row besides its logits: the target, its class weight, the
-    upstream gradient (0 if ignored, NaN if out of range), the lse and ``W``."""
+    upstream gradient (0 if ignored, NaN if out of range), the lse as ``_grad_block``'s
+    ``(hi, lo2)`` (``_lse_parts``) and ``W``."""
     t, ignored, valid, w_t = _row_target(target_ptr, row, weight_ptr, n_cols, ignore_index,
                                          HAS_WEIGHT)
     g = tl.load(dloss_ptr + row * dloss_stride).to(tl.float32)
     g = tl.where(ignored, 0.0, tl.where(valid, g, float("nan")))
-    lse = tl.load(lse_ptr + row)
+    hi, lo2 = _lse_parts(tl.load(lse_ptr + row))
     W = 0.0
     if HAS_SMOOTHING:
         if HAS_WEIGHT:
             W = tl.load(wsum_ptr).to(tl.float32)
         else:
             W = tl.zeros((), tl.float32) + n_cols  # (no .to(): C == 1 is a constexpr)
-    return t, w_t, g, lse, W
+    return t, w_t, g, hi, lo2, W
+
+
+@triton.jit
+def _lse_parts(lse):
+    """A float64 lse as ``(hi, lo2)``, fp32: ``hi`` the lse rounded, ``lo2`` the rest in
+    units of log2(e) (``_grad_block``'s ``p = exp2((x - hi) log2(e) - lo2)``)."""
+    lse = lse.to(tl.float64)
+    hi = lse.to(tl.float32)
+    return hi, ((lse - hi.to(tl.float64)) * LOG2E).to(tl.float32)
 
 
 @triton.jit
@@ -545,9 +557,9 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_
     """Loss and log-sum-exp of every row of ``x`` (rows, C), one program per row (the
     package's ``fusedce.kernels.ce_fwd`` is ``split_rows.ce_fwd``, which may split rows).
 
-    Returns ``(loss, lse)``, both (rows,) fp32. With ``grad_scale`` (a (1,) fp32 tensor on
-    x's device), the gradient of ``loss * grad_scale`` is also written: into ``grad_out``
-    (x's shape and dtype, contiguous rows) or, when it is None, over ``x``.
+    Returns ``(loss, lse)``, both (rows,), fp32 and fp64. With ``grad_scale`` (a (1,) fp32
+    tensor on x's device), the gradient of ``loss * grad_scale`` is also written: into
+    ``grad_out`` (x's shape and dtype, contiguous rows) or, when it is None, over ``x``.
     ``target`` (rows,) and ``weight`` (C,) of any strides (copied to unit stride if needed).
 
     ``extras`` (``fusedce._args.Extras``): the loss and lse are of the transformed logits;
@@ -561,7 +573,7 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_
     target, weight = _unit_stride(target, weight)
     n_rows, n_cols = x.shape
     loss = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-    lse = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    lse = torch.empty(n_rows, dtype=torch.float64, device=x.device)
     if n_rows == 0:
         return loss, lse
     has_weight, weight_arg, wsum = _weight_args(weight, label_smoothing, loss)

@@ -102,9 +102,11 @@ def _split_partials_kernel(
     """Partials of one split of one row (grid rows x S).
 
     x_ptr: (rows, n_cols) logits, unit column stride; target_ptr: (rows,) int64/int32
-    part_ptr: (P, S, rows) fp32 out: lse_s, the target logit or 0, smooth_s, w_s (P = 4;
-    2 without smoothing), and with AUX (P = 7) H_s, m_s and the row's column of the
-    split's first max (a float: exact below 2**24)
+    part_ptr: (P, S, rows) fp32 out: the split's max (0 where it is -inf) and log-sum
+    ``log_d_s`` (``lse_s`` is their sum, kept apart: its rounding would lose ``log_d_s``
+    where the row lies far from 0), the target logit or 0, smooth_s, w_s (P = 5; 3 without
+    smoothing), and with AUX (P = 8) H_s, m_s and the row's column of the split's first
+    max (a float: exact below 2**24)
     scale, softcap: the logit transform (``_logits``), with TRANSFORM and HAS_CAP
     """
     row = tl.program_id(0).to(tl.int64)
@@ -113,20 +115,21 @@ def _split_partials_kernel(
     t_local = tl.load(target_ptr + row).to(tl.int64) - col0
     t_col = tl.where((t_local >= 0) & (t_local < width), t_local, -1).to(tl.int32)
     # the split starts at its own element offset: _row_lse aligns its loads to it
-    lse, x_t, smooth, w_seen, entropy, arg, m = _row_lse(
+    _, x_t, smooth, w_seen, entropy, arg, m, log_d = _row_lse(
         x_ptr, row * x_row_stride + col0, width, t_col, weight_ptr + col0, scale, softcap,
         BLOCK_SIZE, VEC, HAS_WEIGHT, HAS_SMOOTHING, TRANSFORM, HAS_CAP, AUX)
     n_splits = tl.num_programs(1).to(tl.int64)
     slot = part_ptr + split * n_rows + row
-    tl.store(slot, lse)
+    tl.store(slot, tl.where(m == float("-inf"), 0.0, m))
     tl.store(slot + n_splits * n_rows, x_t)
+    tl.store(slot + 2 * n_splits * n_rows, log_d)
     if HAS_SMOOTHING:
-        tl.store(slot + 2 * n_splits * n_rows, smooth)
-        tl.store(slot + 3 * n_splits * n_rows, w_seen)
+        tl.store(slot + 3 * n_splits * n_rows, smooth)
+        tl.store(slot + 4 * n_splits * n_rows, w_seen)
     if AUX:
-        tl.store(slot + 4 * n_splits * n_rows, entropy)
-        tl.store(slot + 5 * n_splits * n_rows, m)
-        tl.store(slot + 6 * n_splits * n_rows, (col0 + arg).to(tl.float32))
+        tl.store(slot + 5 * n_splits * n_rows, entropy)
+        tl.store(slot + 6 * n_splits * n_rows, m)
+        tl.store(slot + 7 * n_splits * n_rows, (col0 + arg).to(tl.float32))
 
 
 @triton.jit
@@ -150,35 +153,39 @@ def _split_merge_kernel(
     s = tl.arange(0, BLOCK_S).to(tl.int64)
     live = s < n_splits
     slot = part_ptr + s * n_rows + row
-    lse_s = tl.load(slot, mask=live, other=float("-inf"))
-    m = tl.max(lse_s, axis=0)
-    m_ref = tl.where(m == float("-inf"), 0.0, m)  # all -inf: no (-inf) - (-inf)
-    lse = m_ref + tl.log(tl.sum(tl.exp(lse_s - m_ref), axis=0))
+    # lse_s = m_s + log_d_s; the row's lse = m + log_d, m the largest m_s of a split with
+    # a finite lse_s (0 if none: no (-inf) - (-inf)), each lse_s - m as (m_s - m) + log_d_s
+    m_s = tl.load(slot, mask=live, other=0.0)
+    log_d_s = tl.load(slot + 2 * n_splits * n_rows, mask=live, other=float("-inf"))
+    m = tl.max(tl.where(log_d_s == float("-inf"), float("-inf"), m_s), axis=0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    rel_s = (m_s - m) + log_d_s  # lse_s - m
+    log_d = tl.log(tl.sum(tl.exp(rel_s), axis=0))
     x_t = tl.sum(tl.load(slot + n_splits * n_rows, mask=live, other=0.0), axis=0)
     t, ignored, valid, w_t = _row_target(target_ptr, row, weight_ptr, n_cols, ignore_index,
                                          HAS_WEIGHT)
-    loss = (1.0 - label_smoothing) * w_t * (lse - x_t)
+    loss = (1.0 - label_smoothing) * w_t * ((m - x_t) + log_d)
     if HAS_SMOOTHING:
-        smooth_s = tl.load(slot + 2 * n_splits * n_rows, mask=live, other=0.0)
-        w_s = tl.load(slot + 3 * n_splits * n_rows, mask=live, other=0.0)
+        smooth_s = tl.load(slot + 3 * n_splits * n_rows, mask=live, other=0.0)
+        w_s = tl.load(slot + 4 * n_splits * n_rows, mask=live, other=0.0)
         # a split of weight 0 adds nothing (and must not make 0 * inf)
         # and a split of -inf logits only adds +inf, as its classes' -log p do (its smooth_s
-        # is NaN), as the vocab-parallel merge does
+        # is NaN), as the vocab-parallel merge does; lse - lse_s = log_d - rel_s
         rebased = tl.where(w_s == 0.0, smooth_s, tl.where(
-            lse_s == float("-inf"), float("inf"), smooth_s + w_s * (lse - lse_s)))
+            log_d_s == float("-inf"), float("inf"), smooth_s + w_s * (log_d - rel_s)))
         smooth = tl.sum(tl.where(live, rebased, 0.0), axis=0)
         loss += label_smoothing * (smooth / n_cols)
     loss = tl.where(ignored, 0.0, tl.where(valid, loss, float("nan")))
     tl.store(loss_ptr + row, loss)
-    tl.store(lse_ptr + row, lse)
+    tl.store(lse_ptr + row, m.to(tl.float64) + log_d.to(tl.float64))
     if AUX:
-        h_s = tl.load(slot + 4 * n_splits * n_rows, mask=live, other=0.0)
-        m_s = tl.load(slot + 5 * n_splits * n_rows, mask=live, other=float("-inf"))
-        a_s = tl.load(slot + 6 * n_splits * n_rows, mask=live, other=0.0)
-        pi = tl.exp(lse_s - lse)  # 0 for a split of -inf only, and for the masked lanes
-        entropy = tl.sum(tl.where(pi == 0.0, 0.0, pi * (h_s + (lse - lse_s))), axis=0)
-        m = tl.max(m_s, axis=0)
-        first = tl.min(tl.where(live & (m_s == m), a_s, float("inf")), axis=0)
+        h_s = tl.load(slot + 5 * n_splits * n_rows, mask=live, other=0.0)
+        max_s = tl.load(slot + 6 * n_splits * n_rows, mask=live, other=float("-inf"))
+        a_s = tl.load(slot + 7 * n_splits * n_rows, mask=live, other=0.0)
+        pi = tl.exp(rel_s - log_d)  # 0 for a split of -inf only, and for the masked lanes
+        entropy = tl.sum(tl.where(pi == 0.0, 0.0, pi * (h_s + (log_d - rel_s))), axis=0)
+        top = tl.max(max_s, axis=0)
+        first = tl.min(tl.where(live & (max_s == top), a_s, float("inf")), axis=0)
         tl.store(aux_ptr + row, entropy)
         tl.store(aux_ptr + aux_stride + row,
                  tl.where(valid & (first == t.to(tl.float32)), 1.0, 0.0))
@@ -213,9 +220,9 @@ def _split_grad_kernel(
     row = tl.program_id(0).to(tl.int64)
     label_smoothing = _fp32(label_smoothing)
     col0, width = _program_split(n_cols, split_cols)
-    t, w_t, g, lse, W = _grad_row_state(row, target_ptr, weight_ptr, wsum_ptr, lse_ptr, g_ptr,
-                                        g_stride, n_cols, ignore_index, HAS_WEIGHT,
-                                        HAS_SMOOTHING)
+    t, w_t, g, hi, lo2, W = _grad_row_state(row, target_ptr, weight_ptr, wsum_ptr, lse_ptr,
+                                            g_ptr, g_stride, n_cols, ignore_index, HAS_WEIGHT,
+                                            HAS_SMOOTHING)
     eps_s = 0.0
     if HAS_SMOOTHING:
         eps_s = label_smoothing * width / n_cols
@@ -224,8 +231,8 @@ def _split_grad_kernel(
     if HAS_Z:
         gz = tl.load(zgrad_ptr + row)
     dx_start = row * dx_row_stride + col0
-    _row_grad(x_ptr, row * x_row_stride + col0, dx_ptr, dx_start, width, t - col0, lse, g,
-              w_t, weight_ptr + col0, W, eps_s, scale, softcap, gz, BLOCK_SIZE, VEC,
+    _row_grad(x_ptr, row * x_row_stride + col0, dx_ptr, dx_start, width, t - col0, hi, lo2,
+              g, w_t, weight_ptr + col0, W, eps_s, scale, softcap, gz, BLOCK_SIZE, VEC,
               HAS_WEIGHT, HAS_SMOOTHING, SAME_LAYOUT, TRANSFORM, HAS_CAP, HAS_Z)
 
 
@@ -238,12 +245,13 @@ def _split_cols(n_cols, n_splits):
 
 def split_fwd(x, target, n_splits, weight_arg, wsum, has_weight, ignore_index,
               label_smoothing, loss, lse, extras=None, aux_out=None):
-    """Partials and merge into ``loss`` and ``lse`` (rows,) fp32 (and ``aux_out``)."""
+    """Partials and merge into ``loss`` (rows,) fp32 and ``lse`` (rows,) fp64 (and
+    ``aux_out``)."""
     n_rows, n_cols = x.shape
     split_cols, n_splits = _split_cols(n_cols, n_splits)
     smoothing = label_smoothing > 0
     aux = aux_out is not None
-    part = torch.empty(7 if aux else (4 if smoothing else 2), n_splits, n_rows,
+    part = torch.empty(8 if aux else (5 if smoothing else 3), n_splits, n_rows,
                        dtype=torch.float32, device=x.device)
     block, num_warps, vec = launch_config(x.dtype, split_cols)
     if smoothing and has_weight:
@@ -310,7 +318,7 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_
     _check_rows(x, dx)
     target, weight = _unit_stride(target, weight)
     loss = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
-    lse = torch.empty_like(loss)
+    lse = torch.empty_like(loss, dtype=torch.float64)
     has_weight, weight_arg, wsum = _weight_args(weight, label_smoothing, loss)
     split_fwd(x, target, n_splits, weight_arg, wsum, has_weight, ignore_index,
               label_smoothing, loss, lse, extras, aux_out)
@@ -318,7 +326,7 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_
         z_grad = None
         if extras is not None and extras.z_loss and z_scale is not None:
             # gz = z_scale * lse, 0 where ignored (as _ce_fwd_kernel's): O(rows), no sync
-            z_grad = torch.where(target.long() == ignore_index, 0.0, z_scale * lse)
+            z_grad = torch.where(target.long() == ignore_index, 0.0, z_scale * lse.float())
         split_grad(x, target, lse, grad_scale.expand(x.shape[0]), n_splits, weight_arg, wsum,
                    has_weight, ignore_index, label_smoothing, dx, extras, z_grad)
     return loss, lse

@@ -96,7 +96,8 @@ def _ce_strided_fwd_kernel(
     target_ptr: (N, L) int64/int32/uint8 class indices (SOFT=False; target_stride_c unused)
                 or (N, C, L) float class probabilities (SOFT=True), any strides
     weight_ptr: (C,) class weights, read only if HAS_WEIGHT
-    loss_ptr, lse_ptr, s_ptr: (N * L,) out, fp32 (fp64 if IS_FP64); s only if SOFT
+    loss_ptr, lse_ptr, s_ptr: (N * L,) out, fp32 (fp64 if IS_FP64), lse fp64 (the max and
+                the log-sum rounded once); s only if SOFT
     aux_ptr:    (2, N * L) fp32 out with AUX, row stride ``aux_stride``: each row's entropy,
                 and 1.0 where the first column of its max is its target (for probabilities:
                 the first column of the target's max), else 0.0
@@ -177,17 +178,17 @@ def _ce_strided_fwd_kernel(
         m = m_new
         ref = ref_new
     log_d = tl.log(d)
-    lse = ref + log_d
     if SOFT:
         loss = s * log_d - q  # = S * lse - sum w y' x
         tl.store(s_ptr + rows, s, mask=row_mask)
     else:
-        loss = (1.0 - label_smoothing) * w_t * (lse - x_t)
+        # lse - x_t as (ref - x_t) + log_d: keeps log_d where the row lies far from 0
+        loss = (1.0 - label_smoothing) * w_t * ((ref - x_t) + log_d)
         if HAS_SMOOTHING:
             loss += label_smoothing * ((s * log_d - q) / n_cols)  # (W * lse - sum w x) / C
         loss = tl.where(ignored, 0.0, tl.where(valid, loss, float("nan")))
     tl.store(loss_ptr + rows, loss, mask=row_mask)
-    tl.store(lse_ptr + rows, lse, mask=row_mask)
+    tl.store(lse_ptr + rows, ref.to(tl.float64) + log_d.to(tl.float64), mask=row_mask)
     if AUX:
         if SOFT:
             correct = arg == y_arg
@@ -247,7 +248,11 @@ def _ce_strided_bwd_kernel(
     dy_offs = n * dy_stride_n + l_idx * dy_stride_l
     g = tl.load(dloss_ptr + n * dloss_stride_n + l_idx * dloss_stride_l, mask=row_mask,
                 other=0.0).to(ACC)
-    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0).to(ACC)
+    # lse (fp64) as hi + lo in ACC: x - hi is exact near the row's max, however far the
+    # row lies from 0
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0).to(tl.float64)
+    hi = lse.to(ACC)
+    lo = (lse - hi.to(tl.float64)).to(ACC)
     if SOFT:
         s = tl.load(s_ptr + rows, mask=row_mask, other=0.0).to(ACC)
     else:
@@ -277,7 +282,8 @@ def _ce_strided_bwd_kernel(
             w = tl.full((1, BLOCK_C), 1.0, ACC)
         if SOFT:
             if NEED_DY:
-                dy = (1.0 - label_smoothing) * w * (lse[:, None] - x) * g[:, None]
+                dy = ((1.0 - label_smoothing) * w * ((hi[:, None] - x) + lo[:, None])
+                      * g[:, None])
                 tl.store(dy_ptr + dy_offs[:, None] + c_offs * dy_stride_c,
                          dy.to(dy_ptr.dtype.element_ty), mask=mask)
             if NEED_DX:
@@ -285,14 +291,14 @@ def _ce_strided_bwd_kernel(
                             mask=mask, other=0.0).to(ACC)
                 if HAS_SMOOTHING:
                     y = y * (1.0 - label_smoothing) + label_smoothing / n_cols
-                p = _exp(x - lse[:, None], IS_FP64)
+                p = _exp((x - hi[:, None]) - lo[:, None], IS_FP64)
                 dx = (p * s[:, None] - w * y) * g[:, None]
                 dx = _through_extras(dx, p, gz if HAS_Z else 0.0, dz if TRANSFORM else 1.0,
                                      TRANSFORM, HAS_Z)
                 tl.store(dx_ptr + dx_offs[:, None] + c_offs * dx_stride_c,
                          dx.to(dx_ptr.dtype.element_ty), mask=mask)
         else:
-            p = _exp(x - lse[:, None], IS_FP64)
+            p = _exp((x - hi[:, None]) - lo[:, None], IS_FP64)
             # p * A - B stays exact when A == B and p is near 1 (confident predictions)
             dx = p * A[:, None] - tl.where(cols[None, :] == t[:, None], B[:, None], 0.0)
             if HAS_SMOOTHING:
@@ -349,7 +355,7 @@ def _fp32_extras(extras, is_fp64):
 def ce_strided_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0,
                    extras=None, aux_out=None):
     """Per-row ``(loss, lse, s)`` of ``x`` (N, C, L): each (N * L,), fp32 (fp64 if the
-    logits or probabilities are fp64); ``s`` is empty for class-index targets.
+    logits or probabilities are fp64), lse fp64; ``s`` is empty for class-index targets.
 
     ``target`` is (N, L) integer class indices or (N, C, L) float probabilities. With
     ``extras`` (fp32 only) the loss and lse are of the transformed logits; ``aux_out`` (2,
@@ -362,7 +368,7 @@ def ce_strided_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.
     acc = torch.float64 if is_fp64 else torch.float32
     n_rows = n * l_len
     loss = torch.empty(n_rows, dtype=acc, device=x.device)
-    lse = torch.empty(n_rows, dtype=acc, device=x.device)
+    lse = torch.empty(n_rows, dtype=torch.float64, device=x.device)
     s = torch.empty(n_rows if soft else 0, dtype=acc, device=x.device)
     if n_rows == 0:
         return loss, lse, s
@@ -397,7 +403,9 @@ def ce_strided_bwd(x, target, lse, s, dloss, weight=None, ignore_index=-100,
     """
     n, n_cols, l_len = x.shape
     soft = target.is_floating_point()
-    is_fp64 = lse.dtype == torch.float64
+    is_fp64 = torch.float64 in (x.dtype, target.dtype if soft else x.dtype,
+                                weight.dtype if weight is not None else x.dtype)
+    acc = torch.float64 if is_fp64 else torch.float32
     n_rows = n * l_len
     if need_dx and dx is None:
         dx = torch.empty_like(x)  # keeps x's strides when x is dense
@@ -407,7 +415,7 @@ def ce_strided_bwd(x, target, lse, s, dloss, weight=None, ignore_index=-100,
     has_weight = weight is not None
     wsum = lse
     if has_weight and label_smoothing > 0 and not soft:
-        wsum = weight.sum(dtype=lse.dtype).reshape(1)
+        wsum = weight.sum(dtype=acc).reshape(1)
     dx_arg = dx if dx is not None else x
     dy_arg = dy if dy is not None else x
     block_r, block_c = _blocks(x, n_rows, is_fp64)
@@ -422,7 +430,7 @@ def ce_strided_bwd(x, target, lse, s, dloss, weight=None, ignore_index=-100,
         dx_stride_l=dx_arg.stride(2),
         dy_ptr=dy_arg, dy_stride_n=dy_arg.stride(0), dy_stride_c=dy_arg.stride(1),
         dy_stride_l=dy_arg.stride(2),
-        eps_ptr=torch.full((1,), float(label_smoothing), dtype=lse.dtype, device=x.device),
+        eps_ptr=torch.full((1,), float(label_smoothing), dtype=acc, device=x.device),
         zgrad_ptr=z_grad if z_grad is not None else lse,
         n_rows=n_rows, n_l=l_len, n_cols=n_cols, ignore_index=int(ignore_index),
         SOFT=soft, HAS_WEIGHT=has_weight, HAS_SMOOTHING=label_smoothing > 0,

@@ -42,7 +42,7 @@ def _vp_partials_kernel(
     """
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride passes 2**31
     t_col = tl.load(t_ptr + row).to(tl.int32)
-    lse, x_t, smooth, w_seen, entropy, arg, m = _row_lse(
+    lse, x_t, smooth, w_seen, entropy, arg, m, _ = _row_lse(
         x_ptr, row * x_row_stride, n_cols, t_col, weight_ptr, scale, softcap, BLOCK_SIZE, VEC,
         HAS_WEIGHT, HAS_SMOOTHING, TRANSFORM, HAS_CAP, AUX)
     tl.store(part_ptr + row, lse)
@@ -105,8 +105,8 @@ def _vp_grad_kernel(
     gz = 0.0
     if HAS_Z:
         gz = tl.load(zgrad_ptr + row)
-    _row_grad(x_ptr, row * x_row_stride, dx_ptr, row * dx_row_stride, n_cols, t, lse, g,
-              w_t, weight_ptr, W, eps_r, scale, softcap, gz, BLOCK_SIZE, VEC, HAS_WEIGHT,
+    _row_grad(x_ptr, row * x_row_stride, dx_ptr, row * dx_row_stride, n_cols, t, lse, 0.0,
+              g, w_t, weight_ptr, W, eps_r, scale, softcap, gz, BLOCK_SIZE, VEC, HAS_WEIGHT,
               HAS_SMOOTHING, SAME_LAYOUT, TRANSFORM, HAS_CAP, HAS_Z)
 
 
