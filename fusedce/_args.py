@@ -362,15 +362,37 @@ def linear_inputs(input, linear_weight, linear_bias, target, ignore_index_):
     return t, loss_shape, soft, ignore_index_
 
 
-def chunk_size(value):
+def chunk_size(value, name="chunk_size"):
     """Rows per chunk of the fused linear losses: None (chosen from the shapes) or a
-    positive int."""
+    positive integer (an int, a numpy integer; not bool): TypeError for another type (a
+    float is not truncated, a str not parsed), ValueError for one below 1."""
     if value is None:
         return None
-    rows = int(value)
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        rows = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be a positive int or None, got "
+                        f"{type(value).__name__} {value!r}") from None
     if rows <= 0:
-        raise ValueError(f"chunk_size must be a positive int, got {value!r}")
+        raise ValueError(f"{name} must be a positive int or None, got {value!r}")
     return rows
+
+
+def linear_options_chunk_size(options):
+    """The ``batch_chunk_size`` of F.linear_cross_entropy's ``options`` (None for None), the
+    one field fusedce uses. ``options`` must be a ``torch.nn.LinearCrossEntropyOptions``:
+    anything else (a dict) raises AttributeError, the error PyTorch's chunked path raises
+    (it reads the options' attributes), instead of being ignored."""
+    if options is None:
+        return None
+    cls = getattr(torch.nn, "LinearCrossEntropyOptions", None)
+    if cls is not None and not isinstance(options, cls):
+        raise AttributeError(f"linear_cross_entropy: options must be a "
+                             f"torch.nn.LinearCrossEntropyOptions or None, got "
+                             f"{type(options).__name__}")
+    return chunk_size(options.batch_chunk_size, "options.batch_chunk_size")
 
 
 def vocab_parallel_target(target, n_rows):

@@ -15,13 +15,25 @@ does is kept:
   ``ignore_index=-100``;
 - ``num_items_in_batch`` (gradient accumulation): the sum of the token losses over it;
 - Gemma-2's ``final_logit_softcapping`` (fusedce's ``softcap``);
-- the output embedding tied to the input one or not, with its bias where it has one.
+- the output embedding tied to the input one or not, with its bias where it has one;
+- the caller's autocast (``Trainer``'s ``bf16=True``, accelerate's mixed precision): the
+  logits are made as the output layer would make them under it, in the autocast dtype,
+  and the loss is computed from them in fp32;
+- the loss's dtype: fp32, as ``ForCausalLMLoss`` (which upcasts the logits) returns it
+  (a float64 model's loss is computed in float64, then returned in fp32).
+
+A model whose ``loss_function`` is not transformers' ``ForCausalLMLoss`` (a custom one
+set before ``apply``, or any set after it) keeps it: its labelled forwards run unpatched,
+making the logits and calling that function on them, and fusedce warns (once per
+function; ``remove(model)`` ends it).
 
 With ``labels`` and gradients enabled the output's ``logits`` is None: none were made.
 Without ``labels`` (inference, ``generate``), or with gradients disabled (``torch.no_grad``,
 ``torch.inference_mode``: ``Trainer.evaluate`` and ``predict``, which hand the logits to
 ``compute_metrics``), the model's own forward runs unchanged: its logits, its own loss.
-``remove(model)`` undoes ``apply``.
+``remove(model)`` undoes ``apply``; a ``forward`` or ``loss_function`` set on the model
+after ``apply`` (a wrapper of the patched forward, as accelerate's ``prepare`` installs)
+is left in place.
 
 What is kept on the model is plain objects in its ``__dict__`` (no closures):
 ``copy.deepcopy`` of a patched model is an independent patched model (its loss reads its own
@@ -50,6 +62,7 @@ a model, and imports nothing of ``torch.distributed`` (it looks in ``sys.modules
 
 import inspect
 import sys
+import warnings
 
 import torch
 
@@ -112,6 +125,7 @@ class _Capture:
     def __init__(self):
         self.active = False
         self.hidden = None
+        self.autocast = None  # the autocast dtype the output layer ran under, or None
 
 
 class _HeadForward:
@@ -130,6 +144,10 @@ class _HeadForward:
         if not self.capture.active:
             return self.original()(hidden)
         self.capture.hidden = hidden
+        # the loss computes the logits under the autocast state the layer's F.linear had
+        device = hidden.device.type
+        self.capture.autocast = (torch.get_autocast_dtype(device)
+                                 if torch.is_autocast_enabled(device) else None)
         # what the model reads as its logits: the right shape, one element of memory
         return hidden.new_zeros(()).expand(*hidden.shape[:-1], self.head.out_features)
 
@@ -146,6 +164,8 @@ class _Applied:
         self.loss_function = model.__dict__.get("_loss_function")
         self.head = None  # the output layer patched, its class then
         self.head_class = None
+        self.applied = True  # False once ``remove`` ran (a wrapper may still call us)
+        self.warned = None  # the custom loss function last warned about
         # where ``labels`` may come positionally (Trainer passes it by name)
         names = [name for name, p in inspect.signature(self.original_forward()).parameters
                  .items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
@@ -154,6 +174,31 @@ class _Applied:
     def original_forward(self):
         model = self.model
         return self.forward if self.forward is not None else type(model).forward.__get__(model)
+
+    def custom_loss(self):
+        """What the model's own forward would call as its loss where fusedce cannot compute
+        it: a ``loss_function`` set before ``apply`` other than transformers'
+        ``ForCausalLMLoss`` (kept by ``apply``), or anything set in place of fusedce's after
+        ``apply`` (also deleting it: the forward would call the function on placeholder
+        logits). None where the loss is fusedce's."""
+        current = self.model.__dict__.get("_loss_function")
+        if not (isinstance(current, _LossFunction) and current.state is self):
+            return current if current is not None else _default_loss()
+        own = _model_loss(self)
+        return None if own is _default_loss() else own
+
+    def warn_custom(self, fn):
+        """Warns once per function that the labelled forwards run unpatched."""
+        if self.warned is fn:
+            return
+        self.warned = fn
+        name = getattr(fn, "__qualname__", None) or type(fn).__name__
+        warnings.warn(f"fusedce.hf: this {type(self.model).__name__}'s loss_function "
+                      f"({name}) is not the one fusedce.hf.apply computes without the logits "
+                      f"(transformers' ForCausalLMLoss, set by apply): its labelled forwards "
+                      f"run unpatched, making the logits and calling {name} on them. Call "
+                      f"fusedce.hf.remove(model) to silence this, or leave loss_function "
+                      f"unset for the fused loss", stacklevel=3)
 
     def follow_head(self):
         """Patches the model's current output layer if it is not the one patched (replaced,
@@ -211,7 +256,12 @@ class _Forward:
     def __call__(self, *args, **kwargs):
         state = self.state
         original = state.original_forward()
-        if _labels(state, args, kwargs) is None or not torch.is_grad_enabled():
+        if (not state.applied or _labels(state, args, kwargs) is None
+                or not torch.is_grad_enabled()):
+            return original(*args, **kwargs)
+        custom = state.custom_loss()
+        if custom is not None:  # the model's own path: its logits, its loss function
+            state.warn_custom(custom)
             return original(*args, **kwargs)
         state.follow_head()
         config = state.model.config
@@ -249,16 +299,25 @@ class _LossFunction:
                                       ignore_index=ignore_index, shift_labels=shift_labels,
                                       **kwargs)
         hidden, capture.hidden = capture.hidden, None
+        autocast, capture.autocast = capture.autocast, None
         head = state.head
         if shift_labels is None:  # tokens < n predict n, as transformers' ForCausalLMLoss
             labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)
             shift_labels = labels[..., 1:]
         target = shift_labels.reshape(-1).to(hidden.device)
         reduction = "mean" if num_items_in_batch is None else "sum"
-        # a 16-bit model: the loss in fp32, as transformers upcasts its logits (fusedce's
-        # linear loss under autocast computes in fp32 and returns fp32, never rounded)
+        # The logits as the output layer would have made them: under the autocast state it
+        # ran under (the caller's: Trainer's bf16=True, accelerate), else in the model's
+        # dtype. A 16-bit model outside autocast runs under autocast of its own dtype: the
+        # same 16-bit logits, and the loss in fp32 from them (fusedce's linear loss under
+        # autocast computes in fp32 and returns fp32, never rounded), as transformers
+        # upcasts its logits.
+        device = hidden.device.type
         low = hidden.dtype in (torch.float16, torch.bfloat16)
-        with torch.autocast(hidden.device.type, dtype=hidden.dtype, enabled=low):
+        if autocast is None and low:
+            autocast = hidden.dtype
+        with torch.autocast(device, dtype=autocast or torch.get_autocast_dtype(device),
+                            enabled=autocast is not None):
             loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight,
                                         target, linear_bias=head.bias, reduction=reduction,
                                         ignore_index=ignore_index, softcap=state.softcap)
@@ -266,14 +325,21 @@ class _LossFunction:
             if torch.is_tensor(num_items_in_batch):
                 num_items_in_batch = num_items_in_batch.to(loss.device)
             loss = loss / num_items_in_batch
-        return loss
+        # transformers' ForCausalLMLoss returns fp32 whatever the model's dtype (it takes
+        # logits.float()): a float64 model's loss, computed in float64, is returned in fp32
+        return loss.float()
 
 
 def apply(model):
     """Makes ``model`` (a ``transformers`` causal LM of one of the ``CLASSES``, or a
     subclass keeping its forward) compute its labelled loss with gradients enabled with
     ``fusedce.linear_cross_entropy``; returns ``model``. Raises ValueError for another
-    model. Applying twice is a no-op; ``remove`` undoes it."""
+    model. Applying twice is a no-op; ``remove`` undoes it.
+
+    A custom ``model.loss_function`` (set before or after ``apply``; anything but
+    transformers' ``ForCausalLMLoss``) cannot be computed without the logits: the model
+    then keeps its own loss path (the logits made, the custom function called on them, as
+    unpatched) and ``apply`` or its first labelled forward warns (UserWarning)."""
     kind = _kind(model)
     if getattr(model, _STATE, None) is not None:
         return model
@@ -282,7 +348,16 @@ def apply(model):
     model.forward = _Forward(state)
     model.loss_function = _LossFunction(state)
     setattr(model, _STATE, state)
+    custom = state.custom_loss()
+    if custom is not None:
+        state.warn_custom(custom)
     return model
+
+
+def _default_loss():
+    from transformers.loss.loss_utils import LOSS_MAPPING
+
+    return LOSS_MAPPING["ForCausalLM"]
 
 
 def _model_loss(state):
@@ -297,18 +372,26 @@ def _model_loss(state):
 
 
 def remove(model):
-    """Undoes ``apply``: the model computes its loss from its own logits again."""
+    """Undoes ``apply``: the model computes its loss from its own logits again. Only
+    fusedce's own objects are taken away: a ``forward`` or ``loss_function`` set on the
+    model after ``apply`` (a wrapper of the patched forward, as accelerate's ``prepare``
+    installs) stays, and a wrapped patched forward then runs the model's own."""
     state = getattr(model, _STATE, None)
     if state is None:
         return model
+    state.applied = False
     state.unpatch_head()
-    if state.forward is None:
-        model.__dict__.pop("forward", None)
-    else:
-        model.__dict__["forward"] = state.forward
-    if state.loss_function is None:
-        model.__dict__.pop("_loss_function", None)
-    else:
-        model._loss_function = state.loss_function
+    forward = model.__dict__.get("forward")
+    if isinstance(forward, _Forward) and forward.state is state:
+        if state.forward is None:
+            del model.__dict__["forward"]
+        else:
+            model.__dict__["forward"] = state.forward
+    loss_function = model.__dict__.get("_loss_function")
+    if isinstance(loss_function, _LossFunction) and loss_function.state is state:
+        if state.loss_function is None:
+            del model.__dict__["_loss_function"]
+        else:
+            model.__dict__["_loss_function"] = state.loss_function
     delattr(model, _STATE)
     return model

@@ -371,6 +371,15 @@ def _backward_recompute(ctx, grad_out):
     return acc.grad_input, acc.grad_weight, acc.grad_bias, dtarget
 
 
+def _autocast_cast(tensor, dtype):
+    """``tensor`` as autocast hands it to F.linear: a floating tensor other than float64
+    (float32, float16, bfloat16) cast to the autocast dtype; float64 and None left alone
+    (ATen's ``cached_cast`` casts only ``is_eligible`` tensors, float64 excluded)."""
+    if tensor is None or not tensor.is_floating_point() or tensor.dtype == torch.float64:
+        return tensor
+    return tensor.to(dtype)
+
+
 def _autocast_dtype(device_type):
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
@@ -393,6 +402,10 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     probabilities (the logits' shape), class ``weight`` (C,). ``options`` (a
     :class:`torch.nn.LinearCrossEntropyOptions`) is accepted so that calls switch unchanged;
     only its ``batch_chunk_size`` is used (as ``chunk_size``): fusedce always chunks.
+    Anything else as ``options`` raises AttributeError, as PyTorch's chunked path does
+    (PyTorch ignores it, with a warning, where it would not chunk; fusedce always does).
+    Under autocast the float32, float16 and bfloat16 operands are cast to the autocast
+    dtype, float64 ones are not, as autocast casts them for F.linear.
 
     Keyword-only extras:
 
@@ -418,8 +431,8 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
                   linear_bias=linear_bias, weight=weight)
     reduction, label_smoothing, checked_ignore_index, backend = _args.loss_options(
         fn, reduction, label_smoothing, ignore_index, backend)
-    if chunk_size is None and options is not None:
-        chunk_size = getattr(options, "batch_chunk_size", None)
+    if chunk_size is None:
+        chunk_size = _args.linear_options_chunk_size(options)
     chunk_size = _args.chunk_size(chunk_size)
     extras = _args.extras(logit_scale, softcap, lse_square_scale, return_aux)
     if type(linear_weight) is not torch.Tensor and _dtensor.is_dtensor(linear_weight):
@@ -445,8 +458,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
         # what F.linear does under autocast; the loss then comes out in fp32 like
         # F.cross_entropy (computed in fp32 and never rounded to the autocast dtype)
         with torch.autocast(input.device.type, enabled=False):
-            x, w2 = x.to(autocast_dtype), w2.to(autocast_dtype)
-            b2 = None if b2 is None else b2.to(autocast_dtype)
+            x, w2, b2 = (_autocast_cast(v, autocast_dtype) for v in (x, w2, b2))
             out = _fused(x, w2, b2, t, weight, n_classes, ignore_index, label_smoothing,
                          reduction, backend, chunk_size, extras, loss_shape)
     else:

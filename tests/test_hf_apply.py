@@ -8,7 +8,9 @@ partly -100 and with ``num_items_in_batch``; without labels, or with gradients d
 (evaluation), the outputs are identical.
 """
 
+import contextlib
 import copy
+import warnings
 
 import pytest
 import torch
@@ -70,12 +72,12 @@ def _step(model, ids, labels, **kwargs):
     return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _assert_grads_close(got, want):
+def _assert_grads_close(got, want, tol=1e-4):
     assert got.keys() == want.keys()
     for name, g in want.items():
         scale = g.abs().max().clamp_min(1e-30)
         err = ((got[name] - g).abs().max() / scale).item()
-        assert err <= 1e-4, (name, err)
+        assert err <= tol, (name, err)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -455,3 +457,104 @@ def test_output_layer_sharded_as_its_own_fsdp_unit_is_refused(tmp_path):
         torch.testing.assert_close(out.loss.detach(), want, rtol=1e-5, atol=0)
     finally:
         dist.destroy_process_group()
+
+
+def _smoothed_loss(logits, labels, vocab_size, **kwargs):
+    """A user's causal-LM loss (label smoothing): not one fusedce can compute."""
+    labels = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
+    return torch.nn.functional.cross_entropy(logits.float().view(-1, vocab_size),
+                                             labels.reshape(-1), label_smoothing=0.2)
+
+
+@contextlib.contextmanager
+def _no_fusedce_warning():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="fusedce")
+        yield
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_custom_loss_function_is_kept_with_a_warning(when):
+    """A loss_function set before ``apply`` was dropped for fusedce's; set after it, it was
+    called on placeholder zero logits (log V, no gradient). Either way the model now keeps
+    its own loss path (its logits, the custom loss) and fusedce warns, once."""
+    model = _model("llama")
+    fused = copy.deepcopy(model)
+    model.loss_function = _smoothed_loss
+    ids, labels = _batch(model.config.vocab_size)
+    out, grads = _step(model, ids, labels)
+    if when == "before":
+        fused.loss_function = _smoothed_loss
+        with pytest.warns(UserWarning, match="_smoothed_loss.*run unpatched"):
+            fusedce.hf.apply(fused)
+        with _no_fusedce_warning():
+            out_f, grads_f = _step(fused, ids, labels)
+    else:
+        fusedce.hf.apply(fused)
+        fused.loss_function = _smoothed_loss
+        with pytest.warns(UserWarning, match="_smoothed_loss.*run unpatched"):
+            out_f, grads_f = _step(fused, ids, labels)
+    with _no_fusedce_warning():  # once per function
+        _step(fused, ids, labels)
+    assert out_f.logits is not None
+    torch.testing.assert_close(out_f.loss, out.loss, rtol=1e-6, atol=0)
+    _assert_grads_close(grads_f, grads)
+    fusedce.hf.remove(fused)
+    assert fused.loss_function is _smoothed_loss
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_loss_under_the_callers_autocast_is_the_models(family):
+    """An fp32 model under autocast(bf16) (Trainer's bf16=True, accelerate): the output
+    layer's matmul runs in bf16 as the unpatched model's does (fusedce had turned autocast
+    off and made fp32 logits), and the loss and gradients are the unpatched model's."""
+    model = _model(family)
+    fused = fusedce.hf.apply(copy.deepcopy(model))
+    ids, labels = _batch(model.config.vocab_size)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, grads = _step(model, ids, labels)
+        out_f, grads_f = _step(fused, ids, labels)
+    assert out_f.logits is None
+    assert out_f.loss.dtype == out.loss.dtype == torch.float32
+    # the same bf16 logits, the loss of each in fp32: only the summation order differs
+    torch.testing.assert_close(out_f.loss, out.loss, rtol=1e-6, atol=0)
+    # the logit gradient is rounded to bf16 (2**-9 relative) for the bf16 products
+    _assert_grads_close(grads_f, grads, tol=1e-2)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gemma2"])
+def test_float64_model_loss_is_fp32_as_transformers(family):
+    """transformers' ForCausalLMLoss upcasts the logits with ``.float()``: a float64 model's
+    loss is fp32. fusedce computes it in float64 and returns it in fp32."""
+    model = _model(family).double()
+    fused = fusedce.hf.apply(copy.deepcopy(model))
+    ids, labels = _batch(model.config.vocab_size)
+    out, grads = _step(model, ids, labels)
+    out_f, grads_f = _step(fused, ids, labels)
+    assert out_f.loss.dtype == out.loss.dtype == torch.float32
+    torch.testing.assert_close(out_f.loss, out.loss, rtol=1e-6, atol=0)
+    _assert_grads_close(grads_f, grads)
+
+
+def test_remove_leaves_what_was_set_after_apply():
+    """``remove`` took away a forward wrapper (as accelerate's ``prepare`` installs) and a
+    loss_function set after ``apply``; it now takes only fusedce's, and the wrapper, which
+    calls the patched forward it wrapped, then runs the model's own forward."""
+    model = fusedce.hf.apply(_model("llama"))
+    inner = model.forward
+
+    def wrapper(*args, **kwargs):
+        return inner(*args, **kwargs)
+
+    model.forward = wrapper
+    fusedce.hf.remove(model)
+    assert model.__dict__["forward"] is wrapper
+    ids, labels = _batch(model.config.vocab_size)
+    out = model(input_ids=ids, labels=labels)
+    assert out.logits is not None  # the model's own forward: no head patched again
+    assert "forward" not in model.lm_head.__dict__
+    own = fusedce.hf.apply(_model("llama"))
+    own.loss_function = _smoothed_loss
+    fusedce.hf.remove(own)
+    assert own.loss_function is _smoothed_loss
+    assert "forward" not in own.__dict__

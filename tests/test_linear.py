@@ -495,6 +495,61 @@ def test_autocast_matches_pytorch():
     torch.testing.assert_close(loss.double(), exact, rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16],
+                         ids=["fp64-left-alone", "fp16-cast-to-bf16"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_autocast_casts_what_pytorch_casts(dtype, bias):
+    """Autocast casts float32 / float16 / bfloat16 operands of F.linear to its dtype, and
+    leaves float64 ones alone: float64 inputs keep their float64 loss and gradients."""
+    x, w, target, kwargs, gen = make_problem(12, 16, 50, dtype, bias=bias)
+    x = x * 2  # logits of std ~6: a bf16 rounding of them moves the loss by ~1e-2
+    upstream = torch.rand((), generator=gen) + 0.5
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_loss, ref_grads = run(F.linear_cross_entropy, x, w, target, kwargs, "mean",
+                                  upstream)
+        loss, grads = run(fusedce.linear_cross_entropy, x, w, target, kwargs, "mean",
+                          upstream)
+    assert loss.dtype == ref_loss.dtype
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert_close(loss, ref_loss, tol, tol, "loss")
+    for g, ref_g in zip(grads, ref_grads):
+        assert g.dtype == ref_g.dtype
+        assert_close(g, ref_g, tol if dtype == torch.float64 else 2e-2, tol, "grad")
+
+
+@pytest.mark.parametrize("options", [{"batch_chunk_size": 2}, {"batch_chunk_size": -3},
+                                     "chunk 2"], ids=["dict", "dict-negative", "str"])
+def test_options_must_be_linear_cross_entropy_options(options):
+    """Anything but a LinearCrossEntropyOptions as ``options`` is PyTorch's AttributeError,
+    not silently ignored."""
+    x, w, t = _linear_args()
+    with pytest.raises(AttributeError):
+        F.linear_cross_entropy(x, w, t, options=options)
+    with pytest.raises(AttributeError, match="LinearCrossEntropyOptions"):
+        fusedce.linear_cross_entropy(x, w, t, options=options)
+
+
+@pytest.mark.parametrize("value,error", [
+    (2.9, TypeError), (2.0, TypeError), ("4", TypeError), (True, TypeError),
+    (0, ValueError), (-3, ValueError)])
+def test_chunk_size_must_be_a_positive_int(value, error):
+    """A float chunk size is not truncated nor a str parsed; LinearCrossEntropyOptions
+    refuses the same values of ``batch_chunk_size`` (its ValueError for all)."""
+    x, w, t = _linear_args()
+    with pytest.raises(error, match="chunk_size"):
+        fusedce.linear_cross_entropy(x, w, t, chunk_size=value)
+    if value is not True:  # (LinearCrossEntropyOptions takes True, an int, as 1)
+        with pytest.raises(ValueError, match="batch_chunk_size"):
+            torch.nn.LinearCrossEntropyOptions(batch_chunk_size=value)
+
+
+def test_chunk_size_takes_numpy_integers():
+    np = pytest.importorskip("numpy")
+    x, w, t = _linear_args()
+    torch.testing.assert_close(fusedce.linear_cross_entropy(x, w, t, chunk_size=np.int64(3)),
+                               F.linear_cross_entropy(x, w, t), atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize("args,error", [
     (dict(x=(2, 3, 4)), "dimensionality 1 or 2"),
     (dict(w=(3,)), "at least 2"),
