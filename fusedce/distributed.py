@@ -46,8 +46,13 @@ and the full class weights, which every rank has: no collective.
 each rank holds a slice of the head's weight: the shard's logits exist one chunk of rows at a
 time. Its input gradient is a sum over ranks: one all-reduce in the backward, the one every
 column-parallel linear layer has (``reduce_input_grad=False`` leaves it to the caller).
+
+Both losses are differentiable once: a gradient taken with ``create_graph=True`` raises when
+differentiated again (``_first_order_only``).
 """
 
+
+import functools
 
 import torch
 import torch.distributed as dist
@@ -307,6 +312,43 @@ def _shard_grad_args(ctx, grad_out, n_rows, lse, valid, denom):
     return g, z_grad
 
 
+_SECOND_DERIVATIVE = (
+    b"fusedce's vocab-parallel loss (vocabulary-sharded logits or LM head, DTensor or "
+    b"fusedce.distributed) has no second derivative: its gradient was taken with "
+    b"create_graph=True (a gradient penalty, a Hessian-vector product) and then "
+    b"differentiated. Compute that loss with PyTorch's ops instead (outside "
+    b"fusedce.patched(), or F.cross_entropy on the gathered logits)")
+
+
+def _first_order_only(backward):
+    """The backward of a Function whose backward is not differentiable (collectives,
+    in-place kernels). Under ``create_graph=True`` its gradients come out of a node that
+    raises ``_SECOND_DERIVATIVE`` when differentiated, a node whose inputs are also the
+    saved inputs and upstream gradients that require grad, so that every path of a second
+    derivative meets it. ``torch.autograd.function.once_differentiable`` links only the
+    upstream gradients: ``autograd.grad(loss, x, create_graph=True)`` then gave a gradient
+    whose dependence on ``x`` was silently left out."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        with torch.no_grad():
+            out = backward(ctx, *grads)
+        tracked = [i for i, g in enumerate(out) if g is not None]
+        if not (torch.is_grad_enabled() and tracked):
+            return out
+        links = [t for t in (*ctx.saved_tensors, *grads)
+                 if isinstance(t, torch.Tensor) and t.requires_grad]
+        delayed = torch._C._functions.DelayedError(_SECOND_DERIVATIVE,
+                                                   len(tracked) + len(links))(
+            *[out[i].detach().requires_grad_() for i in tracked], *links)
+        out = list(out)
+        for i, g in zip(tracked, delayed):
+            out[i] = g
+        return tuple(out)
+
+    return wrapper
+
+
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     """Reduced cross-entropy of this rank's logit slice ``x`` (rows, C_r); see the module
     docstring. One all-gather in the forward, nothing in the backward; saves O(rows). With
@@ -326,6 +368,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return out
 
     @staticmethod
+    @_first_order_only
     def backward(ctx, grad_out, *_aux_grads):
         x, lse, valid, w_t, consts, denom = ctx.saved_tensors
         _, eps, _, extras, impl = ctx.options
@@ -440,6 +483,7 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
         return out
 
     @staticmethod
+    @_first_order_only
     def backward(ctx, grad_out, *_aux_grads):
         h, w_head, b_head, lse, valid, w_t, consts, denom = ctx.saved_tensors
         _, eps, _, extras, impl, chunk, reduce_input_grad = ctx.options
