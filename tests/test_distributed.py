@@ -715,7 +715,7 @@ def _run_dtensor_contract(case, rank, counter):
     those that once left some ranks waiting in a collective at the very end."""
     import torch.nn.functional as F
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     import fusedce
 
@@ -726,9 +726,52 @@ def _run_dtensor_contract(case, rank, counter):
     full32 = logits.float()
     target = torch.randint(0, vocab, (rows,), generator=gen)
     target[1] = -100
+    weight = torch.rand(vocab, generator=gen, dtype=torch.float64) + 0.5
     h = torch.randn(rows, 5, generator=gen, dtype=torch.float64)
     w = torch.randn(vocab, 5, generator=gen, dtype=torch.float64)
+    b = torch.randn(vocab, generator=gen, dtype=torch.float64)
+    up_rows = torch.randn(rows, generator=gen, dtype=torch.float64)
+    up = torch.randn((), generator=gen, dtype=torch.float64)
     out = {}
+
+    def versus_pytorch(x_full, t, placement, upstream, call, **opts):
+        """``call(x, t)`` on ``x_full`` placed as ``placement`` against F.cross_entropy."""
+        ref_x = x_full.detach().double().clone().requires_grad_()
+        ref = F.cross_entropy(ref_x, t.double() if t.is_floating_point() else t, **opts)
+        (ref_g,) = torch.autograd.grad(ref, ref_x, upstream)
+        x = distribute_tensor(x_full, mesh, [placement]).requires_grad_()
+        loss = call(x, t)
+        (g,) = torch.autograd.grad(loss, x, distribute_tensor(upstream.to(loss.dtype), mesh,
+                                                              list(loss.placements)))
+        return max(_rel_err(loss.full_tensor().detach(), ref.detach()),
+                   _rel_err(g.full_tensor(), ref_g))
+
+    def linear_errors(h, w, b, b_placement):
+        """A Shard(0) head ``w`` and its bias ``b`` placed as ``b_placement`` (None: plain)
+        against float64 PyTorch: the loss and the gradients of all three."""
+        refs = [t.detach().double().clone().requires_grad_() for t in (h, w, b)]
+        ref = F.cross_entropy(F.linear(*refs), target)
+        ref_grads = torch.autograd.grad(ref, refs, up)
+        wd = distribute_tensor(w, mesh, [Shard(0)]).requires_grad_()
+        bd = (b.clone().requires_grad_() if b_placement is None
+              else distribute_tensor(b, mesh, [b_placement]).requires_grad_())
+        hp = h.clone().requires_grad_()
+        loss = fusedce.linear_cross_entropy(hp, wd, target, linear_bias=bd)
+        grads = torch.autograd.grad(loss, [hp, wd, bd], distribute_tensor(
+            up.to(loss.dtype), mesh, [Replicate()]))
+        full = [g.full_tensor() if hasattr(g, "full_tensor") else g for g in grads]
+        return max([_rel_err(loss.full_tensor().detach(), ref.detach())]
+                   + [_rel_err(g, r) for g, r in zip(full, ref_grads)])
+
+    # float64 in, float64 math out (a float32 path gave 1e-7)
+    for name, placement in [("vocab", Shard(1))]:
+        for reduction, upstream in [("mean", up), ("none", up_rows)]:
+            opts = dict(weight=weight, label_smoothing=0.2, reduction=reduction)
+            out[f"f64-{name}-{reduction}"] = versus_pytorch(
+                logits, target, placement, upstream,
+                lambda x, t, opts=opts: fusedce.cross_entropy(x, t, backend="torch", **opts),
+                **opts)
+    out["f64-linear-head"] = linear_errors(h, w, b, Shard(0))
 
     # a second derivative (a gradient penalty) through the vocab-parallel loss: an error,
     # never a gradient without its penalty term; the first derivative still right
@@ -946,6 +989,16 @@ def _contract(results_3):
     for rank, res in enumerate(per_rank):
         assert "error" not in res, f"rank {rank}:\n{res['error']}"
     return [res["contract"] for res in per_rank]
+
+
+@pytest.mark.slow
+def test_dtensor_float64_is_computed_in_float64(results_3):
+    """float64 DTensor logits (vocabulary-sharded, weights and smoothing, 'mean' and
+    'none') and a float64 sharded head: float64 results, as fusedce's on plain tensors
+    (they were computed in float32: errors of 1e-7)."""
+    for res in _contract(results_3):
+        for key in ("f64-vocab-mean", "f64-vocab-none", "f64-linear-head"):
+            assert res[key] < 1e-12, (key, res[key])
 
 
 @pytest.mark.slow
