@@ -764,7 +764,7 @@ def _run_dtensor_contract(case, rank, counter):
                    + [_rel_err(g, r) for g, r in zip(full, ref_grads)])
 
     # float64 in, float64 math out (a float32 path gave 1e-7)
-    for name, placement in [("vocab", Shard(1))]:
+    for name, placement in [("vocab", Shard(1)), ("batch", Shard(0))]:
         for reduction, upstream in [("mean", up), ("none", up_rows)]:
             opts = dict(weight=weight, label_smoothing=0.2, reduction=reduction)
             out[f"f64-{name}-{reduction}"] = versus_pytorch(
@@ -772,6 +772,21 @@ def _run_dtensor_contract(case, rank, counter):
                 lambda x, t, opts=opts: fusedce.cross_entropy(x, t, backend="torch", **opts),
                 **opts)
     out["f64-linear-head"] = linear_errors(h, w, b, Shard(0))
+
+    # return_aux on batch-sharded logits: every field as fusedce's on the full tensors, the
+    # accuracy the batch's (a rank's alone differs: its rows' targets differ)
+    aux_t = target.clone()
+    aux_t[0] = logits[0].argmax()  # rank 0 right once, rank 1 and 2 otherwise
+    for reduction, extra in [("none", {}), ("mean", {}), ("sum", {"lse_square_scale": 0.1})]:
+        def aux_errors(reduction=reduction, extra=extra):
+            ref = fusedce.cross_entropy(full32, aux_t, reduction=reduction, backend="torch",
+                                        return_aux=True, **extra)
+            x = distribute_tensor(full32, mesh, [Shard(0)])
+            got = fusedce.cross_entropy(x, aux_t, reduction=reduction, backend="torch",
+                                        return_aux=True, **extra)
+            return max(_rel_err(getattr(got, k).full_tensor(), getattr(ref, k))
+                       for k in ref._fields)
+        out[f"aux-batch-{reduction}"] = _outcome(aux_errors)
 
     # a second derivative (a gradient penalty) through the vocab-parallel loss: an error,
     # never a gradient without its penalty term; the first derivative still right
@@ -797,6 +812,22 @@ def _run_dtensor_contract(case, rank, counter):
     out["double-backward-linear"] = _outcome(lambda: penalty(
         lambda: fusedce.linear_cross_entropy(hp, wd, target), hp))
 
+    # class indices outside [0, C) with validate=True: IndexError on every rank, before any
+    # collective (or riding on the one there is)
+    bad = target.clone()
+    bad[3] = vocab + 2  # a row of rank 1 under Shard(0)
+    for name, placement in [("vocab", Shard(1)), ("batch", Shard(0))]:
+        x = distribute_tensor(full32, mesh, [placement])
+        out[f"validate-{name}"] = _outcome(lambda x=x: fusedce.cross_entropy(
+            x, bad, validate=True).full_tensor())
+    # targets of another length than the batch-sharded logits' rows: PyTorch's ValueError
+    x = distribute_tensor(full32, mesh, [Shard(0)])
+    out["batch-target-too-long"] = _outcome(lambda: fusedce.cross_entropy(
+        x, torch.zeros(rows + 1, dtype=torch.long)))
+    out["batch-target-too-short"] = _outcome(lambda: fusedce.cross_entropy(
+        x, torch.zeros(rows - 1, dtype=torch.long)))
+    out["validate-batch-sharded-target"] = _outcome(lambda: fusedce.cross_entropy(
+        x, distribute_tensor(bad, mesh, [Shard(0)]), validate=True).full_tensor())
     counter.take()
     return {"contract": out}
 
@@ -993,12 +1024,23 @@ def _contract(results_3):
 
 @pytest.mark.slow
 def test_dtensor_float64_is_computed_in_float64(results_3):
-    """float64 DTensor logits (vocabulary-sharded, weights and smoothing, 'mean' and
-    'none') and a float64 sharded head: float64 results, as fusedce's on plain tensors
+    """float64 DTensor logits (vocabulary- and batch-sharded, weights and smoothing, 'mean'
+    and 'none') and a float64 sharded head: float64 results, as fusedce's on plain tensors
     (they were computed in float32: errors of 1e-7)."""
     for res in _contract(results_3):
-        for key in ("f64-vocab-mean", "f64-vocab-none", "f64-linear-head"):
+        for key in ("f64-vocab-mean", "f64-vocab-none", "f64-batch-mean", "f64-batch-none",
+                    "f64-linear-head"):
             assert res[key] < 1e-12, (key, res[key])
+
+
+@pytest.mark.slow
+def test_dtensor_batch_sharded_aux_outputs(results_3):
+    """return_aux with Shard(0) logits, every reduction: each field (loss, z_loss, lse,
+    accuracy, entropy) that of fusedce.cross_entropy on the full tensors; the accuracy over
+    the whole batch."""
+    for res in _contract(results_3):
+        for key in ("aux-batch-none", "aux-batch-mean", "aux-batch-sum"):
+            assert isinstance(res[key], float) and res[key] < 2e-5, (key, res[key])
 
 
 @pytest.mark.slow
@@ -1012,6 +1054,19 @@ def test_dtensor_vocab_parallel_second_derivative_raises(results_3):
             assert res[key].startswith("RuntimeError") and "no second derivative" in \
                 res[key], (key, res[key])
         assert res["create-graph-first-order"] < 2e-5, res["create-graph-first-order"]
+
+
+@pytest.mark.slow
+def test_dtensor_targets_checked_on_every_rank(results_3):
+    """validate=True raises PyTorch's IndexError on every rank (vocabulary-sharded logits
+    gave NaN); targets of another length than the batch-sharded logits raise PyTorch's
+    ValueError on every rank (too many were taken; too few left ranks in the all-reduce)."""
+    for res in _contract(results_3):
+        for key in ("validate-vocab", "validate-batch", "validate-batch-sharded-target"):
+            assert res[key].startswith("IndexError: Target"), (key, res[key])
+        for key, n in [("batch-target-too-long", 7), ("batch-target-too-short", 5)]:
+            assert res[key] == (f"ValueError: Expected input batch_size (6) to match target "
+                                f"batch_size ({n})."), (key, res[key])
 
 
 @pytest.mark.slow
@@ -1039,6 +1094,11 @@ def _check_dtensor_ce(case, per_rank):
             assert res["loss_placements"] == "(Replicate(),)"
             # README: "plus one all-reduce of 2 numbers" (the sum and, for 'mean', the count)
             numbers = 2 if case.reduction == "mean" else 1
+            if case.dtensor_target and case.backend == "torch":
+                # validated by default on the CPU path: each rank checks its own targets,
+                # and the count of bad ones rides on the all-reduce (so no rank is left
+                # waiting in it while another raises)
+                numbers += 1
             assert res["fwd_functional_sent"] == [("all_reduce", numbers, "torch.float32")], \
                 res["fwd_functional_sent"]
         else:
