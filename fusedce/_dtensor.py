@@ -65,14 +65,16 @@ def _layout(x, fn):
     return "vocab" if placement.dim % 2 == 1 else "batch"
 
 
-def serves(x):
-    """Whether fusedce takes these DTensor logits (``fusedce.patched()`` leaves the others,
-    which ``fusedce.cross_entropy`` refuses, to PyTorch's own loss)."""
+def serves(x, target=None):
+    """Whether fusedce takes these DTensor logits and this target (``fusedce.patched()``
+    leaves the others, which ``fusedce.cross_entropy`` refuses, to PyTorch's own loss):
+    not the layouts ``_layout`` refuses, nor class-probability targets of vocabulary-sharded
+    logits (the vocab-parallel loss takes class indices)."""
     try:
-        _layout(x, "")
+        layout = _layout(x, "")
     except NotImplementedError:
         return False
-    return True
+    return not (layout == "vocab" and target is not None and target.is_floating_point())
 
 
 def _full(t):

@@ -727,6 +727,7 @@ def _run_dtensor_contract(case, rank, counter):
     target = torch.randint(0, vocab, (rows,), generator=gen)
     target[1] = -100
     weight = torch.rand(vocab, generator=gen, dtype=torch.float64) + 0.5
+    soft = torch.softmax(torch.randn(rows, vocab, generator=gen, dtype=torch.float64), 1)
     h = torch.randn(rows, 5, generator=gen, dtype=torch.float64)
     w = torch.randn(vocab, 5, generator=gen, dtype=torch.float64)
     b = torch.randn(vocab, generator=gen, dtype=torch.float64)
@@ -772,6 +773,12 @@ def _run_dtensor_contract(case, rank, counter):
                 lambda x, t, opts=opts: fusedce.cross_entropy(x, t, backend="torch", **opts),
                 **opts)
     out["f64-linear-head"] = linear_errors(h, w, b, Shard(0))
+
+    # fusedce.patched(): class probabilities on vocabulary-sharded logits go to PyTorch
+    with fusedce.patched():
+        out["patched-soft-vocab"] = _outcome(lambda: versus_pytorch(
+            full32, soft.float(), Shard(1), up, lambda x, t: F.cross_entropy(
+                x, distribute_tensor(t, mesh, [Replicate()]))))
 
     # return_aux on batch-sharded logits: every field as fusedce's on the full tensors, the
     # accuracy the batch's (a rank's alone differs: its rows' targets differ)
@@ -1031,6 +1038,15 @@ def test_dtensor_float64_is_computed_in_float64(results_3):
         for key in ("f64-vocab-mean", "f64-vocab-none", "f64-batch-mean", "f64-batch-none",
                     "f64-linear-head"):
             assert res[key] < 1e-12, (key, res[key])
+
+
+@pytest.mark.slow
+def test_patched_leaves_soft_targets_of_vocab_sharded_logits_to_pytorch(results_3):
+    """Under fusedce.patched(), F.cross_entropy of Shard(1) logits with class-probability
+    targets (which fusedce's vocab-parallel loss does not take) is PyTorch's."""
+    for res in _contract(results_3):
+        value = res["patched-soft-vocab"]
+        assert isinstance(value, float) and value < 2e-5, value
 
 
 @pytest.mark.slow
