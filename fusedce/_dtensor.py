@@ -251,8 +251,8 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias, weight, r
                          ignore_index, label_smoothing, backend, chunk_size, extras):
     """``fusedce.linear_cross_entropy`` with a DTensor head ``linear_weight`` (C, H) on a
     1-d mesh: ``Shard(0)`` (vocabulary-sharded) runs
-    ``fusedce.distributed.vocab_parallel_linear_cross_entropy`` on this rank's rows (the
-    bias, if a DTensor, sharded alike); the input plain (the same on every rank: its
+    ``fusedce.distributed.vocab_parallel_linear_cross_entropy`` on this rank's rows (and
+    this rank's slice of the bias, ``_bias_shard``); the input plain (the same on every rank: its
     gradient is all-reduced) or a ``Replicate()`` DTensor (its gradient left ``Partial``
     for DTensor to sum). The loss is a ``Replicate()`` DTensor; the weight's gradient a
     ``Shard(0)`` DTensor."""
@@ -275,10 +275,11 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias, weight, r
         x, reduce_input_grad = input.to_local(grad_placements=[Partial()]), False
     else:
         x, reduce_input_grad = input, True
-    bias = linear_bias.to_local() if is_dtensor(linear_bias) else linear_bias
     from .distributed import even_vocab_shard, vocab_parallel_linear_cross_entropy
 
-    start, _ = even_vocab_shard(linear_weight.shape[0], mesh.get_local_rank(), mesh.size())
+    start, n_local = even_vocab_shard(linear_weight.shape[0], mesh.get_local_rank(),
+                                      mesh.size())
+    bias = _bias_shard(linear_bias, linear_weight, mesh, start, n_local, fn)
     out = vocab_parallel_linear_cross_entropy(
         x, linear_weight.to_local(), _full(target), linear_bias=bias,
         group=mesh.get_group(), vocab_start=start, weight=_full(weight), reduction=reduction,
@@ -286,3 +287,35 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias, weight, r
         reduce_input_grad=reduce_input_grad, backend=backend, **extras.kwargs())
     return _wrap_out(out, mesh, Replicate(), extras)
 
+
+def _bias_shard(bias, linear_weight, mesh, start, n_local, fn):
+    """This rank's slice ``[start, start + n_local)`` of the head's (C,) bias: a ``Shard(0)``
+    DTensor split as the weight is (its local part), a ``Replicate()`` DTensor (its gradient
+    left ``Partial``: DTensor sums the ranks' slices) or a plain full tensor, the same on
+    every rank (its gradient summed over the ranks in the backward, as a plain input's)."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+
+    if bias is None:
+        return None
+    n_classes = linear_weight.shape[0]
+    if tuple(bias.shape) != (n_classes,):
+        raise RuntimeError(f"{fn}: linear_bias must be the head's full ({n_classes},) bias "
+                           f"(a DTensor, or a plain tensor), got shape {tuple(bias.shape)}")
+    if is_dtensor(bias):
+        if bias.device_mesh != mesh:
+            raise NotImplementedError(f"{fn}: a DTensor linear_bias must be on "
+                                      f"linear_weight's device mesh")
+        (placement,) = bias.placements
+        if isinstance(placement, Shard) and placement.dim == 0:
+            return bias.to_local()
+        if not isinstance(placement, Replicate):
+            raise NotImplementedError(
+                f"{fn}: a DTensor linear_bias must be placed Shard(0) (as the head) or "
+                f"Replicate(), got {placement}")
+        full = bias.to_local(grad_placements=[Partial()])
+    elif bias.requires_grad:
+        full = DTensor.from_local(bias, mesh, [Replicate()], run_check=False).to_local(
+            grad_placements=[Partial()])
+    else:
+        full = bias
+    return full[start:start + n_local]

@@ -774,6 +774,15 @@ def _run_dtensor_contract(case, rank, counter):
                 **opts)
     out["f64-linear-head"] = linear_errors(h, w, b, Shard(0))
 
+    # the bias of a Shard(0) head: Replicate() or plain (each rank takes its slice), or
+    # Shard(0) as the head
+    for name, placement in [("replicate", Replicate()), ("plain", None), ("shard", Shard(0))]:
+        out[f"bias-{name}"] = _outcome(lambda p=placement: linear_errors(
+            h.float(), w.float(), b.float(), p))
+    out["bias-wrong-length"] = _outcome(lambda: fusedce.linear_cross_entropy(
+        h.float(), distribute_tensor(w.float(), mesh, [Shard(0)]), target,
+        linear_bias=torch.zeros(vocab - 1)))
+
     # fusedce.patched(): class probabilities on vocabulary-sharded logits go to PyTorch
     with fusedce.patched():
         out["patched-soft-vocab"] = _outcome(lambda: versus_pytorch(
@@ -1038,6 +1047,18 @@ def test_dtensor_float64_is_computed_in_float64(results_3):
         for key in ("f64-vocab-mean", "f64-vocab-none", "f64-batch-mean", "f64-batch-none",
                     "f64-linear-head"):
             assert res[key] < 1e-12, (key, res[key])
+
+
+@pytest.mark.slow
+def test_dtensor_head_bias_placements(results_3):
+    """A Shard(0) head's bias as a Replicate() DTensor or a plain full tensor (each rank takes
+    its slice; the gradient summed) or Shard(0): PyTorch's loss and gradients; a bias of
+    another length raises saying so."""
+    for res in _contract(results_3):
+        for key in ("bias-replicate", "bias-plain", "bias-shard"):
+            assert isinstance(res[key], float) and res[key] < 2e-5, (key, res[key])
+        assert res["bias-wrong-length"].startswith("RuntimeError") and \
+            "linear_bias" in res["bias-wrong-length"], res["bias-wrong-length"]
 
 
 @pytest.mark.slow
