@@ -18,7 +18,8 @@
   in part, are validated through one more number in that all-reduce.
 - ``Replicate()``: every rank computes the loss of its full copy.
 
-Sums are taken in the dtype the loss is computed in (float64 for float64 logits). A second
+Sums are taken in the dtype the loss is computed in (float32, float64 for float64 logits)
+and rounded to the result's dtype once. A second
 derivative through the vocab-parallel loss raises (``fusedce.distributed``).
 
 The loss is a DTensor ``Replicate()`` ('none' with ``Shard(0)`` logits: ``Shard(0)``); the
@@ -186,18 +187,23 @@ def cross_entropy(ce, input, target, weight, ignore_index, reduction, label_smoo
     if bad is not None and reduction == "none" and not extras.aux:
         _loss.check_targets(t, n_cols, ignore_index)  # no collective here: none can hang
         bad = None
-    out = ce(local, t, weight, ignore_index=ignore_index,
-             reduction="none" if reduction == "none" else "sum",
-             label_smoothing=label_smoothing, backend=backend, validate=False,
-             **extras.kwargs())
+    out_dtype = _args.ce_result_dtype(local, t, weight, t.is_floating_point())
+    # a rank's partial sum of fp16/bf16 logits unrounded (under autocast fusedce's loss
+    # comes out in fp32, computed alike), rounded once after the all-reduce
+    low = reduction != "none" and local.dtype in (torch.float16, torch.bfloat16)
+    with torch.autocast(local.device.type, dtype=local.dtype, enabled=low):
+        out = ce(local, t, weight, ignore_index=ignore_index,
+                 reduction="none" if reduction == "none" else "sum",
+                 label_smoothing=label_smoothing, backend=backend, validate=False,
+                 **extras.kwargs())
     if reduction == "none" and not extras.aux:
         return _wrap(out, mesh, Shard(0), shape=(n_rows,))
     return _batch_reduced(out, local, t, weight, ignore_index, reduction, n_rows, n_cols,
-                          extras, bad, mesh)
+                          extras, bad, mesh, out_dtype)
 
 
 def _batch_reduced(out, local, t, weight, ignore_index, reduction, n_rows, n_cols, extras,
-                   bad, mesh):
+                   bad, mesh, out_dtype):
     """The global results of batch-sharded logits from this rank's (``out``: the summed
     loss or the rows' losses, or with aux outputs their ``CrossEntropyAux``): one
     all-reduce of the loss's sum and the mean's divisor, with aux outputs also the z-loss's
@@ -230,7 +236,7 @@ def _batch_reduced(out, local, t, weight, ignore_index, reduction, n_rows, n_col
         result = _wrap(loss, mesh, Shard(0), shape=rows)
     else:
         total = summed[0] if reduction == "sum" else summed[0] / _loss.nan_if_zero(summed[1:2])[0]
-        result = _wrap(total.to(loss.dtype), mesh, Replicate())
+        result = _wrap(total.to(out_dtype), mesh, Replicate())
     if not extras.aux:
         return result
     first = {"none": 0, "sum": 1, "mean": 2}[reduction]
@@ -239,8 +245,8 @@ def _batch_reduced(out, local, t, weight, ignore_index, reduction, n_rows, n_col
     if reduction == "none":
         z_loss = _wrap(out.z_loss, mesh, Shard(0), shape=rows)
     else:
-        z_loss = _wrap((z_sum if reduction == "sum" else z_sum / kept).to(out.z_loss.dtype),
-                       mesh, Replicate())
+        z_loss = _wrap((z_sum if reduction == "sum" else z_sum / kept).to(out_dtype), mesh,
+                       Replicate())
     return out._replace(loss=result, z_loss=z_loss,
                         lse=_wrap(out.lse, mesh, Shard(0), shape=rows),
                         accuracy=_wrap(correct / kept, mesh, Replicate()),

@@ -804,6 +804,21 @@ def _run_dtensor_contract(case, rank, counter):
                        for k in ref._fields)
         out[f"aux-batch-{reduction}"] = _outcome(aux_errors)
 
+    # bf16 batch-sharded 'mean' and 'sum': the exact loss rounded once to bf16 (within half
+    # an ulp), not each rank's partial sum rounded before the all-reduce (up to 0.74 ulp)
+    worst = 0.0
+    for seed in range(40):
+        g = torch.Generator().manual_seed(seed)
+        x16 = (torch.randn(300, 50, generator=g) * 4).bfloat16()
+        t16 = torch.randint(0, 50, (300,), generator=g)
+        x = distribute_tensor(x16, mesh, [Shard(0)])
+        for reduction in ("mean", "sum"):
+            exact = F.cross_entropy(x16.double(), t16, reduction=reduction)
+            got = fusedce.cross_entropy(x, t16, reduction=reduction, backend="torch")
+            ulp = torch.finfo(torch.bfloat16).eps * 2.0 ** torch.floor(torch.log2(exact.abs()))
+            worst = max(worst, float((got.full_tensor().double() - exact).abs() / ulp))
+    out["bf16-batch-ulps"] = worst
+
     # a second derivative (a gradient penalty) through the vocab-parallel loss: an error,
     # never a gradient without its penalty term; the first derivative still right
     def penalty(make_loss, leaf):
@@ -1078,6 +1093,14 @@ def test_dtensor_batch_sharded_aux_outputs(results_3):
     for res in _contract(results_3):
         for key in ("aux-batch-none", "aux-batch-mean", "aux-batch-sum"):
             assert isinstance(res[key], float) and res[key] < 2e-5, (key, res[key])
+
+
+@pytest.mark.slow
+def test_dtensor_batch_sharded_bf16_rounds_once(results_3):
+    """bf16 Shard(0) logits, 'mean' and 'sum': the ranks' partial sums are all-reduced in
+    fp32 and the result rounded once, within half a bf16 ulp of the exact loss."""
+    for res in _contract(results_3):
+        assert res["bf16-batch-ulps"] <= 0.5 + 1e-3, res["bf16-batch-ulps"]
 
 
 @pytest.mark.slow
