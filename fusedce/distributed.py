@@ -46,8 +46,14 @@ and the full class weights, which every rank has: no collective.
 each rank holds a slice of the head's weight: the shard's logits exist one chunk of rows at a
 time. Its input gradient is a sum over ranks: one all-reduce in the backward, the one every
 column-parallel linear layer has (``reduce_input_grad=False`` leaves it to the caller).
+
+float64 logits (or class weights) are computed in float64 on the PyTorch path, the values
+sent float64 too. Both losses are differentiable once: a gradient taken with
+``create_graph=True`` raises when differentiated again (``_first_order_only``).
 """
 
+
+import functools
 
 import torch
 import torch.distributed as dist
@@ -126,8 +132,9 @@ def even_vocab_shard(vocab_size, rank, world_size):
 class _Shard:
     """What the forward and backward need about this rank's slice and the row targets."""
 
-    def __init__(self, target, n_local, vocab_start, weight, ignore_index, group):
+    def __init__(self, target, n_local, vocab_start, weight, ignore_index, group, acc):
         self.group = group
+        self.acc = acc  # the dtype the loss is computed in: float32, or float64
         self.n_local = n_local
         t = target.long()
         self.ignored = t == ignore_index
@@ -191,12 +198,12 @@ def _loss_and_rows(shard, lse, x_t, smooth, n_classes, weight, eps):
     t, ignored = shard.t, shard.ignored
     valid = (t >= 0) & (t < n_classes) & ~ignored
     if weight is None:
-        w_t = valid.float()
+        w_t = valid.to(shard.acc)
         w_sum = n_classes
     else:
         t_safe = torch.where(valid, t, 0)
-        w_t = torch.where(valid, weight.float()[t_safe], 0.0)
-        w_sum = weight.float().sum()
+        w_t = torch.where(valid, weight.to(shard.acc)[t_safe], 0.0)
+        w_sum = weight.to(shard.acc).sum()
     loss = (1.0 - eps) * w_t * (lse - x_t)
     if eps > 0:
         loss = loss + eps * (smooth / n_classes)
@@ -205,22 +212,24 @@ def _loss_and_rows(shard, lse, x_t, smooth, n_classes, weight, eps):
 
 
 def _denominator(shard, valid, w_t, reduction):
-    """The reduction's divisor as a (1,) fp32 device tensor, from the global targets: the
-    count of rows not ignored, or their summed class weights (PyTorch's weighted mean)."""
+    """The reduction's divisor as a (1,) device tensor in ``w_t``'s dtype, from the global
+    targets: the count of rows not ignored, or their summed class weights (PyTorch's
+    weighted mean)."""
     if reduction != "mean":
-        return torch.ones(1, dtype=torch.float32, device=w_t.device)
+        return torch.ones(1, dtype=w_t.dtype, device=w_t.device)
     if shard.w_shard is None:
-        return _loss.nan_if_zero((~shard.ignored).sum(dtype=torch.float32).reshape(1))
+        return _loss.nan_if_zero((~shard.ignored).sum(dtype=w_t.dtype).reshape(1))
     return _loss.nan_if_zero(w_t.sum().reshape(1))
 
 
 def _row_grad_scale(grad_out, n_rows, reduction, denom, ignored, valid):
-    """Each row's upstream gradient over the reduction's denominator, fp32 (rows,)
-    contiguous: 0 for ignored rows, NaN for out-of-range targets (as fusedce.cross_entropy)."""
+    """Each row's upstream gradient over the reduction's denominator, (rows,) in the
+    loss's dtype, contiguous: 0 for ignored rows, NaN for out-of-range targets (as
+    fusedce.cross_entropy)."""
     if reduction == "none":
-        g = grad_out.float()
+        g = grad_out.to(denom.dtype)
     else:
-        g = grad_out.float().reshape(1)
+        g = grad_out.to(denom.dtype).reshape(1)
         if reduction == "mean":
             g = g / denom
         g = g.expand(n_rows)
@@ -228,16 +237,16 @@ def _row_grad_scale(grad_out, n_rows, reduction, denom, ignored, valid):
 
 
 def _consts(w_sum, n_classes):
-    """``[W, C]`` as an fp32 (2,) device tensor."""
-    return torch.stack([torch.as_tensor(w_sum, dtype=torch.float32, device=n_classes.device),
-                        n_classes.float()])
+    """``[W, C]`` as a (2,) device tensor in ``n_classes``'s dtype."""
+    return torch.stack([torch.as_tensor(w_sum, dtype=n_classes.dtype,
+                                        device=n_classes.device), n_classes])
 
 
 def _forward_partials(x_chunks, shard, eps, impl, n_rows, device, extras):
     """Runs the shard-local pass over ``x_chunks`` (an iterable of (row_start, logits chunk)),
     then the one all-gather; returns ``_merge``'s (lse, x_t, sm, C, aux stats)."""
     n_parts = _n_parts(eps > 0, extras)
-    send = torch.empty(n_parts * n_rows + 2, dtype=torch.float32, device=device)
+    send = torch.empty(n_parts * n_rows + 2, dtype=shard.acc, device=device)
     view = send[:n_parts * n_rows].view(n_parts, n_rows)
     for s, xc in x_chunks:
         e = s + xc.shape[0]
@@ -246,7 +255,7 @@ def _forward_partials(x_chunks, shard, eps, impl, n_rows, device, extras):
             impl.vp_partials(xc, shard.t_local, shard.w_shard, eps > 0, send, extras)
             continue
         width = max(3, n_parts)
-        part = torch.empty(width * (e - s), dtype=torch.float32, device=device)
+        part = torch.empty(width * (e - s), dtype=shard.acc, device=device)
         impl.vp_partials(xc, shard.t_local[s:e], shard.w_shard, eps > 0, part, extras)
         view[:, s:e] = part.view(width, e - s)[:n_parts]
     if extras.aux:
@@ -255,9 +264,9 @@ def _forward_partials(x_chunks, shard, eps, impl, n_rows, device, extras):
     if shard.w_shard is None:
         send[-1:].fill_(float(shard.n_local))
     else:  # on the device: no host sync
-        send[-1:].copy_(shard.w_shard.sum(dtype=torch.float32).reshape(1))
+        send[-1:].copy_(shard.w_shard.sum(dtype=shard.acc).reshape(1))
     world, _ = _check_group(shard.group)
-    recv = torch.empty(world * send.numel(), dtype=torch.float32, device=device)
+    recv = torch.empty(world * send.numel(), dtype=shard.acc, device=device)
     _all_gather(recv, send, shard.group)
     return _merge(recv, n_rows, n_parts, eps > 0, extras.aux)
 
@@ -291,7 +300,7 @@ def _merged_loss(ctx, x_chunks, shard, weight, ignore_index, eps, reduction, imp
     if not extras.aux:
         return loss, rows
     entropy, first = stats
-    correct = (valid & (first == shard.t)).float()
+    correct = (valid & (first == shard.t)).to(shard.acc)
     aux = torch.stack([entropy, correct])
     ctx.mark_non_differentiable(lse, aux)
     return (loss, lse, aux), rows
@@ -307,6 +316,43 @@ def _shard_grad_args(ctx, grad_out, n_rows, lse, valid, denom):
     return g, z_grad
 
 
+_SECOND_DERIVATIVE = (
+    b"fusedce's vocab-parallel loss (vocabulary-sharded logits or LM head, DTensor or "
+    b"fusedce.distributed) has no second derivative: its gradient was taken with "
+    b"create_graph=True (a gradient penalty, a Hessian-vector product) and then "
+    b"differentiated. Compute that loss with PyTorch's ops instead (outside "
+    b"fusedce.patched(), or F.cross_entropy on the gathered logits)")
+
+
+def _first_order_only(backward):
+    """The backward of a Function whose backward is not differentiable (collectives,
+    in-place kernels). Under ``create_graph=True`` its gradients come out of a node that
+    raises ``_SECOND_DERIVATIVE`` when differentiated, a node whose inputs are also the
+    saved inputs and upstream gradients that require grad, so that every path of a second
+    derivative meets it. ``torch.autograd.function.once_differentiable`` links only the
+    upstream gradients: ``autograd.grad(loss, x, create_graph=True)`` then gave a gradient
+    whose dependence on ``x`` was silently left out."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        with torch.no_grad():
+            out = backward(ctx, *grads)
+        tracked = [i for i, g in enumerate(out) if g is not None]
+        if not (torch.is_grad_enabled() and tracked):
+            return out
+        links = [t for t in (*ctx.saved_tensors, *grads)
+                 if isinstance(t, torch.Tensor) and t.requires_grad]
+        delayed = torch._C._functions.DelayedError(_SECOND_DERIVATIVE,
+                                                   len(tracked) + len(links))(
+            *[out[i].detach().requires_grad_() for i in tracked], *links)
+        out = list(out)
+        for i, g in zip(tracked, delayed):
+            out[i] = g
+        return tuple(out)
+
+    return wrapper
+
+
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     """Reduced cross-entropy of this rank's logit slice ``x`` (rows, C_r); see the module
     docstring. One all-gather in the forward, nothing in the backward; saves O(rows). With
@@ -317,7 +363,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     def forward(ctx, x, target, weight, vocab_start, group, ignore_index, eps, reduction,
                 impl, extras):
         n_rows, n_local = x.shape
-        shard = _Shard(target, n_local, vocab_start, weight, ignore_index, group)
+        shard = _Shard(target, n_local, vocab_start, weight, ignore_index, group,
+                       _loss.acc_dtype(x, target, weight))
         ctx.options = (ignore_index, eps, reduction, extras, impl)
         ctx.shard = shard
         out, rows = _merged_loss(ctx, [(0, x)], shard, weight, ignore_index, eps, reduction,
@@ -326,6 +373,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return out
 
     @staticmethod
+    @_first_order_only
     def backward(ctx, grad_out, *_aux_grads):
         x, lse, valid, w_t, consts, denom = ctx.saved_tensors
         _, eps, _, extras, impl = ctx.options
@@ -372,9 +420,9 @@ def vocab_parallel_cross_entropy(logits_shard, target, *, group=None, vocab_star
     Every rank returns the same loss, the loss of ``fusedce.cross_entropy`` on the full
     logits; the backward gives each rank the gradient of its own slice. Collectives: one
     all-gather of ``2 * N + 2`` fp32 (``3 * N + 2`` with label smoothing, ``6 * N + 2``
-    with ``return_aux``) per forward, none in the backward (plus one small all-gather per
-    forward when ``vocab_start`` is None). All ranks must call it together (it is a
-    collective).
+    with ``return_aux``; float64 for float64 logits or weights) per forward, none in the
+    backward (plus one small all-gather per forward when ``vocab_start`` is None). All ranks
+    must call it together (it is a collective).
     """
     _args.vocab_parallel_logits(logits_shard)
     extras = _args.extras(logit_scale, softcap, lse_square_scale, return_aux)
@@ -387,7 +435,8 @@ def vocab_parallel_cross_entropy(logits_shard, target, *, group=None, vocab_star
     reduction, label_smoothing, ignore_index, backend, weight = _check_call(
         "vocab_parallel_cross_entropy", target, logits_shard.shape[0], weight, reduction,
         label_smoothing, ignore_index, backend)
-    impl = _args.implementation(backend, logits_shard)
+    # float64 on the PyTorch path (the kernels compute in float32), as fusedce.cross_entropy
+    impl = _loss.extras_implementation(backend, logits_shard, target, weight)
     if logits_shard.stride(1) != 1:
         logits_shard = logits_shard.contiguous()
     if vocab_start is not None:
@@ -431,7 +480,8 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, h, w_head, b_head, target, weight, vocab_start, group, ignore_index, eps,
                 reduction, impl, chunk, reduce_input_grad, extras):
         n_rows = h.shape[0]
-        shard = _Shard(target, w_head.shape[0], vocab_start, weight, ignore_index, group)
+        shard = _Shard(target, w_head.shape[0], vocab_start, weight, ignore_index, group,
+                       _loss.acc_dtype(h, target, weight))
         ctx.options = (ignore_index, eps, reduction, extras, impl, chunk, reduce_input_grad)
         ctx.shard = shard
         out, rows = _merged_loss(ctx, _head_chunks(h, w_head, b_head, chunk), shard, weight,
@@ -440,6 +490,7 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
         return out
 
     @staticmethod
+    @_first_order_only
     def backward(ctx, grad_out, *_aux_grads):
         h, w_head, b_head, lse, valid, w_t, consts, denom = ctx.saved_tensors
         _, eps, _, extras, impl, chunk, reduce_input_grad = ctx.options
@@ -497,7 +548,7 @@ def vocab_parallel_linear_cross_entropy(input, linear_weight, target, *, linear_
     reduction, label_smoothing, ignore_index, backend, weight = _check_call(
         "vocab_parallel_linear_cross_entropy", target, input.shape[0], weight, reduction,
         label_smoothing, ignore_index, backend)
-    impl = _args.implementation(backend, input)
+    impl = _loss.extras_implementation(backend, input, target, weight)
     if chunk_size is None:  # fusedce.linear's choice, for this rank's (N, C_r) logits
         chunk_size = chunk_rows(input.shape[0], input.shape[1], linear_weight.shape[0],
                                 input.element_size(), input.device.type)

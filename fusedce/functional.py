@@ -174,7 +174,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=_I
         return _dtensor.cross_entropy(
             cross_entropy, input, target, weight, ignore_index,
             _args.reduction(reduction, size_average, reduce), label_smoothing, backend,
-            _args.extras(scale, softcap, square, aux))
+            _args.extras(scale, softcap, square, aux), validate)
     if (backend == "auto" and validate is not False and softcap is None and aux is False
             and _route.plain_scales(scale, square)
             and _route.pytorch_serves(input, target, weight, label_smoothing)):

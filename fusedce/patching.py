@@ -58,7 +58,7 @@ def _patched_cross_entropy(input, target, weight=None, size_average=None,
         return _ORIGINAL_CE(input, target, weight, size_average, ignore_index, reduce,
                             reduction, label_smoothing)  # PyTorch's TypeError
     if not _plain_tensors(input, target, weight) and not (
-            _dtensor.is_dtensor(input) and _dtensor.serves(input)):
+            _dtensor.is_dtensor(input) and _dtensor.serves(input, target)):
         return _route.pytorch_cross_entropy(input, target, weight, size_average, ignore_index,
                                             reduce, reduction, label_smoothing)
     return cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction,
