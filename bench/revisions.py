@@ -10,9 +10,10 @@ medians is what a change did to the speed, free of the drift between two runs.
     python -m bench.revisions HEAD~1 --loss linear   # ROWSxCLASSESxHIDDEN shapes
     python -m bench.revisions HEAD~1 --after-matmul 512  # a parallel op before each call
 
-Forward + backward (the default mode, then ``inplace_backward=True``; for the linear loss
-'mean', then 'none' with an upstream gradient of ones), and the forward alone under
-``no_grad``; CPU, fp32.
+Forward + backward (the default mode, then ``inplace_backward=True``, then under
+saved-tensor hooks, where the gradient is computed in the backward from the saved lse, as
+with ``torch.utils.checkpoint``; for the linear loss 'mean', then 'none' with an upstream
+gradient of ones), and the forward alone under ``no_grad``; CPU, fp32.
 """
 
 import argparse
@@ -60,13 +61,18 @@ def load_revision(rev):
     return importlib.import_module(name), sha
 
 
-def step(module, x, target, no_grad=False, **kwargs):
+def step(module, x, target, no_grad=False, hooks=False, **kwargs):
     if no_grad:  # evaluation: the loss alone
         with torch.no_grad():
             module.cross_entropy(x, target, **kwargs)
         return
     # in place overwrites the logits: a fresh copy per call (the same cost for both)
     x = (x.clone() if kwargs.get("inplace_backward") else x.detach()).requires_grad_()
+    if hooks:  # the backward-time route: saved tensors pass through the hooks
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            loss = module.cross_entropy(x, target, **kwargs)
+        loss.backward()
+        return
     module.cross_entropy(x, target, **kwargs).backward()
 
 
@@ -120,7 +126,7 @@ def main(argv=None):
     linear = args.loss == "linear"
     modes = ((("default", {}), ("none", {"reduction": "none"}), ("no_grad", {"no_grad": True}))
              if linear else (("default", {}), ("inplace", {"inplace_backward": True}),
-                             ("no_grad", {"no_grad": True})))
+                             ("hooks", {"hooks": True}), ("no_grad", {"no_grad": True})))
     for shape in (args.shapes or (LINEAR_SHAPES if linear else SHAPES)).split(","):
         dims = [int(v) for v in shape.split("x")]
         n, c = dims[:2]

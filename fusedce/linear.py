@@ -187,10 +187,11 @@ def _aux_buffer(x, ce):
 
 
 def _row_buffers(x, ce):
-    """Per-row loss and log-sum-exp, and (probability targets) the sums ``s``."""
+    """Per-row loss and log-sum-exp, and (probability targets) the sums ``s``; the lse in
+    float64, as the launchers give it (a chunk's backward rebuilds ``p`` from it)."""
     n = x.shape[0] * ce.positions
     new = functools.partial(torch.empty, dtype=ce.acc, device=x.device)
-    return new(n), new(n), new(n if ce.soft else 0)
+    return new(n), new(n, dtype=torch.float64), new(n if ce.soft else 0)
 
 
 def _loss_only(x, linear_weight, linear_bias, ce, rows, aux=None):

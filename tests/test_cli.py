@@ -583,7 +583,7 @@ class TestBench:
                              capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-2000:]
         rows = [line.split() for line in out.stdout.splitlines() if line.split()[:1] == ["4x10"]]
-        assert [r[1] for r in rows] == ["default", "inplace", "no_grad"]
+        assert [r[1] for r in rows] == ["default", "inplace", "hooks", "no_grad"]
         assert all(float(r[2]) > 0 and float(r[3]) > 0 and float(r[4]) > 0 for r in rows)
         assert "this checkout ops: 1" in out.stdout
         spaces = out.stdout.split("namespaces:")[1]

@@ -480,6 +480,34 @@ def test_second_backward_recomputes(reduction):
             assert_close(g, r, 2e-5, 2e-5, f"{what}, retain_graph={retain}")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_logits_far_from_zero(backend, reduction):
+    """A bias of 2**20 puts every logit far from 0: 'mean' takes its gradient in the
+    forward, 'none' and a second backward rebuild it from the saved lse (float64: fp32 kept
+    log-sum only to 0.03 there), against float64 PyTorch with random upstream gradients.
+    Small integer inputs and weights and a bias in eighths make every logit exact in fp32
+    (its spacing there), so the reference sees the same logits."""
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randint(-2, 3, (6, 5), generator=gen).float()
+    w = torch.randint(-2, 3, (9, 5), generator=gen).float()
+    target = torch.randint(0, 9, (6,), generator=gen)
+    b = 2.0 ** 20 + torch.randint(-16, 17, (9,), generator=gen).float() / 8
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    loss = fusedce.linear_cross_entropy(leaves[0], leaves[1], target, linear_bias=leaves[2],
+                                        reduction=reduction, chunk_size=4, backend=backend)
+    ref_leaves = [t.double().requires_grad_() for t in (x, w, b)]
+    ref = F.cross_entropy(F.linear(ref_leaves[0], ref_leaves[1], ref_leaves[2]), target,
+                          reduction=reduction)
+    assert_close(loss, ref, 2e-5, 2e-5, "loss")
+    for retain in (True, False):
+        up = torch.randn(loss.shape, generator=gen)
+        got = torch.autograd.grad(loss, leaves, up, retain_graph=retain)
+        want = torch.autograd.grad(ref, ref_leaves, up.double(), retain_graph=True)
+        for g, r, what in zip(got, want, ("input", "weight", "bias")):
+            assert_close(g, r, 2e-5, 2e-5, f"{what}, retain_graph={retain}")
+
+
 def test_autocast_matches_pytorch():
     """Under CPU autocast F.linear runs in bf16 and the loss comes out in fp32."""
     x, w, target, _, _ = make_problem(16, 32, 50, torch.float32)
