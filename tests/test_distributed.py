@@ -773,6 +773,18 @@ def _run_dtensor_contract(case, rank, counter):
                 lambda x, t, opts=opts: fusedce.cross_entropy(x, t, backend="torch", **opts),
                 **opts)
     out["f64-linear-head"] = linear_errors(h, w, b, Shard(0))
+    # with the loss extras (the CPU path's extras module), against fusedce on the full
+    # float64 tensor (exact to float64 itself)
+    extras = dict(logit_scale=0.5, softcap=20.0, lse_square_scale=1e-3, label_smoothing=0.2,
+                  weight=weight)
+    ref_x = logits.clone().requires_grad_()
+    ref = fusedce.cross_entropy(ref_x, target, backend="torch", **extras)
+    (ref_g,) = torch.autograd.grad(ref, ref_x, up)
+    xd = distribute_tensor(logits, mesh, [Shard(1)]).requires_grad_()
+    got = fusedce.cross_entropy(xd, target, backend="torch", **extras)
+    (got_g,) = torch.autograd.grad(got, xd, distribute_tensor(up, mesh, list(got.placements)))
+    out["f64-vocab-extras"] = max(_rel_err(got.full_tensor().detach(), ref.detach()),
+                                  _rel_err(got_g.full_tensor(), ref_g))
 
     # the bias of a Shard(0) head: Replicate() or plain (each rank takes its slice), or
     # Shard(0) as the head
@@ -1056,11 +1068,12 @@ def _contract(results_3):
 @pytest.mark.slow
 def test_dtensor_float64_is_computed_in_float64(results_3):
     """float64 DTensor logits (vocabulary- and batch-sharded, weights and smoothing, 'mean'
-    and 'none') and a float64 sharded head: float64 results, as fusedce's on plain tensors
-    (they were computed in float32: errors of 1e-7)."""
+    and 'none'; vocabulary-sharded with the loss extras) and a float64 sharded head: float64
+    results, as fusedce's on plain tensors (they were computed in float32: errors of 1e-7,
+    3e-10 with the extras)."""
     for res in _contract(results_3):
         for key in ("f64-vocab-mean", "f64-vocab-none", "f64-batch-mean", "f64-batch-none",
-                    "f64-linear-head"):
+                    "f64-linear-head", "f64-vocab-extras"):
             assert res[key] < 1e-12, (key, res[key])
 
 

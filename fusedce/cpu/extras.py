@@ -268,14 +268,15 @@ def vp_partials(x, t_local, w_shard, smoothing, part, extras):
             aux[1].fill_(float("-inf"))
             aux[2].zero_()
         return part
-    w = w_shard.float() if (smoothing and w_shard is not None) else None
+    acc = part.dtype  # float64 where the loss is computed in float64, else fp32
+    w = w_shard.to(acc) if (smoothing and w_shard is not None) else None
     w_r = float(n_cols) if w is None else w.sum()
     t_safe = t_local.clamp_min(0)
 
     def work(start, end):
-        scratch = _new_scratch(end - start, n_cols, torch.float32, x.device)
+        scratch = _new_scratch(end - start, n_cols, acc, x.device)
         for s, e in chunks.chunk_ranges(end, n_cols, start):
-            z, _ = transformed(x[s:e], extras, torch.float32, scratch)
+            z, _ = transformed(x[s:e], extras, acc, scratch)
             m = z.amax(1, keepdim=True)
             ref = torch.where(m == float("-inf"), 0.0, m)
             shifted = z - ref
@@ -307,16 +308,17 @@ def vp_grad(x, t_local, lse, g, w_t, consts, eps, w_shard, dx, extras, z_grad):
     n_rows, n_cols = x.shape
     if n_rows == 0 or n_cols == 0:
         return dx
-    w = w_shard.float() if (eps > 0 and w_shard is not None) else None
+    acc = lse.dtype  # the loss's compute dtype, as vp_partials took it
+    w = w_shard.to(acc) if (eps > 0 and w_shard is not None) else None
     gA, gB, gk = _coefficients(g, w_t, z_grad, consts[0], eps, consts[1])
     in_shard = t_local >= 0
     gB = torch.where(in_shard, gB, 0.0)
     t_safe = t_local.clamp_min(0)
 
     def work(start, end):
-        scratch = _new_scratch(end - start, n_cols, torch.float32, x.device)
+        scratch = _new_scratch(end - start, n_cols, acc, x.device)
         for s, e in chunks.chunk_ranges(end, n_cols, start):
-            z, dz = transformed(x[s:e], extras, torch.float32, scratch)
+            z, dz = transformed(x[s:e], extras, acc, scratch)
             p = torch.sub(z, lse[s:e, None], out=scratch.get("p", e - s)).exp_()
             _chunk_grad(dz, p, t_safe[s:e], gA[s:e], gB[s:e],
                         None if gk is None else gk[s:e], w, dx[s:e])
