@@ -290,8 +290,11 @@ def bwd_chunks(x: torch.Tensor, dx: torch.Tensor, anchor: torch.Tensor, neg: tor
             buf = scratch.narrow(0, 0, rows).copy_(xc)
             exp_argument(buf, anchor.narrow(0, s, rows), buf, neg_c, False, fused)
         buf.exp2_()
-        # exp_argument sets the chunk's neg to +inf where it subtracted the anchor instead
-        coef = coef_sub if float(neg_c[0, 0]) == float("inf") else coef_fma
+        # exp_argument sets the chunk's neg to +inf where it subtracted the anchor instead;
+        # off the CPU it always does (reading neg there would be a device sync)
+        coef = coef_sub
+        if x.device.type == "cpu" and float(neg_c[0, 0]) != float("inf"):
+            coef = coef_fma
         buf.mul_(coef.narrow(0, s, rows))
         if smooth is not None:
             _smoothing_term(buf, smooth.narrow(0, s, rows), w)

@@ -17,9 +17,10 @@ How it is fast on a CPU (figures in docs/benchmarks.md):
 - where the gradient is computed in the backward, from the forward's lse (kept in
   float64), each row's exp is anchored at its lse rounded to fp32 and a per-row factor
   (``g A`` and the rest of the lse, taken back exactly) scales it: one multiply-add into
-  the gradient, one in-cache exp and one in-cache product, exact however far the row lies
-  from 0; the target's entry, where ``A p_t - B`` may cancel, is written afterwards from a
-  per-row formula (one rounding, as in the kernels);
+  the gradient, one in-cache exp and one in-cache product, exact as far from 0 as float64
+  holds the lse's log-sum (|x| up to about 1e14); the target's entry, where ``A p_t - B``
+  may cancel, is written afterwards from a per-row formula (one rounding, as in the
+  kernels);
 - a row's shift is the max of its first ``SHIFT_PREFIX`` values and its target's logit,
   not of the whole row (not in place in fp32): no max pass of its own over each chunk (a
   shift below the max only makes every ``exp`` larger; a row whose sum passes 2**32 is done
@@ -262,10 +263,10 @@ def ce_bwd(x, target, lse, dloss, weight=None, ignore_index=-100, label_smoothin
         # g A p_c = exp(x_c - s) c, c = g A exp(s - lse): each row's exp is anchored at
         # its lse rounded to fp32, a (every exponent then <= ~0); s is the shift the
         # exponent took (chunks.exp_argument: -neg / log2(e) under its multiply-add, else a
-        # itself), and c, per row in float64, takes the rest back exactly, however far the
-        # row lies from 0. (Folding g A into the exponent, s = lse - log|g A|, saves the
-        # product but rounds s to fp32 with the row's offset: a relative error of the
-        # gradient of |s| 4e-8, all of it at |s| = 1e8.)
+        # itself), and c, per row in float64, takes the rest back exactly, as far from 0 as
+        # float64 holds lse's log-sum (|lse| up to about 1e14). (Folding g A into the
+        # exponent, s = lse - log|g A|, saves the product but rounds s to fp32 with the
+        # row's offset: a relative error of the gradient of |s| 4e-8, all of it at 1e8.)
         # rows with g A = 0 and nothing else (ignored, or no upstream gradient) are zeroed,
         # not computed: exp(-inf) takes a slow path in PyTorch's CPU exp, about 20x an
         # ordinary value (on the CPU only: reading the rows' flags on a GPU would be a host
