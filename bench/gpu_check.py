@@ -175,7 +175,8 @@ TOL = {"fp32": 2e-5, "bf16": 2e-2, "fp16": 4e-3}  # relative to the largest refe
 
 def _correctness_cases():
     """``(name, dtype, n_rows, n_cols, options)``: options of ``fusedce.cross_entropy``
-    plus ``pad`` (extra columns of row stride) and ``offset`` (elements before row 0)."""
+    plus ``pad`` (extra columns of row stride), ``offset`` (elements before row 0) and
+    ``shift`` (added to every fp32 logit before the cast: rows far from 0)."""
     cases = []
     for dt in ("fp32", "bf16", "fp16"):
         for red in ("mean", "sum", "none"):
@@ -189,6 +190,11 @@ def _correctness_cases():
         cases.append(("padded-stride+offset", dt, 64, V, {"pad": 5, "offset": 3}))
         cases.append(("inplace-padded-stride+offset", dt, 64, V,
                       {"pad": 5, "offset": 3, "inplace_backward": True}))
+        # rows far from 0: the saved lse must keep its log-sum (float64) and the loss take
+        # (max - x_t) + log-sum, in the backward kernel as in the forward's
+        cases.append(("far-from-0", dt, 32, V, {"shift": 1e4, "reduction": "none"}))
+        cases.append(("few-rows-far-from-0", dt, 4, V,
+                      {"shift": -1e4, "split": True, "label_smoothing": 0.1}))
         for n_cols in (1, 7, 100, 8193):  # one column, shorter than 16 bytes, > one block
             cases.append((f"C={n_cols}", dt, 37, n_cols, {"reduction": "sum"}))
         # fewer rows than SMs: each row split over several programs (kernels/split_rows.py;
@@ -247,12 +253,12 @@ def check_correctness(torch, F, fusedce, dev, max_rows=None):
     for name, dt, n, c, opts in _correctness_cases():
         opts = dict(opts)
         n = min(n, max_rows or n)
-        pad, offset = opts.pop("pad", 0), opts.pop("offset", 0)
+        pad, offset, shift = opts.pop("pad", 0), opts.pop("offset", 0), opts.pop("shift", 0.0)
         split_rows.FORCE_SPLITS = 3 if (opts.pop("split", False) and dev.dry_run) else None
         dtype = _dtype(dt)
         # logits: a view into a larger buffer when padded or offset (rows off 16 bytes)
         buf = torch.randn(offset + n * (c + pad) + 16, generator=gen, device=device)
-        buf = (buf * 3).to(dtype)
+        buf = (buf * 3 + shift).to(dtype)
         x = buf[offset:offset + n * (c + pad)].view(n, c + pad)[:, :c]
         target = torch.randint(0, c, (n,), generator=gen, device=device)
         target[0], target[-1] = 0, c - 1
