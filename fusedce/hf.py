@@ -381,17 +381,19 @@ def remove(model):
         return model
     state.applied = False
     state.unpatch_head()
-    forward = model.__dict__.get("forward")
-    if isinstance(forward, _Forward) and forward.state is state:
-        if state.forward is None:
-            del model.__dict__["forward"]
-        else:
-            model.__dict__["forward"] = state.forward
-    loss_function = model.__dict__.get("_loss_function")
-    if isinstance(loss_function, _LossFunction) and loss_function.state is state:
-        if state.loss_function is None:
-            del model.__dict__["_loss_function"]
-        else:
-            model.__dict__["_loss_function"] = state.loss_function
+    _restore(model, "forward", _Forward, state, state.forward)
+    _restore(model, "_loss_function", _LossFunction, state, state.loss_function)
     delattr(model, _STATE)
     return model
+
+
+def _restore(model, name, kind, state, saved):
+    """``model.__dict__[name]`` back to ``saved`` (removed where None), only while it is
+    still ``apply``'s own object (a ``kind`` of ``state``)."""
+    current = model.__dict__.get(name)
+    if not (isinstance(current, kind) and current.state is state):
+        return
+    if saved is None:
+        del model.__dict__[name]
+    else:
+        model.__dict__[name] = saved

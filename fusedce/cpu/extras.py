@@ -253,12 +253,14 @@ def ce_bwd(x, target, lse, dloss, weight=None, ignore_index=-100, label_smoothin
 
 
 def vp_partials(x, t_local, w_shard, smoothing, part, extras):
-    """``cpu.vocab_parallel.vp_partials`` of the transformed logits: ``[lse_r | zt_r |
-    sm_r]`` into ``part``, and with ``extras.aux`` ``[H_r | m_r | a_r]`` after them (the
-    slice's entropy, max and the column of its first max)."""
+    """``cpu.vocab_parallel.vp_partials`` of the transformed logits (``extras`` None: of the
+    logits), in ``part``'s dtype (float64 too): ``[lse_r | zt_r | sm_r]`` into ``part``, and
+    with ``extras.aux`` ``[H_r | m_r | a_r]`` after them (the slice's entropy, max and the
+    column of its first max)."""
     n_rows, n_cols = x.shape
     lse, z_t, smooth = part[:n_rows], part[n_rows:2 * n_rows], part[2 * n_rows:3 * n_rows]
-    aux = part[3 * n_rows:6 * n_rows].view(3, n_rows) if extras.aux else None
+    aux = (part[3 * n_rows:6 * n_rows].view(3, n_rows)
+           if extras is not None and extras.aux else None)
     if n_cols == 0:
         lse.fill_(float("-inf"))
         z_t.zero_()

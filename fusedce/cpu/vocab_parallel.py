@@ -15,10 +15,9 @@ def vp_partials(x, t_local, w_shard, smoothing, part, extras=None):
 
     Cache-sized row chunks (max, ``exp(x - max)`` as ``chunks.exp_argument`` and ``exp2``
     into an fp32 scratch, sum), spread over fusedce's single-threaded worker threads."""
-    if extras is not None and extras.any:
+    if (extras is not None and extras.any) or part.dtype == torch.float64:
+        # the extras module's passes work in part's dtype: float64 by plain PyTorch ops
         return _extras.vp_partials(x, t_local, w_shard, smoothing, part, extras)
-    if part.dtype == torch.float64:
-        return _partials_float64(x, t_local, w_shard, smoothing, part)
     n_rows, n_cols = x.shape
     lse, x_t = part[:n_rows], part[n_rows:2 * n_rows]
     smooth = part[2 * n_rows:3 * n_rows]
@@ -67,7 +66,8 @@ def vp_grad(x, t_local, lse, g, w_t, consts, eps, w_shard, dx=None, extras=None,
     Per cache-sized chunk, ``a p = sign(a) exp(x - (lse - log|a|))`` is one multiply-add
     into the gradient and one in-cache ``exp2`` (``chunks.exp_argument``; ``a = 0`` gives
     exp(-inf) = 0), then the target's one-hot term (O(rows)) and the smoothing term."""
-    if extras is not None and extras.any:
+    if (extras is not None and extras.any) or lse.dtype == torch.float64:
+        # float64: the extras module's passes, in lse's dtype
         return _extras.vp_grad(x, t_local, lse, g, w_t, consts, eps, w_shard, dx, extras,
                                z_grad)
     if dx is None:
@@ -76,8 +76,6 @@ def vp_grad(x, t_local, lse, g, w_t, consts, eps, w_shard, dx=None, extras=None,
     n_rows, n_cols = x.shape
     if n_rows == 0 or n_cols == 0:
         return dx
-    if lse.dtype == torch.float64:
-        return _grad_float64(x, t_local, lse, g, w_t, consts, eps, w_shard, dx)
     smoothing = eps > 0
     b = (1.0 - eps) * w_t * g
     a = b + eps * consts[0] / consts[1] * g if smoothing else b
@@ -119,56 +117,4 @@ def vp_grad(x, t_local, lse, g, w_t, consts, eps, w_shard, dx=None, extras=None,
                 dx[s:e] = out  # one rounding into dx
 
     pool.parallel_rows(n_rows, n_cols, dx.device, work)
-    return dx
-
-
-# float64 (the loss of float64 logits or class weights is computed in float64, as
-# fusedce.cross_entropy's): the same values by plain PyTorch ops in float64, a chunk of rows
-# at a time. The fp32 paths above shift by fp32 values and exponentiate in fp32.
-
-
-def _partials_float64(x, t_local, w_shard, smoothing, part):
-    """``vp_partials`` into a float64 ``part``: ``lse_r``, ``xt_r`` and ``sm_r = W_r log d
-    - sum w (x - m)`` (``d = sum exp(x - m)``, ``m`` the row's max), computed in float64."""
-    n_rows, n_cols = x.shape
-    lse, x_t = part[:n_rows], part[n_rows:2 * n_rows]
-    smooth = part[2 * n_rows:3 * n_rows]
-    if n_cols == 0:
-        lse.fill_(float("-inf"))
-        x_t.zero_()
-        smooth.zero_()
-        return part
-    w = w_shard.double() if (smoothing and w_shard is not None) else None
-    w_r = float(n_cols) if w is None else w.sum()
-    for s, e in chunks.chunk_ranges(n_rows, n_cols):
-        z = x[s:e].double()
-        m = z.amax(1, keepdim=True)
-        m.masked_fill_(m == float("-inf"), 0.0)  # all -inf: no (-inf) - (-inf)
-        shifted = z - m
-        log_d = shifted.exp().sum(1).log()
-        lse[s:e] = m.squeeze(1) + log_d
-        if smoothing:
-            wz = shifted.sum(1) if w is None else shifted @ w
-            smooth[s:e] = w_r * log_d - wz
-    picked = x.gather(1, t_local.clamp_min(0)[:, None]).squeeze(1).double()
-    x_t.copy_(torch.where(t_local >= 0, picked, 0.0))
-    return part
-
-
-def _grad_float64(x, t_local, lse, g, w_t, consts, eps, w_shard, dx):
-    """``vp_grad`` from float64 ``lse``, ``g``, ``w_t`` and ``consts``, computed in float64:
-    ``dx_c = a p_c - b [c == t] - k w_c``."""
-    smoothing = eps > 0
-    b = (1.0 - eps) * w_t * g
-    a = b + eps * consts[0] / consts[1] * g if smoothing else b
-    k = eps / consts[1] * g if smoothing else None
-    b = torch.where(t_local >= 0, b, 0.0)  # the target lives elsewhere: no one-hot term
-    t_safe = t_local.clamp_min(0)
-    w = w_shard.double() if (smoothing and w_shard is not None) else None
-    for s, e in chunks.chunk_ranges(x.shape[0], x.shape[1]):
-        out = (x[s:e].double() - lse[s:e, None]).exp_().mul_(a[s:e, None])
-        out.scatter_add_(1, t_safe[s:e, None], -b[s:e, None])
-        if smoothing:
-            out.sub_(k[s:e, None] if w is None else k[s:e, None] * w[None, :])
-        dx[s:e] = out
     return dx
