@@ -105,8 +105,9 @@ def _split_partials_kernel(
     part_ptr: (P, S, rows) fp32 out: the split's max (0 where it is -inf) and log-sum
     ``log_d_s`` (``lse_s`` is their sum, kept apart: its rounding would lose ``log_d_s``
     where the row lies far from 0), the target logit or 0, smooth_s, w_s (P = 5; 3 without
-    smoothing), and with AUX (P = 8) H_s, m_s and the row's column of the split's first
-    max (a float: exact below 2**24)
+    smoothing), and with AUX (P = 7) H_s and the row's column of the split's first max (a
+    float: exact below 2**24); the split's max itself is the first slot's, -inf where
+    ``log_d_s`` is (a split of -inf only)
     scale, softcap: the logit transform (``_logits``), with TRANSFORM and HAS_CAP
     """
     row = tl.program_id(0).to(tl.int64)
@@ -128,8 +129,7 @@ def _split_partials_kernel(
         tl.store(slot + 4 * n_splits * n_rows, w_seen)
     if AUX:
         tl.store(slot + 5 * n_splits * n_rows, entropy)
-        tl.store(slot + 6 * n_splits * n_rows, m)
-        tl.store(slot + 7 * n_splits * n_rows, (col0 + arg).to(tl.float32))
+        tl.store(slot + 6 * n_splits * n_rows, (col0 + arg).to(tl.float32))
 
 
 @triton.jit
@@ -157,8 +157,9 @@ def _split_merge_kernel(
     # a finite lse_s (0 if none: no (-inf) - (-inf)), each lse_s - m as (m_s - m) + log_d_s
     m_s = tl.load(slot, mask=live, other=0.0)
     log_d_s = tl.load(slot + 2 * n_splits * n_rows, mask=live, other=float("-inf"))
-    m = tl.max(tl.where(log_d_s == float("-inf"), float("-inf"), m_s), axis=0)
-    m = tl.where(m == float("-inf"), 0.0, m)
+    max_s = tl.where(log_d_s == float("-inf"), float("-inf"), m_s)  # each split's max
+    top = tl.max(max_s, axis=0)
+    m = tl.where(top == float("-inf"), 0.0, top)
     rel_s = (m_s - m) + log_d_s  # lse_s - m
     log_d = tl.log(tl.sum(tl.exp(rel_s), axis=0))
     x_t = tl.sum(tl.load(slot + n_splits * n_rows, mask=live, other=0.0), axis=0)
@@ -180,11 +181,9 @@ def _split_merge_kernel(
     tl.store(lse_ptr + row, m.to(tl.float64) + log_d.to(tl.float64))
     if AUX:
         h_s = tl.load(slot + 5 * n_splits * n_rows, mask=live, other=0.0)
-        max_s = tl.load(slot + 6 * n_splits * n_rows, mask=live, other=float("-inf"))
-        a_s = tl.load(slot + 7 * n_splits * n_rows, mask=live, other=0.0)
+        a_s = tl.load(slot + 6 * n_splits * n_rows, mask=live, other=0.0)
         pi = tl.exp(rel_s - log_d)  # 0 for a split of -inf only, and for the masked lanes
         entropy = tl.sum(tl.where(pi == 0.0, 0.0, pi * (h_s + (log_d - rel_s))), axis=0)
-        top = tl.max(max_s, axis=0)
         first = tl.min(tl.where(live & (max_s == top), a_s, float("inf")), axis=0)
         tl.store(aux_ptr + row, entropy)
         tl.store(aux_ptr + aux_stride + row,
@@ -251,7 +250,7 @@ def split_fwd(x, target, n_splits, weight_arg, wsum, has_weight, ignore_index,
     split_cols, n_splits = _split_cols(n_cols, n_splits)
     smoothing = label_smoothing > 0
     aux = aux_out is not None
-    part = torch.empty(8 if aux else (5 if smoothing else 3), n_splits, n_rows,
+    part = torch.empty(7 if aux else (5 if smoothing else 3), n_splits, n_rows,
                        dtype=torch.float32, device=x.device)
     block, num_warps, vec = launch_config(x.dtype, split_cols)
     if smoothing and has_weight:
