@@ -12,16 +12,20 @@ slice, per row, with the row's global target ``t``:
     xt_r  = x_t if s_r <= t < s_r + C_r else 0
     sm_r  = sum_{c in r} w_c (lse_r - x_c)            (only with label smoothing)
 
-ONE collective per forward (an all-gather of these 2 or 3 fp32 values per row, plus the slice
-width and its weight sum W_r) gives every rank every rank's values; each merges them locally,
-identically:
+ONE collective per forward (an all-gather of these 2 or 3 float64 values per row, plus the
+slice width and its weight sum W_r) gives every rank every rank's values; each merges them
+locally, identically, in float64:
 
     lse  = logsumexp_r lse_r      x_t = sum_r xt_r      C = sum_r C_r
     sm   = sum_c w_c (lse - x_c) = sum_r sm_r + W_r (lse - lse_r)
     loss = (1 - eps) * w_t * (lse - x_t) + eps * sm / C
 
 Every term of ``sm`` is >= 0: logits far from 0 lose nothing to cancellation, as they would
-in ``W lse - sum_c w_c x_c`` taken from raw sums.
+in ``W lse - sum_c w_c x_c`` taken from raw sums. ``lse_r`` goes out in float64 (the
+slice's max and log-sum rounded once, as the single-device launchers return their lse) and
+``lse`` stays float64 into the backward: a row far from 0 keeps its log-sum (in fp32, at
+|x| ~ 1e4, lse - x_t and p = exp(x - lse) would be off by up to 5e-4). The values cost 8
+bytes each instead of 4, O(rows) all the same.
 
 The loss extras (``logit_scale``, ``softcap``: elementwise) transform each slice where it is
 read, so everything above is of the transformed logits; the z-loss needs only the merged
@@ -47,9 +51,9 @@ each rank holds a slice of the head's weight: the shard's logits exist one chunk
 time. Its input gradient is a sum over ranks: one all-reduce in the backward, the one every
 column-parallel linear layer has (``reduce_input_grad=False`` leaves it to the caller).
 
-float64 logits (or class weights) are computed in float64 on the PyTorch path, the values
-sent float64 too. Both losses are differentiable once: a gradient taken with
-``create_graph=True`` raises when differentiated again (``_first_order_only``).
+float64 logits (or class weights) are computed in float64 on the PyTorch path. Both losses
+are differentiable once: a gradient taken with ``create_graph=True`` raises when
+differentiated again (``_first_order_only``).
 """
 
 
@@ -155,6 +159,11 @@ class _Shard:
             self.w_shard = weight.index_select(0, idx)
 
 
+# The dtype of the values each rank sends and of the merge, whatever the loss's: lse_r
+# rounded to fp32 would lose a row's log-sum to its offset far from 0
+_SENT = torch.float64
+
+
 def _n_parts(smoothing, extras):
     """Per-row values each rank sends: lse_r, xt_r, sm_r (with smoothing), and with aux
     outputs the slice's entropy, max and first argmax (after an sm_r slot)."""
@@ -163,8 +172,9 @@ def _n_parts(smoothing, extras):
 
 def _merge(gathered, n_rows, n_parts, smoothing, aux):
     """Every rank's (lse_r, xt_r[, sm_r][, H_r, m_r, a_r]), slice width and weight sum ->
-    global (lse, x_t, sm, C, (entropy, argmax)); ``sm = sum_c w_c (lse - x_c)`` (None
-    without smoothing), the last None without ``aux``.
+    global (lse, x_t, sm, C, (entropy, argmax)), all in ``gathered``'s dtype (float64);
+    ``sm = sum_c w_c (lse - x_c)`` (None without smoothing), the last None without
+    ``aux``.
 
     The entropy of the row, from each slice's own ``H_r`` and ``pi_r = exp(lse_r - lse)``:
     ``H = sum_r pi_r (H_r + lse - lse_r)``, a sum of terms >= 0. Its first argmax: the
@@ -172,7 +182,7 @@ def _merge(gathered, n_rows, n_parts, smoothing, aux):
     world = gathered.numel() // (n_parts * n_rows + 2)
     g = gathered.view(world, n_parts * n_rows + 2)
     parts = g[:, :n_parts * n_rows].view(world, n_parts, n_rows)
-    n_classes = g[:, -2].sum()  # fp32, exact while C < 2**24
+    n_classes = g[:, -2].sum()  # exact
     lse = torch.logsumexp(parts[:, 0], dim=0)  # stable: max-shifted; -inf slices drop out
     x_t = parts[:, 1].sum(0)
     stats = None
@@ -194,7 +204,9 @@ def _merge(gathered, n_rows, n_parts, smoothing, aux):
 
 
 def _loss_and_rows(shard, lse, x_t, smooth, n_classes, weight, eps):
-    """Per-row loss from the merged values, and the per-row state the backward needs."""
+    """Per-row loss in the loss's dtype from the merged values (float64, each row's loss
+    rounded once), and the per-row state the backward needs (``w_t``, ``w_sum`` in the
+    loss's dtype)."""
     t, ignored = shard.t, shard.ignored
     valid = (t >= 0) & (t < n_classes) & ~ignored
     if weight is None:
@@ -204,10 +216,10 @@ def _loss_and_rows(shard, lse, x_t, smooth, n_classes, weight, eps):
         t_safe = torch.where(valid, t, 0)
         w_t = torch.where(valid, weight.to(shard.acc)[t_safe], 0.0)
         w_sum = weight.to(shard.acc).sum()
-    loss = (1.0 - eps) * w_t * (lse - x_t)
+    loss = (1.0 - eps) * w_t.to(lse.dtype) * (lse - x_t)
     if eps > 0:
         loss = loss + eps * (smooth / n_classes)
-    loss = torch.where(ignored, 0.0, torch.where(valid, loss, float("nan")))
+    loss = torch.where(ignored, 0.0, torch.where(valid, loss, float("nan"))).to(shard.acc)
     return loss, valid, w_t, w_sum
 
 
@@ -237,7 +249,7 @@ def _row_grad_scale(grad_out, n_rows, reduction, denom, ignored, valid):
 
 
 def _consts(w_sum, n_classes):
-    """``[W, C]`` as a (2,) device tensor in ``n_classes``'s dtype."""
+    """``[W, C]`` as a (2,) device tensor in ``n_classes``'s dtype (the loss's)."""
     return torch.stack([torch.as_tensor(w_sum, dtype=n_classes.dtype,
                                         device=n_classes.device), n_classes])
 
@@ -246,7 +258,7 @@ def _forward_partials(x_chunks, shard, eps, impl, n_rows, device, extras):
     """Runs the shard-local pass over ``x_chunks`` (an iterable of (row_start, logits chunk)),
     then the one all-gather; returns ``_merge``'s (lse, x_t, sm, C, aux stats)."""
     n_parts = _n_parts(eps > 0, extras)
-    send = torch.empty(n_parts * n_rows + 2, dtype=shard.acc, device=device)
+    send = torch.empty(n_parts * n_rows + 2, dtype=_SENT, device=device)
     view = send[:n_parts * n_rows].view(n_parts, n_rows)
     for s, xc in x_chunks:
         e = s + xc.shape[0]
@@ -255,7 +267,7 @@ def _forward_partials(x_chunks, shard, eps, impl, n_rows, device, extras):
             impl.vp_partials(xc, shard.t_local, shard.w_shard, eps > 0, send, extras)
             continue
         width = max(3, n_parts)
-        part = torch.empty(width * (e - s), dtype=shard.acc, device=device)
+        part = torch.empty(width * (e - s), dtype=_SENT, device=device)
         impl.vp_partials(xc, shard.t_local[s:e], shard.w_shard, eps > 0, part, extras)
         view[:, s:e] = part.view(width, e - s)[:n_parts]
     if extras.aux:
@@ -264,9 +276,9 @@ def _forward_partials(x_chunks, shard, eps, impl, n_rows, device, extras):
     if shard.w_shard is None:
         send[-1:].fill_(float(shard.n_local))
     else:  # on the device: no host sync
-        send[-1:].copy_(shard.w_shard.sum(dtype=shard.acc).reshape(1))
+        send[-1:].copy_(shard.w_shard.sum(dtype=_SENT).reshape(1))
     world, _ = _check_group(shard.group)
-    recv = torch.empty(world * send.numel(), dtype=shard.acc, device=device)
+    recv = torch.empty(world * send.numel(), dtype=_SENT, device=device)
     _all_gather(recv, send, shard.group)
     return _merge(recv, n_rows, n_parts, eps > 0, extras.aux)
 
@@ -291,6 +303,7 @@ def _merged_loss(ctx, x_chunks, shard, weight, ignore_index, eps, reduction, imp
                                                            device, extras)
     _check_weight_count(weight, n_classes)
     loss, valid, w_t, w_sum = _loss_and_rows(shard, lse, x_t, smooth, n_classes, weight, eps)
+    n_classes = n_classes.to(shard.acc)  # exact in fp32 below 2**24 classes
     denom = _denominator(shard, valid, w_t, reduction)
     rows = (lse, valid, w_t, _consts(w_sum, n_classes), denom)
     loss = _loss.reduce(loss, denom, reduction)
@@ -301,7 +314,7 @@ def _merged_loss(ctx, x_chunks, shard, weight, ignore_index, eps, reduction, imp
         return loss, rows
     entropy, first = stats
     correct = (valid & (first == shard.t)).to(shard.acc)
-    aux = torch.stack([entropy, correct])
+    aux = torch.stack([entropy.to(shard.acc), correct])
     ctx.mark_non_differentiable(lse, aux)
     return (loss, lse, aux), rows
 

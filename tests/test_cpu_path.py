@@ -1262,9 +1262,10 @@ def test_a_nan_row_does_not_hide_a_far_row_in_its_chunk():
     expected = torch.zeros(8)
     expected[7], expected[2] = 1.0, -1.0
     torch.testing.assert_close(dx[1], expected, atol=ATOL, rtol=RTOL)
-    part = torch.empty(6)
+    part = torch.empty(6, dtype=torch.float64)  # [lse_r | xt_r | sm_r], float64 as sent
     cpu.vp_partials(x, t, None, False, part)
     assert part[1].item() == pytest.approx(1e8 + 1792.0, rel=1e-7)
+    assert part[3].item() == 1e8  # row 1's target logit
 
 
 @pytest.mark.slow

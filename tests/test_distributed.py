@@ -93,15 +93,18 @@ CASES_2 = [
          reduction="none", ignored_every=3),
     Case("boundary-targets", (5, 6), targets="boundaries", rows=8, label_smoothing=0.2,
          weight=True),
-    # logits near 1000, where one fp32 ulp is 6e-5: x - lse, hence p = exp(x - lse), is
-    # exact only to ~1e-4 relative (in fusedce.cross_entropy as well)
-    Case("shift-1000", (4, 7), shift=1000.0, label_smoothing=0.1, tol=2e-4),
+    # logits far from 0, where one fp32 ulp of the lse (6e-5 at 1000, 1e-3 at 1e4, 0.06 at
+    # 1e6) would be the loss's and p's error: each slice's lse goes out in float64 (max and
+    # log-sum rounded once) and the merged lse stays float64 into the backward. With fp32
+    # lse these were 1e-4 (1000), 6e-5 and 1e-4 (1e4) and 2e-3 and 1e-2 (1e6) off
+    Case("shift-1000", (4, 7), shift=1000.0, label_smoothing=0.1),
+    Case("shift-1e6-weight-smoothing-none", (4, 7), shift=1e6, label_smoothing=0.3,
+         weight=True, reduction="none"),
     # logits near 1e4 with full smoothing over GPT-2's vocabulary: the per-rank sums are
     # taken relative to each slice's lse and merged as sums of terms >= 0; raw sums
-    # (W lse - sum w x, both near 5e8 in fp32) were off by about 1e-4 relative. What is
-    # left is lse's own rounding at 1e4 (6e-4 absolute, in the gradient's p as well)
+    # (W lse - sum w x, both near 5e8 in fp32) were off by about 1e-4 relative
     Case("gpt2-vocab-shift-1e4-smoothing", (25_129, 25_128), rows=4, shift=1e4,
-         label_smoothing=1.0, weight=True, reduction="none", tol=1e-3, loss_tol=3e-5),
+         label_smoothing=1.0, weight=True, reduction="none"),
     Case("derive-vocab-start", (3, 8), pass_vocab_start=False, weight=True,
          label_smoothing=0.1),
     Case("one-d", (4, 7), one_d=True, rows=1, reduction="sum"),
@@ -119,9 +122,11 @@ CASES_2 = [
     # slices wider than one block (8,192 columns), odd: several body blocks, head and tail
     Case("triton-wide-slices", (8_195, 8_202), backend="triton", rows=3, weight=True,
          label_smoothing=0.1, reduction="none", targets="boundaries"),
-    # the kernels' per-rank sums at 1e4, as "gpt2-vocab-shift-1e4-smoothing" above
+    # the kernels' per-rank sums and float64 lse at 1e4 and 1e6, as the cases above
     Case("triton-shift-1e4-smoothing", (8_195, 8_202), backend="triton", rows=2, shift=1e4,
-         label_smoothing=1.0, weight=True, reduction="none", tol=1e-3, loss_tol=3e-5),
+         label_smoothing=1.0, weight=True, reduction="none"),
+    Case("triton-shift-1e6", (16, 21), backend="triton", shift=1e6, label_smoothing=0.1,
+         reduction="none"),
     # the linear form: hidden 13 (odd), chunks of 4 rows over 10 (a short last chunk)
     Case("linear-mean", (9, 14), kind="linear", hidden=13, rows=10, chunk_size=4,
          ignored_every=4),
@@ -145,6 +150,17 @@ CASES_2 = [
          bias=True, extras=EXTRAS, reduction="none", ignored_every=4),
     Case("extras-linear-triton", (9, 14), kind="linear", hidden=13, rows=10, chunk_size=4,
          backend="triton", extras=EXTRAS, label_smoothing=0.1),
+    # the extras' passes far from 0 (a scale of 0.5 is exact: the reference sees the same z)
+    Case("extras-shift-1e4", (4, 7), shift=1e4, reduction="none", label_smoothing=0.1,
+         extras=(("logit_scale", 0.5), ("lse_square_scale", 1e-6), ("return_aux", True))),
+    Case("extras-triton-shift-1e4", (16, 21), backend="triton", shift=1e4, weight=True,
+         extras=(("logit_scale", 0.5), ("lse_square_scale", 1e-6), ("return_aux", True))),
+    # a bias of 2**20 puts every logit of the linear form far from 0 (its inputs small
+    # integers, the bias in eighths: logits exact in fp32, the reference's own)
+    Case("linear-far-bias", (9, 14), kind="linear", hidden=5, rows=10, chunk_size=4,
+         bias=True, shift=2.0 ** 20, label_smoothing=0.1, reduction="none"),
+    Case("linear-far-bias-triton", (9, 14), kind="linear", hidden=5, rows=10, chunk_size=4,
+         bias=True, shift=2.0 ** 20, backend="triton", weight=True),
     # DTensor logits on 2 ranks (DTensor splits 11 classes 6 + 5, 7 rows 4 + 3)
     Case("dt2-vocab-smoothing-weight", (6, 5), kind="dtensor-ce", label_smoothing=0.1,
          weight=True, ignored_every=3),
@@ -193,6 +209,9 @@ CASES_3 = [
     Case("dt-vocab-all-ignored", GPT2_3, kind="dtensor-ce", ignored_every=1),
     Case("dt-vocab-bf16-sum", GPT2_3, kind="dtensor-ce", dtype="bfloat16", reduction="sum"),
     Case("dt-vocab-extras", GPT2_3, kind="dtensor-ce", extras=EXTRAS, label_smoothing=0.1),
+    # rows near 1e4: the slices' lse merged in float64 (fp32: 6e-5 off the loss)
+    Case("dt-vocab-shift-1e4", (4, 4, 3), kind="dtensor-ce", shift=1e4, weight=True,
+         label_smoothing=0.1, reduction="none"),
     Case("dt-vocab-patched-loss-parallel", GPT2_3, kind="dtensor-ce", patched=True,
          weight=True, ignored_every=4),
     Case("dt-batch-mean", (4, 4, 3), kind="dtensor-ce", placement="batch", rows=7,
@@ -430,9 +449,14 @@ def _run_linear(case, rank, counter):
     from fusedce.distributed import vocab_parallel_linear_cross_entropy
 
     gen = torch.Generator().manual_seed(_seed(case))
-    hidden = torch.randn(case.rows, case.hidden, generator=gen)
-    head = torch.randn(case.vocab, case.hidden, generator=gen) / case.hidden**0.5
-    bias = torch.randn(case.vocab, generator=gen) if case.bias else None
+    if case.shift:  # exact logits far from 0: small integers, a bias in eighths
+        hidden = torch.randint(-2, 3, (case.rows, case.hidden), generator=gen).float()
+        head = torch.randint(-2, 3, (case.vocab, case.hidden), generator=gen).float()
+        bias = case.shift + torch.randint(-16, 17, (case.vocab,), generator=gen).float() / 8
+    else:
+        hidden = torch.randn(case.rows, case.hidden, generator=gen)
+        head = torch.randn(case.vocab, case.hidden, generator=gen) / case.hidden**0.5
+        bias = torch.randn(case.vocab, generator=gen) if case.bias else None
     target = _targets(case, gen)
     weight = torch.rand(case.vocab, generator=gen) + 0.5 if case.weight else None
     upstream = torch.randn((case.rows,) if case.reduction == "none" else (), generator=gen)
@@ -553,7 +577,7 @@ def _run_dtensor_ce(case, rank, counter):
 
     gen = torch.Generator().manual_seed(_seed(case))
     dtype = getattr(torch, case.dtype)
-    logits = (torch.randn(case.rows, case.vocab, generator=gen) * 3).to(dtype)
+    logits = (torch.randn(case.rows, case.vocab, generator=gen) * 3 + case.shift).to(dtype)
     target = _targets(case, gen)
     weight = torch.rand(case.vocab, generator=gen) + 0.5 if case.weight else None
     upstream = torch.randn((case.rows,) if case.reduction == "none" else (), generator=gen)
@@ -1210,8 +1234,8 @@ def test_collectives_per_step(results_2, results_4):
 
 
 def test_what_the_forward_all_gather_sends(results_2, results_4):
-    """README: the forward's one all-gather sends 2N + 2 fp32 values per rank (3N + 2 with
-    label smoothing), N the rows, whatever the logits' dtype."""
+    """README: the forward's one all-gather sends 2N + 2 float64 values per rank (3N + 2
+    with label smoothing), N the rows, whatever the logits' dtype."""
     for results, case_id, per_row in [(results_2, "mean", 2), (results_4, "gpt2-vocab-mean", 2),
                                       (results_2, "weight-smoothing-none", 3),
                                       (results_2, "triton-bf16", 3)]:
@@ -1220,7 +1244,7 @@ def test_what_the_forward_all_gather_sends(results_2, results_4):
         for rank in results:
             (name, elements, dtype), = rank[case_id]["fwd_sent"]
             assert name.startswith("all_gather"), (case_id, name)
-            assert (elements, dtype) == (per_row * case.rows + 2, "torch.float32"), case_id
+            assert (elements, dtype) == (per_row * case.rows + 2, "torch.float64"), case_id
 
 
 GPU_CHECK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),

@@ -88,8 +88,10 @@ def _launch_cases(dtype_name):
     lse3 = torch.zeros(6)
     dloss3 = torch.ones(1, 1).expand(2, 3)
     # the vocab-parallel kernels on a shard of V classes: per-row partials [lse | xt | swx],
-    # then the shard's gradient from the merged per-row values and [W, C]
-    part = torch.zeros(3 * n)
+    # (float64), then the shard's gradient from the merged per-row values (the lse float64)
+    # and [W, C]
+    part = torch.zeros(3 * n, dtype=torch.float64)
+    lse64 = torch.zeros(n, dtype=torch.float64)
     g = torch.ones(n)
     consts = torch.tensor([float(V), float(V)])
     dx = torch.empty_like(x)
@@ -98,7 +100,7 @@ def _launch_cases(dtype_name):
     extras = Extras(logit_scale=2.0, softcap=30.0, lse_square_scale=1e-4, aux=True)
     aux = torch.zeros(2, n)
     aux3 = torch.zeros(2, 6)
-    part6 = torch.zeros(6 * n)
+    part6 = torch.zeros(6 * n, dtype=torch.float64)
 
     # float64 (computed in float64, the strided kernels only) with class weights and label
     # smoothing, in the tiles the launcher picks: once, with the fp32 cases
@@ -169,8 +171,9 @@ def _launch_cases(dtype_name):
             extras=extras, z_grad=lse3)),
         ("vp_partials", lambda: vp.vp_partials(x, t, None, 0.0, part)),
         ("vp_partials-weight-smoothing", lambda: vp.vp_partials(x, t, w, 0.1, part)),
-        ("vp_grad", lambda: vp.vp_grad(x, t, lse, g, g, consts, 0.0, None, dx)),
-        ("vp_grad-weight-smoothing", lambda: vp.vp_grad(x, t, lse, g, g, consts, 0.1, w, dx)),
+        ("vp_grad", lambda: vp.vp_grad(x, t, lse64, g, g, consts, 0.0, None, dx)),
+        ("vp_grad-weight-smoothing",
+         lambda: vp.vp_grad(x, t, lse64, g, g, consts, 0.1, w, dx)),
         # the loss extras: transform, aux outputs, z-loss (in the forward's gradient too)
         ("ce_fwd-extras-inplace", lambda: ce.ce_fwd(
             x, t, label_smoothing=0.1, grad_scale=one, extras=extras, aux_out=aux,
@@ -187,7 +190,8 @@ def _launch_cases(dtype_name):
         ("ce_bwd-split-extras", split(lambda: sr.ce_bwd(x, t, lse, dloss, extras=extras,
                                                         z_grad=g))),
         ("vp_partials-extras", lambda: vp.vp_partials(x, t, w, 0.1, part6, extras)),
-        ("vp_grad-extras", lambda: vp.vp_grad(x, t, lse, g, g, consts, 0.1, w, dx, extras, g)),
+        ("vp_grad-extras",
+         lambda: vp.vp_grad(x, t, lse64, g, g, consts, 0.1, w, dx, extras, g)),
     ] + fp64
 
 
@@ -551,11 +555,11 @@ def compile_one(fn, dtype, has_weight, smoothing, extras=False):
     ptr = {torch.float32: "*fp32", torch.bfloat16: "*bf16"}[dtype]
     sig = {"x_ptr": ptr, "x_row_stride": "i32"}
     if fn is D._vp_partials_kernel:
-        sig.update(t_ptr="*i64", weight_ptr="*fp32", part_ptr="*fp32", n_rows="i32",
+        sig.update(t_ptr="*i64", weight_ptr="*fp32", part_ptr="*fp64", n_rows="i32",
                    n_cols="i32", scale="fp32", softcap="fp32")
         const = {"AUX": extras}
     else:
-        sig.update(dx_ptr=ptr, dx_row_stride="i32", t_ptr="*i64", lse_ptr="*fp32",
+        sig.update(dx_ptr=ptr, dx_row_stride="i32", t_ptr="*i64", lse_ptr="*fp64",
                    g_ptr="*fp32", w_t_ptr="*fp32", consts_ptr="*fp32", weight_ptr="*fp32",
                    zgrad_ptr="*fp32", n_cols="i32", label_smoothing="fp32", scale="fp32",
                    softcap="fp32")

@@ -254,9 +254,10 @@ def ce_bwd(x, target, lse, dloss, weight=None, ignore_index=-100, label_smoothin
 
 def vp_partials(x, t_local, w_shard, smoothing, part, extras):
     """``cpu.vocab_parallel.vp_partials`` of the transformed logits (``extras`` None: of the
-    logits), in ``part``'s dtype (float64 too): ``[lse_r | zt_r | sm_r]`` into ``part``, and
-    with ``extras.aux`` ``[H_r | m_r | a_r]`` after them (the slice's entropy, max and the
-    column of its first max)."""
+    logits), computed in ``compute_dtype`` (float64 too): ``[lse_r | zt_r | sm_r]`` into
+    ``part`` (float64; ``lse_r`` the max and log-sum rounded once), and with ``extras.aux``
+    ``[H_r | m_r | a_r]`` after them (the slice's entropy, max and the column of its first
+    max)."""
     n_rows, n_cols = x.shape
     lse, z_t, smooth = part[:n_rows], part[n_rows:2 * n_rows], part[2 * n_rows:3 * n_rows]
     aux = (part[3 * n_rows:6 * n_rows].view(3, n_rows)
@@ -270,7 +271,7 @@ def vp_partials(x, t_local, w_shard, smoothing, part, extras):
             aux[1].fill_(float("-inf"))
             aux[2].zero_()
         return part
-    acc = part.dtype  # float64 where the loss is computed in float64, else fp32
+    acc = compute_dtype(x, w_shard)
     w = w_shard.to(acc) if (smoothing and w_shard is not None) else None
     w_r = float(n_cols) if w is None else w.sum()
     t_safe = t_local.clamp_min(0)
@@ -285,7 +286,7 @@ def vp_partials(x, t_local, w_shard, smoothing, part, extras):
             p = torch.exp(shifted)
             d = p.sum(1)
             log_d = d.log()
-            lse[s:e] = ref.squeeze(1) + log_d
+            lse[s:e] = ref.squeeze(1).double() + log_d.double()
             picked = z.gather(1, t_safe[s:e, None]).squeeze(1)
             z_t[s:e] = torch.where(t_local[s:e] >= 0, picked, 0.0)
             if smoothing:
@@ -304,15 +305,21 @@ def vp_partials(x, t_local, w_shard, smoothing, part, extras):
 def vp_grad(x, t_local, lse, g, w_t, consts, eps, w_shard, dx, extras, z_grad):
     """``cpu.vocab_parallel.vp_grad`` through the logit transform, with the z-loss's
     per-row ``z_grad``: ``(gA p - gB onehot - gk w) dz/dx`` over the slice, the global
-    ``W, C = consts`` in ``A`` and ``gk``, the one-hot term only where the target is here."""
+    ``W, C = consts`` in ``A`` and ``gk``, the one-hot term only where the target is here.
+    ``p = exp(z - a) exp(a - lse)``, ``a`` the float64 ``lse`` rounded to the compute
+    dtype and the second factor (float64, per row) folded into ``gA``: a row far from 0
+    keeps its log-sum."""
     if dx is None:
         dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     n_rows, n_cols = x.shape
     if n_rows == 0 or n_cols == 0:
         return dx
-    acc = lse.dtype  # the loss's compute dtype, as vp_partials took it
+    acc = compute_dtype(x, w_shard)  # as vp_partials took it
     w = w_shard.to(acc) if (eps > 0 and w_shard is not None) else None
     gA, gB, gk = _coefficients(g, w_t, z_grad, consts[0], eps, consts[1])
+    lse = lse.double()
+    anchor = lse.to(acc)
+    gA = gA * torch.exp(anchor.double() - lse).to(acc)
     in_shard = t_local >= 0
     gB = torch.where(in_shard, gB, 0.0)
     t_safe = t_local.clamp_min(0)
@@ -321,7 +328,7 @@ def vp_grad(x, t_local, lse, g, w_t, consts, eps, w_shard, dx, extras, z_grad):
         scratch = _new_scratch(end - start, n_cols, acc, x.device)
         for s, e in chunks.chunk_ranges(end, n_cols, start):
             z, dz = transformed(x[s:e], extras, acc, scratch)
-            p = torch.sub(z, lse[s:e, None], out=scratch.get("p", e - s)).exp_()
+            p = torch.sub(z, anchor[s:e, None], out=scratch.get("p", e - s)).exp_()
             _chunk_grad(dz, p, t_safe[s:e], gA[s:e], gB[s:e],
                         None if gk is None else gk[s:e], w, dx[s:e])
 

@@ -260,32 +260,47 @@ def ce_bwd(x, target, lse, dloss, weight=None, ignore_index=-100, label_smoothin
         g = _row_scale(dloss.float().expand(n_rows), ignored, valid)
         gA = g * A if z_grad is None else g * A + z_grad.float()
         lse = lse.double()
-        # g A p_c = exp(x_c - s) c, c = g A exp(s - lse): each row's exp is anchored at
-        # its lse rounded to fp32, a (every exponent then <= ~0); s is the shift the
-        # exponent took (chunks.exp_argument: -neg / log2(e) under its multiply-add, else a
-        # itself), and c, per row in float64, takes the rest back exactly, as far from 0 as
-        # float64 holds lse's log-sum (|lse| up to about 1e14). (Folding g A into the
-        # exponent, s = lse - log|g A|, saves the product but rounds s to fp32 with the
-        # row's offset: a relative error of the gradient of |s| 4e-8, all of it at 1e8.)
-        # rows with g A = 0 and nothing else (ignored, or no upstream gradient) are zeroed,
-        # not computed: exp(-inf) takes a slow path in PyTorch's CPU exp, about 20x an
-        # ordinary value (on the CPU only: reading the rows' flags on a GPU would be a host
-        # sync). A row whose lse is NaN or infinite (a NaN or +inf logit, or only -inf) has
-        # an all-NaN gradient whatever its g A, as PyTorch's: a NaN anchor gives exactly that
+        # rows with g A = 0 and nothing else (ignored, or no upstream gradient) are zeroed
+        zero_rows = gA == 0
+        if eps > 0:  # the smoothing term stays where g does (class weights summing to 0)
+            zero_rows &= g == 0
+        smooth = (g * (eps / n_cols)).contiguous() if eps > 0 else None
+        x_t = x.gather(1, t_safe[:, None]).squeeze(1).double()
+    anchored_grad(x, dx, lse, gA, smooth, w, zero_rows, fresh)
+    with torch.no_grad():
+        d = _target_grad(x_t - lse, gA, g * B, g, w, eps, n_cols, t_safe)
+        _write_target_grad(dx, t_safe, d)
+    return dx
+
+
+def anchored_grad(x, dx, lse, gA, smooth, w, zero_rows, fresh):
+    """``dx = gA exp(x - lse) - smooth w`` over the rows of ``x`` (rows, C) into ``dx``
+    (fp32, bf16 or fp16, contiguous): ``lse`` float64 (rows,), ``gA`` and ``smooth`` fp32
+    (rows,) (``smooth`` None: no such term), ``w`` fp32 (C,) or None (all ones);
+    ``zero_rows`` (bool (rows,)) the rows to zero rather than compute, where their ``lse``
+    is finite; ``fresh``: ``dx`` just allocated (each worker faults in its own rows).
+
+    ``gA p_c = exp(x_c - s) c``, ``c = gA exp(s - lse)``: each row's exp is anchored at
+    its lse rounded to fp32, a (every exponent then <= ~0); s is the shift the exponent
+    took (``chunks.exp_argument``: -neg / log2(e) under its multiply-add, else a itself),
+    and c, per row in float64, takes the rest back exactly, as far from 0 as float64
+    holds lse's log-sum (|lse| up to about 1e14). (Folding gA into the exponent, s = lse -
+    log|gA|, saves the product but rounds s to fp32 with the row's offset: a relative
+    error of the gradient of |s| 4e-8, all of it at 1e8.) Zeroed rows are not computed:
+    exp(-inf) takes a slow path in PyTorch's CPU exp, about 20x an ordinary value (on the
+    CPU only: reading the rows' flags on a GPU would be a host sync). A row whose lse is
+    NaN or infinite (a NaN or +inf logit, or only -inf) has an all-NaN gradient whatever
+    its gA, as PyTorch's: a NaN anchor gives exactly that."""
+    n_rows, n_cols = x.shape
+    dev = x.device
+    with torch.no_grad():
         finite = lse.isfinite()
         anchor = torch.where(finite, lse, float("nan")).float()[:, None].contiguous()
         neg = torch.mul(anchor, -chunks.LOG2E)  # the multiply-add's own (exp_argument)
         gA64 = gA.double()[:, None]
         coef_fma = (gA64 * torch.exp(neg.double() / -chunks.LOG2E - lse[:, None])).float()
         coef_sub = (gA64 * torch.exp(anchor.double() - lse[:, None])).float()
-        skip = None
-        if dev.type == "cpu":
-            zero_rows = (gA == 0) & finite
-            if eps > 0:  # the smoothing term stays where g does (class weights summing to 0)
-                zero_rows &= g == 0
-            skip = zero_rows.tolist()
-        smooth = (g * (eps / n_cols)).contiguous() if eps > 0 else None
-        x_t = x.gather(1, t_safe[:, None]).squeeze(1).double()
+        skip = (zero_rows & finite).tolist() if dev.type == "cpu" else None
     direct = dx.dtype == torch.float32 and x.dtype == torch.float32
     step = chunks.rows_per_chunk(n_cols)
 
@@ -304,10 +319,6 @@ def ce_bwd(x, target, lse, dloss, weight=None, ignore_index=-100, label_smoothin
                    chunks.fma_fused())
 
     pool.parallel_rows(n_rows, n_cols, dev, work)
-    with torch.no_grad():
-        d = _target_grad(x_t - lse, gA, g * B, g, w, eps, n_cols, t_safe)
-        _write_target_grad(dx, t_safe, d)
-    return dx
 
 
 def ce_scale_(dx, dloss):

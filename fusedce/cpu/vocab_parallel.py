@@ -4,19 +4,19 @@ on the CPU path's worker threads."""
 
 import torch
 
-from . import buffers, chunks, pool
+from . import buffers, chunks, pool, rows
 from . import extras as _extras
 
 
 def vp_partials(x, t_local, w_shard, smoothing, part, extras=None):
-    """Fills ``part`` (>= 3 * rows fp32) with ``[lse_r | xt_r | sm_r]`` of the shard ``x``
-    (rows, C_r), as ``fusedce.kernels.vp_partials`` does (with loss ``extras``,
-    ``extras.vp_partials``, the module's, serves the call).
+    """Fills ``part`` (>= 3 * rows float64) with ``[lse_r | xt_r | sm_r]`` of the shard
+    ``x`` (rows, C_r), as ``fusedce.kernels.vp_partials`` does (with loss ``extras``, or
+    in float64, ``extras.vp_partials``, the module's, serves the call).
 
     Cache-sized row chunks (max, ``exp(x - max)`` as ``chunks.exp_argument`` and ``exp2``
     into an fp32 scratch, sum), spread over fusedce's single-threaded worker threads."""
-    if (extras is not None and extras.any) or part.dtype == torch.float64:
-        # the extras module's passes work in part's dtype: float64 by plain PyTorch ops
+    if (extras is not None and extras.any) or _extras.compute_dtype(x, w_shard) == torch.float64:
+        # the extras module's passes: float64 by plain PyTorch ops
         return _extras.vp_partials(x, t_local, w_shard, smoothing, part, extras)
     n_rows, n_cols = x.shape
     lse, x_t = part[:n_rows], part[n_rows:2 * n_rows]
@@ -61,60 +61,45 @@ def vp_partials(x, t_local, w_shard, smoothing, part, extras=None):
 def vp_grad(x, t_local, lse, g, w_t, consts, eps, w_shard, dx=None, extras=None,
             z_grad=None):
     """The shard's gradient into ``dx``, as ``fusedce.kernels.vp_grad`` writes it (with
-    loss ``extras``, ``extras.vp_grad`` serves the call).
+    loss ``extras``, or in float64, ``extras.vp_grad`` serves the call).
 
-    Per cache-sized chunk, ``a p = sign(a) exp(x - (lse - log|a|))`` is one multiply-add
-    into the gradient and one in-cache ``exp2`` (``chunks.exp_argument``; ``a = 0`` gives
-    exp(-inf) = 0), then the target's one-hot term (O(rows)) and the smoothing term."""
-    if (extras is not None and extras.any) or lse.dtype == torch.float64:
-        # float64: the extras module's passes, in lse's dtype
+    ``a p - k w`` over the slice as ``rows.anchored_grad`` writes a row's ``g A p - g eps / C
+    w`` (each exp anchored at the float64 ``lse`` rounded to fp32, the rest of it in a
+    per-row factor), then the entry of each row whose target is in this slice from a
+    per-row formula (one rounding, as in ``rows.ce_bwd``)."""
+    if (extras is not None and extras.any) or _extras.compute_dtype(x, w_shard) == torch.float64:
         return _extras.vp_grad(x, t_local, lse, g, w_t, consts, eps, w_shard, dx, extras,
                                z_grad)
     if dx is None:
         dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-        buffers.advise_fresh(dx)  # fresh: first-touch faults cost more than a pass
+    # a buffer just allocated is advised and faulted in; one written over the logits (the
+    # fused linear loss's chunk, resident already) is not
+    fresh = x.device.type == "cpu" and dx.data_ptr() != x.data_ptr()
+    if fresh:
+        buffers.advise_fresh(dx)
     n_rows, n_cols = x.shape
     if n_rows == 0 or n_cols == 0:
         return dx
     smoothing = eps > 0
-    b = (1.0 - eps) * w_t * g
-    a = b + eps * consts[0] / consts[1] * g if smoothing else b
-    k = (eps / consts[1] * g).contiguous() if smoothing else None
-    shift64 = lse.double() - a.abs().double().log()
-    shift = shift64.float()[:, None].contiguous()
-    neg_shift = (shift64 * -chunks.LOG2E).float()[:, None].contiguous()
-    negative = a < 0
-    sign = torch.where(negative, -1.0, 1.0).contiguous()
-    # skip the sign pass when no row needs it, read on the CPU only (on a GPU: a host sync)
-    if x.device.type == "cpu" and not bool(negative.any()):
-        sign = None
-    in_shard = t_local >= 0
-    t_safe = t_local.clamp_min(0)
-    b = torch.where(in_shard, b, 0.0)  # rows whose target lives elsewhere: no one-hot term
-    w = w_shard.float() if (smoothing and w_shard is not None) else None
-    direct = dx.dtype == torch.float32
-    step = chunks.rows_per_chunk(n_cols)
-
-    def work(start, end):
-        scratch = None if direct else torch.empty(min(step, end - start), n_cols,
-                                                  dtype=torch.float32, device=dx.device)
-        for s, e in chunks.chunk_ranges(end, n_cols, start=start):
-            out = dx[s:e] if direct else scratch[:e - s]
-            # fp32 math from any dtype, through ``out`` (no mixed-dtype multiply-add)
-            src = x[s:e] if x.dtype == torch.float32 else out.copy_(x[s:e])
-            chunks.exp_argument(src, shift[s:e], out, neg_shift[s:e], False,
-                                chunks.fma_fused())
-            out.exp2_()
-            if sign is not None:
-                out.mul_(sign[s:e, None])
-            out.scatter_add_(1, t_safe[s:e, None], -b[s:e, None])
-            if smoothing:
-                if w is None:
-                    out.sub_(k[s:e, None])
-                else:
-                    out.addcmul_(k[s:e, None], w[None, :], value=-1.0)
-            if not direct:
-                dx[s:e] = out  # one rounding into dx
-
-    pool.parallel_rows(n_rows, n_cols, dx.device, work)
+    with torch.no_grad():
+        g, lse = g.float(), lse.double()
+        b = (1.0 - eps) * w_t.float() * g
+        a = b + eps * consts[0] / consts[1] * g if smoothing else b
+        k = (eps / consts[1] * g).contiguous() if smoothing else None
+        zero_rows = a == 0
+        if smoothing:  # the smoothing term stays where g does
+            zero_rows &= g == 0
+        w = w_shard.float() if (smoothing and w_shard is not None) else None
+        in_shard = t_local >= 0
+        t_safe = t_local.clamp_min(0)
+        x_t = x.gather(1, t_safe[:, None]).squeeze(1).double()  # before dx may overwrite x
+    rows.anchored_grad(x, dx, lse, a, k, w, zero_rows, fresh)
+    with torch.no_grad():
+        # the target's entry a p_t - b - k w_t, where a p_t and b may cancel; rows whose
+        # target lives elsewhere keep what the pass wrote
+        d = torch.exp(x_t - lse) * a - b
+        if smoothing:
+            d = d - k * (1.0 if w is None else w[t_safe])
+        at = (torch.arange(n_rows, device=dx.device), t_safe)
+        dx[at] = torch.where(in_shard, d.to(dx.dtype), dx[at])
     return dx

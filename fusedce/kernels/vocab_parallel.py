@@ -10,7 +10,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .cross_entropy import _fp32, _row_grad, _row_lse, extras_warps, launch_config, transform_args
+from .cross_entropy import (
+    _fp32,
+    _lse_parts,
+    _row_grad,
+    _row_lse,
+    extras_warps,
+    launch_config,
+    transform_args,
+)
 
 
 @triton.jit
@@ -34,18 +42,20 @@ def _vp_partials_kernel(
     x_ptr:      (rows, n_cols) fp32/bf16/fp16 shard logits, unit column stride
     t_ptr:      (rows,) int64 target in shard-local ids, -1 when not in this shard
     weight_ptr: (n_cols,) the shard's class weights (read only if HAS_WEIGHT)
-    part_ptr:   (>= 3 * rows,) fp32 out: [lse_r | xt_r | sm_r], each (rows,), sm_r =
-                sum_c w_c (lse_r - x_c) (>= 0); the third is written only if HAS_SMOOTHING.
+    part_ptr:   (>= 3 * rows,) float64 out: [lse_r | xt_r | sm_r], each (rows,), lse_r the
+                slice's max and log-sum rounded once, sm_r = sum_c w_c (lse_r - x_c)
+                (>= 0); the third is written only if HAS_SMOOTHING.
                 An empty shard gives lse -inf and sm 0. With AUX (then >= 6 * rows) also
                 [H_r | m_r | a_r]: the slice's own entropy, its max and the column of the
                 first max in the slice (a float: exact below 2**24 classes)
     """
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride passes 2**31
     t_col = tl.load(t_ptr + row).to(tl.int32)
-    lse, x_t, smooth, w_seen, entropy, arg, m, _ = _row_lse(
+    _, x_t, smooth, w_seen, entropy, arg, m, log_d = _row_lse(
         x_ptr, row * x_row_stride, n_cols, t_col, weight_ptr, scale, softcap, BLOCK_SIZE, VEC,
         HAS_WEIGHT, HAS_SMOOTHING, TRANSFORM, HAS_CAP, AUX)
-    tl.store(part_ptr + row, lse)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    tl.store(part_ptr + row, m_safe.to(tl.float64) + log_d.to(tl.float64))
     tl.store(part_ptr + n_rows + row, x_t)
     if HAS_SMOOTHING:
         tl.store(part_ptr + 2 * n_rows + row, tl.where(w_seen == 0.0, 0.0, smooth))
@@ -79,9 +89,10 @@ def _vp_grad_kernel(
     dx_ptr:     (rows, n_cols) out, dtype of x, unit column stride (may be x itself);
                 SAME_LAYOUT when its row stride is x's (then 16-byte stores)
     t_ptr:      (rows,) int64 shard-local target, -1 when not in this shard
-    lse_ptr, g_ptr, w_t_ptr: (rows,) fp32 global log-sum-exp, upstream gradient (the
-                denominator folded in, 0 for ignored rows, NaN for bad targets), and
-                the class weight of the global target
+    lse_ptr:    (rows,) float64 global log-sum-exp (``_lse_parts``)
+    g_ptr, w_t_ptr: (rows,) fp32 upstream gradient (the denominator folded in, 0 for
+                ignored rows, NaN for bad targets), and the class weight of the global
+                target
     consts_ptr: (2,) fp32 ``[W, C]``, the global weight sum and class count (read only
                 if HAS_SMOOTHING); weight_ptr: (n_cols,) the shard's class weights
 
@@ -92,7 +103,7 @@ def _vp_grad_kernel(
     """
     row = tl.program_id(0).to(tl.int64)
     t = tl.load(t_ptr + row).to(tl.int64)
-    lse = tl.load(lse_ptr + row)
+    hi, lo2 = _lse_parts(tl.load(lse_ptr + row))
     g = tl.load(g_ptr + row)
     w_t = tl.load(w_t_ptr + row)
     W = 0.0
@@ -105,13 +116,13 @@ def _vp_grad_kernel(
     gz = 0.0
     if HAS_Z:
         gz = tl.load(zgrad_ptr + row)
-    _row_grad(x_ptr, row * x_row_stride, dx_ptr, row * dx_row_stride, n_cols, t, lse, 0.0,
+    _row_grad(x_ptr, row * x_row_stride, dx_ptr, row * dx_row_stride, n_cols, t, hi, lo2,
               g, w_t, weight_ptr, W, eps_r, scale, softcap, gz, BLOCK_SIZE, VEC, HAS_WEIGHT,
               HAS_SMOOTHING, SAME_LAYOUT, TRANSFORM, HAS_CAP, HAS_Z)
 
 
 def vp_partials(x, t_local, w_shard, smoothing, part, extras=None):
-    """Fills ``part`` (>= 3 * rows fp32) with ``[lse_r | xt_r | sm_r]`` of the shard ``x``
+    """Fills ``part`` (>= 3 * rows float64) with ``[lse_r | xt_r | sm_r]`` of the shard ``x``
     (rows, C_r); ``t_local`` (rows,) int64 shard-local targets, -1 when elsewhere. With the
     loss ``extras``, of the transformed logits, and with ``extras.aux`` (then >= 6 * rows)
     ``[H_r | m_r | a_r]`` after them (``a_r``: the first max's column in the slice)."""
@@ -137,8 +148,8 @@ def vp_partials(x, t_local, w_shard, smoothing, part, extras=None):
 
 def vp_grad(x, t_local, lse, g, w_t, consts, eps, w_shard, dx=None, extras=None,
             z_grad=None):
-    """The shard's gradient into ``dx`` from the per-row ``lse``, ``g`` (upstream gradient
-    over the denominator, masked) and ``w_t``, and ``consts = [W, C]`` (fp32 (2,)); a new
+    """The shard's gradient into ``dx`` from the per-row ``lse`` (float64), ``g`` (upstream
+    gradient over the denominator, masked) and ``w_t``, and ``consts = [W, C]`` (fp32 (2,)); a new
     tensor like ``x`` when ``dx`` is None. With the logit transform of ``extras`` and the
     z-loss's per-row ``z_grad``."""
     if dx is None:
