@@ -589,6 +589,24 @@ class TestBench:
         spaces = out.stdout.split("namespaces:")[1]
         assert "'fusedce'" in spaces and "'fusedce_" in spaces
 
+    @pytest.mark.slow
+    def test_distributed_errors_prints_each_cases_agreement(self):
+        """``python -m bench.distributed_errors``: a case of tests/test_distributed.py run on
+        its gloo processes, one line of its largest errors; an unknown id is refused."""
+        cmd = [sys.executable, "-m", "bench.distributed_errors", "mean", "shift-1000"]
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT,
+                             env=checkout_env(), timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        lines = {line.split(" (")[0]: line for line in out.stdout.splitlines()}
+        for case in ("mean", "shift-1000"):
+            errs = dict(part.split() for part in lines[case].split(": ")[1].split(", "))
+            assert set(errs) == {"loss", "grad"}, lines[case]
+            assert all(0 <= float(v) < 2e-5 for v in errs.values()), lines[case]
+        bad = subprocess.run([sys.executable, "-m", "bench.distributed_errors", "no-such"],
+                             capture_output=True, text=True, cwd=REPO_ROOT,
+                             env=checkout_env(), timeout=120)
+        assert bad.returncode == 2 and "unknown cases: no-such" in bad.stderr
+
     def test_script_ablation_runs_and_restores_the_scripts(self, monkeypatch):
         """``python -m bench.script_ablation`` on a tiny shape run by 2 workers: a row per dtype
         and mode with both timings, and the scripted loops in place again afterwards."""
