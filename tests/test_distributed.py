@@ -1275,7 +1275,7 @@ def test_gpu_check_script_on_cpu_processes(tmp_path):
     assert "FAIL" not in run.stdout
     with open(csv_path) as f:
         rows = list(csv.DictReader(f))
-    assert sum(r["kind"] == "check" and r["ok"] == "True" for r in rows) == 5
+    assert sum(r["kind"] == "check" and r["ok"] == "True" for r in rows) == 6
     (timing,) = [r for r in rows if r["kind"] == "timing"]
     assert float(timing["comm_1_all_gather_ms"]) > 0
 
