@@ -432,8 +432,8 @@ def vocab_parallel_cross_entropy(logits_shard, target, *, group=None, vocab_star
 
     Every rank returns the same loss, the loss of ``fusedce.cross_entropy`` on the full
     logits; the backward gives each rank the gradient of its own slice. Collectives: one
-    all-gather of ``2 * N + 2`` fp32 (``3 * N + 2`` with label smoothing, ``6 * N + 2``
-    with ``return_aux``; float64 for float64 logits or weights) per forward, none in the
+    all-gather of ``2 * N + 2`` float64 values (``3 * N + 2`` with label smoothing,
+    ``6 * N + 2`` with ``return_aux``), whatever the logits' dtype, per forward, none in the
     backward (plus one small all-gather per forward when ``vocab_start`` is None). All ranks
     must call it together (it is a collective).
     """

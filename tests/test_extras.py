@@ -194,6 +194,29 @@ def test_layouts_and_float64(backend, options):
                                    rtol=tol * 10, atol=tol * 10)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_aux_lse_of_a_row_of_minus_inf(backend):
+    """A row of only -inf (a fully masked row): its aux ``lse`` is -inf, as
+    ``torch.logsumexp`` has it, in fp32 and float64, rows and (N, C, d) layouts (the
+    float64 path gave NaN, found in review); its loss is PyTorch's NaN, and a row holding
+    +inf gives NaN for both, as PyTorch's ``log_softmax`` (x - max) does."""
+    gen = torch.Generator().manual_seed(9)
+    for dtype in (torch.float32, torch.float64):
+        for shape in ((3, 6), (3, 6, 2)):
+            x = torch.randn(*shape, generator=gen, dtype=dtype)
+            x[1] = float("-inf")
+            x[2, 1] = float("inf")
+            t = torch.tensor([0, 1, 2]).reshape((3,) + (1,) * (len(shape) - 2))
+            t = t.expand((3,) + shape[2:])
+            out = fusedce.cross_entropy(x, t, reduction="none", backend=backend,
+                                        return_aux=True)
+            want = F.cross_entropy(x.double(), t, reduction="none")
+            lse = torch.logsumexp(x.double(), 1)
+            torch.testing.assert_close(out.loss.double(), want, equal_nan=True)
+            torch.testing.assert_close(out.lse[:2].double(), lse[:2])
+            assert out.lse[2].isnan().all(), (dtype, shape)
+
+
 LAYOUTS = {
     # (N, C, d): classes d apart
     "nc_d": lambda x: x,

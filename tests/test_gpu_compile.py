@@ -91,7 +91,7 @@ def _launch_cases(dtype_name):
     # (float64), then the shard's gradient from the merged per-row values (the lse float64)
     # and [W, C]
     part = torch.zeros(3 * n, dtype=torch.float64)
-    lse64 = torch.zeros(n, dtype=torch.float64)
+    vp_lse = torch.zeros(n, dtype=torch.float64)
     g = torch.ones(n)
     consts = torch.tensor([float(V), float(V)])
     dx = torch.empty_like(x)
@@ -120,6 +120,12 @@ def _launch_cases(dtype_name):
             ("ce_strided_fwd-fp64-contiguous-weight-smoothing",
              lambda: st.ce_strided_fwd(xc64, tc, w64, label_smoothing=0.1)),
         ]
+    else:
+        # 16-bit logits with float64 class weights: computed in float64, the gradient
+        # narrowed into the logits' dtype through fp32 (strided._narrowed)
+        w3_64 = torch.rand(1000, generator=gen, dtype=torch.float64)
+        fp64 = [("ce_strided_bwd-fp64-weight", lambda: st.ce_strided_bwd(
+            x3, t3, lse3.double(), lse3, dloss3.double(), w3_64, label_smoothing=0.1))]
 
     def split(fn):  # few long rows: the split-row kernels, 4 programs per row
         def run():
@@ -171,9 +177,9 @@ def _launch_cases(dtype_name):
             extras=extras, z_grad=lse3)),
         ("vp_partials", lambda: vp.vp_partials(x, t, None, 0.0, part)),
         ("vp_partials-weight-smoothing", lambda: vp.vp_partials(x, t, w, 0.1, part)),
-        ("vp_grad", lambda: vp.vp_grad(x, t, lse64, g, g, consts, 0.0, None, dx)),
+        ("vp_grad", lambda: vp.vp_grad(x, t, vp_lse, g, g, consts, 0.0, None, dx)),
         ("vp_grad-weight-smoothing",
-         lambda: vp.vp_grad(x, t, lse64, g, g, consts, 0.1, w, dx)),
+         lambda: vp.vp_grad(x, t, vp_lse, g, g, consts, 0.1, w, dx)),
         # the loss extras: transform, aux outputs, z-loss (in the forward's gradient too)
         ("ce_fwd-extras-inplace", lambda: ce.ce_fwd(
             x, t, label_smoothing=0.1, grad_scale=one, extras=extras, aux_out=aux,
@@ -191,7 +197,7 @@ def _launch_cases(dtype_name):
                                                         z_grad=g))),
         ("vp_partials-extras", lambda: vp.vp_partials(x, t, w, 0.1, part6, extras)),
         ("vp_grad-extras",
-         lambda: vp.vp_grad(x, t, lse64, g, g, consts, 0.1, w, dx, extras, g)),
+         lambda: vp.vp_grad(x, t, vp_lse, g, g, consts, 0.1, w, dx, extras, g)),
     ] + fp64
 
 

@@ -111,7 +111,9 @@ def ce_strided_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.
         block = (slice(n0, n1), slice(l0, l1))
         z, _ = _extras.transformed(x[n0:n1, :, l0:l1], extras, acc)
         d, m, log_sum, h = _shifted(z, entropy=aux is not None)
-        lse[block] = m.double() + log_sum.double()
+        # a row of only -inf: its lse is -inf (torch.logsumexp's, the row kernels'), its
+        # loss NaN from d (PyTorch's)
+        lse[block] = torch.where(m == float("-inf"), m.double(), m.double() + log_sum.double())
         if aux is not None:
             aux[0][block] = h
             wanted = (target[n0:n1, :, l0:l1].argmax(1) if soft

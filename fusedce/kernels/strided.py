@@ -49,6 +49,17 @@ def _exp(v, IS_FP64: tl.constexpr):
 
 
 @triton.jit
+def _narrowed(v, ty: tl.constexpr):
+    """``v`` (ACC) in a gradient's element type ``ty``: float64 into a 16-bit type through
+    fp32, as Triton lowers it for sm_80 (Triton's interpreter casts float64 to bfloat16
+    as if to an integer: bf16 logits with float64 class weights got a gradient of
+    denormals)."""
+    if ty.primitive_bitwidth == 16:
+        v = v.to(tl.float32)
+    return v.to(ty)
+
+
+@triton.jit
 def _rows(pid, n_rows, n_l, BLOCK_R: tl.constexpr):
     """Row indices of this program's tile, their mask, and their (n, l) coordinates (int64:
     n * stride passes 2**31 for large batches)."""
@@ -285,7 +296,7 @@ def _ce_strided_bwd_kernel(
                 dy = ((1.0 - label_smoothing) * w * ((hi[:, None] - x) + lo[:, None])
                       * g[:, None])
                 tl.store(dy_ptr + dy_offs[:, None] + c_offs * dy_stride_c,
-                         dy.to(dy_ptr.dtype.element_ty), mask=mask)
+                         _narrowed(dy, dy_ptr.dtype.element_ty), mask=mask)
             if NEED_DX:
                 y = tl.load(target_ptr + t_offs[:, None] + c_offs * target_stride_c,
                             mask=mask, other=0.0).to(ACC)
@@ -296,7 +307,7 @@ def _ce_strided_bwd_kernel(
                 dx = _through_extras(dx, p, gz if HAS_Z else 0.0, dz if TRANSFORM else 1.0,
                                      TRANSFORM, HAS_Z)
                 tl.store(dx_ptr + dx_offs[:, None] + c_offs * dx_stride_c,
-                         dx.to(dx_ptr.dtype.element_ty), mask=mask)
+                         _narrowed(dx, dx_ptr.dtype.element_ty), mask=mask)
         else:
             p = _exp((x - hi[:, None]) - lo[:, None], IS_FP64)
             # p * A - B stays exact when A == B and p is near 1 (confident predictions)
@@ -307,7 +318,7 @@ def _ce_strided_bwd_kernel(
             dx = _through_extras(dx, p, gz if HAS_Z else 0.0, dz if TRANSFORM else 1.0,
                                  TRANSFORM, HAS_Z)
             tl.store(dx_ptr + dx_offs[:, None] + c_offs * dx_stride_c,
-                     dx.to(dx_ptr.dtype.element_ty), mask=mask)
+                     _narrowed(dx, dx_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
