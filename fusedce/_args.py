@@ -73,10 +73,13 @@ def ignore_index(value, fn="cross_entropy", default=None):
     try:
         if isinstance(value, bool):
             raise TypeError
-        return operator.index(value)
+        value = operator.index(value)
     except TypeError:
         raise TypeError(f"{fn}(): argument 'ignore_index' must be int, "
                         f"not {type(value).__name__}") from None
+    if not -2 ** 63 <= value < 2 ** 63:  # PyTorch's int64 argument
+        raise ValueError("Overflow when unpacking long long")
+    return value
 
 
 def backend(value):
@@ -101,16 +104,20 @@ def same_device(input, **named):
                                f"input on {input.device} and {name} on {value.device}")
 
 
-def class_weight(weight, n_classes, fn="fusedce.cross_entropy"):
+def class_weight(weight, n_classes, fn="fusedce.cross_entropy", soft_dtype=None):
     """Checks a class-weight vector of ``n_classes`` entries (None: any length, for the
     vocab-parallel losses whose class count is known only after their collective);
-    returns it contiguous (the implementations read ``weight[t]`` at unit stride)."""
+    returns it contiguous (the implementations read ``weight[t]`` at unit stride). With
+    class-probability targets (``soft_dtype``: the logits' and targets' promoted dtype)
+    an integer or bool weight is taken in that dtype, as PyTorch's type promotion does."""
     if weight is None:
         return None
     if weight.dim() != 1 or (n_classes is not None and weight.numel() != n_classes):
         count = "all classes" if n_classes is None else f"all {n_classes} classes"
         raise RuntimeError(f"weight tensor should be defined either for {count} or no "
                            f"classes but got weight tensor of shape: {list(weight.shape)}")
+    if not weight.is_floating_point() and soft_dtype is not None:
+        weight = weight.to(soft_dtype)
     if not weight.is_floating_point():
         raise RuntimeError(f"expected a floating-point weight, but found {weight.dtype}")
     # PyTorch also insists on the input's dtype for class-index targets; fusedce reads any
@@ -247,13 +254,13 @@ def ce_inputs(input, target, ignore_index_):
     (N, C, L) (a view, unless the trailing dimensions of (N, C, d1, ..., dK) cannot be merged
     by one), targets as (N, L) indices or (N, C, L) probabilities, the shape of the
     unreduced loss, and whether the targets are probabilities. Raises PyTorch's errors."""
-    if not input.is_floating_point():
-        raise NotImplementedError(f"cross_entropy: input must be a floating-point tensor of "
-                                  f"logits, got dtype {input.dtype}")
     soft = input.shape == target.shape  # PyTorch's rule for class-probability targets
     if soft and not target.is_floating_point():
         raise RuntimeError(f"Expected floating point type for target with class "
                            f"probabilities, got {target.dtype}")
+    if not input.is_floating_point():
+        raise NotImplementedError(f"cross_entropy: input must be a floating-point tensor of "
+                                  f"logits, got dtype {input.dtype}")
     if soft and ignore_index_ >= 0:
         raise RuntimeError("ignore_index is not supported for floating point target")
     if input.dim() == 0:
@@ -263,10 +270,18 @@ def ce_inputs(input, target, ignore_index_):
         if input.dim() == 1:
             return input.view(1, -1, 1), target.view(1, -1, 1), (), True
         return _ncl(input), _ncl(target), (input.shape[0],) + input.shape[2:], True
+    if input.dim() > 1:  # PyTorch checks the batch size before the target's dtype
+        batch = target.shape[0] if target.dim() > 0 else 0
+        if batch != input.shape[0] or target.dim() == 0:
+            raise ValueError(f"Expected input batch_size ({input.shape[0]}) to match target "
+                             f"batch_size ({batch}).")
     if target.dtype not in INDEX_DTYPES:
         raise RuntimeError(f"expected target dtype to be Long or Byte (class indices; fusedce "
                            f"also takes int32), but got {target.dtype}; class-probability "
                            f"targets must have the input's shape {tuple(input.shape)}")
+    if input.dim() > 2 and target.dtype == torch.uint8:
+        # PyTorch's spatial loss (nll_loss2d) takes int64 only
+        raise RuntimeError("expected scalar type Long but found Byte")
     if input.dim() == 1:
         if target.dim() > 1:
             raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
@@ -274,10 +289,6 @@ def ce_inputs(input, target, ignore_index_):
             raise ValueError(f"For 1D input, 1D target must have size 1, but got target size: "
                              f"{target.shape[0]}")
         return input.view(1, -1, 1), target.view(1, 1), (), False
-    batch = target.shape[0] if target.dim() > 0 else 0
-    if batch != input.shape[0] or target.dim() == 0:
-        raise ValueError(f"Expected input batch_size ({input.shape[0]}) to match target "
-                         f"batch_size ({batch}).")
     if input.dim() == 2 and target.dim() != 1:
         raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
     expected = (input.shape[0],) + input.shape[2:]
@@ -297,6 +308,8 @@ def autocast_enabled(device_type):
         return torch.is_autocast_enabled(device_type)
     except TypeError:  # torch < 2.4 takes no device type
         return device_type == "cuda" and torch.is_autocast_enabled()
+    except RuntimeError:  # a device type autocast does not know ("meta"): never enabled
+        return False
 
 
 def ce_result_dtype(input, target, weight, soft):

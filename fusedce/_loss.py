@@ -15,6 +15,7 @@ The reduction's denominator stays a device tensor (no host sync). ``forward`` an
 and inside the ``torch.library`` ops under ``torch.compile``.
 """
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -167,8 +168,8 @@ def extras_implementation(backend, x, target, weight):
 def kept_rows(target, ignore_index):
     """The rows (a bool (rows,) tensor) that the z-loss and the accuracy count: those whose
     class index is not ``ignore_index``; every row of (N, C, ...) probability targets."""
-    if target.is_floating_point():
-        n_rows = target.numel() // target.shape[1] if target.shape[1] else 0
+    if target.is_floating_point():  # (N, C, L): N * L rows, C = 0 included
+        n_rows = target.shape[0] * math.prod(target.shape[2:])
         return torch.ones(n_rows, dtype=torch.bool, device=target.device)
     return target.reshape(-1).long() != ignore_index
 
@@ -240,7 +241,16 @@ def forward(x, target, weight, ignore_index, label_smoothing, reduction, backend
     options = dict(weight=weight, ignore_index=ignore_index, label_smoothing=label_smoothing)
     if extras.any:
         options.update(extras=extras, aux_out=aux if extras.aux else None)
-    if use_rows(x, target, weight):
+    if soft and n_cols == 0:
+        # probabilities over no class: each row's loss an empty sum, 0 (PyTorch's); no
+        # launcher (a max over no class), the lse -inf, no entropy, nothing correct
+        loss = x.new_zeros(n * l_len, dtype=acc)
+        lse = x.new_full((n * l_len,), float("-inf"), dtype=torch.float64)
+        s = x.new_zeros(n * l_len, dtype=acc)
+        if extras.aux:
+            aux[0].fill_(float("nan"))
+            aux[1].zero_()
+    elif use_rows(x, target, weight):
         impl = _args.implementation(backend, x)
         loss, lse = impl.ce_fwd(rows_view(x), target.reshape(-1).contiguous(), **options)
         s = x.new_empty(0, dtype=acc)
@@ -277,6 +287,8 @@ def backward(grad, x, target, weight, lse, s, denom, ignore_index, label_smoothi
     need_dtarget = need_dtarget and target.is_floating_point()
     if not (need_dx or need_dtarget):
         return dx, dy
+    if n_cols == 0:  # no class: both gradients are empty
+        return dx, (torch.empty_like(target) if need_dtarget else dy)
     options = dict(weight=weight, ignore_index=ignore_index, label_smoothing=label_smoothing)
     if extras.any:
         zg = (z_grad(grad, lse, target, ignore_index, reduction, extras, z_denom)

@@ -206,7 +206,8 @@ def _cross_entropy(input, target, weight, size_average, ignore_index, reduce, re
     _args.same_device(input, target=target, weight=weight)
     x, t, loss_shape, soft = _args.ce_inputs(input, target, ignore_index)
     out_dtype = _args.ce_result_dtype(input, target, weight, soft)
-    weight = _args.class_weight(weight, x.shape[1])
+    weight = _args.class_weight(weight, x.shape[1], soft_dtype=torch.promote_types(
+        input.dtype, target.dtype) if soft else None)
     impl = _args.implementation(backend, input)
     validate = _validates_by_default(input, impl) if validate is None else bool(validate)
     if _higher.requested(input, target, weight):

@@ -441,6 +441,21 @@ BAD_INPUT = [
     pytest.param(lambda f: f(X, T.to("meta")), id="target-other-device"),
     pytest.param(lambda f: f(X, torch.tensor([0, 1, 2, 5])), id="target-out-of-range"),
     pytest.param(lambda f: f(logits((3, 0)), torch.zeros(3).long()), id="no-classes"),
+    # found in review: PyTorch checks the batch before the target's dtype, a probability
+    # target's dtype before the logits', an int64 ignore_index's range, and takes uint8
+    # class indices only with (C,) and (N, C) logits
+    pytest.param(lambda f: f(logits((2, 5, 3)), torch.rand(3, 5, 3)),
+                 id="probabilities-batch-mismatch"),
+    pytest.param(lambda f: f(logits((2, 5, 3)), torch.zeros(3, 3, dtype=torch.int16)),
+                 id="int16-target-batch-mismatch"),
+    pytest.param(lambda f: f(X.to(torch.complex64), X.to(torch.complex64)),
+                 id="complex-probabilities"),
+    pytest.param(lambda f: f(X, T, ignore_index=2 ** 63), id="ignore-index-past-int64"),
+    pytest.param(lambda f: f(X, T, ignore_index=-2 ** 70), id="ignore-index-far-past-int64"),
+    pytest.param(lambda f: f(logits((4, 5, 3)), torch.zeros(4, 3, dtype=torch.uint8)),
+                 id="uint8-target-kdim"),
+    pytest.param(lambda f: f(logits((4, 5, 3, 2)), torch.zeros(4, 3, 2, dtype=torch.uint8)),
+                 id="uint8-target-2d-map"),
 ]
 
 
@@ -451,6 +466,63 @@ def test_bad_input_raises_what_pytorch_raises(call, either_route):
     assert ref is not None, "PyTorch accepts this input: not a bad-input case"
     assert isinstance(ours, type(ref)), f"PyTorch: {ref!r}; fusedce: {ours!r}"
     assert str(ours)  # a message
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
+def test_probabilities_over_no_class(backend):
+    """(N, 0, ...) logits with probability targets: each row's loss is an empty sum, 0
+    ('mean': PyTorch's 0 / 0), and both gradients empty; the launchers (a max over no
+    class) are not run (fusedce raised IndexError, the kernels gave NaN: found in review)."""
+    gen = torch.Generator().manual_seed(6)
+    for shape in ((4, 0), (0,), (2, 0, 3)):
+        for reduction in ("none", "sum", "mean"):
+            for dtype in (torch.float32, torch.float64):
+                x = torch.randn(shape, generator=gen).requires_grad_()
+                y = torch.rand(shape, generator=gen, dtype=dtype).requires_grad_()
+                want = F.cross_entropy(x, y, reduction=reduction, label_smoothing=0.2)
+                got = fusedce.cross_entropy(x, y, reduction=reduction, label_smoothing=0.2,
+                                            backend=backend)
+                assert got.dtype == want.dtype and got.shape == want.shape
+                torch.testing.assert_close(got, want, equal_nan=True)
+                gx, gy = torch.autograd.grad(got.sum(), (x, y))
+                assert gx.shape == x.shape and gy.shape == y.shape
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["indices", "probabilities"])
+def test_meta_tensors(soft):
+    """Logits on the meta device (shape inference, deferred initialisation) give a meta
+    loss and gradient of PyTorch's shapes; autocast's query raised for the meta device."""
+    x = torch.randn(4, 5, device="meta", requires_grad=True)
+    t = (torch.rand(4, 5, device="meta") if soft
+         else torch.zeros(4, dtype=torch.long, device="meta"))
+    for reduction in ("mean", "none"):
+        loss = fusedce.cross_entropy(x, t, reduction=reduction, backend="torch")
+        want = F.cross_entropy(x, t, reduction=reduction)
+        assert loss.device.type == "meta" and loss.shape == want.shape
+        (grad,) = torch.autograd.grad(loss.sum(), x)
+        assert grad.device.type == "meta" and grad.shape == x.shape
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.int64, torch.bool])
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32),
+                                    (torch.bfloat16, torch.bfloat16),
+                                    (torch.bfloat16, torch.float32),
+                                    (torch.float32, torch.float64)],
+                         ids=["fp32", "bf16", "bf16-fp32-target", "fp64-target"])
+def test_integer_class_weights_with_probabilities(weight_dtype, dtypes, either_route):
+    """Probability targets take integer and bool class weights, promoted as PyTorch
+    promotes them (the result's dtype too); class indices refuse them (BAD_INPUT)."""
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(6, 5, generator=gen).to(dtypes[0])
+    y = torch.softmax(torch.randn(6, 5, generator=gen), 1).to(dtypes[1])
+    w = torch.tensor([1, 0, 2, 3, 1]).to(weight_dtype)
+    for reduction in ("mean", "none"):
+        want = F.cross_entropy(x, y, weight=w, reduction=reduction)
+        got = fusedce.cross_entropy(x, y, weight=w, reduction=reduction)
+        assert got.dtype == want.dtype
+        # PyTorch's log_softmax of bf16 logits is rounded to bf16 before the product
+        tol = 2e-2 if torch.bfloat16 in dtypes else 2e-5
+        torch.testing.assert_close(got, want, atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("call, expected", [
