@@ -63,7 +63,10 @@ def _eager(x, w, b, t, weight, opts, needs, dloss=None):
 
 
 def _fake_grads(x, w, b, needs):
-    return [torch.empty_like(v) if need else x.new_empty(0) for v, need in zip((x, w, b), needs)]
+    """The gradients' metadata: contiguous, as the eager loss makes them, whatever the
+    strides of their leaves (a transposed tied embedding)."""
+    return [torch.empty_like(v, memory_format=torch.contiguous_format) if need
+            else x.new_empty(0) for v, need in zip((x, w, b), needs)]
 
 
 @torch.library.custom_op("fusedce::linear_ce", mutates_args=())

@@ -489,6 +489,16 @@ def _fused(x, linear_weight, linear_bias, t, weight, n_classes, ignore_index,
         else:
             loss = _linear_compile.loss_only(x, linear_weight, linear_bias, t, weight, opts)
         return loss, None, None, None
+    return _fused_eager(x, linear_weight, linear_bias, t, weight, n_classes, ignore_index,
+                        label_smoothing, reduction, backend, chunk_size, extras, loss_shape)
+
+
+@torch.compiler.disable
+def _fused_eager(x, linear_weight, linear_bias, t, weight, n_classes, ignore_index,
+                 label_smoothing, reduction, backend, chunk_size, extras, loss_shape):
+    """``_fused`` where no opaque op serves the call: run as it is under ``torch.compile``
+    (a graph break). Traced, the CPU path's worker pool and ``out=`` writes made Dynamo
+    crash on a later call of another configuration (fp16, then ``return_aux``)."""
     ce = _ChunkLoss(x, t, weight, n_classes, ignore_index, label_smoothing, backend, extras)
     rows = chunk_size
     if rows is None:

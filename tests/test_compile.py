@@ -372,6 +372,43 @@ def test_linear_cross_entropy_compiles_fullgraph(case, reduction):
 
 
 @pytest.mark.slow
+def test_linear_transposed_operands_and_eager_fallbacks_compile():
+    """A head stored (H, V) and passed transposed (a tied embedding) and a transposed
+    input: the op's fake gradients are contiguous, as its real ones (inductor asserted the
+    leaves' strides). Then calls no op serves (fp16, then ``return_aux``) break the graph
+    and run eagerly, one after the other (traced, the second crashed Dynamo). Found in
+    review; against float64 PyTorch with a random upstream gradient."""
+    gen = torch.Generator().manual_seed(12)
+    emb = torch.randn(8, 13, generator=gen, requires_grad=True)
+    xt = torch.randn(8, 7, generator=gen, requires_grad=True)
+    t = torch.randint(0, 13, (7,), generator=gen)
+    step = torch.compile(lambda x, w, r: fusedce.linear_cross_entropy(x, w, t, chunk_size=3,
+                                                                      reduction=r))
+    for reduction in ("mean", "none"):
+        loss = step(xt.t(), emb.t(), reduction)
+        upstream = torch.randn(loss.shape, generator=gen)
+        got = torch.autograd.grad(loss, (xt, emb), upstream)
+        x64, e64 = xt.detach().double().requires_grad_(), emb.detach().double().requires_grad_()
+        ref = F.cross_entropy(x64.t() @ e64, t, reduction=reduction)
+        want = torch.autograd.grad(ref, (x64, e64), upstream.double())
+        torch.testing.assert_close(loss.double(), ref, atol=1e-5, rtol=1e-5)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g.double(), w, atol=1e-5, rtol=1e-5)
+
+    fallback = torch.compile(lambda x, w, **kw: fusedce.linear_cross_entropy(
+        x, w, t, chunk_size=4, **kw))
+    for dtype, kw in ((torch.float16, {}), (torch.float32, dict(return_aux=True))):
+        x = torch.randn(7, 8, generator=gen).to(dtype).requires_grad_()
+        w = torch.randn(13, 8, generator=gen).to(dtype).requires_grad_()
+        out = fallback(x, w, **kw)
+        loss = out.loss if kw else out
+        loss.backward()
+        ref = F.cross_entropy(x.detach().double() @ w.detach().double().t(), t)
+        torch.testing.assert_close(loss.double(), ref, atol=2e-3, rtol=2e-3)
+        assert x.grad is not None and w.grad is not None
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("upstream", [math.inf, math.nan], ids=["inf", "nan"])
 def test_linear_compiled_non_finite_upstream_leaves_ignored_rows_zero(upstream):
     """As in eager mode (tests/test_linear.py): a sum over no item divided by 0 gives an inf
