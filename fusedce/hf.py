@@ -117,6 +117,17 @@ def _own_fsdp_unit(module):
     return bool(kinds) and isinstance(module, kinds)
 
 
+def _offloaded(module):
+    """Whether Accelerate offloads ``module``'s own weights (``cpu_offload``, a
+    ``device_map`` with CPU or disk offload): they sit on the meta device except inside the
+    module's own forward, which a fused labelled forward never runs. Imports nothing."""
+    if any(p.device.type == "meta" for p in module.parameters(recurse=False)):
+        return True
+    hook = getattr(module, "_hf_hook", None)
+    hooks = getattr(hook, "hooks", (hook,)) if hook is not None else ()
+    return any(getattr(h, "offload", False) for h in hooks)
+
+
 class _Capture:
     """Shared by a patched model and its output layer: whether a fused labelled forward is
     running, and the hidden states the output layer got in it. (An output layer copied on
@@ -205,6 +216,13 @@ class _Applied:
         e.g. by ``resize_token_embeddings``, or its class changed, e.g. by ``fully_shard``);
         refuses one fusedce cannot read the weight of."""
         head = self.model.get_output_embeddings()
+        if _offloaded(head):
+            raise NotImplementedError(
+                f"fusedce.hf: the output layer of this {type(self.model).__name__} is "
+                f"offloaded by Accelerate (cpu_offload, or a device_map with CPU or disk "
+                f"offload): its weight is loaded only inside its own forward, which the "
+                f"fused loss replaces. Keep the output layer on a device (device_map it to "
+                f"one), or call fusedce.hf.remove(model)")
         if head is self.head and type(head) is self.head_class:
             return head
         if _own_fsdp_unit(head):
@@ -301,6 +319,9 @@ class _LossFunction:
         hidden, capture.hidden = capture.hidden, None
         autocast, capture.autocast = capture.autocast, None
         head = state.head
+        # where the layer's own forward would run (Accelerate's device_map hook moves its
+        # input to the layer's device first)
+        hidden = hidden.to(head.weight.device)
         if shift_labels is None:  # tokens < n predict n, as transformers' ForCausalLMLoss
             labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)
             shift_labels = labels[..., 1:]

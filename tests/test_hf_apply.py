@@ -459,6 +459,44 @@ def test_output_layer_sharded_as_its_own_fsdp_unit_is_refused(tmp_path):
         dist.destroy_process_group()
 
 
+def test_accelerate_hooks_on_the_output_layer():
+    """Accelerate's hooks (``device_map``, ``cpu_offload``) wrap the output layer's forward,
+    which the fused loss replaces. Offloaded, its weight is on the meta device outside that
+    forward: the loss was log(V) of the meta weight, silently (found in review); now apply,
+    or the labelled forward of a model offloaded after apply, refuses it. A placement-only
+    hook (the layer's weight on its device): the model's loss and gradients."""
+    accelerate = pytest.importorskip("accelerate")
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    model = _model("llama")
+    ids, labels = _batch(model.config.vocab_size)
+    _, want = _step(model, ids, labels)
+    want_loss = model(input_ids=ids, labels=labels).loss.detach()
+
+    offloaded = accelerate.cpu_offload(copy.deepcopy(model), execution_device="cpu")
+    with pytest.raises(NotImplementedError, match="offloaded by Accelerate"):
+        fusedce.hf.apply(offloaded)
+    later = accelerate.cpu_offload(fusedce.hf.apply(copy.deepcopy(model)),
+                                   execution_device="cpu")
+    with pytest.raises(NotImplementedError, match="offloaded by Accelerate"):
+        later(input_ids=ids, labels=labels)
+    with torch.no_grad():  # evaluation: the model's own forward, hooks and all
+        torch.testing.assert_close(later(input_ids=ids, labels=labels).loss, want_loss)
+
+    for order in ("hook-then-apply", "apply-then-hook"):
+        placed = copy.deepcopy(model)
+        if order == "apply-then-hook":
+            fusedce.hf.apply(placed)
+        add_hook_to_module(placed.get_output_embeddings(),
+                           AlignDevicesHook(execution_device="cpu", io_same_device=True))
+        if order == "hook-then-apply":
+            fusedce.hf.apply(placed)
+        out, got = _step(placed, ids, labels)
+        assert out.logits is None, order
+        torch.testing.assert_close(out.loss.detach(), want_loss, rtol=1e-5, atol=0)
+        _assert_grads_close(got, want)
+
+
 def _smoothed_loss(logits, labels, vocab_size, **kwargs):
     """A user's causal-LM loss (label smoothing): not one fusedce can compute."""
     labels = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
