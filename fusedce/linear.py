@@ -450,8 +450,9 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     weight = _args.class_weight(weight, n_classes, fn="fusedce.linear_cross_entropy")
     # (N, H) rows against (C * L, H) outputs: a K-dimensional weight is C * L outputs, the
     # logits' (N, C, L) view is what cross_entropy would see
-    x = input.reshape(-1, input.shape[-1])
-    w2 = linear_weight.reshape(-1, linear_weight.shape[-1])
+    # (flatten, not reshape(-1, H): a hidden size of 0 leaves -1 undetermined)
+    x = input.unsqueeze(0) if input.dim() == 1 else input.flatten(0, -2)
+    w2 = linear_weight.flatten(0, -2)
     b2 = None if linear_bias is None else linear_bias.reshape(-1)
     result_dtype = _args.ce_result_dtype(input, target, weight, soft)
     autocast_dtype = _autocast_dtype(input.device.type)

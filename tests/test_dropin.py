@@ -486,6 +486,15 @@ def test_probabilities_over_no_class(backend):
                 torch.testing.assert_close(got, want, equal_nan=True)
                 gx, gy = torch.autograd.grad(got.sum(), (x, y))
                 assert gx.shape == x.shape and gy.shape == y.shape
+    # class indices over no class, every one ignored: 0 a row, 'mean' NaN (the CPU path
+    # read each row's target logit, out of bounds)
+    x = torch.randn(4, 0, requires_grad=True)
+    for reduction in ("none", "sum", "mean"):
+        t = torch.full((4,), -100)
+        want = F.cross_entropy(x, t, reduction=reduction)
+        got = fusedce.cross_entropy(x, t, reduction=reduction, backend=backend)
+        torch.testing.assert_close(got, want, equal_nan=True)
+        assert torch.autograd.grad(got.sum(), x)[0].shape == x.shape
 
 
 @pytest.mark.parametrize("soft", [False, True], ids=["indices", "probabilities"])

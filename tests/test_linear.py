@@ -508,6 +508,29 @@ def test_logits_far_from_zero(backend, reduction):
             assert_close(g, r, 2e-5, 2e-5, f"{what}, retain_graph={retain}")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_degenerate_sizes(backend):
+    """A hidden size of 0 (logits all 0: the loss log C) and a head of no class with every
+    target ignored (PyTorch's 0, 0 and NaN): PyTorch's loss and gradient shapes (both
+    raised: reshape(-1, 0), and the CPU path's read of x_t; found in review)."""
+    gen = torch.Generator().manual_seed(3)
+    cases = [((4, 0), (6, 0), torch.randint(0, 6, (4,), generator=gen)),
+             ((0,), (6, 0), torch.tensor(2)),
+             ((4, 3), (0, 3), torch.full((4,), -100))]
+    for x_shape, w_shape, target in cases:
+        for reduction in ("mean", "sum", "none"):
+            x = torch.randn(x_shape, generator=gen, requires_grad=True)
+            w = torch.randn(w_shape, generator=gen, requires_grad=True)
+            want = F.linear_cross_entropy(x, w, target, reduction=reduction)
+            got = fusedce.linear_cross_entropy(x, w, target, reduction=reduction,
+                                               backend=backend)
+            torch.testing.assert_close(got, want, equal_nan=True)
+            got_grads = torch.autograd.grad(got.sum(), (x, w))
+            want_grads = torch.autograd.grad(want.sum(), (x, w))
+            for g, r in zip(got_grads, want_grads):
+                torch.testing.assert_close(g, r, equal_nan=True)
+
+
 def test_autocast_matches_pytorch():
     """Under CPU autocast F.linear runs in bf16 and the loss comes out in fp32."""
     x, w, target, _, _ = make_problem(16, 32, 50, torch.float32)

@@ -161,7 +161,9 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_
     with torch.no_grad():
         t_safe, ignored, valid, w_t = _row_targets(target, weight, ignore_index, n_cols)
         w = weight.float() if weight is not None else None
-        x_t = x.gather(1, t_safe[:, None]).squeeze(1).float()  # before x is overwritten
+        # before x is overwritten (no class: nothing to read, every row ignored or invalid)
+        x_t = (x.gather(1, t_safe[:, None]).squeeze(1).float() if n_cols > 0
+               else x.new_zeros(n_rows, dtype=torch.float32))
         row_max = torch.empty(n_rows, 1, dtype=torch.float32, device=dev)
         row_neg = torch.empty(n_rows, 1, dtype=torch.float32, device=dev)
         row_sum = torch.empty(n_rows, 1, dtype=torch.float32, device=dev)
