@@ -10,12 +10,13 @@ microsecond, before fusedce's front door does any work.
 
 Only with ``backend="auto"`` on CPU tensors (``backend="torch"`` or ``"triton"`` always runs
 fusedce's implementations: the tests compare those with PyTorch), plain tensors, operands
-PyTorch takes as they are (int64 or uint8 class indices, or probabilities of the input's
-dtype; class weights of the input's dtype that need no gradient), arguments fusedce would
-not refuse where PyTorch accepts them (a negative ``label_smoothing``), and ``validate`` not
-False (PyTorch's CPU loss always raises for an out-of-range class index, where
-``validate=False`` asks for NaN). A tensor subclass handed off meets PyTorch's C++ entry
-point, which offers the call to its ``__torch_function__`` as ``F.cross_entropy`` would.
+PyTorch takes as they are (int64 class indices, uint8 ones with (C,) or (N, C) logits,
+or probabilities of the input's dtype; class weights of the input's dtype that need no
+gradient), arguments fusedce would not refuse where PyTorch accepts them (a negative
+``label_smoothing``), and ``validate`` not False (PyTorch's CPU loss always raises for an
+out-of-range class index, where ``validate=False`` asks for NaN). A tensor subclass
+handed off meets PyTorch's C++ entry point, which offers the call to its
+``__torch_function__`` as ``F.cross_entropy`` would.
 
 """
 
