@@ -279,9 +279,6 @@ def ce_inputs(input, target, ignore_index_):
         raise RuntimeError(f"expected target dtype to be Long or Byte (class indices; fusedce "
                            f"also takes int32), but got {target.dtype}; class-probability "
                            f"targets must have the input's shape {tuple(input.shape)}")
-    if input.dim() > 2 and target.dtype == torch.uint8:
-        # PyTorch's spatial loss (nll_loss2d) takes int64 only
-        raise RuntimeError("expected scalar type Long but found Byte")
     if input.dim() == 1:
         if target.dim() > 1:
             raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")

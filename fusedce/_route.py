@@ -10,8 +10,9 @@ microsecond, before fusedce's front door does any work.
 
 Only with ``backend="auto"`` on CPU tensors (``backend="torch"`` or ``"triton"`` always runs
 fusedce's implementations: the tests compare those with PyTorch), plain tensors, operands
-PyTorch takes as they are (int64 class indices, uint8 ones with (C,) or (N, C) logits,
-or probabilities of the input's dtype; class weights of the input's dtype that need no
+PyTorch takes as they are (int64 class indices, uint8 ones with (C,) or (N, C) logits:
+its spatial loss refuses them, fusedce takes them; or probabilities of the input's
+dtype; class weights of the input's dtype that need no
 gradient), arguments fusedce would not refuse where PyTorch accepts them (a negative
 ``label_smoothing``), and ``validate`` not False (PyTorch's CPU loss always raises for an
 out-of-range class index, where ``validate=False`` asks for NaN). A tensor subclass
@@ -70,6 +71,8 @@ def pytorch_serves(input, target, weight, label_smoothing):
             return False
         if t_dtype is not _INT64 and t_dtype is not _UINT8:
             return t_dtype is dtype  # probabilities: PyTorch's at every size, unless promoted
+        if t_dtype is _UINT8 and input.dim() > 2:
+            return False  # PyTorch's spatial loss takes int64 only; fusedce takes uint8
         if input.requires_grad and _grad_enabled():
             threshold = MIN_LOGITS_GRAD.get(dtype, _NEVER)
         else:

@@ -490,16 +490,29 @@ def _fused(x, linear_weight, linear_bias, t, weight, n_classes, ignore_index,
         else:
             loss = _linear_compile.loss_only(x, linear_weight, linear_bias, t, weight, opts)
         return loss, None, None, None
-    return _fused_eager(x, linear_weight, linear_bias, t, weight, n_classes, ignore_index,
-                        label_smoothing, reduction, backend, chunk_size, extras, loss_shape)
+    eager = _not_traced() if torch.compiler.is_compiling() else _fused_eager
+    return eager(x, linear_weight, linear_bias, t, weight, n_classes, ignore_index,
+                 label_smoothing, reduction, backend, chunk_size, extras, loss_shape)
 
 
-@torch.compiler.disable
+_NOT_TRACED = []
+
+
+def _not_traced():
+    """``_fused_eager`` under ``torch.compiler.disable``: run as it is under
+    ``torch.compile`` (a graph break). Traced, the CPU path's worker pool and ``out=``
+    writes made Dynamo crash on a later call of another configuration (fp16, then
+    ``return_aux``). Made while compiling only: the decorator imports torch._dynamo, which
+    imports Triton (before the CLI could switch its interpreter on) and
+    torch.distributed.tensor."""
+    if not _NOT_TRACED:
+        _NOT_TRACED.append(torch.compiler.disable(_fused_eager))
+    return _NOT_TRACED[0]
+
+
 def _fused_eager(x, linear_weight, linear_bias, t, weight, n_classes, ignore_index,
                  label_smoothing, reduction, backend, chunk_size, extras, loss_shape):
-    """``_fused`` where no opaque op serves the call: run as it is under ``torch.compile``
-    (a graph break). Traced, the CPU path's worker pool and ``out=`` writes made Dynamo
-    crash on a later call of another configuration (fp16, then ``return_aux``)."""
+    """``_fused`` where no opaque op serves the call."""
     ce = _ChunkLoss(x, t, weight, n_classes, ignore_index, label_smoothing, backend, extras)
     rows = chunk_size
     if rows is None:
