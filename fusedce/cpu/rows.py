@@ -97,9 +97,10 @@ def _grad_coefficients(w_t, weight, eps, n_cols):
     return B, B
 
 
-def _target_grad(log_p_t, gA, gB, g, w, eps, n_cols, t_safe):
-    """The gradient at each row's target, ``gA p_t - gB - g eps / C w_t``, in fp32, from
-    ``log_p_t = x_t - lse``."""
+def target_grad(log_p_t, gA, gB, g, w, eps, n_cols, t_safe):
+    """The gradient at each row's target, ``gA p_t - gB - g eps / C w_t``, from
+    ``log_p_t = x_t - lse`` (float64: one rounding into the gradient's dtype), where
+    ``gA p_t`` and ``gB`` may cancel; ``n_cols`` the C of the smoothing term."""
     d = torch.exp(log_p_t) * gA - gB
     if eps > 0:
         w_tt = 1.0 if w is None else w[t_safe]
@@ -230,7 +231,7 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_
             gA = gA.squeeze(1)
             if zs is not None:
                 gA = gA + zs.squeeze(1) * lse
-            d = _target_grad(-nll, gA, g * B, g, w, eps, n_cols, t_safe)
+            d = target_grad(-nll, gA, g * B, g, w, eps, n_cols, t_safe)
             _write_target_grad(dst, t_safe, d)
     return loss, lse
 
@@ -262,25 +263,23 @@ def ce_bwd(x, target, lse, dloss, weight=None, ignore_index=-100, label_smoothin
         g = _row_scale(dloss.float().expand(n_rows), ignored, valid)
         gA = g * A if z_grad is None else g * A + z_grad.float()
         lse = lse.double()
-        # rows with g A = 0 and nothing else (ignored, or no upstream gradient) are zeroed
-        zero_rows = gA == 0
-        if eps > 0:  # the smoothing term stays where g does (class weights summing to 0)
-            zero_rows &= g == 0
         smooth = (g * (eps / n_cols)).contiguous() if eps > 0 else None
         x_t = x.gather(1, t_safe[:, None]).squeeze(1).double()
-    anchored_grad(x, dx, lse, gA, smooth, w, zero_rows, fresh)
+    anchored_grad(x, dx, lse, gA, smooth, w, fresh)
     with torch.no_grad():
-        d = _target_grad(x_t - lse, gA, g * B, g, w, eps, n_cols, t_safe)
+        d = target_grad(x_t - lse, gA, g * B, g, w, eps, n_cols, t_safe)
         _write_target_grad(dx, t_safe, d)
     return dx
 
 
-def anchored_grad(x, dx, lse, gA, smooth, w, zero_rows, fresh):
+def anchored_grad(x, dx, lse, gA, smooth, w, fresh):
     """``dx = gA exp(x - lse) - smooth w`` over the rows of ``x`` (rows, C) into ``dx``
     (fp32, bf16 or fp16, contiguous): ``lse`` float64 (rows,), ``gA`` and ``smooth`` fp32
     (rows,) (``smooth`` None: no such term), ``w`` fp32 (C,) or None (all ones);
-    ``zero_rows`` (bool (rows,)) the rows to zero rather than compute, where their ``lse``
-    is finite; ``fresh``: ``dx`` just allocated (each worker faults in its own rows).
+    ``fresh``: ``dx`` just allocated (each worker faults in its own rows). A row with
+    ``gA`` and ``smooth`` both 0 and a finite lse (ignored, no upstream gradient) is zeroed,
+    not computed; the smoothing term stays where ``gA`` cancels to 0 (class weights summing
+    to 0).
 
     ``gA p_c = exp(x_c - s) c``, ``c = gA exp(s - lse)``: each row's exp is anchored at
     its lse rounded to fp32, a (every exponent then <= ~0); s is the shift the exponent
@@ -302,7 +301,12 @@ def anchored_grad(x, dx, lse, gA, smooth, w, zero_rows, fresh):
         gA64 = gA.double()[:, None]
         coef_fma = (gA64 * torch.exp(neg.double() / -chunks.LOG2E - lse[:, None])).float()
         coef_sub = (gA64 * torch.exp(anchor.double() - lse[:, None])).float()
-        skip = (zero_rows & finite).tolist() if dev.type == "cpu" else None
+        skip = None
+        if dev.type == "cpu":
+            zero_rows = (gA == 0) & finite
+            if smooth is not None:
+                zero_rows &= smooth == 0
+            skip = zero_rows.tolist()
     direct = dx.dtype == torch.float32 and x.dtype == torch.float32
     step = chunks.rows_per_chunk(n_cols)
 

@@ -86,20 +86,15 @@ def vp_grad(x, t_local, lse, g, w_t, consts, eps, w_shard, dx=None, extras=None,
         b = (1.0 - eps) * w_t.float() * g
         a = b + eps * consts[0] / consts[1] * g if smoothing else b
         k = (eps / consts[1] * g).contiguous() if smoothing else None
-        zero_rows = a == 0
-        if smoothing:  # the smoothing term stays where g does
-            zero_rows &= g == 0
         w = w_shard.float() if (smoothing and w_shard is not None) else None
         in_shard = t_local >= 0
         t_safe = t_local.clamp_min(0)
         x_t = x.gather(1, t_safe[:, None]).squeeze(1).double()  # before dx may overwrite x
-    rows.anchored_grad(x, dx, lse, a, k, w, zero_rows, fresh)
+    rows.anchored_grad(x, dx, lse, a, k, w, fresh)
     with torch.no_grad():
-        # the target's entry a p_t - b - k w_t, where a p_t and b may cancel; rows whose
-        # target lives elsewhere keep what the pass wrote
-        d = torch.exp(x_t - lse) * a - b
-        if smoothing:
-            d = d - k * (1.0 if w is None else w[t_safe])
+        # the target's entry a p_t - b - k w_t, where a p_t and b may cancel (the global C
+        # in k); rows whose target lives elsewhere keep what the pass wrote
+        d = rows.target_grad(x_t - lse, a, b, g, w, eps, consts[1], t_safe)
         at = (torch.arange(n_rows, device=dx.device), t_safe)
         dx[at] = torch.where(in_shard, d.to(dx.dtype), dx[at])
     return dx
