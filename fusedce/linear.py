@@ -422,8 +422,9 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     opaque ops of ``fusedce/_linear_compile.py`` (no graph break) for class-index targets in
     float32 or bfloat16 without ``return_aux``; other calls break the graph.
 
-    Differences from PyTorch: a target outside ``[0, C)`` that is not ``ignore_index``
-    gives a NaN loss instead of an error (no host synchronisation); a negative
+    Differences from PyTorch: on a GPU, a target outside ``[0, C)`` that is not
+    ``ignore_index`` gives a NaN loss instead of an error (no host synchronisation; on the
+    CPU it raises PyTorch's IndexError); a negative
     ``label_smoothing`` raises RuntimeError (as :func:`fusedce.cross_entropy` does; PyTorch
     accepts it).
     """
@@ -526,6 +527,9 @@ def _fused_eager(x, linear_weight, linear_bias, t, weight, n_classes, ignore_ind
             x, linear_weight, linear_bias, t, weight, n_classes, ignore_index,
             label_smoothing, reduction, extras, rows, loss_shape)
         return loss, lse, aux, ce
+    if not ce.soft and t.device.type == "cpu":
+        # PyTorch's IndexError, where reading the targets costs no device sync
+        _loss.check_targets(t, n_classes, ignore_index)
     if not (torch.is_grad_enabled() and any(v.requires_grad for v in differentiable)):
         # no_grad / eval: the loss only, no gradient work and no autograd state
         aux = _aux_buffer(x, ce)

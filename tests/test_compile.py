@@ -377,13 +377,14 @@ def test_linear_transposed_operands_and_eager_fallbacks_compile():
     input: the op's fake gradients are contiguous, as its real ones (inductor asserted the
     leaves' strides). Then calls no op serves (fp16, then ``return_aux``) break the graph
     and run eagerly, one after the other (traced, the second crashed Dynamo). Found in
-    review; against float64 PyTorch with a random upstream gradient."""
+    review; against float64 PyTorch with a random upstream gradient. Last, an
+    out-of-range target raises IndexError through the compiled op."""
     gen = torch.Generator().manual_seed(12)
     emb = torch.randn(8, 13, generator=gen, requires_grad=True)
     xt = torch.randn(8, 7, generator=gen, requires_grad=True)
     t = torch.randint(0, 13, (7,), generator=gen)
-    step = torch.compile(lambda x, w, r: fusedce.linear_cross_entropy(x, w, t, chunk_size=3,
-                                                                      reduction=r))
+    step = torch.compile(lambda x, w, r, t=t: fusedce.linear_cross_entropy(
+        x, w, t, chunk_size=3, reduction=r))
     for reduction in ("mean", "none"):
         loss = step(xt.t(), emb.t(), reduction)
         upstream = torch.randn(loss.shape, generator=gen)
@@ -406,6 +407,9 @@ def test_linear_transposed_operands_and_eager_fallbacks_compile():
         ref = F.cross_entropy(x.detach().double() @ w.detach().double().t(), t)
         torch.testing.assert_close(loss.double(), ref, atol=2e-3, rtol=2e-3)
         assert x.grad is not None and w.grad is not None
+    # compiled too, a CPU target out of range raises PyTorch's IndexError, not a NaN loss
+    with pytest.raises(IndexError, match="Target 13 is out of bounds."):
+        step(xt.t(), emb.t(), "mean", t=torch.tensor([0, 1, 13, 2, 3, 4, 5]))
 
 
 @pytest.mark.slow
