@@ -185,6 +185,8 @@ def extras(logit_scale=1.0, softcap=None, lse_square_scale=0.0, return_aux=False
         if softcap <= 0.0:
             raise ValueError(f"softcap must be None or a positive float, got {softcap}")
     square = _finite_float("lse_square_scale", lse_square_scale)
+    if square < 0:  # a penalty: a negative one rewards large logits without bound
+        raise ValueError(f"lse_square_scale must be >= 0, got {lse_square_scale}")
     if not isinstance(return_aux, bool):
         raise TypeError(f"return_aux must be a bool, got {type(return_aux).__name__}")
     checked = Extras(scale, softcap, square, return_aux)
@@ -367,9 +369,14 @@ def linear_inputs(input, linear_weight, linear_bias, target, ignore_index_):
     logits = torch.empty((), dtype=input.dtype, device="meta").expand(logits_shape)
     _, t, loss_shape, soft = ce_inputs(logits, target, ignore_index_)
     if not soft and target.dtype not in (torch.int64, torch.uint8):
-        raise RuntimeError(f"expected target dtype to be Long or Byte, but got "
-                           f"{str(target.dtype).replace('torch.', '').capitalize()}")
+        name = _C10_NAMES.get(target.dtype, str(target.dtype).replace("torch.", ""))
+        raise RuntimeError(f"expected target dtype to be Long or Byte, but got {name}")
     return t, loss_shape, soft, ignore_index_
+
+
+# PyTorch's own names of dtypes, as its messages print them (int32 is the one that
+# reaches ``linear_inputs``'s check: ``ce_inputs`` refuses the others first)
+_C10_NAMES = {torch.int32: "Int", torch.int16: "Short", torch.int8: "Char", torch.bool: "Bool"}
 
 
 def chunk_size(value, name="chunk_size"):

@@ -13,8 +13,8 @@ slice, per row, with the row's global target ``t``:
     sm_r  = sum_{c in r} w_c (lse_r - x_c)            (only with label smoothing)
 
 ONE collective per forward (an all-gather of these 2 or 3 float64 values per row, plus the
-slice width and its weight sum W_r) gives every rank every rank's values; each merges them
-locally, identically, in float64:
+slice width, its weight sum W_r and its start, checked to tile ``[0, C)``) gives every rank
+every rank's values; each merges them locally, identically, in float64:
 
     lse  = logsumexp_r lse_r      x_t = sum_r xt_r      C = sum_r C_r
     sm   = sum_c w_c (lse - x_c) = sum_r sm_r + W_r (lse - lse_r)
@@ -170,20 +170,41 @@ def _n_parts(smoothing, extras):
     return 6 if extras.aux else (3 if smoothing else 2)
 
 
+# Per-rank values sent after the rows': the slice's width, its weight sum and its start
+_TRAILER = 3
+
+
 def _merge(gathered, n_rows, n_parts, smoothing, aux):
-    """Every rank's (lse_r, xt_r[, sm_r][, H_r, m_r, a_r]), slice width and weight sum ->
-    global (lse, x_t, sm, C, (entropy, argmax)), all in ``gathered``'s dtype (float64);
-    ``sm = sum_c w_c (lse - x_c)`` (None without smoothing), the last None without
-    ``aux``.
+    """Every rank's (lse_r, xt_r[, sm_r][, H_r, m_r, a_r]), slice width, weight sum and
+    start -> global (lse, x_t, sm, C, (entropy, argmax)), all in ``gathered``'s dtype
+    (float64); ``sm = sum_c w_c (lse - x_c)`` (None without smoothing), the last None
+    without ``aux``.
+
+    The slices must tile ``[0, C)`` in rank order: each start the sum of the widths
+    before it. A ``vocab_start`` that breaks it (a rank's slice placed where another is,
+    or past a gap) would merge into a wrong loss; every rank sees the same starts, so on
+    CPU tensors every rank raises ValueError, and on a GPU (where raising would read the
+    device) every row's lse is NaN: the loss and the gradients.
 
     The entropy of the row, from each slice's own ``H_r`` and ``pi_r = exp(lse_r - lse)``:
     ``H = sum_r pi_r (H_r + lse - lse_r)``, a sum of terms >= 0. Its first argmax: the
     smallest global column among the slices whose max is the row's."""
-    world = gathered.numel() // (n_parts * n_rows + 2)
-    g = gathered.view(world, n_parts * n_rows + 2)
+    world = gathered.numel() // (n_parts * n_rows + _TRAILER)
+    g = gathered.view(world, n_parts * n_rows + _TRAILER)
     parts = g[:, :n_parts * n_rows].view(world, n_parts, n_rows)
-    n_classes = g[:, -2].sum()  # exact
-    lse = torch.logsumexp(parts[:, 0], dim=0)  # stable: max-shifted; -inf slices drop out
+    widths, w_r, starts = g[:, -3], g[:, -2:-1], g[:, -1]
+    n_classes = widths.sum()  # exact
+    tiled = (starts == torch.cumsum(widths, 0) - widths).all()
+    if gathered.device.type == "cpu":
+        if not bool(tiled):
+            raise ValueError(
+                f"vocab_start: the ranks' slices do not tile the vocabulary in rank order "
+                f"(starts {[int(v) for v in starts.tolist()]} for widths "
+                f"{[int(v) for v in widths.tolist()]}); pass each rank's own start "
+                f"(vocab_shard_range, even_vocab_shard) or None")
+        lse = torch.logsumexp(parts[:, 0], dim=0)  # stable: max-shifted; -inf slices drop out
+    else:
+        lse = torch.where(tiled, torch.logsumexp(parts[:, 0], dim=0), float("nan"))
     x_t = parts[:, 1].sum(0)
     stats = None
     if aux:
@@ -194,7 +215,6 @@ def _merge(gathered, n_rows, n_parts, smoothing, aux):
         stats = (entropy, first)
     smooth = None
     if smoothing:
-        w_r = g[:, -1:]  # (world, 1)
         # a slice of weight 0 (empty, or all weights 0) adds nothing (no 0 * inf); one whose
         # logits are all -inf adds +inf, as its classes' -log p do (sm_r is NaN there)
         rebased = torch.where(w_r == 0, 0.0, torch.where(
@@ -258,7 +278,7 @@ def _forward_partials(x_chunks, shard, eps, impl, n_rows, device, extras):
     """Runs the shard-local pass over ``x_chunks`` (an iterable of (row_start, logits chunk)),
     then the one all-gather; returns ``_merge``'s (lse, x_t, sm, C, aux stats)."""
     n_parts = _n_parts(eps > 0, extras)
-    send = torch.empty(n_parts * n_rows + 2, dtype=_SENT, device=device)
+    send = torch.empty(n_parts * n_rows + _TRAILER, dtype=_SENT, device=device)
     view = send[:n_parts * n_rows].view(n_parts, n_rows)
     for s, xc in x_chunks:
         e = s + xc.shape[0]
@@ -272,11 +292,15 @@ def _forward_partials(x_chunks, shard, eps, impl, n_rows, device, extras):
         view[:, s:e] = part.view(width, e - s)[:n_parts]
     if extras.aux:
         view[5] += shard.vocab_start  # the slice's column -> the global class
-    send[-2:-1].fill_(float(shard.n_local))
+    send[-3:-2].fill_(float(shard.n_local))
     if shard.w_shard is None:
-        send[-1:].fill_(float(shard.n_local))
+        send[-2:-1].fill_(float(shard.n_local))
     else:  # on the device: no host sync
-        send[-1:].copy_(shard.w_shard.sum(dtype=_SENT).reshape(1))
+        send[-2:-1].copy_(shard.w_shard.sum(dtype=_SENT).reshape(1))
+    if isinstance(shard.vocab_start, int):
+        send[-1:].fill_(float(shard.vocab_start))
+    else:  # derived: a device tensor
+        send[-1:].copy_(shard.vocab_start.to(_SENT).reshape(1))
     world, _ = _check_group(shard.group)
     recv = torch.empty(world * send.numel(), dtype=_SENT, device=device)
     _all_gather(recv, send, shard.group)
@@ -432,8 +456,8 @@ def vocab_parallel_cross_entropy(logits_shard, target, *, group=None, vocab_star
 
     Every rank returns the same loss, the loss of ``fusedce.cross_entropy`` on the full
     logits; the backward gives each rank the gradient of its own slice. Collectives: one
-    all-gather of ``2 * N + 2`` float64 values (``3 * N + 2`` with label smoothing,
-    ``6 * N + 2`` with ``return_aux``), whatever the logits' dtype, per forward, none in the
+    all-gather of ``2 * N + 3`` float64 values (``3 * N + 3`` with label smoothing,
+    ``6 * N + 3`` with ``return_aux``), whatever the logits' dtype, per forward, none in the
     backward (plus one small all-gather per forward when ``vocab_start`` is None). All ranks
     must call it together (it is a collective).
     """

@@ -895,6 +895,25 @@ def _run_dtensor_contract(case, rank, counter):
         x, torch.zeros(rows - 1, dtype=torch.long)))
     out["validate-batch-sharded-target"] = _outcome(lambda: fusedce.cross_entropy(
         x, distribute_tensor(bad, mesh, [Shard(0)]), validate=True).full_tensor())
+    # fusedce.distributed's plain-shard losses with a vocab_start that does not tile [0, C)
+    # (slices 3, 2, 2 at 0, 3, 5): ValueError on every rank, where it merged a wrong loss
+    import fusedce.distributed as D
+
+    world = len(case.sizes)
+    starts = [sum(case.sizes[:r]) for r in range(world)]
+    cols = slice(starts[rank], starts[rank] + case.sizes[rank])
+    shard = full32[:, cols]
+    out["vocab-start-right"] = _rel_err(
+        D.vocab_parallel_cross_entropy(shard, target, vocab_start=starts[rank]).double(),
+        F.cross_entropy(logits, target))
+    wrong = {"all-zero": 0, "shifted": starts[rank] + 1,
+             "gap": starts[rank] + (rank == world - 1), "overlap": starts[rank] - (rank == 1),
+             "beyond": 10 ** 6 if rank == 1 else starts[rank]}
+    for name, start in wrong.items():
+        out[f"vocab-start-{name}"] = _outcome(lambda start=start: float(
+            D.vocab_parallel_cross_entropy(shard, target, vocab_start=start)))
+    out["vocab-start-linear"] = _outcome(lambda: float(D.vocab_parallel_linear_cross_entropy(
+        h.float(), w.float()[cols], target, vocab_start=starts[rank] + 1)))
     counter.take()
     return {"contract": out}
 
@@ -1154,6 +1173,20 @@ def test_dtensor_vocab_parallel_second_derivative_raises(results_3):
 
 
 @pytest.mark.slow
+def test_vocab_start_that_does_not_tile_raises_on_every_rank(results_3):
+    """A vocab_start that leaves the ranks' slices overlapping, apart or shifted merged
+    into a wrong loss with no error (found in review); every rank now raises ValueError
+    (the starts ride on the forward's all-gather), and the right starts give PyTorch's
+    loss."""
+    for res in _contract(results_3):
+        assert res["vocab-start-right"] < 1e-6, res["vocab-start-right"]
+        for key in ("all-zero", "shifted", "gap", "overlap", "beyond", "linear"):
+            got = res[f"vocab-start-{key}"]
+            assert isinstance(got, str) and got.startswith(
+                "ValueError: vocab_start: the ranks' slices do not tile"), (key, got)
+
+
+@pytest.mark.slow
 def test_dtensor_targets_checked_on_every_rank(results_3):
     """validate=True raises PyTorch's IndexError on every rank (vocabulary-sharded logits
     gave NaN); targets of another length than the batch-sharded logits raise PyTorch's
@@ -1234,7 +1267,7 @@ def test_collectives_per_step(results_2, results_4):
 
 
 def test_what_the_forward_all_gather_sends(results_2, results_4):
-    """README: the forward's one all-gather sends 2N + 2 float64 values per rank (3N + 2
+    """README: the forward's one all-gather sends 2N + 3 float64 values per rank (3N + 3
     with label smoothing), N the rows, whatever the logits' dtype."""
     for results, case_id, per_row in [(results_2, "mean", 2), (results_4, "gpt2-vocab-mean", 2),
                                       (results_2, "weight-smoothing-none", 3),
@@ -1244,7 +1277,7 @@ def test_what_the_forward_all_gather_sends(results_2, results_4):
         for rank in results:
             (name, elements, dtype), = rank[case_id]["fwd_sent"]
             assert name.startswith("all_gather"), (case_id, name)
-            assert (elements, dtype) == (per_row * case.rows + 2, "torch.float64"), case_id
+            assert (elements, dtype) == (per_row * case.rows + 3, "torch.float64"), case_id
 
 
 GPU_CHECK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),

@@ -606,10 +606,11 @@ def test_chunk_size_takes_numpy_integers():
     (dict(w=(3,)), "at least 2"),
     (dict(w=(5, 4)), "in_features"),
     (dict(b=(4,)), "linear_bias shape"),
-    (dict(t_dtype=torch.int32), "Long or Byte"),
+    (dict(t_dtype=torch.int32), "Long or Byte, but got Int$"),
 ])
 def test_errors_match_pytorch(args, error):
-    """The same exception type and message as F.linear_cross_entropy."""
+    """The same exception type and message as F.linear_cross_entropy (int32: PyTorch's
+    name of the dtype, Int)."""
     x = torch.randn(*args.get("x", (2, 3)))
     w = torch.randn(*args.get("w", (5, 3)))
     b = torch.randn(*args["b"]) if "b" in args else None
