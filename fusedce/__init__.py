@@ -13,3 +13,15 @@ from .patching import patch, patched, unpatch
 __version__ = "0.1.0"
 __all__ = ["cross_entropy", "CrossEntropyLoss", "linear_cross_entropy", "LinearCrossEntropyLoss"]
 __all__ += ["patch", "unpatch", "patched", "empty_cache", "CrossEntropyAux"]
+
+# Submodules with heavier imports (``transformers``; ``torch.distributed``), loaded on first
+# use: ``import fusedce`` then ``fusedce.hf.apply(...)`` works without ``import fusedce.hf``
+_LAZY = ("hf", "distributed")
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -189,7 +189,10 @@ def upstream_of_kept_rows(target, ignore_index, g, n_rows):
 
 
 def z_loss_rows(lse, target, ignore_index, extras):
-    """Each row's z-loss ``lse_square_scale * lse**2``, 0 where the target is ignored."""
+    """Each row's z-loss ``lse_square_scale * lse**2``, 0 where the target is ignored, and
+    everywhere without a z-loss (where ``lse**2`` overflows too: 0 * inf is NaN)."""
+    if not extras.z_loss:
+        return torch.zeros_like(lse)
     return torch.where(kept_rows(target, ignore_index), extras.lse_square_scale * lse.square(),
                        0.0)
 

@@ -217,6 +217,25 @@ def test_aux_lse_of_a_row_of_minus_inf(backend):
             assert out.lse[2].isnan().all(), (dtype, shape)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_aux_z_loss_is_zero_without_a_z_loss(backend):
+    """Without a z-loss the aux ``z_loss`` is 0 even where ``lse**2`` overflows fp32 (a
+    logit scale of 1e20: it was 0 * inf, NaN; found in review), for both losses; the loss
+    stays finite, PyTorch's on the scaled float64 logits."""
+    gen = torch.Generator().manual_seed(3)
+    x, h, w = (torch.randn(*s, generator=gen) for s in ((4, 5), (4, 3), (5, 3)))
+    t = torch.tensor([0, 1, 2, 3])
+    for reduction in ("mean", "none"):
+        out = fusedce.cross_entropy(x, t, logit_scale=1e20, return_aux=True,
+                                    reduction=reduction, backend=backend)
+        lin = fusedce.linear_cross_entropy(h, w, t, logit_scale=1e20, return_aux=True,
+                                           reduction=reduction, backend=backend)
+        for got, z in ((out, x), (lin, h.double() @ w.double().t())):
+            assert torch.equal(got.z_loss, torch.zeros_like(got.z_loss)), got.z_loss
+            want = F.cross_entropy(z.double() * 1e20, t, reduction=reduction)
+            torch.testing.assert_close(got.loss.double(), want, rtol=1e-5, atol=0)
+
+
 LAYOUTS = {
     # (N, C, d): classes d apart
     "nc_d": lambda x: x,
@@ -309,6 +328,7 @@ def test_module_takes_the_extras():
     (dict(softcap=float("inf")), ValueError),
     (dict(logit_scale=float("nan")), ValueError),
     (dict(lse_square_scale=float("inf")), ValueError),
+    (dict(lse_square_scale=-1e-4), ValueError),
     (dict(logit_scale=torch.tensor(2.0)), TypeError),
     (dict(softcap="30"), TypeError),
     (dict(return_aux=1), TypeError),

@@ -3,6 +3,9 @@ an argument the same way and raises the exception type PyTorch's F.cross_entropy
 taken from PyTorch itself. The vocab-parallel losses check before their first collective, so no
 process group is needed here."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -111,3 +114,20 @@ def test_good_options_reach_the_collective(loss):
     process group (their values are checked in test_distributed.py, on 2 and 4 ranks)."""
     with pytest.raises(RuntimeError, match="process group"):
         _losses()[loss](**GOOD)
+
+
+@pytest.mark.slow
+def test_submodules_reachable_from_import_fusedce():
+    """README's ``import fusedce`` then ``fusedce.hf.apply(...)``: the submodules the package
+    does not import itself (transformers, the distributed losses) load on first use (it
+    raised AttributeError, found in review); a misspelt name is still AttributeError."""
+    code = ("import sys, fusedce\n"
+            "assert 'fusedce.hf' not in sys.modules and 'transformers' not in sys.modules\n"
+            "assert callable(fusedce.hf.apply) and callable(fusedce.hf.remove)\n"
+            "assert callable(fusedce.distributed.vocab_parallel_cross_entropy)\n"
+            "try:\n    fusedce.hff\nexcept AttributeError as e:\n    print(e)\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip() == "module 'fusedce' has no attribute 'hff'"
+
