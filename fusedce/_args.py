@@ -88,6 +88,19 @@ def backend(value):
     return value
 
 
+def run_options(backend_=None, inplace_backward=False, validate=None):
+    """Checks the options of a call that are not the loss's own: ``backend`` (ValueError),
+    ``inplace_backward`` a bool and ``validate`` None or a bool (TypeError: a string such as
+    "no" would be truthy)."""
+    if backend_ is not None:
+        backend(backend_)
+    if not isinstance(inplace_backward, bool):
+        raise TypeError(f"inplace_backward must be a bool, got "
+                        f"{type(inplace_backward).__name__}")
+    if validate is not None and not isinstance(validate, bool):
+        raise TypeError(f"validate must be None or a bool, got {type(validate).__name__}")
+
+
 def tensors(fn, **named):
     """TypeError, as PyTorch's argument parser, for an argument that is not a Tensor
     (None passes: the caller says which may be absent)."""

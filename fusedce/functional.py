@@ -78,7 +78,9 @@ def _options(options):
     for name in options:
         if name not in OPTIONS:
             raise TypeError(f"cross_entropy() got an unexpected keyword argument '{name}'")
-    return {**OPTIONS, **options}
+    opts = {**OPTIONS, **options}
+    _args.run_options(opts["backend"], opts["inplace_backward"], opts["validate"])
+    return opts
 
 
 def cross_entropy(input, target, weight=None, size_average=None, ignore_index=_IGNORE_INDEX,

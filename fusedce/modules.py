@@ -2,6 +2,7 @@
 
 from torch import nn
 
+from . import _args
 from .functional import cross_entropy
 
 
@@ -22,6 +23,7 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
                  lse_square_scale=0.0):
         super().__init__(weight, size_average, ignore_index, reduce, reduction,
                          label_smoothing)
+        _args.run_options(backend, inplace_backward, validate)
         self.backend = backend
         self.inplace_backward = inplace_backward
         self.validate = validate

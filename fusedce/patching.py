@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _dtensor, _route
+from . import _args, _dtensor, _route
 from .functional import _IGNORE_INDEX, _SMOOTHING, OPTIONS, cross_entropy
 
 _lock = threading.RLock()
@@ -114,6 +114,7 @@ def patch(*, scan_modules=True, backend="auto", inplace_backward=False, validate
 
     Calls nest: each ``patch()`` needs one ``unpatch()``; the outermost options apply.
     """
+    _args.run_options(backend, inplace_backward, validate)  # here, not at the first loss
     with _lock:
         _state["depth"] += 1
         if _state["depth"] > 1:

@@ -131,3 +131,29 @@ def test_submodules_reachable_from_import_fusedce():
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip() == "module 'fusedce' has no attribute 'hff'"
 
+
+@pytest.mark.parametrize("kwargs,error", [
+    (dict(inplace_backward="yes"), TypeError), (dict(inplace_backward=1), TypeError),
+    (dict(validate="no"), TypeError), (dict(validate=0), TypeError),
+    (dict(backend="gpu"), ValueError),
+])
+def test_run_options_checked_where_given(kwargs, error):
+    """A string for a flag (truthy, whatever it says) or an unknown backend raises where it
+    is given: the function, the module's constructor and ``patch()`` (which left
+    ``F.cross_entropy`` patched to fail at the first loss; found in review)."""
+    x, t = torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
+    with pytest.raises(error, match=next(iter(kwargs))):
+        fusedce.cross_entropy(x, t, **kwargs)
+    with pytest.raises(error, match=next(iter(kwargs))):
+        fusedce.CrossEntropyLoss(**kwargs)
+    original = F.cross_entropy
+    with pytest.raises(error, match=next(iter(kwargs))):
+        fusedce.patch(**kwargs)
+    with pytest.raises(error, match=next(iter(kwargs))):
+        with fusedce.patched(**kwargs):
+            pass
+    assert F.cross_entropy is original
+    # the values they take: bools, None for validate
+    for ok in (dict(inplace_backward=False), dict(validate=None), dict(validate=True)):
+        torch.testing.assert_close(fusedce.cross_entropy(x, t, **ok), F.cross_entropy(x, t))
+
