@@ -112,6 +112,8 @@ CASES = [
     ("out-under-a-file", ["train", "--out", "{tmp}/a-file/out"], ["--out", "not a folder"]),
     ("out-is-a-file", ["train", "--out", "{tmp}/a-file"], ["--out", "not a folder"]),
     ("inplace-with-torch-loss", ["train", "--loss", "torch", "--inplace"], ["--inplace"]),
+    ("backend-with-torch-loss", ["train", "--loss", "torch", "--backend", "triton"],
+     ["--backend triton", "fusedce option"]),
     ("unknown-option", ["train", "--stepz", "3"], ["--stepz"]),
     ("misspelt-subcommand", ["trian"], ["'trian'", "did you mean 'train'", "demo, train"]),
     ("misspelt-demo", ["dmeo", "some", "text"], ["'dmeo'", "did you mean 'demo'"]),
@@ -129,6 +131,23 @@ def test_bad_input_is_one_line_and_status_2(argv, words, files, no_work, capsys)
     status, _, err = run(argv, capsys)
     assert_one_line_error(status, err, *words)
     assert not (files / "out").exists()  # nothing written
+
+
+@pytest.mark.parametrize("command", ["demo", "train"])
+def test_unknown_option_shows_the_subcommands_usage(command, no_work, capsys):
+    """``fusedce demo --text x`` printed the top level's usage, which lists no option of
+    demo's (found in review)."""
+    status, _, err = run([command, "--nope", "x"], capsys)
+    assert_one_line_error(status, err, "unrecognized arguments", "--nope")
+    assert err.startswith(f"usage: fusedce {command} [-h]"), err
+
+
+def test_tokenizer_file_from_the_environment_is_named(tmp_path, monkeypatch, capsys):
+    """A missing file named by $FUSEDCE_GPT2_BPE: the message says where the name came
+    from (the user may not know it is set)."""
+    monkeypatch.setenv(tokenizer.ENV_VAR, str(tmp_path / "absent.tiktoken"))
+    status, _, err = run(["demo"], capsys)
+    assert_one_line_error(status, err, "does not exist", f"(named by ${tokenizer.ENV_VAR})")
 
 
 def test_unwritable_out_is_refused_before_training(tmp_path, no_work, capsys, monkeypatch):

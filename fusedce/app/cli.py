@@ -52,10 +52,12 @@ def _parser():
         help="print fusedce's version and exit",
     )
     sub = parser.add_subparsers(dest="command", metavar="{demo,train}")
+    parser.commands = {}  # each sub-command's parser, whose usage its own errors show
     for name, (module, help_) in COMMANDS.items():
-        module.add_arguments(sub.add_parser(
+        parser.commands[name] = sub.add_parser(
             name, help=help_, description=plain(module.__doc__),
-            formatter_class=argparse.RawDescriptionHelpFormatter))
+            formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(parser.commands[name])
     return parser
 
 
@@ -85,7 +87,8 @@ def _interpret_triton_on_cpu(args):
     """``--backend triton`` on the CPU runs Triton's interpreter, which must be switched on
     before triton is first imported."""
     on_cpu = (args.device or demo.default_device()).startswith("cpu")
-    if getattr(args, "backend", None) == "triton" and on_cpu and "triton" not in sys.modules:
+    kernels = getattr(args, "backend", None) == "triton" and getattr(args, "loss", "") != "torch"
+    if kernels and on_cpu and "triton" not in sys.modules:
         if os.environ.get("TRITON_INTERPRET") != "1":
             print(
                 "(--backend triton on the CPU: setting TRITON_INTERPRET=1, Triton's "
@@ -104,7 +107,9 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = _parser()
     argv, implicit = _explicit(argv, parser)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # with the sub-command's usage (parse_args would show the top level's)
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     if implicit and args.texts:
         parser.error("texts to score need the sub-command: fusedce demo TEXT ...")
     try:

@@ -266,7 +266,8 @@ def run_demo(
     (loss_f, grad_f, t_f), (loss_t, grad_t, t_t) = timed["fusedce"], timed["torch"]
     grad_diff = (grad_f.double() - grad_t.double()).abs().max().item()
     n_rows = logits.shape[0] * logits.shape[1]
-    out(f"5. The same loss from logits.view(-1, {vocab}) ({n_rows} rows) and targets.view(-1);")
+    rows = f"{n_rows} row" + ("" if n_rows == 1 else "s")
+    out(f"5. The same loss from logits.view(-1, {vocab}) ({rows}) and targets.view(-1);")
     out(f"   forward + backward time, median of {repeats} after a warm-up, on {device}")
     out("   (on a shared or busy machine, timings of a few rows are noisy):")
     out(f"   fusedce.cross_entropy  {float(loss_f):.6f}   {t_f * 1e3:9.3f} ms")

@@ -119,7 +119,12 @@ def gpt2_encoding(bpe_file=None):
     ``$FUSEDCE_GPT2_BPE``, else the copy shipped in the package. Raises
     :class:`TokenizerUnavailable` when the file is missing or not GPT-2's merge ranks.
     """
-    named = bpe_file or os.environ.get(ENV_VAR)
+    if bpe_file:
+        return _from_named_file(bpe_file)
+    named = os.environ.get(ENV_VAR)
     if named:
-        return _from_named_file(named)
+        try:
+            return _from_named_file(named)
+        except TokenizerUnavailable as err:  # say where the name came from
+            raise TokenizerUnavailable(f"{err} (named by ${ENV_VAR})") from None
     return _from_packaged_file()

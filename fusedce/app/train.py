@@ -439,6 +439,9 @@ def check_args(args):
     for the first problem."""
     if args.inplace and args.loss == "torch":
         raise UsageError("--inplace is a fusedce option: use it with --loss fusedce or both")
+    if args.backend != "auto" and args.loss == "torch":
+        raise UsageError(f"--backend {args.backend} is a fusedce option: use it with --loss "
+                         f"fusedce or both")
     check_extras()
     check_text_file(args.text_file)
     check_out_dir(args.out)
