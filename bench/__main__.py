@@ -24,7 +24,7 @@ import sys
 
 import torch
 
-from bench.output import DEFAULT_OUT, check_out_dir, missing_extras
+from bench.output import DEFAULT_OUT, check_out_dir, device, missing_extras, positive_int
 
 
 def _parse_args(argv):
@@ -46,10 +46,11 @@ def _parse_args(argv):
                         "(default: %(default)s)")
     p.add_argument("--repeats", type=int, default=None,
                    help="timed rounds (default: 5; --quick: 3)")
-    p.add_argument("--warmup", type=int, default=1,
-                   help="untimed rounds first (default: %(default)s)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cpu or cuda[:N] (default: %(default)s)")
+    p.add_argument("--warmup", type=positive_int, default=1,
+                   help="untimed rounds first, at least 1: torch.compile compiles in the "
+                        "first (default: %(default)s)")
+    p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available()
+                   else "cpu", help="cpu or cuda[:N] (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads (default: torch's own)")
     p.add_argument("--quick", action="store_true",
@@ -187,7 +188,8 @@ def write_plot(path, rows, meta):
         ax.set_xlabel(f"tokens (V = {rows[0]['vocab']:,})")
         ax.set_title(title, fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=7)
+    if axes[0].get_legend_handles_labels()[0]:  # (a pass not run leaves a panel empty)
+        axes[0].legend(fontsize=7)
     fig.suptitle(f"Cross-entropy, {meta['device']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

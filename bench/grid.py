@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import fusedce
-from bench.output import add_out_argument, parse_checked
+from bench.output import add_out_argument, device, parse_checked
 
 MODES = ("fwdbwd", "nograd", "none")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -158,7 +158,7 @@ def main(argv=None):
                    help="samples per implementation and cell (default: %(default)s)")
     p.add_argument("--sample-ms", type=float, default=20.0,
                    help="length of a sample, in ms (default: %(default)s)")
-    p.add_argument("--device", default="cpu", help="default: %(default)s")
+    p.add_argument("--device", type=device, default="cpu", help="default: %(default)s")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--own", action="store_true",
                    help="time fusedce's own implementation at every size (no hand-off of "

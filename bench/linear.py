@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 import fusedce
 from bench.ce import _status_bytes
+from bench.output import device
 
 CASES = ("unfused", "fusedce", "torch_chunked")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -210,7 +211,7 @@ def main(argv=None):
     parser.add_argument("--hidden", type=int, default=768)
     parser.add_argument("--vocab", type=int, default=50_257)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", type=device, default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--cases", default=",".join(CASES),

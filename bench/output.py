@@ -55,6 +55,25 @@ def positive_int(text):
     return value
 
 
+def device(text):
+    """An argparse ``type``: a device this machine has (``cpu``, ``cuda``, ``cuda:N``), a
+    usage error otherwise (a CPU build of torch asserted deep inside the first case)."""
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"not a device: {text!r} (cpu or cuda[:N])") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (dev.index or 0) >= count:
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {count} CUDA "
+                                             f"device(s) (use --device cpu)")
+    elif dev.type != "cpu":
+        raise argparse.ArgumentTypeError(f"{text!r}: the benchmarks run on cpu or cuda[:N]")
+    return text
+
+
 def add_shape_arguments(parser, repeats):
     """``--tokens``, ``--vocab`` and ``--repeats`` of a benchmark of one logits shape, GPT-2's
     2,048 x 50,257 by default."""

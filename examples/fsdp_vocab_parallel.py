@@ -117,6 +117,15 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=3, help="training steps (default: 3)")
     parser.add_argument("--lr", type=float, default=0.5, help="SGD step (default: 0.5)")
     args = parser.parse_args(argv)
+    if args.steps < 1:
+        parser.error(f"--steps must be at least 1, got {args.steps}")
+    if args.single and args.cuda:
+        parser.error("--single trains on the CPU (the reference); --cuda is for torchrun")
+    if args.cuda and not torch.cuda.is_available():
+        parser.error("--cuda: CUDA is not available here (run without it: CPU and gloo)")
+    if not args.single and "RANK" not in os.environ:
+        parser.error("start it with torchrun (torchrun --nproc-per-node 2 "
+                     "examples/fsdp_vocab_parallel.py), or pass --single for one process")
     losses = (train_single(args.steps, args.lr) if args.single
               else train_sharded(args.steps, args.lr, args.cuda))
     if losses is not None:

@@ -257,13 +257,31 @@ def test_version_from_the_command_line(tmp_path):
     assert proc.stdout.strip() == f"fusedce {fusedce.__version__}"
 
 
+@pytest.mark.parametrize("argv, words", [
+    pytest.param(["--device", "cuda"], "0 CUDA device", marks=NO_CUDA, id="cuda-without-cuda"),
+    pytest.param(["--device", "gpu"], "not a device", id="not-a-device"),
+    pytest.param(["--device", "meta"], "cpu or cuda", id="meta"),
+    pytest.param(["--warmup", "0"], "--warmup", id="warmup-0"),
+])
+def test_bench_bad_options_are_usage_errors(argv, words, capsys):
+    """``python -m bench --device cuda`` on a CPU build of torch asserted deep in its first
+    case, and ``--warmup 0`` timed torch.compile's compilation as a call (found in review):
+    now argparse's one-line usage errors, before any work."""
+    from bench import __main__ as bench_main
+
+    with pytest.raises(SystemExit) as exit_:
+        bench_main._parse_args(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and words in err.splitlines()[-1], err
+
+
 class TestBenchOutput:
     """``python -m bench`` writes where it is told, and by default not into bench/results/,
     the tracked figures the README cites."""
 
     RESULTS = REPO_ROOT / "bench" / "results"
     TINY = ["--tokens", "8", "--vocab", "300", "--dtypes", "fp32", "--passes", "fwd_bwd",
-            "--cases", "eager,fusedce", "--repeats", "1", "--warmup", "0", "--memory", "none"]
+            "--cases", "eager,fusedce", "--repeats", "1", "--warmup", "1", "--memory", "none"]
 
     def _hashes(self):
         return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()

@@ -42,6 +42,27 @@ def test_example_fsdp_with_vocab_sharded_head(procs):
 
 
 @pytest.mark.slow
+def test_example_refuses_bad_runs_in_one_line():
+    """Found walking the README: without torchrun, ``--cuda`` without CUDA, ``--single
+    --cuda`` (which ran on the CPU) and ``--steps 0`` (a bare "losses") each end with one
+    usage error, status 2, before any work."""
+    import torch
+
+    script = os.path.join("examples", "fsdp_vocab_parallel.py")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    cases = [([], "torchrun"), (["--single", "--cuda"], "--single"),
+             (["--single", "--steps", "0"], "--steps")]
+    if not torch.cuda.is_available():
+        cases.append((["--cuda"], "CUDA is not available"))
+    for args, words in cases:
+        done = subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
+                              timeout=TIMEOUT_S, cwd=ROOT, env={**env, "PYTHONPATH": ROOT})
+        last = done.stderr.rstrip().splitlines()[-1]
+        assert done.returncode == 2 and "Traceback" not in done.stderr, (args, done.stderr)
+        assert last.startswith("fsdp_vocab_parallel.py: error:") and words in last, (args, last)
+
+
+@pytest.mark.slow
 def test_hf_apply_under_fsdp2():
     pytest.importorskip("transformers")
     script = os.path.join("tests", "fsdp_hf_train.py")
