@@ -294,6 +294,10 @@ def ce_inputs(input, target, ignore_index_):
         raise RuntimeError(f"expected target dtype to be Long or Byte (class indices; fusedce "
                            f"also takes int32), but got {target.dtype}; class-probability "
                            f"targets must have the input's shape {tuple(input.shape)}")
+    if input.dim() == 3 and input.shape[1] == 0:
+        # PyTorch's (N, 0, d) loss raises "size mismatch" (its (N, 0, d1, d2) one does not)
+        raise RuntimeError(f"size mismatch: (N, C, d) input of no class, "
+                           f"{tuple(input.shape)}, against targets {tuple(target.shape)}")
     if input.dim() == 1:
         if target.dim() > 1:
             raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")

@@ -244,10 +244,16 @@ def forward(x, target, weight, ignore_index, label_smoothing, reduction, backend
     options = dict(weight=weight, ignore_index=ignore_index, label_smoothing=label_smoothing)
     if extras.any:
         options.update(extras=extras, aux_out=aux if extras.aux else None)
-    if soft and n_cols == 0:
-        # probabilities over no class: each row's loss an empty sum, 0 (PyTorch's); no
-        # launcher (a max over no class), the lse -inf, no entropy, nothing correct
-        loss = x.new_zeros(n * l_len, dtype=acc)
+    if n_cols == 0:
+        # no class, no launcher (a max over no class): the lse -inf, no entropy, nothing
+        # correct. Probabilities: each row's loss an empty sum, 0 (PyTorch's). Indices: 0
+        # where ignored, else NaN (out of range); with label smoothing NaN everywhere, as
+        # PyTorch's eps / C times an empty sum, 0 / 0
+        if soft:
+            loss = x.new_zeros(n * l_len, dtype=acc)
+        else:
+            kept = target.reshape(-1).long() != ignore_index
+            loss = torch.where(kept | (label_smoothing > 0), float("nan"), 0.0).to(acc)
         lse = x.new_full((n * l_len,), float("-inf"), dtype=torch.float64)
         s = x.new_zeros(n * l_len, dtype=acc)
         if extras.aux:

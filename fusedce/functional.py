@@ -60,7 +60,7 @@ def _grad_mode(x, t, weight, impl, inplace_backward):
     saved-tensor hooks (checkpointing, offloading): the buffer is kept on the autograd
     context, out of their reach, so there the backward-time path saves through them."""
     if not (torch.is_grad_enabled() and x.requires_grad and not torch.compiler.is_compiling()
-            and _loss.use_rows(x, t, weight) and x.dtype != torch.float16):
+            and _loss.use_rows(x, t, weight) and x.dtype != torch.float16 and x.shape[1] > 0):
         return "backward"
     if inplace_backward and _rows_disjoint(_loss.rows_view(x)):
         return "inplace"

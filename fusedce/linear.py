@@ -58,7 +58,9 @@ class _ChunkLoss:
         self.soft = t.is_floating_point()
         self.positions = t.shape[-1]
         self.acc = _loss.acc_dtype(x, t, weight)
-        self.rows = not self.soft and self.positions == 1 and self.acc == torch.float32
+        # (no class: _loss.forward's own rows, not a launcher's)
+        self.rows = (not self.soft and self.positions == 1 and self.acc == torch.float32
+                     and n_classes > 0)
         if self.rows:
             self.t = t.reshape(-1).contiguous()  # the kernels read target[row] at unit stride
             self.impl = (_loss.extras_implementation(backend, x, t, weight) if extras.any
@@ -569,7 +571,11 @@ class LinearCrossEntropyLoss(nn.Module):
         self.softcap = softcap
         self.lse_square_scale = lse_square_scale
 
-    def forward(self, input, linear_weight, target, linear_bias=None):
+    # as fusedce.CrossEntropyLoss's, called as Python from a script (which knows no default
+    # of an ignored method: pass linear_bias, None, there)
+    @torch.jit.ignore
+    def forward(self, input: torch.Tensor, linear_weight: torch.Tensor, target: torch.Tensor,
+                linear_bias: Optional[torch.Tensor] = None):
         return linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias,
                                     weight=self.weight, reduction=self.reduction,
                                     ignore_index=self.ignore_index,

@@ -1,5 +1,6 @@
 """``fusedce.CrossEntropyLoss``, mirroring ``torch.nn.CrossEntropyLoss``."""
 
+import torch
 from torch import nn
 
 from . import _args
@@ -31,6 +32,9 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
         self.softcap = softcap
         self.lse_square_scale = lse_square_scale
 
+    # TorchScript cannot compile fusedce's Python: a scripted model holding this module
+    # calls it as Python, as for any torch.jit.ignore'd method (not saveable on its own)
+    @torch.jit.ignore
     def forward(self, input, target):
         return cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
                              reduction=self.reduction, label_smoothing=self.label_smoothing,

@@ -9,6 +9,7 @@ TRITON_INTERPRET=1 without a GPU) and the PyTorch implementation run every value
 Targeted numerical cases (extreme logits, shifts, ignored rows) are in test_numerics.py.
 """
 
+import itertools
 import math
 import warnings
 from functools import partial
@@ -441,6 +442,9 @@ BAD_INPUT = [
     pytest.param(lambda f: f(X, T.to("meta")), id="target-other-device"),
     pytest.param(lambda f: f(X, torch.tensor([0, 1, 2, 5])), id="target-out-of-range"),
     pytest.param(lambda f: f(logits((3, 0)), torch.zeros(3).long()), id="no-classes"),
+    # PyTorch's (N, 0, d) loss raises where its (N, 0, d1, d2) one does not
+    pytest.param(lambda f: f(logits((3, 0, 2)), torch.full((3, 2), -100)),
+                 id="no-classes-one-extra-dim"),
     # found in review: PyTorch checks the batch before the target's dtype, a probability
     # target's dtype before the logits', and an int64 ignore_index's range
     pytest.param(lambda f: f(logits((2, 5, 3)), torch.rand(3, 5, 3)),
@@ -482,14 +486,34 @@ def test_probabilities_over_no_class(backend):
                 gx, gy = torch.autograd.grad(got.sum(), (x, y))
                 assert gx.shape == x.shape and gy.shape == y.shape
     # class indices over no class, every one ignored: 0 a row, 'mean' NaN (the CPU path
-    # read each row's target logit, out of bounds)
-    x = torch.randn(4, 0, requires_grad=True)
-    for reduction in ("none", "sum", "mean"):
-        t = torch.full((4,), -100)
-        want = F.cross_entropy(x, t, reduction=reduction)
-        got = fusedce.cross_entropy(x, t, reduction=reduction, backend=backend)
+    # read each row's target logit, out of bounds); with label smoothing NaN everywhere
+    # (eps / C times an empty sum; it raised ZeroDivisionError, or gave 0: found in
+    # review); (N, 0, d1, d2) logits alike, the fused linear loss of a (0, H) head too
+    for shape in ((4, 0), (4, 0, 2, 3)):
+        x = torch.randn(shape, requires_grad=True)
+        t = torch.full(shape[:1] + shape[2:], -100)
+        for reduction, eps, grad in itertools.product(("none", "sum", "mean"), (0.0, 0.3),
+                                                      (True, False)):
+            with torch.set_grad_enabled(grad):
+                want = F.cross_entropy(x, t, reduction=reduction, label_smoothing=eps)
+                got = fusedce.cross_entropy(x, t, reduction=reduction, backend=backend,
+                                            label_smoothing=eps)
+            torch.testing.assert_close(got, want, equal_nan=True)
+            if grad:
+                assert torch.autograd.grad(got.sum(), x)[0].shape == x.shape
+    if backend == "auto":
+        backend = "torch"  # (the fused linear loss has no hand-off)
+    h, w = torch.randn(4, 3, requires_grad=True), torch.randn(0, 3, requires_grad=True)
+    t = torch.full((4,), -100)
+    for reduction, eps in itertools.product(("none", "sum", "mean"), (0.0, 0.3)):
+        want = F.linear_cross_entropy(h, w, t, reduction=reduction, label_smoothing=eps)
+        got = fusedce.linear_cross_entropy(h, w, t, reduction=reduction, backend=backend,
+                                           label_smoothing=eps)
         torch.testing.assert_close(got, want, equal_nan=True)
-        assert torch.autograd.grad(got.sum(), x)[0].shape == x.shape
+        upstream = torch.randn(got.shape)
+        for g, r in zip(torch.autograd.grad(got, (h, w), upstream),
+                        torch.autograd.grad(want, (h, w), upstream)):
+            torch.testing.assert_close(g, r, equal_nan=True)
 
 
 def test_uint8_class_indices_with_kdim_logits_on_every_route(either_route):

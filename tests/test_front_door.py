@@ -157,3 +157,43 @@ def test_run_options_checked_where_given(kwargs, error):
     for ok in (dict(inplace_backward=False), dict(validate=None), dict(validate=True)):
         torch.testing.assert_close(fusedce.cross_entropy(x, t, **ok), F.cross_entropy(x, t))
 
+
+def test_modules_inside_a_scripted_model():
+    """``torch.jit.script`` of a model holding the loss modules, as it scripts one holding
+    ``nn.CrossEntropyLoss`` (it raised NotSupportedError on fusedce's ``**options``; found in
+    review): the script calls them as Python, with eager mode's loss and gradients."""
+    import warnings
+
+    class Model(torch.nn.Module):
+        def __init__(self, loss, linear_loss):
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 3)
+            self.head = torch.nn.Parameter(torch.randn(5, 3))
+            self.loss, self.linear_loss = loss, linear_loss
+
+        def forward(self, x, t):
+            h = self.proj(x)
+            # (a script knows no default of an ignored method: linear_bias given)
+            return self.loss(h @ self.head.t(), t) + self.linear_loss(h, self.head, t, None)
+
+    model = Model(fusedce.CrossEntropyLoss(label_smoothing=0.1),
+                  fusedce.LinearCrossEntropyLoss(reduction="sum"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchScript's deprecation warning
+        scripted = torch.jit.script(model)
+    x, t = torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 4, 0])
+    results = []
+    for fn in (scripted, model):
+        loss = fn(x, t)
+        results.append((loss, torch.autograd.grad(loss, list(model.parameters()))))
+    (got, got_grads), (want, want_grads) = results
+    torch.testing.assert_close(got, want)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w)
+    h = model.proj(x).detach().double()
+    ref = (torch.nn.functional.cross_entropy(h @ model.head.detach().double().t(), t,
+                                             label_smoothing=0.1)
+           + torch.nn.functional.linear_cross_entropy(h, model.head.detach().double(), t,
+                                                      reduction="sum"))
+    torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-5)
+
