@@ -252,7 +252,7 @@ def forward(x, target, weight, ignore_index, label_smoothing, reduction, backend
         if soft:
             loss = x.new_zeros(n * l_len, dtype=acc)
         else:
-            kept = target.reshape(-1).long() != ignore_index
+            kept = kept_rows(target, ignore_index)
             loss = torch.where(kept | (label_smoothing > 0), float("nan"), 0.0).to(acc)
         lse = x.new_full((n * l_len,), float("-inf"), dtype=torch.float64)
         s = x.new_zeros(n * l_len, dtype=acc)

@@ -139,7 +139,8 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_
            grad_out=None, extras=None, aux_out=None, z_scale=None):
     """Per-row ``(loss, lse)`` of ``x`` (rows, C) against ``target`` (rows,): the loss in
     fp32, the lse in float64 (what ``ce_bwd`` takes back: the row's offset and its log-sum
-    apart, rounded once).
+    apart, rounded once). C >= 1, as for the kernel launcher: ``_loss.forward`` serves
+    logits of no class itself.
 
     With ``grad_scale`` (a (1,) fp32 tensor) also writes the gradient of ``loss *
     grad_scale``: into ``grad_out`` (a contiguous tensor of ``x``'s shape and dtype; ``x``
@@ -162,9 +163,7 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_
     with torch.no_grad():
         t_safe, ignored, valid, w_t = _row_targets(target, weight, ignore_index, n_cols)
         w = weight.float() if weight is not None else None
-        # before x is overwritten (no class: nothing to read, every row ignored or invalid)
-        x_t = (x.gather(1, t_safe[:, None]).squeeze(1).float() if n_cols > 0
-               else x.new_zeros(n_rows, dtype=torch.float32))
+        x_t = x.gather(1, t_safe[:, None]).squeeze(1).float()  # before x is overwritten
         row_max = torch.empty(n_rows, 1, dtype=torch.float32, device=dev)
         row_neg = torch.empty(n_rows, 1, dtype=torch.float32, device=dev)
         row_sum = torch.empty(n_rows, 1, dtype=torch.float32, device=dev)
@@ -201,25 +200,20 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_
                    smooth if grad else None, scratch, start, end, step, direct,
                    chunks.fma_fused(), scale, k, prefix, x_t_col)
 
-    if n_rows > 0 and n_cols > 0:
+    if n_rows > 0:
         pool.parallel_rows(n_rows, n_cols, dev, work)
     with torch.no_grad():
-        if n_cols > 0:
-            # in float64, rounded once: lse = m + log_sum, and lse - x_t as (m - x_t) +
-            # log_sum, which keeps log_sum where m is far from 0 (PyTorch's order)
-            # (the shift of x; that of z is scale times it). The log too: under a shift
-            # estimated below the max, log_sum is up to 23, where an fp32 log would add
-            # its rounding (1e-6) to the sum's own
-            log_sum = row_sum.double().log().squeeze(1)
-            shift = chunks.row_shift(row_max, row_neg, k).squeeze(1)
-            # kept in float64 for the backward (``ce_bwd``): rounded to fp32, a row far
-            # from 0 (|lse| ~ 1e8) would lose its log_sum
-            lse = shift * scale + log_sum
-            nll = ((shift - x_t.double()) * scale + log_sum).clamp(min=0.0).float()
-        else:
-            lse = log_sum = torch.full((n_rows,), float("-inf"), dtype=torch.float64,
-                                       device=dev)
-            nll = (lse - x_t * scale).float()
+        # in float64, rounded once: lse = m + log_sum, and lse - x_t as (m - x_t) +
+        # log_sum, which keeps log_sum where m is far from 0 (PyTorch's order)
+        # (the shift of x; that of z is scale times it). The log too: under a shift
+        # estimated below the max, log_sum is up to 23, where an fp32 log would add
+        # its rounding (1e-6) to the sum's own
+        log_sum = row_sum.double().log().squeeze(1)
+        shift = chunks.row_shift(row_max, row_neg, k).squeeze(1)
+        # kept in float64 for the backward (``ce_bwd``): rounded to fp32, a row far
+        # from 0 (|lse| ~ 1e8) would lose its log_sum
+        lse = shift * scale + log_sum
+        nll = ((shift - x_t.double()) * scale + log_sum).clamp(min=0.0).float()
         loss = (1.0 - eps) * w_t * nll
         if eps > 0:
             # sum_wx is relative to the shift s: W lse - sum w x = W log_sum - sum w (x - s),
@@ -227,7 +221,7 @@ def ce_fwd(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, grad_
             loss = loss + eps * ((_smoothing_sum(weight, n_cols) * log_sum - sum_wx)
                                  / n_cols).float()
         loss = torch.where(ignored, 0.0, torch.where(valid, loss, float("nan")))
-        if grad and n_rows > 0 and n_cols > 0:
+        if grad and n_rows > 0:
             gA = gA.squeeze(1)
             if zs is not None:
                 gA = gA + zs.squeeze(1) * lse
