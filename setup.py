@@ -30,7 +30,8 @@ setup(
         "numpy",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "ruff>=0.5",
+        "dev": ["pytest>=8", "pytest-xdist>=3", "pytest-benchmark>=4", "hypothesis>=6",
+                "ruff>=0.5",
                 "expecttest",  # torch.testing._internal (PyTorch's own test samples)
                 "matplotlib>=3.5", "tqdm>=4", "transformers>=4.40", "accelerate>=1.0",
                 "kernels"],  # Hugging Face's: tests/test_packaging.py checks no shadowing

@@ -32,12 +32,12 @@ ATOL, RTOL = 2e-5, 2e-5  # fp32 results against float64 ones: accumulation order
 _PARAM = type(pytest.param())  # what pytest.param returns
 
 
-def kernel_share(i, backend, every=8):
+def kernel_share(i, backend, every=8, rest=(pytest.mark.slow,)):
     """The marks of the ``i``-th of PyTorch's own samples on ``backend``: under Triton's
     interpreter (a second or more per sample) every ``every``-th sample is in the quick
-    spec (``-m "not slow"``) and the others only in the full run; on the PyTorch path
-    every sample is in both."""
-    return [pytest.mark.slow] if backend == "triton" and i % every else []
+    spec (``-m "not slow"``) and the others get ``rest``: by default only ``slow`` (the
+    full run has them); on the PyTorch path every sample is in both."""
+    return list(rest) if backend == "triton" and i % every else []
 
 
 def combine(*lists, slow=None):

@@ -24,3 +24,16 @@ def test_a_skip_fails_the_run_under_ci(tmp_path, ci, returncode):
                          text=True, timeout=120)
     assert "1 passed, 1 skipped" in run.stdout, run.stdout + run.stderr
     assert run.returncode == returncode, run.stdout + run.stderr
+
+
+def test_ci_runs_the_readmes_test_command():
+    """The brief: CI runs the test command the README gives. ``.ci/run``'s last line is the
+    command of the README's "as CI runs it" line, and the test extras install what it uses."""
+    root = Path(__file__).resolve().parent.parent
+    ci_command = (root / ".ci" / "run").read_text().strip().splitlines()[-1]
+    readme = (root / "README.md").read_text()
+    lines = [line.split("#")[0].strip() for line in readme.splitlines()
+             if "# as CI runs it" in line]
+    assert lines == [ci_command]
+    if "-n " in ci_command:
+        assert "pytest-xdist" in (root / "setup.py").read_text()

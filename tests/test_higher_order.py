@@ -1,6 +1,7 @@
 """Higher-order autodiff, as PyTorch's own OpInfo tests check it for ``F.cross_entropy``:
 over every float64 OpInfo sample of ``nn.functional.cross_entropy`` and of the three
-``nn.functional.linear_cross_entropy`` variants, on both backends, ``gradcheck`` with
+``nn.functional.linear_cross_entropy`` variants, on both backends (on the kernels an
+eighth of them by default, all under ``-m extended``), ``gradcheck`` with
 forward-mode AD (against finite differences of fusedce's own fused forward),
 ``gradgradcheck`` (double backward: the gradient of the fused backward under
 ``create_graph=True``), and forward-over-reverse. Then the ``torch.func`` transforms against
@@ -50,14 +51,21 @@ def _differentiable(sample):
     return call, [t.detach().clone().requires_grad_() for t in inputs]
 
 
+# On the kernels, an eighth of the samples run by default, the rest under ``-m extended``.
+# The differentiable formulation (fusedce/_higher.py) is the same code on both backends;
+# what the kernels add to these checks is their first-order loss and gradient, which
+# tests/test_pytorch_samples.py compares with PyTorch's on every sample.
+ON_KERNELS = dict(rest=(pytest.mark.slow, pytest.mark.extended))
+
+
 def _samples(ops):
-    """Every float64 sample on both backends (an eighth of the kernels' in the quick spec:
-    ``helpers.kernel_share``); the chunked variants of linear_cross_entropy
-    (the same shapes as the reference variant, with other options) in the slow run, on the
-    PyTorch backend (the kernels see the same chunks as in the reference variant)."""
+    """Every float64 sample on the PyTorch backend, an eighth of them on the kernels
+    (``ON_KERNELS``); the chunked variants of linear_cross_entropy (the same shapes as the
+    reference variant, with other options) in the slow run, on the PyTorch backend (the
+    kernels see the same chunks as in the reference variant)."""
     return [pytest.param(s, backend, id=f"{op.variant_test_name or 'reference'}-{i}-{backend}",
                          marks=[pytest.mark.slow] if op.variant_test_name
-                         else kernel_share(i, backend))
+                         else kernel_share(i, backend, **ON_KERNELS))
             for op in ops for i, s in enumerate(op.sample_inputs("cpu", torch.float64,
                                                                   requires_grad=True))
             for backend in (BACKENDS if not op.variant_test_name else ["torch"])]
@@ -255,7 +263,8 @@ def _module_inputs():
                 if m.module_cls is torch.nn.CrossEntropyLoss)
     inputs = info.module_inputs_func(info, device="cpu", dtype=torch.float64,
                                      requires_grad=True, training=True)
-    return [pytest.param(m, backend, id=f"{i}-{backend}", marks=kernel_share(i, backend))
+    return [pytest.param(m, backend, id=f"{i}-{backend}",
+                         marks=kernel_share(i, backend, **ON_KERNELS))
             for i, m in enumerate(inputs) for backend in BACKENDS]
 
 

@@ -363,7 +363,7 @@ def test_kernel_path_matches_pytorch(case):
 
 
 @pytest.mark.slow
-@pytest.mark.fuzz
+@pytest.mark.extended
 @settings(max_examples=SLOW_TORCH_EXAMPLES, **COMMON)
 @given(case=cases(max_logits=SLOW_TORCH_LOGITS))
 def test_torch_path_matches_pytorch_many(case):
@@ -371,7 +371,7 @@ def test_torch_path_matches_pytorch_many(case):
 
 
 @pytest.mark.slow
-@pytest.mark.fuzz
+@pytest.mark.extended
 @settings(max_examples=SLOW_KERNEL_EXAMPLES, **COMMON)
 @given(case=cases(max_logits=SLOW_KERNEL_LOGITS))
 def test_kernel_path_matches_pytorch_many(case):
