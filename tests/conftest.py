@@ -98,3 +98,14 @@ def pytest_sessionfinish(session, exitstatus):
         reporter.write_line(f"CI: {len(skipped)} skipped test(s) count as failures here",
                             red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+# Under the README's `pytest -n 2 --dist loadfile`, whole files go to the workers in
+# collection order: the longest first (ptxas builds and a dry run of the GPU script; PyTorch's
+# samples), so that neither worker ends the run alone on one of them.
+LONGEST_FIRST = ("test_gpu_compile.py", "test_pytorch_samples.py", "test_higher_order.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files stay whole
