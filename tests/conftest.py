@@ -102,8 +102,8 @@ def pytest_sessionfinish(session, exitstatus):
 
 # Under the README's `pytest -n 2 --dist loadfile --no-loadscope-reorder`, whole files go to
 # the workers in collection order (xdist's default order is by number of tests, which put
-# test_gpu_compile.py's 22 near the end): the longest first (ptxas builds and a dry run of the GPU script; PyTorch's
-# samples), so that neither worker ends the run alone on one of them.
+# test_gpu_compile.py's 22 near the end): the longest first (ptxas builds and a dry run of
+# the GPU script; PyTorch's samples), so that neither worker ends the run alone on one.
 LONGEST_FIRST = ("test_gpu_compile.py", "test_pytorch_samples.py", "test_higher_order.py")
 
 

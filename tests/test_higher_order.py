@@ -55,17 +55,17 @@ def _differentiable(sample):
 # The differentiable formulation (fusedce/_higher.py) is the same code on both backends;
 # what the kernels add to these checks is their first-order loss and gradient, which
 # tests/test_pytorch_samples.py compares with PyTorch's on every sample.
-ON_KERNELS = dict(rest=(pytest.mark.slow, pytest.mark.extended))
+PAST_AN_EIGHTH = (pytest.mark.slow, pytest.mark.extended)
 
 
 def _samples(ops):
     """Every float64 sample on the PyTorch backend, an eighth of them on the kernels
-    (``ON_KERNELS``); the chunked variants of linear_cross_entropy (the same shapes as the
+    (``PAST_AN_EIGHTH``); the chunked variants of linear_cross_entropy (the same shapes as the
     reference variant, with other options) in the slow run, on the PyTorch backend (the
     kernels see the same chunks as in the reference variant)."""
     return [pytest.param(s, backend, id=f"{op.variant_test_name or 'reference'}-{i}-{backend}",
                          marks=[pytest.mark.slow] if op.variant_test_name
-                         else kernel_share(i, backend, **ON_KERNELS))
+                         else kernel_share(i, backend, rest=PAST_AN_EIGHTH))
             for op in ops for i, s in enumerate(op.sample_inputs("cpu", torch.float64,
                                                                   requires_grad=True))
             for backend in (BACKENDS if not op.variant_test_name else ["torch"])]
@@ -264,7 +264,7 @@ def _module_inputs():
     inputs = info.module_inputs_func(info, device="cpu", dtype=torch.float64,
                                      requires_grad=True, training=True)
     return [pytest.param(m, backend, id=f"{i}-{backend}",
-                         marks=kernel_share(i, backend, **ON_KERNELS))
+                         marks=kernel_share(i, backend, rest=PAST_AN_EIGHTH))
             for i, m in enumerate(inputs) for backend in BACKENDS]
 
 
