@@ -32,7 +32,8 @@ read, so everything above is of the transformed logits; the z-loss needs only th
 ``lse``. The aux outputs add three values per row to the all-gather: the slice's own entropy
 ``H_r``, its max ``m_r`` and the global column of its first max ``a_r``; then
 ``H = sum_r pi_r (H_r + lse - lse_r)`` with ``pi_r = exp(lse_r - lse)`` (terms >= 0), and
-the row's first argmax is the smallest ``a_r`` among the slices whose ``m_r`` is the max.
+the row's first argmax is the smallest ``a_r`` among the slices whose ``m_r`` is the max
+(or is NaN: a NaN counts as the largest value, as in ``torch.argmax``).
 
 Megatron-LM's ``vocab_parallel_cross_entropy`` uses three all-reduces here (max, sum of exp,
 target logit; two in its fused variant), the max first because its sum of exp is taken
@@ -188,7 +189,7 @@ def _merge(gathered, n_rows, n_parts, smoothing, aux):
 
     The entropy of the row, from each slice's own ``H_r`` and ``pi_r = exp(lse_r - lse)``:
     ``H = sum_r pi_r (H_r + lse - lse_r)``, a sum of terms >= 0. Its first argmax: the
-    smallest global column among the slices whose max is the row's."""
+    smallest global column among the slices whose max is the row's (or that hold NaN)."""
     world = gathered.numel() // (n_parts * n_rows + _TRAILER)
     g = gathered.view(world, n_parts * n_rows + _TRAILER)
     parts = g[:, :n_parts * n_rows].view(world, n_parts, n_rows)
@@ -212,6 +213,10 @@ def _merge(gathered, n_rows, n_parts, smoothing, aux):
         pi = torch.exp(lse_r - lse)
         entropy = torch.where(pi == 0, 0.0, pi * (h_r + (lse - lse_r))).sum(0)
         first = torch.where(m_r == m_r.amax(0), a_r, float("inf")).amin(0)
+        # a slice holding NaN has a NaN max and its first NaN's column: NaN is the largest
+        # value to torch.argmax, so the row's argmax is the first of those
+        nan_r = m_r.isnan()
+        first = torch.where(nan_r.any(0), torch.where(nan_r, a_r, float("inf")).amin(0), first)
         stats = (entropy, first)
     smooth = None
     if smoothing:

@@ -586,3 +586,98 @@ def test_positive_scale_alone_runs_the_row_loops(monkeypatch, dtype, inplace):
         _check(xs, t, w, eps, "mean", "torch",
                dict(logit_scale=scale, lse_square_scale=1e-3), inplace=inplace)
         assert bool(served) != plain, scale
+
+
+# ------------------------------------------------------------------------------------------
+# NaN logits: the accuracy's argmax is torch.argmax's, for which NaN is the largest value
+
+
+def _nan_rows(n_cols):
+    """Rows of ``n_cols`` logits holding NaN where a kernel meets them in different blocks
+    (the head, the body, the tail that the edge block reads first), and their targets:
+    correct where the target is the row's first NaN (or its max, in the row without NaN)."""
+    gen = torch.Generator().manual_seed(31)
+    x = torch.randn(7, n_cols, generator=gen)
+    nan, last = float("nan"), n_cols - 1
+    x[0, 1] = nan                       # in the head (rows start one element past alignment)
+    x[1, 100] = x[1, last] = nan        # the body's, though the tail's is met first
+    x[2, 0], x[2, last] = float("inf"), nan  # NaN above +inf
+    x[4, 5] = x[4, 6] = nan             # the first of two
+    x[5, 150] = nan
+    x[6, 2] = x[6, 200] = nan
+    t = torch.tensor([1, 100, last, int(x[3].argmax()), 6, 3, 200])
+    return x, t
+
+
+# (backend, layout): the split rows are a Triton launch only
+NAN_LAYOUTS = [(b, lay) for b in BACKENDS for lay in ("rows", "split", "nc_d", "strided")
+               if (b, lay) != ("torch", "split")]
+
+
+@pytest.mark.parametrize("backend,layout", NAN_LAYOUTS)
+def test_accuracy_of_rows_holding_nan(monkeypatch, backend, layout):
+    """A row holding NaN is accurate where its first NaN is the target, as ``z.argmax(1)``
+    has it; the kernels' max skipped NaN, so every such row counted as wrong. Row by row,
+    each layout's kernel: rows one element past alignment (a head block), split rows, (N,
+    C, d), and classes strided (``x[:, :, 1]``)."""
+    if layout == "split":
+        from fusedce.kernels import split_rows
+
+        monkeypatch.setattr(split_rows, "FORCE_SPLITS", 3)
+    n_cols = 300
+    x, t = _nan_rows(n_cols)
+    for r in range(7):
+        if layout in ("rows", "split"):
+            xr, tr = torch.cat([torch.zeros(1, 1), x[r:r + 1]], 1)[:, 1:], t[r:r + 1]
+        elif layout == "nc_d":
+            xr, tr = x[r:r + 1, :, None].expand(1, n_cols, 2).contiguous(), t[r:r + 1, None]
+            tr = tr.expand(1, 2)
+        else:
+            xr, tr = torch.stack([x[r:r + 1], x[r:r + 1]], 2)[:, :, 1], t[r:r + 1]
+        out = fusedce.cross_entropy(xr, tr, backend=backend, return_aux=True)
+        assert out.accuracy.item() == float(x[r].argmax() == t[r]), (r, layout)
+        assert out.loss.isnan() == x[r].isnan().any(), (r, layout)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_accuracy_with_probability_targets_holding_nan(backend):
+    """With class probabilities the wanted class is the target's first argmax, a NaN
+    first as well: rows whose logits, target, or both hold NaN, against ``argmax(1)``."""
+    n_cols = 300
+    x, t = _nan_rows(n_cols)
+    y = F.one_hot(t, n_cols).double() * 0.6 + 0.4 / n_cols
+    y[3, 40] = float("nan")      # a row of finite logits, its target's argmax a NaN
+    y[4, 5] = float("nan")       # the logits' first NaN too
+    y[6, 250] = float("nan")     # after the logits' first NaN, its target at 200
+    for r in range(7):
+        for xr, yr in ((x[r:r + 1], y[r:r + 1]),  # rows: the (N, C, d) kernel as (N, C)
+                       (x[r:r + 1, :, None].expand(1, n_cols, 2), y[r:r + 1, :, None])):
+            yr = yr.expand(xr.shape).float()
+            out = fusedce.cross_entropy(xr, yr, backend=backend, return_aux=True)
+            want = float(x[r].argmax() == y[r].argmax())
+            assert out.accuracy.item() == want, (r, xr.dim())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vocab_parallel_accuracy_of_rows_holding_nan(backend):
+    """The vocab-parallel merge takes each slice's max and first argmax: a slice holding
+    NaN sends a NaN max and its first NaN's column, and the merged argmax is the first NaN
+    of the row, as ``argmax`` of the full row (three slices of 100, merged in one process
+    as the all-gather would hand them to every rank)."""
+    from fusedce import _args, distributed
+
+    n_cols, n_rows = 300, 7
+    x, t = _nan_rows(n_cols)
+    impl = _args.implementation(backend, x)
+    extras = _args.extras(return_aux=True)
+    sends = []
+    for start in (0, 100, 200):
+        t_local = torch.where((t >= start) & (t < start + 100), t - start, -1)
+        send = torch.empty(6 * n_rows + 3, dtype=torch.float64)
+        impl.vp_partials(x[:, start:start + 100].contiguous(), t_local, None, False, send,
+                         extras)
+        send[5 * n_rows:6 * n_rows] += start
+        send[-3:] = torch.tensor([100.0, 100.0, start])
+        sends.append(send)
+    *_, (_, first) = distributed._merge(torch.cat(sends), n_rows, 6, False, True)
+    assert first.tolist() == x.argmax(1).double().tolist()

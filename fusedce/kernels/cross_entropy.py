@@ -151,7 +151,9 @@ def _aux_step(z, cols, m_old, m_new, d_old, s1, arg, n_cols):
     """Folds one block into the entropy's running ``s1 = sum exp(z - m) (z - m)`` (rescaled
     with ``d`` when the max grows from ``m_old`` to ``m_new``; ``d_old`` is ``d`` before the
     block) and ``arg``, the first column holding the running max (int32; ``n_cols`` before
-    any). A -inf logit adds 0 (the limit of ``p log p``)."""
+    any), or ``-1 - c`` once a NaN has been seen, ``c`` the first NaN's column: NaN counts
+    as the largest value, as in ``torch.argmax``. A -inf logit adds 0 (the limit of
+    ``p log p``)."""
     ref = tl.where(m_new == float("-inf"), 0.0, m_new)
     old_ref = tl.where(m_old == float("-inf"), 0.0, m_old)
     s1 = tl.where(d_old == 0.0, 0.0,
@@ -160,8 +162,14 @@ def _aux_step(z, cols, m_old, m_new, d_old, s1, arg, n_cols):
     s1 += tl.sum(tl.where(z > float("-inf"), e * (z - ref), 0.0), axis=0)
     b_max = tl.max(z, axis=0)
     b_arg = tl.min(tl.where(z == b_max, cols, n_cols), axis=0)
-    # the edge block holds the row's last columns too: on a tie the smaller column wins
-    arg = tl.where(b_max > m_old, b_arg, tl.where(b_max == m_old, tl.minimum(arg, b_arg), arg))
+    # the edge block holds the row's last columns too: on a tie the smaller column wins,
+    # and of two NaN the smaller column (-1 - n_cols, where the block has none, is below
+    # every NaN's code)
+    by_max = tl.where(b_max > m_old, b_arg,
+                      tl.where(b_max == m_old, tl.minimum(arg, b_arg), arg))
+    nan_code = -1 - tl.min(tl.where(z != z, cols, n_cols), axis=0)
+    arg = tl.where(arg < 0, tl.maximum(arg, nan_code),
+                   tl.where(nan_code >= -n_cols, nan_code, by_max))
     return s1, arg
 
 
@@ -221,6 +229,11 @@ def _row_lse(x_ptr, row_start, n_cols, t_col, weight_ptr, scale, softcap,
     log_d = tl.log(d)
     lse = tl.where(m == float("-inf"), 0.0, m) + log_d
     smooth = w_seen * log_d - q
+    if AUX:
+        # a row holding NaN: its first NaN is the argmax, and its max NaN, on a GPU too
+        # (whose max skips NaN), so that a merge of partial rows finds it
+        m = tl.where(arg < 0, float("nan"), m)
+        arg = tl.where(arg < 0, -1 - arg, arg)
     return lse, x_t, smooth, w_seen, log_d - s1 / d, arg, m, log_d
 
 

@@ -19,7 +19,8 @@ is cut into ``S`` column splits of ``split_cols`` columns, one program each, in 
 The loss extras: each split transforms its logits as it loads them (``_logits``); with aux
 outputs a split also gives its own entropy ``H_s``, max ``m_s`` and first argmax, merged as
 the vocab-parallel loss merges its ranks' (``H = sum_s pi_s (H_s + lse - lse_s)``, ``pi_s =
-exp(lse_s - lse)``; the smallest argmax column among the splits holding the row's max); the
+exp(lse_s - lse)``; the smallest argmax column among the splits holding the row's max, or
+a NaN, which counts as the largest value as in ``torch.argmax``); the
 z-loss's ``gz`` per row (O(rows), from the merged lse) joins the gradient kernel.
 
 ``ce_fwd`` / ``ce_bwd`` here are the package's launchers (``fusedce.kernels``): the
@@ -185,6 +186,10 @@ def _split_merge_kernel(
         pi = tl.exp(rel_s - log_d)  # 0 for a split of -inf only, and for the masked lanes
         entropy = tl.sum(tl.where(pi == 0.0, 0.0, pi * (h_s + (log_d - rel_s))), axis=0)
         first = tl.min(tl.where(live & (max_s == top), a_s, float("inf")), axis=0)
+        # a split holding NaN has a NaN max and its first NaN's column (``_row_lse``): as
+        # for torch.argmax, the row's first NaN is its argmax
+        nan_first = tl.min(tl.where(live & (max_s != max_s), a_s, float("inf")), axis=0)
+        first = tl.where(nan_first < float("inf"), nan_first, first)
         tl.store(aux_ptr + row, entropy)
         tl.store(aux_ptr + aux_stride + row,
                  tl.where(valid & (first == t.to(tl.float32)), 1.0, 0.0))

@@ -83,6 +83,23 @@ def _targets(target_ptr, t_offs, row_mask, weight_ptr, n_cols, ignore_index,
 
 
 @triton.jit
+def _first_nan(v, cols, n_cols):
+    """Per row of the block ``v`` (BLOCK_R, BLOCK_C), the first column holding NaN, or
+    ``n_cols`` where none does."""
+    return tl.min(tl.where(v != v, cols[None, :], n_cols), axis=1)
+
+
+@triton.jit
+def _first_max(arg, b_arg, grows, b_nan, n_cols):
+    """The running first argmax ``arg`` after a block (blocks in column order) whose first
+    max is at ``b_arg``, greater than every value before where ``grows``, and whose first
+    NaN is at ``b_nan``. NaN counts as the largest value, as in ``torch.argmax``: once one
+    is met ``arg`` is ``-1 - c`` (``c`` its column) and stays."""
+    by_max = tl.where(grows | (arg == n_cols), b_arg, arg)
+    return tl.where(arg < 0, arg, tl.where(b_nan < n_cols, -1 - b_nan, by_max))
+
+
+@triton.jit
 def _ce_strided_fwd_kernel(
     x_ptr, x_stride_n, x_stride_c, x_stride_l,
     target_ptr, target_stride_n, target_stride_c, target_stride_l,
@@ -159,7 +176,7 @@ def _ce_strided_fwd_kernel(
             # blocks come in column order: a later block's max wins only if greater (the
             # first block always: a row of -inf has its argmax at column 0, as torch's)
             b_arg = tl.min(tl.where(x == b_max[:, None], cols[None, :], n_cols), axis=1)
-            arg = tl.where((b_max > m) | (arg == n_cols), b_arg, arg)
+            arg = _first_max(arg, b_arg, b_max > m, _first_nan(x, cols, n_cols), n_cols)
         d = d * rescale + tl.sum(e, 1)
         if SOFT or HAS_SMOOTHING:
             if HAS_WEIGHT:
@@ -175,7 +192,8 @@ def _ce_strided_fwd_kernel(
                     yb_max = tl.max(y_in, axis=1)
                     yb_arg = tl.min(tl.where(y_in == yb_max[:, None], cols[None, :], n_cols),
                                     axis=1)
-                    y_arg = tl.where((yb_max > y_m) | (y_arg == n_cols), yb_arg, y_arg)
+                    y_arg = _first_max(y_arg, yb_arg, yb_max > y_m,
+                                       _first_nan(y_in, cols, n_cols), n_cols)
                     y_m = tl.maximum(y_m, yb_max)
                 if HAS_SMOOTHING:
                     y = y * (1.0 - label_smoothing) + label_smoothing / n_cols
@@ -201,8 +219,9 @@ def _ce_strided_fwd_kernel(
     tl.store(loss_ptr + rows, loss, mask=row_mask)
     tl.store(lse_ptr + rows, ref.to(tl.float64) + log_d.to(tl.float64), mask=row_mask)
     if AUX:
+        arg = tl.where(arg < 0, -1 - arg, arg)
         if SOFT:
-            correct = arg == y_arg
+            correct = arg == tl.where(y_arg < 0, -1 - y_arg, y_arg)
         else:
             correct = valid & (arg == t)
         tl.store(aux_ptr + rows, log_d - s1 / d, mask=row_mask)
