@@ -117,12 +117,17 @@ def same_device(input, **named):
                                f"input on {input.device} and {name} on {value.device}")
 
 
-def class_weight(weight, n_classes, fn="fusedce.cross_entropy", soft_dtype=None):
+def class_weight(weight, n_classes, fn="fusedce.cross_entropy", soft_dtype=None, soft=False):
     """Checks a class-weight vector of ``n_classes`` entries (None: any length, for the
     vocab-parallel losses whose class count is known only after their collective);
     returns it contiguous (the implementations read ``weight[t]`` at unit stride). With
-    class-probability targets (``soft_dtype``: the logits' and targets' promoted dtype)
-    an integer or bool weight is taken in that dtype, as PyTorch's type promotion does."""
+    class-probability targets (``soft``; ``soft_dtype``: the logits' and targets' promoted
+    dtype) an integer or bool weight is taken in that dtype, as PyTorch's type promotion
+    does.
+
+    A weight that requires a gradient, as PyTorch has it: an error for class indices with
+    grad mode on (its ``nll_loss`` is not differentiable in the weight), accepted under
+    ``no_grad``, and for class probabilities differentiated (``weight_grad``)."""
     if weight is None:
         return None
     if weight.dim() != 1 or (n_classes is not None and weight.numel() != n_classes):
@@ -136,10 +141,17 @@ def class_weight(weight, n_classes, fn="fusedce.cross_entropy", soft_dtype=None)
     # PyTorch also insists on the input's dtype for class-index targets; fusedce reads any
     # floating weight in the computation's precision, so a float32 weight with bf16 logits
     # is accepted.
-    if weight.requires_grad:
-        raise RuntimeError(f"{fn} is not differentiable with respect to 'weight'; pass "
-                           f"weight.detach()")
+    if weight.requires_grad and not (soft or soft_dtype is not None) and torch.is_grad_enabled():
+        raise RuntimeError(f"{fn} is not differentiable with respect to 'weight' with "
+                           f"class-index targets (neither is PyTorch's); pass weight.detach()")
     return weight.contiguous()
+
+
+def weight_grad(weight):
+    """Whether a checked class weight (of class-probability targets: ``class_weight``
+    refuses the others) needs its gradient: then only PyTorch's differentiable ops serve
+    the call (fusedce's fused passes differentiate the logits alone)."""
+    return weight is not None and weight.requires_grad and torch.is_grad_enabled()
 
 
 class Extras(NamedTuple):

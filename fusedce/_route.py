@@ -73,6 +73,10 @@ def pytorch_serves(input, target, weight, label_smoothing):
             return t_dtype is dtype  # probabilities: PyTorch's at every size, unless promoted
         if t_dtype is _UINT8 and input.dim() > 2:
             return False  # PyTorch's spatial loss takes int64 only; fusedce takes uint8
+        if type(input.numel()) is not int and torch.compiler.is_exporting():
+            # symbolic sizes: an exported program holds for every size, and a size test
+            # would be a guard that export refuses; fusedce's op serves them all
+            return False
         if input.requires_grad and _grad_enabled():
             threshold = MIN_LOGITS_GRAD.get(dtype, _NEVER)
         else:

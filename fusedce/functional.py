@@ -156,7 +156,9 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=_I
     # front door raise for it.
     if not options and (type(input) is _TENSOR or not _dtensor.is_dtensor(input)):
         try:
-            if (input.is_cpu and input.numel() < _route.SMALLEST and weight is None
+            # (a symbolic size, under torch.compile or export, is left to the general test)
+            if (input.is_cpu and type(n := input.numel()) is int and n < _route.SMALLEST
+                    and weight is None
                     and target.dtype is _INT64 and size_average is None and reduce is None):
                 if ignore_index is _IGNORE_INDEX and label_smoothing is _SMOOTHING:
                     # both left out (these very objects: no other value or type can pass
@@ -212,8 +214,9 @@ def _cross_entropy(input, target, weight, size_average, ignore_index, reduce, re
         input.dtype, target.dtype) if soft else None)
     impl = _args.implementation(backend, input)
     validate = _validates_by_default(input, impl) if validate is None else bool(validate)
-    if _higher.requested(input, target, weight):
-        # a forward tangent or a torch.func transform: PyTorch's differentiable ops
+    if _higher.requested(input, target, weight) or _args.weight_grad(weight):
+        # a forward tangent, a torch.func transform, or class weights to differentiate
+        # (probability targets): PyTorch's differentiable ops
         loss, lse, aux = _higher.cross_entropy(x, t, weight, ignore_index, label_smoothing,
                                                reduction, extras)
     elif torch.compiler.is_compiling() or (torch.is_grad_enabled() and (

@@ -449,8 +449,9 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     t, loss_shape, soft, ignore_index = _args.linear_inputs(
         input, linear_weight, linear_bias, target, ignore_index)
     n_classes = linear_weight.shape[0]
-    # shape, dtype, and no gradient (PyTorch raises for one); contiguous
-    weight = _args.class_weight(weight, n_classes, fn="fusedce.linear_cross_entropy")
+    # shape, dtype, a gradient only for probabilities (as PyTorch); contiguous
+    weight = _args.class_weight(weight, n_classes, fn="fusedce.linear_cross_entropy",
+                                soft=soft)
     # (N, H) rows against (C * L, H) outputs: a K-dimensional weight is C * L outputs, the
     # logits' (N, C, L) view is what cross_entropy would see
     # (flatten, not reshape(-1, H): a hidden size of 0 leaves -1 undetermined)
@@ -523,8 +524,9 @@ def _fused_eager(x, linear_weight, linear_bias, t, weight, n_classes, ignore_ind
                           x.device.type)
     differentiable = (x, linear_weight, t) + ((linear_bias,) if linear_bias is not None
                                              else ())
-    if _higher.requested(*differentiable):
-        # a forward tangent or a torch.func transform: PyTorch's differentiable ops
+    if _higher.requested(*differentiable) or _args.weight_grad(weight):
+        # a forward tangent, a torch.func transform, or class weights to differentiate
+        # (probability targets): PyTorch's differentiable ops
         loss, lse, aux = _higher.linear_cross_entropy(
             x, linear_weight, linear_bias, t, weight, n_classes, ignore_index,
             label_smoothing, reduction, extras, rows, loss_shape)

@@ -148,27 +148,32 @@ class _no_warning:
 @pytest.mark.slow
 @pytest.mark.parametrize("soft", [False, True], ids=["indices", "probabilities"])
 def test_kdim_and_probability_targets_compile(soft):
-    """(N, C, H, W) logits, class indices or probabilities (whose gradient is also taken)."""
+    """(N, C, H, W) logits, class indices or probabilities (whose gradient is also taken,
+    and the class weight's, as PyTorch's: a differentiable weight of probabilities)."""
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(2, 5, 3, 4, generator=gen)
     target = (torch.softmax(torch.randn(2, 5, 3, 4, generator=gen), 1) if soft
               else torch.randint(0, 5, (2, 3, 4), generator=gen))
+    weight = torch.rand(5, generator=gen) + 0.5
 
-    def step(x, target):
-        return fusedce.cross_entropy(x * 2.0, target, label_smoothing=0.05)
+    def step(x, target, weight):
+        return fusedce.cross_entropy(x * 2.0, target, weight, label_smoothing=0.05)
 
     results = []
-    for fn in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):
+    for fn in (step, torch.compile(step, fullgraph=True, backend="aot_eager"),
+               lambda x, t, w: F.cross_entropy(x * 2.0, t, w, label_smoothing=0.05)):
         xr = x.clone().requires_grad_()
         tr = target.clone().requires_grad_() if soft else target
-        loss = fn(xr, tr)
-        grads = torch.autograd.grad(loss, [xr, tr] if soft else [xr])
+        wr = weight.clone().requires_grad_(soft)
+        loss = fn(xr, tr, wr)
+        grads = torch.autograd.grad(loss, [xr, tr, wr] if soft else [xr])
         results.append((loss, grads))
-    (loss_e, grads_e), (loss_c, grads_c) = results
+    (loss_e, grads_e), (loss_c, grads_c), (loss_r, grads_r) = results
     torch.testing.assert_close(loss_c, loss_e)
-    torch.testing.assert_close(loss_e, F.cross_entropy(x * 2.0, target, label_smoothing=0.05))
-    for gc, ge in zip(grads_c, grads_e):
+    torch.testing.assert_close(loss_e, loss_r)
+    for gc, ge, gr in zip(grads_c, grads_e, grads_r):
         torch.testing.assert_close(gc, ge)
+        torch.testing.assert_close(ge, gr)
 
 
 @pytest.mark.slow
@@ -297,6 +302,36 @@ def test_dynamic_shapes_fullgraph():
         ref_grads = torch.autograd.grad(refs[0] + refs[1], (x64, h64, w64))
         for got, want in zip(losses + grads, refs + ref_grads):
             torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("hand_off", [True, False], ids=["hand-off", "own-path"])
+def test_export_with_a_dynamic_batch(hand_off):
+    """``torch.export`` with a dynamic batch dimension: the hand-off's size test was a guard
+    that export refused (``n < 8388608/7``), and ``Dim.AUTO`` kept it as a run-time check
+    that failed past the hand-off size. The exported loss (function and module) equals
+    PyTorch's on both sides of that size."""
+    from fusedce import _route
+
+    _route.set_hand_off(hand_off)  # (the own_path fixture restores the default)
+
+    class Loss(torch.nn.Module):
+        def forward(self, x, t):
+            return fusedce.cross_entropy(x, t, label_smoothing=0.1)
+
+    gen = torch.Generator().manual_seed(12)
+    x, t = torch.randn(4, 7, generator=gen), torch.randint(0, 7, (4,), generator=gen)
+    for module, dim in ((Loss(), torch.export.Dim("n")),
+                        (fusedce.CrossEntropyLoss(), torch.export.Dim.AUTO)):
+        program = torch.export.export(module, (x, t),
+                                      dynamic_shapes=({0: dim}, {0: dim}))
+        smoothing = 0.1 if isinstance(module, Loss) else 0.0
+        for rows in (3, 1_300_000):  # 9.1M logits: past the hand-off size
+            xr = torch.randn(rows, 7, generator=gen)
+            tr = torch.randint(0, 7, (rows,), generator=gen)
+            want = F.cross_entropy(xr.double(), tr, label_smoothing=smoothing)
+            torch.testing.assert_close(program.module()(xr, tr).double(), want,
+                                       rtol=1e-5, atol=0)
 
 
 # ------------------------------------------------------------------------------------------

@@ -811,3 +811,33 @@ def test_gradient_penalty_backpropagates_through_the_loss_again(reduction, own_p
         (loss + g.square().sum()).backward()
         grads.append(xr.grad)
     torch.testing.assert_close(grads[1].double(), grads[0], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss", ["cross_entropy", "linear_cross_entropy"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_class_weight_gradient_with_probabilities(backend, loss, reduction):
+    """With class probabilities PyTorch differentiates the class weight (its soft loss is
+    made of differentiable ops); fusedce raised for a weight requiring a gradient. The loss
+    and the gradients of every input that requires one (logits or hidden states and head,
+    targets, weight) against float64 PyTorch, with label smoothing, a random upstream."""
+    gen = torch.Generator().manual_seed(5)
+    h, head = torch.randn(6, 4, generator=gen), torch.randn(11, 4, generator=gen)
+    p = torch.softmax(torch.randn(6, 11, generator=gen), 1)
+    w = torch.rand(11, generator=gen) + 0.5
+    upstream = torch.randn(6 if reduction == "none" else (), generator=gen, dtype=torch.float64)
+
+    def run(dtype, fn):
+        leaves = [v.to(dtype).requires_grad_() for v in (h, head, p, w)]
+        hl, headl, pl, wl = leaves
+        kw = dict(weight=wl, reduction=reduction, label_smoothing=0.1)
+        out = (fn(hl, headl, pl, **kw) if loss == "linear_cross_entropy"
+               else fn(hl @ headl.t(), pl, **kw))
+        return out, torch.autograd.grad(out, leaves, upstream.to(dtype))
+
+    fused_fn = getattr(fusedce, loss)
+    got, got_grads = run(torch.float32, lambda *a, **k: fused_fn(*a, backend=backend, **k))
+    want, want_grads = run(torch.float64, getattr(F, loss))
+    torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=2e-6)
+    for name, g, r in zip(("hidden", "head", "target", "weight"), got_grads, want_grads):
+        torch.testing.assert_close(g.double(), r, rtol=2e-5, atol=2e-6, msg=name)

@@ -90,8 +90,25 @@ def test_fusedce_only_options_fail_the_same_way_everywhere(loss):
     # PyTorch accepts a negative smoothing and ignores it; fusedce refuses it in every loss
     with pytest.raises(RuntimeError, match="label_smoothing"):
         call(label_smoothing=-0.1)
-    with pytest.raises(RuntimeError, match="not differentiable with respect to 'weight'"):
-        call(weight=torch.ones(C, requires_grad=True))
+
+
+@pytest.mark.parametrize("loss", list(_losses()))
+def test_class_weight_requiring_grad(loss):
+    """A class weight that requires a gradient, with class indices: PyTorch's exception
+    type with grad mode on (its nll_loss is not differentiable in the weight); under
+    ``no_grad`` PyTorch takes it, and so do fusedce's losses (they raised), with its loss.
+    The vocab-parallel ones check before their collective (no process group here: their
+    ``no_grad`` result is in tests/test_distributed.py's territory, the same check)."""
+    w = torch.rand(C, generator=torch.Generator().manual_seed(2)) + 0.5
+    expected = _pytorch_raises(weight=w.double().requires_grad_())
+    with pytest.raises(expected, match="not differentiable with respect to 'weight'"):
+        _losses()[loss](weight=w.clone().requires_grad_())
+    if "vocab" not in loss:
+        _, _, logits, target = _inputs()
+        with torch.no_grad():
+            got = _losses()[loss](weight=w.clone().requires_grad_())
+        want = F.cross_entropy(logits.double(), target, weight=w.double())
+        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
 
 
 GOOD = {"reduction": "sum", "label_smoothing": 0.25, "ignore_index": 2,
