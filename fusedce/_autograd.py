@@ -20,6 +20,7 @@ from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
+from torch._C import _functorch
 
 from . import _args, _higher, _loss
 
@@ -79,6 +80,18 @@ def differentiable_gradients(loss_fn, inputs, needs, grad):
     return out
 
 
+def batched(grad):
+    """Whether ``grad`` is batched: a vmap over the backward (``torch.autograd.grad``'s
+    ``is_grads_batched``, the vectorised ``jacobian`` / ``hessian`` of
+    ``torch.autograd.functional``, gradcheck's batched checks). A batched tensor has no
+    data for the fused passes to read, nor a value to test. (Not while compiling: Dynamo,
+    which traces the backward, cannot trace the test, and the upstream gradients of a
+    compiled backward are plain tensors.)"""
+    if torch.compiler.is_compiling():
+        return False
+    return _functorch.is_legacy_batchedtensor(grad) or _functorch.is_batchedtensor(grad)
+
+
 def higher_order(backward):
     """Decorates CrossEntropyFunction's backward: the fused backward, without a graph, for
     a first-order gradient; under ``create_graph=True`` the differentiable formulation
@@ -88,6 +101,8 @@ def higher_order(backward):
 
     @functools.wraps(backward)
     def wrapper(ctx, *grads):
+        if batched(grads[0]):
+            return _batched_backward(ctx, grads[0])
         if not (torch.is_grad_enabled() and any(ctx.needs_input_grad)):
             with torch.no_grad():
                 return backward(ctx, *grads)
@@ -102,6 +117,35 @@ def higher_order(backward):
                      else v for v in outputs)
 
     return wrapper
+
+
+def _batched_backward(ctx, grad_loss):
+    """CrossEntropyFunction's gradients for a batched upstream gradient (``batched``). A
+    gradient computed in the forward is each row's for an upstream gradient of 1, and a
+    row's gradient is linear in its own upstream gradient: PyTorch ops (which batch) scale
+    it. Otherwise the differentiable formulation, whose ops batch too."""
+    opts = ctx.opts
+    if opts.mode == "backward" or (opts.mode == "forward" and ctx.consumed):
+        return _differentiable_backward(ctx, grad_loss)
+    if ctx.consumed:
+        raise RuntimeError(INPLACE_SECOND_BACKWARD_ERROR)
+    if opts.mode == "forward":
+        t, version = ctx.first
+        if t._version != version:
+            raise RuntimeError("one of the variables needed for gradient computation has been "
+                               "modified by an inplace operation: the target of "
+                               "fusedce.cross_entropy")
+        rows = ctx.grad
+    else:
+        x, t = ctx.saved_tensors[:2]
+        rows = _loss.rows_view(x)
+    g = grad_loss.reshape(-1) if opts.reduction == "none" else grad_loss.reshape(())
+    # an ignored row's gradient is 0 whatever its upstream gradient (no 0 * inf)
+    g = torch.where(t.long() == opts.ignore_index, 1.0, g.float())
+    dx = (rows.float() * g[:, None]).to(rows.dtype)
+    ctx.consumed = True
+    ctx.grad = None
+    return _loss.from_rows(dx, ctx.x_shape), None, None, None
 
 
 def _differentiable_backward(ctx, grad_loss):

@@ -297,7 +297,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                     None)
         ce, reduction, rows = ctx.options
         need_x, need_w, need_b, need_t = ctx.needs
-        if torch.is_grad_enabled():  # create_graph=True: a gradient autograd can differentiate
+        if torch.is_grad_enabled() or _autograd.batched(grad_out):
+            # create_graph=True (a gradient autograd can differentiate), or a batched
+            # upstream gradient (vmap over the backward), which only PyTorch's ops take
             ctx.grads = None
             return (*_differentiable_backward(ctx, grad_out), None, None, None, None, None)
         if reduction == "none" or ctx.grads is None:

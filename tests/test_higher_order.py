@@ -63,7 +63,7 @@ def _samples(ops):
     (``PAST_AN_EIGHTH``); the chunked variants of linear_cross_entropy (the same shapes as the
     reference variant, with other options) in the slow run, on the PyTorch backend (the
     kernels see the same chunks as in the reference variant)."""
-    return [pytest.param(s, backend, id=f"{op.variant_test_name or 'reference'}-{i}-{backend}",
+    return [pytest.param(op, s, backend, id=f"{op.variant_test_name or 'reference'}-{i}-{backend}",
                          marks=[pytest.mark.slow] if op.variant_test_name
                          else kernel_share(i, backend, rest=PAST_AN_EIGHTH))
             for op in ops for i, s in enumerate(op.sample_inputs("cpu", torch.float64,
@@ -71,26 +71,30 @@ def _samples(ops):
             for backend in (BACKENDS if not op.variant_test_name else ["torch"])]
 
 
-def _check(fn, inputs):
+def _check(fn, inputs, op=None):
     """PyTorch's fast mode (a random projection of the Jacobians, as its OpInfo tests
-    run by default): the same checks at a few evaluations each."""
+    run by default): the same checks at a few evaluations each, batched gradients (a vmap
+    over the backward) where the OpInfo ``op`` asks for them (its ModuleInfo tests take
+    gradcheck's defaults, without)."""
     assert gradcheck(fn, inputs, check_forward_ad=True, check_backward_ad=True,
-                     check_batched_grad=False, fast_mode=True)
-    assert gradgradcheck(fn, inputs, check_fwd_over_rev=True, check_batched_grad=False,
+                     check_batched_grad=op is not None and op.check_batched_grad,
+                     fast_mode=True)
+    assert gradgradcheck(fn, inputs, check_fwd_over_rev=True,
+                         check_batched_grad=op is not None and op.check_batched_gradgrad,
                          fast_mode=True)
 
 
-@pytest.mark.parametrize("sample, backend", _samples([CE]))
-def test_cross_entropy_opinfo_higher_order(sample, backend):
+@pytest.mark.parametrize("op, sample, backend", _samples([CE]))
+def test_cross_entropy_opinfo_higher_order(op, sample, backend):
     call, inputs = _differentiable(sample)
-    _check(lambda *t: call(fusedce.cross_entropy, *t, backend=backend), inputs)
+    _check(lambda *t: call(fusedce.cross_entropy, *t, backend=backend), inputs, op)
 
 
 @pytest.mark.filterwarnings("ignore:linear_cross_entropy. ..options.. ignored")
-@pytest.mark.parametrize("sample, backend", _samples(LINEAR))
-def test_linear_opinfo_higher_order(sample, backend):
+@pytest.mark.parametrize("op, sample, backend", _samples(LINEAR))
+def test_linear_opinfo_higher_order(op, sample, backend):
     call, inputs = _differentiable(sample)
-    _check(lambda *t: call(fusedce.linear_cross_entropy, *t, backend=backend), inputs)
+    _check(lambda *t: call(fusedce.linear_cross_entropy, *t, backend=backend), inputs, op)
 
 
 # ------------------------------------------------------------------ torch.func transforms
@@ -282,3 +286,56 @@ def test_moduleinfo_higher_order(module_input, backend):
         return module(*a, **fwd.kwargs)
 
     _check(fn, [args[i].detach().clone().requires_grad_() for i in slots])
+
+
+# ------------------------------------------------------- a vmap over the backward (batched)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["default", "inplace", "kdim"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_batched_upstream_gradients(own_path, backend, mode, reduction):
+    """``torch.autograd.grad(..., is_grads_batched=True)`` on float32 logits, where the
+    gradient is computed in the forward (into a buffer, or over the logits in place) or, for
+    (N, C, d) logits, in the backward: three upstream gradients at once, each the gradient
+    PyTorch gives (float64); an ignored row stays 0. The fused passes read the upstream
+    gradient's data, which a batched tensor has not (they raised)."""
+    gen = torch.Generator().manual_seed(17)
+    shape = (2, 7, 3) if mode == "kdim" else (5, 7)
+    x = torch.randn(shape, generator=gen)
+    t = torch.randint(0, 7, (shape[0],) + shape[2:], generator=gen)
+    t.view(-1)[1] = -100
+    leaf = x.clone().requires_grad_()
+    loss = fusedce.cross_entropy(leaf * 1, t, reduction=reduction, label_smoothing=0.1,
+                                 backend=backend, inplace_backward=mode == "inplace")
+    v = torch.randn((3,) + loss.shape, generator=gen)
+    (got,) = torch.autograd.grad(loss, leaf, v, is_grads_batched=True)
+    x64 = x.double().requires_grad_()
+    ref = F.cross_entropy(x64, t, reduction=reduction, label_smoothing=0.1)
+    (want,) = torch.autograd.grad(ref, x64, v.double(), is_grads_batched=True)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_vectorized_jacobian_and_hessian(backend, reduction):
+    """``torch.autograd.functional``'s ``jacobian`` and ``hessian`` with ``vectorize=True``
+    (a vmap over the backward) of both losses, those of PyTorch's own."""
+    gen = torch.Generator().manual_seed(18)
+    h, w = torch.randn(3, 4, generator=gen), torch.randn(5, 4, generator=gen)
+    t = torch.tensor([0, 4, -100])
+    kw = dict(reduction=reduction)
+
+    def jac(fn, *operands):
+        return torch.autograd.functional.jacobian(fn, operands, vectorize=True)
+
+    close = torch.testing.assert_close
+    close(jac(lambda a, b: fusedce.linear_cross_entropy(a, b, t, backend=backend, **kw), h, w),
+          jac(lambda a, b: F.linear_cross_entropy(a, b, t, **kw), h, w))
+    x = h @ w.t()
+    close(jac(lambda a: fusedce.cross_entropy(a, t, backend=backend, **kw), x),
+          jac(lambda a: F.cross_entropy(a, t, **kw), x))
+    hess = torch.autograd.functional.hessian
+    close(hess(lambda a: fusedce.cross_entropy(a, t, softcap=3.0, backend=backend), x,
+               vectorize=True),
+          hess(lambda a: F.cross_entropy(3.0 * torch.tanh(a / 3.0), t), x, vectorize=True))
