@@ -36,6 +36,7 @@ def build(args, apply):
                                   embd_pdrop=0.0, attn_pdrop=0.0)
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(cfg).train()
+    model.loss_type = "ForCausalLM"  # the loss it computes; unset, transformers 5 warns
     ids = torch.randint(0, 50_257, (args.batch, args.tokens),
                         generator=torch.Generator().manual_seed(1))
     if apply:

@@ -125,7 +125,12 @@ def vocab_shard_range(n_local, group=None, device=None):
 def even_vocab_shard(vocab_size, rank, world_size):
     """``(vocab_start, n_local)`` of ``rank`` when ``vocab_size`` classes are split the way
     ``torch.chunk`` and DTensor's ``Shard(dim)`` split them: slices of ``ceil(V / world)``,
-    the last ones shorter (or empty). 50,257 over 4 ranks: 12,565 x 3 and 12,562."""
+    the last ones shorter (or empty). 50,257 over 4 ranks: 12,565 x 3 and 12,562. A rank
+    outside ``[0, world_size)``, no rank, or a negative vocabulary raise ValueError."""
+    if not (world_size >= 1 and 0 <= rank < world_size and vocab_size >= 0):
+        raise ValueError(f"even_vocab_shard(vocab_size={vocab_size}, rank={rank}, "
+                         f"world_size={world_size}): expected vocab_size >= 0, "
+                         f"world_size >= 1 and 0 <= rank < world_size")
     step = -(-vocab_size // world_size)
     start = min(rank * step, vocab_size)
     return start, min(step, vocab_size - start)

@@ -155,10 +155,11 @@ def unpatch():
 
 
 @contextlib.contextmanager
-def patched(**options):
-    """``with fusedce.patched(): ...`` runs the block with :func:`patch` in force and
-    restores everything on exit, also when the block raises."""
-    patch(**options)
+def patched(*, scan_modules=True, backend="auto", inplace_backward=False, validate=None):
+    """``with fusedce.patched(): ...`` runs the block with :func:`patch` in force (its
+    options) and restores everything on exit, also when the block raises."""
+    patch(scan_modules=scan_modules, backend=backend, inplace_backward=inplace_backward,
+          validate=validate)
     try:
         yield
     finally:

@@ -341,3 +341,15 @@ class TestBenchOutput:
             bench_main._parse_args(self.TINY)
         assert exc.value.code == 2
         assert 'pip install tqdm (or: pip install -e ".[bench]")' in capsys.readouterr().err
+
+
+def test_shortest_text_for_a_window():
+    """A text of ``seq_len + 1`` tokens holds one window (its inputs and their next tokens),
+    which ``sample_batch`` draws; one token fewer is refused with the longest ``--seq-len``
+    that works (it asked for one token more than needed, and named one too few)."""
+    tokens = torch.arange(10)
+    train.check_windows(10, 9)
+    x, y = train.sample_batch(tokens, 2, 9, torch.Generator().manual_seed(0))
+    assert torch.equal(x, tokens[:9].expand(2, 9)) and torch.equal(y, tokens[1:].expand(2, 9))
+    with pytest.raises(cli.UsageError, match="use --seq-len 9 or less"):
+        train.check_windows(10, 10)

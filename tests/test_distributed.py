@@ -1326,6 +1326,17 @@ def test_even_vocab_shard_matches_torch_chunk():
                 assert start == int(expect[0]), (vocab, world, rank)
 
 
+@pytest.mark.parametrize("args", [(10, 4, 4), (10, -1, 4), (GPT2_VOCAB, 4, 2), (10, 0, 0),
+                                  (-1, 0, 2)])
+def test_even_vocab_shard_refuses_a_rank_outside_the_world(args):
+    """rank == world (or swapped with it) gave an empty slice at the end, a negative rank a
+    negative start, and no rank at all ZeroDivisionError: each a ValueError naming them."""
+    from fusedce.distributed import even_vocab_shard
+
+    with pytest.raises(ValueError, match="0 <= rank < world_size"):
+        even_vocab_shard(*args)
+
+
 def test_needs_a_process_group():
     from fusedce.distributed import vocab_parallel_cross_entropy
 

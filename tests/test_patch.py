@@ -159,6 +159,15 @@ def test_options_reach_the_patched_calls(monkeypatch):
     torch.testing.assert_close(loss, ORIGINAL_CE(x, target))
 
 
+def test_unknown_option_is_named_by_the_function_called():
+    """``patched(foo=1)`` named ``patch()`` in its TypeError; it raises at the call, before
+    anything is patched."""
+    for fn in (fusedce.patched, fusedce.patch):
+        with pytest.raises(TypeError, match=rf"^{fn.__name__}\(\) got an unexpected keyword"):
+            fn(foo=1)
+        assert not fusedce.patching.is_patched()
+
+
 def test_tensor_subclasses_go_to_pytorch(calls):
     """A __torch_function__ subclass (DTensor-like) is left to PyTorch's implementation."""
 

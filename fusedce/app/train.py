@@ -226,8 +226,8 @@ def sample_batch(tokens, batch_size, seq_len, gen):
 def check_windows(n, seq_len):
     """A text of ``n`` tokens has windows of ``seq_len`` + 1 (input and next token) to
     sample; a UsageError otherwise."""
-    if n < seq_len + 2:
-        fix = f"use --seq-len {n - 2} or less, or " if n > 2 else "use "
+    if n < seq_len + 1:
+        fix = f"use --seq-len {n - 1} or less, or " if n > 1 else "use "
         raise UsageError(
             f"the text is {n} GPT-2 tokens, too few for windows of {seq_len} + 1: "
             f"{fix}a longer --text-file"
