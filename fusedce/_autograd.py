@@ -94,25 +94,33 @@ def batched(grad):
 
 def higher_order(backward):
     """Decorates CrossEntropyFunction's backward: the fused backward, without a graph, for
-    a first-order gradient; under ``create_graph=True`` the differentiable formulation
-    (``_differentiable_backward``), except after an in-place forward, whose logits are gone:
+    a first-order gradient (``_batched_backward`` for a batched one); under
+    ``create_graph=True`` the differentiable formulation (``_differentiable_backward``),
+    except after an in-place forward, whose logits are gone:
     there each gradient is tied to ``x`` through a node that raises
     INPLACE_DOUBLE_BACKWARD_ERROR, so a gradient of the gradient fails loudly."""
 
     @functools.wraps(backward)
     def wrapper(ctx, *grads):
-        if batched(grads[0]):
-            return _batched_backward(ctx, grads[0])
+        def first_order():  # the gradient without a graph; a batched one by PyTorch ops
+            if batched(grads[0]):
+                return _batched_backward(ctx, grads[0])
+            return backward(ctx, *grads)
+
         if not (torch.is_grad_enabled() and any(ctx.needs_input_grad)):
             with torch.no_grad():
-                return backward(ctx, *grads)
+                return first_order()
         if ctx.opts.mode != "inplace":
             return _differentiable_backward(ctx, grads[0])
         if ctx.consumed:
             raise RuntimeError(INPLACE_SECOND_BACKWARD_ERROR)
+        if batched(grads[0]):
+            # under a vmap over the backward the raising node's output came back without
+            # a graph (a gradient of it failed on "does not require grad"): refuse it here
+            raise RuntimeError(INPLACE_DOUBLE_BACKWARD_ERROR)
         anchor = ctx.saved_tensors[0]  # before the backward bumps its version
         with torch.no_grad():
-            outputs = backward(ctx, *grads)
+            outputs = first_order()
         return tuple(_DoubleBackwardError.apply(v, anchor) if isinstance(v, torch.Tensor)
                      else v for v in outputs)
 

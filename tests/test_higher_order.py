@@ -312,8 +312,22 @@ def test_batched_upstream_gradients(own_path, backend, mode, reduction):
     (got,) = torch.autograd.grad(loss, leaf, v, is_grads_batched=True)
     x64 = x.double().requires_grad_()
     ref = F.cross_entropy(x64, t, reduction=reduction, label_smoothing=0.1)
-    (want,) = torch.autograd.grad(ref, x64, v.double(), is_grads_batched=True)
-    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    (want,) = torch.autograd.grad(ref, x64, v.double(), is_grads_batched=True,
+                                  create_graph=True)
+    torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=1e-6)
+    # with create_graph=True the batched gradient is differentiable again (it was the one
+    # computed in the forward, detached; in place it was differentiated as the overwritten
+    # logits): PyTorch's second derivative, or in place the double-backward error
+    loss = fusedce.cross_entropy(leaf * 1, t, reduction=reduction, label_smoothing=0.1,
+                                 backend=backend, inplace_backward=mode == "inplace")
+    if mode == "inplace":  # (the graph of a batched gradient cannot carry the raising node)
+        with pytest.raises(RuntimeError, match="does not support double backward"):
+            torch.autograd.grad(loss, leaf, v, is_grads_batched=True, create_graph=True)
+        return
+    (g,) = torch.autograd.grad(loss, leaf, v, is_grads_batched=True, create_graph=True)
+    (second,) = torch.autograd.grad((g * g).sum(), leaf)
+    (want2,) = torch.autograd.grad((want * want).sum(), x64)
+    torch.testing.assert_close(second.double(), want2, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

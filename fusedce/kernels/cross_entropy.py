@@ -184,7 +184,8 @@ def _row_lse(x_ptr, row_start, n_cols, t_col, weight_ptr, scale, softcap,
     to ``m``'s size), where with smoothing ``smooth = sum_c w_c (lse - x_c)``
     (a sum of terms >= 0, so ``W lse - sum w x`` without its cancellation) and ``w_seen =
     sum_c w_c`` over the row (0 without smoothing). With AUX, the row's entropy and the
-    first column of its max (``_aux_step``; else 0 and ``n_cols``); ``m`` is the max.
+    first column of its max (``_aux_step``: NaN counts as the largest value; else 0 and
+    ``n_cols``); ``m`` is the max (with AUX, NaN for a row holding NaN).
     With TRANSFORM all of it is of the transformed logits ``z`` (``_logits``).
 
     Reads each logit of the row exactly once (edge block, then the aligned body). ``x[t]``

@@ -47,7 +47,8 @@ def _vp_partials_kernel(
                 (>= 0); the third is written only if HAS_SMOOTHING.
                 An empty shard gives lse -inf and sm 0. With AUX (then >= 6 * rows) also
                 [H_r | m_r | a_r]: the slice's own entropy, its max and the column of the
-                first max in the slice (a float: exact below 2**24 classes)
+                first max in the slice (a float: exact below 2**24 classes); a slice holding
+                NaN sends a NaN max and its first NaN's column
     """
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride passes 2**31
     t_col = tl.load(t_ptr + row).to(tl.int32)
