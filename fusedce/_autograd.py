@@ -94,7 +94,7 @@ def batched(grad):
 
 def higher_order(backward):
     """Decorates CrossEntropyFunction's backward: the fused backward, without a graph, for
-    a first-order gradient (``_batched_backward`` for a batched one); under
+    a first-order gradient (a batched one by PyTorch ops: ``_rows_grad``); under
     ``create_graph=True`` the differentiable formulation (``_differentiable_backward``),
     except after an in-place forward, whose logits are gone:
     there each gradient is tied to ``x`` through a node that raises
@@ -102,9 +102,12 @@ def higher_order(backward):
 
     @functools.wraps(backward)
     def wrapper(ctx, *grads):
-        def first_order():  # the gradient without a graph; a batched one by PyTorch ops
-            if batched(grads[0]):
-                return _batched_backward(ctx, grads[0])
+        def first_order():  # the gradient without a graph
+            if batched(grads[0]) and (ctx.opts.mode == "backward" or (
+                    ctx.opts.mode == "forward" and ctx.consumed)):
+                # a batched upstream gradient (``batched``) where nothing was computed in
+                # the forward: the differentiable formulation, whose ops batch
+                return _differentiable_backward(ctx, grads[0])
             return backward(ctx, *grads)
 
         if not (torch.is_grad_enabled() and any(ctx.needs_input_grad)):
@@ -125,35 +128,6 @@ def higher_order(backward):
                      else v for v in outputs)
 
     return wrapper
-
-
-def _batched_backward(ctx, grad_loss):
-    """CrossEntropyFunction's gradients for a batched upstream gradient (``batched``). A
-    gradient computed in the forward is each row's for an upstream gradient of 1, and a
-    row's gradient is linear in its own upstream gradient: PyTorch ops (which batch) scale
-    it. Otherwise the differentiable formulation, whose ops batch too."""
-    opts = ctx.opts
-    if opts.mode == "backward" or (opts.mode == "forward" and ctx.consumed):
-        return _differentiable_backward(ctx, grad_loss)
-    if ctx.consumed:
-        raise RuntimeError(INPLACE_SECOND_BACKWARD_ERROR)
-    if opts.mode == "forward":
-        t, version = ctx.first
-        if t._version != version:
-            raise RuntimeError("one of the variables needed for gradient computation has been "
-                               "modified by an inplace operation: the target of "
-                               "fusedce.cross_entropy")
-        rows = ctx.grad
-    else:
-        x, t = ctx.saved_tensors[:2]
-        rows = _loss.rows_view(x)
-    g = grad_loss.reshape(-1) if opts.reduction == "none" else grad_loss.reshape(())
-    # an ignored row's gradient is 0 whatever its upstream gradient (no 0 * inf)
-    g = torch.where(t.long() == opts.ignore_index, 1.0, g.float())
-    dx = (rows.float() * g[:, None]).to(rows.dtype)
-    ctx.consumed = True
-    ctx.grad = None
-    return _loss.from_rows(dx, ctx.x_shape), None, None, None
 
 
 def _differentiable_backward(ctx, grad_loss):
@@ -364,7 +338,13 @@ def _rows_grad(ctx, grad_loss):
         # compare -100 as 156.)
         dloss = torch.where(t.long() == opts.ignore_index, 1.0, dloss)
         ctx.consumed = True  # a second backward would rescale the gradient again
-        if opts.mode == "inplace":
+        if batched(grad_loss):
+            # a vmap over the backward: the stored gradient is each row's for an upstream
+            # gradient of 1, and linear in it; PyTorch ops (which batch) scale it
+            rows = ctx.grad if opts.mode == "forward" else _loss.rows_view(x)
+            ctx.grad = None
+            dx = (rows.float() * dloss[:, None]).to(rows.dtype)
+        elif opts.mode == "inplace":
             dx = ctx.impl.ce_scale_(_loss.rows_view(x), dloss)  # denom is in already
             torch.autograd.graph.increment_version(x)
         else:
